@@ -1,0 +1,6 @@
+"""linfusion_cli: very large Stable Diffusion images with LinFusion linear attention.
+
+Importing the library never imports the CLI (typer/rich).
+"""
+
+__version__ = "0.1.0"
