@@ -1,0 +1,66 @@
+"""The LinFusion self-attention layer, a drop-in for a diffusers UNet's `attn1`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .ops import linear_attention, merge_heads, split_heads
+
+
+def nonlinear_projection(dim: int, mid_dim: int | None) -> nn.Sequential:
+    """f(x) = Linear(C->m) -> LayerNorm(m) -> LeakyReLU(0.01) -> Linear(m->C), official indices 0..3."""
+    mid = mid_dim or dim
+    return nn.Sequential(nn.Linear(dim, mid), nn.LayerNorm(mid), nn.LeakyReLU(0.01), nn.Linear(mid, dim))
+
+
+class LinFusionAttention(nn.Module):
+    """q = W_q(x + f_q(x)), k = W_k(x + f_k(x)), v = W_v(x); normalised linear attention; W_o."""
+
+    def __init__(self, dim: int, heads: int, projection_mid_dim: int | None = None,
+                 chunk_size: int | None = None):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.dim, self.heads, self.projection_mid_dim = dim, heads, projection_mid_dim
+        self.chunk_size = chunk_size  # tokens per chunk in the attention op; a memory knob
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+        self.to_q_ = nonlinear_projection(dim, projection_mid_dim)
+        self.to_k_ = nonlinear_projection(dim, projection_mid_dim)
+
+    @classmethod
+    def from_attention(cls, attn: nn.Module, projection_mid_dim: int | None = None) -> "LinFusionAttention":
+        """A fresh layer that starts from a diffusers Attention's q/k/v/out weights (f_q = f_k = 0)."""
+        dim = attn.to_q.in_features
+        if attn.to_q.out_features != dim:
+            raise ValueError(f"attention inner dim {attn.to_q.out_features} != query dim {dim}")
+        layer = cls(dim, attn.heads, projection_mid_dim)
+        ref = attn.to_q.weight
+        layer.to(device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            for name in ("to_q", "to_k", "to_v"):
+                getattr(layer, name).weight.copy_(getattr(attn, name).weight)
+            layer.to_out[0].weight.copy_(attn.to_out[0].weight)
+            layer.to_out[0].bias.copy_(attn.to_out[0].bias)
+            for mlp in (layer.to_q_, layer.to_k_):  # zero last layer: x + f(x) == x at the start
+                mlp[3].weight.zero_()
+                mlp[3].bias.zero_()
+        return layer
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                attention_mask=None, **kwargs) -> torch.Tensor:
+        """(B, N, C) -> (B, N, C). Self-attention only: context and masks are refused."""
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("LinFusionAttention is self-attention: no context or mask")
+        x = hidden_states
+        q = split_heads(self.to_q(x + self.to_q_(x)), self.heads)  # (B, h, N, d)
+        k = split_heads(self.to_k(x + self.to_k_(x)), self.heads)
+        v = split_heads(self.to_v(x), self.heads)
+        o = linear_attention(q, k, v, chunk_size=self.chunk_size)  # (B, h, N, d)
+        return self.to_out[1](self.to_out[0](merge_heads(o)))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.heads}, projection_mid_dim={self.projection_mid_dim}"
