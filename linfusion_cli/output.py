@@ -1,0 +1,384 @@
+"""Output files: naming, format choice, atomic writes and metadata other tools can read."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import secrets
+import string
+import struct
+import sys
+import unicodedata
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from PIL import Image, PngImagePlugin, TiffImagePlugin
+
+from .errors import InputError, ModelNotFoundError, OutputError
+
+DEFAULT_TEMPLATE = "{index:04d}-{seed}-{slug}.{ext}"
+FIELDS = ("index", "seed", "slug", "width", "height", "ext")
+FIELDS_HELP = ", ".join("{" + f + "}" for f in FIELDS)
+FORMATS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "tiff": "tiff", "tif": "tiff"}
+PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "tiff": "TIFF"}
+SLUG_MAX = 48
+# Pillow refuses > 2 * MAX_IMAGE_PIXELS; our largest images are 16384 x 16384.
+MAX_PIXELS = int(16384 * 16384 * 1.1)
+_TIFF_RECORD_TAG = 65000  # private tag holding the JSON run record
+_EXIF_IFD, _USER_COMMENT, _MAKER_NOTE = 0x8769, 0x9286, 0x927C
+_UNICODE_PREFIX = b"UNICODE\0"
+
+
+# ---------------------------------------------------------------- naming
+
+
+def slugify(prompt: str, limit: int = SLUG_MAX) -> str:
+    """A file-name-safe summary of a prompt, so files sort and read well in a shell."""
+    ascii_text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode()
+    slug = ""
+    for word in re.findall(r"[a-z0-9]+", ascii_text.lower()):
+        candidate = f"{slug}-{word}" if slug else word
+        if len(candidate) > limit:
+            slug = slug or word[:limit]
+            break
+        slug = candidate
+    return slug or "image"
+
+
+def render_name(
+    template: str, *, index: int, seed: int, prompt: str, width: int, height: int, ext: str
+) -> str:
+    """Fill a user's file-name template; unknown placeholders fail before any generation."""
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise OutputError(f"bad output template {template!r}: {exc}") from None
+    for name in names:
+        if name not in FIELDS:
+            shown = "{" + name + "}" if name else "{}"
+            raise OutputError(f"unknown placeholder {shown} in output template; use {FIELDS_HELP}")
+    slug = slugify(prompt)
+    values = {
+        "index": index,
+        "seed": seed,
+        "slug": slug,
+        "width": width,
+        "height": height,
+        "ext": ext,
+    }
+    try:
+        name = template.format(**values)
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise OutputError(f"bad output template {template!r}: {exc}") from None
+    if not name or name in (".", "..") or "/" in name or os.sep in name or "\0" in name:
+        raise OutputError(f"output template {template!r} must give a plain file name, got {name!r}")
+    return name
+
+
+def normalize_format(fmt: str) -> str:
+    """Canonical format name (png, jpg, tiff); refuses formats that cannot hold 16K images."""
+    key = fmt.lower().lstrip(".")
+    if key == "webp":
+        raise OutputError("WebP cannot hold images above 16383 px; use png, jpg or tiff")
+    if key not in FORMATS:
+        raise OutputError(f"unknown image format {fmt!r}; use png, jpg or tiff")
+    return FORMATS[key]
+
+
+def format_of(path: Path | None, fmt: str | None = None) -> str:
+    """The format to write: the explicit one, else the path's suffix, else PNG."""
+    if fmt is not None:
+        return normalize_format(fmt)
+    if path is not None and path.suffix:
+        return normalize_format(path.suffix)
+    return "png"
+
+
+def resolve_output(
+    output: str | None,
+    *,
+    template: str = DEFAULT_TEMPLATE,
+    fields: dict[str, Any],
+    fmt: str | None = None,
+    overwrite: bool = False,
+) -> Path | None:
+    """Where one image goes (None: stdout); checks early so a long run never fails at the end."""
+    if output == "-":
+        format_of(None, fmt)
+        return None
+    is_dir = output is None or output.endswith(("/", os.sep)) or Path(output).is_dir()
+    if is_dir:
+        ext = format_of(None, fmt)
+        directory = Path(output) if output is not None else Path.cwd()
+        path = directory / render_name(template, ext=ext, **fields)
+    else:
+        path = Path(output)
+        fmt_name = format_of(path, fmt)
+        suffix = path.suffix.lower().lstrip(".")
+        if fmt is not None and suffix in FORMATS and FORMATS[suffix] != fmt_name:
+            raise OutputError(f"{path} has suffix {path.suffix} but the format is {fmt_name}")
+        directory = path.parent
+    _ensure_writable_dir(directory)
+    if path.is_dir():
+        raise OutputError(f"{path} is a directory")
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path} exists; pass --overwrite")
+    return path
+
+
+def _ensure_writable_dir(directory: Path) -> None:
+    """Create a missing output directory and refuse one we cannot write into."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output directory {directory}: {exc.strerror}") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to output directory {directory}")
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def _quote(value: Any) -> str:
+    """AUTOMATIC1111's quoting: JSON-quote values that would break the `k: v, ...` line."""
+    text = str(value)
+    if "," in text or ":" in text or "\n" in text:
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+_KNOWN = {
+    "prompt", "negative", "steps", "sampler", "guidance", "seed", "width", "height",
+    "model", "linfusion", "stages",
+}  # fmt: skip
+
+
+def _stage_label(stage: dict[str, Any]) -> str:
+    """`WxH` or `WxH@strength`; joined by ';' so sd-parsers needs no JSON unquoting."""
+    label = f"{stage['width']}x{stage['height']}"
+    return label if stage.get("strength") is None else f"{label}@{stage['strength']:g}"
+
+
+def a1111_parameters(record: dict[str, Any]) -> str:
+    """The AUTOMATIC1111 `parameters` text, the de-facto format image viewers and parsers read."""
+    stages = record.get("stages") or []
+    steps = record.get("steps")
+    if steps is None and stages:
+        steps = stages[0].get("steps")
+    guidance = record.get("guidance")
+    params: dict[str, Any] = {
+        "Steps": steps,
+        "Sampler": record.get("sampler"),
+        "CFG scale": float(guidance) if guidance is not None else None,
+        "Seed": record.get("seed"),
+        "Size": f"{record.get('width')}x{record.get('height')}",
+        "Model": record.get("model"),
+        "Denoising strength": stages[-1].get("strength") if stages else None,
+        "LinFusion": record.get("linfusion"),
+        "LinFusion stages": ";".join(_stage_label(s) for s in stages) if len(stages) > 1 else None,
+    }
+    for key, value in record.items():
+        if key not in _KNOWN and isinstance(value, (str, int, float, bool)):
+            params.setdefault(key.replace("_", " ").capitalize(), value)
+    line = ", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v is not None)
+    lines = [str(record.get("prompt") or "")]
+    if record.get("negative"):
+        lines.append(f"Negative prompt: {record['negative']}")
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def _exif_bytes(entries: dict[int, bytes]) -> bytes:
+    """A minimal EXIF block (IFD0 -> Exif IFD of UNDEFINED tags); Pillow would type them BYTE."""
+    exif_ifd_at = 8 + 2 + 12 + 4
+    data_at = exif_ifd_at + 2 + 12 * len(entries) + 4
+    head = b"MM\0*" + struct.pack(">I", 8)
+    ifd0 = struct.pack(">H", 1) + struct.pack(">HHII", _EXIF_IFD, 4, 1, exif_ifd_at) + b"\0" * 4
+    table, data = struct.pack(">H", len(entries)), b""
+    for tag in sorted(entries):
+        value = entries[tag]
+        if len(value) <= 4:
+            table += struct.pack(">HHI", tag, 7, len(value)) + value.ljust(4, b"\0")
+        else:
+            table += struct.pack(">HHII", tag, 7, len(value), data_at + len(data))
+            data += value + (b"\0" if len(value) % 2 else b"")
+    return b"Exif\0\0" + head + ifd0 + table + b"\0" * 4 + data
+
+
+def _save_kwargs(fmt: str, record: dict[str, Any], png_compress_level: int) -> dict[str, Any]:
+    """Pillow save options that embed `parameters` and the JSON record for each format."""
+    parameters = a1111_parameters(record)
+    record_json = json.dumps(record, ensure_ascii=False)
+    if fmt == "png":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", parameters)
+        info.add_text("linfusion", record_json)
+        return {"pnginfo": info, "compress_level": png_compress_level}
+    if fmt == "jpg":
+        comment = _UNICODE_PREFIX + parameters.encode("utf-16-be")
+        exif = _exif_bytes({_USER_COMMENT: comment, _MAKER_NOTE: record_json.encode()})
+        if len(exif) > 65533:  # one JPEG segment; keep what readers need
+            exif = _exif_bytes({_USER_COMMENT: comment})
+        return {"quality": 95, "exif": exif}
+    ifd = TiffImagePlugin.ImageFileDirectory_v2()
+    ifd[270] = parameters.encode()  # ASCII tag; Pillow would replace non-ASCII with '?'
+    ifd[305] = "linfusion-cli"
+    ifd[_TIFF_RECORD_TAG] = record_json.encode()
+    ifd.tagtype[_TIFF_RECORD_TAG] = 7
+    return {"tiffinfo": ifd, "compression": "tiff_adobe_deflate"}
+
+
+def _utf8(text: Any) -> str | None:
+    """Undo Pillow's latin-1 decoding of the UTF-8 bytes we stored."""
+    if text is None:
+        return None
+    if isinstance(text, bytes):
+        return text.decode("utf-8", "replace")
+    try:
+        return str(text).encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return str(text)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """`parameters` text and JSON run record of one of our images (for tests and --resume)."""
+    with _open(Path(path)) as im:
+        parameters: str | None = None
+        raw_record: Any = None
+        if im.format == "PNG":
+            parameters, raw_record = im.info.get("parameters"), im.info.get("linfusion")
+        elif im.format == "JPEG":
+            exif = im.getexif().get_ifd(_EXIF_IFD)
+            comment = exif.get(_USER_COMMENT)
+            if isinstance(comment, bytes) and comment.startswith(_UNICODE_PREFIX):
+                parameters = comment[len(_UNICODE_PREFIX) :].decode("utf-16-be")
+            elif isinstance(comment, bytes):
+                parameters = comment[8:].decode("utf-8", "replace")
+            raw_record = _utf8(exif.get(_MAKER_NOTE))
+        elif im.format == "TIFF":
+            parameters = _utf8(im.tag_v2.get(270))
+            raw_record = _utf8(im.tag_v2.get(_TIFF_RECORD_TAG))
+    try:
+        record = json.loads(raw_record) if raw_record else None
+    except ValueError:
+        record = None
+    return {"parameters": parameters, "record": record if isinstance(record, dict) else None}
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _as_image(image: Any) -> Image.Image:
+    return image if isinstance(image, Image.Image) else Image.fromarray(image)
+
+
+def save_image(
+    image: Any,
+    path: Path | None,
+    *,
+    record: dict[str, Any],
+    fmt: str | None = None,
+    overwrite: bool = False,
+    png_compress_level: int = 1,
+    stream: BinaryIO | None = None,
+) -> Path | None:
+    """Encode with metadata, atomically: a half-written 16K file must never look finished."""
+    fmt_name = format_of(path, fmt)
+    pil = _as_image(image)
+    kwargs = _save_kwargs(fmt_name, record, png_compress_level)
+    if path is None:
+        out = stream if stream is not None else sys.stdout.buffer
+        if fmt_name == "tiff":  # the TIFF writer seeks; pipes cannot
+            buffer = io.BytesIO()
+            pil.save(buffer, format="TIFF", **kwargs)
+            out.write(buffer.getbuffer())
+        else:
+            pil.save(out, format=PIL_FORMATS[fmt_name], **kwargs)
+        out.flush()
+        return None
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path} exists; pass --overwrite")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            pil.save(fh, format=PIL_FORMATS[fmt_name], **kwargs)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _publish(tmp, path, overwrite)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise
+    return path
+
+
+def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Move the finished temp file into place, never clobbering a file without overwrite."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # atomic no-clobber
+    except FileExistsError:
+        raise OutputError(f"{path} exists; pass --overwrite") from None
+    except OSError:  # filesystem without hard links
+        if path.exists():
+            raise OutputError(f"{path} exists; pass --overwrite") from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
+# ---------------------------------------------------------------- reading
+
+
+@contextlib.contextmanager
+def _large_images_allowed() -> Iterator[None]:
+    """Raise Pillow's decompression-bomb limit so 16K images open (it errs above 2x the limit)."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max(saved or 0, MAX_PIXELS) if saved is not None else None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _open(path: Path) -> Image.Image:
+    """Open an image lazily with one-line errors that name the path."""
+    if not path.exists():
+        raise ModelNotFoundError(f"image not found: {path}")
+    if path.is_dir():
+        raise InputError(f"{path} is a directory, not an image")
+    with _large_images_allowed():
+        try:
+            return Image.open(path)
+        except Image.DecompressionBombError:
+            raise InputError(f"{path} is too large (over {MAX_PIXELS * 2} pixels)") from None
+        except Image.UnidentifiedImageError:
+            raise InputError(f"{path} is not an image Pillow can read") from None
+        except OSError as exc:
+            raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Load a user's input image as RGB, allowing 16K sizes that Pillow refuses by default."""
+    path = Path(path)
+    im = _open(path)
+    try:
+        with _large_images_allowed():
+            im.load()  # reads and closes the file; no copy for RGB inputs
+            return im if im.mode == "RGB" else im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:
+        im.close()
+        raise InputError(f"cannot read {path}: {exc}") from None
