@@ -1,0 +1,240 @@
+"""Load a Stable Diffusion pipeline from a hub id, a local folder, a single file, or `demo`.
+
+Also: family detection (SD1.x / SD2.x / SD-XL), device and dtype choice, scheduler swap, and
+mounting LinFusion. Everything the user got wrong becomes one ModelNotFoundError/InputError line.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError, ModelNotFoundError
+
+DEMO_PREFIX = "demo"  # "demo", "demo-sd21", "demo-sdxl": tiny random pipelines, no download
+
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+}
+# A1111 sampler names, for the `parameters` metadata other tools read.
+SAMPLER_NAMES = {
+    "DDIMScheduler": "DDIM", "EulerDiscreteScheduler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a", "DPMSolverMultistepScheduler": "DPM++ 2M",
+    "PNDMScheduler": "PLMS", "LMSDiscreteScheduler": "LMS",
+}
+
+
+@dataclass
+class LoadedModel:
+    """One set of components that serves every stage of a run."""
+
+    pipe: object  # a diffusers text-to-image pipeline
+    model: str  # what the user asked for
+    family: str  # sd15 | sd21 | sdxl
+    device: torch.device
+    dtype: torch.dtype
+    vae_dtype: torch.dtype
+    linfusion: str | None = None  # weights used: repo id, path, "fresh", or None
+    linfusion_layers: list[str] = field(default_factory=list)
+
+    @property
+    def sampler(self) -> str:
+        name = type(self.pipe.scheduler).__name__
+        return SAMPLER_NAMES.get(name, name)
+
+
+def cache_dir() -> Path:
+    """Where linfusion keeps its own files (the demo model)."""
+    if os.environ.get("LINFUSION_CACHE"):
+        return Path(os.environ["LINFUSION_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "linfusion"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """cuda if present, then mps, then cpu; an explicit device that is missing is an error."""
+    if name in ("auto", "", None):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}; use auto, cuda, cuda:N, mps or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda asked for, but no CUDA device is available")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("--device mps asked for, but MPS is not available")
+    return device
+
+
+def resolve_dtypes(name: str, device: torch.device, vae_force_upcast: bool = False):
+    """(UNet/text dtype, VAE dtype): fp16 on CUDA with the VAE in bf16/fp32, fp32 on CPU."""
+    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+             "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if name in ("auto", "", None):
+        dtype = torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    elif name in table:
+        dtype = table[name]
+    else:
+        raise InputError(f"unknown dtype {name!r}; use auto, fp32, fp16 or bf16")
+    vae_dtype = dtype
+    if dtype == torch.float16:  # fp16 VAEs overflow at large sizes (SD-XL's sets force_upcast)
+        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        vae_dtype = torch.bfloat16 if bf16_ok and not vae_force_upcast else torch.float32
+    return dtype, vae_dtype
+
+
+def detect_family(unet_config) -> str:
+    """sdxl (added size conditioning), sd21 (linear projections, 1024-dim text), else sd15."""
+    get = unet_config.get if isinstance(unet_config, dict) else lambda k, d=None: getattr(unet_config, k, d)
+    if get("addition_embed_type") == "text_time":
+        return "sdxl"
+    if get("use_linear_projection") or get("cross_attention_dim") == 1024:
+        return "sd21"
+    return "sd15"
+
+
+def demo_folder(name: str = DEMO_PREFIX) -> Path:
+    """The cached tiny demo pipeline, built deterministically on first use."""
+    from .tiny import FAMILIES, save_tiny_pipeline
+
+    family = name.split("-", 1)[1] if "-" in name else "sd15"
+    if family not in FAMILIES:
+        raise InputError(f"unknown demo model {name!r}; use demo, demo-sd21 or demo-sdxl")
+    folder = cache_dir() / f"demo-{family}-v1"
+    if not (folder / "model_index.json").is_file():
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        save_tiny_pipeline(tmp, family)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process built it first
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _from_pretrained(source: str, dtype: torch.dtype):
+    from diffusers import DiffusionPipeline
+
+    kwargs = {"torch_dtype": dtype}
+    try:
+        return DiffusionPipeline.from_pretrained(source, **kwargs, safety_checker=None,
+                                                 requires_safety_checker=False)
+    except TypeError:  # pipelines without a safety checker (SD-XL)
+        return DiffusionPipeline.from_pretrained(source, **kwargs)
+
+
+def _from_single_file(path: Path, dtype: torch.dtype, config: str | None):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        is_xl = any(k.startswith("conditioner.embedders.1") for k in f.keys())
+    cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+    kwargs = {"torch_dtype": dtype}
+    if config:
+        kwargs["config"] = config
+    return cls.from_single_file(str(path), **kwargs)
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """diffusers/transformers draw their own bars and warnings on stderr; only -v keeps them."""
+    import diffusers
+    import transformers
+
+    import warnings
+
+    level = "warning" if verbose else "error"
+    if not verbose:
+        warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+        warnings.filterwarnings("ignore", message=".*torchvision.*")
+    getattr(diffusers.utils.logging, f"set_verbosity_{level}")()
+    getattr(transformers.utils.logging, f"set_verbosity_{level}")()
+    if not verbose:
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def open_pipeline(model: str, dtype: torch.dtype, *, allow_pickle: bool = False,
+                  config: str | None = None):
+    """The diffusers pipeline for a demo name, local folder, single file or hub id."""
+    path = Path(model).expanduser()
+    try:
+        if model == DEMO_PREFIX or model.startswith(DEMO_PREFIX + "-"):
+            return _from_pretrained(str(demo_folder(model)), dtype)
+        if path.is_dir():
+            if not (path / "model_index.json").is_file():
+                raise ModelNotFoundError(f"{path} is not a diffusers model folder (no model_index.json)")
+            return _from_pretrained(str(path), dtype)
+        if path.is_file():
+            if path.suffix in (".ckpt", ".pt", ".pth", ".bin") and not allow_pickle:
+                raise InputError(f"{path.name} is a pickle checkpoint, which can run code when "
+                                 "loaded; convert it to .safetensors or pass --allow-pickle")
+            if path.suffix != ".safetensors" and not allow_pickle:
+                raise InputError(f"{path.name}: single-file models must be .safetensors")
+            return _from_single_file(path, dtype, config)
+        if model.startswith((".", "/", "~")) or model.endswith((".safetensors", ".ckpt")) \
+                or model.count("/") != 1:
+            raise ModelNotFoundError(f"model not found: {model} (not a folder, file or hub id)")
+        return _from_pretrained(model, dtype)
+    except (InputError, ModelNotFoundError):
+        raise
+    except (OSError, ValueError, EnvironmentError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        why = "offline mode (HF_HUB_OFFLINE=1)" if offline else "it could not be downloaded"
+        what = "config for this single file" if path.is_file() else f"model {model}"
+        raise ModelNotFoundError(
+            f"the {what} is not in the local cache and {why}; run `huggingface-cli download "
+            f"{model if not path.is_file() else '<base repo>'}` on a connected machine, or pass a "
+            "local diffusers folder with --model") from exc
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Swap the scheduler, keeping the model's own noise schedule and prediction type."""
+    if name in ("default", "", None):
+        return
+    if name not in SCHEDULERS:
+        raise InputError(f"unknown scheduler {name!r}; use default, {', '.join(SCHEDULERS)}")
+    import diffusers
+
+    cls = getattr(diffusers, SCHEDULERS[name][0])
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+def load_model(model: str, *, dtype: str = "auto", device: str = "auto", linfusion: str | None = "auto",
+               scheduler: str = "default", allow_pickle: bool = False, config: str | None = None,
+               attn_chunk: int | None = None, verbose: bool = False) -> LoadedModel:
+    """Open the pipeline, pick dtypes and device, mount LinFusion; one object for all stages."""
+    from ..attention import apply_linfusion, require_linfusion_repo
+
+    quiet_libraries(verbose)
+    torch_device = resolve_device(device)
+    unet_dtype, _ = resolve_dtypes(dtype, torch_device)
+    pipe = open_pipeline(model, unet_dtype, allow_pickle=allow_pickle, config=config)
+    family = detect_family(pipe.unet.config)
+    _, vae_dtype = resolve_dtypes(dtype, torch_device, bool(getattr(pipe.vae.config, "force_upcast", False)))
+    if pipe.vae.dtype != vae_dtype:
+        pipe.vae.to(dtype=vae_dtype)
+    set_scheduler(pipe, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    weights = None
+    if linfusion == "auto":
+        is_demo = model == DEMO_PREFIX or model.startswith(DEMO_PREFIX + "-")
+        linfusion = "fresh" if is_demo else require_linfusion_repo(model, pipe.unet.config)
+    layers = []
+    if linfusion is not None:
+        weights = None if linfusion == "fresh" else linfusion
+        layers = apply_linfusion(pipe.unet, weights, chunk_size=attn_chunk)
+    pipe.to(torch_device)
+    return LoadedModel(pipe=pipe, model=model, family=family, device=torch_device, dtype=unet_dtype,
+                       vae_dtype=vae_dtype, linfusion=linfusion, linfusion_layers=layers)

@@ -1,0 +1,51 @@
+"""Progress events the pipeline reports; only the CLI turns them into bars."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class StageStarted:
+    stage: int
+    stages: int
+    width: int
+    height: int
+    steps: int  # denoising steps this stage runs
+
+
+@dataclass(frozen=True)
+class PhaseProgress:
+    """A unit of work inside a stage: a denoising step, or a VAE tile."""
+
+    stage: int
+    phase: str  # "encode" | "denoise" | "decode"
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class StageFinished:
+    stage: int
+    stages: int
+    seconds: float
+    peak_gib: float | None
+    image: object  # numpy uint8 (H, W, 3): kept by the caller when stages are saved
+    record: dict
+
+
+@dataclass(frozen=True)
+class Retrying:
+    """A stage ran out of memory and is retried with a tighter plan."""
+
+    stage: int
+    reason: str
+
+
+Event = StageStarted | PhaseProgress | StageFinished | Retrying
+EventHandler = Callable[[Event], None]
+
+
+def ignore(event: Event) -> None:
+    """The default handler: no progress reporting."""

@@ -1,0 +1,79 @@
+"""Run a plan: the base image (or an input image), then every img2img stage, in order."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import OutOfMemoryError
+from ..plan import GenerationPlan, Stage
+from .events import EventHandler, StageFinished, StageStarted, Retrying, ignore
+from .memory import memory_knobs, next_tighter
+from .stages import StageContext, stage_function
+
+
+def run_record(plan: GenerationPlan, model, stages: list[dict]) -> dict:
+    """The machine-readable record of a run (metadata chunk, --json, --resume)."""
+    base = plan.stages[0]
+    return {
+        "prompt": plan.prompt, "negative": plan.negative, "seed": plan.seed,
+        "steps": base.steps, "sampler": model.sampler, "guidance": base.guidance,
+        "width": plan.width, "height": plan.height, "model": plan.model, "family": model.family,
+        "linfusion": model.linfusion, "dtype": str(model.dtype).replace("torch.", ""),
+        "device": str(model.device), "init_image": plan.init_image, "stages": stages,
+        "version": f"linfusion-cli {__version__}",
+    }
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return None
+
+
+def _run_stage(ctx: StageContext, stage: Stage, previous: np.ndarray | None) -> tuple[np.ndarray, Stage]:
+    """One stage under its memory plan; on CUDA out-of-memory, once more with a tighter plan."""
+    device = ctx.model.device
+    for attempt in range(2):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            with torch.inference_mode(), memory_knobs(ctx.model, stage.memory):
+                return stage_function(stage)(ctx, stage, previous), stage
+        except torch.OutOfMemoryError as exc:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            tighter = next_tighter(stage.memory) if attempt == 0 else None
+            if tighter is None:
+                raise OutOfMemoryError(
+                    f"stage {stage.index + 1} ({stage.width}x{stage.height}) ran out of device "
+                    "memory even with the tightest plan; lower --max-vram or --vae-tile") from exc
+            ctx.on_event(Retrying(stage.index, f"out of memory; retrying with {tighter.describe()}"))
+            stage = replace(stage, memory=tighter)
+    raise AssertionError("unreachable")
+
+
+def run_plan(plan: GenerationPlan, model, *, on_event: EventHandler = ignore,
+             init_image: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """Every stage in order; returns the final uint8 (H, W, 3) image and the run record.
+
+    Each finished stage is reported (with its image) through a StageFinished event, so the
+    caller can keep it before the next stage starts.
+    """
+    ctx = StageContext(plan=plan, model=model, on_event=on_event)
+    image = init_image
+    done: list[dict] = []
+    for stage in plan.stages:
+        on_event(StageStarted(stage.index, len(plan.stages), stage.width, stage.height, stage.denoise_steps))
+        start = time.perf_counter()
+        image, ran = _run_stage(ctx, stage, image)
+        seconds = time.perf_counter() - start
+        stage_record = ran.to_dict() | {"seconds": round(seconds, 3), "peak_gib": _peak_gib(model.device)}
+        done.append(stage_record)
+        on_event(StageFinished(stage.index, len(plan.stages), seconds, stage_record["peak_gib"], image,
+                               run_record(plan, model, done)))
+    return image, run_record(plan, model, done)

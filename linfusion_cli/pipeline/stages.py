@@ -1,0 +1,95 @@
+"""The two kinds of stage, one signature: (ctx, stage, previous image) -> image uint8 (H, W, 3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .. import vae as tiled_vae
+from ..plan import GenerationPlan, Stage
+from .events import EventHandler, PhaseProgress
+
+
+@dataclass
+class StageContext:
+    """What every stage needs: the plan, the shared components, and where progress goes."""
+
+    plan: GenerationPlan
+    model: object  # models.loading.LoadedModel
+    on_event: EventHandler
+    txt2img: object = None  # diffusers pipelines sharing one set of components
+    img2img: object = None
+
+    def __post_init__(self):
+        from diffusers import AutoPipelineForImage2Image
+
+        self.txt2img = self.model.pipe
+        self.img2img = AutoPipelineForImage2Image.from_pipe(self.txt2img)
+        self.img2img.set_progress_bar_config(disable=True)
+
+
+def _generator(seed: int) -> torch.Generator:
+    """Noise is drawn on the CPU so a seed gives the same image on every device."""
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def _denoise_kwargs(ctx: StageContext, stage: Stage) -> dict:
+    plan = ctx.plan
+
+    def on_step(pipe, step, timestep, tensors):
+        ctx.on_event(PhaseProgress(stage.index, "denoise", step + 1, stage.denoise_steps))
+        return tensors
+
+    return dict(prompt=plan.prompt, negative_prompt=plan.negative or None,
+                num_inference_steps=stage.steps, guidance_scale=stage.guidance,
+                output_type="latent", callback_on_step_end=on_step)
+
+
+def _tile_px(ctx: StageContext, stage: Stage) -> int | None:
+    if ctx.plan.vae_tile_px is not None:
+        return ctx.plan.vae_tile_px
+    return getattr(stage.memory, "vae_tile_px", None) if stage.memory is not None else None
+
+
+def _decode(ctx: StageContext, stage: Stage, latents: torch.Tensor) -> np.ndarray:
+    """latents (1, 4, h, w) -> uint8 (8h, 8w, 3), tiled as planned."""
+    progress = lambda done, total: ctx.on_event(PhaseProgress(stage.index, "decode", done, total))  # noqa: E731
+    return tiled_vae.decode(ctx.model.pipe.vae, latents.to(ctx.model.vae_dtype),
+                            tile_px=_tile_px(ctx, stage), on_tile=progress)
+
+
+def text_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None) -> np.ndarray:
+    """The base stage at the model's native size."""
+    out = ctx.txt2img(height=stage.height, width=stage.width, generator=_generator(stage.seed),
+                      **_denoise_kwargs(ctx, stage))
+    return _decode(ctx, stage, out.images)
+
+
+def resize(image: np.ndarray, width: int, height: int) -> Image.Image:
+    """Lanczos resize of the previous stage's image (what the published recipe does)."""
+    return Image.fromarray(image).resize((width, height), Image.LANCZOS)
+
+
+def image_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None) -> np.ndarray:
+    """Resize, tiled encode, SDEdit denoising from `strength`, tiled decode."""
+    upscaled = resize(previous, stage.width, stage.height)
+    generator = _generator(stage.seed)  # one generator: VAE sample first, then the noise
+    progress = lambda done, total: ctx.on_event(PhaseProgress(stage.index, "encode", done, total))  # noqa: E731
+    latents = tiled_vae.encode(ctx.model.pipe.vae, upscaled, tile_px=_tile_px(ctx, stage),
+                               generator=generator, on_tile=progress)
+    del upscaled
+    latents = latents.to(device=ctx.model.device, dtype=ctx.model.dtype)
+    out = ctx.img2img(image=latents, strength=stage.strength, generator=generator,
+                      **_denoise_kwargs(ctx, stage))
+    return _decode(ctx, stage, out.images)
+
+
+StageFn = Callable[[StageContext, Stage, "np.ndarray | None"], np.ndarray]
+
+
+def stage_function(stage: Stage) -> StageFn:
+    return text_to_image if stage.strength is None else image_to_image

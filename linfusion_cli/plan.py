@@ -1,0 +1,172 @@
+"""The frozen generation plan: every stage's size, strength, steps and seed, validated up front.
+
+Built from a preset plus flags before any weights load; `--dry-run` prints it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+from .errors import PlanError
+
+MULTIPLE = 8  # the VAE scale factor: image sizes must be multiples of it
+MAX_SIDE = 32768
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the ladder: text-to-image (strength None) or img2img at a doubled size."""
+
+    index: int
+    width: int
+    height: int
+    strength: float | None  # None: the base text-to-image stage
+    steps: int  # nominal scheduler steps; img2img runs int(steps * strength) of them
+    seed: int
+    guidance: float
+    scheduler: str
+    memory: object | None = None  # memory.planner.MemoryPlan, filled in by the planner
+
+    @property
+    def denoise_steps(self) -> int:
+        """Steps actually run (diffusers' img2img convention)."""
+        return self.steps if self.strength is None else min(int(self.steps * self.strength), self.steps)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "memory"}
+        d["denoise_steps"] = self.denoise_steps
+        d["memory"] = self.memory.to_dict() if self.memory is not None else None
+        return d
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """Everything a run does, decided before any heavy work."""
+
+    prompt: str
+    negative: str
+    model: str
+    family: str
+    linfusion: str | None  # weights id/path, "fresh" for new layers, None for no LinFusion
+    seed: int
+    stages: tuple[Stage, ...]
+    dtype: str = "auto"
+    device: str = "auto"
+    init_image: str | None = None  # upscale: the ladder starts from this image
+    save_stages: bool = False
+    vae_tile_px: int | None = None  # None: chosen per stage; 0: untiled
+    max_vram_gib: float | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def width(self) -> int:
+        return self.stages[-1].width
+
+    @property
+    def height(self) -> int:
+        return self.stages[-1].height
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "stages"}
+        d["width"], d["height"] = self.width, self.height
+        d["stages"] = [s.to_dict() for s in self.stages]
+        return d
+
+    def with_memory(self, memory_plans) -> "GenerationPlan":
+        """The same plan with one MemoryPlan per stage."""
+        stages = tuple(replace(s, memory=m) for s, m in zip(self.stages, memory_plans))
+        return replace(self, stages=stages)
+
+
+def nearest_valid(n: int) -> tuple[int, int]:
+    """The multiples of 8 just below and above n."""
+    low = max(MULTIPLE, n // MULTIPLE * MULTIPLE)
+    return low, low + MULTIPLE
+
+
+def check_size(width: int, height: int, what: str = "size") -> None:
+    """Sizes must be positive multiples of 8 and at most 32768 on a side."""
+    for name, n in (("width", width), ("height", height)):
+        if n <= 0:
+            raise PlanError(f"{what}: {name} must be positive, got {n}")
+        if n > MAX_SIDE:
+            raise PlanError(f"{what}: {name} {n} is above the maximum of {MAX_SIDE}")
+        if n % MULTIPLE:
+            low, high = nearest_valid(n)
+            raise PlanError(f"{what}: {name} {n} is not a multiple of {MULTIPLE}; "
+                            f"nearest valid: {low} or {high}")
+
+
+def size_from_res(res: int, aspect: str = "1:1") -> tuple[int, int]:
+    """Width and height from a long side and an aspect 'W:H' (the short side rounded to 8)."""
+    try:
+        aw, ah = (float(x) for x in aspect.split(":"))
+        if aw <= 0 or ah <= 0:
+            raise ValueError
+    except ValueError:
+        raise PlanError(f"aspect must look like 16:9, got {aspect!r}") from None
+    if aw >= ah:
+        return res, max(MULTIPLE, round(res * ah / aw / MULTIPLE) * MULTIPLE)
+    return max(MULTIPLE, round(res * aw / ah / MULTIPLE) * MULTIPLE), res
+
+
+def ladder_sizes(width: int, height: int, native: int) -> list[tuple[int, int]]:
+    """Sizes from a base near `native` (long side) doubling up to exactly (width, height)."""
+    long_side = max(width, height)
+    k = max(0, round(math.log2(long_side / native) - 1e-9)) if long_side > native else 0
+    sizes = []
+    for i in range(k, -1, -1):
+        f = 2 ** i
+        sizes.append((max(MULTIPLE, round(width / f / MULTIPLE) * MULTIPLE),
+                      max(MULTIPLE, round(height / f / MULTIPLE) * MULTIPLE)))
+    return sizes
+
+
+def upscale_sizes(src: tuple[int, int], width: int, height: int) -> list[tuple[int, int]]:
+    """Doubling sizes from an existing image up to exactly (width, height), excluding the image."""
+    ratio = max(width / src[0], height / src[1])
+    if ratio <= 1:
+        return [(width, height)]
+    k = max(1, math.ceil(math.log2(ratio) - 1e-9))
+    return [(max(MULTIPLE, round(width / 2 ** i / MULTIPLE) * MULTIPLE),
+             max(MULTIPLE, round(height / 2 ** i / MULTIPLE) * MULTIPLE)) for i in range(k - 1, -1, -1)]
+
+
+def stage_strengths(strengths: list[float], count: int) -> list[float]:
+    """The i-th upscale stage takes the i-th strength; the last one repeats if the ladder is longer."""
+    if count and not strengths:
+        raise PlanError("the plan has upscale stages but no strengths")
+    return [strengths[min(i, len(strengths) - 1)] for i in range(count)]
+
+
+def build_plan(*, prompt: str, width: int, height: int, native: int, strengths: list[float],
+               steps: int, guidance: float, seed: int, scheduler: str, model: str, family: str,
+               linfusion: str | None, negative: str = "", init_size: tuple[int, int] | None = None,
+               **options) -> GenerationPlan:
+    """A validated plan: the base (unless upscaling) then img2img stages doubling to the target."""
+    check_size(width, height, "target size")
+    for s in strengths:
+        if not 0 < s <= 1:
+            raise PlanError(f"strength {s} is outside (0, 1]")
+    if steps < 1:
+        raise PlanError(f"steps must be at least 1, got {steps}")
+    if guidance < 0:
+        raise PlanError(f"guidance must be >= 0, got {guidance}")
+    if seed < 0 or seed >= 2 ** 63:
+        raise PlanError(f"seed must be in [0, 2^63), got {seed}")
+    if init_size is None:
+        sizes = ladder_sizes(width, height, native)
+        kinds = [None] + stage_strengths(strengths, len(sizes) - 1)
+    else:
+        sizes = upscale_sizes(init_size, width, height)
+        kinds = stage_strengths(strengths, len(sizes))
+    stages = tuple(Stage(i, w, h, st, steps, seed + i, guidance, scheduler)
+                   for i, ((w, h), st) in enumerate(zip(sizes, kinds)))
+    for stage in stages:
+        check_size(stage.width, stage.height, f"stage {stage.index}")
+        if stage.denoise_steps < 1:
+            raise PlanError(f"stage {stage.index}: {steps} steps x strength {stage.strength} "
+                            "runs no denoising step; raise --steps or the strength")
+    return GenerationPlan(prompt=prompt, negative=negative, model=model, family=family,
+                          linfusion=linfusion, seed=seed, stages=stages, **options)

@@ -1,0 +1,126 @@
+"""Presets: YAML files naming a model, its LinFusion weights, a stage ladder and a memory policy.
+
+Bundled presets live in the package (`linfusion_cli/presets/*.yaml`); user presets in
+`$LINFUSION_CONFIG_DIR/presets` or `~/.config/linfusion/presets` override them by name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .errors import PresetError
+
+FAMILIES = ("sd15", "sd21", "sdxl")
+SCHEDULERS = ("default", "ddim", "euler", "euler_a", "dpm++", "pndm", "lms")
+DEFAULT_PRESET = "sd15"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A validated preset; every field can be overridden by a CLI flag."""
+
+    name: str
+    source: str
+    description: str = ""
+    model: str = "Lykon/dreamshaper-8"
+    family: str = "sd15"
+    linfusion: str | None = "auto"  # "auto", a repo id or path, or null for none
+    native: int = 1024
+    aspect: str = "1:1"
+    steps: int = 50
+    guidance: float = 7.5
+    scheduler: str = "ddim"
+    strengths: tuple[float, ...] = (0.4, 0.3, 0.2, 0.1)
+    negative: str = ""
+    vae_tile_px: int | None = None
+    max_vram: float | None = None
+    dtype: str = "auto"
+
+
+_TYPES = {"description": str, "model": str, "family": str, "linfusion": (str, type(None)),
+          "native": int, "aspect": str, "steps": int, "guidance": (int, float), "scheduler": str,
+          "strengths": list, "negative": str, "vae_tile_px": (int, type(None)),
+          "max_vram": (int, float, type(None)), "dtype": str}
+
+
+def user_preset_dir() -> Path:
+    """Where user presets live."""
+    root = os.environ.get("LINFUSION_CONFIG_DIR")
+    if root:
+        return Path(root) / "presets"
+    return Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "linfusion" / "presets"
+
+
+def parse_preset(text: str, *, name: str, source: str) -> Preset:
+    """Validate one preset's YAML; every error names the file and the key."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise PresetError(f"{source}:{where} malformed YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PresetError(f"{source}: a preset must be a mapping of keys to values")
+    for key, value in data.items():
+        if key not in _TYPES:
+            raise PresetError(f"{source}: unknown key {key!r} (known: {', '.join(sorted(_TYPES))})")
+        if isinstance(value, bool) or not isinstance(value, _TYPES[key]):
+            raise PresetError(f"{source}: key {key!r} has the wrong type ({type(value).__name__})")
+    if "family" in data and data["family"] not in FAMILIES:
+        raise PresetError(f"{source}: key 'family' must be one of {', '.join(FAMILIES)}")
+    if "scheduler" in data and data["scheduler"] not in SCHEDULERS:
+        raise PresetError(f"{source}: key 'scheduler' must be one of {', '.join(SCHEDULERS)}")
+    if "strengths" in data:
+        s = data["strengths"]
+        if not s or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 1 for x in s):
+            raise PresetError(f"{source}: key 'strengths' must be a list of numbers in (0, 1]")
+        data["strengths"] = tuple(float(x) for x in s)
+    for key in ("native", "steps"):
+        if key in data and data[key] < 1:
+            raise PresetError(f"{source}: key {key!r} must be positive")
+    return Preset(name=name, source=source, **data)
+
+
+def bundled_presets() -> dict[str, str]:
+    """Name -> YAML text of the presets shipped with the package."""
+    folder = resources.files("linfusion_cli") / "presets"
+    return {p.name[:-5]: p.read_text() for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def available_presets() -> dict[str, str]:
+    """Name -> source (bundled:NAME or a file path); user presets override bundled ones."""
+    found = {name: f"bundled:{name}" for name in bundled_presets()}
+    folder = user_preset_dir()
+    if folder.is_dir():
+        found.update({p.stem: str(p) for p in sorted(folder.glob("*.yaml"))})
+    return dict(sorted(found.items()))
+
+
+def load_preset(name_or_file: str | None) -> Preset:
+    """A preset by bundled/user name, or from a YAML file path."""
+    name_or_file = name_or_file or DEFAULT_PRESET
+    path = Path(name_or_file).expanduser()
+    if name_or_file.endswith((".yaml", ".yml")) or path.is_file():
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise PresetError(f"cannot read preset file {path}: {exc.strerror}") from None
+        return parse_preset(text, name=path.stem, source=str(path))
+    known = available_presets()
+    if name_or_file not in known:
+        raise PresetError(f"unknown preset {name_or_file!r}; available: {', '.join(known)}")
+    source = known[name_or_file]
+    if source.startswith("bundled:"):
+        return parse_preset(bundled_presets()[name_or_file], name=name_or_file, source=source)
+    return parse_preset(Path(source).read_text(), name=name_or_file, source=source)
+
+
+def preset_fields() -> list[str]:
+    return [f.name for f in fields(Preset) if f.name not in ("name", "source")]
