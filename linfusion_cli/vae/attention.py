@@ -1,0 +1,94 @@
+"""The VAE mid-block's global self-attention without an N x N tensor, windowed past a token limit."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .tiles import tile_grid
+
+_SCORE_BYTES = 256 << 20  # query chunk so that one chunk's scores stay under this
+
+
+def default_token_limit(device: torch.device) -> int:
+    """Exact global attention up to this many tokens: 1024^2 on CUDA, 128^2 elsewhere."""
+    return 1024 * 1024 if torch.device(device).type == "cuda" else 128 * 128
+
+
+def _sdpa_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA split over queries: same rows as one call, scores never (N x N) at once."""
+    # q: (B, heads, Nq, d); k, v: (B, heads, Nk, d)
+    n_q, n_k = q.shape[2], k.shape[2]
+    step = max(1024, _SCORE_BYTES // (4 * n_k * q.shape[1]))
+    if n_q <= step:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+    out = torch.empty_like(q)
+    for i in range(0, n_q, step):
+        out[:, :, i:i + step] = F.scaled_dot_product_attention(
+            q[:, :, i:i + step], k, v, dropout_p=0.0, is_causal=False)
+    return out
+
+
+def _check(attn) -> None:
+    """Refuse attention variants whose maths this module does not reproduce."""
+    for name in ("spatial_norm", "norm_q", "norm_k"):
+        if getattr(attn, name, None) is not None:
+            raise ValueError(f"VAE attention with {name} is not supported by the tiled VAE")
+
+
+def mid_attention(attn, x: torch.Tensor, *, token_limit: int, window: int = 128,
+                  overlap: int = 32) -> tuple[torch.Tensor, bool]:
+    """diffusers' AttnProcessor2_0 on x (1, C, H, W); returns (out, exact).
+
+    Up to `token_limit` tokens it is the exact global attention (query-chunked). Beyond, each
+    `window`^2 block (cores overlapping by `overlap`, cropped) attends only to itself.
+    """
+    _check(attn)
+    residual = x
+    b, c, h, w = x.shape
+    hs = x.view(b, c, h * w)  # (B, C, N)
+    if attn.group_norm is not None:
+        hs = attn.group_norm(hs)
+    hs = hs.transpose(1, 2)  # (B, N, C)
+    q, k, v = attn.to_q(hs), attn.to_k(hs), attn.to_v(hs)  # (B, N, inner)
+    del hs
+    inner = k.shape[-1]
+    d = inner // attn.heads
+
+    def split(t):  # (B, N, inner) -> (B, heads, N, d)
+        return t.view(b, -1, attn.heads, d).transpose(1, 2)
+
+    exact = h * w <= token_limit
+    if exact:
+        out = _sdpa_chunked(split(q), split(k), split(v))  # (B, heads, N, d)
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * d)
+    else:
+        out = _windowed(q, k, v, b, h, w, attn.heads, window, overlap)
+    del q, k, v
+    out = out.to(x.dtype)
+    out = attn.to_out[1](attn.to_out[0](out))  # (B, N, C)
+    out = out.transpose(-1, -2).reshape(b, c, h, w)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor, exact
+
+
+def _windowed(q, k, v, b, h, w, heads, window, overlap):
+    """Attention inside overlapping windows, each window's core written once."""
+    inner = q.shape[-1]
+    d = inner // heads
+    grid = lambda t: t.view(b, h, w, inner)  # noqa: E731  (B, H, W, inner)
+    qg, kg, vg = grid(q), grid(k), grid(v)
+    out = torch.empty_like(qg)  # (B, H, W, inner)
+    for tile in tile_grid(h, w, max(1, window - overlap), overlap // 2):
+        ys, xs = tile.window_slices()
+        hh, ww = tile.y.win_len, tile.x.win_len
+
+        def part(t):  # (B, hh, ww, inner) -> (B, heads, hh*ww, d)
+            return t[:, ys, xs].reshape(b, hh * ww, heads, d).transpose(1, 2)
+
+        o = _sdpa_chunked(part(qg), part(kg), part(vg))  # (B, heads, hh*ww, d)
+        o = o.transpose(1, 2).reshape(b, hh, ww, inner)
+        cy, cx = tile.crop_slices()
+        out[:, tile.core_slices()[0], tile.core_slices()[1]] = o[:, cy, cx]
+    return out.view(b, h * w, inner)

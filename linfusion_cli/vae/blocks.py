@@ -1,0 +1,171 @@
+"""The VAE's layers rewritten so a tile can pause at every GroupNorm and ask for statistics.
+
+Tile paths are Python generators: at each GroupNorm they yield a `Request` (the tile's core
+moments) and receive the `GroupStats` to normalise with. Everything between GroupNorms calls
+the diffusers modules themselves (convs, Upsample2D, Downsample2D), so the maths is theirs.
+Layers at latent resolution run once on the whole map ("whole" stages), with torch's own
+GroupNorm, since they cost no more memory than the mid block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attention import mid_attention
+from .norm import GroupStats, Moments, channel_moments, group_norm
+
+
+@dataclass
+class Request:
+    """A tile paused before `norm`, offering the moments of its core."""
+
+    norm: nn.GroupNorm
+    moments: Moments
+
+
+class TileCtx:
+    """Where a tile's core lies in its window, and where it parks tensors while paused."""
+
+    def __init__(self, crop: tuple[int, int, int, int], win_hw: tuple[int, int],
+                 park: torch.device | None = None):
+        self.crop = crop  # (y0, y1, x0, x1) core inside the window, latent px
+        self.win_hw = win_hw  # window (h, w) in latent px
+        self.park = park  # None: leave tensors where they are
+
+    def core(self, x: torch.Tensor) -> tuple[slice, slice]:
+        """The core of x (1, C, H, W), whose size is an integer multiple of the window's."""
+        sy, sx = x.shape[-2] // self.win_hw[0], x.shape[-1] // self.win_hw[1]
+        assert x.shape[-2] == sy * self.win_hw[0] and x.shape[-1] == sx * self.win_hw[1]
+        y0, y1, x0, x1 = self.crop
+        return slice(y0 * sy, y1 * sy), slice(x0 * sx, x1 * sx)
+
+    def norm(self, norm: nn.GroupNorm, t: dict, src: str, dst: str):
+        """Generator: t[dst] = norm(t[src]) with stats sent by the driver; parks t meanwhile."""
+        req = Request(norm, channel_moments(t[src], self.core(t[src])))
+        home = t[src].device
+        if self.park is not None:
+            for k in t:
+                t[k] = t[k].to(self.park)
+        stats: GroupStats = yield req
+        if self.park is not None:
+            for k in t:
+                t[k] = t[k].to(home)
+        t[dst] = group_norm(t[src], norm, stats)
+
+
+def _check_resnet(r) -> None:
+    """Refuse ResnetBlock2D variants whose forward this module does not reproduce."""
+    if r.upsample is not None or r.downsample is not None or r.time_emb_proj is not None:
+        raise ValueError("tiled VAE supports plain ResnetBlock2D (no up/down sampling, no temb)")
+    if not isinstance(r.norm1, nn.GroupNorm) or not isinstance(r.norm2, nn.GroupNorm):
+        raise ValueError("tiled VAE needs GroupNorm in ResnetBlock2D")
+
+
+def resnet(r, t: dict, ctx: TileCtx):
+    """Generator: diffusers ResnetBlock2D.forward(t['x'], temb=None), in place in t."""
+    _check_resnet(r)
+    yield from ctx.norm(r.norm1, t, "x", "h")
+    t["h"] = r.conv1(r.nonlinearity(t["h"]))
+    yield from ctx.norm(r.norm2, t, "h", "h")
+    h = r.conv2(r.dropout(r.nonlinearity(t.pop("h"))))
+    x = t.pop("x")
+    if r.conv_shortcut is not None:
+        x = r.conv_shortcut(x)
+    t["x"] = (x + h) / r.output_scale_factor
+
+
+def mid_block(mid, x: torch.Tensor, token_limit: int) -> tuple[torch.Tensor, bool]:
+    """UNetMidBlock2D.forward on the whole map; returns (out, attention_was_exact)."""
+    x = mid.resnets[0](x, None)
+    exact = True
+    for attn, res in zip(mid.attentions, mid.resnets[1:]):
+        if attn is not None:
+            x, ok = mid_attention(attn, x, token_limit=token_limit)
+            exact = exact and ok
+        x = res(x, None)
+    return x, exact
+
+
+# ---------------------------------------------------------------- decoder
+def decoder_split(dec) -> int:
+    """Index of the first up block that upsamples: its resnets are the last whole-map layers."""
+    if not isinstance(dec.conv_norm_out, nn.GroupNorm):
+        raise ValueError("tiled VAE needs a GroupNorm conv_norm_out (no SpatialNorm)")
+    for i, blk in enumerate(dec.up_blocks):
+        if getattr(blk, "attentions", None):
+            raise ValueError("tiled VAE does not support attention in VAE up blocks")
+        if blk.upsamplers:
+            return i
+    raise ValueError("decoder never upsamples: nothing to tile")
+
+
+def decoder_whole(vae, z: torch.Tensor, token_limit: int) -> tuple[torch.Tensor, bool]:
+    """Latent-resolution part of the decode on the whole latent z (1, 4, h, w) -> (1, C, h, w)."""
+    dec = vae.decoder
+    if vae.post_quant_conv is not None:
+        z = vae.post_quant_conv(z)
+    x, exact = mid_block(dec.mid_block, dec.conv_in(z), token_limit)
+    for blk in dec.up_blocks[:decoder_split(dec) + 1]:
+        for r in blk.resnets:
+            x = r(x, None)
+    return x, exact
+
+
+def decoder_tile(vae, x: torch.Tensor, ctx: TileCtx):
+    """Generator: the rest of the decode on one window (1, C, h, w) -> image (1, 3, 8h, 8w)."""
+    dec = vae.decoder
+    first = decoder_split(dec)
+    t = {"x": x}
+    del x
+    for u in dec.up_blocks[first].upsamplers:
+        t["x"] = u(t["x"])
+    for blk in dec.up_blocks[first + 1:]:
+        for r in blk.resnets:
+            yield from resnet(r, t, ctx)
+        for u in blk.upsamplers or ():
+            t["x"] = u(t["x"])
+    yield from ctx.norm(dec.conv_norm_out, t, "x", "x")
+    return dec.conv_out(dec.conv_act(t.pop("x")))
+
+
+# ---------------------------------------------------------------- encoder
+def encoder_split(enc) -> int:
+    """Index of the last down block that downsamples: blocks up to it run tiled."""
+    last = -1
+    for i, blk in enumerate(enc.down_blocks):
+        if getattr(blk, "attentions", None):
+            raise ValueError("tiled VAE does not support attention in VAE down blocks")
+        if blk.downsamplers:
+            last = i
+    if last < 0:
+        raise ValueError("encoder never downsamples: nothing to tile")
+    return last
+
+
+def encoder_tile(vae, x: torch.Tensor, ctx: TileCtx):
+    """Generator: image window (1, 3, 8h, 8w) -> features at latent resolution (1, C, h, w)."""
+    enc = vae.encoder
+    t = {"x": enc.conv_in(x)}
+    del x
+    for blk in enc.down_blocks[:encoder_split(enc) + 1]:
+        for r in blk.resnets:
+            yield from resnet(r, t, ctx)
+        for d in blk.downsamplers or ():
+            t["x"] = d(t["x"])
+    return t.pop("x")
+
+
+def encoder_whole(vae, x: torch.Tensor, token_limit: int) -> tuple[torch.Tensor, bool]:
+    """Latent-resolution rest of the encode on the whole map -> moments (1, 2*4, h, w)."""
+    enc = vae.encoder
+    for blk in enc.down_blocks[encoder_split(enc) + 1:]:
+        for r in blk.resnets:
+            x = r(x, None)
+    x, exact = mid_block(enc.mid_block, x, token_limit)
+    x = enc.conv_out(enc.conv_act(enc.conv_norm_out(x)))
+    if vae.quant_conv is not None:
+        x = vae.quant_conv(x)
+    return x, exact

@@ -1,0 +1,75 @@
+"""Drivers that run tile generators: all in lock step (exact stats) or one by one (fixed stats)."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from .norm import GroupStats, pool
+
+# A tile job: (tile index, generator). `finish(index, result)` receives each finished tile.
+Finish = Callable[[int, object], None]
+
+
+def _step(gen, value):
+    """Advance a generator; returns (request, None) or (None, result) when it is done."""
+    try:
+        return gen.send(value), None
+    except StopIteration as stop:
+        return None, stop.value
+
+
+def run_lockstep(jobs: Iterable, finish: Finish) -> int:
+    """Advance every tile to its next GroupNorm, pool their core moments, answer all, repeat.
+
+    Cores partition the image, so the pooled moments are the whole image's: every tile
+    normalises with exactly the untiled statistics. Returns the number of GroupNorm rounds.
+    """
+    waiting: dict[int, tuple] = {}
+    for i, gen in jobs:
+        req, out = _step(gen, None)
+        if req is None:
+            finish(i, out)
+        else:
+            waiting[i] = (gen, req)
+    rounds = 0
+    while waiting:
+        reqs = [r for _, r in waiting.values()]
+        norm = reqs[0].norm
+        if any(r.norm is not norm for r in reqs):
+            raise RuntimeError("tiles fell out of lock step")
+        stats = pool([r.moments for r in reqs], norm.num_groups)
+        rounds += 1
+        nxt = {}
+        for i, (gen, _) in waiting.items():
+            req, out = _step(gen, stats)
+            if req is None:
+                finish(i, out)
+            else:
+                nxt[i] = (gen, req)
+        waiting = nxt
+    return rounds
+
+
+def run_fixed(gen, stats: list[GroupStats]):
+    """Run one tile alone, answering its k-th GroupNorm with stats[k] (estimated mode)."""
+    req, out = _step(gen, None)
+    k = 0
+    while req is not None:
+        if k >= len(stats):
+            raise RuntimeError("tile asked for more GroupNorm stats than were recorded")
+        req, out = _step(gen, stats[k])
+        k += 1
+    return out
+
+
+def run_recording(gen) -> tuple[object, list[GroupStats]]:
+    """Run one tile alone on its own core's stats, recording them (the downscaled stats pass)."""
+    req, out = _step(gen, None)
+    record: list[GroupStats] = []
+    while req is not None:
+        s = pool([req.moments], req.norm.num_groups)
+        record.append(s)
+        req, out = _step(gen, s)
+    return out, record
+
+

@@ -1,0 +1,108 @@
+"""Pure tile geometry: cores that partition an image, context-padded windows around them.
+
+All coordinates are in latent pixels (1 latent px = 8 image px for SD VAEs), so every
+window edge lies on a multiple of 8 image px and the encoder's stride-2 grids line up with the
+untiled grid. Nothing here touches tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Span:
+    """One axis of a tile: the core it owns [core0, core1) inside the window [win0, win1)."""
+
+    core0: int
+    core1: int
+    win0: int
+    win1: int
+
+    @property
+    def core_in_window(self) -> tuple[int, int]:
+        """The core relative to the window start (where to crop the window's output)."""
+        return self.core0 - self.win0, self.core1 - self.win0
+
+    @property
+    def win_len(self) -> int:
+        return self.win1 - self.win0
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A 2-D tile: a row span and a column span."""
+
+    y: Span
+    x: Span
+
+    @property
+    def core_area(self) -> int:
+        return (self.y.core1 - self.y.core0) * (self.x.core1 - self.x.core0)
+
+    @property
+    def window_area(self) -> int:
+        return self.y.win_len * self.x.win_len
+
+    def window_slices(self, scale: int = 1) -> tuple[slice, slice]:
+        """Slices of the whole map at `scale` x latent resolution that give this tile's window."""
+        return (slice(self.y.win0 * scale, self.y.win1 * scale),
+                slice(self.x.win0 * scale, self.x.win1 * scale))
+
+    def core_slices(self, scale: int = 1) -> tuple[slice, slice]:
+        """Slices of the whole map at `scale` x latent resolution that give this tile's core."""
+        return (slice(self.y.core0 * scale, self.y.core1 * scale),
+                slice(self.x.core0 * scale, self.x.core1 * scale))
+
+    def crop_slices(self, scale: int = 1) -> tuple[slice, slice]:
+        """Slices of the window's own output at `scale` that give its core."""
+        (y0, y1), (x0, x1) = self.y.core_in_window, self.x.core_in_window
+        return slice(y0 * scale, y1 * scale), slice(x0 * scale, x1 * scale)
+
+
+def split_axis(length: int, tile: int, context: int) -> list[Span]:
+    """Cut [0, length) into near-equal cores of at most `tile`, each padded by `context` (clipped)."""
+    if length <= 0 or tile <= 0 or context < 0:
+        raise ValueError(f"bad axis: length={length} tile={tile} context={context}")
+    n = math.ceil(length / tile)
+    edges = [round(i * length / n) for i in range(n + 1)]
+    return [Span(a, b, max(0, a - context), min(length, b + context))
+            for a, b in zip(edges[:-1], edges[1:])]
+
+
+def tile_grid(height: int, width: int, tile: int, context: int) -> list[Tile]:
+    """Row-major tiles covering a height x width map; cores partition it exactly once."""
+    return [Tile(y, x) for y in split_axis(height, tile, context)
+            for x in split_axis(width, tile, context)]
+
+
+def single_tile(height: int, width: int) -> Tile:
+    """The whole map as one tile (core = window)."""
+    return Tile(Span(0, height, 0, height), Span(0, width, 0, width))
+
+
+def border_positions(spans: list[Span], scale: int = 1) -> list[int]:
+    """Where one core ends and the next begins, at `scale` (for seam measurements)."""
+    return [s.core0 * scale for s in spans[1:]]
+
+
+def window_area_sum(tiles: list[Tile]) -> int:
+    """Total window area in latent px^2 (what tiling costs, padding included)."""
+    return sum(t.window_area for t in tiles)
+
+
+def downscaled_size(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """(h, w) with the long side at most `long_side`, aspect kept, each at least 1."""
+    if max(height, width) <= long_side:
+        return height, width
+    f = long_side / max(height, width)
+    return max(1, round(height * f)), max(1, round(width * f))
+
+
+def choose_tile_px(height_px: int, width_px: int, *, tile_px: int = 1024,
+                   untiled_max_pixels: int = 1024 * 1024) -> int:
+    """Tile size for an image: 0 (untiled) when small enough to decode whole, else `tile_px`."""
+    if height_px * width_px <= untiled_max_pixels:
+        return 0
+    return tile_px
