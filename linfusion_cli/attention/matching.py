@@ -13,6 +13,9 @@ KNOWN_BASES = {
     "stabilityai/stable-diffusion-xl-base-1.0": "Yuanshi/LinFusion-XL",
 }
 
+FAMILY_REPOS = {"sd15": "Yuanshi/LinFusion-1-5", "sd21": "Yuanshi/LinFusion-2-1",
+                "sdxl": "Yuanshi/LinFusion-XL"}
+
 # The real architectures: (block_out_channels, cross_attention_dim) -> LinFusion repo.
 _ARCHITECTURES = {
     ((320, 640, 1280, 1280), 768): "Yuanshi/LinFusion-1-5",

@@ -156,7 +156,7 @@ def quiet_libraries(verbose: bool = False) -> None:
 
     level = "warning" if verbose else "error"
     if not verbose:
-        warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*torchvision.*")
     getattr(diffusers.utils.logging, f"set_verbosity_{level}")()
     getattr(transformers.utils.logging, f"set_verbosity_{level}")()

@@ -52,7 +52,8 @@ def _run_stage(ctx: StageContext, stage: Stage, previous: np.ndarray | None) -> 
                 raise OutOfMemoryError(
                     f"stage {stage.index + 1} ({stage.width}x{stage.height}) ran out of device "
                     "memory even with the tightest plan; lower --max-vram or --vae-tile") from exc
-            ctx.on_event(Retrying(stage.index, f"out of memory; retrying with {tighter.describe()}"))
+            knobs = ", ".join(f"{k}={v}" for k, v in tighter.to_dict().items() if k != "estimated_peak_gib")
+            ctx.on_event(Retrying(stage.index, f"out of memory; retrying with {knobs}"))
             stage = replace(stage, memory=tighter)
     raise AssertionError("unreachable")
 

@@ -1,0 +1,5 @@
+"""`python -m linfusion_cli` runs the CLI."""
+
+from .cli.app import main
+
+main()

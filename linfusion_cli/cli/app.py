@@ -1,0 +1,72 @@
+"""The `linfusion` command: the only place library errors become messages and exit codes.
+
+Exit codes: 0 success, 2 bad usage or input, 1 failure at run time, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import os
+
+import typer
+
+try:  # typer >= 0.2x ships its own copy of click; its exceptions are the ones raised
+    from typer._click import exceptions as click
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click
+
+from ..errors import LinfusionError
+from . import batch, generate, info, presets_cmd, upscale
+from .console import error
+
+_EXITS = tuple(c for c in (getattr(click, "Exit", None), typer.Exit) if c is not None)
+_ABORTS = tuple(c for c in (getattr(click, "Abort", None), getattr(typer, "Abort", None)) if c is not None)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Very large images (up to 16384 px) with Stable Diffusion + LinFusion.")
+app.command("generate")(generate.generate)
+app.command("upscale")(upscale.upscale)
+app.command("batch")(batch.batch)
+app.command("info")(info.info)
+app.add_typer(presets_cmd.app, name="presets")
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code; every error is one line on stderr."""
+    verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
+    if not verbose:  # diffusers/transformers/hub bars and notices would crowd our stderr
+        for name, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
+                            ("DIFFUSERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+            os.environ.setdefault(name, value)
+    try:
+        app(args=argv, prog_name="linfusion", standalone_mode=False)
+        return 0
+    except _EXITS as exc:
+        return exc.exit_code
+    except click.ClickException as exc:  # usage errors: unknown option, missing argument
+        message = exc.format_message()
+        if message and not isinstance(exc, getattr(click, "NoArgsIsHelpError", ())):
+            error(message.splitlines()[0])
+        return 2 if isinstance(exc, click.UsageError) else exc.exit_code
+    except (*_ABORTS, KeyboardInterrupt):
+        error("interrupted")
+        return 130
+    except LinfusionError as exc:
+        error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        if verbose and exc.__cause__ is not None:
+            error(f"caused by {type(exc.__cause__).__name__}: {exc.__cause__}")
+        return exc.exit_code
+    except BrokenPipeError:
+        return 1
+    except Exception as exc:  # an unexpected failure: still one line unless -v
+        if verbose:
+            import traceback
+            traceback.print_exc()
+        error(f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              "(run with -v for details)")
+        return 1
+
+
+def main() -> None:
+    sys.exit(run())

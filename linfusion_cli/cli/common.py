@@ -1,0 +1,85 @@
+"""Steps shared by generate, upscale and batch: plan, dry run, model load, one job's output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .. import runner
+from ..errors import InputError
+from .console import ProgressView, info
+
+
+def memory_line(stage) -> str:
+    m = stage.memory
+    if m is None:
+        return ""
+    knobs = [f"offload={m.offload}" if m.offload != "none" else "",
+             f"vae_tile={m.vae_tile_px}" if m.vae_tile_px else "vae untiled",
+             "cfg_split" if m.cfg_split else "", f"ff_chunk={m.ff_chunk}" if m.ff_chunk else "",
+             f"attn_chunk={m.attn_chunk}" if m.attn_chunk else "", "inplace" if m.inplace else "",
+             "skips_on_cpu" if m.skips_on_cpu else ""]
+    return f"~{m.estimated_peak_gib:.1f} GiB ({', '.join(k for k in knobs if k)})"
+
+
+def print_dry_run(plan, *, as_json: bool) -> None:
+    """The plan on stdout: one JSON object, or a readable table."""
+    if as_json:
+        print(json.dumps(plan.to_dict()))
+        return
+    print(f"model {plan.model} ({plan.family}), LinFusion {plan.linfusion or 'off'}, seed {plan.seed}")
+    for s in plan.stages:
+        kind = "text-to-image" if s.strength is None else f"img2img @{s.strength}"
+        print(f"  stage {s.index + 1}: {s.width}x{s.height} {kind}, {s.denoise_steps} steps, "
+              f"seed {s.seed}, {memory_line(s)}")
+
+
+def load(plan, *, verbose: bool, quiet: bool, allow_pickle: bool = False):
+    from ..models.loading import load_model
+
+    info(f"loading {plan.model} ...", quiet=quiet)
+    chunk = max((s.memory.attn_chunk for s in plan.stages if s.memory is not None), default=0)
+    linfusion = plan.linfusion
+    return load_model(plan.model, dtype=plan.dtype, device=plan.device, linfusion=linfusion,
+                      scheduler=plan.stages[0].scheduler, allow_pickle=allow_pickle,
+                      attn_chunk=chunk or None, verbose=verbose)
+
+
+def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_image=None) -> dict:
+    """Generate one image, write it, print its path (or JSON) on stdout."""
+    with ProgressView(quiet=quiet, verbose=verbose) as view:
+        result = runner.generate_file(plan, model, path=path, fmt=fmt, overwrite=overwrite,
+                                      on_event=view, init_image=init_image)
+    if path is not None:
+        print(json.dumps(result) if as_json else result["path"], flush=True)
+    elif as_json:
+        info(json.dumps(result), quiet=False)  # stdout carries the image itself
+    return result
+
+
+def read_prompt_argument(prompt: str | None) -> str:
+    """PROMPT, or stdin when PROMPT is '-' or absent and stdin is piped."""
+    if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
+        text = sys.stdin.read().strip()
+        if not text:
+            raise InputError("no prompt on stdin")
+        return text
+    if prompt is None:
+        raise InputError("no prompt given (pass PROMPT, or - to read it from stdin)")
+    return prompt
+
+
+def resolve_target(output, *, plan, fmt, overwrite, template=None, index=0) -> tuple[Path | None, str]:
+    """Output path (None for stdout) and format, checked before any heavy work."""
+    from ..output import DEFAULT_TEMPLATE, format_of, resolve_output
+
+    fields = dict(index=index, seed=plan.seed, prompt=plan.prompt, width=plan.width, height=plan.height)
+    path = resolve_output(output, template=template or DEFAULT_TEMPLATE, fields=fields, fmt=fmt,
+                          overwrite=overwrite)
+    return path, format_of(path, fmt)
+
+
+def not_both_json_and_stdout(output, as_json) -> None:
+    if output == "-" and sys.stdout.isatty():
+        raise InputError("refusing to write image bytes to a terminal; redirect stdout or use -o FILE")

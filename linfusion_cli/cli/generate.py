@@ -1,0 +1,55 @@
+"""`linfusion generate PROMPT`: text to a very large image by progressive upscaling."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .. import runner
+from . import common
+from .options import (AllowPickle, Aspect, Device, DryRun, Dtype, Format, Guidance, Height, Json,
+                      Linfusion, MaxVram, Model, Negative, NoLinfusion, Output, Overwrite, PresetOpt,
+                      Quiet, Res, SaveStages, Scheduler, Seed, Steps, Strengths, VaeTile, Verbose,
+                      Width, parse_strengths)
+
+
+def request_from_options(prompt, *, preset, res, aspect, width, height, model, linfusion, no_linfusion,
+                         seed, steps, guidance, negative, strengths, scheduler, max_vram, vae_tile,
+                         save_stages, device, dtype, init_image=None, init_size=None) -> runner.Request:
+    """The flags every generating command shares, as one Request."""
+    return runner.Request(
+        prompt=prompt, preset=preset, res=res, aspect=aspect, width=width, height=height, model=model,
+        linfusion=linfusion, no_linfusion=no_linfusion, seed=seed, steps=steps, guidance=guidance,
+        negative=negative, strengths=parse_strengths(strengths), scheduler=scheduler,
+        max_vram=max_vram, vae_tile=vae_tile, device=device, dtype=dtype, save_stages=save_stages,
+        init_image=init_image, init_size=init_size)
+
+
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt; - (or none, with piped stdin) reads stdin.")] = None,
+    res: Res = None, aspect: Aspect = None, width: Width = None, height: Height = None,
+    model: Model = None, linfusion: Linfusion = None, no_linfusion: NoLinfusion = False,
+    preset: PresetOpt = None, seed: Seed = None, steps: Steps = None, guidance: Guidance = None,
+    negative: Negative = None, strengths: Strengths = None, scheduler: Scheduler = None,
+    max_vram: MaxVram = None, vae_tile: VaeTile = None, save_stages: SaveStages = False,
+    output: Output = None, format: Format = None, overwrite: Overwrite = False, json: Json = False,
+    dry_run: DryRun = False, device: Device = None, dtype: Dtype = None,
+    allow_pickle: AllowPickle = False, quiet: Quiet = False, verbose: Verbose = False,
+) -> None:
+    """Generate an image: a base at the model's native size, then x2 img2img stages to --res."""
+    text = common.read_prompt_argument(prompt)
+    req = request_from_options(
+        text, preset=preset, res=res, aspect=aspect, width=width, height=height, model=model,
+        linfusion=linfusion, no_linfusion=no_linfusion, seed=seed, steps=steps, guidance=guidance,
+        negative=negative, strengths=strengths, scheduler=scheduler, max_vram=max_vram,
+        vae_tile=vae_tile, save_stages=save_stages, device=device, dtype=dtype)
+    plan = runner.plan_memory(runner.make_plan(req))
+    if dry_run:
+        common.print_dry_run(plan, as_json=json)
+        return
+    common.not_both_json_and_stdout(output, json)
+    path, fmt = common.resolve_target(output, plan=plan, fmt=format, overwrite=overwrite)
+    loaded = common.load(plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle)
+    common.run_one(plan, loaded, path=path, fmt=fmt, overwrite=overwrite, as_json=json,
+                   quiet=quiet, verbose=verbose)

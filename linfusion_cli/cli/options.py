@@ -1,0 +1,59 @@
+"""Option declarations shared by generate, upscale and batch (declared once, reused)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import InputError
+
+Res = Annotated[Optional[int], typer.Option("--res", help="Long side of the final image in px (default 4096).")]
+Aspect = Annotated[Optional[str], typer.Option("--aspect", help="Aspect W:H with --res (default: the preset's, 1:1).")]
+Width = Annotated[Optional[int], typer.Option("--width", help="Final width in px (with --height).")]
+Height = Annotated[Optional[int], typer.Option("--height", help="Final height in px (with --width).")]
+Model = Annotated[Optional[str], typer.Option("--model", help="Hub id, local folder, .safetensors file, or demo.")]
+Linfusion = Annotated[Optional[str], typer.Option("--linfusion", help="LinFusion weights: hub id or path (default: matched to the model).")]
+NoLinfusion = Annotated[bool, typer.Option("--no-linfusion", help="Keep the UNet's own quadratic attention.")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Preset name or YAML file (default sd15).")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Run seed; stage k uses seed + k (default: random).")]
+Steps = Annotated[Optional[int], typer.Option("--steps", help="Nominal steps per stage; img2img runs steps x strength.")]
+Guidance = Annotated[Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale.")]
+Negative = Annotated[Optional[str], typer.Option("--negative", help="Negative prompt.")]
+Strengths = Annotated[Optional[str], typer.Option("--strengths", help="img2img strengths per stage, e.g. 0.4,0.3,0.2,0.1.")]
+Scheduler = Annotated[Optional[str], typer.Option("--scheduler", help="default, ddim, euler, euler_a, dpm++, pndm, lms.")]
+MaxVram = Annotated[Optional[float], typer.Option("--max-vram", help="GPU memory budget in GiB (default: free memory).")]
+VaeTile = Annotated[Optional[int], typer.Option("--vae-tile", help="VAE tile size in px; 0 = untiled (default: planned).")]
+SaveStages = Annotated[bool, typer.Option("--save-stages", help="Also keep every intermediate stage image.")]
+Output = Annotated[Optional[str], typer.Option("-o", "--output", help="File, directory, or - for stdout.")]
+Format = Annotated[Optional[str], typer.Option("--format", help="png, jpg or tiff (default: from -o, else png).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object per image on stdout.")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan and memory estimates; load nothing.")]
+Device = Annotated[Optional[str], typer.Option("--device", help="auto, cuda, cuda:N, mps or cpu.")]
+Dtype = Annotated[Optional[str], typer.Option("--dtype", help="auto, fp16, bf16 or fp32.")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Allow loading .ckpt pickle checkpoints (can run code).")]
+Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No progress or messages on stderr.")]
+Verbose = Annotated[bool, typer.Option("-v", "--verbose", help="More detail; progress even when stderr is not a terminal.")]
+Template = Annotated[Optional[str], typer.Option("--name", help="File name template: {index} {seed} {slug} {width} {height} {ext}.")]
+
+
+def parse_strengths(text: str | None) -> tuple[float, ...] | None:
+    """'0.4,0.3' -> (0.4, 0.3); each in (0, 1]."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise InputError(f"--strengths must be numbers separated by commas, got {text!r}") from None
+    if not values:
+        raise InputError("--strengths is empty")
+    for v in values:
+        if not 0 < v <= 1:
+            raise InputError(f"strength {v} is outside (0, 1]")
+    return values
+
+
+def existing_path(text: str) -> Path:
+    return Path(text).expanduser()

@@ -1,0 +1,37 @@
+"""`linfusion presets list|show NAME`: bundled and user presets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..presets import available_presets, bundled_presets, load_preset, user_preset_dir
+
+app = typer.Typer(no_args_is_help=True, help="List and show presets (bundled and user).")
+
+
+@app.command("list")
+def list_presets() -> None:
+    """Every preset with its description; user presets live in the config directory."""
+    for name, source in available_presets().items():
+        preset = load_preset(name)
+        where = "" if source.startswith("bundled:") else f"  [{source}]"
+        print(f"{name:<14} {preset.description}{where}")
+
+
+@app.command("show")
+def show(name: Annotated[str, typer.Argument(help="Preset name or YAML file.")]) -> None:
+    """Print a preset's YAML (validated first)."""
+    preset = load_preset(name)
+    if preset.source.startswith("bundled:"):
+        print(bundled_presets()[preset.name], end="")
+    else:
+        print(Path(preset.source).read_text(), end="")
+
+
+@app.command("path")
+def path() -> None:
+    """Where user presets are read from."""
+    print(user_preset_dir())

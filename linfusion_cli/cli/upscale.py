@@ -1,0 +1,49 @@
+"""`linfusion upscale IMAGE [PROMPT]`: the img2img ladder from an existing image."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+
+from .. import runner
+from ..output import open_image
+from . import common
+from .generate import request_from_options
+from .options import (AllowPickle, Aspect, Device, DryRun, Dtype, Format, Guidance, Height, Json,
+                      Linfusion, MaxVram, Model, Negative, NoLinfusion, Output, Overwrite, PresetOpt,
+                      Quiet, Res, SaveStages, Scheduler, Seed, Steps, Strengths, VaeTile, Verbose,
+                      Width)
+
+
+def upscale(
+    image: Annotated[str, typer.Argument(help="The image to upscale (PNG, JPEG, TIFF; 16K is fine).")],
+    prompt: Annotated[Optional[str], typer.Argument(help="What the image shows (guides the detail).")] = None,
+    res: Res = None, aspect: Aspect = None, width: Width = None, height: Height = None,
+    model: Model = None, linfusion: Linfusion = None, no_linfusion: NoLinfusion = False,
+    preset: PresetOpt = None, seed: Seed = None, steps: Steps = None, guidance: Guidance = None,
+    negative: Negative = None, strengths: Strengths = None, scheduler: Scheduler = None,
+    max_vram: MaxVram = None, vae_tile: VaeTile = None, save_stages: SaveStages = False,
+    output: Output = None, format: Format = None, overwrite: Overwrite = False, json: Json = False,
+    dry_run: DryRun = False, device: Device = None, dtype: Dtype = None,
+    allow_pickle: AllowPickle = False, quiet: Quiet = False, verbose: Verbose = False,
+) -> None:
+    """Upscale an existing image by x2 img2img stages to --res (keeps its aspect by default)."""
+    picture = open_image(image)
+    req = request_from_options(
+        common.read_prompt_argument(prompt) if prompt is not None else "high detail",
+        preset=preset, res=res, aspect=aspect, width=width, height=height, model=model,
+        linfusion=linfusion, no_linfusion=no_linfusion, seed=seed, steps=steps, guidance=guidance,
+        negative=negative, strengths=strengths, scheduler=scheduler, max_vram=max_vram,
+        vae_tile=vae_tile, save_stages=save_stages, device=device, dtype=dtype,
+        init_image=str(image), init_size=picture.size)
+    plan = runner.plan_memory(runner.make_plan(req))
+    if dry_run:
+        common.print_dry_run(plan, as_json=json)
+        return
+    common.not_both_json_and_stdout(output, json)
+    path, fmt = common.resolve_target(output, plan=plan, fmt=format, overwrite=overwrite)
+    loaded = common.load(plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle)
+    common.run_one(plan, loaded, path=path, fmt=fmt, overwrite=overwrite, as_json=json, quiet=quiet,
+                   verbose=verbose, init_image=np.asarray(picture))
