@@ -1,0 +1,177 @@
+"""Budget -> memory knobs: the fastest plan whose estimated peak fits the device budget.
+
+Every knob keeps the output the same (up to float rounding); they only trade speed for memory.
+The estimate itself lives in estimate.py; this module enumerates plans, orders them by a simple
+cost model and picks one, or refuses with the smallest budget that would have worked.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass, replace
+from importlib import resources
+
+from ..errors import InputError, PlanError
+from . import estimate as est
+
+GIB = est.GIB
+OFFLOADS = ("none", "model", "sequential")
+TILE_CHOICES = (0, 4096, 2048, 1024, 512)  # VAE tile px (0 = untiled), loosest first
+FF_CHOICES = (0, 16384, 4096)  # feed-forward chunk, tokens
+ATTN_CHOICES = (0, 16384, 4096)  # LinFusion chunk, tokens (0 = the layer's default)
+
+# Relative stage time of each knob setting (multiplied together); only the order matters.
+_OFFLOAD_COST = {"none": 1.0, "model": 1.12, "sequential": 3.0}  # PCIe traffic per step
+_CHUNK_COST = {0: 1.0, 16384: 1.01, 4096: 1.03}  # more, smaller kernels
+_VAE_SHARE = 0.1  # share of a stage's time spent in the VAE
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Knobs that change memory and speed but not the image; plus the estimate they give."""
+
+    offload: str = "none"  # "none" | "model" | "sequential" (accelerate CPU offload)
+    vae_tile_px: int = 0  # VAE tile size in output pixels, 0 = untiled
+    ff_chunk: int = 0  # transformer feed-forward chunk in tokens, 0 = off
+    cfg_split: bool = False  # classifier-free guidance as two half batches
+    attn_chunk: int = 0  # LinFusion token chunk, 0 = the layer's default
+    inplace: bool = False  # in-place SiLU on spatial tensors (inference only)
+    skips_on_cpu: bool = False  # UNet skip tensors parked in CPU memory
+    estimated_peak_gib: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.offload not in OFFLOADS:
+            raise PlanError(f"offload must be one of {', '.join(OFFLOADS)}, not {self.offload!r}")
+        for name in ("vae_tile_px", "ff_chunk", "attn_chunk"):
+            if getattr(self, name) < 0:
+                raise PlanError(f"{name} must be >= 0 (0 = off), not {getattr(self, name)}")
+
+    def knobs(self) -> est.Knobs:
+        """The knobs alone, as the estimator takes them."""
+        d = asdict(self)
+        d.pop("estimated_peak_gib")
+        return est.Knobs(**d)
+
+    def to_dict(self) -> dict:
+        """JSON-able record for --dry-run and run metadata."""
+        return asdict(self)
+
+    def slowdown(self, width: int = 4096, height: int = 4096) -> float:
+        """Relative stage time against the plan with every knob off (cost model, not measured)."""
+        cost = _OFFLOAD_COST[self.offload] * _CHUNK_COST.get(self.ff_chunk, 1.05)
+        cost *= _CHUNK_COST.get(self.attn_chunk, 1.05) ** 0.5
+        if self.vae_tile_px and self.vae_tile_px < max(width, height):
+            pad = (self.vae_tile_px + 2 * est.DECODE_PAD_PX) ** 2 / self.vae_tile_px ** 2
+            cost *= 1 + _VAE_SHARE * (pad - 1)
+        cost *= 1.06 if self.cfg_split else 1.0  # two half batches use the GPU less well
+        cost *= 1.08 if self.skips_on_cpu else 1.0  # skips cross PCIe twice per step
+        cost *= 1.001 if self.inplace else 1.0  # free, but only used when needed
+        return cost
+
+    def tighter(self, device: str = "cuda") -> MemoryPlan | None:
+        """The next tighter plan for an out-of-memory retry, or None when all knobs are on.
+
+        The estimate is carried over as an upper bound (the new plan needs at most as much).
+        """
+        steps = []
+        if self.ff_chunk != FF_CHOICES[-1]:
+            steps.append({"ff_chunk": FF_CHOICES[FF_CHOICES.index(self.ff_chunk) + 1]
+                          if self.ff_chunk in FF_CHOICES else FF_CHOICES[-1]})
+        if not self.inplace:
+            steps.append({"inplace": True})
+        if self.vae_tile_px != TILE_CHOICES[-1]:
+            steps.append({"vae_tile_px": 2048 if not self.vae_tile_px
+                          else max(TILE_CHOICES[-1], self.vae_tile_px // 2)})
+        if not self.cfg_split:
+            steps.append({"cfg_split": True})
+        if self.attn_chunk != ATTN_CHOICES[-1]:
+            steps.append({"attn_chunk": ATTN_CHOICES[-1]})
+        if device == "cuda":
+            if not self.skips_on_cpu:
+                steps.append({"skips_on_cpu": True})
+            if self.offload != "sequential":
+                steps.append({"offload": OFFLOADS[OFFLOADS.index(self.offload) + 1]})
+        return replace(self, **steps[0]) if steps else None
+
+
+def next_tighter(plan: MemoryPlan, device: str = "cuda") -> MemoryPlan | None:
+    """Function form of MemoryPlan.tighter for callers that retry after an OOM."""
+    return plan.tighter(device)
+
+
+def load_family_config(family: str, part: str) -> dict:
+    """A shipped diffusers config: part is "unet", "vae" or "scheduler"."""
+    path = resources.files("linfusion_cli.models") / "configs" / f"{family}_{part}.json"
+    if not path.is_file():
+        raise InputError(f"no bundled {part} config for model family {family!r} "
+                         "(bundled: sd15, sd21, sdxl)")
+    return json.loads(path.read_text())
+
+
+def load_family_configs(family: str) -> tuple[dict, dict]:
+    """(unet_config, vae_config) of a bundled family, with no download."""
+    return load_family_config(family, "unet"), load_family_config(family, "vae")
+
+
+def candidate_plans(width: int, height: int, *, guidance: bool = True, linfusion: bool = True,
+                    device: str = "cuda") -> list[MemoryPlan]:
+    """Every meaningful knob combination, fastest first (a total order: ties by knob values)."""
+    cuda = device == "cuda"
+    tiles = [t for t in TILE_CHOICES if t == 0 or t < max(width, height)]
+    combos = itertools.product(
+        OFFLOADS if cuda else ("none",), tiles, FF_CHOICES, (False, True) if guidance else (False,),
+        ATTN_CHOICES if linfusion else (0,), (False, True), (False, True) if cuda else (False,))
+    plans = [MemoryPlan(*c) for c in combos]
+    return sorted(plans, key=lambda p: (round(p.slowdown(width, height), 9),
+                                        OFFLOADS.index(p.offload), -p.vae_tile_px, p.ff_chunk,
+                                        p.cfg_split, p.attn_chunk, p.inplace, p.skips_on_cpu))
+
+
+class _Estimator:
+    """Memoised estimate of many plans for one stage (the UNet and VAE parts are shared)."""
+
+    def __init__(self, unet_config, vae_config, *, width, height, dtype_bytes, guidance,
+                 linfusion, device, text_encoders_bytes=None):
+        self.u, self.v = unet_config, vae_config
+        self.w, self.h, self.db = width, height, dtype_bytes
+        self.batch = 2 if guidance else 1
+        self.linfusion, self.device = linfusion, device
+        self.weights = est.weight_bytes(unet_config, vae_config, dtype_bytes, text_encoders_bytes)
+        self.layer = est.layer_bytes(unet_config, dtype_bytes)
+        self._unet: dict = {}
+        self._vae: dict = {}
+
+    def __call__(self, plan: MemoryPlan) -> int:
+        k = plan.knobs()
+        ukey = (k.ff_chunk, k.cfg_split, k.attn_chunk, k.inplace, k.skips_on_cpu)
+        if ukey not in self._unet:
+            self._unet[ukey] = est.unet_activation_bytes(
+                self.u, latent_h=-(-self.h // 8), latent_w=-(-self.w // 8), batch=self.batch,
+                dtype_bytes=self.db, knobs=k, linfusion=self.linfusion)
+        if k.vae_tile_px not in self._vae:
+            self._vae[k.vae_tile_px] = est.vae_activation_bytes(
+                self.v, height=self.h, width=self.w, tile_px=k.vae_tile_px,
+                dtype_bytes=est.vae_dtype_bytes(self.v, self.db))
+        return est.stage_peak(self.weights, self._unet[ukey], self._vae[k.vae_tile_px],
+                              offload=k.offload, device=self.device, layer_bytes=self.layer)
+
+
+def plan_memory(unet_config: dict, vae_config: dict, *, width: int, height: int,
+                dtype_bytes: int, budget_bytes: int, guidance: bool = True,
+                linfusion: bool = True, device: str = "cuda",
+                text_encoders_bytes: int | None = None) -> MemoryPlan:
+    """The fastest plan whose estimated peak fits budget_bytes; PlanError with the minimum if none."""
+    estimate = _Estimator(unet_config, vae_config, width=width, height=height,
+                          dtype_bytes=dtype_bytes, guidance=guidance, linfusion=linfusion,
+                          device=device, text_encoders_bytes=text_encoders_bytes)
+    smallest = None
+    for plan in candidate_plans(width, height, guidance=guidance, linfusion=linfusion,
+                                device=device):
+        peak = estimate(plan)
+        if peak <= budget_bytes:
+            return replace(plan, estimated_peak_gib=round(peak / GIB, 2))
+        smallest = peak if smallest is None else min(smallest, peak)
+    raise PlanError(
+        f"needs at least {smallest / GIB:.1f} GiB for {width}x{height} with the tightest plan; "
+        f"--max-vram {budget_bytes / GIB:.3g} is too small")

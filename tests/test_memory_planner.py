@@ -1,0 +1,191 @@
+"""The memory planner: shipped configs, the estimate against published figures, plan choice."""
+
+from __future__ import annotations
+
+import pytest
+
+from linfusion_cli.errors import InputError, PlanError
+from linfusion_cli.memory import estimate as est
+from linfusion_cli.memory.planner import (
+    GIB,
+    MemoryPlan,
+    candidate_plans,
+    load_family_config,
+    load_family_configs,
+    plan_memory,
+)
+
+FAMILIES = ("sd15", "sd21", "sdxl")
+
+
+@pytest.fixture(scope="module")
+def configs():
+    return {f: load_family_configs(f) for f in FAMILIES}
+
+
+def _plan(configs, family, size, gib, **kw):
+    unet, vae = configs[family]
+    return plan_memory(unet, vae, width=size, height=size, dtype_bytes=2,
+                       budget_bytes=int(gib * GIB), **kw)
+
+
+# ---------------------------------------------------------------- shipped configs
+
+@pytest.mark.parametrize("family,unet_params", [
+    ("sd15", 859_520_964), ("sd21", 865_910_724), ("sdxl", 2_567_463_684)])
+def test_shipped_configs_build_and_have_the_published_sizes(configs, family, unet_params):
+    unet, vae = configs[family]
+    assert est.param_count("unet", unet, use_known=False) == unet_params  # meta instantiation
+    assert est.param_count("unet", unet) == unet_params  # the table a dry run uses
+    assert est.param_count("vae", vae, use_known=False) == est.param_count("vae", vae) == 83_653_863
+
+
+def test_family_specifics(configs):
+    assert load_family_config("sd21", "scheduler")["prediction_type"] == "v_prediction"
+    assert configs["sd21"][0]["attention_head_dim"] == [5, 10, 20, 20]
+    sdxl_vae = configs["sdxl"][1]
+    assert sdxl_vae["force_upcast"] is True and sdxl_vae["scaling_factor"] == 0.13025
+    assert configs["sd15"][1]["scaling_factor"] == 0.18215
+    assert configs["sdxl"][0]["transformer_layers_per_block"] == [1, 2, 10]
+    with pytest.raises(InputError, match="sd15, sd21, sdxl"):
+        load_family_configs("flux")
+
+
+def test_weight_bytes(configs):
+    w = est.weight_bytes(*configs["sd15"], dtype_bytes=2)
+    assert w["unet"] == pytest.approx(1.72e9, rel=0.01)  # 859.5M params in fp16
+    assert w["vae"] == pytest.approx(0.167e9, rel=0.01)
+    assert w["text"] == pytest.approx(0.246e9, rel=0.01)  # CLIP ViT-L/14 text model
+    wx = est.weight_bytes(*configs["sdxl"], dtype_bytes=2)
+    assert wx["unet"] == pytest.approx(5.13e9, rel=0.01) and wx["vae"] == 4 * 83_653_863
+
+
+# ---------------------------------------------------------------- the estimate
+
+# LinFusion paper, efficiency figure: SD1.5 + LinFusion, one GPU, peak memory in GB.
+PAPER_GB = {(1024, 1024): 6.6, (2048, 2048): 7.2, (4096, 4096): 15.0, (8192, 8192): 51.0,
+            (16384, 8192): 78.0}
+
+
+@pytest.mark.parametrize("size", list(PAPER_GB))
+def test_estimate_matches_the_linfusion_paper_within_30_percent(configs, size):
+    """Assumptions that fit: fp16, CFG batch 2, no offload, VAE untiled at 1024^2 and in
+    1024-px tiles above (untiled decodes of 2K+ would not fit the paper's figures)."""
+    width, height = size
+    tile = 0 if max(size) <= 1024 else 1024
+    peak = est.estimate_peak_bytes(*configs["sd15"], width=width, height=height, dtype_bytes=2,
+                                   batch=2, knobs=est.Knobs(vae_tile_px=tile))
+    assert peak / 1e9 == pytest.approx(PAPER_GB[size], rel=0.30)
+
+
+def test_each_knob_never_raises_the_estimate(configs):
+    base = est.Knobs()
+    kw = {"width": 8192, "height": 8192, "dtype_bytes": 2}
+    for field, value in [("vae_tile_px", 1024), ("ff_chunk", 4096), ("cfg_split", True),
+                         ("attn_chunk", 4096), ("inplace", True), ("skips_on_cpu", True),
+                         ("offload", "model"), ("offload", "sequential")]:
+        for family in ("sd15", "sdxl"):
+            kw = {"width": 8192, "height": 8192, "dtype_bytes": 2}
+            before = est.estimate_peak_bytes(*configs[family], knobs=base, **kw)
+            after = est.estimate_peak_bytes(
+                *configs[family], knobs=est.Knobs(**{field: value}), **kw)
+            assert after <= before, (family, field)
+
+
+def test_big_knobs_matter_where_expected(configs):
+    kw = {"width": 8192, "height": 8192, "dtype_bytes": 2}
+
+    def peak(family, **k):
+        return est.estimate_peak_bytes(*configs[family], knobs=est.Knobs(vae_tile_px=1024, **k),
+                                       **kw)
+    assert peak("sd15", cfg_split=True) < 0.6 * peak("sd15")  # activations dominate at 8K
+    assert peak("sd15", ff_chunk=4096) < 0.8 * peak("sd15")  # GEGLU (B, N, 8C) at level 0
+    # the peak is the last up block, whose own three skips must be on the device: a small gain
+    assert peak("sdxl", skips_on_cpu=True) < peak("sdxl")
+    untiled = est.estimate_peak_bytes(*configs["sd15"], knobs=est.Knobs(), **kw)
+    assert untiled > 2 * peak("sd15")  # a whole 8K image through the VAE decoder
+
+
+# ---------------------------------------------------------------- plan choice
+
+def test_smaller_budget_never_gets_a_looser_plan(configs):
+    for family in ("sd15", "sdxl"):
+        for size in (2048, 8192):
+            order = {p: i for i, p in enumerate(candidate_plans(size, size))}
+            last = -1
+            for tenth in range(1000, 30, -5):  # 100 GiB down to 3.5 GiB
+                try:
+                    plan = _plan(configs, family, size, tenth / 10)
+                except PlanError:
+                    last = len(order)
+                    continue
+                assert last < len(order), "a smaller budget fitted after a refusal"
+                assert plan.estimated_peak_gib <= tenth / 10
+                rank = order[MemoryPlan(**{**plan.to_dict(), "estimated_peak_gib": 0.0})]
+                assert rank >= last, (family, size, tenth)
+                last = rank
+
+
+def test_sensible_plans(configs):
+    roomy = _plan(configs, "sd15", 4096, 80)
+    assert roomy.offload == "none" and not roomy.cfg_split and not roomy.skips_on_cpu
+    assert _plan(configs, "sd15", 16384, 80).offload == "none"  # the published 80 GB run
+    assert _plan(configs, "sdxl", 8192, 24).offload != "sequential"
+    tight = _plan(configs, "sdxl", 4096, 8)
+    assert tight.offload != "none" or tight.cfg_split
+    with pytest.raises(PlanError, match=r"needs at least \d+\.\d GiB for 16384x16384.*--max-vram 8 "):
+        _plan(configs, "sd15", 16384, 8)
+
+
+def test_refusal_names_a_budget_that_works(configs):
+    with pytest.raises(PlanError) as info:
+        _plan(configs, "sdxl", 16384, 12)
+    needed = float(str(info.value).split("needs at least ")[1].split(" GiB")[0])
+    plan = _plan(configs, "sdxl", 16384, needed + 0.1)
+    assert plan.offload == "sequential" and plan.cfg_split and plan.inplace
+    assert plan.estimated_peak_gib <= needed + 0.1
+    assert issubclass(PlanError, InputError)
+
+
+def test_cpu_plans_never_offload(configs):
+    for gib in (4, 8, 16, 64):
+        try:
+            plan = _plan(configs, "sd15", 4096, gib, device="cpu")
+        except PlanError:
+            continue
+        assert plan.offload == "none" and not plan.skips_on_cpu
+
+
+def test_no_guidance_and_no_linfusion_drop_their_knobs(configs):
+    plans = candidate_plans(4096, 4096, guidance=False, linfusion=False)
+    assert not any(p.cfg_split or p.attn_chunk for p in plans)
+    assert all(p.vae_tile_px < 1024 for p in candidate_plans(1024, 1024) if p.vae_tile_px)
+
+
+def test_tighter_ladder_ends_at_sequential_and_never_raises_the_estimate(configs):
+    plan, steps = MemoryPlan(), []
+    while plan is not None:
+        steps.append(plan)
+        plan = plan.tighter()
+    assert steps[-1].offload == "sequential" and steps[-1].skips_on_cpu
+    peaks = [est.estimate_peak_bytes(*configs["sd15"], width=8192, height=8192, dtype_bytes=2,
+                                     knobs=p.knobs()) for p in steps]
+    assert peaks == sorted(peaks, reverse=True)
+    assert MemoryPlan(offload="sequential").tighter(device="cpu").offload == "sequential"
+    cpu_last = MemoryPlan()
+    while (nxt := cpu_last.tighter(device="cpu")) is not None:
+        cpu_last = nxt
+    assert cpu_last.offload == "none" and not cpu_last.skips_on_cpu
+
+
+def test_plan_dict_round_trip():
+    plan = MemoryPlan(offload="model", vae_tile_px=2048, ff_chunk=4096, cfg_split=True,
+                      estimated_peak_gib=11.5)
+    assert MemoryPlan(**plan.to_dict()) == plan
+
+
+def test_plan_validates_its_knobs():
+    with pytest.raises(PlanError, match="offload"):
+        MemoryPlan(offload="disk")
+    with pytest.raises(PlanError, match="ff_chunk"):
+        MemoryPlan(ff_chunk=-1)
