@@ -122,9 +122,9 @@ def architecture_configs(plan: GenerationPlan) -> tuple[dict, dict]:
     from .memory.planner import load_family_configs
 
     if plan.model == "demo" or plan.model.startswith("demo-"):
-        from .models.tiny import UNET_CONFIGS, VAE_CONFIG
+        from .models.tiny import DEMO_UNET_CONFIGS, DEMO_VAE_CONFIG
 
-        return dict(UNET_CONFIGS[plan.family]), dict(VAE_CONFIG)
+        return dict(DEMO_UNET_CONFIGS[plan.family]), dict(DEMO_VAE_CONFIG)
     folder = Path(plan.model).expanduser()
     if (folder / "unet" / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
         return (json.loads((folder / "unet" / "config.json").read_text()),
@@ -147,8 +147,9 @@ def device_budget(plan: GenerationPlan) -> tuple[str, int, int]:
         budget = int(plan.max_vram_gib * 2 ** 30)
     elif device.type == "cuda":
         budget = torch.cuda.mem_get_info(device)[0]
-    else:
-        budget = psutil.virtual_memory().available
+    else:  # host memory: leave room for what the planner does not count (full-size images,
+        # the resize, the PNG encoder): a quarter of RAM, at most what is free
+        budget = min(psutil.virtual_memory().available, psutil.virtual_memory().total // 4)
     return device.type, torch.finfo(dtype).bits // 8, budget
 
 

@@ -75,3 +75,19 @@ def test_layer_refuses_context():
     layer = LinFusionAttention(16, 2)
     with pytest.raises(ValueError):
         layer(torch.randn(1, 4, 16), encoder_hidden_states=torch.randn(1, 3, 16))
+
+
+@pytest.mark.parametrize("tokens,chunk", [(100, 7), (64, 64), (257, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_layer_equals_unchunked_layer(tokens, chunk, dtype):
+    layer = LinFusionAttention(32, 4, projection_mid_dim=8).eval()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    layer.to(dtype)
+    x = torch.randn(2, tokens, 32).to(dtype)
+    with torch.no_grad():
+        whole = layer(x)
+        layer.chunk_size = chunk
+        chunked = layer(x)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(chunked.float(), whole.float(), rtol=tol, atol=tol)

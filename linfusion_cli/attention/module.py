@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops import linear_attention, merge_heads, split_heads
+from .ops import EPS, read_out, feature_map, linear_attention, merge_heads, split_heads
 
 
 def nonlinear_projection(dim: int, mid_dim: int | None) -> nn.Sequential:
@@ -56,11 +56,39 @@ class LinFusionAttention(nn.Module):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("LinFusionAttention is self-attention: no context or mask")
         x = hidden_states
+        if self.chunk_size and x.shape[1] > self.chunk_size:
+            return self._forward_chunked(x, self.chunk_size)
         q = split_heads(self.to_q(x + self.to_q_(x)), self.heads)  # (B, h, N, d)
         k = split_heads(self.to_k(x + self.to_k_(x)), self.heads)
         v = split_heads(self.to_v(x), self.heads)
         o = linear_attention(q, k, v, chunk_size=self.chunk_size)  # (B, h, N, d)
         return self.to_out[1](self.to_out[0](merge_heads(o)))
+
+    def _forward_chunked(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Same result, O(chunk) working memory: projections and read-out run chunk by chunk.
+
+        Pass 1 folds each chunk's k and v into the fp32 state; pass 2 reads each chunk's q out.
+        x: (B, N, C) -> (B, N, C); only x and the output ever span all N tokens.
+        """
+        B, N, C = x.shape
+        d = C // self.heads
+        scale = N ** -0.5
+        kv = torch.zeros(B, self.heads, d, d, dtype=torch.float32, device=x.device)
+        k_sum = torch.zeros(B, self.heads, 1, d, dtype=torch.float32, device=x.device)
+        for start in range(0, N, chunk):
+            x_c = x[:, start:start + chunk]  # (B, c, C)
+            k_c = feature_map(split_heads(self.to_k(x_c + self.to_k_(x_c)), self.heads).float())
+            v_c = split_heads(self.to_v(x_c), self.heads).float()  # (B, h, c, d)
+            kv.add_((k_c * scale).transpose(-1, -2) @ (v_c * scale))
+            k_sum.add_(k_c.sum(dim=-2, keepdim=True))
+        k_mean = k_sum / N
+        out = torch.empty_like(x)
+        for start in range(0, N, chunk):
+            x_c = x[:, start:start + chunk]
+            q_c = split_heads(self.to_q(x_c + self.to_q_(x_c)), self.heads)  # (B, h, c, d)
+            o_c = merge_heads(read_out(q_c, kv, k_mean, EPS))
+            out[:, start:start + chunk] = self.to_out[1](self.to_out[0](o_c))
+        return out
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.heads}, projection_mid_dim={self.projection_mid_dim}"

@@ -48,14 +48,14 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     N = q.shape[-2]
     chunk = chunk_size or DEFAULT_CHUNK
     if N <= chunk:
-        return _read_out(q, kv, k_mean, eps)
+        return read_out(q, kv, k_mean, eps)
     out = torch.empty_like(q)
     for start in range(0, N, chunk):
-        out[:, :, start:start + chunk] = _read_out(q[:, :, start:start + chunk], kv, k_mean, eps)
+        out[:, :, start:start + chunk] = read_out(q[:, :, start:start + chunk], kv, k_mean, eps)
     return out
 
 
-def _read_out(q: torch.Tensor, kv: torch.Tensor, k_mean: torch.Tensor, eps: float) -> torch.Tensor:
+def read_out(q: torch.Tensor, kv: torch.Tensor, k_mean: torch.Tensor, eps: float) -> torch.Tensor:
     """o = phi(q) @ kv / (phi(q) @ k_mean^T + eps) for one chunk of queries (B, h, c, d)."""
     q_c = feature_map(q.float())  # (B, h, c, d)
     numerator = q_c @ kv  # (B, h, c, d)

@@ -111,10 +111,10 @@ def demo_folder(name: str = DEMO_PREFIX) -> Path:
     family = name.split("-", 1)[1] if "-" in name else "sd15"
     if family not in FAMILIES:
         raise InputError(f"unknown demo model {name!r}; use demo, demo-sd21 or demo-sdxl")
-    folder = cache_dir() / f"demo-{family}-v1"
+    folder = cache_dir() / f"demo-{family}-v2"
     if not (folder / "model_index.json").is_file():
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        save_tiny_pipeline(tmp, family)
+        save_tiny_pipeline(tmp, family, demo=True)
         try:
             os.replace(tmp, folder)
         except OSError:  # another process built it first

@@ -83,6 +83,14 @@ UNET_CONFIGS = {
     ),
 }
 
+# `--model demo` is smaller still, so the whole 16K path runs on a laptop CPU in minutes: the
+# same structure (two levels, cross-attention, VAE factor 8) with fewer channels.
+DEMO_UNET_CONFIGS = {
+    family: dict(config, block_out_channels=tuple(c // 2 for c in config["block_out_channels"]))
+    for family, config in UNET_CONFIGS.items()
+}
+DEMO_VAE_CONFIG = dict(VAE_CONFIG, block_out_channels=(8, 16, 16, 16), norm_num_groups=4)
+
 SCHEDULER_CONFIG = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
     set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000,
@@ -100,7 +108,8 @@ def _text_config(projection: bool = False):
     )
 
 
-def build_tiny_pipeline(family: str = "sd15", seed: int = 0, *, tokenizer_dir: Path | None = None):
+def build_tiny_pipeline(family: str = "sd15", seed: int = 0, *, demo: bool = False,
+                        tokenizer_dir: Path | None = None):
     """A tiny random diffusers pipeline of `family`, identical for the same seed."""
     import tempfile
 
@@ -111,9 +120,9 @@ def build_tiny_pipeline(family: str = "sd15", seed: int = 0, *, tokenizer_dir: P
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(FAMILIES)}")
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**UNET_CONFIGS[family])
+    unet = UNet2DConditionModel(**(DEMO_UNET_CONFIGS if demo else UNET_CONFIGS)[family])
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**VAE_CONFIG)
+    vae = AutoencoderKL(**(DEMO_VAE_CONFIG if demo else VAE_CONFIG))
     prediction = "v_prediction" if family == "sd21" else "epsilon"
     scheduler = DDIMScheduler(**SCHEDULER_CONFIG, prediction_type=prediction)
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,8 +145,8 @@ def build_tiny_pipeline(family: str = "sd15", seed: int = 0, *, tokenizer_dir: P
             force_zeros_for_empty_prompt=True)
 
 
-def save_tiny_pipeline(folder: Path, family: str = "sd15", seed: int = 0) -> Path:
+def save_tiny_pipeline(folder: Path, family: str = "sd15", seed: int = 0, *, demo: bool = False) -> Path:
     """Build a tiny pipeline and save it in the diffusers folder layout (`save_pretrained`)."""
     folder = Path(folder)
-    build_tiny_pipeline(family, seed).save_pretrained(folder, safe_serialization=True)
+    build_tiny_pipeline(family, seed, demo=demo).save_pretrained(folder, safe_serialization=True)
     return folder

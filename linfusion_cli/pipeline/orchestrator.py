@@ -47,7 +47,7 @@ def _run_stage(ctx: StageContext, stage: Stage, previous: np.ndarray | None) -> 
         except torch.OutOfMemoryError as exc:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            tighter = next_tighter(stage.memory) if attempt == 0 else None
+            tighter = next_tighter(stage.memory, device.type) if attempt == 0 else None
             if tighter is None:
                 raise OutOfMemoryError(
                     f"stage {stage.index + 1} ({stage.width}x{stage.height}) ran out of device "

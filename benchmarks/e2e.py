@@ -1,0 +1,124 @@
+"""The whole product path on this machine: `generate --model demo` at a large size, timed by piece.
+
+Prints per stage: wall time, peak RSS, and where the time goes (UNet, VAE encode, VAE decode,
+resize, file encoding). Usage:
+    python benchmarks/e2e.py --width 16384 --height 8192 --steps 20 [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+class RssSampler(threading.Thread):
+    """Peak resident memory, sampled every 50 ms; reset at each stage."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.proc, self.peak, self.overall, self.stop = psutil.Process(), 0, 0, False
+
+    def run(self):
+        while not self.stop:
+            rss = self.proc.memory_info().rss
+            self.peak, self.overall = max(self.peak, rss), max(self.overall, rss)
+            time.sleep(0.05)
+
+
+class Timers:
+    """Seconds spent in each piece, per stage."""
+
+    def __init__(self):
+        self.stage = 0
+        self.seconds = collections.defaultdict(float)
+
+    @contextlib.contextmanager
+    def piece(self, name):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[(self.stage, name)] += time.perf_counter() - start
+
+    def wrap(self, module, attr, name):
+        original = getattr(module, attr)
+
+        def timed(*args, **kwargs):
+            with self.piece(name):
+                return original(*args, **kwargs)
+
+        setattr(module, attr, timed)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--width", type=int, default=16384)
+    ap.add_argument("--height", type=int, default=8192)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    from linfusion_cli import output, runner
+    from linfusion_cli.cli.common import load
+    from linfusion_cli.pipeline import StageFinished, StageStarted, stages
+
+    timers, sampler = Timers(), RssSampler()
+    sampler.start()
+    timers.wrap(stages.tiled_vae, "encode", "vae_encode")
+    timers.wrap(stages.tiled_vae, "decode", "vae_decode")
+    timers.wrap(stages, "resize", "resize")
+    timers.wrap(output, "save_image", "file")
+    t0 = time.perf_counter()
+    plan = runner.plan_memory(runner.make_plan(runner.Request(
+        prompt="a lighthouse at dusk", model="demo", width=args.width, height=args.height,
+        steps=args.steps, seed=args.seed, save_stages=False)))
+    model = load(plan, verbose=False, quiet=True)
+    unet = model.pipe.unet
+    unet.register_forward_pre_hook(lambda m, a: setattr(timers, "_u", time.perf_counter()))
+    unet.register_forward_hook(lambda m, a, o: timers.seconds.__setitem__(
+        (timers.stage, "unet"), timers.seconds[(timers.stage, "unet")] + time.perf_counter() - timers._u))
+    rows = []
+
+    def on_event(event):
+        if isinstance(event, StageStarted):
+            timers.stage, sampler.peak = event.stage, psutil.Process().memory_info().rss
+            timers.started = time.perf_counter()
+        elif isinstance(event, StageFinished):
+            rows.append((event.stage, time.perf_counter() - timers.started, sampler.peak))
+
+    out_dir = Path(args.out or tempfile.mkdtemp())
+    path = out_dir / f"e2e-{args.width}x{args.height}.png"
+    for s in plan.stages:
+        m = s.memory
+        print(f"stage {s.index + 1}: {s.width}x{s.height} strength {s.strength} steps {s.denoise_steps} "
+              f"plan: tile {m.vae_tile_px}, cfg_split {m.cfg_split}, ff_chunk {m.ff_chunk}, "
+              f"est {m.estimated_peak_gib:.2f} GiB", flush=True)
+    timers.stage = len(plan.stages)  # file encoding is counted after the last stage
+    result = runner.generate_file(plan, model, path=path, fmt="png", overwrite=True, on_event=on_event)
+    total = time.perf_counter() - t0
+    sampler.stop = True
+    pieces = ["unet", "vae_encode", "vae_decode", "resize"]
+    print(f"{'stage':>5} {'size':>12} {'wall s':>8} {'peak RSS GiB':>12} " + " ".join(f"{p:>10}" for p in pieces))
+    for index, seconds, peak in rows:
+        s = plan.stages[index]
+        print(f"{index + 1:>5} {s.width:>5}x{s.height:<6} {seconds:>8.1f} {peak / 2**30:>12.2f} "
+              + " ".join(f"{timers.seconds[(index, p)]:>10.1f}" for p in pieces), flush=True)
+    file_s = sum(v for (st, p), v in timers.seconds.items() if p == "file")
+    print(f"file encoding (PNG level 1): {file_s:.1f} s; total wall {total:.1f} s; "
+          f"overall peak RSS {sampler.overall / 2**30:.2f} GiB; output {result['path']} "
+          f"({path.stat().st_size / 2**20:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
