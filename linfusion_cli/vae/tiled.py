@@ -17,11 +17,13 @@ Modes (`mode=`):
   once; var = E[x^2] - E[x]^2 in float64) and every tile normalises with the result. Tiles
   park their activations on the CPU while paused, so host memory ~ the largest activation of the
   tiled path over the whole image (plus padding). Measured (benchmarks/vae_tiling.py, SD VAE
-  architecture, fp32 CPU): max error 0-1 uint8 level, PSNR > 60 dB vs untiled, seam score equal to
-  the untiled image's.
+  architecture, random weights, fp32 CPU, 384 and 512 px, 256 px tiles): PSNR ~90 dB vs
+  untiled, max error 1 uint8 level, seam score identical to the untiled image's.
 - "estimated": stats recorded once from an untiled pass over a downscaled latent/image (long
   side `stats_px` latent px, default 128); tiles then run one by one with those fixed stats, flat
-  memory. Measured roughly 25-35 dB vs untiled (depends on how much detail the downscale loses).
+  memory (one tile's working set). Measured 32-37 dB, max error 43-63 levels, seam score within
+  2% of the untiled image's (stats from a 32 latent px pass, 1.5-2x downscale); ~29 dB reported
+  by the team for a 64 px pass. Per-tile stats (naive) measured 22-26 dB with visible seams.
 - None (default): "exact" when its working set fits the host budget (half of psutil's available
   memory, or `host_budget`), else "estimated".
 
