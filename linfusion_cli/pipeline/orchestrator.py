@@ -35,6 +35,12 @@ def _peak_gib(device: torch.device) -> float | None:
     return None
 
 
+def _vae_notes(notes: dict) -> dict:
+    """The VAE's own report (mode, tiles, attention), JSON-safe, for the run record."""
+    return {part: {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool, type(None)))}
+            for part, info in notes.items()}
+
+
 def _run_stage(ctx: StageContext, stage: Stage, previous: np.ndarray | None) -> tuple[np.ndarray, Stage]:
     """One stage under its memory plan; on CUDA out-of-memory, once more with a tighter plan."""
     device = ctx.model.device
@@ -73,7 +79,8 @@ def run_plan(plan: GenerationPlan, model, *, on_event: EventHandler = ignore,
         start = time.perf_counter()
         image, ran = _run_stage(ctx, stage, image)
         seconds = time.perf_counter() - start
-        stage_record = ran.to_dict() | {"seconds": round(seconds, 3), "peak_gib": _peak_gib(model.device)}
+        stage_record = ran.to_dict() | {"seconds": round(seconds, 3), "peak_gib": _peak_gib(model.device),
+                                        "vae": _vae_notes(ctx.notes.get(stage.index, {}))}
         done.append(stage_record)
         on_event(StageFinished(stage.index, len(plan.stages), seconds, stage_record["peak_gib"], image,
                                run_record(plan, model, done)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -23,6 +23,7 @@ class StageContext:
     on_event: EventHandler
     txt2img: object = None  # diffusers pipelines sharing one set of components
     img2img: object = None
+    notes: dict = field(default_factory=dict)  # stage index -> what the VAE did (mode, tiles)
 
     def __post_init__(self):
         from diffusers import AutoPipelineForImage2Image
@@ -58,8 +59,9 @@ def _tile_px(ctx: StageContext, stage: Stage) -> int | None:
 def _decode(ctx: StageContext, stage: Stage, latents: torch.Tensor) -> np.ndarray:
     """latents (1, 4, h, w) -> uint8 (8h, 8w, 3), tiled as planned."""
     progress = lambda done, total: ctx.on_event(PhaseProgress(stage.index, "decode", done, total))  # noqa: E731
+    info = ctx.notes.setdefault(stage.index, {}).setdefault("decode", {})
     return tiled_vae.decode(ctx.model.pipe.vae, latents.to(ctx.model.vae_dtype),
-                            tile_px=_tile_px(ctx, stage), on_tile=progress)
+                            tile_px=_tile_px(ctx, stage), on_tile=progress, info=info)
 
 
 def text_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None) -> np.ndarray:
@@ -79,8 +81,9 @@ def image_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None)
     upscaled = resize(previous, stage.width, stage.height)
     generator = _generator(stage.seed)  # one generator: VAE sample first, then the noise
     progress = lambda done, total: ctx.on_event(PhaseProgress(stage.index, "encode", done, total))  # noqa: E731
+    info = ctx.notes.setdefault(stage.index, {}).setdefault("encode", {})
     latents = tiled_vae.encode(ctx.model.pipe.vae, upscaled, tile_px=_tile_px(ctx, stage),
-                               generator=generator, on_tile=progress)
+                               generator=generator, on_tile=progress, info=info)
     del upscaled
     latents = latents.to(device=ctx.model.device, dtype=ctx.model.dtype)
     out = ctx.img2img(image=latents, strength=stage.strength, generator=generator,
