@@ -134,17 +134,57 @@ def _from_pretrained(source: str, dtype: torch.dtype):
         return DiffusionPipeline.from_pretrained(source, **kwargs)
 
 
-def _from_single_file(path: Path, dtype: torch.dtype, config: str | None):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from safetensors import safe_open
+# diffusers' default config repo per single-file kind (DIFFUSERS_DEFAULT_PIPELINE_PATHS)
+_SINGLE_FILE_BASES = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+                      "sd21": "stabilityai/stable-diffusion-2-1",
+                      "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 
-    with safe_open(str(path), "pt") as f:
-        is_xl = any(k.startswith("conditioner.embedders.1") for k in f.keys())
-    cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+
+def _single_file_keys(path: Path, allow_pickle: bool) -> dict:
+    """{key: shape} of a single-file checkpoint; an unreadable file is an InputError."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        if not allow_pickle:  # open_pipeline refuses these first; never unpickle by accident
+            raise InputError(f"{path.name}: single-file models must be .safetensors")
+        from diffusers.loaders.single_file_utils import load_single_file_checkpoint
+
+        checkpoint = load_single_file_checkpoint(str(path))  # torch.load(weights_only=True)
+        return {k: tuple(getattr(v, "shape", ())) for k, v in checkpoint.items()}
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- SafetensorError, UnpicklingError, zipfile errors
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path.name} is not a readable checkpoint: {why}") from None
+
+
+def _single_file_family(keys: dict) -> str:
+    if any(k.startswith("conditioner.embedders.1") for k in keys):
+        return "sdxl"
+    v2 = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
+    return "sd21" if keys.get(v2, (0,))[-1] == 1024 else "sd15"
+
+
+def _from_single_file(path: Path, dtype: torch.dtype, config: str | None, allow_pickle: bool = False):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    family = _single_file_family(_single_file_keys(path, allow_pickle))
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     kwargs = {"torch_dtype": dtype}
     if config:
         kwargs["config"] = config
-    return cls.from_single_file(str(path), **kwargs)
+    try:
+        return cls.from_single_file(str(path), **kwargs)
+    except (OSError, ValueError) as exc:
+        if config:
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelNotFoundError(f"could not load {path.name} with the configs of {config}: "
+                                     f"{why}") from exc
+        exc.base_repo = _SINGLE_FILE_BASES[family]  # named in open_pipeline's message
+        raise
 
 
 def quiet_libraries(verbose: bool = False) -> None:
@@ -182,7 +222,7 @@ def open_pipeline(model: str, dtype: torch.dtype, *, allow_pickle: bool = False,
                                  "loaded; convert it to .safetensors or pass --allow-pickle")
             if path.suffix != ".safetensors" and not allow_pickle:
                 raise InputError(f"{path.name}: single-file models must be .safetensors")
-            return _from_single_file(path, dtype, config)
+            return _from_single_file(path, dtype, config, allow_pickle)
         if model.startswith((".", "/", "~")) or model.endswith((".safetensors", ".ckpt")) \
                 or model.count("/") != 1:
             raise ModelNotFoundError(f"model not found: {model} (not a folder, file or hub id)")
@@ -192,11 +232,16 @@ def open_pipeline(model: str, dtype: torch.dtype, *, allow_pickle: bool = False,
     except (OSError, ValueError, EnvironmentError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         why = "offline mode (HF_HUB_OFFLINE=1)" if offline else "it could not be downloaded"
-        what = "config for this single file" if path.is_file() else f"model {model}"
+        if path.is_file():
+            base = getattr(exc, "base_repo", None) or "<base repo>"
+            raise ModelNotFoundError(
+                f"{path.name} is a single file without its diffusers configs (architecture, "
+                f"tokenizer, scheduler of {base}), which are not in the local cache and {why}; run "
+                f"`huggingface-cli download {base} --include '*.json' '*.txt'` on a connected "
+                "machine, or pass a local diffusers folder of the same family as config") from exc
         raise ModelNotFoundError(
-            f"the {what} is not in the local cache and {why}; run `huggingface-cli download "
-            f"{model if not path.is_file() else '<base repo>'}` on a connected machine, or pass a "
-            "local diffusers folder with --model") from exc
+            f"model {model} is not in the local cache and {why}; run `huggingface-cli download "
+            f"{model}` on a connected machine, or pass a local diffusers folder with --model") from exc
 
 
 def set_scheduler(pipe, name: str) -> None:
