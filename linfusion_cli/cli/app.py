@@ -40,8 +40,10 @@ def run(argv: list[str] | None = None) -> int:
                             ("DIFFUSERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
             os.environ.setdefault(name, value)
     try:
-        app(args=argv, prog_name="linfusion", standalone_mode=False)
-        return 0
+        code = app(args=argv, prog_name="linfusion", standalone_mode=False)
+        if code == 130:  # typer >= 0.2x turns Ctrl-C into Exit(130) and returns it here
+            error("interrupted")
+        return code if isinstance(code, int) else 0
     except _EXITS as exc:
         return exc.exit_code
     except click.ClickException as exc:  # usage errors: unknown option, missing argument

@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from .. import runner
+from ..errors import InputError
+from ..presets import SCHEDULERS
 from . import common
 from .options import (AllowPickle, Aspect, Device, DryRun, Dtype, Format, Guidance, Height, Json,
                       Linfusion, MaxVram, Model, Negative, NoLinfusion, Output, Overwrite, PresetOpt,
@@ -18,6 +20,8 @@ def request_from_options(prompt, *, preset, res, aspect, width, height, model, l
                          seed, steps, guidance, negative, strengths, scheduler, max_vram, vae_tile,
                          save_stages, device, dtype, init_image=None, init_size=None) -> runner.Request:
     """The flags every generating command shares, as one Request."""
+    if scheduler is not None and scheduler not in SCHEDULERS:  # before any weights load
+        raise InputError(f"unknown scheduler {scheduler!r}; use {', '.join(SCHEDULERS)}")
     return runner.Request(
         prompt=prompt, preset=preset, res=res, aspect=aspect, width=width, height=height, model=model,
         linfusion=linfusion, no_linfusion=no_linfusion, seed=seed, steps=steps, guidance=guidance,

@@ -1,0 +1,145 @@
+"""Shared helpers for the CLI tests: environment, in-process and subprocess runs of `linfusion`.
+
+Every run uses `--model demo` (a tiny random pipeline built once per test session into a shared
+LINFUSION_CACHE) with HF_HUB_OFFLINE=1, so nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# A user preset that makes several stages cheap: native 64 px base, then x2 stages.
+TINY_PRESET = """\
+description: tiny test ladder (demo model, 64 px base)
+model: demo
+native: 64
+steps: 2
+guidance: 7.5
+scheduler: ddim
+strengths: [0.5]
+"""
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def err_lines(self) -> list[str]:
+        return [line for line in self.err.splitlines() if line.strip()]
+
+    @property
+    def out_lines(self) -> list[str]:
+        return [line for line in self.out.splitlines() if line.strip()]
+
+
+def scripts_dir() -> Path:
+    """Where pip put the `linfusion` console script for this interpreter."""
+    return Path(sysconfig.get_path("scripts"))
+
+
+@pytest.fixture(scope="session")
+def cli_cache(tmp_path_factory) -> Path:
+    """One demo-model cache for the whole session (the same folder from every test module)."""
+    folder = tmp_path_factory.getbasetemp() / "linfusion-cache"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def cli_env(cli_cache, tmp_path, monkeypatch) -> dict:
+    """cwd = a fresh tmp dir, shared cache, offline hub, an empty user config dir.
+
+    Returns the environment for subprocesses (with the console script first on PATH).
+    """
+    config = tmp_path / "config"
+    (config / "presets").mkdir(parents=True)
+    monkeypatch.setenv("LINFUSION_CACHE", str(cli_cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LINFUSION_CONFIG_DIR", str(config))
+    monkeypatch.chdir(tmp_path)
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(scripts_dir()), str(Path(sys.executable).parent),
+                                   env.get("PATH", "")])
+    env.pop("PYTHONWARNINGS", None)
+    return env
+
+
+@pytest.fixture
+def cli(cli_env, capsys, monkeypatch):
+    """Run `linfusion ARGS` in-process through `run(argv)`; returns a Result."""
+    from linfusion_cli.cli.app import run
+
+    def invoke(*args: str, stdin: str | None = None) -> Result:
+        capsys.readouterr()  # drop anything printed before
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        code = run([str(a) for a in args])
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return invoke
+
+
+def run_subprocess(args: list[str], env: dict, *, input: bytes | str | None = None,
+                   cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """A subprocess with bytes stdout/stderr."""
+    if isinstance(input, str):
+        input = input.encode()
+    return subprocess.run(args, env=env, input=input, cwd=cwd, capture_output=True, timeout=timeout,
+                          check=False, stdin=None if input is not None else subprocess.DEVNULL)
+
+
+def files_under(folder: Path) -> list[Path]:
+    """Every file below folder (hidden ones included); [] when the folder does not exist."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file()) if Path(folder).exists() else []
+
+
+def write_preset(path: Path, text: str = TINY_PRESET) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def pixels(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def parameters_fields(parameters: str) -> dict[str, str]:
+    """The `k: v, ...` line of an A1111 `parameters` text as a dict (JSON-quoted values unquoted)."""
+    import json
+
+    parts, buf, in_quotes, escaped = [], "", False, False
+    for ch in parameters.splitlines()[-1]:
+        if in_quotes:
+            escaped, in_quotes = (False, True) if escaped else (ch == "\\", ch != '"')
+            buf += ch
+        elif ch == ",":
+            parts.append(buf)
+            buf = ""
+        else:
+            in_quotes = ch == '"'
+            buf += ch
+    parts.append(buf)
+    fields = {}
+    for part in parts:
+        key, _, value = part.strip().partition(": ")
+        fields[key] = json.loads(value) if value.startswith('"') else value
+    return fields
