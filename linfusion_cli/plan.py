@@ -164,9 +164,9 @@ def build_plan(*, prompt: str, width: int, height: int, native: int, strengths: 
     stages = tuple(Stage(i, w, h, st, steps, seed + i, guidance, scheduler)
                    for i, ((w, h), st) in enumerate(zip(sizes, kinds)))
     for stage in stages:
-        check_size(stage.width, stage.height, f"stage {stage.index}")
+        check_size(stage.width, stage.height, f"stage {stage.index + 1}")
         if stage.denoise_steps < 1:
-            raise PlanError(f"stage {stage.index}: {steps} steps x strength {stage.strength} "
+            raise PlanError(f"stage {stage.index + 1}: {steps} steps x strength {stage.strength} "
                             "runs no denoising step; raise --steps or the strength")
     return GenerationPlan(prompt=prompt, negative=negative, model=model, family=family,
                           linfusion=linfusion, seed=seed, stages=stages, **options)

@@ -18,7 +18,7 @@ from ..prompts import read_prompt_file
 from . import common
 from .console import info
 from .generate import request_from_options
-from .options import (AllowPickle, Aspect, Device, DryRun, Dtype, Format, Guidance, Height, Json,
+from .options import (AllowPickle, Aspect, ModelConfig, Device, DryRun, Dtype, Format, Guidance, Height, Json,
                       Linfusion, MaxVram, Model, Negative, NoLinfusion, Overwrite, PresetOpt, Quiet,
                       Res, SaveStages, Scheduler, Seed, Steps, Strengths, Template, VaeTile, Verbose,
                       Width)
@@ -67,7 +67,7 @@ def batch(
     negative: Negative = None, strengths: Strengths = None, scheduler: Scheduler = None,
     max_vram: MaxVram = None, vae_tile: VaeTile = None, save_stages: SaveStages = False,
     format: Format = None, overwrite: Overwrite = False, json: Json = False, dry_run: DryRun = False,
-    device: Device = None, dtype: Dtype = None, allow_pickle: AllowPickle = False,
+    device: Device = None, dtype: Dtype = None, allow_pickle: AllowPickle = False, config: ModelConfig = None,
     quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Generate every prompt of a file; the whole file is checked before anything runs."""
@@ -110,7 +110,7 @@ def batch(
             print(jsonlib.dumps({"path": str(path), "skipped": True}) if json else str(path), flush=True)
             continue
         if loaded is None:  # one model load serves every entry
-            loaded = common.load(plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle)
+            loaded = common.load(plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle, config=config)
         info(f"[{k}/{len(jobs)}] {plan.prompt[:60]}", quiet=quiet)
         common.run_one(plan, loaded, path=path, fmt=fmt, overwrite=overwrite or resume, as_json=json,
                        quiet=quiet, verbose=verbose)

@@ -35,15 +35,14 @@ def print_dry_run(plan, *, as_json: bool) -> None:
               f"seed {s.seed}, {memory_line(s)}")
 
 
-def load(plan, *, verbose: bool, quiet: bool, allow_pickle: bool = False):
+def load(plan, *, verbose: bool, quiet: bool, allow_pickle: bool = False, config: str | None = None):
+    """The model for a plan (memory knobs are applied per stage later, not here)."""
     from ..models.loading import load_model
 
     info(f"loading {plan.model} ...", quiet=quiet)
-    chunk = max((s.memory.attn_chunk for s in plan.stages if s.memory is not None), default=0)
-    linfusion = plan.linfusion
-    return load_model(plan.model, dtype=plan.dtype, device=plan.device, linfusion=linfusion,
-                      scheduler=plan.stages[0].scheduler, allow_pickle=allow_pickle,
-                      attn_chunk=chunk or None, verbose=verbose)
+    return load_model(plan.model, dtype=plan.dtype, device=plan.device, linfusion=plan.linfusion,
+                      scheduler=plan.stages[0].scheduler, allow_pickle=allow_pickle, config=config,
+                      verbose=verbose)
 
 
 def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_image=None) -> dict:

@@ -10,7 +10,7 @@ from .. import runner
 from ..errors import InputError
 from ..presets import SCHEDULERS
 from . import common
-from .options import (AllowPickle, Aspect, Device, DryRun, Dtype, Format, Guidance, Height, Json,
+from .options import (AllowPickle, Aspect, ModelConfig, Device, DryRun, Dtype, Format, Guidance, Height, Json,
                       Linfusion, MaxVram, Model, Negative, NoLinfusion, Output, Overwrite, PresetOpt,
                       Quiet, Res, SaveStages, Scheduler, Seed, Steps, Strengths, VaeTile, Verbose,
                       Width, parse_strengths)
@@ -39,7 +39,7 @@ def generate(
     max_vram: MaxVram = None, vae_tile: VaeTile = None, save_stages: SaveStages = False,
     output: Output = None, format: Format = None, overwrite: Overwrite = False, json: Json = False,
     dry_run: DryRun = False, device: Device = None, dtype: Dtype = None,
-    allow_pickle: AllowPickle = False, quiet: Quiet = False, verbose: Verbose = False,
+    allow_pickle: AllowPickle = False, config: ModelConfig = None, quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Generate an image: a base at the model's native size, then x2 img2img stages to --res."""
     text = common.read_prompt_argument(prompt)
@@ -54,6 +54,6 @@ def generate(
         return
     common.not_both_json_and_stdout(output, json)
     path, fmt = common.resolve_target(output, plan=plan, fmt=format, overwrite=overwrite)
-    loaded = common.load(plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle)
+    loaded = common.load(plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle, config=config)
     common.run_one(plan, loaded, path=path, fmt=fmt, overwrite=overwrite, as_json=json,
                    quiet=quiet, verbose=verbose)

@@ -34,6 +34,7 @@ DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan and memo
 Device = Annotated[Optional[str], typer.Option("--device", help="auto, cuda, cuda:N, mps or cpu.")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="auto, fp16, bf16 or fp32.")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Allow loading .ckpt pickle checkpoints (can run code).")]
+ModelConfig = Annotated[Optional[str], typer.Option("--config", help="Local diffusers folder giving configs and tokenizer for a single-file --model (offline).")]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No progress or messages on stderr.")]
 Verbose = Annotated[bool, typer.Option("-v", "--verbose", help="More detail; progress even when stderr is not a terminal.")]
 Template = Annotated[Optional[str], typer.Option("--name", help="File name template: {index} {seed} {slug} {width} {height} {ext}.")]

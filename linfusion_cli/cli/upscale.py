@@ -11,7 +11,7 @@ from .. import runner
 from ..output import open_image
 from . import common
 from .generate import request_from_options
-from .options import (AllowPickle, Aspect, Device, DryRun, Dtype, Format, Guidance, Height, Json,
+from .options import (AllowPickle, Aspect, ModelConfig, Device, DryRun, Dtype, Format, Guidance, Height, Json,
                       Linfusion, MaxVram, Model, Negative, NoLinfusion, Output, Overwrite, PresetOpt,
                       Quiet, Res, SaveStages, Scheduler, Seed, Steps, Strengths, VaeTile, Verbose,
                       Width)
@@ -27,7 +27,7 @@ def upscale(
     max_vram: MaxVram = None, vae_tile: VaeTile = None, save_stages: SaveStages = False,
     output: Output = None, format: Format = None, overwrite: Overwrite = False, json: Json = False,
     dry_run: DryRun = False, device: Device = None, dtype: Dtype = None,
-    allow_pickle: AllowPickle = False, quiet: Quiet = False, verbose: Verbose = False,
+    allow_pickle: AllowPickle = False, config: ModelConfig = None, quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Upscale an existing image by x2 img2img stages to --res (keeps its aspect by default)."""
     picture = open_image(image)
@@ -44,6 +44,6 @@ def upscale(
         return
     common.not_both_json_and_stdout(output, json)
     path, fmt = common.resolve_target(output, plan=plan, fmt=format, overwrite=overwrite)
-    loaded = common.load(plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle)
+    loaded = common.load(plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle, config=config)
     common.run_one(plan, loaded, path=path, fmt=fmt, overwrite=overwrite, as_json=json, quiet=quiet,
                    verbose=verbose, init_image=np.asarray(picture))

@@ -107,29 +107,79 @@ def vae_dtype_bytes(vae_config: dict, dtype_bytes: int) -> int:
 
 # ---------------------------------------------------------------- working sets (channels/token)
 
+class _Peak:
+    """Running maximum of named terms (element counts per batch item) and where it happened."""
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.where = ""
+        self.terms: dict[str, float] = {}
+
+    def at(self, where: str, terms: dict[str, float]) -> None:
+        total = sum(terms.values())
+        if total > self.value:
+            self.value, self.where, self.terms = total, where, dict(terms)
+
+
 def _resnet(cin: int, cout: int, inplace: bool) -> int:
     """Peak of a ResnetBlock2D including its input (held by the caller), channels/token.
 
-    Moments: norm1 + SiLU (3 cin, 2 in place); conv1 (input, SiLU out, conv out); norm2 + SiLU;
-    the residual sum and its division by output_scale_factor (shortcut, conv2, sum, quotient).
+    Moments (diffusers ResnetBlock2D.forward): norm1 + SiLU (3 cin, 2 in place); conv1 (input,
+    SiLU out, conv out); + temb, norm2, SiLU, conv2 (input + 2 cout; 1 cout less for an in-place
+    SiLU, which never sets the peak); the shortcut conv, the residual sum and its division by
+    output_scale_factor (input, shortcut, conv2, sum, quotient: cin + 4 cout; 3 without shortcut).
     """
     act1 = max(2 * cin + (0 if inplace else cin), 2 * cin + cout)
-    act2 = cin + 2 * cout + (0 if inplace else cout)
+    act2 = cin + 2 * cout
     out = cin + (4 if cin != cout else 3) * cout
     return max(act1, act2, out)
 
 
+def _linfusion_chunked(k: Knobs, n: int) -> bool:
+    """Whether LinFusion runs its projections chunk by chunk (module.py _forward_chunked)."""
+    return bool(k.attn_chunk) and n > k.attn_chunk
+
+
+def _transformer_phases(c: int, n: int, k: Knobs, linfusion: bool, bytes_: int,
+                        mid: int | None) -> dict[str, dict[str, float]]:
+    """Moments of a Transformer2DModel beyond its input x (which the caller holds), channels/token.
+
+    Walks diffusers' Transformer2DModel and BasicTransformerBlock: the block input h is held by
+    Transformer2D while the block runs, `norm_hidden_states` and `attn_output` stay referenced
+    until rebound, and each residual sum makes a new tensor. Stacked layers run one at a time.
+    """
+    frac = lambda chunk: min(n, chunk) / n  # noqa: E731  share of the tokens in one chunk
+    if linfusion and _linfusion_chunked(k, n):
+        # _forward_chunked: only the output spans N; per chunk the two MLPs (3 m), x + f(x),
+        # the projection, and fp32 copies (feature map, scaled k/v or numerator/quotient)
+        m = mid or c
+        temps = (3 * m + 3 * c + 4 * c * 4 / bytes_) * frac(k.attn_chunk)
+        attn1 = {"attn1 output": c, "attn1 chunk temps": temps}
+    elif linfusion:  # full q, k, v, attention output, merged heads, W_o out + fp32 op chunks
+        m = mid or c
+        temps = 4 * c * frac(k.attn_chunk or LINFUSION_DEFAULT_CHUNK) * 4 / bytes_
+        attn1 = {"attn1 q/k/v/o/merge/out": max(6 * c, 3 * c + 2 * m), "attn1 chunk temps": temps}
+    else:  # SDPA memory-efficient/flash: q, k, v, output, reshape copy (no N x N tensor)
+        attn1 = {"attn1 q/k/v/o/out (SDPA)": 5 * c}
+    if k.ff_chunk and n > k.ff_chunk:  # the chunk outputs and their concatenation
+        ff = {"ff chunk outputs + cat": 2 * c, "ff GEGLU chunk": 16 * c * frac(k.ff_chunk)}
+    else:  # GEGLU: projection 8C, GELU(gate) 4C, product 4C
+        ff = {"ff GEGLU (proj 8C, gelu 4C, prod 4C)": 16 * c}
+    h = {"block input h": c}
+    return {
+        "proj_in/out": {"proj in/out temps": 2 * c},
+        "attn1": {**h, "norm1": c, **attn1},
+        "norm2": {**h, "norm1": c, "attn1 out": c, "h + attn1": c, "norm2": c},
+        "attn2": {**h, "attn1 out": c, "h + attn1": c, "norm2": c, "attn2 q/sdpa/out": 3 * c},
+        "ff": {**h, "attn2 out": c, "h + attn2": c, "norm3": c, **ff},
+        "ff residual": {**h, "attn2 out": c, "h + attn2": c, "norm3": c, "ff out": c, "sum": c},
+    }
+
+
 def _transformer(c: int, n: int, k: Knobs, linfusion: bool, bytes_: int, mid: int | None) -> float:
     """Peak of a Transformer2DModel beyond its input (which the caller holds), channels/token."""
-    chunk = k.attn_chunk or LINFUSION_DEFAULT_CHUNK
-    if linfusion:  # 6C of tensors + fp32 chunk temporaries (k_c, v_c, q_c, numerator), 4 bytes each
-        m = mid or c
-        self_attn = max(6 * c, 3 * c + 2 * m) + 4 * c * min(n, chunk) / n * 4 / bytes_
-    else:
-        self_attn = 5 * c
-    ff = 16 * c if not k.ff_chunk else 2 * c + 16 * c * min(n, k.ff_chunk) / n
-    block = c + c + max(self_attn, 3 * c, ff)  # x, norm out, the largest sub-layer
-    return c + max(block, 2 * c)  # the inner hidden (B, N, C), proj_in/proj_out temporaries
+    return max(sum(t.values()) for t in
+               _transformer_phases(c, n, k, linfusion, bytes_, mid).values())
 
 
 def _levels(h: int, w: int, depth: int) -> list[int]:
@@ -141,63 +191,109 @@ def _levels(h: int, w: int, depth: int) -> list[int]:
     return out
 
 
-def unet_activation_bytes(cfg: dict, *, latent_h: int, latent_w: int, batch: int,
-                          dtype_bytes: int, knobs: Knobs, linfusion: bool = True,
-                          mid_dim: int | None = None) -> int:
-    """Peak activation bytes of one UNet forward, walking the down, mid and up paths."""
+def _walk_unet(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfusion: bool,
+               dtype_bytes: int, mid_dim: int | None) -> _Peak:
+    """The UNet forward's peak per batch item, as named element counts (see unet_breakdown).
+
+    What diffusers' UNet2DConditionModel.forward keeps alive: every skip until its up block
+    returns (on the CPU with skips_on_cpu, except the device copy of the down block's input and
+    its outputs until the block returns); during an up block, the block input (the caller's
+    `sample`), the skip tuple (the caller's `res_samples`), the skip being consumed (a local
+    until the next one replaces it; with skips_on_cpu the only skip on the device), and
+    torch.cat([h, skip]) as the resnet input.
+    """
+    k = knobs
     chans = list(cfg["block_out_channels"])
     depth = len(chans)
     n_tok = _levels(latent_h, latent_w, depth)
     layers = cfg.get("layers_per_block", 2)
     down_types, up_types = cfg["down_block_types"], cfg["up_block_types"]
-    b = 1 if knobs.cfg_split else batch
+    peak = _Peak()
 
-    def tr(c, lvl):
-        return _transformer(c, n_tok[lvl], knobs, linfusion, dtype_bytes, mid_dim) * n_tok[lvl]
+    def resnet(where, held, cin, cout, lvl, input_held=True):
+        extra = _resnet(cin, cout, k.inplace) - (cin if input_held else 0)
+        peak.at(where, {**held, f"resnet {cin}->{cout} working": extra * n_tok[lvl]})
 
-    peak = 0.0
-    skips: list[float] = [chans[0] * n_tok[0]]  # conv_in output, (element count per batch item)
-    # down path: held = skips so far (or only this block's on the device when skips_on_cpu)
+    def transformer(where, held, c, lvl):
+        n = n_tok[lvl]
+        for phase, terms in _transformer_phases(c, n, k, linfusion, dtype_bytes, mid_dim).items():
+            peak.at(f"{where} {phase}", {**held, "transformer input x": c * n,
+                                         **{t: v * n for t, v in terms.items()}})
+
+    skips: list[tuple[str, float]] = [("skip conv_in", chans[0] * n_tok[0])]
     for i, btype in enumerate(down_types):
-        block_skips: list[float] = []
+        block: list[tuple[str, float]] = []
         cin = chans[i - 1] if i else chans[0]
-        # the block input is the last skip; with skips on the CPU it is a device copy
-        held_before = cin * n_tok[i] if knobs.skips_on_cpu else sum(skips)
-        for _ in range(layers):
-            held = held_before + sum(block_skips)  # includes this resnet's input
-            res = _resnet(cin, chans[i], knobs.inplace) - cin
-            peak = max(peak, held + res * n_tok[i])
-            if "CrossAttn" in btype:  # stacked transformer layers run one after another
-                peak = max(peak, held + chans[i] * n_tok[i] + tr(chans[i], i))
-            block_skips.append(chans[i] * n_tok[i])
+        if k.skips_on_cpu:  # the device copy of the block input (also the last skip)
+            before = {"down block input (device copy)": cin * n_tok[i]}
+        else:
+            before = {"skips held": sum(v for _, v in skips)}
+        for j in range(layers):
+            held = {**before, "this block's outputs": sum(v for _, v in block)}
+            resnet(f"down{i}.resnet{j}", held, cin, chans[i], i)
+            if "CrossAttn" in btype:
+                transformer(f"down{i}.attn{j}", held, chans[i], i)
+            block.append((f"skip down{i}.{j}", chans[i] * n_tok[i]))
             cin = chans[i]
         if i < depth - 1:  # downsampler output, also a skip
-            block_skips.append(chans[i] * n_tok[i + 1])
-            peak = max(peak, held_before + sum(block_skips))
-        skips += block_skips
-    # mid block: resnet, transformer(s), resnet at the deepest level
+            block.append((f"skip down{i}.down", chans[i] * n_tok[i + 1]))
+            peak.at(f"down{i}.downsample", {**before, "this block's outputs":
+                                             sum(v for _, v in block)})
+        skips += block
     c, lvl = chans[-1], depth - 1
-    held = c * n_tok[lvl] if knobs.skips_on_cpu else sum(skips)  # includes the mid input
-    peak = max(peak, held + (_resnet(c, c, knobs.inplace) - c) * n_tok[lvl])
-    peak = max(peak, held + c * n_tok[lvl] + tr(c, lvl))
-    # up path: the caller holds the block input and all of this block's skips until it returns
+    held = {"mid input": c * n_tok[lvl]}
+    if not k.skips_on_cpu:
+        held["skips held"] = sum(v for _, v in skips)
+    resnet("mid.resnet0", held, c, c, lvl, input_held=True)
+    transformer("mid.attn0", held, c, lvl)
+    resnet("mid.resnet1", {**held, "resnet input": c * n_tok[lvl]}, c, c, lvl, input_held=True)
     rchans = chans[::-1]
     h_ch = c
     for j, btype in enumerate(up_types):
         lvl = depth - 1 - j
-        mine = skips[-(layers + 1):]
+        n = n_tok[lvl]
+        mine = skips[-(layers + 1):][::-1]  # consumed last first
         skips = skips[:-(layers + 1)]
-        held = sum(mine) + (0.0 if knobs.skips_on_cpu else sum(skips)) + h_ch * n_tok[lvl]
-        skip_ch = [s / n_tok[lvl] for s in mine][::-1]
-        for k in range(layers + 1):
-            cin = (h_ch if k == 0 else rchans[j]) + skip_ch[k]
-            peak = max(peak, held + _resnet(round(cin), rchans[j], knobs.inplace) * n_tok[lvl])
+        base = {"up block input (caller's sample)": h_ch * n}
+        if not k.skips_on_cpu:
+            base["skips of later blocks"] = sum(v for _, v in skips)
+            base["this block's skips"] = sum(v for _, v in mine)
+        for r in range(layers + 1):
+            skip_ch = round(mine[r][1] / n)
+            held = dict(base)
+            if k.skips_on_cpu:
+                held["consumed skip (device copy)"] = mine[r][1]
+            cin = (h_ch if r == 0 else rchans[j]) + skip_ch
+            resnet(f"up{j}.resnet{r} (input = cat)", held, cin, rchans[j], lvl, input_held=False)
             if "CrossAttn" in btype:
-                peak = max(peak, held + rchans[j] * n_tok[lvl] + tr(rchans[j], lvl))
+                transformer(f"up{j}.attn{r}", held, rchans[j], lvl)
         if lvl > 0:  # upsampler: input, nearest x2 output, conv output
-            peak = max(peak, held + rchans[j] * (n_tok[lvl] + 2 * n_tok[lvl - 1]))
+            peak.at(f"up{j}.upsample", {**held, "upsampler input": rchans[j] * n,
+                                        "upsampled + conv out": 2 * rchans[j] * n_tok[lvl - 1]})
         h_ch = rchans[j]
-    return int(peak * b * dtype_bytes)
+    peak.at("conv_norm_out/act/conv_out", {"up output": h_ch * n_tok[0],
+                                           "norm + SiLU": (1 if k.inplace else 2) * h_ch * n_tok[0]})
+    return peak
+
+
+def unet_activation_bytes(cfg: dict, *, latent_h: int, latent_w: int, batch: int,
+                          dtype_bytes: int, knobs: Knobs, linfusion: bool = True,
+                          mid_dim: int | None = None) -> int:
+    """Peak activation bytes of one UNet forward, walking the down, mid and up paths."""
+    b = 1 if knobs.cfg_split else batch
+    peak = _walk_unet(cfg, latent_h=latent_h, latent_w=latent_w, knobs=knobs,
+                      linfusion=linfusion, dtype_bytes=dtype_bytes, mid_dim=mid_dim)
+    return int(peak.value * b * dtype_bytes)
+
+
+def unet_breakdown(cfg: dict, *, latent_h: int, latent_w: int, batch: int, dtype_bytes: int,
+                   knobs: Knobs, linfusion: bool = True,
+                   mid_dim: int | None = None) -> tuple[str, dict[str, int]]:
+    """Where the UNet forward peaks and the bytes of each tensor alive there."""
+    b = 1 if knobs.cfg_split else batch
+    peak = _walk_unet(cfg, latent_h=latent_h, latent_w=latent_w, knobs=knobs,
+                      linfusion=linfusion, dtype_bytes=dtype_bytes, mid_dim=mid_dim)
+    return peak.where, {t: int(v * b * dtype_bytes) for t, v in peak.terms.items()}
 
 
 def vae_activation_bytes(cfg: dict, *, height: int, width: int, tile_px: int, dtype_bytes: int,
@@ -270,15 +366,62 @@ def estimate_peak_bytes(unet_config: dict, vae_config: dict, *, width: int, heig
                       layer_bytes=layer_bytes(unet_config, dtype_bytes))
 
 
+def _resident(weights: dict[str, int], offload: str, device: str,
+              layer_bytes: int) -> tuple[int, int]:
+    """Weight bytes on the device while the UNet runs and while the VAE runs."""
+    if offload == "none" or device != "cuda":
+        return sum(weights.values()), sum(weights.values())
+    if offload == "model":  # accelerate keeps only the running model on the device
+        return weights["unet"], weights["vae"]
+    return layer_bytes, layer_bytes  # sequential: each layer's weights arrive just before it runs
+
+
 def stage_peak(weights: dict[str, int], unet_act: int, vae_act: int, *, offload: str,
                device: str, layer_bytes: int) -> int:
     """Resident weights (by offload mode) + the larger phase's activations + margin."""
-    if offload == "none" or device != "cuda":
-        unet_w = vae_w = sum(weights.values())
-    elif offload == "model":  # accelerate keeps only the running model on the device
-        unet_w, vae_w = weights["unet"], weights["vae"]
-    else:  # sequential: each layer's weights arrive just before it runs
-        unet_w = vae_w = layer_bytes
+    unet_w, vae_w = _resident(weights, offload, device, layer_bytes)
     peak = max(unet_w + unet_act, vae_w + vae_act)
     context = CUDA_CONTEXT_BYTES if device == "cuda" else 0
     return int(peak * (1 + OVERHEAD)) + context
+
+
+def peak_breakdown(unet_config: dict, vae_config: dict, *, width: int, height: int,
+                   dtype_bytes: int = 2, batch: int = 2, knobs: Knobs | None = None,
+                   linfusion: bool = True, device: str = "cuda",
+                   text_encoders_bytes: int | None = None) -> dict:
+    """estimate_peak_bytes, itemised: the UNet's peak moment and every tensor alive there, the
+    VAE phase, resident weights, the margin. Bytes; `total` equals estimate_peak_bytes."""
+    k = knobs or Knobs()
+    w = weight_bytes(unet_config, vae_config, dtype_bytes, text_encoders_bytes)
+    lb = layer_bytes(unet_config, dtype_bytes)
+    where, terms = unet_breakdown(unet_config, latent_h=-(-height // 8), latent_w=-(-width // 8),
+                                  batch=batch, dtype_bytes=dtype_bytes, knobs=k,
+                                  linfusion=linfusion)
+    unet_act = unet_activation_bytes(unet_config, latent_h=-(-height // 8),
+                                     latent_w=-(-width // 8), batch=batch,
+                                     dtype_bytes=dtype_bytes, knobs=k, linfusion=linfusion)
+    vae_act = vae_activation_bytes(vae_config, height=height, width=width, tile_px=k.vae_tile_px,
+                                   dtype_bytes=vae_dtype_bytes(vae_config, dtype_bytes))
+    unet_w, vae_w = _resident(w, k.offload, device, lb)
+    peak = max(unet_w + unet_act, vae_w + vae_act)
+    context = CUDA_CONTEXT_BYTES if device == "cuda" else 0
+    return {"unet_moment": where, "unet_terms": terms, "unet_activations": unet_act,
+            "unet_weights": unet_w, "vae_activations": vae_act, "vae_weights": vae_w,
+            "phase": "unet" if unet_w + unet_act >= vae_w + vae_act else "vae",
+            "margin": int(peak * OVERHEAD), "context": context,
+            "total": stage_peak(w, unet_act, vae_act, offload=k.offload, device=device,
+                                layer_bytes=lb)}
+
+
+def format_breakdown(b: dict) -> str:
+    """Lines of a peak_breakdown for a terminal, GiB."""
+    g = lambda x: f"{x / GIB:6.2f} GiB"  # noqa: E731
+    lines = [f"  total {g(b['total'])} (peak phase: {b['phase']})",
+             f"    UNet weights resident {g(b['unet_weights'])}; "
+             f"VAE phase {g(b['vae_weights'] + b['vae_activations'])}",
+             f"    margin {OVERHEAD:.0%} {g(b['margin'])}; CUDA context {g(b['context'])}",
+             f"    UNet activations {g(b['unet_activations'])} at {b['unet_moment']}:"]
+    for name, v in sorted(b["unet_terms"].items(), key=lambda kv: -kv[1]):
+        if v >= 0.005 * GIB:
+            lines.append(f"      {g(v)}  {name}")
+    return "\n".join(lines)

@@ -13,8 +13,8 @@ GPUs); they trade speed for peak memory:
   across blocks (`temb = nonlinearity(temb)` in place would corrupt every later block). GELU/GEGLU
   have no in-place form in PyTorch, so the feed-forward is left alone (ff_chunk covers it).
 * skips_on_cpu: the UNet skip tensors (conv_in output and every down-block residual) are moved
-  to the CPU as they are produced and brought back by a pre-hook on the up block that consumes
-  them. Not for use with ControlNet/T2I-Adapter residuals (they are added on the device).
+  to the CPU as they are produced; a pre-hook on each up block hands it a tuple that copies a
+  skip back to the device when the block indexes it, so one skip at a time is on the device. Not for use with ControlNet/T2I-Adapter residuals (they are added on the device).
 * attn_chunk: sets `chunk_size` on every LinFusion layer (modules with a `chunk_size` attribute).
 * offload: accelerate CPU offload through the pipeline, CUDA only (apply_offload).
 Undo in the reverse order of application (the handle returned by apply_knobs does).
@@ -30,7 +30,7 @@ from torch import nn
 
 
 class KnobHandle:
-    """Undo callable for apply_knobs; `stats` counts skip-tensor moves (tests, logs)."""
+    """Undo callable for apply_knobs; `stats` counts skips parked and brought back (tests, logs)."""
 
     def __init__(self) -> None:
         self._undo: list[Callable[[], None]] = []
@@ -113,21 +113,46 @@ def _swap_silu(model: nn.Module, handle: KnobHandle) -> None:
                 handle.add(lambda p=parent, n=name, c=child: setattr(p, n, c))
 
 
+class _FetchOnIndex(tuple):
+    """A tuple of CPU skips whose items are copied to the device when indexed (slices stay lazy).
+
+    The up blocks take `res_hidden_states_tuple[-1]` and continue with `[:-1]`, so only the skip
+    being consumed is on the device, not the whole block's (the hook's kwargs keep the tuple
+    alive for the whole block, so a tuple of device copies would hold every skip until it ends).
+    """
+
+    def __new__(cls, items, fetch):
+        obj = super().__new__(cls, items)
+        obj._fetch = fetch
+        return obj
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return _FetchOnIndex(tuple.__getitem__(self, index), self._fetch)
+        return self._fetch(tuple.__getitem__(self, index))
+
+    def __iter__(self):
+        return (self._fetch(t) for t in tuple.__iter__(self))
+
+
 def _skips_to_cpu(unet: nn.Module, handle: KnobHandle) -> None:
     """Hooks that park skip tensors on the CPU and bring each up block's back before it runs."""
-    state = {"device": None}
+    state = {"device": None, "fetched": set()}  # ids of the skips brought back this forward
     cpu = torch.device("cpu")
 
     def to_cpu(t):
         handle.stats["skips_to_cpu"] += 1
         return t.to(cpu)
 
-    def to_device(t):
-        handle.stats["skips_to_device"] += 1
+    def to_device(t):  # counts each skip once, however often a hook reads the lazy tuple
+        if id(t) not in state["fetched"]:
+            state["fetched"].add(id(t))
+            handle.stats["skips_to_device"] += 1
         return t.to(state["device"])
 
     def conv_in_hook(module, args, output):  # the first skip: conv_in's output (B, C0, h, w)
         state["device"] = output.device
+        state["fetched"].clear()
         return to_cpu(output)
 
     def first_down_pre(module, args, kwargs):  # down_blocks[0] computes on the device copy
@@ -142,8 +167,8 @@ def _skips_to_cpu(unet: nn.Module, handle: KnobHandle) -> None:
         return sample, tuple(to_cpu(t) for t in res)
 
     def up_pre(module, args, kwargs):  # res_hidden_states_tuple is always passed by keyword
-        if "res_hidden_states_tuple" in kwargs:
-            res = tuple(to_device(t) for t in kwargs["res_hidden_states_tuple"])
+        if "res_hidden_states_tuple" in kwargs:  # each skip comes back as the block takes it
+            res = _FetchOnIndex(kwargs["res_hidden_states_tuple"], to_device)
             kwargs = {**kwargs, "res_hidden_states_tuple": res}
         return args, kwargs
 
