@@ -57,6 +57,20 @@ def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_
     return result
 
 
+def plan_and_run(req, *, dry_run: bool, as_json: bool, output, fmt, overwrite: bool, quiet: bool,
+                 verbose: bool, allow_pickle: bool, config, init_image=None) -> None:
+    """generate/upscale after parsing: plan, then print it (--dry-run) or run it to a file."""
+    plan = runner.plan_memory(runner.make_plan(req))
+    if dry_run:
+        print_dry_run(plan, as_json=as_json)
+        return
+    not_both_json_and_stdout(output, as_json)
+    path, fmt = resolve_target(output, plan=plan, fmt=fmt, overwrite=overwrite)
+    loaded = load(plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle, config=config)
+    run_one(plan, loaded, path=path, fmt=fmt, overwrite=overwrite, as_json=as_json, quiet=quiet,
+            verbose=verbose, init_image=init_image)
+
+
 def read_prompt_argument(prompt: str | None) -> str:
     """PROMPT, or stdin when PROMPT is '-' or absent and stdin is piped."""
     if prompt == "-" or (prompt is None and not sys.stdin.isatty()):

@@ -48,12 +48,6 @@ def generate(
         linfusion=linfusion, no_linfusion=no_linfusion, seed=seed, steps=steps, guidance=guidance,
         negative=negative, strengths=strengths, scheduler=scheduler, max_vram=max_vram,
         vae_tile=vae_tile, save_stages=save_stages, device=device, dtype=dtype)
-    plan = runner.plan_memory(runner.make_plan(req))
-    if dry_run:
-        common.print_dry_run(plan, as_json=json)
-        return
-    common.not_both_json_and_stdout(output, json)
-    path, fmt = common.resolve_target(output, plan=plan, fmt=format, overwrite=overwrite)
-    loaded = common.load(plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle, config=config)
-    common.run_one(plan, loaded, path=path, fmt=fmt, overwrite=overwrite, as_json=json,
-                   quiet=quiet, verbose=verbose)
+    common.plan_and_run(req, dry_run=dry_run, as_json=json, output=output, fmt=format,
+                        overwrite=overwrite, quiet=quiet, verbose=verbose,
+                        allow_pickle=allow_pickle, config=config)

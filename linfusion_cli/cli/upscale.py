@@ -7,7 +7,6 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from .. import runner
 from ..output import open_image
 from . import common
 from .generate import request_from_options
@@ -38,12 +37,6 @@ def upscale(
         negative=negative, strengths=strengths, scheduler=scheduler, max_vram=max_vram,
         vae_tile=vae_tile, save_stages=save_stages, device=device, dtype=dtype,
         init_image=str(image), init_size=picture.size)
-    plan = runner.plan_memory(runner.make_plan(req))
-    if dry_run:
-        common.print_dry_run(plan, as_json=json)
-        return
-    common.not_both_json_and_stdout(output, json)
-    path, fmt = common.resolve_target(output, plan=plan, fmt=format, overwrite=overwrite)
-    loaded = common.load(plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle, config=config)
-    common.run_one(plan, loaded, path=path, fmt=fmt, overwrite=overwrite, as_json=json, quiet=quiet,
-                   verbose=verbose, init_image=np.asarray(picture))
+    common.plan_and_run(req, dry_run=dry_run, as_json=json, output=output, fmt=format,
+                        overwrite=overwrite, quiet=quiet, verbose=verbose,
+                        allow_pickle=allow_pickle, config=config, init_image=np.asarray(picture))

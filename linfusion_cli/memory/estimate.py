@@ -7,13 +7,23 @@ the block input its caller keeps referenced, and the op's own temporaries. Count
 (documented so they can be checked against measurements, see tests/test_memory_planner.py):
 
 * ResNet: GroupNorm and SiLU each produce a new tensor (SiLU in place with `inplace`); the block
-  input stays alive until the block returns; the shortcut conv adds one output-sized tensor.
-* Transformer block, per token: the Transformer2D input, the block input x, LayerNorm output,
-  then the largest of: LinFusion self-attention (q, k, v, the attention output, the merged heads
-  and W_o's output: 6C, plus fp32 chunk temporaries of `attn_chunk` tokens, the d x d state being
-  negligible), cross-attention through SDPA (q, out, a reshape copy: 3C; 77 context tokens), the
-  GEGLU feed-forward (projection 8C, GELU(gate) 4C, product 4C: 16C; `ff_chunk` tokens at a time
-  when chunked). Quadratic self-attention is modelled as SDPA memory-efficient (no N x N tensor).
+  input stays alive until the block returns; the shortcut conv, the residual sum and its division
+  by output_scale_factor each add one output-sized tensor (cin + 4 cout at the end).
+* UNet2DConditionModel.forward: the skips stay referenced until their up block returns (the
+  caller's `res_samples` and the rest); the up block's input (`sample`) stays alive for the whole
+  block; each resnet there takes torch.cat([h, skip]), a new (B, C_h + C_skip, h, w) tensor,
+  while both inputs are alive. With skips_on_cpu only the down block's input and outputs (until
+  it returns) and, on the way up, the one skip being consumed are on the device (knobs.py).
+* Transformer2DModel + BasicTransformerBlock, per token: the Transformer2D input, the block
+  input h, then `norm_hidden_states` and `attn_output` stay referenced until rebound and every
+  residual sum is a new tensor, so the moments are: self-attention (h, norm1, attention working
+  set), norm2 (5C), cross-attention through SDPA (h, attn1 out, sum, norm2, + q, SDPA output,
+  W_o output: 7C; 77 context tokens), the feed-forward (h, attn2 out, sum, norm3 + GEGLU: 8C
+  projection, 4C GELU(gate), 4C product; with `ff_chunk` that is one chunk's worth plus the chunk
+  outputs and their concatenation, 2C). LinFusion unchunked: q, k, v, the attention output, the
+  merged heads and W_o's output (6C) plus fp32 chunk temporaries; with `attn_chunk` (module.py
+  _forward_chunked) only its output spans all tokens (1C + O(chunk)), and the cross-attention
+  moment (7C) sets the block's peak. Quadratic self-attention is SDPA memory-efficient (5C).
 * The VAE decoder (and encoder) is walked the same way on one tile with its context padding
   (88 px a side for decode, 32 for encode) or on the whole image when untiled; its mid-block
   attention is SDPA memory-efficient (O(N)). The VAE runs in fp32 when its config has
