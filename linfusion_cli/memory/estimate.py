@@ -26,7 +26,9 @@ the block input its caller keeps referenced, and the op's own temporaries. Count
   moment (7C) sets the block's peak. Quadratic self-attention is SDPA memory-efficient (5C).
 * The VAE decoder (and encoder) is walked the same way on one tile with its context padding
   (88 px a side for decode, 32 for encode) or on the whole image when untiled; its mid-block
-  attention is SDPA memory-efficient (O(N)). The VAE runs in fp32 when its config has
+  attention is SDPA memory-efficient (O(N)). Tiled (linfusion_cli.vae), the latent-resolution
+  layers (conv_in, mid block, first up block's resnets) still run once on the WHOLE latent:
+  6 x 512 channels per latent pixel (whole_latent_channels), 12 GiB in bf16 at 16384x8192. The VAE runs in fp32 when its config has
   `force_upcast` and the model dtype is 16-bit.
 * Weights stay resident per offload mode: "none" = UNet + VAE + text encoders, "model" = the
   model of the running phase, "sequential" = about two layers.
@@ -46,6 +48,7 @@ CUDA_CONTEXT_BYTES = int(0.75 * GIB)
 OVERHEAD = 0.20  # allocator fragmentation and cuDNN conv workspaces, as a share of the peak
 DECODE_PAD_PX = 88  # 11 latent px of context on each side of a decoder tile
 ENCODE_PAD_PX = 32
+STATS_PX = 128  # vae/tiled.py STATS_PX: long side, latent px, of the "estimated" stats pass
 LINFUSION_DEFAULT_CHUNK = 1 << 16  # attention/ops.py DEFAULT_CHUNK: used when attn_chunk is 0
 TEXT_ENCODER_PARAMS = {  # by the UNet's cross_attention_dim
     768: 123_060_480,  # CLIP ViT-L/14 text model (SD1.x)
@@ -158,7 +161,7 @@ def _transformer_phases(c: int, n: int, k: Knobs, linfusion: bool, bytes_: int,
     Transformer2D while the block runs, `norm_hidden_states` and `attn_output` stay referenced
     until rebound, and each residual sum makes a new tensor. Stacked layers run one at a time.
     """
-    frac = lambda chunk: min(n, chunk) / n  # noqa: E731  share of the tokens in one chunk
+    frac = lambda chunk: min(n, chunk) / n
     if linfusion and _linfusion_chunked(k, n):
         # _forward_chunked: only the output spans N; per chunk the two MLPs (3 m), x + f(x),
         # the projection, and fp32 copies (feature map, scaled k/v or numerator/quotient)
@@ -306,20 +309,13 @@ def unet_breakdown(cfg: dict, *, latent_h: int, latent_w: int, batch: int, dtype
     return peak.where, {t: int(v * b * dtype_bytes) for t, v in peak.terms.items()}
 
 
-def vae_activation_bytes(cfg: dict, *, height: int, width: int, tile_px: int, dtype_bytes: int,
-                         encode: bool = True) -> int:
-    """Peak activation bytes of a VAE decode (and encode) of one tile, or the whole image at 0."""
+def _decoder_walk(cfg: dict, p: float) -> float:
+    """Peak elements of the decoder on p output pixels: conv_in + mid at latent res, then up
+    blocks of (layers + 1) resnets each, the upsamplers, norm_out / SiLU / conv_out."""
     chans = list(cfg["block_out_channels"])
     layers = cfg.get("layers_per_block", 2)
-
-    def pixels(pad):
-        if not tile_px:
-            return height * width
-        return min(height, tile_px + 2 * pad) * min(width, tile_px + 2 * pad)
-
-    # decoder: conv_in + mid at latent res, then up blocks of (layers + 1) resnets each
-    p = pixels(DECODE_PAD_PX)
-    n = [p / 64, p / 16, p / 4, p]  # tokens at latent, x2, x4, x8
+    f = 2 ** (len(chans) - 1)
+    n = [p / (f // 2 ** j) ** 2 for j in range(len(chans))]  # tokens per level, latent first
     rch = chans[::-1]
     peak = _resnet(rch[0], rch[0], False) * n[0]
     peak = max(peak, 7 * rch[0] * n[0])  # mid attention: input, norm, q, k, v, out, W_o out
@@ -332,11 +328,54 @@ def vae_activation_bytes(cfg: dict, *, height: int, width: int, tile_px: int, dt
         if j < len(rch) - 1:
             peak = max(peak, c * (n[j] + 2 * n[j + 1]))
         h_ch = c
-    peak = max(peak, 3 * chans[0] * n[-1] + 3 * 3 * n[-1])  # norm_out, SiLU, conv_out + image
+    return max(peak, 3 * chans[0] * n[-1] + 3 * 3 * n[-1])  # norm_out, SiLU, conv_out + image
+
+
+def _stats_pixels(cfg: dict, height: int, width: int) -> int:
+    """Output pixels of the tiled VAE's stats pass ("estimated" mode, vae/tiled.py): an untiled
+    pass over the latent downscaled to a long side of STATS_PX latent px (tiles.downscaled_size)."""
+    f = 2 ** (len(cfg["block_out_channels"]) - 1)
+    h, w = -(-height // f), -(-width // f)
+    if max(h, w) > STATS_PX:
+        scale = STATS_PX / max(h, w)
+        h, w = max(1, round(h * scale)), max(1, round(w * scale))
+    return h * w * f * f
+
+
+def vae_activation_bytes(cfg: dict, *, height: int, width: int, tile_px: int, dtype_bytes: int,
+                         encode: bool = True) -> int:
+    """Peak activation bytes of a VAE decode (and encode): untiled at tile_px 0, else the largest
+    of one padded tile, the stats pass and the whole-latent part (linfusion_cli.vae)."""
+    chans = list(cfg["block_out_channels"])
+
+    def pixels(pad):
+        if not tile_px:
+            return height * width
+        return min(height, tile_px + 2 * pad) * min(width, tile_px + 2 * pad)
+
+    peak = _decoder_walk(cfg, pixels(DECODE_PAD_PX))
+    if tile_px:  # linfusion_cli.vae runs the latent-resolution layers ONCE on the whole latent
+        peak = max(peak, whole_latent_channels(cfg) * latent_tokens(cfg, height, width),
+                   _decoder_walk(cfg, _stats_pixels(cfg, height, width)))
     if encode:  # encoder: resnets at full resolution dominate
-        p = pixels(ENCODE_PAD_PX)
-        peak = max(peak, 3 * p + _resnet(chans[0], chans[0], False) * p)
+        for p in [pixels(ENCODE_PAD_PX)] + ([_stats_pixels(cfg, height, width)] if tile_px else []):
+            peak = max(peak, 3 * p + _resnet(chans[0], chans[0], False) * p)
     return int(peak * dtype_bytes)
+
+
+def latent_tokens(cfg: dict, height: int, width: int) -> int:
+    """Latent pixels of an image (VAE factor 2^(levels - 1), 8 for SD VAEs)."""
+    f = 2 ** (len(cfg["block_out_channels"]) - 1)
+    return -(-height // f) * -(-width // f)
+
+
+def whole_latent_channels(cfg: dict) -> int:
+    """Peak channels/latent token of the tiled VAE's whole-map part (vae/blocks.py decoder_whole,
+    encoder_whole): conv_in, the mid block, the resnets of the first up (last down) block, all at
+    C = the widest level. The mid attention holds its input x, q, k, v (the norm output is
+    deleted), the SDPA output and its head-merging copy: 6C. Resnets: x + 3C. Windowing past
+    the token limit does not help: q, k and v are projected for the whole map first."""
+    return 6 * max(cfg["block_out_channels"])
 
 
 def weight_bytes(unet_config: dict, vae_config: dict, dtype_bytes: int,
@@ -425,10 +464,10 @@ def peak_breakdown(unet_config: dict, vae_config: dict, *, width: int, height: i
 
 def format_breakdown(b: dict) -> str:
     """Lines of a peak_breakdown for a terminal, GiB."""
-    g = lambda x: f"{x / GIB:6.2f} GiB"  # noqa: E731
+    g = lambda x: f"{x / GIB:6.2f} GiB"
     lines = [f"  total {g(b['total'])} (peak phase: {b['phase']})",
-             f"    UNet weights resident {g(b['unet_weights'])}; "
-             f"VAE phase {g(b['vae_weights'] + b['vae_activations'])}",
+             (f"    UNet weights resident {g(b['unet_weights'])}; "
+              f"VAE phase {g(b['vae_weights'] + b['vae_activations'])}"),
              f"    margin {OVERHEAD:.0%} {g(b['margin'])}; CUDA context {g(b['context'])}",
              f"    UNet activations {g(b['unet_activations'])} at {b['unet_moment']}:"]
     for name, v in sorted(b["unet_terms"].items(), key=lambda kv: -kv[1]):
