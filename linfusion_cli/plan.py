@@ -57,6 +57,7 @@ class GenerationPlan:
     save_stages: bool = False
     vae_tile_px: int | None = None  # None: chosen per stage; 0: untiled
     max_vram_gib: float | None = None
+    budget_gib: float | None = None  # the memory budget the stages were planned for
     extras: dict = field(default_factory=dict)
 
     @property

@@ -15,6 +15,7 @@ from .plan import GenerationPlan, build_plan, check_size, size_from_res
 from .presets import Preset, load_preset
 
 DEFAULT_RES = 4096
+CPU_VAE_TILE = 1024  # VAE tile size on the CPU, px
 
 
 @dataclass(frozen=True)
@@ -161,13 +162,20 @@ def plan_memory(plan: GenerationPlan) -> GenerationPlan:
     device, dtype_bytes, budget = device_budget(plan)
     plans = []
     for stage in plan.stages:
+        stage_budget = budget
+        if device == "cpu":  # host memory also holds the stage's uint8 images: previous, resized, new
+            stage_budget -= 3 * 3 * stage.width * stage.height
         memory = choose(unet_cfg, vae_cfg, width=stage.width, height=stage.height,
-                        dtype_bytes=dtype_bytes, budget_bytes=budget, guidance=stage.guidance > 1,
-                        linfusion=plan.linfusion is not None, device=device)
+                        dtype_bytes=dtype_bytes, budget_bytes=max(stage_budget, 1),
+                        guidance=stage.guidance > 1, linfusion=plan.linfusion is not None,
+                        device=device)
         if plan.vae_tile_px is not None:
             memory = replace(memory, vae_tile_px=plan.vae_tile_px)
+        elif device == "cpu" and max(stage.width, stage.height) > CPU_VAE_TILE:
+            # Big tiles buy a GPU fewer launches; a CPU gains nothing from them but memory use.
+            memory = replace(memory, vae_tile_px=min(memory.vae_tile_px or CPU_VAE_TILE, CPU_VAE_TILE))
         plans.append(memory)
-    return plan.with_memory(plans)
+    return replace(plan.with_memory(plans), budget_gib=round(budget / 2 ** 30, 2))
 
 
 def result_summary(path: Path | None, record: dict) -> dict:

@@ -222,3 +222,24 @@ def test_chunked_attention_equals_diffusers_and_windows_are_reported(vae, latent
     info = {}
     decode(vae, latent[:, :, :16, :24], tile_px=64, mode="exact", attn_token_limit=100, info=info)
     assert info["attention"] == "windowed"
+
+
+def test_windowed_mid_attention_is_exact_when_one_window_covers_the_map():
+    """Windows project q/k/v per window; a window covering everything equals global attention."""
+    from diffusers import AutoencoderKL
+
+    from linfusion_cli.models.tiny import VAE_CONFIG
+    from linfusion_cli.vae.attention import mid_attention
+
+    torch.manual_seed(0)
+    attn = AutoencoderKL(**VAE_CONFIG).decoder.mid_block.attentions[0].eval()
+    x = torch.randn(1, attn.to_q.in_features, 12, 20)
+    with torch.no_grad():
+        reference = attn(x)
+        exact, was_exact = mid_attention(attn, x, token_limit=10 ** 6)
+        one_window, windowed = mid_attention(attn, x, token_limit=0, window=64, overlap=8)
+        small, _ = mid_attention(attn, x, token_limit=0, window=8, overlap=4)
+    assert was_exact and not windowed
+    torch.testing.assert_close(exact, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one_window, reference, rtol=1e-5, atol=1e-5)
+    assert small.shape == x.shape and not torch.allclose(small, reference, atol=1e-4)

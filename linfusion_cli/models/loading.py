@@ -281,5 +281,10 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", linfusi
         weights = None if linfusion == "fresh" else linfusion
         layers = apply_linfusion(pipe.unet, weights, chunk_size=attn_chunk)
     pipe.to(torch_device)
+    if torch_device.type == "cpu":
+        # oneDNN's convolutions run about 2x faster on channels-last tensors at the small channel
+        # counts of the up-sampling path; the result is the same up to float summation order.
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
     return LoadedModel(pipe=pipe, model=model, family=family, device=torch_device, dtype=unet_dtype,
                        vae_dtype=vae_dtype, linfusion=linfusion, linfusion_layers=layers)

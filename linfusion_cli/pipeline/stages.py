@@ -56,12 +56,21 @@ def _tile_px(ctx: StageContext, stage: Stage) -> int | None:
     return getattr(stage.memory, "vae_tile_px", None) if stage.memory is not None else None
 
 
+def _host_budget(ctx: StageContext) -> int | None:
+    """Host memory the VAE's exact mode may park tiles in: on the CPU, half the plan's budget
+    (the other half is the UNet's and the images'); on a GPU the host default."""
+    if ctx.model.device.type != "cpu" or ctx.plan.budget_gib is None:
+        return None
+    return int(ctx.plan.budget_gib * 2 ** 30 / 2)
+
+
 def _decode(ctx: StageContext, stage: Stage, latents: torch.Tensor) -> np.ndarray:
     """latents (1, 4, h, w) -> uint8 (8h, 8w, 3), tiled as planned."""
     progress = lambda done, total: ctx.on_event(PhaseProgress(stage.index, "decode", done, total))  # noqa: E731
     info = ctx.notes.setdefault(stage.index, {}).setdefault("decode", {})
     return tiled_vae.decode(ctx.model.pipe.vae, latents.to(ctx.model.vae_dtype),
-                            tile_px=_tile_px(ctx, stage), on_tile=progress, info=info)
+                            tile_px=_tile_px(ctx, stage), on_tile=progress, info=info,
+                            host_budget=_host_budget(ctx))
 
 
 def text_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None) -> np.ndarray:
@@ -83,7 +92,8 @@ def image_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None)
     progress = lambda done, total: ctx.on_event(PhaseProgress(stage.index, "encode", done, total))  # noqa: E731
     info = ctx.notes.setdefault(stage.index, {}).setdefault("encode", {})
     latents = tiled_vae.encode(ctx.model.pipe.vae, upscaled, tile_px=_tile_px(ctx, stage),
-                               generator=generator, on_tile=progress, info=info)
+                               generator=generator, on_tile=progress, info=info,
+                               host_budget=_host_budget(ctx))
     del upscaled
     latents = latents.to(device=ctx.model.device, dtype=ctx.model.dtype)
     out = ctx.img2img(image=latents, strength=stage.strength, generator=generator,

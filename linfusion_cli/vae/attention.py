@@ -41,54 +41,48 @@ def mid_attention(attn, x: torch.Tensor, *, token_limit: int, window: int = 128,
     """diffusers' AttnProcessor2_0 on x (1, C, H, W); returns (out, exact).
 
     Up to `token_limit` tokens it is the exact global attention (query-chunked). Beyond, each
-    `window`^2 block (cores overlapping by `overlap`, cropped) attends only to itself.
+    `window`^2 block (cores overlapping by `overlap`, cropped) attends only to itself, and its
+    q/k/v are projected per window so no whole-map q/k/v ever exist.
     """
     _check(attn)
-    residual = x
     b, c, h, w = x.shape
-    hs = x.view(b, c, h * w)  # (B, C, N)
+    hs = x.reshape(b, c, h * w)  # (B, C, N); x may be channels_last
     if attn.group_norm is not None:
-        hs = attn.group_norm(hs)
+        hs = attn.group_norm(hs)  # global statistics: exact
     hs = hs.transpose(1, 2)  # (B, N, C)
-    q, k, v = attn.to_q(hs), attn.to_k(hs), attn.to_v(hs)  # (B, N, inner)
+    exact = h * w <= token_limit
+    out = _attend(attn, hs) if exact else _windowed(attn, hs, b, h, w, window, overlap)
     del hs
-    inner = k.shape[-1]
-    d = inner // attn.heads
+    out = out.transpose(-1, -2).reshape(b, c, h, w)
+    if attn.residual_connection:
+        out = out + x
+    return out / attn.rescale_output_factor, exact
+
+
+def _attend(attn, hs: torch.Tensor) -> torch.Tensor:
+    """Projections, query-chunked SDPA and the output projection: (B, N, C) -> (B, N, C)."""
+    b = hs.shape[0]
+    q, k, v = attn.to_q(hs), attn.to_k(hs), attn.to_v(hs)  # (B, N, inner)
+    d = k.shape[-1] // attn.heads
 
     def split(t):  # (B, N, inner) -> (B, heads, N, d)
         return t.view(b, -1, attn.heads, d).transpose(1, 2)
 
-    exact = h * w <= token_limit
-    if exact:
-        out = _sdpa_chunked(split(q), split(k), split(v))  # (B, heads, N, d)
-        out = out.transpose(1, 2).reshape(b, -1, attn.heads * d)
-    else:
-        out = _windowed(q, k, v, b, h, w, attn.heads, window, overlap)
+    o = _sdpa_chunked(split(q), split(k), split(v))  # (B, heads, N, d)
     del q, k, v
-    out = out.to(x.dtype)
-    out = attn.to_out[1](attn.to_out[0](out))  # (B, N, C)
-    out = out.transpose(-1, -2).reshape(b, c, h, w)
-    if attn.residual_connection:
-        out = out + residual
-    return out / attn.rescale_output_factor, exact
+    o = o.transpose(1, 2).reshape(b, -1, attn.heads * d).to(hs.dtype)
+    return attn.to_out[1](attn.to_out[0](o))
 
 
-def _windowed(q, k, v, b, h, w, heads, window, overlap):
-    """Attention inside overlapping windows, each window's core written once."""
-    inner = q.shape[-1]
-    d = inner // heads
-    grid = lambda t: t.view(b, h, w, inner)  # noqa: E731  (B, H, W, inner)
-    qg, kg, vg = grid(q), grid(k), grid(v)
-    out = torch.empty_like(qg)  # (B, H, W, inner)
+def _windowed(attn, hs, b, h, w, window, overlap):
+    """Attention inside overlapping windows, each window's core written once. hs: (B, N, C)."""
+    c = hs.shape[-1]
+    grid = hs.reshape(b, h, w, c)  # (B, H, W, C)
+    out = torch.empty_like(grid)
     for tile in tile_grid(h, w, max(1, window - overlap), overlap // 2):
         ys, xs = tile.window_slices()
         hh, ww = tile.y.win_len, tile.x.win_len
-
-        def part(t):  # (B, hh, ww, inner) -> (B, heads, hh*ww, d)
-            return t[:, ys, xs].reshape(b, hh * ww, heads, d).transpose(1, 2)
-
-        o = _sdpa_chunked(part(qg), part(kg), part(vg))  # (B, heads, hh*ww, d)
-        o = o.transpose(1, 2).reshape(b, hh, ww, inner)
+        o = _attend(attn, grid[:, ys, xs].reshape(b, hh * ww, c)).view(b, hh, ww, c)
         cy, cx = tile.crop_slices()
         out[:, tile.core_slices()[0], tile.core_slices()[1]] = o[:, cy, cx]
-    return out.view(b, h * w, inner)
+    return out.view(b, h * w, c)
