@@ -181,12 +181,17 @@ def decode(vae, latents: torch.Tensor, *, tile_px: int | None = None, mode: str 
             if on_tile:
                 on_tile(done[0], len(tiles))
 
-        if mode == "exact":
-            info["gn_rounds"] = run_lockstep(((i, job(i)) for i in range(len(tiles))), finish)
-        else:
-            for i in range(len(tiles)):
-                finish(i, run_fixed(job(i), stats))
+        _run_tiles(len(tiles), job, finish, mode, stats, info)
     return out
+
+
+def _run_tiles(count: int, job, finish, mode: str, stats, info: dict) -> None:
+    """Every tile: in lock step pooling GroupNorm stats (exact), or one by one with fixed stats."""
+    if mode == "exact":
+        info["gn_rounds"] = run_lockstep(((i, job(i)) for i in range(count)), finish)
+    else:
+        for i in range(count):
+            finish(i, run_fixed(job(i), stats))
 
 
 def _window(feat: torch.Tensor, t, device) -> torch.Tensor:
@@ -289,11 +294,7 @@ def _encode_tiled(vae, arr, tile_px, mode, on_tile, context, limit, stats_px, ho
         if on_tile:
             on_tile(done[0], len(tiles))
 
-    if mode == "exact":
-        info["gn_rounds"] = run_lockstep(((i, job(i)) for i in range(len(tiles))), finish)
-    else:
-        for i in range(len(tiles)):
-            finish(i, run_fixed(job(i), stats))
+    _run_tiles(len(tiles), job, finish, mode, stats, info)
     moments, exact = encoder_whole(vae, feat[0], limit)  # (1, 8, h, w)
     _note_attention(exact, info, limit)
     return moments
