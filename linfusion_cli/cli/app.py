@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+import logging
 import os
 
 import typer
@@ -35,6 +36,10 @@ app.add_typer(presets_cmd.app, name="presets")
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; every error is one line on stderr."""
     verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
+    # Library notices (e.g. "VAE attention ran in windows") are details: shown with -v only; the
+    # run record keeps them either way.
+    logging.basicConfig(format="%(message)s", level=logging.INFO if verbose else logging.ERROR)
+    logging.getLogger("linfusion_cli").setLevel(logging.INFO if verbose else logging.ERROR)
     if not verbose:  # diffusers/transformers/hub bars and notices would crowd our stderr
         for name, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
                             ("DIFFUSERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
