@@ -227,5 +227,5 @@ def save_ldm_checkpoint(pipe, path: Path) -> Path:
     """Write `pipeline_to_ldm(pipe)` as a .safetensors single file."""
     from safetensors.torch import save_file
 
-    save_file(pipeline_to_ldm(pipe), str(path))
+    save_file({k: v.contiguous() for k, v in pipeline_to_ldm(pipe).items()}, str(path))
     return Path(path)

@@ -258,7 +258,8 @@ def set_scheduler(pipe, name: str) -> None:
 
 def load_model(model: str, *, dtype: str = "auto", device: str = "auto", linfusion: str | None = "auto",
                scheduler: str = "default", allow_pickle: bool = False, config: str | None = None,
-               attn_chunk: int | None = None, verbose: bool = False) -> LoadedModel:
+               attn_chunk: int | None = None, verbose: bool = False,
+               channels_last: bool | None = None) -> LoadedModel:
     """Open the pipeline, pick dtypes and device, mount LinFusion; one object for all stages."""
     from ..attention import apply_linfusion, require_linfusion_repo
 
@@ -281,7 +282,9 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", linfusi
         weights = None if linfusion == "fresh" else linfusion
         layers = apply_linfusion(pipe.unet, weights, chunk_size=attn_chunk)
     pipe.to(torch_device)
-    if torch_device.type == "cpu":
+    if channels_last is None:
+        channels_last = torch_device.type == "cpu"
+    if channels_last:
         # oneDNN's convolutions run about 2x faster on channels-last tensors at the small channel
         # counts of the up-sampling path; the result is the same up to float summation order.
         pipe.unet.to(memory_format=torch.channels_last)
