@@ -14,9 +14,14 @@ import argparse
 import threading
 import time
 
+import sys
+
 import numpy as np
 import psutil
 import torch
+from diffusers import AutoencoderKL
+
+sys.path.insert(0, __file__.rsplit("/", 2)[0])  # the repo root, for benchmarks._measure
 
 from linfusion_cli.vae import decode, split_axis, tile_grid, to_uint8
 from linfusion_cli.vae.synthetic import structured_latent
@@ -92,12 +97,39 @@ def diffusers_tiles(vae, z, tile_px):
         vae.disable_tiling()
 
 
+def flat_case(size: int, tile_px: int, mode: str) -> dict:
+    """One tiled decode in a fresh process (run_isolated adds its peak RSS)."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**SD_VAE).eval()
+    z = structured_latent(size // 8, size // 8) * vae.config.scaling_factor
+    with torch.inference_mode():
+        start = time.perf_counter()
+        decode(vae, z, tile_px=tile_px, mode=mode)
+    return {"seconds": time.perf_counter() - start}
+
+
+def flat_memory(sizes, tile_px: int) -> None:
+    """Peak RSS of estimated-mode decodes at growing sizes, each in its own process."""
+    from benchmarks._measure import run_isolated
+
+    print(f"peak RSS of the estimated mode, tile {tile_px} px, fresh process per size:")
+    for size in sizes:
+        r = run_isolated("benchmarks.vae_tiling", "flat_case", size=size, tile_px=tile_px, mode="estimated")
+        print(f"  {size:>5} px: " + (f"{r['seconds']:.1f} s, peak RSS {r['peak_rss_gib']:.2f} GiB"
+                                     if "error" not in r else r["error"]), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--flat", type=int, nargs="+", default=None,
+                    help="only measure estimated-mode peak memory at these sizes")
     ap.add_argument("--sizes", type=int, nargs="+", default=[384, 512])
     ap.add_argument("--tile-px", type=int, default=256)
     ap.add_argument("--stats-px", type=int, default=32, help="estimated mode: stats pass long side")
     args = ap.parse_args()
+    if args.flat:
+        flat_memory(args.flat, args.tile_px)
+        return
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
