@@ -97,24 +97,26 @@ def diffusers_tiles(vae, z, tile_px):
         vae.disable_tiling()
 
 
-def flat_case(size: int, tile_px: int, mode: str) -> dict:
+def flat_case(size: int, tile_px: int, mode: str, stats_px: int) -> dict:
     """One tiled decode in a fresh process (run_isolated adds its peak RSS)."""
     torch.manual_seed(0)
     vae = AutoencoderKL(**SD_VAE).eval()
     z = structured_latent(size // 8, size // 8) * vae.config.scaling_factor
     with torch.inference_mode():
         start = time.perf_counter()
-        decode(vae, z, tile_px=tile_px, mode=mode)
+        decode(vae, z, tile_px=tile_px, mode=mode, stats_px=stats_px)
     return {"seconds": time.perf_counter() - start}
 
 
-def flat_memory(sizes, tile_px: int) -> None:
+def flat_memory(sizes, tile_px: int, stats_px: int) -> None:
     """Peak RSS of estimated-mode decodes at growing sizes, each in its own process."""
     from benchmarks._measure import run_isolated
 
-    print(f"peak RSS of the estimated mode, tile {tile_px} px, fresh process per size:")
+    print(f"peak RSS of the estimated mode, tile {tile_px} px, stats pass {stats_px} latent px, "
+          "fresh process per size:")
     for size in sizes:
-        r = run_isolated("benchmarks.vae_tiling", "flat_case", size=size, tile_px=tile_px, mode="estimated")
+        r = run_isolated("benchmarks.vae_tiling", "flat_case", size=size, tile_px=tile_px, mode="estimated",
+                         stats_px=stats_px)
         print(f"  {size:>5} px: " + (f"{r['seconds']:.1f} s, peak RSS {r['peak_rss_gib']:.2f} GiB"
                                      if "error" not in r else r["error"]), flush=True)
 
@@ -128,7 +130,7 @@ def main():
     ap.add_argument("--stats-px", type=int, default=32, help="estimated mode: stats pass long side")
     args = ap.parse_args()
     if args.flat:
-        flat_memory(args.flat, args.tile_px)
+        flat_memory(args.flat, args.tile_px, args.stats_px)
         return
     from diffusers import AutoencoderKL
 
