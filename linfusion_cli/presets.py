@@ -7,7 +7,7 @@ Bundled presets live in the package (`linfusion_cli/presets/*.yaml`); user prese
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -121,6 +121,3 @@ def load_preset(name_or_file: str | None) -> Preset:
         return parse_preset(bundled_presets()[name_or_file], name=name_or_file, source=source)
     return parse_preset(Path(source).read_text(), name=name_or_file, source=source)
 
-
-def preset_fields() -> list[str]:
-    return [f.name for f in fields(Preset) if f.name not in ("name", "source")]

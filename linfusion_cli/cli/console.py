@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 
 from rich.console import Console
@@ -79,6 +78,3 @@ class ProgressView:
         self.progress.update(self.stage_task, description=text)
         self.progress.reset(self.step_task, total=event.steps, description="  denoise")
 
-
-def stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()

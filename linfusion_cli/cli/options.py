@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -55,6 +54,3 @@ def parse_strengths(text: str | None) -> tuple[float, ...] | None:
             raise InputError(f"strength {v} is outside (0, 1]")
     return values
 
-
-def existing_path(text: str) -> Path:
-    return Path(text).expanduser()

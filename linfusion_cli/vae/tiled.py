@@ -142,9 +142,7 @@ def decode(vae, latents: torch.Tensor, *, tile_px: int | None = None, mode: str 
     if _shift(vae) is not None:
         z = z + _shift(vae)
     h, w = z.shape[-2:]
-    tile_px = choose_tile_px(h * f, w * f) if tile_px is None else tile_px
-    limit = default_token_limit(device) if attn_token_limit is None else attn_token_limit
-    info.update(tile_px=tile_px)
+    tile_px, limit = _resolve_tiling(tile_px, attn_token_limit, h * f, w * f, device, info)
     with torch.inference_mode():
         if tile_px <= 0:
             info.update(mode="untiled", tiles=1, attention="exact")
@@ -183,6 +181,15 @@ def decode(vae, latents: torch.Tensor, *, tile_px: int | None = None, mode: str 
 
         _run_tiles(len(tiles), job, finish, mode, stats, info)
     return out
+
+
+def _resolve_tiling(tile_px, attn_token_limit, height_px: int, width_px: int, device,
+                    info: dict) -> tuple[int, int]:
+    """The tile size (given, or chosen for the image) and the global-attention token limit."""
+    tile_px = choose_tile_px(height_px, width_px) if tile_px is None else tile_px
+    info.update(tile_px=tile_px)
+    limit = default_token_limit(device) if attn_token_limit is None else attn_token_limit
+    return tile_px, limit
 
 
 def _run_tiles(count: int, job, finish, mode: str, stats, info: dict) -> None:
@@ -241,9 +248,7 @@ def encode(vae, image, *, tile_px: int | None = None, generator: torch.Generator
     if arr.shape[0] % f or arr.shape[1] % f:
         raise ValueError(f"image size {arr.shape[1]}x{arr.shape[0]} is not a multiple of {f}")
     h, w = arr.shape[0] // f, arr.shape[1] // f
-    tile_px = choose_tile_px(h * f, w * f) if tile_px is None else tile_px
-    limit = default_token_limit(device) if attn_token_limit is None else attn_token_limit
-    info.update(tile_px=tile_px)
+    tile_px, limit = _resolve_tiling(tile_px, attn_token_limit, h * f, w * f, device, info)
     with torch.inference_mode():
         if tile_px <= 0:
             info.update(mode="untiled", tiles=1, attention="exact")
