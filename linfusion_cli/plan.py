@@ -51,14 +51,19 @@ class GenerationPlan:
     linfusion: str | None  # weights id/path, "fresh" for new layers, None for no LinFusion
     seed: int
     stages: tuple[Stage, ...]
-    dtype: str = "auto"
-    device: str = "auto"
+    dtype: str = "auto"  # UNet/text dtype: fp16 | bf16 | fp32 once planned
+    device: str = "auto"  # the device planned for: cuda, cuda:N, mps, cpu once planned
+    vae_dtype: str | None = None  # bf16 beside a 16-bit UNet where the device has it, else fp32
+    planned_elsewhere: bool = False  # planned for a CUDA GPU this machine does not have
     init_image: str | None = None  # upscale: the ladder starts from this image
     save_stages: bool = False
-    vae_tile_px: int | None = None  # None: chosen per stage; 0: untiled
+    vae_tile_px: int | None = None  # forced VAE tile (--vae-tile); None: planned; 0: untiled
+    memory_fixed: dict = field(default_factory=dict)  # other knobs a preset forces
     max_vram_gib: float | None = None
+    budget_from: str | None = None  # "--max-vram" or "preset X's max_vram"
     budget_gib: float | None = None  # the memory budget the stages were planned for
     extras: dict = field(default_factory=dict)
+    model_info: object = field(default=None, compare=False, repr=False)  # models.resolve.ModelInfo
 
     @property
     def width(self) -> int:
@@ -69,7 +74,7 @@ class GenerationPlan:
         return self.stages[-1].height
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "stages"}
+        d = {k: v for k, v in asdict(self).items() if k not in ("stages", "model_info")}
         d["width"], d["height"] = self.width, self.height
         d["stages"] = [s.to_dict() for s in self.stages]
         return d
@@ -113,9 +118,13 @@ def size_from_res(res: int, aspect: str = "1:1") -> tuple[int, int]:
 
 
 def ladder_sizes(width: int, height: int, native: int) -> list[tuple[int, int]]:
-    """Sizes from a base near `native` (long side) doubling up to exactly (width, height)."""
-    long_side = max(width, height)
-    k = max(0, round(math.log2(long_side / native) - 1e-9)) if long_side > native else 0
+    """Sizes from a base whose short side is near `native` doubling up to exactly (width, height).
+
+    `native` is the short side the model was trained at (SD1.x 512): 16384x8192 starts at
+    1024x512, the published recipe; 4096x4096 at 512x512.
+    """
+    short_side = min(width, height)
+    k = max(0, round(math.log2(short_side / native) - 1e-9)) if short_side > native else 0
     sizes = []
     for i in range(k, -1, -1):
         f = 2 ** i

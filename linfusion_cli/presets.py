@@ -30,7 +30,7 @@ class Preset:
     model: str = "Lykon/dreamshaper-8"
     family: str = "sd15"
     linfusion: str | None = "auto"  # "auto", a repo id or path, or null for none
-    native: int = 1024
+    native: int | None = None  # short side of the base stage, px (None: the family's trained size)
     aspect: str = "1:1"
     steps: int = 50
     guidance: float = 7.5
@@ -40,12 +40,36 @@ class Preset:
     vae_tile_px: int | None = None
     max_vram: float | None = None
     dtype: str = "auto"
+    memory: tuple = ()  # forced memory knobs as (name, value) pairs, e.g. (("offload", "model"),)
 
 
 _TYPES = {"description": str, "model": str, "family": str, "linfusion": (str, type(None)),
-          "native": int, "aspect": str, "steps": int, "guidance": (int, float), "scheduler": str,
+          "native": (int, type(None)), "aspect": str, "steps": int, "guidance": (int, float), "scheduler": str,
           "strengths": list, "negative": str, "vae_tile_px": (int, type(None)),
-          "max_vram": (int, float, type(None)), "dtype": str}
+          "max_vram": (int, float, type(None)), "dtype": str, "memory": dict}
+# What each forced memory knob may be (memory.planner.MemoryPlan's fields).
+_KNOB_RULES = {"offload": (str, "none, model or sequential"), "vae_tile_px": (int, "0 or a multiple of 8"),
+               "ff_chunk": (int, "tokens >= 0"), "attn_chunk": (int, "tokens > 0"),
+               "cfg_split": (bool, "true or false"), "inplace": (bool, "true or false"),
+               "skips_on_cpu": (bool, "true or false")}
+
+
+def _check_memory(knobs: dict, source: str) -> tuple:
+    """A preset's `memory:` mapping, checked knob by knob."""
+    for name, value in knobs.items():
+        if name not in _KNOB_RULES:
+            raise PresetError(f"{source}: unknown memory knob {name!r} "
+                              f"(known: {', '.join(_KNOB_RULES)})")
+        kind, rule = _KNOB_RULES[name]
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if ok and name == "offload":
+            ok = value in ("none", "model", "sequential")
+        elif ok and kind is int:
+            ok = value >= 0 and not (name == "vae_tile_px" and value % 8) \
+                and not (name == "attn_chunk" and value == 0)
+        if not ok:
+            raise PresetError(f"{source}: memory knob {name!r} must be {rule}, got {value!r}")
+    return tuple(sorted(knobs.items()))
 
 
 def user_preset_dir() -> Path:
@@ -83,8 +107,10 @@ def parse_preset(text: str, *, name: str, source: str) -> Preset:
             raise PresetError(f"{source}: key 'strengths' must be a list of numbers in (0, 1]")
         data["strengths"] = tuple(float(x) for x in s)
     for key in ("native", "steps"):
-        if key in data and data[key] < 1:
+        if data.get(key) is not None and data[key] < 1:
             raise PresetError(f"{source}: key {key!r} must be positive")
+    if "memory" in data:
+        data["memory"] = _check_memory(data["memory"], source)
     return Preset(name=name, source=source, **data)
 
 

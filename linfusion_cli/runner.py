@@ -5,7 +5,6 @@ The CLI is a thin layer over these functions; scripts can call them directly.
 
 from __future__ import annotations
 
-import json
 import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,7 +14,6 @@ from .plan import GenerationPlan, build_plan, check_size, size_from_res
 from .presets import Preset, load_preset
 
 DEFAULT_RES = 4096
-CPU_VAE_TILE = 1024  # VAE tile size on the CPU, px
 
 
 @dataclass(frozen=True)
@@ -44,6 +42,9 @@ class Request:
     save_stages: bool = False
     init_image: str | None = None
     init_size: tuple[int, int] | None = None
+    config: str | None = None  # a single-file model's diffusers configs (--config)
+    allow_pickle: bool = False
+    dry_run: bool = False  # a dry run may plan for a GPU this machine does not have
 
 
 def target_size(req: Request, preset: Preset) -> tuple[int, int]:
@@ -54,7 +55,7 @@ def target_size(req: Request, preset: Preset) -> tuple[int, int]:
         if req.res is not None:
             raise PlanError("--res cannot be combined with --width/--height")
         return req.width, req.height
-    res = req.res or DEFAULT_RES
+    res = req.res if req.res is not None else DEFAULT_RES
     if res % 8 or res > 32768 or res <= 0:
         check_size(res, res, "--res")
     if req.aspect is None and req.init_size is not None:
@@ -63,119 +64,161 @@ def target_size(req: Request, preset: Preset) -> tuple[int, int]:
     return size_from_res(res, req.aspect or preset.aspect)
 
 
-def _model_family(model: str, preset: Preset) -> str:
-    """The family without loading weights: demo names, a local folder's config, else the preset's."""
-    from .models.loading import detect_family
+def _preset_and_model(req: Request):
+    """The preset (given, else the model's family's) and the resolved model."""
+    from .models.resolve import resolve_model
 
-    if model == "demo" or model.startswith("demo-"):
-        return model.split("-", 1)[1] if "-" in model else "sd15"
-    config = Path(model).expanduser() / "unet" / "config.json"
-    if config.is_file():
-        return detect_family(json.loads(config.read_text()))
-    return preset.family
+    if req.preset is not None:
+        preset = load_preset(req.preset)
+        info = resolve_model(req.model or preset.model, config_dir=req.config,
+                             fallback_family=preset.family, allow_pickle=req.allow_pickle)
+        return preset, info
+    default = load_preset(None)
+    info = resolve_model(req.model or default.model, config_dir=req.config,
+                         fallback_family=default.family, allow_pickle=req.allow_pickle)
+    return (default if info.family == default.family else load_preset(info.family)), info
 
 
-def _resolve_linfusion(linfusion: str | None, model: str, family: str, preset: Preset) -> str | None:
-    """"auto" -> the weights for this model when known without loading it (else kept as auto)."""
-    from .attention.matching import FAMILY_REPOS, KNOWN_BASES
+def _base_short_side(preset: Preset, family: str) -> int:
+    """The base stage's short side: the preset's when it was written for this family, else the
+    family's trained size."""
+    from .models.resolve import TRAINED_SHORT_SIDE
 
-    if linfusion != "auto":
-        return linfusion
-    if model == "demo" or model.startswith("demo-"):
-        return "fresh"  # the demo's layers start from its own attention weights
-    if model in KNOWN_BASES:
-        return KNOWN_BASES[model]
-    if model == preset.model:
-        return FAMILY_REPOS[family]
-    return "auto"  # decided from the UNet's architecture once it is loaded
+    if preset.native is not None and preset.family == family:
+        return preset.native
+    return TRAINED_SHORT_SIDE[family]
 
 
 def make_plan(req: Request) -> GenerationPlan:
-    """A validated plan, before any weights load."""
-    preset = load_preset(req.preset)
+    """A validated plan, before any weights load: model resolved, device and dtypes chosen."""
+    from .models.resolve import resolve_linfusion
+
     if req.prompt is None or not req.prompt.strip():
         raise InputError("the prompt is empty")
+    preset, info = _preset_and_model(req)
     width, height = target_size(req, preset)
-    model = req.model or preset.model
-    linfusion = None if req.no_linfusion else (req.linfusion or preset.linfusion)
     seed = req.seed if req.seed is not None else secrets.randbelow(2 ** 32)
     vae_tile = req.vae_tile if req.vae_tile is not None else preset.vae_tile_px
     if vae_tile is not None and (vae_tile < 0 or vae_tile % 8):
         raise PlanError(f"--vae-tile must be 0 (untiled) or a positive multiple of 8, got {vae_tile}")
-    family = _model_family(model, preset)
-    native = preset.native if family == preset.family else {"sd15": 1024, "sd21": 768, "sdxl": 1024}[family]
-    linfusion = _resolve_linfusion(linfusion, model, family, preset)
+    max_vram, budget_from = req.max_vram, "--max-vram"
+    if max_vram is None and preset.max_vram is not None:
+        max_vram, budget_from = preset.max_vram, f"preset {preset.name}'s max_vram"
+    if max_vram is not None and not (0 < max_vram < float("inf")):
+        raise PlanError(f"{budget_from} must be a positive number of GiB, got {max_vram}")
+    linfusion = None if req.no_linfusion else resolve_linfusion(req.linfusion or preset.linfusion, info)
+    device, dtype, vae_dtype, elsewhere = planned_device(req.device, req.dtype or preset.dtype,
+                                                         max_vram, req.dry_run)
     return build_plan(
         prompt=req.prompt, negative=req.negative if req.negative is not None else preset.negative,
-        width=width, height=height, native=native,
-        strengths=list(req.strengths or preset.strengths), steps=req.steps or preset.steps,
+        width=width, height=height, native=_base_short_side(preset, info.family),
+        strengths=list(req.strengths or preset.strengths),
+        steps=req.steps if req.steps is not None else preset.steps,
         guidance=req.guidance if req.guidance is not None else preset.guidance, seed=seed,
-        scheduler=req.scheduler or preset.scheduler, model=model, family=family,
+        scheduler=req.scheduler or preset.scheduler, model=info.model, family=info.family,
         linfusion=linfusion, init_size=req.init_size, init_image=req.init_image,
-        save_stages=req.save_stages, vae_tile_px=vae_tile,
-        max_vram_gib=req.max_vram if req.max_vram is not None else preset.max_vram,
-        dtype=req.dtype or preset.dtype, device=req.device or "auto",
-        extras={"preset": preset.name})
+        save_stages=req.save_stages, vae_tile_px=vae_tile, memory_fixed=dict(preset.memory),
+        max_vram_gib=max_vram, budget_from=budget_from if max_vram is not None else None,
+        dtype=dtype, vae_dtype=vae_dtype, device=device, planned_elsewhere=elsewhere,
+        model_info=info, extras={"preset": preset.name, "family_from": info.family_from})
 
 
-def architecture_configs(plan: GenerationPlan) -> tuple[dict, dict]:
-    """UNet and VAE configs for the estimate: the demo's, a local folder's, or the shipped ones."""
-    from .memory.planner import load_family_configs
+def planned_device(device: str | None, dtype: str, max_vram: float | None,
+                   dry_run: bool) -> tuple[str, str, str, bool]:
+    """(device, UNet dtype, VAE dtype, planned for a GPU absent here) for a plan.
 
-    if plan.model == "demo" or plan.model.startswith("demo-"):
-        from .models.tiny import DEMO_UNET_CONFIGS, DEMO_VAE_CONFIG
+    `--device cuda` plans for CUDA without needing one until the run; on a machine without a
+    GPU, a dry run with a budget plans for a CUDA GPU of that size (assumed to have bf16, as
+    every GPU since Ampere does), since that is what a budget in GiB of VRAM describes.
+    """
+    import torch
 
-        return dict(DEMO_UNET_CONFIGS[plan.family]), dict(DEMO_VAE_CONFIG)
-    folder = Path(plan.model).expanduser()
-    if (folder / "unet" / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
-        return (json.loads((folder / "unet" / "config.json").read_text()),
-                json.loads((folder / "vae" / "config.json").read_text()))
-    return load_family_configs(plan.family)
+    from .models.loading import resolve_device
+    from .models.resolve import choose_dtypes
+
+    name = device or "auto"
+    cuda_here = torch.cuda.is_available()
+    wants_cuda = name.startswith("cuda") or (name == "auto" and not cuda_here and dry_run
+                                            and max_vram is not None)
+    if wants_cuda and not cuda_here:
+        if not dry_run:
+            resolve_device(name)  # the one-line "no CUDA device" error
+        try:
+            torch.device(name if name != "auto" else "cuda")
+        except RuntimeError:
+            raise InputError(f"unknown device {name!r}; use auto, cuda, cuda:N, mps or cpu") from None
+        unet, vae = choose_dtypes(dtype, "cuda", bf16_ok=True)
+        return (name if name != "auto" else "cuda"), unet, vae, True
+    resolved = resolve_device(name)
+    bf16_ok = resolved.type == "cuda" and torch.cuda.is_bf16_supported()
+    unet, vae = choose_dtypes(dtype, resolved.type, bf16_ok)
+    return str(resolved), unet, vae, False
 
 
-def device_budget(plan: GenerationPlan) -> tuple[str, int, int]:
-    """(device type, bytes per UNet value, budget bytes): --max-vram, else the free memory."""
+def device_budget(plan: GenerationPlan) -> tuple[int | None, str]:
+    """(budget bytes, the sentence a refusal ends with) for the plan's device.
+
+    None: no budget to plan for (a dry run for a GPU absent here, without --max-vram): the
+    fastest plan is shown. The sentence quotes the budget as the user gave it, or says where it
+    came from.
+    """
     import psutil
     import torch
 
-    from .models.loading import resolve_device, resolve_dtypes
-
-    device = resolve_device(plan.device)
-    dtype, _ = resolve_dtypes(plan.dtype, device)
     if plan.max_vram_gib is not None:
-        if plan.max_vram_gib <= 0:
-            raise PlanError(f"--max-vram must be positive, got {plan.max_vram_gib}")
-        budget = int(plan.max_vram_gib * 2 ** 30)
-    elif device.type == "cuda":
-        budget = torch.cuda.mem_get_info(device)[0]
-    else:  # host memory: leave room for what the planner does not count (full-size images,
-        # the resize, the PNG encoder): a quarter of RAM, at most what is free
-        budget = min(psutil.virtual_memory().available, psutil.virtual_memory().total // 4)
-    return device.type, torch.finfo(dtype).bits // 8, budget
+        return (int(plan.max_vram_gib * 2 ** 30),
+                f"{plan.budget_from} {plan.max_vram_gib:g} is too small")
+    if plan.planned_elsewhere:
+        return None, ""
+    if plan.device.startswith("cuda"):
+        free = torch.cuda.mem_get_info(torch.device(plan.device))[0]
+        return free, (f"the free memory of {plan.device} ({free / 2 ** 30:.1f} GiB) is too "
+                      "small; free some, or lower the size")
+    # host memory: leave room for what the planner does not count (full-size images, the
+    # resize, the PNG encoder): a quarter of RAM, at most what is free
+    vm = psutil.virtual_memory()
+    budget = min(vm.available, vm.total // 4)
+    return budget, (f"no GPU found; on the CPU the budget is a quarter of RAM, "
+                    f"{budget / 2 ** 30:.1f} GiB; pass --max-vram to allow more")
 
 
 def plan_memory(plan: GenerationPlan) -> GenerationPlan:
-    """Give every stage the fastest memory plan that fits the budget (PlanError if none does)."""
-    from .memory.planner import plan_memory as choose
+    """Give every stage the fastest memory plan that fits the budget (PlanError if none does).
 
-    unet_cfg, vae_cfg = architecture_configs(plan)
-    device, dtype_bytes, budget = device_budget(plan)
+    Forced knobs (--vae-tile, a preset's `memory:`) are constraints of the search, so the
+    estimate printed is the one of the plan that runs.
+    """
+    from .memory.planner import BudgetError
+    from .memory.planner import plan_memory as choose
+    from .models.resolve import DTYPE_BYTES
+
+    info = plan.model_info
+    budget, source = device_budget(plan)
+    kind = "cuda" if plan.device.startswith("cuda") else "cpu"
+    fixed = dict(plan.memory_fixed)
+    if plan.vae_tile_px is not None:
+        fixed["vae_tile_px"] = plan.vae_tile_px
     plans = []
     for stage in plan.stages:
-        stage_budget = budget
-        if device == "cpu":  # host memory also holds the stage's uint8 images: previous, resized, new
-            stage_budget -= 3 * 3 * stage.width * stage.height
-        memory = choose(unet_cfg, vae_cfg, width=stage.width, height=stage.height,
-                        dtype_bytes=dtype_bytes, budget_bytes=max(stage_budget, 1),
-                        guidance=stage.guidance > 1, linfusion=plan.linfusion is not None,
-                        device=device)
-        if plan.vae_tile_px is not None:
-            memory = replace(memory, vae_tile_px=plan.vae_tile_px)
-        elif device == "cpu" and max(stage.width, stage.height) > CPU_VAE_TILE:
-            # Big tiles buy a GPU fewer launches; a CPU gains nothing from them but memory use.
-            memory = replace(memory, vae_tile_px=min(memory.vae_tile_px or CPU_VAE_TILE, CPU_VAE_TILE))
+        images = 3 * 3 * stage.width * stage.height if kind == "cpu" else 0  # previous, resized, new
+        try:
+            memory = choose(info.unet_config, info.vae_config, width=stage.width,
+                            height=stage.height, dtype_bytes=DTYPE_BYTES[plan.dtype],
+                            vae_bytes=DTYPE_BYTES[plan.vae_dtype],
+                            budget_bytes=1 << 62 if budget is None else max(budget - images, 1),
+                            guidance=stage.guidance > 1, linfusion=plan.linfusion is not None,
+                            device=kind, fixed=fixed)
+        except BudgetError as exc:
+            held = (f" plus {images / 2 ** 30:.1f} GiB for its images in host memory"
+                    if images >= 2 ** 30 / 20 else "")
+            forced = f" with {', '.join(f'{k}={v}' for k, v in fixed.items())}" if fixed else ""
+            raise PlanError(
+                f"stage {stage.index + 1} ({stage.width}x{stage.height}) needs at least "
+                f"{exc.needed_bytes / 2 ** 30:.1f} GiB{held} with the tightest plan{forced}; "
+                f"{source}") from None
         plans.append(memory)
-    return replace(plan.with_memory(plans), budget_gib=round(budget / 2 ** 30, 2))
+    budget_gib = None if budget is None else round(budget / 2 ** 30, 2)
+    return replace(plan.with_memory(plans), budget_gib=budget_gib)
 
 
 def result_summary(path: Path | None, record: dict) -> dict:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from linfusion_cli.memory.knobs import SpatialInplaceSiLU, apply_knobs, apply_offload
+from linfusion_cli.memory.knobs import SpatialInplaceSiLU, apply_knobs
 from linfusion_cli.memory.planner import MemoryPlan
 
 from .conftest import tiny_unet, unet_inputs
@@ -157,15 +157,3 @@ def test_attn_chunk_sets_linfusion_chunk_size_and_keeps_output():
     torch.testing.assert_close(_run(unet, inputs), reference, rtol=1e-5, atol=1e-5)
     handle()
     assert [layer.chunk_size for layer in layers] == old
-
-
-def test_offload_is_a_no_op_off_cuda():
-    class Pipe:
-        def enable_model_cpu_offload(self, **kw):
-            raise AssertionError("must not offload on the CPU")
-
-        enable_sequential_cpu_offload = enable_model_cpu_offload
-
-    undo = apply_offload(Pipe(), "model", "cpu")
-    undo()
-    assert apply_offload(Pipe(), "none", "cuda") is not None

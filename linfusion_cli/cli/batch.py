@@ -79,6 +79,7 @@ def batch(
         linfusion=linfusion, no_linfusion=no_linfusion, seed=seed, steps=steps, guidance=guidance,
         negative=negative, strengths=strengths, scheduler=scheduler, max_vram=max_vram,
         vae_tile=vae_tile, save_stages=save_stages, device=device, dtype=dtype)
+    base = replace(base, config=config, allow_pickle=allow_pickle, dry_run=dry_run)
     base_seed = seed if seed is not None else secrets.randbelow(2 ** 31)
     folder = output if output.endswith("/") else output + "/"
     jobs, seen = [], {}

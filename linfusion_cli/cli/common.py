@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .. import runner
@@ -28,11 +29,21 @@ def print_dry_run(plan, *, as_json: bool) -> None:
     if as_json:
         print(json.dumps(plan.to_dict()))
         return
-    print(f"model {plan.model} ({plan.family}), LinFusion {plan.linfusion or 'off'}, seed {plan.seed}")
+    print(planned_for(plan))
+    print(f"model {plan.model} ({plan.family}: {plan.extras.get('family_from', '')}), "
+          f"preset {plan.extras.get('preset')}, LinFusion {plan.linfusion or 'off'}, seed {plan.seed}")
     for s in plan.stages:
         kind = "text-to-image" if s.strength is None else f"img2img @{s.strength}"
         print(f"  stage {s.index + 1}: {s.width}x{s.height} {kind}, {s.denoise_steps} steps, "
               f"seed {s.seed}, {memory_line(s)}")
+
+
+def planned_for(plan) -> str:
+    """The dry run's first line: the device, dtypes and budget the estimates are for."""
+    budget = (f"{plan.budget_gib:g} GiB" if plan.budget_gib is not None
+              else "no budget given (the fastest plan; pass --max-vram)")
+    where = " (no GPU on this machine: planned for one)" if plan.planned_elsewhere else ""
+    return (f"planned for {plan.device}{where}, {budget}, UNet {plan.dtype}, VAE {plan.vae_dtype}")
 
 
 def load(plan, *, verbose: bool, quiet: bool, allow_pickle: bool = False, config: str | None = None):
@@ -42,7 +53,7 @@ def load(plan, *, verbose: bool, quiet: bool, allow_pickle: bool = False, config
     info(f"loading {plan.model} ...", quiet=quiet)
     return load_model(plan.model, dtype=plan.dtype, device=plan.device, linfusion=plan.linfusion,
                       scheduler=plan.stages[0].scheduler, allow_pickle=allow_pickle, config=config,
-                      verbose=verbose)
+                      verbose=verbose, family=plan.family)
 
 
 def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_image=None) -> dict:
@@ -60,6 +71,7 @@ def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_
 def plan_and_run(req, *, dry_run: bool, as_json: bool, output, fmt, overwrite: bool, quiet: bool,
                  verbose: bool, allow_pickle: bool, config, init_image=None) -> None:
     """generate/upscale after parsing: plan, then print it (--dry-run) or run it to a file."""
+    req = replace(req, config=config, allow_pickle=allow_pickle, dry_run=dry_run)
     plan = runner.plan_memory(runner.make_plan(req))
     if dry_run:
         print_dry_run(plan, as_json=as_json)

@@ -25,11 +25,11 @@ the block input its caller keeps referenced, and the op's own temporaries. Count
   _forward_chunked) only its output spans all tokens (1C + O(chunk)), and the cross-attention
   moment (7C) sets the block's peak. Quadratic self-attention is SDPA memory-efficient (5C).
 * The VAE decoder (and encoder) is walked the same way on one tile with its context padding
-  (88 px a side for decode, 32 for encode) or on the whole image when untiled; its mid-block
+  (tuning.DECODER_CONTEXT and ENCODER_CONTEXT latent px a side) or on the whole image when untiled; its mid-block
   attention is SDPA memory-efficient (O(N)). Tiled (linfusion_cli.vae), the latent-resolution
   layers (conv_in, mid block, first up block's resnets) still run once on the WHOLE latent:
-  6 x 512 channels per latent pixel (whole_latent_channels), 12 GiB in bf16 at 16384x8192. The VAE runs in fp32 when its config has
-  `force_upcast` and the model dtype is 16-bit.
+  6 x 512 channels per latent pixel (whole_latent_channels), 12 GiB in bf16 at 16384x8192. The VAE runs in bf16 beside a 16-bit UNet (fp32
+  on GPUs without bf16, which the caller says with vae_bytes).
 * Weights stay resident per offload mode: "none" = UNet + VAE + text encoders, "model" = the
   model of the running phase, "sequential" = about two layers.
 * Margin: the CUDA context (0.75 GiB, outside the allocator) plus 20% for allocator
@@ -43,13 +43,14 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .. import tuning
+
 GIB = 1 << 30
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)
 OVERHEAD = 0.20  # allocator fragmentation and cuDNN conv workspaces, as a share of the peak
-DECODE_PAD_PX = 88  # 11 latent px of context on each side of a decoder tile
-ENCODE_PAD_PX = 32
-STATS_PX = 128  # vae/tiled.py STATS_PX: long side, latent px, of the "estimated" stats pass
-LINFUSION_DEFAULT_CHUNK = 1 << 16  # attention/ops.py DEFAULT_CHUNK: used when attn_chunk is 0
+DECODE_PAD_PX = tuning.DECODER_CONTEXT * 8  # context around a decoder tile, image px a side
+ENCODE_PAD_PX = tuning.ENCODER_CONTEXT * 8  # context around an encoder tile
+STATS_PX = tuning.STATS_PX  # long side, latent px, of the "estimated" mode's stats pass
 TEXT_ENCODER_PARAMS = {  # by the UNet's cross_attention_dim
     768: 123_060_480,  # CLIP ViT-L/14 text model (SD1.x)
     1024: 340_387_840,  # OpenCLIP ViT-H text model (SD2.x)
@@ -113,9 +114,10 @@ def text_encoder_params(unet_config: dict) -> int:
     return TEXT_ENCODER_PARAMS.get(dim, param_count("unet", unet_config) // 7)
 
 
-def vae_dtype_bytes(vae_config: dict, dtype_bytes: int) -> int:
-    """fp16 VAEs with `force_upcast` (SD-XL) overflow at large sizes and run in fp32."""
-    return 4 if vae_config.get("force_upcast", False) and dtype_bytes < 4 else dtype_bytes
+def vae_dtype_bytes(dtype_bytes: int, vae_bytes: int | None) -> int:
+    """The VAE's bytes per value: as given, else the UNet's (bf16 beside a 16-bit UNet, see
+    models.resolve.choose_dtypes; a GPU without bf16 runs it in fp32 and says vae_bytes=4)."""
+    return dtype_bytes if vae_bytes is None else vae_bytes
 
 
 # ---------------------------------------------------------------- working sets (channels/token)
@@ -170,7 +172,7 @@ def _transformer_phases(c: int, n: int, k: Knobs, linfusion: bool, bytes_: int,
         attn1 = {"attn1 output": c, "attn1 chunk temps": temps}
     elif linfusion:  # full q, k, v, attention output, merged heads, W_o out + fp32 op chunks
         m = mid or c
-        temps = 4 * c * frac(k.attn_chunk or LINFUSION_DEFAULT_CHUNK) * 4 / bytes_
+        temps = 4 * c * frac(k.attn_chunk or tuning.LINFUSION_DEFAULT_CHUNK["cuda"]) * 4 / bytes_
         attn1 = {"attn1 q/k/v/o/merge/out": max(6 * c, 3 * c + 2 * m), "attn1 chunk temps": temps}
     else:  # SDPA memory-efficient/flash: q, k, v, output, reshape copy (no N x N tensor)
         attn1 = {"attn1 q/k/v/o/out (SDPA)": 5 * c}
@@ -379,13 +381,13 @@ def whole_latent_channels(cfg: dict) -> int:
 
 
 def weight_bytes(unet_config: dict, vae_config: dict, dtype_bytes: int,
-                 text_encoders_bytes: int | None = None) -> dict[str, int]:
+                 text_encoders_bytes: int | None = None, vae_bytes: int | None = None) -> dict[str, int]:
     """Bytes of each model's weights: unet, vae (maybe fp32), text encoders."""
     te = text_encoders_bytes
     if te is None:
         te = text_encoder_params(unet_config) * dtype_bytes
     return {"unet": param_count("unet", unet_config) * dtype_bytes,
-            "vae": param_count("vae", vae_config) * vae_dtype_bytes(vae_config, dtype_bytes),
+            "vae": param_count("vae", vae_config) * vae_dtype_bytes(dtype_bytes, vae_bytes),
             "text": te}
 
 
@@ -398,14 +400,14 @@ def layer_bytes(unet_config: dict, dtype_bytes: int) -> int:
 def estimate_peak_bytes(unet_config: dict, vae_config: dict, *, width: int, height: int,
                         dtype_bytes: int = 2, batch: int = 2, knobs: Knobs | None = None,
                         text_encoders_bytes: int | None = None, linfusion: bool = True,
-                        device: str = "cuda") -> int:
+                        device: str = "cuda", vae_bytes: int | None = None) -> int:
     """Peak device bytes of one stage: max over its UNet and VAE phases of weights + activations.
 
     batch is the UNet batch (2 with classifier-free guidance; cfg_split runs it as two of 1).
     """
     k = knobs or Knobs()
-    w = weight_bytes(unet_config, vae_config, dtype_bytes, text_encoders_bytes)
-    vb = vae_dtype_bytes(vae_config, dtype_bytes)
+    w = weight_bytes(unet_config, vae_config, dtype_bytes, text_encoders_bytes, vae_bytes)
+    vb = vae_dtype_bytes(dtype_bytes, vae_bytes)
     unet_act = unet_activation_bytes(unet_config, latent_h=-(-height // 8),
                                      latent_w=-(-width // 8), batch=batch,
                                      dtype_bytes=dtype_bytes, knobs=k, linfusion=linfusion)
@@ -437,11 +439,11 @@ def stage_peak(weights: dict[str, int], unet_act: int, vae_act: int, *, offload:
 def peak_breakdown(unet_config: dict, vae_config: dict, *, width: int, height: int,
                    dtype_bytes: int = 2, batch: int = 2, knobs: Knobs | None = None,
                    linfusion: bool = True, device: str = "cuda",
-                   text_encoders_bytes: int | None = None) -> dict:
+                   text_encoders_bytes: int | None = None, vae_bytes: int | None = None) -> dict:
     """estimate_peak_bytes, itemised: the UNet's peak moment and every tensor alive there, the
     VAE phase, resident weights, the margin. Bytes; `total` equals estimate_peak_bytes."""
     k = knobs or Knobs()
-    w = weight_bytes(unet_config, vae_config, dtype_bytes, text_encoders_bytes)
+    w = weight_bytes(unet_config, vae_config, dtype_bytes, text_encoders_bytes, vae_bytes)
     lb = layer_bytes(unet_config, dtype_bytes)
     where, terms = unet_breakdown(unet_config, latent_h=-(-height // 8), latent_w=-(-width // 8),
                                   batch=batch, dtype_bytes=dtype_bytes, knobs=k,
@@ -450,7 +452,7 @@ def peak_breakdown(unet_config: dict, vae_config: dict, *, width: int, height: i
                                      latent_w=-(-width // 8), batch=batch,
                                      dtype_bytes=dtype_bytes, knobs=k, linfusion=linfusion)
     vae_act = vae_activation_bytes(vae_config, height=height, width=width, tile_px=k.vae_tile_px,
-                                   dtype_bytes=vae_dtype_bytes(vae_config, dtype_bytes))
+                                   dtype_bytes=vae_dtype_bytes(dtype_bytes, vae_bytes))
     unet_w, vae_w = _resident(w, k.offload, device, lb)
     peak = max(unet_w + unet_act, vae_w + vae_act)
     context = CUDA_CONTEXT_BYTES if device == "cuda" else 0

@@ -16,7 +16,8 @@ GPUs); they trade speed for peak memory:
   to the CPU as they are produced; a pre-hook on each up block hands it a tuple that copies a
   skip back to the device when the block indexes it, so one skip at a time is on the device. Not for use with ControlNet/T2I-Adapter residuals (they are added on the device).
 * attn_chunk: sets `chunk_size` on every LinFusion layer (modules with a `chunk_size` attribute).
-* offload: accelerate CPU offload through the pipeline, CUDA only (apply_offload).
+* offload: accelerate CPU offload of the text encoders and UNet (model or per layer) and of
+  the VAE (whole), see _offload.
 Undo in the reverse order of application (the handle returned by apply_knobs does).
 """
 
@@ -74,6 +75,7 @@ def _chunked(chunk: int):
                 return forward(hidden_states, *args, **kwargs)
             parts = [forward(h, *args, **kwargs) for h in hidden_states.split(chunk, dim=1)]
             return torch.cat(parts, dim=1)  # (B, N, C)
+        chunked_forward.ff_chunk = chunk  # read back by read_knobs
         return chunked_forward
     return wrap
 
@@ -101,6 +103,7 @@ def _split_batch(forward):
         if isinstance(outs[0], tuple):
             return (torch.cat([o[0] for o in outs]), *outs[0][1:])
         return type(outs[0])(sample=torch.cat([o.sample for o in outs]))  # UNet2DConditionOutput
+    split_forward.cfg_split = True  # read back by read_knobs
     return split_forward
 
 
@@ -135,20 +138,28 @@ class _FetchOnIndex(tuple):
         return (self._fetch(t) for t in tuple.__iter__(self))
 
 
+def park(t: torch.Tensor) -> torch.Tensor:
+    """Where skips_on_cpu keeps a skip (the memory trace replaces this to count it as host)."""
+    return t.to("cpu")
+
+
+def fetch(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A parked skip back on the device (the memory trace replaces this to count the copy)."""
+    return t.to(device)
+
+
 def _skips_to_cpu(unet: nn.Module, handle: KnobHandle) -> None:
     """Hooks that park skip tensors on the CPU and bring each up block's back before it runs."""
     state = {"device": None, "fetched": set()}  # ids of the skips brought back this forward
-    cpu = torch.device("cpu")
-
     def to_cpu(t):
         handle.stats["skips_to_cpu"] += 1
-        return t.to(cpu)
+        return park(t)
 
     def to_device(t):  # counts each skip once, however often a hook reads the lazy tuple
         if id(t) not in state["fetched"]:
             state["fetched"].add(id(t))
             handle.stats["skips_to_device"] += 1
-        return t.to(state["device"])
+        return fetch(t, state["device"])
 
     def conv_in_hook(module, args, output):  # the first skip: conv_in's output (B, C0, h, w)
         state["device"] = output.device
@@ -172,6 +183,7 @@ def _skips_to_cpu(unet: nn.Module, handle: KnobHandle) -> None:
             kwargs = {**kwargs, "res_hidden_states_tuple": res}
         return args, kwargs
 
+    conv_in_hook.skips_on_cpu = True  # read back by read_knobs
     hooks = [unet.conv_in.register_forward_hook(conv_in_hook),
              unet.down_blocks[0].register_forward_pre_hook(first_down_pre, with_kwargs=True)]
     hooks += [b.register_forward_hook(down_hook, with_kwargs=True) for b in unet.down_blocks]
@@ -189,8 +201,50 @@ def _set_chunk_size(model: nn.Module, chunk: int, handle: KnobHandle) -> None:
             handle.add(lambda m=module, o=old: setattr(m, "chunk_size", o))
 
 
+def _offload(pipe, mode: str, device: torch.device, handle: KnobHandle) -> None:
+    """accelerate CPU offload of the pipeline's models, undone by the handle.
+
+    "model": each model moves to the device when its forward starts and the one before it in
+    the chain goes back to the CPU (accelerate's cpu_offload_with_hook). "sequential": every
+    layer's weights arrive just before it runs (accelerate's cpu_offload). The VAE is always
+    moved whole: the tiled VAE reads its GroupNorm weights directly (vae/norm.py), which
+    per-layer hooks would leave on the meta device; stages call `vae_on_device` first.
+    diffusers' enable_*_cpu_offload would do the same for whole pipelines, but it offloads to
+    CUDA only and also hooks the VAE per layer.
+    """
+    from accelerate import cpu_offload, cpu_offload_with_hook
+    from accelerate.hooks import remove_hook_from_module
+
+    chain = [m for m in (getattr(pipe, n, None) for n in OFFLOAD_ORDER) if isinstance(m, nn.Module)]
+    previous = None
+    for module in chain:
+        module.to("cpu")
+        if mode == "sequential" and module is not pipe.vae:
+            cpu_offload(module, execution_device=device)
+        else:
+            _, previous = cpu_offload_with_hook(module, execution_device=device,
+                                                prev_module_hook=previous)
+
+    def undo():
+        for module in chain:
+            remove_hook_from_module(module, recurse=True)
+            module.to(device)
+    handle.add(undo)
+
+
+OFFLOAD_ORDER = ("text_encoder", "text_encoder_2", "image_encoder", "unet", "vae")
+
+
+def vae_on_device(vae: nn.Module) -> None:
+    """Under model offload, bring the VAE to the device (and the UNet back to the CPU) before the
+    tiled VAE calls its submodules directly, which accelerate's forward hook would not see."""
+    hook = getattr(vae, "_hf_hook", None)
+    if hook is not None and hasattr(hook, "prev_module_hook"):  # accelerate's CpuOffload
+        hook.pre_forward(vae)
+
+
 def apply_knobs(unet: nn.Module, vae: nn.Module | None, plan) -> KnobHandle:
-    """Apply plan's model-side knobs to unet (and in-place SiLU to vae); call the result to undo."""
+    """Apply plan's module-level knobs to unet (and in-place SiLU to vae); call the result to undo."""
     handle = KnobHandle()
     if plan.ff_chunk:
         for module in unet.modules():
@@ -210,15 +264,41 @@ def apply_knobs(unet: nn.Module, vae: nn.Module | None, plan) -> KnobHandle:
     return handle
 
 
-def apply_offload(pipe, offload: str, device: str | torch.device = "cuda") -> Callable[[], None]:
-    """accelerate CPU offload ("model" or "sequential") on CUDA; elsewhere nothing. Returns undo."""
-    device = torch.device(device)
-    if offload == "none" or device.type != "cuda":
-        return lambda: None
-    if offload == "model":
-        pipe.enable_model_cpu_offload(device=device)
-    elif offload == "sequential":
-        pipe.enable_sequential_cpu_offload(device=device)
+def apply_memory_plan(pipe, plan, device: str | torch.device) -> KnobHandle:
+    """Apply every model-side field of a MemoryPlan to a pipeline; call the result to undo.
+
+    The VAE tile size is the one field not set on a module: stages pass it to the tiled VAE.
+    """
+    handle = apply_knobs(pipe.unet, pipe.vae, plan)
+    if plan.offload != "none":
+        if plan.offload not in ("model", "sequential"):
+            raise ValueError(f"unknown offload mode {plan.offload!r}: none, model or sequential")
+        _offload(pipe, plan.offload, torch.device(device), handle)
+    return handle
+
+
+def read_knobs(pipe) -> dict:
+    """The knobs in effect on a pipeline's modules now, read from the modules themselves."""
+    from accelerate.hooks import AlignDevicesHook, CpuOffload
+
+    unet = pipe.unet
+    hooks = [getattr(m, "_hf_hook", None) for m in unet.modules()]
+    if isinstance(getattr(unet, "_hf_hook", None), CpuOffload):
+        offload = "model"
+    elif any(isinstance(h, AlignDevicesHook) and h.offload for h in hooks if h is not None):
+        offload = "sequential"
     else:
-        raise ValueError(f"unknown offload mode {offload!r}: none, model or sequential")
-    return pipe.remove_all_hooks
+        offload = "none"
+    ff_chunk = 0
+    for module in unet.modules():
+        if type(module).__name__ == "FeedForward":
+            ff_chunk = getattr(module.forward, "ff_chunk", 0)
+            break
+    chunks = {m.chunk_size for m in unet.modules() if hasattr(m, "chunk_size")}
+    silu = [m for model in (unet, pipe.vae) for m in model.modules() if isinstance(m, nn.SiLU)]
+    skips = any(getattr(h, "skips_on_cpu", False) for h in unet.conv_in._forward_hooks.values())
+    return {"offload": offload, "ff_chunk": ff_chunk,
+            "cfg_split": bool(getattr(unet.forward, "cfg_split", False)),
+            "attn_chunk": chunks.pop() if len(chunks) == 1 else (sorted(chunks) if chunks else 0),
+            "inplace": bool(silu) and all(isinstance(m, SpatialInplaceSiLU) for m in silu),
+            "skips_on_cpu": skips}

@@ -12,18 +12,33 @@ import json
 from dataclasses import asdict, dataclass, replace
 from importlib import resources
 
-from ..errors import InputError, PlanError
+from .. import tuning
+from ..errors import PlanError
 from . import estimate as est
 
 GIB = est.GIB
 OFFLOADS = ("none", "model", "sequential")
 TILE_CHOICES = (0, 4096, 2048, 1024, 512)  # VAE tile px (0 = untiled), loosest first
 FF_CHOICES = (0, 16384, 4096)  # feed-forward chunk, tokens
-ATTN_CHOICES = (0, 16384, 4096)  # LinFusion chunk, tokens (0 = the layer's default)
+# LinFusion chunk, tokens, loosest first: always explicit, so the estimate models what runs
+# (the layer's own default is the first choice of each device kind).
+ATTN_CHOICES = {"cuda": (tuning.LINFUSION_DEFAULT_CHUNK["cuda"], 16384, 4096),
+                "cpu": (tuning.LINFUSION_DEFAULT_CHUNK["cpu"], 4096)}
+KNOB_NAMES = ("offload", "vae_tile_px", "ff_chunk", "cfg_split", "attn_chunk", "inplace",
+              "skips_on_cpu")
+
+
+class BudgetError(PlanError):
+    """No plan fits the budget; `needed_bytes` is the smallest estimate of the plans tried."""
+
+    def __init__(self, message: str, needed_bytes: int):
+        super().__init__(message)
+        self.needed_bytes = needed_bytes
 
 # Relative stage time of each knob setting (multiplied together); only the order matters.
 _OFFLOAD_COST = {"none": 1.0, "model": 1.12, "sequential": 3.0}  # PCIe traffic per step
-_CHUNK_COST = {0: 1.0, 16384: 1.01, 4096: 1.03}  # more, smaller kernels
+# more, smaller kernels (8192 is the CPU's cache-sized default, no slower there)
+_CHUNK_COST = {0: 1.0, 65536: 1.0, 16384: 1.01, 8192: 1.0, 4096: 1.03}
 _VAE_SHARE = 0.1  # share of a stage's time spent in the VAE
 
 
@@ -35,7 +50,7 @@ class MemoryPlan:
     vae_tile_px: int = 0  # VAE tile size in output pixels, 0 = untiled
     ff_chunk: int = 0  # transformer feed-forward chunk in tokens, 0 = off
     cfg_split: bool = False  # classifier-free guidance as two half batches
-    attn_chunk: int = 0  # LinFusion token chunk, 0 = the layer's default
+    attn_chunk: int = 0  # LinFusion token chunk (0 only without LinFusion)
     inplace: bool = False  # in-place SiLU on spatial tensors (inference only)
     skips_on_cpu: bool = False  # UNet skip tensors parked in CPU memory
     estimated_peak_gib: float = 0.0
@@ -85,8 +100,9 @@ class MemoryPlan:
                           else max(TILE_CHOICES[-1], self.vae_tile_px // 2)})
         if not self.cfg_split:
             steps.append({"cfg_split": True})
-        if self.attn_chunk != ATTN_CHOICES[-1]:
-            steps.append({"attn_chunk": ATTN_CHOICES[-1]})
+        smallest_chunk = ATTN_CHOICES[tuning.device_kind(device)][-1]
+        if self.attn_chunk and self.attn_chunk > smallest_chunk:
+            steps.append({"attn_chunk": smallest_chunk})
         if device == "cuda":
             if not self.skips_on_cpu:
                 steps.append({"skips_on_cpu": True})
@@ -95,34 +111,39 @@ class MemoryPlan:
         return replace(self, **steps[0]) if steps else None
 
 
-def next_tighter(plan: MemoryPlan, device: str = "cuda") -> MemoryPlan | None:
-    """Function form of MemoryPlan.tighter for callers that retry after an OOM."""
-    return plan.tighter(device)
-
-
-def load_family_config(family: str, part: str) -> dict:
-    """A shipped diffusers config: part is "unet", "vae" or "scheduler"."""
-    path = resources.files("linfusion_cli.models") / "configs" / f"{family}_{part}.json"
-    if not path.is_file():
-        raise InputError(f"no bundled {part} config for model family {family!r} "
-                         "(bundled: sd15, sd21, sdxl)")
-    return json.loads(path.read_text())
-
-
 def load_family_configs(family: str) -> tuple[dict, dict]:
     """(unet_config, vae_config) of a bundled family, with no download."""
-    return load_family_config(family, "unet"), load_family_config(family, "vae")
+    from ..models.resolve import bundled_config
+
+    return bundled_config(family, "unet"), bundled_config(family, "vae")
 
 
 def candidate_plans(width: int, height: int, *, guidance: bool = True, linfusion: bool = True,
-                    device: str = "cuda") -> list[MemoryPlan]:
-    """Every meaningful knob combination, fastest first (a total order: ties by knob values)."""
+                    device: str = "cuda", fixed: dict | None = None) -> list[MemoryPlan]:
+    """Every meaningful knob combination, fastest first (a total order: ties by knob values).
+
+    `fixed` holds knobs the user or the preset forced ({"vae_tile_px": 0, ...}): only plans
+    with those values are candidates, so the estimate printed is the one of the plan that runs.
+    On the CPU, VAE tiles are at most tuning.CPU_VAE_TILE and offload/skips_on_cpu are moot.
+    """
     cuda = device == "cuda"
-    tiles = [t for t in TILE_CHOICES if t == 0 or t < max(width, height)]
-    combos = itertools.product(
-        OFFLOADS if cuda else ("none",), tiles, FF_CHOICES, (False, True) if guidance else (False,),
-        ATTN_CHOICES if linfusion else (0,), (False, True), (False, True) if cuda else (False,))
-    plans = [MemoryPlan(*c) for c in combos]
+    long_side = max(width, height)
+    tiles = [t for t in TILE_CHOICES if t == 0 or t < long_side]
+    if not cuda:
+        tiles = [t for t in tiles if (t or long_side) <= tuning.CPU_VAE_TILE] or [tuning.CPU_VAE_TILE]
+    fixed = fixed or {}
+    unknown = set(fixed) - set(KNOB_NAMES)
+    if unknown:
+        raise PlanError(f"unknown memory knob(s) {', '.join(sorted(unknown))}; "
+                        f"known: {', '.join(KNOB_NAMES)}")
+    choices = {
+        "offload": OFFLOADS if cuda else ("none",), "vae_tile_px": tiles, "ff_chunk": FF_CHOICES,
+        "cfg_split": (False, True) if guidance else (False,),
+        "attn_chunk": ATTN_CHOICES[tuning.device_kind(device)] if linfusion else (0,),
+        "inplace": (False, True), "skips_on_cpu": (False, True) if cuda else (False,)}
+    for name, value in fixed.items():  # a forced knob has exactly one choice
+        choices[name] = (value,)
+    plans = [MemoryPlan(*c) for c in itertools.product(*(choices[n] for n in KNOB_NAMES))]
     return sorted(plans, key=lambda p: (round(p.slowdown(width, height), 9),
                                         OFFLOADS.index(p.offload), -p.vae_tile_px, p.ff_chunk,
                                         p.cfg_split, p.attn_chunk, p.inplace, p.skips_on_cpu))
@@ -132,12 +153,14 @@ class _Estimator:
     """Memoised estimate of many plans for one stage (the UNet and VAE parts are shared)."""
 
     def __init__(self, unet_config, vae_config, *, width, height, dtype_bytes, guidance,
-                 linfusion, device, text_encoders_bytes=None):
+                 linfusion, device, text_encoders_bytes=None, vae_bytes=None):
         self.u, self.v = unet_config, vae_config
         self.w, self.h, self.db = width, height, dtype_bytes
         self.batch = 2 if guidance else 1
         self.linfusion, self.device = linfusion, device
-        self.weights = est.weight_bytes(unet_config, vae_config, dtype_bytes, text_encoders_bytes)
+        self.weights = est.weight_bytes(unet_config, vae_config, dtype_bytes, text_encoders_bytes,
+                                        vae_bytes)
+        self.vae_bytes = est.vae_dtype_bytes(dtype_bytes, vae_bytes)
         self.layer = est.layer_bytes(unet_config, dtype_bytes)
         self._unet: dict = {}
         self._vae: dict = {}
@@ -152,7 +175,7 @@ class _Estimator:
         if k.vae_tile_px not in self._vae:
             self._vae[k.vae_tile_px] = est.vae_activation_bytes(
                 self.v, height=self.h, width=self.w, tile_px=k.vae_tile_px,
-                dtype_bytes=est.vae_dtype_bytes(self.v, self.db))
+                dtype_bytes=self.vae_bytes)
         return est.stage_peak(self.weights, self._unet[ukey], self._vae[k.vae_tile_px],
                               offload=k.offload, device=self.device, layer_bytes=self.layer)
 
@@ -160,18 +183,21 @@ class _Estimator:
 def plan_memory(unet_config: dict, vae_config: dict, *, width: int, height: int,
                 dtype_bytes: int, budget_bytes: int, guidance: bool = True,
                 linfusion: bool = True, device: str = "cuda",
-                text_encoders_bytes: int | None = None) -> MemoryPlan:
-    """The fastest plan whose estimated peak fits budget_bytes; PlanError with the minimum if none."""
+                text_encoders_bytes: int | None = None, vae_bytes: int | None = None,
+                fixed: dict | None = None) -> MemoryPlan:
+    """The fastest plan whose estimated peak fits budget_bytes; BudgetError with the minimum if none."""
     estimate = _Estimator(unet_config, vae_config, width=width, height=height,
                           dtype_bytes=dtype_bytes, guidance=guidance, linfusion=linfusion,
-                          device=device, text_encoders_bytes=text_encoders_bytes)
+                          device=device, text_encoders_bytes=text_encoders_bytes,
+                          vae_bytes=vae_bytes)
     smallest = None
     for plan in candidate_plans(width, height, guidance=guidance, linfusion=linfusion,
-                                device=device):
+                                device=device, fixed=fixed):
         peak = estimate(plan)
         if peak <= budget_bytes:
             return replace(plan, estimated_peak_gib=round(peak / GIB, 2))
         smallest = peak if smallest is None else min(smallest, peak)
-    raise PlanError(
-        f"needs at least {smallest / GIB:.1f} GiB for {width}x{height} with the tightest plan; "
-        f"--max-vram {budget_bytes / GIB:.3g} is too small")
+    forced = f" with {', '.join(f'{k}={v}' for k, v in fixed.items())}" if fixed else ""
+    raise BudgetError(
+        f"needs at least {smallest / GIB:.1f} GiB for {width}x{height} with the tightest plan"
+        f"{forced}; the budget is {budget_bytes / GIB:.3g} GiB", smallest)

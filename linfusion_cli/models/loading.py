@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError, ModelNotFoundError
+from ..errors import InputError, ModelNotFoundError, PlanError
+from .resolve import DEMO_PREFIX, choose_dtypes, detect_family, is_demo  # noqa: F401 (re-exported)
 
-DEMO_PREFIX = "demo"  # "demo", "demo-sd21", "demo-sdxl": tiny random pipelines, no download
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}),
@@ -77,31 +78,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def resolve_dtypes(name: str, device: torch.device, vae_force_upcast: bool = False):
-    """(UNet/text dtype, VAE dtype): fp16 on CUDA with the VAE in bf16/fp32, fp32 on CPU."""
-    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-             "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if name in ("auto", "", None):
-        dtype = torch.float16 if device.type in ("cuda", "mps") else torch.float32
-    elif name in table:
-        dtype = table[name]
-    else:
-        raise InputError(f"unknown dtype {name!r}; use auto, fp32, fp16 or bf16")
-    vae_dtype = dtype
-    if dtype == torch.float16:  # fp16 VAEs overflow at large sizes (SD-XL's sets force_upcast)
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        vae_dtype = torch.bfloat16 if bf16_ok and not vae_force_upcast else torch.float32
-    return dtype, vae_dtype
-
-
-def detect_family(unet_config) -> str:
-    """sdxl (added size conditioning), sd21 (linear projections, 1024-dim text), else sd15."""
-    get = unet_config.get if isinstance(unet_config, dict) else lambda k, d=None: getattr(unet_config, k, d)
-    if get("addition_embed_type") == "text_time":
-        return "sdxl"
-    if get("use_linear_projection") or get("cross_attention_dim") == 1024:
-        return "sd21"
-    return "sd15"
+def resolve_dtypes(name: str, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(UNet/text dtype, VAE dtype) on a real device (resolve.choose_dtypes picks the names)."""
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    unet, vae = choose_dtypes(name, device.type, bf16_ok)
+    return TORCH_DTYPES[unet], TORCH_DTYPES[vae]
 
 
 def demo_folder(name: str = DEMO_PREFIX) -> Path:
@@ -140,7 +121,7 @@ _SINGLE_FILE_BASES = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
                       "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 
 
-def _single_file_keys(path: Path, allow_pickle: bool) -> dict:
+def single_file_keys(path: Path, allow_pickle: bool) -> dict:
     """{key: shape} of a single-file checkpoint; an unreadable file is an InputError."""
     try:
         if path.suffix == ".safetensors":
@@ -161,7 +142,7 @@ def _single_file_keys(path: Path, allow_pickle: bool) -> dict:
         raise InputError(f"{path.name} is not a readable checkpoint: {why}") from None
 
 
-def _single_file_family(keys: dict) -> str:
+def single_file_family(keys: dict) -> str:
     if any(k.startswith("conditioner.embedders.1") for k in keys):
         return "sdxl"
     v2 = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
@@ -171,7 +152,7 @@ def _single_file_family(keys: dict) -> str:
 def _from_single_file(path: Path, dtype: torch.dtype, config: str | None, allow_pickle: bool = False):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    family = _single_file_family(_single_file_keys(path, allow_pickle))
+    family = single_file_family(single_file_keys(path, allow_pickle))
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     kwargs = {"torch_dtype": dtype}
     if config:
@@ -210,7 +191,7 @@ def open_pipeline(model: str, dtype: torch.dtype, *, allow_pickle: bool = False,
     """The diffusers pipeline for a demo name, local folder, single file or hub id."""
     path = Path(model).expanduser()
     try:
-        if model == DEMO_PREFIX or model.startswith(DEMO_PREFIX + "-"):
+        if is_demo(model):
             return _from_pretrained(str(demo_folder(model)), dtype)
         if path.is_dir():
             if not (path / "model_index.json").is_file():
@@ -258,29 +239,32 @@ def set_scheduler(pipe, name: str) -> None:
 
 def load_model(model: str, *, dtype: str = "auto", device: str = "auto", linfusion: str | None = "auto",
                scheduler: str = "default", allow_pickle: bool = False, config: str | None = None,
-               attn_chunk: int | None = None, verbose: bool = False,
-               channels_last: bool | None = None) -> LoadedModel:
-    """Open the pipeline, pick dtypes and device, mount LinFusion; one object for all stages."""
+               verbose: bool = False, channels_last: bool | None = None,
+               family: str | None = None) -> LoadedModel:
+    """Open the pipeline, pick dtypes and device, mount LinFusion; one object for all stages.
+
+    `family` is what the plan was made for: a model that turns out to be another family is
+    refused here, before any stage runs, rather than run under a plan made for something else.
+    """
     from ..attention import apply_linfusion, require_linfusion_repo
 
     quiet_libraries(verbose)
     torch_device = resolve_device(device)
-    unet_dtype, _ = resolve_dtypes(dtype, torch_device)
+    unet_dtype, vae_dtype = resolve_dtypes(dtype, torch_device)
     pipe = open_pipeline(model, unet_dtype, allow_pickle=allow_pickle, config=config)
-    family = detect_family(pipe.unet.config)
-    _, vae_dtype = resolve_dtypes(dtype, torch_device, bool(getattr(pipe.vae.config, "force_upcast", False)))
+    found = detect_family(pipe.unet.config)
+    if family is not None and found != family:
+        raise PlanError(f"{model} is an {found} model but the plan was made for {family} (its "
+                        f"configs were not found before loading); pass --preset {found}")
     if pipe.vae.dtype != vae_dtype:
         pipe.vae.to(dtype=vae_dtype)
     set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
-    weights = None
     if linfusion == "auto":
-        is_demo = model == DEMO_PREFIX or model.startswith(DEMO_PREFIX + "-")
-        linfusion = "fresh" if is_demo else require_linfusion_repo(model, pipe.unet.config)
+        linfusion = "fresh" if is_demo(model) else require_linfusion_repo(model, pipe.unet.config)
     layers = []
     if linfusion is not None:
-        weights = None if linfusion == "fresh" else linfusion
-        layers = apply_linfusion(pipe.unet, weights, chunk_size=attn_chunk)
+        layers = apply_linfusion(pipe.unet, None if linfusion == "fresh" else linfusion)
     pipe.to(torch_device)
     if channels_last is None:
         channels_last = torch_device.type == "cpu"
@@ -289,5 +273,5 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", linfusi
         # counts of the up-sampling path; the result is the same up to float summation order.
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
-    return LoadedModel(pipe=pipe, model=model, family=family, device=torch_device, dtype=unet_dtype,
+    return LoadedModel(pipe=pipe, model=model, family=found, device=torch_device, dtype=unet_dtype,
                        vae_dtype=vae_dtype, linfusion=linfusion, linfusion_layers=layers)

@@ -1,29 +1,24 @@
-"""Apply a stage's memory plan around its run (the knobs themselves live in memory/knobs.py)."""
+"""Apply a stage's whole memory plan around its run, and report what was in effect."""
 
 from __future__ import annotations
 
 import contextlib
 
 
-def next_tighter(memory, device: str = "cuda"):
-    """The next tighter plan for an out-of-memory retry, or None."""
-    if memory is None:
-        return None
-    from ..memory.planner import next_tighter as planner_next
-
-    return planner_next(memory, device)
-
-
 @contextlib.contextmanager
-def memory_knobs(model, memory):
-    """Apply a MemoryPlan's model-side knobs to the shared components for one stage, then undo."""
-    if memory is None:
-        yield
-        return
-    from ..memory.knobs import apply_knobs
+def memory_plan_applied(model, memory):
+    """Every model-side knob of `memory` on the shared components for one stage, then undone.
 
-    undo = apply_knobs(model.pipe.unet, model.pipe.vae, memory)
+    Yields the knobs in effect, read back from the modules (memory.knobs.read_knobs), so the
+    run record says what ran rather than what was asked.
+    """
+    from ..memory.knobs import apply_memory_plan, read_knobs
+
+    if memory is None:
+        yield read_knobs(model.pipe)
+        return
+    undo = apply_memory_plan(model.pipe, memory, model.device)
     try:
-        yield
+        yield read_knobs(model.pipe)
     finally:
         undo()

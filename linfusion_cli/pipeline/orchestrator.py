@@ -12,7 +12,7 @@ from .. import __version__
 from ..errors import OutOfMemoryError
 from ..plan import GenerationPlan, Stage
 from .events import EventHandler, StageFinished, StageStarted, Retrying, ignore
-from .memory import memory_knobs, next_tighter
+from .memory import memory_plan_applied
 from .stages import StageContext, stage_function
 
 
@@ -41,19 +41,24 @@ def _vae_notes(notes: dict) -> dict:
             for part, info in notes.items()}
 
 
-def _run_stage(ctx: StageContext, stage: Stage, previous: np.ndarray | None) -> tuple[np.ndarray, Stage]:
-    """One stage under its memory plan; on CUDA out-of-memory, once more with a tighter plan."""
+def _run_stage(ctx: StageContext, stage: Stage,
+               previous: np.ndarray | None) -> tuple[np.ndarray, Stage, dict]:
+    """One stage under its memory plan; on CUDA out-of-memory, once more with a tighter plan.
+
+    Returns the image, the stage as it ran (its memory plan may be the tighter one) and the
+    knobs read back from the modules while it ran.
+    """
     device = ctx.model.device
     for attempt in range(2):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
-            with torch.inference_mode(), memory_knobs(ctx.model, stage.memory):
-                return stage_function(stage)(ctx, stage, previous), stage
+            with torch.inference_mode(), memory_plan_applied(ctx.model, stage.memory) as knobs:
+                return stage_function(stage)(ctx, stage, previous), stage, knobs
         except torch.OutOfMemoryError as exc:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            tighter = next_tighter(stage.memory, device.type) if attempt == 0 else None
+            tighter = stage.memory.tighter(device.type) if attempt == 0 and stage.memory else None
             if tighter is None:
                 raise OutOfMemoryError(
                     f"stage {stage.index + 1} ({stage.width}x{stage.height}) ran out of device "
@@ -77,10 +82,12 @@ def run_plan(plan: GenerationPlan, model, *, on_event: EventHandler = ignore,
     for stage in plan.stages:
         on_event(StageStarted(stage.index, len(plan.stages), stage.width, stage.height, stage.denoise_steps))
         start = time.perf_counter()
-        image, ran = _run_stage(ctx, stage, image)
+        image, ran, knobs = _run_stage(ctx, stage, image)
         seconds = time.perf_counter() - start
+        vae = _vae_notes(ctx.notes.get(stage.index, {}))
+        knobs["vae_tile_px"] = vae.get("decode", {}).get("tile_px", 0)
         stage_record = ran.to_dict() | {"seconds": round(seconds, 3), "peak_gib": _peak_gib(model.device),
-                                        "vae": _vae_notes(ctx.notes.get(stage.index, {}))}
+                                        "vae": vae, "memory_in_effect": knobs}
         done.append(stage_record)
         on_event(StageFinished(stage.index, len(plan.stages), seconds, stage_record["peak_gib"], image,
                                run_record(plan, model, done)))

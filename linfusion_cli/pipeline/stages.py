@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from .. import vae as tiled_vae
+from ..memory.knobs import vae_on_device
 from ..plan import GenerationPlan, Stage
 from .events import EventHandler, PhaseProgress
 
@@ -51,9 +52,8 @@ def _denoise_kwargs(ctx: StageContext, stage: Stage) -> dict:
 
 
 def _tile_px(ctx: StageContext, stage: Stage) -> int | None:
-    if ctx.plan.vae_tile_px is not None:
-        return ctx.plan.vae_tile_px
-    return getattr(stage.memory, "vae_tile_px", None) if stage.memory is not None else None
+    """The stage's planned VAE tile (which honours --vae-tile); unplanned: the forced one."""
+    return stage.memory.vae_tile_px if stage.memory is not None else ctx.plan.vae_tile_px
 
 
 def _host_budget(ctx: StageContext) -> int | None:
@@ -68,6 +68,7 @@ def _decode(ctx: StageContext, stage: Stage, latents: torch.Tensor) -> np.ndarra
     """latents (1, 4, h, w) -> uint8 (8h, 8w, 3), tiled as planned."""
     progress = lambda done, total: ctx.on_event(PhaseProgress(stage.index, "decode", done, total))  # noqa: E731
     info = ctx.notes.setdefault(stage.index, {}).setdefault("decode", {})
+    vae_on_device(ctx.model.pipe.vae)
     return tiled_vae.decode(ctx.model.pipe.vae, latents.to(ctx.model.vae_dtype),
                             tile_px=_tile_px(ctx, stage), on_tile=progress, info=info,
                             host_budget=_host_budget(ctx))
@@ -91,6 +92,7 @@ def image_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None)
     generator = _generator(stage.seed)  # one generator: VAE sample first, then the noise
     progress = lambda done, total: ctx.on_event(PhaseProgress(stage.index, "encode", done, total))  # noqa: E731
     info = ctx.notes.setdefault(stage.index, {}).setdefault("encode", {})
+    vae_on_device(ctx.model.pipe.vae)
     latents = tiled_vae.encode(ctx.model.pipe.vae, upscaled, tile_px=_tile_px(ctx, stage),
                                generator=generator, on_tile=progress, info=info,
                                host_budget=_host_budget(ctx))

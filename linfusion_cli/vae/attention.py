@@ -5,14 +5,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..tuning import VAE_ATTN_TOKEN_LIMIT, device_kind
 from .tiles import tile_grid
 
 _SCORE_BYTES = 256 << 20  # query chunk so that one chunk's scores stay under this
 
 
 def default_token_limit(device: torch.device) -> int:
-    """Exact global attention up to this many tokens: 1024^2 on CUDA, 128^2 elsewhere."""
-    return 1024 * 1024 if torch.device(device).type == "cuda" else 128 * 128
+    """Exact global attention up to this many tokens (tuning.VAE_ATTN_TOKEN_LIMIT)."""
+    return VAE_ATTN_TOKEN_LIMIT[device_kind(torch.device(device))]
 
 
 def _sdpa_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -49,9 +49,7 @@ from .tiles import choose_tile_px, downscaled_size, tile_grid, window_area_sum
 
 log = logging.getLogger(__name__)
 
-DECODER_CONTEXT = 11  # latent px of context around each decoder tile
-ENCODER_CONTEXT = 6  # latent px (48 image px) around each encoder tile
-STATS_PX = 128  # long side, latent px, of the downscaled stats pass in "estimated" mode
+from ..tuning import DECODER_CONTEXT, ENCODER_CONTEXT, STATS_PX  # shared with the planner
 MODES = ("exact", "estimated")
 
 
