@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a pl
 
 from linfusion_cli.errors import PlanError
 from linfusion_cli.memory import estimate as est
+from linfusion_cli.models.resolve import bundled_config
 from linfusion_cli.memory.planner import (
     GIB,
     MemoryPlan,
-    load_family_config,
     load_family_configs,
     plan_memory,
 )
@@ -183,7 +183,7 @@ def build_models(setup: Setup):
     unet = unet.to(torch.float16 if setup.dtype_bytes == 2 else torch.float32).eval()
     vae = vae.to(torch.bfloat16 if setup.dtype_bytes == 2 else torch.float32).eval()
     apply_linfusion(unet)
-    scheduler = DDIMScheduler.from_config(load_family_config("sd15", "scheduler"))
+    scheduler = DDIMScheduler.from_config(bundled_config("sd15", "scheduler"))
     scheduler.set_timesteps(50)
     return unet, vae, scheduler
 

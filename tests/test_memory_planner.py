@@ -6,11 +6,11 @@ import pytest
 
 from linfusion_cli.errors import InputError, PlanError
 from linfusion_cli.memory import estimate as est
+from linfusion_cli.models.resolve import bundled_config
 from linfusion_cli.memory.planner import (
     GIB,
     MemoryPlan,
     candidate_plans,
-    load_family_config,
     load_family_configs,
     plan_memory,
 )
@@ -41,7 +41,7 @@ def test_shipped_configs_build_and_have_the_published_sizes(configs, family, une
 
 
 def test_family_specifics(configs):
-    assert load_family_config("sd21", "scheduler")["prediction_type"] == "v_prediction"
+    assert bundled_config("sd21", "scheduler")["prediction_type"] == "v_prediction"
     assert configs["sd21"][0]["attention_head_dim"] == [5, 10, 20, 20]
     sdxl_vae = configs["sdxl"][1]
     assert sdxl_vae["force_upcast"] is True and sdxl_vae["scaling_factor"] == 0.13025

@@ -170,14 +170,22 @@ def _transformer_phases(c: int, n: int, k: Knobs, linfusion: bool, bytes_: int,
         m = mid or c
         temps = (3 * m + 3 * c + 4 * c * 4 / bytes_) * frac(k.attn_chunk)
         attn1 = {"attn1 output": c, "attn1 chunk temps": temps}
-    elif linfusion:  # full q, k, v, attention output, merged heads, W_o out + fp32 op chunks
-        m = mid or c
-        temps = 4 * c * frac(k.attn_chunk or tuning.LINFUSION_DEFAULT_CHUNK["cuda"]) * 4 / bytes_
-        attn1 = {"attn1 q/k/v/o/merge/out": max(6 * c, 3 * c + 2 * m), "attn1 chunk temps": temps}
+    elif linfusion:  # module.py forward, N <= chunk: whole q, k, v and ops.py's fp32 copies
+        m, f32 = mid or c, 4 * c / bytes_  # one fp32 copy of a (N, C) tensor, in C-units
+        moments = {"q/k projections (MLP, x + f(x))": c + max(2 * m, m + c, 2 * c),
+                   "kv_state: q, k, v + fp32 k, v, scaled k, v": 3 * c + 4 * f32,
+                   "read_out: q, k, v + fp32 phi(q), numerator, quotient + out": 4 * c + 3 * f32,
+                   "q, k, v, o, merged heads, W_o out": 6 * c}
+        name = max(moments, key=moments.get)
+        attn1 = {f"attn1 {name}": moments[name]}
     else:  # SDPA memory-efficient/flash: q, k, v, output, reshape copy (no N x N tensor)
         attn1 = {"attn1 q/k/v/o/out (SDPA)": 5 * c}
-    if k.ff_chunk and n > k.ff_chunk:  # the chunk outputs and their concatenation
-        ff = {"ff chunk outputs + cat": 2 * c, "ff GEGLU chunk": 16 * c * frac(k.ff_chunk)}
+    if k.ff_chunk and n > k.ff_chunk:  # knobs._chunked: the last chunk's GEGLU beside the
+        # outputs of the chunks before it, or all outputs and their concatenation
+        f = frac(k.ff_chunk)
+        during, joining = (1 - f) * c + 16 * c * f, 2 * c
+        ff = ({"ff earlier chunk outputs": (1 - f) * c, "ff GEGLU chunk": 16 * c * f}
+              if during >= joining else {"ff chunk outputs + cat": joining})
     else:  # GEGLU: projection 8C, GELU(gate) 4C, product 4C
         ff = {"ff GEGLU (proj 8C, gelu 4C, prod 4C)": 16 * c}
     h = {"block input h": c}
