@@ -16,14 +16,17 @@ from linfusion_cli.plan import build_plan
 def fake_model(monkeypatch):
     """No real components: the stage functions are replaced, the context needs no pipelines."""
     monkeypatch.setattr(orchestrator.StageContext, "__post_init__", lambda self: None)
-    monkeypatch.setattr(orchestrator, "memory_knobs", lambda model, memory: _nullcontext())
+    monkeypatch.setattr(orchestrator, "memory_plan_applied", lambda model, memory: _nullcontext({}))
     return SimpleNamespace(device=torch.device("cpu"), sampler="DDIM", family="sd15",
                            linfusion=None, dtype=torch.float32)
 
 
 class _nullcontext:
+    def __init__(self, value):
+        self.value = value
+
     def __enter__(self):
-        return self
+        return self.value
 
     def __exit__(self, *exc):
         return False
@@ -62,7 +65,7 @@ def test_second_out_of_memory_stops_with_one_clear_error_and_keeps_finished_stag
 
     monkeypatch.setattr(orchestrator, "stage_function", lambda stage: always_oom_after_base)
     finished = []
-    with pytest.raises(OutOfMemoryError, match=r"stage 2 \(128x64\) ran out of device memory"):
+    with pytest.raises(OutOfMemoryError, match=r"stage 2 \(256x128\) ran out of device memory"):
         orchestrator.run_plan(plan_with_memory(), fake_model,
                               on_event=lambda e: isinstance(e, StageFinished) and finished.append(e.stage))
     assert finished == [0]  # the base stage was reported (and so saved) before the failure
