@@ -59,6 +59,7 @@ class GenerationPlan:
     max_vram_gib: float | None = None
     budget_gib: float | None = None  # the memory budget the stages were planned for
     extras: dict = field(default_factory=dict)
+    adapters: dict = field(default_factory=dict)  # adapters.check_adapters: LoRA, ControlNet, ...
 
     @property
     def width(self) -> int:

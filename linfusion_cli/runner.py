@@ -44,6 +44,7 @@ class Request:
     save_stages: bool = False
     init_image: str | None = None
     init_size: tuple[int, int] | None = None
+    loras: tuple[str, ...] = ()  # --lora FILE|ID[:WEIGHT], repeatable
 
 
 def target_size(req: Request, preset: Preset) -> tuple[int, int]:
@@ -105,7 +106,7 @@ def make_plan(req: Request) -> GenerationPlan:
     family = _model_family(model, preset)
     native = preset.native if family == preset.family else {"sd15": 1024, "sd21": 768, "sdxl": 1024}[family]
     linfusion = _resolve_linfusion(linfusion, model, family, preset)
-    return build_plan(
+    plan = build_plan(
         prompt=req.prompt, negative=req.negative if req.negative is not None else preset.negative,
         width=width, height=height, native=native,
         strengths=list(req.strengths or preset.strengths), steps=req.steps or preset.steps,
@@ -116,6 +117,14 @@ def make_plan(req: Request) -> GenerationPlan:
         max_vram_gib=req.max_vram if req.max_vram is not None else preset.max_vram,
         dtype=req.dtype or preset.dtype, device=req.device or "auto",
         extras={"preset": preset.name})
+    return _with_adapters(plan, req)
+
+
+def _with_adapters(plan: GenerationPlan, req: Request) -> GenerationPlan:
+    """Adapters parsed and checked against the model's architecture, before any weights load."""
+    from .adapters import check_adapters
+
+    return replace(plan, adapters=check_adapters(req, architecture_configs(plan)[0]))
 
 
 def architecture_configs(plan: GenerationPlan) -> tuple[dict, dict]:

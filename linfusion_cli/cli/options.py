@@ -36,6 +36,7 @@ AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Allow loading
 ModelConfig = Annotated[Optional[str], typer.Option("--config", help="Local diffusers folder giving configs and tokenizer for a single-file --model (offline).")]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No progress or messages on stderr.")]
 Verbose = Annotated[bool, typer.Option("-v", "--verbose", help="More detail; progress even when stderr is not a terminal.")]
+LoraOpt = Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA file or hub id, optionally :WEIGHT (default 1); repeatable.")]
 Template = Annotated[Optional[str], typer.Option("--name", help="File name template: {index} {seed} {slug} {width} {height} {ext}.")]
 
 

@@ -44,6 +44,7 @@ class LoadedModel:
     vae_dtype: torch.dtype
     linfusion: str | None = None  # weights used: repo id, path, "fresh", or None
     linfusion_layers: list[str] = field(default_factory=list)
+    adapters: dict = field(default_factory=dict)  # what was mounted (adapters.check_adapters)
 
     @property
     def sampler(self) -> str:
@@ -259,7 +260,7 @@ def set_scheduler(pipe, name: str) -> None:
 def load_model(model: str, *, dtype: str = "auto", device: str = "auto", linfusion: str | None = "auto",
                scheduler: str = "default", allow_pickle: bool = False, config: str | None = None,
                attn_chunk: int | None = None, verbose: bool = False,
-               channels_last: bool | None = None) -> LoadedModel:
+               channels_last: bool | None = None, adapters: dict | None = None) -> LoadedModel:
     """Open the pipeline, pick dtypes and device, mount LinFusion; one object for all stages."""
     from ..attention import apply_linfusion, require_linfusion_repo
 
@@ -281,6 +282,10 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", linfusi
     if linfusion is not None:
         weights = None if linfusion == "fresh" else linfusion
         layers = apply_linfusion(pipe.unet, weights, chunk_size=attn_chunk)
+    if adapters:  # after LinFusion, so LoRA reaches its projections too
+        from ..adapters import mount_adapters
+
+        mount_adapters(pipe, adapters)
     pipe.to(torch_device)
     if channels_last is None:
         channels_last = torch_device.type == "cpu"
@@ -290,4 +295,5 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", linfusi
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     return LoadedModel(pipe=pipe, model=model, family=family, device=torch_device, dtype=unet_dtype,
-                       vae_dtype=vae_dtype, linfusion=linfusion, linfusion_layers=layers)
+                       vae_dtype=vae_dtype, linfusion=linfusion, linfusion_layers=layers,
+                       adapters=dict(adapters or {}))

@@ -150,3 +150,43 @@ def save_tiny_pipeline(folder: Path, family: str = "sd15", seed: int = 0, *, dem
     folder = Path(folder)
     build_tiny_pipeline(family, seed, demo=demo).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+# ---------------------------------------------------------------- adapters for the tiny models
+
+LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+
+
+def tiny_lora_tensors(unet, rank: int = 2, seed: int = 0, scale: float = 0.3) -> dict:
+    """{module name: (down (r, in), up (out, r))} for every attention projection of `unet`."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(LORA_TARGETS):
+            down = torch.randn(rank, module.in_features, generator=g) * scale
+            up = torch.randn(module.out_features, rank, generator=g) * scale
+            out[name] = (down, up)
+    return out
+
+
+def save_tiny_lora(path: Path, unet, layout: str = "peft", rank: int = 2, seed: int = 0) -> Path:
+    """The same random LoRA in kohya (lora_unet_*, alpha = rank) or peft (unet.*.lora_A/B) keys."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, (down, up) in tiny_lora_tensors(unet, rank, seed).items():
+        if layout == "kohya":
+            key = "lora_unet_" + name.replace(".", "_")
+            tensors[f"{key}.lora_down.weight"] = down
+            tensors[f"{key}.lora_up.weight"] = up
+            tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+        elif layout == "peft":
+            tensors[f"unet.{name}.lora_A.weight"] = down
+            tensors[f"unet.{name}.lora_B.weight"] = up
+        else:
+            raise ValueError(f"unknown LoRA layout {layout!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
