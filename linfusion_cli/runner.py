@@ -45,6 +45,11 @@ class Request:
     init_image: str | None = None
     init_size: tuple[int, int] | None = None
     loras: tuple[str, ...] = ()  # --lora FILE|ID[:WEIGHT], repeatable
+    controlnet: str | None = None  # --controlnet ID|PATH with --control-image FILE
+    control_image: str | None = None
+    control_scale: float | None = None
+    tile_controlnet: str | None = None  # --tile-controlnet ID|PATH (img2img stages)
+    tile_scale: float | None = None
 
 
 def target_size(req: Request, preset: Preset) -> tuple[int, int]:
@@ -124,7 +129,7 @@ def _with_adapters(plan: GenerationPlan, req: Request) -> GenerationPlan:
     """Adapters parsed and checked against the model's architecture, before any weights load."""
     from .adapters import check_adapters
 
-    return replace(plan, adapters=check_adapters(req, architecture_configs(plan)[0]))
+    return replace(plan, adapters=check_adapters(req, architecture_configs(plan)[0], plan))
 
 
 def architecture_configs(plan: GenerationPlan) -> tuple[dict, dict]:
@@ -174,10 +179,20 @@ def plan_memory(plan: GenerationPlan) -> GenerationPlan:
         stage_budget = budget
         if device == "cpu":  # host memory also holds the stage's uint8 images: previous, resized, new
             stage_budget -= 3 * 3 * stage.width * stage.height
-        memory = choose(unet_cfg, vae_cfg, width=stage.width, height=stage.height,
-                        dtype_bytes=dtype_bytes, budget_bytes=max(stage_budget, 1),
-                        guidance=stage.guidance > 1, linfusion=plan.linfusion is not None,
-                        device=device)
+        control = _adapter_bytes(plan, unet_cfg, stage, dtype_bytes)  # ControlNets: weights, inputs
+        stage_budget -= control
+        try:
+            memory = choose(unet_cfg, vae_cfg, width=stage.width, height=stage.height,
+                            dtype_bytes=dtype_bytes, budget_bytes=max(stage_budget, 1),
+                            guidance=stage.guidance > 1, linfusion=plan.linfusion is not None,
+                            device=device)
+        except PlanError as exc:
+            if not control:
+                raise
+            raise PlanError(f"{exc} (what is left after {control / 2 ** 30:.1f} GiB for the "
+                            "ControlNets' weights, inputs and residuals)") from None
+        if control:
+            memory = replace(memory, estimated_peak_gib=round(memory.estimated_peak_gib + control / 2 ** 30, 2))
         if plan.vae_tile_px is not None:
             memory = replace(memory, vae_tile_px=plan.vae_tile_px)
         elif device == "cpu" and max(stage.width, stage.height) > CPU_VAE_TILE:
@@ -185,6 +200,17 @@ def plan_memory(plan: GenerationPlan) -> GenerationPlan:
             memory = replace(memory, vae_tile_px=min(memory.vae_tile_px or CPU_VAE_TILE, CPU_VAE_TILE))
         plans.append(memory)
     return replace(plan.with_memory(plans), budget_gib=round(budget / 2 ** 30, 2))
+
+
+def _adapter_bytes(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: int) -> int:
+    """What the plan's ControlNets add to this stage's memory (adapters.memory)."""
+    if not plan.adapters:
+        return 0
+    from .adapters.memory import controlnet_extra_bytes
+
+    return controlnet_extra_bytes(plan.adapters, unet_cfg, width=stage.width, height=stage.height,
+                                  img2img=stage.strength is not None, guidance=stage.guidance > 1,
+                                  dtype_bytes=dtype_bytes)
 
 
 def result_summary(path: Path | None, record: dict) -> dict:

@@ -15,4 +15,16 @@ def a1111_fields(adapters: dict) -> dict:
     hashed = [f"{d['name']}: {d['hash']}" for d in loras if d.get("hash")]
     if hashed:
         fields["Lora hashes"] = ", ".join(hashed)
+    units = []
+    if "controlnet" in adapters:
+        units.append(("none", adapters["controlnet"]))
+    if "tile_controlnet" in adapters:
+        units.append(("tile (each stage's input)", adapters["tile_controlnet"]))
+    for i, (module, d) in enumerate(units):
+        # the sd-webui-controlnet unit text: "Module: ..., Model: ..., Weight: ..."
+        fields[f"ControlNet {i}"] = f"Module: {module}, Model: {_name(d['source'])}, Weight: {d['scale']:g}"
     return fields
+
+
+def _name(source: str) -> str:
+    return source.rstrip("/").rsplit("/", 1)[-1] or source

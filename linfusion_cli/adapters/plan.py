@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+from ..errors import PlanError
 from .lora import LoraSpec, check_lora, parse_lora, unique_names
 
 
-def check_adapters(req, unet_config: dict) -> dict:
-    """{'loras': [...]} (only the kinds asked for): JSON-safe, what the run will load."""
+def check_adapters(req, unet_config: dict, plan=None) -> dict:
+    """{'loras': [...], 'controlnet': {...}, ...} (only the kinds asked for): JSON-safe."""
+    from .controlnet import check_control_image, check_controlnet, check_scale
+
     out: dict = {}
     cross = unet_config.get("cross_attention_dim")
     loras = [check_lora(parse_lora(text), cross) for text in (getattr(req, "loras", None) or ())]
     if loras:
         out["loras"] = [s.to_dict() for s in unique_names(loras)]
+    controlnet, image = getattr(req, "controlnet", None), getattr(req, "control_image", None)
+    if (controlnet is None) != (image is None):
+        raise PlanError("--controlnet and --control-image go together")
+    if controlnet is None and getattr(req, "control_scale", None) is not None:
+        raise PlanError("--control-scale needs --controlnet")
+    if controlnet is not None:
+        out["controlnet"] = (check_controlnet(controlnet, "--controlnet", unet_config)
+                             | check_control_image(image)
+                             | {"scale": check_scale(req.control_scale, "--control-scale")})
+    tile = getattr(req, "tile_controlnet", None)
+    if tile is None and getattr(req, "tile_scale", None) is not None:
+        raise PlanError("--tile-scale needs --tile-controlnet")
+    if tile is not None:
+        if plan is not None and all(s.strength is None for s in plan.stages):
+            raise PlanError("--tile-controlnet acts on img2img stages; this plan has none")
+        out["tile_controlnet"] = (check_controlnet(tile, "--tile-controlnet", unet_config)
+                                  | {"scale": check_scale(req.tile_scale, "--tile-scale")})
     return out
 
 
@@ -24,11 +44,30 @@ def describe(adapters: dict) -> list[str]:
     lines = []
     for d in (adapters or {}).get("loras", []):
         lines.append(f"LoRA {d['name']} x{d['weight']:g} ({d['layout'] or 'hub'}: {d['source']})")
+    if "controlnet" in (adapters or {}):
+        d = adapters["controlnet"]
+        lines.append(f"ControlNet {d['source']} x{d['scale']:g}, control image {d['image']} "
+                     "(resized to every stage)")
+    if "tile_controlnet" in (adapters or {}):
+        d = adapters["tile_controlnet"]
+        lines.append(f"tile ControlNet {d['source']} x{d['scale']:g} (img2img stages: their own input)")
     return lines
 
 
-def mount_adapters(pipe, adapters: dict | None) -> None:
-    """Load what the plan names onto a pipeline whose LinFusion layers are already mounted."""
+def mount_adapters(pipe, adapters: dict | None, device=None) -> dict:
+    """Load what the plan names onto a pipeline whose LinFusion layers are already mounted.
+
+    Returns the loaded ControlNets by kind ({'controlnet': ..., 'tile_controlnet': ...}).
+    """
+    from .controlnet import load_controlnet
     from .lora import load_loras
 
+    adapters = adapters or {}
     load_loras(pipe, lora_specs(adapters))
+    nets = {}
+    for kind in ("controlnet", "tile_controlnet"):
+        if kind in adapters:
+            nets[kind] = load_controlnet(adapters[kind]["source"], pipe.unet, "--" + kind.replace("_", "-"))
+            if device is not None:
+                nets[kind].to(device)
+    return nets

@@ -45,6 +45,7 @@ class LoadedModel:
     linfusion: str | None = None  # weights used: repo id, path, "fresh", or None
     linfusion_layers: list[str] = field(default_factory=list)
     adapters: dict = field(default_factory=dict)  # what was mounted (adapters.check_adapters)
+    controlnets: dict = field(default_factory=dict)  # kind -> ControlNetModel (adapters.controlnet)
 
     @property
     def sampler(self) -> str:
@@ -278,14 +279,14 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", linfusi
     if linfusion == "auto":
         is_demo = model == DEMO_PREFIX or model.startswith(DEMO_PREFIX + "-")
         linfusion = "fresh" if is_demo else require_linfusion_repo(model, pipe.unet.config)
-    layers = []
+    layers, controlnets = [], {}
     if linfusion is not None:
         weights = None if linfusion == "fresh" else linfusion
         layers = apply_linfusion(pipe.unet, weights, chunk_size=attn_chunk)
     if adapters:  # after LinFusion, so LoRA reaches its projections too
         from ..adapters import mount_adapters
 
-        mount_adapters(pipe, adapters)
+        controlnets = mount_adapters(pipe, adapters, torch_device)
     pipe.to(torch_device)
     if channels_last is None:
         channels_last = torch_device.type == "cpu"
@@ -294,6 +295,8 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", linfusi
         # counts of the up-sampling path; the result is the same up to float summation order.
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
+        for net in controlnets.values():
+            net.to(memory_format=torch.channels_last)
     return LoadedModel(pipe=pipe, model=model, family=family, device=torch_device, dtype=unet_dtype,
                        vae_dtype=vae_dtype, linfusion=linfusion, linfusion_layers=layers,
-                       adapters=dict(adapters or {}))
+                       adapters=dict(adapters or {}), controlnets=controlnets)

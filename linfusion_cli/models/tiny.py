@@ -190,3 +190,19 @@ def save_tiny_lora(path: Path, unet, layout: str = "peft", rank: int = 2, seed: 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     return path
+
+
+def save_tiny_controlnet(folder: Path, unet, seed: int = 0, scale: float = 0.2) -> Path:
+    """ControlNetModel.from_unet(unet) with its zero-initialised outputs made random, so it acts."""
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    g = torch.Generator().manual_seed(seed)
+    zero = [controlnet.controlnet_cond_embedding.conv_out, controlnet.controlnet_mid_block,
+            *controlnet.controlnet_down_blocks]
+    with torch.no_grad():
+        for conv in zero:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * scale)
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=g) * scale)
+    controlnet.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)

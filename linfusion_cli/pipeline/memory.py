@@ -23,7 +23,14 @@ def memory_knobs(model, memory):
     from ..memory.knobs import apply_knobs
 
     undo = apply_knobs(model.pipe.unet, model.pipe.vae, memory)
+    nets = list(getattr(model, "controlnets", {}).values())
+    if nets:
+        from ..adapters.controlnet import controlnet_knobs
+
+        undo_nets = controlnet_knobs(nets, memory)
     try:
         yield
     finally:
+        if nets:
+            undo_nets()
         undo()
