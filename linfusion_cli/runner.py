@@ -50,6 +50,10 @@ class Request:
     control_scale: float | None = None
     tile_controlnet: str | None = None  # --tile-controlnet ID|PATH (img2img stages)
     tile_scale: float | None = None
+    ip_adapter: str | None = None  # --ip-adapter FILE|ID with --ip-image FILE
+    ip_image: str | None = None
+    ip_scale: float | None = None
+    ip_encoder: str | None = None
 
 
 def target_size(req: Request, preset: Preset) -> tuple[int, int]:
@@ -189,8 +193,8 @@ def plan_memory(plan: GenerationPlan) -> GenerationPlan:
         except PlanError as exc:
             if not control:
                 raise
-            raise PlanError(f"{exc} (what is left after {control / 2 ** 30:.1f} GiB for the "
-                            "ControlNets' weights, inputs and residuals)") from None
+            raise PlanError(f"{exc} (what is left after {control / 2 ** 30:.1f} GiB for "
+                            "ControlNet/IP-Adapter weights, inputs and residuals)") from None
         if control:
             memory = replace(memory, estimated_peak_gib=round(memory.estimated_peak_gib + control / 2 ** 30, 2))
         if plan.vae_tile_px is not None:
@@ -206,11 +210,12 @@ def _adapter_bytes(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: int
     """What the plan's ControlNets add to this stage's memory (adapters.memory)."""
     if not plan.adapters:
         return 0
-    from .adapters.memory import controlnet_extra_bytes
+    from .adapters.memory import controlnet_extra_bytes, ip_adapter_extra_bytes
 
     return controlnet_extra_bytes(plan.adapters, unet_cfg, width=stage.width, height=stage.height,
                                   img2img=stage.strength is not None, guidance=stage.guidance > 1,
-                                  dtype_bytes=dtype_bytes)
+                                  dtype_bytes=dtype_bytes) \
+        + ip_adapter_extra_bytes(plan.adapters, plan.family, dtype_bytes)
 
 
 def result_summary(path: Path | None, record: dict) -> dict:

@@ -85,3 +85,30 @@ def controlnet_extra_bytes(adapters: dict, unet_config: dict, *, width: int, hei
         total += 2 * max(embed) * EMBED_TILE_PX ** 2 * dtype_bytes  # one tile's working set
     sets = 2 if len(kinds) > 1 else 1
     return total + sets * batch * residual_elements(unet_config, lh, lw) * dtype_bytes
+
+
+# image encoders of h94/IP-Adapter when no local config says otherwise: ViT-H/14, ViT-bigG/14
+_ENCODER_PARAMS = {"sd15": 632_000_000, "sd21": 632_000_000, "sdxl": 1_845_000_000}
+
+
+@lru_cache(maxsize=8)
+def _encoder_params(config_json: str) -> int:
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    with torch.device("meta"):
+        model = CLIPVisionModelWithProjection(CLIPVisionConfig(**json.loads(config_json)))
+    return sum(p.numel() for p in model.parameters())
+
+
+def ip_adapter_extra_bytes(adapters: dict, family: str, dtype_bytes: int) -> int:
+    """The image encoder's weights (its 224 px activations and the adapter are negligible)."""
+    spec = (adapters or {}).get("ip_adapter")
+    if spec is None:
+        return 0
+    config = Path(spec.get("encoder") or "/nonexistent") / "config.json"
+    if config.is_file():
+        data = {k: v for k, v in json.loads(config.read_text()).items() if not k.startswith("_")}
+        data.pop("architectures", None)
+        return _encoder_params(json.dumps(data, sort_keys=True)) * dtype_bytes
+    return _ENCODER_PARAMS.get(family, _ENCODER_PARAMS["sdxl"]) * dtype_bytes

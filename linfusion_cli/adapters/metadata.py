@@ -23,6 +23,9 @@ def a1111_fields(adapters: dict) -> dict:
     for i, (module, d) in enumerate(units):
         # the sd-webui-controlnet unit text: "Module: ..., Model: ..., Weight: ..."
         fields[f"ControlNet {i}"] = f"Module: {module}, Model: {_name(d['source'])}, Weight: {d['scale']:g}"
+    if "ip_adapter" in adapters:
+        d = adapters["ip_adapter"]
+        fields["IP-Adapter"] = f"Model: {_name(d['source'])}, Weight: {d['scale']:g}"
     return fields
 
 

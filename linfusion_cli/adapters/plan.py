@@ -32,6 +32,18 @@ def check_adapters(req, unet_config: dict, plan=None) -> dict:
             raise PlanError("--tile-controlnet acts on img2img stages; this plan has none")
         out["tile_controlnet"] = (check_controlnet(tile, "--tile-controlnet", unet_config)
                                   | {"scale": check_scale(req.tile_scale, "--tile-scale")})
+    ip, ip_image = getattr(req, "ip_adapter", None), getattr(req, "ip_image", None)
+    if (ip is None) != (ip_image is None):
+        raise PlanError("--ip-adapter and --ip-image go together")
+    if ip is None and (getattr(req, "ip_scale", None) is not None or getattr(req, "ip_encoder", None)):
+        raise PlanError("--ip-scale and --ip-encoder need --ip-adapter")
+    if ip is not None:
+        from .ip_adapter import check_ip_adapter, check_ip_image
+
+        family = plan.family if plan is not None else None
+        out["ip_adapter"] = (check_ip_adapter(ip, req.ip_encoder, family, unet_config)
+                             | check_ip_image(ip_image)
+                             | {"scale": check_scale(req.ip_scale, "--ip-scale")})
     return out
 
 
@@ -51,6 +63,9 @@ def describe(adapters: dict) -> list[str]:
     if "tile_controlnet" in (adapters or {}):
         d = adapters["tile_controlnet"]
         lines.append(f"tile ControlNet {d['source']} x{d['scale']:g} (img2img stages: their own input)")
+    if "ip_adapter" in (adapters or {}):
+        d = adapters["ip_adapter"]
+        lines.append(f"IP-Adapter {d['source']} x{d['scale']:g}, image {d['image']}")
     return lines
 
 
@@ -64,6 +79,10 @@ def mount_adapters(pipe, adapters: dict | None, device=None) -> dict:
 
     adapters = adapters or {}
     load_loras(pipe, lora_specs(adapters))
+    if "ip_adapter" in adapters:
+        from .ip_adapter import load_ip_adapter
+
+        load_ip_adapter(pipe, adapters["ip_adapter"])
     nets = {}
     for kind in ("controlnet", "tile_controlnet"):
         if kind in adapters:

@@ -42,6 +42,10 @@ ControlImage = Annotated[Optional[str], typer.Option("--control-image", help="Th
 ControlScale = Annotated[Optional[float], typer.Option("--control-scale", help="ControlNet conditioning scale (default 1).")]
 TileControlNet = Annotated[Optional[str], typer.Option("--tile-controlnet", help="Tile ControlNet for img2img stages (control image: the stage's own input).")]
 TileScale = Annotated[Optional[float], typer.Option("--tile-scale", help="Tile ControlNet conditioning scale (default 1).")]
+IpAdapter = Annotated[Optional[str], typer.Option("--ip-adapter", help="IP-Adapter .safetensors (h94 layout) or hub id; with --ip-image.")]
+IpImage = Annotated[Optional[str], typer.Option("--ip-image", help="The IP-Adapter's reference image.")]
+IpScale = Annotated[Optional[float], typer.Option("--ip-scale", help="IP-Adapter scale (default 1).")]
+IpEncoder = Annotated[Optional[str], typer.Option("--ip-encoder", help="CLIP image encoder folder (default: image_encoder/ beside the adapter).")]
 Template = Annotated[Optional[str], typer.Option("--name", help="File name template: {index} {seed} {slug} {width} {height} {ext}.")]
 
 

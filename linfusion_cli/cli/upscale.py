@@ -14,7 +14,7 @@ from .options import (AllowPickle, Aspect, ModelConfig, Device, DryRun, Dtype, F
                       Linfusion, MaxVram, Model, Negative, NoLinfusion, Output, Overwrite, PresetOpt,
                       Quiet, Res, SaveStages, Scheduler, Seed, Steps, Strengths, VaeTile, Verbose,
                       Width, LoraOpt, ControlNetOpt, ControlImage, ControlScale, TileControlNet,
-                      TileScale)
+                      TileScale, IpAdapter, IpImage, IpScale, IpEncoder)
 
 
 def upscale(
@@ -30,6 +30,7 @@ def upscale(
     allow_pickle: AllowPickle = False, config: ModelConfig = None, quiet: Quiet = False, verbose: Verbose = False,
     lora: LoraOpt = None, controlnet: ControlNetOpt = None, control_image: ControlImage = None,
     control_scale: ControlScale = None, tile_controlnet: TileControlNet = None, tile_scale: TileScale = None,
+    ip_adapter: IpAdapter = None, ip_image: IpImage = None, ip_scale: IpScale = None, ip_encoder: IpEncoder = None,
 ) -> None:
     """Upscale an existing image by x2 img2img stages to --res (keeps its aspect by default)."""
     picture = open_image(image)
@@ -41,7 +42,8 @@ def upscale(
         vae_tile=vae_tile, save_stages=save_stages, device=device, dtype=dtype,
         init_image=str(image), init_size=picture.size, loras=lora,
         controlnet=controlnet, control_image=control_image, control_scale=control_scale,
-        tile_controlnet=tile_controlnet, tile_scale=tile_scale)
+        tile_controlnet=tile_controlnet, tile_scale=tile_scale, ip_adapter=ip_adapter, ip_image=ip_image,
+        ip_scale=ip_scale, ip_encoder=ip_encoder)
     common.plan_and_run(req, dry_run=dry_run, as_json=json, output=output, fmt=format,
                         overwrite=overwrite, quiet=quiet, verbose=verbose,
                         allow_pickle=allow_pickle, config=config, init_image=np.asarray(picture))

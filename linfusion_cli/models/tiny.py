@@ -206,3 +206,30 @@ def save_tiny_controlnet(folder: Path, unet, seed: int = 0, scale: float = 0.2) 
             conv.bias.copy_(torch.randn(conv.bias.shape, generator=g) * scale)
     controlnet.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
+
+
+def save_tiny_ip_adapter(folder: Path, unet, seed: int = 0, tokens: int = 4, scale: float = 0.5) -> Path:
+    """An IP-Adapter in the h94 layout for `unet`: folder/ip-adapter.safetensors (image_proj.*,
+    ip_adapter.{i}.to_k_ip/to_v_ip per cross-attention, i its index among all attention
+    processors) and folder/image_encoder (a tiny CLIPVisionModelWithProjection)."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, projection_dim=32,
+                              num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+    CLIPVisionModelWithProjection(config).eval().save_pretrained(folder / "image_encoder")
+    g = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    tensors = {"image_proj.proj.weight": torch.randn(cross * tokens, 32, generator=g) * scale,
+               "image_proj.proj.bias": torch.randn(cross * tokens, generator=g) * scale,
+               "image_proj.norm.weight": torch.ones(cross), "image_proj.norm.bias": torch.zeros(cross)}
+    for i, name in enumerate(unet.attn_processors):
+        if name.endswith("attn2.processor"):
+            attn = unet.get_submodule(name.rsplit(".", 1)[0])
+            for kind in ("to_k_ip", "to_v_ip"):
+                tensors[f"ip_adapter.{i}.{kind}.weight"] = \
+                    torch.randn(attn.to_k.out_features, cross, generator=g) * scale
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "ip-adapter.safetensors"))
+    return folder / "ip-adapter.safetensors"

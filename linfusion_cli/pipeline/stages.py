@@ -11,6 +11,7 @@ from PIL import Image
 
 from .. import vae as tiled_vae
 from ..adapters import controlnet as control
+from ..adapters import ip_adapter
 from ..plan import GenerationPlan, Stage
 from .events import EventHandler, PhaseProgress
 
@@ -79,7 +80,7 @@ def text_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None) 
     pipe, extra, done = control.text_to_image_call(ctx, stage)  # plain txt2img without ControlNet
     try:
         out = pipe(height=stage.height, width=stage.width, generator=_generator(stage.seed),
-                   **extra, **_denoise_kwargs(ctx, stage))
+                   **extra, **ip_adapter.stage_kwargs(ctx), **_denoise_kwargs(ctx, stage))
     finally:
         done()
     return _decode(ctx, stage, out.images)
@@ -104,7 +105,7 @@ def image_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None)
     latents = latents.to(device=ctx.model.device, dtype=ctx.model.dtype)
     try:
         out = pipe(image=latents, strength=stage.strength, generator=generator,
-                   **extra, **_denoise_kwargs(ctx, stage))
+                   **extra, **ip_adapter.stage_kwargs(ctx), **_denoise_kwargs(ctx, stage))
     finally:
         done()
     return _decode(ctx, stage, out.images)
