@@ -131,8 +131,10 @@ def make_plan(req: Request) -> GenerationPlan:
 
 def _with_adapters(plan: GenerationPlan, req: Request) -> GenerationPlan:
     """Adapters parsed and checked against the model's architecture, before any weights load."""
-    from .adapters import check_adapters
+    from .adapters import ADAPTER_FIELDS, check_adapters
 
+    if not any(getattr(req, name) for name in ADAPTER_FIELDS):
+        return plan
     return replace(plan, adapters=check_adapters(req, architecture_configs(plan)[0], plan))
 
 

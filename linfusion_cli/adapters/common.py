@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from pathlib import Path
 
 from ..errors import InputError, ModelNotFoundError
@@ -40,7 +41,13 @@ def safetensors_shapes(path: Path, what: str) -> dict[str, tuple[int, ...]]:
 
 
 def short_hash(path: Path) -> str:
-    """The first 10 hex digits of the file's sha256 (A1111's 'AutoV2' hash)."""
+    """The first 10 hex digits of the file's sha256 (A1111's 'AutoV2' hash), once per file version."""
+    stat = path.stat()
+    return _hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _hash(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
