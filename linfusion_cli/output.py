@@ -153,7 +153,7 @@ def _quote(value: Any) -> str:
 
 _KNOWN = {
     "prompt", "negative", "steps", "sampler", "guidance", "seed", "width", "height",
-    "model", "linfusion", "stages",
+    "model", "linfusion", "stages", "adapters",
 }  # fmt: skip
 
 
@@ -181,11 +181,14 @@ def a1111_parameters(record: dict[str, Any]) -> str:
         "LinFusion": record.get("linfusion"),
         "LinFusion stages": ";".join(_stage_label(s) for s in stages) if len(stages) > 1 else None,
     }
+    from .adapters.metadata import a1111_fields, prompt_tags
+
+    params.update(a1111_fields(record.get("adapters") or {}))
     for key, value in record.items():
         if key not in _KNOWN and isinstance(value, (str, int, float, bool)):
             params.setdefault(key.replace("_", " ").capitalize(), value)
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v is not None)
-    lines = [str(record.get("prompt") or "")]
+    lines = [str(record.get("prompt") or "") + prompt_tags(record.get("adapters") or {})]
     if record.get("negative"):
         lines.append(f"Negative prompt: {record['negative']}")
     lines.append(line)

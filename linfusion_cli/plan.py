@@ -64,6 +64,7 @@ class GenerationPlan:
     budget_gib: float | None = None  # the memory budget the stages were planned for
     extras: dict = field(default_factory=dict)
     model_info: object = field(default=None, compare=False, repr=False)  # models.resolve.ModelInfo
+    adapters: dict = field(default_factory=dict)  # adapters.check_adapters: LoRA, ControlNet, ...
 
     @property
     def width(self) -> int:

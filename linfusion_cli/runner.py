@@ -45,6 +45,16 @@ class Request:
     config: str | None = None  # a single-file model's diffusers configs (--config)
     allow_pickle: bool = False
     dry_run: bool = False  # a dry run may plan for a GPU this machine does not have
+    loras: tuple[str, ...] = ()  # --lora FILE|ID[:WEIGHT], repeatable
+    controlnet: str | None = None  # --controlnet ID|PATH with --control-image FILE
+    control_image: str | None = None
+    control_scale: float | None = None
+    tile_controlnet: str | None = None  # --tile-controlnet ID|PATH (img2img stages)
+    tile_scale: float | None = None
+    ip_adapter: str | None = None  # --ip-adapter FILE|ID with --ip-image FILE
+    ip_image: str | None = None
+    ip_scale: float | None = None
+    ip_encoder: str | None = None
 
 
 def target_size(req: Request, preset: Preset) -> tuple[int, int]:
@@ -109,7 +119,7 @@ def make_plan(req: Request) -> GenerationPlan:
     linfusion = None if req.no_linfusion else resolve_linfusion(req.linfusion or preset.linfusion, info)
     device, dtype, vae_dtype, elsewhere = planned_device(req.device, req.dtype or preset.dtype,
                                                          max_vram, req.dry_run)
-    return build_plan(
+    plan = build_plan(
         prompt=req.prompt, negative=req.negative if req.negative is not None else preset.negative,
         width=width, height=height, native=_base_short_side(preset, info.family),
         strengths=list(req.strengths or preset.strengths),
@@ -121,6 +131,16 @@ def make_plan(req: Request) -> GenerationPlan:
         max_vram_gib=max_vram, budget_from=budget_from if max_vram is not None else None,
         dtype=dtype, vae_dtype=vae_dtype, device=device, planned_elsewhere=elsewhere,
         model_info=info, extras={"preset": preset.name, "family_from": info.family_from})
+    return _with_adapters(plan, req)
+
+
+def _with_adapters(plan: GenerationPlan, req: Request) -> GenerationPlan:
+    """Adapters parsed and checked against the model's architecture, before any weights load."""
+    from .adapters import ADAPTER_FIELDS, check_adapters
+
+    if not any(getattr(req, name) for name in ADAPTER_FIELDS):
+        return plan
+    return replace(plan, adapters=check_adapters(req, plan.model_info.unet_config, plan))
 
 
 def planned_device(device: str | None, dtype: str, max_vram: float | None,
@@ -201,24 +221,41 @@ def plan_memory(plan: GenerationPlan) -> GenerationPlan:
     plans = []
     for stage in plan.stages:
         images = 3 * 3 * stage.width * stage.height if kind == "cpu" else 0  # previous, resized, new
+        control = _adapter_bytes(plan, info.unet_config, stage, DTYPE_BYTES[plan.dtype])
         try:
             memory = choose(info.unet_config, info.vae_config, width=stage.width,
                             height=stage.height, dtype_bytes=DTYPE_BYTES[plan.dtype],
                             vae_bytes=DTYPE_BYTES[plan.vae_dtype],
-                            budget_bytes=1 << 62 if budget is None else max(budget - images, 1),
+                            budget_bytes=1 << 62 if budget is None else max(budget - images - control, 1),
                             guidance=stage.guidance > 1, linfusion=plan.linfusion is not None,
                             device=kind, fixed=fixed)
         except BudgetError as exc:
             held = (f" plus {images / 2 ** 30:.1f} GiB for its images in host memory"
                     if images >= 2 ** 30 / 20 else "")
+            if control:
+                held += f" plus {control / 2 ** 30:.1f} GiB for ControlNet/IP-Adapter weights, inputs and residuals"
             forced = f" with {', '.join(f'{k}={v}' for k, v in fixed.items())}" if fixed else ""
             raise PlanError(
                 f"stage {stage.index + 1} ({stage.width}x{stage.height}) needs at least "
                 f"{exc.needed_bytes / 2 ** 30:.1f} GiB{held} with the tightest plan{forced}; "
                 f"{source}") from None
+        if control:
+            memory = replace(memory, estimated_peak_gib=round(memory.estimated_peak_gib + control / 2 ** 30, 2))
         plans.append(memory)
     budget_gib = None if budget is None else round(budget / 2 ** 30, 2)
     return replace(plan.with_memory(plans), budget_gib=budget_gib)
+
+
+def _adapter_bytes(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: int) -> int:
+    """What the plan's ControlNets add to this stage's memory (adapters.memory)."""
+    if not plan.adapters:
+        return 0
+    from .adapters.memory import controlnet_extra_bytes, ip_adapter_extra_bytes
+
+    return controlnet_extra_bytes(plan.adapters, unet_cfg, width=stage.width, height=stage.height,
+                                  img2img=stage.strength is not None, guidance=stage.guidance > 1,
+                                  dtype_bytes=dtype_bytes) \
+        + ip_adapter_extra_bytes(plan.adapters, plan.family, dtype_bytes)
 
 
 def result_summary(path: Path | None, record: dict) -> dict:

@@ -21,7 +21,8 @@ from .generate import request_from_options
 from .options import (AllowPickle, Aspect, ModelConfig, Device, DryRun, Dtype, Format, Guidance, Height, Json,
                       Linfusion, MaxVram, Model, Negative, NoLinfusion, Overwrite, PresetOpt, Quiet,
                       Res, SaveStages, Scheduler, Seed, Steps, Strengths, Template, VaeTile, Verbose,
-                      Width)
+                      Width, LoraOpt, ControlNetOpt, ControlImage, ControlScale, TileControlNet,
+                      TileScale, IpAdapter, IpImage, IpScale, IpEncoder)
 
 BATCH_TEMPLATE = "{index:04d}-{slug}.{ext}"  # no seed: --resume finds the same names again
 _SAME = ("prompt", "negative", "seed", "width", "height", "steps", "guidance", "model")
@@ -68,7 +69,10 @@ def batch(
     max_vram: MaxVram = None, vae_tile: VaeTile = None, save_stages: SaveStages = False,
     format: Format = None, overwrite: Overwrite = False, json: Json = False, dry_run: DryRun = False,
     device: Device = None, dtype: Dtype = None, allow_pickle: AllowPickle = False, config: ModelConfig = None,
-    quiet: Quiet = False, verbose: Verbose = False,
+    quiet: Quiet = False, verbose: Verbose = False, lora: LoraOpt = None,
+    controlnet: ControlNetOpt = None, control_image: ControlImage = None,
+    control_scale: ControlScale = None, tile_controlnet: TileControlNet = None, tile_scale: TileScale = None,
+    ip_adapter: IpAdapter = None, ip_image: IpImage = None, ip_scale: IpScale = None, ip_encoder: IpEncoder = None,
 ) -> None:
     """Generate every prompt of a file; the whole file is checked before anything runs."""
     entries = read_prompt_file(file, stdin=sys.stdin)
@@ -78,7 +82,10 @@ def batch(
         "", preset=preset, res=res, aspect=aspect, width=width, height=height, model=model,
         linfusion=linfusion, no_linfusion=no_linfusion, seed=seed, steps=steps, guidance=guidance,
         negative=negative, strengths=strengths, scheduler=scheduler, max_vram=max_vram,
-        vae_tile=vae_tile, save_stages=save_stages, device=device, dtype=dtype)
+        vae_tile=vae_tile, save_stages=save_stages, device=device, dtype=dtype, loras=lora,
+        controlnet=controlnet, control_image=control_image, control_scale=control_scale,
+        tile_controlnet=tile_controlnet, tile_scale=tile_scale, ip_adapter=ip_adapter, ip_image=ip_image,
+        ip_scale=ip_scale, ip_encoder=ip_encoder)
     base = replace(base, config=config, allow_pickle=allow_pickle, dry_run=dry_run)
     base_seed = seed if seed is not None else secrets.randbelow(2 ** 31)
     folder = output if output.endswith("/") else output + "/"

@@ -32,6 +32,10 @@ def print_dry_run(plan, *, as_json: bool) -> None:
     print(planned_for(plan))
     print(f"model {plan.model} ({plan.family}: {plan.extras.get('family_from', '')}), "
           f"preset {plan.extras.get('preset')}, LinFusion {plan.linfusion or 'off'}, seed {plan.seed}")
+    from ..adapters import describe
+
+    for line in describe(plan.adapters):
+        print(f"  {line}")
     for s in plan.stages:
         kind = "text-to-image" if s.strength is None else f"img2img @{s.strength}"
         print(f"  stage {s.index + 1}: {s.width}x{s.height} {kind}, {s.denoise_steps} steps, "
@@ -53,7 +57,7 @@ def load(plan, *, verbose: bool, quiet: bool, allow_pickle: bool = False, config
     info(f"loading {plan.model} ...", quiet=quiet)
     return load_model(plan.model, dtype=plan.dtype, device=plan.device, linfusion=plan.linfusion,
                       scheduler=plan.stages[0].scheduler, allow_pickle=allow_pickle, config=config,
-                      verbose=verbose, family=plan.family)
+                      verbose=verbose, family=plan.family, adapters=plan.adapters)
 
 
 def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_image=None) -> dict:

@@ -10,7 +10,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 
 from ..pipeline.events import PhaseProgress, Retrying, StageFinished, StageStarted
 
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)  # "x:abc:" is not an emoji
 
 
 def error(message: str) -> None:

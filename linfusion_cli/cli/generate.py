@@ -13,12 +13,16 @@ from . import common
 from .options import (AllowPickle, Aspect, ModelConfig, Device, DryRun, Dtype, Format, Guidance, Height, Json,
                       Linfusion, MaxVram, Model, Negative, NoLinfusion, Output, Overwrite, PresetOpt,
                       Quiet, Res, SaveStages, Scheduler, Seed, Steps, Strengths, VaeTile, Verbose,
-                      Width, parse_strengths)
+                      Width, LoraOpt, ControlNetOpt, ControlImage, ControlScale, TileControlNet,
+                      TileScale, IpAdapter, IpImage, IpScale, IpEncoder, parse_strengths)
 
 
 def request_from_options(prompt, *, preset, res, aspect, width, height, model, linfusion, no_linfusion,
                          seed, steps, guidance, negative, strengths, scheduler, max_vram, vae_tile,
-                         save_stages, device, dtype, init_image=None, init_size=None) -> runner.Request:
+                         save_stages, device, dtype, init_image=None, init_size=None,
+                         loras=None, controlnet=None, control_image=None, control_scale=None,
+                         tile_controlnet=None, tile_scale=None, ip_adapter=None, ip_image=None,
+                         ip_scale=None, ip_encoder=None) -> runner.Request:
     """The flags every generating command shares, as one Request."""
     if scheduler is not None and scheduler not in SCHEDULERS:  # before any weights load
         raise InputError(f"unknown scheduler {scheduler!r}; use {', '.join(SCHEDULERS)}")
@@ -27,7 +31,10 @@ def request_from_options(prompt, *, preset, res, aspect, width, height, model, l
         linfusion=linfusion, no_linfusion=no_linfusion, seed=seed, steps=steps, guidance=guidance,
         negative=negative, strengths=parse_strengths(strengths), scheduler=scheduler,
         max_vram=max_vram, vae_tile=vae_tile, device=device, dtype=dtype, save_stages=save_stages,
-        init_image=init_image, init_size=init_size)
+        init_image=init_image, init_size=init_size, loras=tuple(loras or ()), controlnet=controlnet,
+        control_image=control_image, control_scale=control_scale, tile_controlnet=tile_controlnet,
+        tile_scale=tile_scale, ip_adapter=ip_adapter, ip_image=ip_image, ip_scale=ip_scale,
+        ip_encoder=ip_encoder)
 
 
 def generate(
@@ -40,6 +47,9 @@ def generate(
     output: Output = None, format: Format = None, overwrite: Overwrite = False, json: Json = False,
     dry_run: DryRun = False, device: Device = None, dtype: Dtype = None,
     allow_pickle: AllowPickle = False, config: ModelConfig = None, quiet: Quiet = False, verbose: Verbose = False,
+    lora: LoraOpt = None, controlnet: ControlNetOpt = None, control_image: ControlImage = None,
+    control_scale: ControlScale = None, tile_controlnet: TileControlNet = None, tile_scale: TileScale = None,
+    ip_adapter: IpAdapter = None, ip_image: IpImage = None, ip_scale: IpScale = None, ip_encoder: IpEncoder = None,
 ) -> None:
     """Generate an image: a base at the model's native size, then x2 img2img stages to --res."""
     text = common.read_prompt_argument(prompt)
@@ -47,7 +57,10 @@ def generate(
         text, preset=preset, res=res, aspect=aspect, width=width, height=height, model=model,
         linfusion=linfusion, no_linfusion=no_linfusion, seed=seed, steps=steps, guidance=guidance,
         negative=negative, strengths=strengths, scheduler=scheduler, max_vram=max_vram,
-        vae_tile=vae_tile, save_stages=save_stages, device=device, dtype=dtype)
+        vae_tile=vae_tile, save_stages=save_stages, device=device, dtype=dtype, loras=lora,
+        controlnet=controlnet, control_image=control_image, control_scale=control_scale,
+        tile_controlnet=tile_controlnet, tile_scale=tile_scale, ip_adapter=ip_adapter, ip_image=ip_image,
+        ip_scale=ip_scale, ip_encoder=ip_encoder)
     common.plan_and_run(req, dry_run=dry_run, as_json=json, output=output, fmt=format,
                         overwrite=overwrite, quiet=quiet, verbose=verbose,
                         allow_pickle=allow_pickle, config=config)

@@ -36,6 +36,16 @@ AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Allow loading
 ModelConfig = Annotated[Optional[str], typer.Option("--config", help="Local diffusers folder giving configs and tokenizer for a single-file --model (offline).")]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No progress or messages on stderr.")]
 Verbose = Annotated[bool, typer.Option("-v", "--verbose", help="More detail; progress even when stderr is not a terminal.")]
+LoraOpt = Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA file or hub id, optionally :WEIGHT (default 1); repeatable.")]
+ControlNetOpt = Annotated[Optional[str], typer.Option("--controlnet", help="ControlNet (hub id or diffusers folder) for every stage; with --control-image.")]
+ControlImage = Annotated[Optional[str], typer.Option("--control-image", help="The ControlNet's control image (resized to each stage).")]
+ControlScale = Annotated[Optional[float], typer.Option("--control-scale", help="ControlNet conditioning scale (default 1).")]
+TileControlNet = Annotated[Optional[str], typer.Option("--tile-controlnet", help="Tile ControlNet for img2img stages (control image: the stage's own input).")]
+TileScale = Annotated[Optional[float], typer.Option("--tile-scale", help="Tile ControlNet conditioning scale (default 1).")]
+IpAdapter = Annotated[Optional[str], typer.Option("--ip-adapter", help="IP-Adapter .safetensors (h94 layout) or hub id; with --ip-image.")]
+IpImage = Annotated[Optional[str], typer.Option("--ip-image", help="The IP-Adapter's reference image.")]
+IpScale = Annotated[Optional[float], typer.Option("--ip-scale", help="IP-Adapter scale (default 1).")]
+IpEncoder = Annotated[Optional[str], typer.Option("--ip-encoder", help="CLIP image encoder folder (default: image_encoder/ beside the adapter).")]
 Template = Annotated[Optional[str], typer.Option("--name", help="File name template: {index} {seed} {slug} {width} {height} {ext}.")]
 
 

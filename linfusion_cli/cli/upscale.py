@@ -13,7 +13,8 @@ from .generate import request_from_options
 from .options import (AllowPickle, Aspect, ModelConfig, Device, DryRun, Dtype, Format, Guidance, Height, Json,
                       Linfusion, MaxVram, Model, Negative, NoLinfusion, Output, Overwrite, PresetOpt,
                       Quiet, Res, SaveStages, Scheduler, Seed, Steps, Strengths, VaeTile, Verbose,
-                      Width)
+                      Width, LoraOpt, ControlNetOpt, ControlImage, ControlScale, TileControlNet,
+                      TileScale, IpAdapter, IpImage, IpScale, IpEncoder)
 
 
 def upscale(
@@ -27,6 +28,9 @@ def upscale(
     output: Output = None, format: Format = None, overwrite: Overwrite = False, json: Json = False,
     dry_run: DryRun = False, device: Device = None, dtype: Dtype = None,
     allow_pickle: AllowPickle = False, config: ModelConfig = None, quiet: Quiet = False, verbose: Verbose = False,
+    lora: LoraOpt = None, controlnet: ControlNetOpt = None, control_image: ControlImage = None,
+    control_scale: ControlScale = None, tile_controlnet: TileControlNet = None, tile_scale: TileScale = None,
+    ip_adapter: IpAdapter = None, ip_image: IpImage = None, ip_scale: IpScale = None, ip_encoder: IpEncoder = None,
 ) -> None:
     """Upscale an existing image by x2 img2img stages to --res (keeps its aspect by default)."""
     picture = open_image(image)
@@ -36,7 +40,10 @@ def upscale(
         linfusion=linfusion, no_linfusion=no_linfusion, seed=seed, steps=steps, guidance=guidance,
         negative=negative, strengths=strengths, scheduler=scheduler, max_vram=max_vram,
         vae_tile=vae_tile, save_stages=save_stages, device=device, dtype=dtype,
-        init_image=str(image), init_size=picture.size)
+        init_image=str(image), init_size=picture.size, loras=lora,
+        controlnet=controlnet, control_image=control_image, control_scale=control_scale,
+        tile_controlnet=tile_controlnet, tile_scale=tile_scale, ip_adapter=ip_adapter, ip_image=ip_image,
+        ip_scale=ip_scale, ip_encoder=ip_encoder)
     common.plan_and_run(req, dry_run=dry_run, as_json=json, output=output, fmt=format,
                         overwrite=overwrite, quiet=quiet, verbose=verbose,
                         allow_pickle=allow_pickle, config=config, init_image=np.asarray(picture))

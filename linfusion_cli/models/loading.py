@@ -45,6 +45,8 @@ class LoadedModel:
     vae_dtype: torch.dtype
     linfusion: str | None = None  # weights used: repo id, path, "fresh", or None
     linfusion_layers: list[str] = field(default_factory=list)
+    adapters: dict = field(default_factory=dict)  # what was mounted (adapters.check_adapters)
+    controlnets: dict = field(default_factory=dict)  # kind -> ControlNetModel (adapters.controlnet)
 
     @property
     def sampler(self) -> str:
@@ -240,8 +242,9 @@ def set_scheduler(pipe, name: str) -> None:
 def load_model(model: str, *, dtype: str = "auto", device: str = "auto", linfusion: str | None = "auto",
                scheduler: str = "default", allow_pickle: bool = False, config: str | None = None,
                verbose: bool = False, channels_last: bool | None = None,
-               family: str | None = None) -> LoadedModel:
-    """Open the pipeline, pick dtypes and device, mount LinFusion; one object for all stages.
+               family: str | None = None, adapters: dict | None = None) -> LoadedModel:
+    """Open the pipeline, pick dtypes and device, mount LinFusion and adapters; one object for
+    all stages.
 
     `family` is what the plan was made for: a model that turns out to be another family is
     refused here, before any stage runs, rather than run under a plan made for something else.
@@ -262,9 +265,13 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", linfusi
     pipe.set_progress_bar_config(disable=True)
     if linfusion == "auto":
         linfusion = "fresh" if is_demo(model) else require_linfusion_repo(model, pipe.unet.config)
-    layers = []
+    layers, controlnets = [], {}
     if linfusion is not None:
         layers = apply_linfusion(pipe.unet, None if linfusion == "fresh" else linfusion)
+    if adapters:  # after LinFusion, so LoRA reaches its projections too
+        from ..adapters import mount_adapters
+
+        controlnets = mount_adapters(pipe, adapters, torch_device)
     pipe.to(torch_device)
     if channels_last is None:
         channels_last = torch_device.type == "cpu"
@@ -273,5 +280,8 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", linfusi
         # counts of the up-sampling path; the result is the same up to float summation order.
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
+        for net in controlnets.values():
+            net.to(memory_format=torch.channels_last)
     return LoadedModel(pipe=pipe, model=model, family=found, device=torch_device, dtype=unet_dtype,
-                       vae_dtype=vae_dtype, linfusion=linfusion, linfusion_layers=layers)
+                       vae_dtype=vae_dtype, linfusion=linfusion, linfusion_layers=layers,
+                       adapters=dict(adapters or {}), controlnets=controlnets)

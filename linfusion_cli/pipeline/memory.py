@@ -10,7 +10,8 @@ def memory_plan_applied(model, memory):
     """Every model-side knob of `memory` on the shared components for one stage, then undone.
 
     Yields the knobs in effect, read back from the modules (memory.knobs.read_knobs), so the
-    run record says what ran rather than what was asked.
+    run record says what ran rather than what was asked. ControlNets get the same chunking,
+    in-place and guidance-split knobs (adapters.controlnet.controlnet_knobs).
     """
     from ..memory.knobs import apply_memory_plan, read_knobs
 
@@ -18,7 +19,15 @@ def memory_plan_applied(model, memory):
         yield read_knobs(model.pipe)
         return
     undo = apply_memory_plan(model.pipe, memory, model.device)
+    nets = list(getattr(model, "controlnets", {}).values())
+    undo_nets = None
+    if nets:
+        from ..adapters.controlnet import controlnet_knobs
+
+        undo_nets = controlnet_knobs(nets, memory)
     try:
         yield read_knobs(model.pipe)
     finally:
+        if undo_nets is not None:
+            undo_nets()
         undo()

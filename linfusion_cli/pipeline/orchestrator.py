@@ -25,6 +25,7 @@ def run_record(plan: GenerationPlan, model, stages: list[dict]) -> dict:
         "width": plan.width, "height": plan.height, "model": plan.model, "family": model.family,
         "linfusion": model.linfusion, "dtype": str(model.dtype).replace("torch.", ""),
         "device": str(model.device), "init_image": plan.init_image, "stages": stages,
+        "adapters": getattr(model, "adapters", None) or plan.adapters,
         "version": f"linfusion-cli {__version__}",
     }
 

@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 
 from .. import vae as tiled_vae
+from ..adapters import controlnet as control
+from ..adapters import ip_adapter
 from ..memory.knobs import vae_on_device
 from ..plan import GenerationPlan, Stage
 from .events import EventHandler, PhaseProgress
@@ -76,8 +78,12 @@ def _decode(ctx: StageContext, stage: Stage, latents: torch.Tensor) -> np.ndarra
 
 def text_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None) -> np.ndarray:
     """The base stage at the model's native size."""
-    out = ctx.txt2img(height=stage.height, width=stage.width, generator=_generator(stage.seed),
-                      **_denoise_kwargs(ctx, stage))
+    pipe, extra, done = control.text_to_image_call(ctx, stage)  # plain txt2img without ControlNet
+    try:
+        out = pipe(height=stage.height, width=stage.width, generator=_generator(stage.seed),
+                   **extra, **ip_adapter.stage_kwargs(ctx), **_denoise_kwargs(ctx, stage))
+    finally:
+        done()
     return _decode(ctx, stage, out.images)
 
 
@@ -96,10 +102,14 @@ def image_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None)
     latents = tiled_vae.encode(ctx.model.pipe.vae, upscaled, tile_px=_tile_px(ctx, stage),
                                generator=generator, on_tile=progress, info=info,
                                host_budget=_host_budget(ctx))
+    pipe, extra, done = control.image_to_image_call(ctx, stage, upscaled)  # plain without ControlNet
     del upscaled
     latents = latents.to(device=ctx.model.device, dtype=ctx.model.dtype)
-    out = ctx.img2img(image=latents, strength=stage.strength, generator=generator,
-                      **_denoise_kwargs(ctx, stage))
+    try:
+        out = pipe(image=latents, strength=stage.strength, generator=generator,
+                   **extra, **ip_adapter.stage_kwargs(ctx), **_denoise_kwargs(ctx, stage))
+    finally:
+        done()
     return _decode(ctx, stage, out.images)
 
 

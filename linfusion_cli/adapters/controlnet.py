@@ -1,0 +1,299 @@
+"""ControlNet and tile ControlNet on every stage, through diffusers' ControlNet pipelines.
+
+LinFusion on the ControlNet: `ControlNetModel.from_unet` copies the UNet's down and middle
+path, so a ControlNet's self-attention modules carry the UNet's module names
+(`down_blocks.1.attentions.0.transformer_blocks.0.attn1`, ...). We replace each of them with a
+LinFusion layer that keeps the ControlNet's own q/k/v/out weights (trained with the ControlNet)
+and takes the nonlinear q/k projections (`to_q_`, `to_k_`) of the UNet's LinFusion layer of the
+same name: those projections are what LinFusion distils per layer, and the ControlNet's layers
+started as copies of exactly those UNet layers. No ControlNet-specific LinFusion weights exist.
+
+Conditioning embedding: the ControlNet embeds its control image at full pixel resolution
+(16-256 channels) before its first block. We wrap it (TiledConditioningEmbedding) so it runs
+once per pipeline call instead of every step, tile by tile with a halo wider than its receptive
+field (exactly the untiled result), on one copy when classifier-free guidance repeats the image.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..errors import CheckpointMismatchError, InputError, ModelNotFoundError
+from .common import family_of_cross_dim, is_local, require_file
+
+EMBED_TILE_PX = 1024  # conditioning-embedding tile side in input pixels (a multiple of 64)
+
+
+# ---------------------------------------------------------------- checks before loading
+
+def check_controlnet(source: str, what: str, unet_config: dict) -> dict:
+    """A local ControlNet folder must hold a config that fits the UNet (hub ids: at load)."""
+    if not is_local(source):
+        return {"source": source}
+    path = require_file(source, what)
+    config_file = path / "config.json" if path.is_dir() else None
+    if config_file is None or not config_file.is_file():
+        raise InputError(f"{what}: {path} is not a diffusers ControlNet folder (no config.json)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{what}: {config_file} is unreadable: {exc}") from None
+    if config.get("_class_name") not in (None, "ControlNetModel"):
+        raise InputError(f"{what}: {path} holds a {config.get('_class_name')}, not a ControlNetModel")
+    cross, want = config.get("cross_attention_dim"), unet_config.get("cross_attention_dim")
+    if want is not None and cross != want:
+        raise CheckpointMismatchError(f"{what}: {path.name} is for {family_of_cross_dim(cross, want)} "
+                                      f"(cross-attention input {cross}); this model's is {want}")
+    if list(config.get("block_out_channels", [])) != list(unet_config.get("block_out_channels", [])):
+        raise CheckpointMismatchError(f"{what}: {path.name} has block channels "
+                                      f"{config.get('block_out_channels')}, the UNet "
+                                      f"{unet_config.get('block_out_channels')}")
+    return {"source": str(path)}
+
+
+def check_control_image(path: str) -> dict:
+    """The control image must open and decode (read once here, again per stage at run time)."""
+    from ..output import open_image
+
+    try:
+        image = open_image(path)
+    except ModelNotFoundError:
+        raise ModelNotFoundError(f"--control-image: {path} not found") from None
+    except InputError as exc:
+        raise InputError(f"--control-image: {exc}") from None
+    return {"image": str(Path(path).expanduser()), "image_size": list(image.size)}
+
+
+def check_scale(value: float | None, what: str, default: float = 1.0) -> float:
+    value = default if value is None else float(value)
+    if value != value or abs(value) == float("inf"):
+        raise InputError(f"{what} must be a finite number, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------- loading
+
+def mount_linfusion(controlnet: nn.Module, unet: nn.Module) -> list[str]:
+    """LinFusion on the ControlNet's attn1 modules named like the UNet's LinFusion layers."""
+    from ..attention.module import LinFusionAttention
+
+    mounted = []
+    for name, unet_layer in unet.named_modules():
+        if not isinstance(unet_layer, LinFusionAttention):
+            continue
+        try:
+            original = controlnet.get_submodule(name)
+        except AttributeError:
+            continue  # the UNet's up path: no ControlNet copy
+        if original.to_q.in_features != unet_layer.dim or original.heads != unet_layer.heads:
+            raise CheckpointMismatchError(f"ControlNet {name} does not match the UNet's layer")
+        layer = LinFusionAttention.from_attention(original, unet_layer.projection_mid_dim)
+        layer.to_q_.load_state_dict(unet_layer.to_q_.state_dict())
+        layer.to_k_.load_state_dict(unet_layer.to_k_.state_dict())
+        layer.chunk_size = unet_layer.chunk_size
+        layer.train(original.training)
+        parent, _, child = name.rpartition(".")
+        setattr(controlnet.get_submodule(parent), child, layer)
+        mounted.append(name)
+    return mounted
+
+
+def load_controlnet(source: str, unet: nn.Module, what: str):
+    """The ControlNetModel in the UNet's dtype, with LinFusion where the UNet has it."""
+    from diffusers import ControlNetModel
+
+    try:
+        controlnet = ControlNetModel.from_pretrained(source, torch_dtype=unet.dtype)
+    except (OSError, EnvironmentError) as exc:
+        raise ModelNotFoundError(f"{what} {source}: could not be loaded (not in the local cache, "
+                                 f"or offline): {str(exc).strip().splitlines()[0]}") from None
+    controlnet.eval()
+    layers = mount_linfusion(controlnet, unet)
+    controlnet.controlnet_cond_embedding = TiledConditioningEmbedding(controlnet.controlnet_cond_embedding)
+    controlnet.linfusion_layers = layers
+    return controlnet
+
+
+# ---------------------------------------------------------------- the conditioning embedding
+
+def _halo(module: nn.Module) -> tuple[int, int]:
+    """(halo in input px, total stride) of a stack of convolutions, from its layers in order."""
+    radius, stride = 0, 1
+    for conv in module.modules():
+        if isinstance(conv, nn.Conv2d):
+            radius += (conv.kernel_size[0] // 2) * conv.dilation[0] * stride
+            stride *= conv.stride[0]
+    halo = -(-radius // stride) * stride  # whole output pixels
+    return halo, stride
+
+
+class TiledConditioningEmbedding(nn.Module):
+    """(B, 3, H, W) -> (B, C, H/8, W/8), once per control tensor, tile by tile, one copy for CFG."""
+
+    def __init__(self, inner: nn.Module, tile_px: int = EMBED_TILE_PX):
+        super().__init__()
+        self.inner = inner
+        self.tile_px = tile_px
+        self.halo, self.stride = _halo(inner)
+        self._input = self._value = None  # the last call's tensors (same storage: same result)
+        self._row = self._row_value = None  # one control image (1, 3, H, W) and its embedding
+
+    def reset(self) -> None:
+        """Forget the cached embedding (after each pipeline call)."""
+        self._input = self._value = self._row = self._row_value = None
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        old = self._input
+        if old is not None and old.data_ptr() == cond.data_ptr() and old.shape == cond.shape:
+            return self._value
+        batch = cond.shape[0]
+        rows_equal = all(torch.equal(cond[i], cond[0]) for i in range(1, batch))
+        row = self._row
+        if rows_equal and row is not None and row.shape[1:] == cond.shape[1:] and \
+                row.dtype == cond.dtype and torch.equal(row[0], cond[0]):
+            out = self._row_value.expand(batch, *self._row_value.shape[1:])  # CFG halves, copies
+        elif rows_equal:
+            self._row, self._row_value = cond[:1], self._tiled(cond[:1])
+            out = self._row_value.expand(batch, *self._row_value.shape[1:])  # views, no memory
+        else:
+            out = self._tiled(cond)
+        self._input, self._value = cond, out
+        return out
+
+    def _tiled(self, x: torch.Tensor) -> torch.Tensor:
+        """Exactly the untiled result: each tile is computed with `halo` px of real neighbours."""
+        B, _, H, W = x.shape
+        s, halo, tile = self.stride, self.halo, max(self.tile_px // self.stride * self.stride, self.stride)
+        if H <= tile and W <= tile:
+            return self.inner(x)
+        out = None
+        for y0 in range(0, H, tile):
+            for x0 in range(0, W, tile):
+                y1, x1 = min(y0 + tile, H), min(x0 + tile, W)
+                ya, xa = max(0, y0 - halo), max(0, x0 - halo)
+                yb, xb = min(H, y1 + halo), min(W, x1 + halo)
+                part = self.inner(x[:, :, ya:yb, xa:xb])  # (B, C, (yb-ya)/s, (xb-xa)/s)
+                if out is None:
+                    out = part.new_empty(B, part.shape[1], H // s, W // s)
+                out[:, :, y0 // s:y1 // s, x0 // s:x1 // s] = \
+                    part[:, :, (y0 - ya) // s:(y1 - ya) // s, (x0 - xa) // s:(x1 - xa) // s]
+        return out
+
+
+# ---------------------------------------------------------------- memory knobs
+
+def _half(obj, index: int, batch: int):
+    """The index-th half of every tensor in obj whose first dim is the batch."""
+    if torch.is_tensor(obj):
+        half = batch // 2
+        return obj[index * half:(index + 1) * half] if obj.dim() and obj.shape[0] == batch else obj
+    if isinstance(obj, dict):
+        return {k: _half(v, index, batch) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_half(v, index, batch) for v in obj)
+    return obj
+
+
+def _split_controlnet(forward):
+    """A ControlNet forward that runs an even batch as two halves; residuals concatenated."""
+    def split_forward(sample, *args, **kwargs):
+        batch = sample.shape[0]
+        if batch < 2 or batch % 2:
+            return forward(sample, *args, **kwargs)
+        outs = [forward(*_half((sample, *args), i, batch), **_half(kwargs, i, batch)) for i in (0, 1)]
+        down = tuple(torch.cat(pair) for pair in zip(outs[0][0], outs[1][0]))
+        mid = torch.cat([outs[0][1], outs[1][1]])
+        if isinstance(outs[0], tuple):
+            return down, mid
+        return type(outs[0])(down_block_res_samples=down, mid_block_res_sample=mid)
+    return split_forward
+
+
+def controlnet_knobs(nets, memory):
+    """The stage's memory knobs on the ControlNets too (ff/attention chunks, in-place SiLU,
+    CFG split); UNet-only knobs (skips on CPU, offload) do not apply. Returns the undo."""
+    from dataclasses import replace
+
+    from ..memory.knobs import apply_knobs
+
+    undo = []
+    for net in nets:
+        undo.append(apply_knobs(net, None, replace(memory, cfg_split=False, skips_on_cpu=False)))
+        if memory.cfg_split:
+            previous = net.__dict__.get("forward")
+            net.forward = _split_controlnet(net.forward)
+            undo.append(lambda n=net, p=previous: setattr(n, "forward", p) if p else n.__dict__.pop("forward"))
+
+    def undo_all():
+        while undo:
+            undo.pop()()
+    return undo_all
+
+
+# ---------------------------------------------------------------- stages
+
+def resized(path: str, width: int, height: int) -> Image.Image:
+    """The control image at a stage's size (Lanczos), RGB."""
+    from ..output import open_image
+
+    image = open_image(path)
+    return image if image.size == (width, height) else image.resize((width, height), Image.LANCZOS)
+
+
+def _reset(nets) -> None:
+    for net in nets:
+        embedding = getattr(net, "controlnet_cond_embedding", None)
+        if isinstance(embedding, TiledConditioningEmbedding):
+            embedding.reset()
+
+
+def _pipeline(ctx, kind: str, nets: list):
+    """diffusers' ControlNet pipeline of `kind` from the run's components (made once per run)."""
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
+
+    cache = ctx.notes.setdefault("controlnet_pipes", {})
+    key = (kind, tuple(id(n) for n in nets))
+    if key not in cache:
+        auto = AutoPipelineForText2Image if kind == "txt2img" else AutoPipelineForImage2Image
+        pipe = auto.from_pipe(ctx.txt2img, controlnet=nets[0] if len(nets) == 1 else nets)
+        pipe.set_progress_bar_config(disable=True)
+        cache[key] = pipe
+    return cache[key]
+
+
+def text_to_image_call(ctx, stage):
+    """(pipeline, extra kwargs, done) for the base stage: the structure ControlNet, if any."""
+    adapters = ctx.plan.adapters or {}
+    net = getattr(ctx.model, "controlnets", {}).get("controlnet")
+    if net is None:
+        return ctx.txt2img, {}, lambda: None
+    spec = adapters["controlnet"]
+    extra = {"image": resized(spec["image"], stage.width, stage.height),
+             "controlnet_conditioning_scale": spec["scale"]}
+    return _pipeline(ctx, "txt2img", [net]), extra, lambda: _reset([net])
+
+
+def image_to_image_call(ctx, stage, upscaled: Image.Image):
+    """(pipeline, extra kwargs, done) for an img2img stage: structure and/or tile ControlNet."""
+    adapters = ctx.plan.adapters or {}
+    loaded = getattr(ctx.model, "controlnets", {})
+    nets, images, scales = [], [], []
+    if "controlnet" in loaded:
+        nets.append(loaded["controlnet"])
+        images.append(resized(adapters["controlnet"]["image"], stage.width, stage.height))
+        scales.append(adapters["controlnet"]["scale"])
+    if "tile_controlnet" in loaded:  # the stage's own upscaled input is its control image
+        nets.append(loaded["tile_controlnet"])
+        images.append(upscaled)
+        scales.append(adapters["tile_controlnet"]["scale"])
+    if not nets:
+        return ctx.img2img, {}, lambda: None
+    one = len(nets) == 1
+    extra = {"control_image": images[0] if one else images,
+             "controlnet_conditioning_scale": scales[0] if one else scales}
+    return _pipeline(ctx, "img2img", nets), extra, lambda: _reset(nets)
