@@ -40,12 +40,19 @@ class Preset:
     vae_tile_px: int | None = None
     max_vram: float | None = None
     dtype: str = "auto"
+    method: str = "sdedit"  # img2img stages: "sdedit" or "demofusion" (linfusion_cli/method.py)
+    cosine_scale_1: float = 3.0  # demofusion settings (the official pipeline's defaults)
+    cosine_scale_2: float = 1.0
+    cosine_scale_3: float = 1.0
+    gaussian_sigma: float = 1.0
 
 
 _TYPES = {"description": str, "model": str, "family": str, "linfusion": (str, type(None)),
           "native": int, "aspect": str, "steps": int, "guidance": (int, float), "scheduler": str,
           "strengths": list, "negative": str, "vae_tile_px": (int, type(None)),
-          "max_vram": (int, float, type(None)), "dtype": str}
+          "max_vram": (int, float, type(None)), "dtype": str, "method": str,
+          "cosine_scale_1": (int, float), "cosine_scale_2": (int, float),
+          "cosine_scale_3": (int, float), "gaussian_sigma": (int, float)}
 
 
 def user_preset_dir() -> Path:
@@ -82,10 +89,28 @@ def parse_preset(text: str, *, name: str, source: str) -> Preset:
         if not s or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 1 for x in s):
             raise PresetError(f"{source}: key 'strengths' must be a list of numbers in (0, 1]")
         data["strengths"] = tuple(float(x) for x in s)
+    _check_method_keys(data, source)
     for key in ("native", "steps"):
         if key in data and data[key] < 1:
             raise PresetError(f"{source}: key {key!r} must be positive")
     return Preset(name=name, source=source, **data)
+
+
+def _check_method_keys(data: dict, source: str) -> None:
+    """method is a known one; the demofusion numbers are in range (PresetError naming the key)."""
+    from .errors import PlanError
+    from .method import DemoFusion, check_method
+
+    try:
+        if "method" in data:
+            check_method(data["method"], "key 'method'")
+        names = ("cosine_scale_1", "cosine_scale_2", "cosine_scale_3", "gaussian_sigma")
+        DemoFusion(**{k: float(data[k]) for k in names if k in data}).check("key")
+    except PlanError as exc:
+        raise PresetError(f"{source}: {exc}") from None
+    for k in ("cosine_scale_1", "cosine_scale_2", "cosine_scale_3", "gaussian_sigma"):
+        if k in data:
+            data[k] = float(data[k])
 
 
 def bundled_presets() -> dict[str, str]:

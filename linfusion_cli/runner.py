@@ -44,6 +44,7 @@ class Request:
     save_stages: bool = False
     init_image: str | None = None
     init_size: tuple[int, int] | None = None
+    method: str | None = None  # "sdedit" / "demofusion"; None: the preset's
 
 
 def target_size(req: Request, preset: Preset) -> tuple[int, int]:
@@ -105,7 +106,7 @@ def make_plan(req: Request) -> GenerationPlan:
     family = _model_family(model, preset)
     native = preset.native if family == preset.family else {"sd15": 1024, "sd21": 768, "sdxl": 1024}[family]
     linfusion = _resolve_linfusion(linfusion, model, family, preset)
-    return build_plan(
+    plan = build_plan(
         prompt=req.prompt, negative=req.negative if req.negative is not None else preset.negative,
         width=width, height=height, native=native,
         strengths=list(req.strengths or preset.strengths), steps=req.steps or preset.steps,
@@ -116,6 +117,16 @@ def make_plan(req: Request) -> GenerationPlan:
         max_vram_gib=req.max_vram if req.max_vram is not None else preset.max_vram,
         dtype=req.dtype or preset.dtype, device=req.device or "auto",
         extras={"preset": preset.name})
+    return _with_method(plan, req, preset)
+
+
+def _with_method(plan: GenerationPlan, req: Request, preset: Preset) -> GenerationPlan:
+    """The img2img stages' method (flag, else preset) and DemoFusion settings, dilation per stage."""
+    from .method import DemoFusion, trained_px, with_method
+
+    settings = DemoFusion(preset.cosine_scale_1, preset.cosine_scale_2, preset.cosine_scale_3,
+                          preset.gaussian_sigma)
+    return with_method(plan, req.method or preset.method, settings, trained_px(*architecture_configs(plan)))
 
 
 def architecture_configs(plan: GenerationPlan) -> tuple[dict, dict]:
@@ -168,7 +179,7 @@ def plan_memory(plan: GenerationPlan) -> GenerationPlan:
         memory = choose(unet_cfg, vae_cfg, width=stage.width, height=stage.height,
                         dtype_bytes=dtype_bytes, budget_bytes=max(stage_budget, 1),
                         guidance=stage.guidance > 1, linfusion=plan.linfusion is not None,
-                        device=device)
+                        device=device, dilated_pass=stage.method == "demofusion")
         if plan.vae_tile_px is not None:
             memory = replace(memory, vae_tile_px=plan.vae_tile_px)
         elif device == "cpu" and max(stage.width, stage.height) > CPU_VAE_TILE:

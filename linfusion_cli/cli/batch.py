@@ -19,7 +19,7 @@ from . import common
 from .console import info
 from .generate import request_from_options
 from .options import (AllowPickle, Aspect, ModelConfig, Device, DryRun, Dtype, Format, Guidance, Height, Json,
-                      Linfusion, MaxVram, Model, Negative, NoLinfusion, Overwrite, PresetOpt, Quiet,
+                      Linfusion, MaxVram, Method, Model, Negative, NoLinfusion, Overwrite, PresetOpt, Quiet,
                       Res, SaveStages, Scheduler, Seed, Steps, Strengths, Template, VaeTile, Verbose,
                       Width)
 
@@ -65,7 +65,7 @@ def batch(
     model: Model = None, linfusion: Linfusion = None, no_linfusion: NoLinfusion = False,
     preset: PresetOpt = None, seed: Seed = None, steps: Steps = None, guidance: Guidance = None,
     negative: Negative = None, strengths: Strengths = None, scheduler: Scheduler = None,
-    max_vram: MaxVram = None, vae_tile: VaeTile = None, save_stages: SaveStages = False,
+    method: Method = None, max_vram: MaxVram = None, vae_tile: VaeTile = None, save_stages: SaveStages = False,
     format: Format = None, overwrite: Overwrite = False, json: Json = False, dry_run: DryRun = False,
     device: Device = None, dtype: Dtype = None, allow_pickle: AllowPickle = False, config: ModelConfig = None,
     quiet: Quiet = False, verbose: Verbose = False,
@@ -78,7 +78,7 @@ def batch(
         "", preset=preset, res=res, aspect=aspect, width=width, height=height, model=model,
         linfusion=linfusion, no_linfusion=no_linfusion, seed=seed, steps=steps, guidance=guidance,
         negative=negative, strengths=strengths, scheduler=scheduler, max_vram=max_vram,
-        vae_tile=vae_tile, save_stages=save_stages, device=device, dtype=dtype)
+        vae_tile=vae_tile, save_stages=save_stages, device=device, dtype=dtype, method=method)
     base_seed = seed if seed is not None else secrets.randbelow(2 ** 31)
     folder = output if output.endswith("/") else output + "/"
     jobs, seen = [], {}

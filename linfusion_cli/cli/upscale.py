@@ -11,7 +11,7 @@ from ..output import open_image
 from . import common
 from .generate import request_from_options
 from .options import (AllowPickle, Aspect, ModelConfig, Device, DryRun, Dtype, Format, Guidance, Height, Json,
-                      Linfusion, MaxVram, Model, Negative, NoLinfusion, Output, Overwrite, PresetOpt,
+                      Linfusion, MaxVram, Method, Model, Negative, NoLinfusion, Output, Overwrite, PresetOpt,
                       Quiet, Res, SaveStages, Scheduler, Seed, Steps, Strengths, VaeTile, Verbose,
                       Width)
 
@@ -23,7 +23,7 @@ def upscale(
     model: Model = None, linfusion: Linfusion = None, no_linfusion: NoLinfusion = False,
     preset: PresetOpt = None, seed: Seed = None, steps: Steps = None, guidance: Guidance = None,
     negative: Negative = None, strengths: Strengths = None, scheduler: Scheduler = None,
-    max_vram: MaxVram = None, vae_tile: VaeTile = None, save_stages: SaveStages = False,
+    method: Method = None, max_vram: MaxVram = None, vae_tile: VaeTile = None, save_stages: SaveStages = False,
     output: Output = None, format: Format = None, overwrite: Overwrite = False, json: Json = False,
     dry_run: DryRun = False, device: Device = None, dtype: Dtype = None,
     allow_pickle: AllowPickle = False, config: ModelConfig = None, quiet: Quiet = False, verbose: Verbose = False,
@@ -36,7 +36,7 @@ def upscale(
         linfusion=linfusion, no_linfusion=no_linfusion, seed=seed, steps=steps, guidance=guidance,
         negative=negative, strengths=strengths, scheduler=scheduler, max_vram=max_vram,
         vae_tile=vae_tile, save_stages=save_stages, device=device, dtype=dtype,
-        init_image=str(image), init_size=picture.size)
+        init_image=str(image), init_size=picture.size, method=method)
     common.plan_and_run(req, dry_run=dry_run, as_json=json, output=output, fmt=format,
                         overwrite=overwrite, quiet=quiet, verbose=verbose,
                         allow_pickle=allow_pickle, config=config, init_image=np.asarray(picture))
