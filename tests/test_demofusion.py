@@ -273,3 +273,30 @@ def test_planner_counts_the_dilated_pass():
     assert plan_memory(unet, vae, **size, budget_bytes=budget) == a
     b = plan_memory(unet, vae, **size, budget_bytes=budget, dilated_pass=True)
     assert b.knobs() != a.knobs() and b.slowdown(4096, 4096) >= a.slowdown(4096, 4096)
+
+
+def test_memory_knobs_apply_to_both_passes_and_keep_the_image(tiny_pipeline_dirs):
+    from linfusion_cli.memory.planner import MemoryPlan
+    from linfusion_cli.models.loading import load_model
+    from linfusion_cli.pipeline import run_plan
+
+    folder = tiny_pipeline_dirs["sdxl"]
+    model = load_model(str(folder), linfusion="fresh", scheduler="euler", channels_last=False)
+    plan = demo_plan(folder, "sdxl", "demofusion", gaussian_sigma=0.8)
+    loose = plan.with_memory([MemoryPlan(vae_tile_px=64)] * 2)
+    tight = plan.with_memory([MemoryPlan(vae_tile_px=64, cfg_split=True, ff_chunk=16, attn_chunk=32,
+                                         inplace=True, skips_on_cpu=True)] * 2)
+    calls = []
+    hook = model.pipe.unet.conv_in.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    try:
+        a, _ = run_plan(loose, model)
+        n_loose = len(calls)
+        assert set(calls) == {2}
+        calls.clear()
+        b, record = run_plan(tight, model)
+    finally:
+        hook.remove()
+    assert record["stages"][1]["memory"]["cfg_split"] is True
+    assert len(calls) == 2 * n_loose and set(calls) == {1}, "cfg_split halves every UNet call, both passes"
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.max() <= 1
