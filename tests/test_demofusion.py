@@ -265,6 +265,8 @@ def test_planner_counts_the_dilated_pass():
     plain = est.estimate_peak_bytes(unet, vae, **kw)
     dilated = est.estimate_peak_bytes(unet, vae, dilated_pass=True, **kw)
     assert dilated - plain == pytest.approx(extra * (1 + est.OVERHEAD), abs=2)
+    breakdown = est.peak_breakdown(unet, vae, dilated_pass=True, **kw)
+    assert breakdown["total"] == dilated and breakdown["unet_terms"]["DemoFusion latents (dilated pass)"] == extra
     # a 4096 px stage under 24 GiB: the budget its plain plan fills exactly is too small for that
     # plan with the dilated pass, so the planner picks a tighter one
     size = dict(width=4096, height=4096, dtype_bytes=2)

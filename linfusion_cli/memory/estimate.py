@@ -449,7 +449,7 @@ def stage_peak(weights: dict[str, int], unet_act: int, vae_act: int, *, offload:
 def peak_breakdown(unet_config: dict, vae_config: dict, *, width: int, height: int,
                    dtype_bytes: int = 2, batch: int = 2, knobs: Knobs | None = None,
                    linfusion: bool = True, device: str = "cuda",
-                   text_encoders_bytes: int | None = None) -> dict:
+                   text_encoders_bytes: int | None = None, dilated_pass: bool = False) -> dict:
     """estimate_peak_bytes, itemised: the UNet's peak moment and every tensor alive there, the
     VAE phase, resident weights, the margin. Bytes; `total` equals estimate_peak_bytes."""
     k = knobs or Knobs()
@@ -461,6 +461,10 @@ def peak_breakdown(unet_config: dict, vae_config: dict, *, width: int, height: i
     unet_act = unet_activation_bytes(unet_config, latent_h=-(-height // 8),
                                      latent_w=-(-width // 8), batch=batch,
                                      dtype_bytes=dtype_bytes, knobs=k, linfusion=linfusion)
+    if dilated_pass:
+        extra = dilated_pass_bytes(unet_config, latent_h=-(-height // 8), latent_w=-(-width // 8))
+        terms = {**terms, "DemoFusion latents (dilated pass)": extra}
+        unet_act += extra
     vae_act = vae_activation_bytes(vae_config, height=height, width=width, tile_px=k.vae_tile_px,
                                    dtype_bytes=vae_dtype_bytes(vae_config, dtype_bytes))
     unet_w, vae_w = _resident(w, k.offload, device, lb)
