@@ -302,3 +302,58 @@ def test_memory_knobs_apply_to_both_passes_and_keep_the_image(tiny_pipeline_dirs
     assert len(calls) == 2 * n_loose and set(calls) == {1}, "cfg_split halves every UNet call, both passes"
     diff = np.abs(a.astype(int) - b.astype(int))
     assert diff.max() <= 1
+
+
+class ConvDenoiser(nn.Module):
+    """A stand-in UNet: one 3x3 conv as the noise prediction (the loop's maths, not a model's)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x, t, encoder_hidden_states=None, added_cond_kwargs=None, return_dict=True):
+        return (self.conv(x) * 0.1,)
+
+
+def test_denoise_loop_matches_the_written_out_euler_equations():
+    """The whole loop, restated with Euler's sigmas: x_i = x0 + sigma_i noise; skip residual; the
+    first pass on latents / sqrt(sigma_i^2 + 1); the dilated pass on the blurred latents, scaled
+    with the next sigma (the official pipeline scales it after the first step has advanced the
+    scheduler); Euler steps lat + (sigma_{i+1} - sigma_i) eps; mix; mean/std of x0."""
+    from diffusers import EulerDiscreteScheduler
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from linfusion_cli.pipeline.demofusion_stage import Conditioning, denoise, truncated_timesteps
+
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    unet = ConvDenoiser()
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(1, 4, 10, 14, generator=g).double()
+    noise = randn_tensor(x0.shape, generator=g, dtype=torch.float64)
+    settings = DemoFusion(3.0, 1.0, 1.0, 0.8, dilation=3)
+    unet.double()
+    timesteps = truncated_timesteps(sched, 20, 7, "cpu")
+    with torch.no_grad():
+        got = denoise(unet, sched, x0, noise, timesteps, Conditioning(None, None, False), 1.0, settings, g)
+
+        sigmas = [float(s) for s in sched.sigmas[13:]]  # the truncated schedule's sigmas, then 0
+        w, b = unet.conv.weight, unet.conv.bias
+        lat = None
+        for i, t in enumerate(timesteps.tolist()):
+            c, c1, c2, c3 = ref_weights(t, 1000, 3.0, 1.0, 1.0)
+            noised = x0 + noise * sigmas[i]
+            lat = noised if lat is None else lat
+            lat = lat * (1 - c1) + noised * c1
+            eps1 = 0.1 * torch.nn.functional.conv2d(lat / (sigmas[i] ** 2 + 1) ** 0.5, w, b, padding=1)
+            blurred = ref_blur(lat, 5, 0.8 * c3)
+            blurred = ((blurred - blurred.mean(dim=(2, 3), keepdim=True)) / blurred.std(dim=(2, 3), keepdim=True)
+                       * lat.std(dim=(2, 3), keepdim=True) + lat.mean(dim=(2, 3), keepdim=True))
+            eps2 = 0.1 * torch.nn.functional.conv2d(blurred / (sigmas[i + 1] ** 2 + 1) ** 0.5, w, b,
+                                                    padding=3, dilation=3)
+            dt = sigmas[i + 1] - sigmas[i]
+            lat = (1 - c2) * (lat + dt * eps1) + c2 * (lat + dt * eps2)
+        expected = ((lat - lat.mean(dim=(2, 3), keepdim=True)) / lat.std(dim=(2, 3), keepdim=True)
+                    * x0.std(dim=(2, 3), keepdim=True) + x0.mean(dim=(2, 3), keepdim=True))
+    assert len(timesteps) == 7
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
