@@ -29,11 +29,11 @@ class DemoFusion:
         for name in ("cosine_scale_1", "cosine_scale_2", "cosine_scale_3"):
             value = getattr(self, name)
             if math.isnan(value) or value < 0:
-                raise PlanError(f"{where}: {name} must be >= 0, got {value}")
+                raise PlanError(f"{where} {name!r} must be >= 0, got {value}")
         if not (0 < self.gaussian_sigma < math.inf):
-            raise PlanError(f"{where}: gaussian_sigma must be positive, got {self.gaussian_sigma}")
+            raise PlanError(f"{where} 'gaussian_sigma' must be positive and finite, got {self.gaussian_sigma}")
         if self.dilation < 1:
-            raise PlanError(f"{where}: dilation must be >= 1, got {self.dilation}")
+            raise PlanError(f"{where} 'dilation' must be >= 1, got {self.dilation}")
 
 
 def check_method(method: str, where: str = "--method") -> str:
