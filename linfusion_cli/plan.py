@@ -27,11 +27,15 @@ class Stage:
     guidance: float
     scheduler: str
     memory: object | None = None  # memory.planner.MemoryPlan, filled in by the planner
+    method: str | None = None  # img2img stages: "sdedit" or "demofusion" (method.py)
+    demofusion: object | None = None  # method.DemoFusion settings when method is "demofusion"
 
     @property
     def denoise_steps(self) -> int:
-        """Steps actually run (diffusers' img2img convention)."""
-        return self.steps if self.strength is None else min(int(self.steps * self.strength), self.steps)
+        """Steps actually run (diffusers' img2img convention; DemoFusion rounds up)."""
+        from .method import denoise_steps
+
+        return self.steps if self.strength is None else denoise_steps(self.steps, self.strength, self.method)
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "memory"}

@@ -41,12 +41,19 @@ class Preset:
     max_vram: float | None = None
     dtype: str = "auto"
     memory: tuple = ()  # forced memory knobs as (name, value) pairs, e.g. (("offload", "model"),)
+    method: str = "sdedit"  # img2img stages: "sdedit" or "demofusion" (linfusion_cli/method.py)
+    cosine_scale_1: float = 3.0  # demofusion settings (the official pipeline's defaults)
+    cosine_scale_2: float = 1.0
+    cosine_scale_3: float = 1.0
+    gaussian_sigma: float = 1.0
 
 
 _TYPES = {"description": str, "model": str, "family": str, "linfusion": (str, type(None)),
           "native": (int, type(None)), "aspect": str, "steps": int, "guidance": (int, float), "scheduler": str,
           "strengths": list, "negative": str, "vae_tile_px": (int, type(None)),
-          "max_vram": (int, float, type(None)), "dtype": str, "memory": dict}
+          "max_vram": (int, float, type(None)), "dtype": str, "memory": dict, "method": str,
+          "cosine_scale_1": (int, float), "cosine_scale_2": (int, float),
+          "cosine_scale_3": (int, float), "gaussian_sigma": (int, float)}
 # What each forced memory knob may be (memory.planner.MemoryPlan's fields).
 _KNOB_RULES = {"offload": (str, "none, model or sequential"), "vae_tile_px": (int, "0 or a multiple of 8"),
                "ff_chunk": (int, "tokens >= 0"), "attn_chunk": (int, "tokens > 0"),
@@ -106,12 +113,30 @@ def parse_preset(text: str, *, name: str, source: str) -> Preset:
         if not s or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 1 for x in s):
             raise PresetError(f"{source}: key 'strengths' must be a list of numbers in (0, 1]")
         data["strengths"] = tuple(float(x) for x in s)
+    _check_method_keys(data, source)
     for key in ("native", "steps"):
         if data.get(key) is not None and data[key] < 1:
             raise PresetError(f"{source}: key {key!r} must be positive")
     if "memory" in data:
         data["memory"] = _check_memory(data["memory"], source)
     return Preset(name=name, source=source, **data)
+
+
+def _check_method_keys(data: dict, source: str) -> None:
+    """method is a known one; the demofusion numbers are in range (PresetError naming the key)."""
+    from .errors import PlanError
+    from .method import DemoFusion, check_method
+
+    try:
+        if "method" in data:
+            check_method(data["method"], "key 'method'")
+        names = ("cosine_scale_1", "cosine_scale_2", "cosine_scale_3", "gaussian_sigma")
+        DemoFusion(**{k: float(data[k]) for k in names if k in data}).check("key")
+    except PlanError as exc:
+        raise PresetError(f"{source}: {exc}") from None
+    for k in ("cosine_scale_1", "cosine_scale_2", "cosine_scale_3", "gaussian_sigma"):
+        if k in data:
+            data[k] = float(data[k])
 
 
 def bundled_presets() -> dict[str, str]:

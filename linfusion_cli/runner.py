@@ -55,6 +55,7 @@ class Request:
     ip_image: str | None = None
     ip_scale: float | None = None
     ip_encoder: str | None = None
+    method: str | None = None  # "sdedit" / "demofusion"; None: the preset's
 
 
 def target_size(req: Request, preset: Preset) -> tuple[int, int]:
@@ -131,7 +132,18 @@ def make_plan(req: Request) -> GenerationPlan:
         max_vram_gib=max_vram, budget_from=budget_from if max_vram is not None else None,
         dtype=dtype, vae_dtype=vae_dtype, device=device, planned_elsewhere=elsewhere,
         model_info=info, extras={"preset": preset.name, "family_from": info.family_from})
-    return _with_adapters(plan, req)
+    return _with_adapters(_with_method(plan, req, preset), req)
+
+
+def _with_method(plan: GenerationPlan, req: Request, preset: Preset) -> GenerationPlan:
+    """The img2img stages' method (flag, else preset) and DemoFusion settings, dilation per stage."""
+    from .method import DemoFusion, trained_px, with_method
+
+    settings = DemoFusion(preset.cosine_scale_1, preset.cosine_scale_2, preset.cosine_scale_3,
+                          preset.gaussian_sigma)
+    info = plan.model_info
+    return with_method(plan, req.method or preset.method, settings,
+                       trained_px(info.unet_config, info.vae_config))
 
 
 def _with_adapters(plan: GenerationPlan, req: Request) -> GenerationPlan:
@@ -228,7 +240,8 @@ def plan_memory(plan: GenerationPlan) -> GenerationPlan:
                             vae_bytes=DTYPE_BYTES[plan.vae_dtype],
                             budget_bytes=1 << 62 if budget is None else max(budget - images - control, 1),
                             guidance=stage.guidance > 1, linfusion=plan.linfusion is not None,
-                            device=kind, fixed=fixed)
+                            device=kind, fixed=fixed,
+                            dilated_pass=stage.method == "demofusion")
         except BudgetError as exc:
             held = (f" plus {images / 2 ** 30:.1f} GiB for its images in host memory"
                     if images >= 2 ** 30 / 20 else "")

@@ -19,7 +19,7 @@ from . import common
 from .console import info
 from .generate import request_from_options
 from .options import (AllowPickle, Aspect, ModelConfig, Device, DryRun, Dtype, Format, Guidance, Height, Json,
-                      Linfusion, MaxVram, Model, Negative, NoLinfusion, Overwrite, PresetOpt, Quiet,
+                      Linfusion, MaxVram, Method, Model, Negative, NoLinfusion, Overwrite, PresetOpt, Quiet,
                       Res, SaveStages, Scheduler, Seed, Steps, Strengths, Template, VaeTile, Verbose,
                       Width, LoraOpt, ControlNetOpt, ControlImage, ControlScale, TileControlNet,
                       TileScale, IpAdapter, IpImage, IpScale, IpEncoder)
@@ -66,7 +66,7 @@ def batch(
     model: Model = None, linfusion: Linfusion = None, no_linfusion: NoLinfusion = False,
     preset: PresetOpt = None, seed: Seed = None, steps: Steps = None, guidance: Guidance = None,
     negative: Negative = None, strengths: Strengths = None, scheduler: Scheduler = None,
-    max_vram: MaxVram = None, vae_tile: VaeTile = None, save_stages: SaveStages = False,
+    method: Method = None, max_vram: MaxVram = None, vae_tile: VaeTile = None, save_stages: SaveStages = False,
     format: Format = None, overwrite: Overwrite = False, json: Json = False, dry_run: DryRun = False,
     device: Device = None, dtype: Dtype = None, allow_pickle: AllowPickle = False, config: ModelConfig = None,
     quiet: Quiet = False, verbose: Verbose = False, lora: LoraOpt = None,
@@ -85,7 +85,7 @@ def batch(
         vae_tile=vae_tile, save_stages=save_stages, device=device, dtype=dtype, loras=lora,
         controlnet=controlnet, control_image=control_image, control_scale=control_scale,
         tile_controlnet=tile_controlnet, tile_scale=tile_scale, ip_adapter=ip_adapter, ip_image=ip_image,
-        ip_scale=ip_scale, ip_encoder=ip_encoder)
+        ip_scale=ip_scale, ip_encoder=ip_encoder, method=method)
     base = replace(base, config=config, allow_pickle=allow_pickle, dry_run=dry_run)
     base_seed = seed if seed is not None else secrets.randbelow(2 ** 31)
     folder = output if output.endswith("/") else output + "/"

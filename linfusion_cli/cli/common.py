@@ -38,6 +38,12 @@ def print_dry_run(plan, *, as_json: bool) -> None:
         print(f"  {line}")
     for s in plan.stages:
         kind = "text-to-image" if s.strength is None else f"img2img @{s.strength}"
+        if s.method == "sdedit":
+            kind += " sdedit"
+        elif s.method == "demofusion":
+            d = s.demofusion
+            kind += (f" demofusion (dilation x{d.dilation}, cosine {d.cosine_scale_1:g}/"
+                     f"{d.cosine_scale_2:g}/{d.cosine_scale_3:g}, sigma {d.gaussian_sigma:g})")
         print(f"  stage {s.index + 1}: {s.width}x{s.height} {kind}, {s.denoise_steps} steps, "
               f"seed {s.seed}, {memory_line(s)}")
 

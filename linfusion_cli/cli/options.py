@@ -22,6 +22,7 @@ Guidance = Annotated[Optional[float], typer.Option("--guidance", help="Classifie
 Negative = Annotated[Optional[str], typer.Option("--negative", help="Negative prompt.")]
 Strengths = Annotated[Optional[str], typer.Option("--strengths", help="img2img strengths per stage, e.g. 0.4,0.3,0.2,0.1.")]
 Scheduler = Annotated[Optional[str], typer.Option("--scheduler", help="default, ddim, euler, euler_a, dpm++, pndm, lms.")]
+Method = Annotated[Optional[str], typer.Option("--method", help="Upscale stages: sdedit (plain img2img) or demofusion (skip residual + dilated pass; default for sdxl presets).")]
 MaxVram = Annotated[Optional[float], typer.Option("--max-vram", help="GPU memory budget in GiB (default: free memory).")]
 VaeTile = Annotated[Optional[int], typer.Option("--vae-tile", help="VAE tile size in px; 0 = untiled (default: planned).")]
 SaveStages = Annotated[bool, typer.Option("--save-stages", help="Also keep every intermediate stage image.")]

@@ -11,7 +11,7 @@ from ..output import open_image
 from . import common
 from .generate import request_from_options
 from .options import (AllowPickle, Aspect, ModelConfig, Device, DryRun, Dtype, Format, Guidance, Height, Json,
-                      Linfusion, MaxVram, Model, Negative, NoLinfusion, Output, Overwrite, PresetOpt,
+                      Linfusion, MaxVram, Method, Model, Negative, NoLinfusion, Output, Overwrite, PresetOpt,
                       Quiet, Res, SaveStages, Scheduler, Seed, Steps, Strengths, VaeTile, Verbose,
                       Width, LoraOpt, ControlNetOpt, ControlImage, ControlScale, TileControlNet,
                       TileScale, IpAdapter, IpImage, IpScale, IpEncoder)
@@ -24,7 +24,7 @@ def upscale(
     model: Model = None, linfusion: Linfusion = None, no_linfusion: NoLinfusion = False,
     preset: PresetOpt = None, seed: Seed = None, steps: Steps = None, guidance: Guidance = None,
     negative: Negative = None, strengths: Strengths = None, scheduler: Scheduler = None,
-    max_vram: MaxVram = None, vae_tile: VaeTile = None, save_stages: SaveStages = False,
+    method: Method = None, max_vram: MaxVram = None, vae_tile: VaeTile = None, save_stages: SaveStages = False,
     output: Output = None, format: Format = None, overwrite: Overwrite = False, json: Json = False,
     dry_run: DryRun = False, device: Device = None, dtype: Dtype = None,
     allow_pickle: AllowPickle = False, config: ModelConfig = None, quiet: Quiet = False, verbose: Verbose = False,
@@ -43,7 +43,7 @@ def upscale(
         init_image=str(image), init_size=picture.size, loras=lora,
         controlnet=controlnet, control_image=control_image, control_scale=control_scale,
         tile_controlnet=tile_controlnet, tile_scale=tile_scale, ip_adapter=ip_adapter, ip_image=ip_image,
-        ip_scale=ip_scale, ip_encoder=ip_encoder)
+        ip_scale=ip_scale, ip_encoder=ip_encoder, method=method)
     common.plan_and_run(req, dry_run=dry_run, as_json=json, output=output, fmt=format,
                         overwrite=overwrite, quiet=quiet, verbose=verbose,
                         allow_pickle=allow_pickle, config=config, init_image=np.asarray(picture))

@@ -405,10 +405,21 @@ def layer_bytes(unet_config: dict, dtype_bytes: int) -> int:
     return 2 * 9 * c * c * dtype_bytes
 
 
+DILATED_PASS_LATENTS = 4  # DemoFusion: clean latents, noise, first step's result, blurred input
+
+
+def dilated_pass_bytes(unet_config: dict, *, latent_h: int, latent_w: int) -> int:
+    """What a DemoFusion step holds beyond a plain one while its second (dilated) UNet pass runs:
+    four fp32 latents. The pass itself runs after the first with the same activation shapes
+    (dilation with scaled padding keeps every size), so its activations add nothing."""
+    return DILATED_PASS_LATENTS * unet_config.get("in_channels", 4) * latent_h * latent_w * 4
+
+
 def estimate_peak_bytes(unet_config: dict, vae_config: dict, *, width: int, height: int,
                         dtype_bytes: int = 2, batch: int = 2, knobs: Knobs | None = None,
                         text_encoders_bytes: int | None = None, linfusion: bool = True,
-                        device: str = "cuda", vae_bytes: int | None = None) -> int:
+                        device: str = "cuda", vae_bytes: int | None = None,
+                        dilated_pass: bool = False) -> int:
     """Peak device bytes of one stage: max over its UNet and VAE phases of weights + activations.
 
     batch is the UNet batch (2 with classifier-free guidance; cfg_split runs it as two of 1).
@@ -419,6 +430,8 @@ def estimate_peak_bytes(unet_config: dict, vae_config: dict, *, width: int, heig
     unet_act = unet_activation_bytes(unet_config, latent_h=-(-height // 8),
                                      latent_w=-(-width // 8), batch=batch,
                                      dtype_bytes=dtype_bytes, knobs=k, linfusion=linfusion)
+    if dilated_pass:
+        unet_act += dilated_pass_bytes(unet_config, latent_h=-(-height // 8), latent_w=-(-width // 8))
     vae_act = vae_activation_bytes(vae_config, height=height, width=width,
                                    tile_px=k.vae_tile_px, dtype_bytes=vb)
     return stage_peak(w, unet_act, vae_act, offload=k.offload, device=device,
@@ -447,7 +460,8 @@ def stage_peak(weights: dict[str, int], unet_act: int, vae_act: int, *, offload:
 def peak_breakdown(unet_config: dict, vae_config: dict, *, width: int, height: int,
                    dtype_bytes: int = 2, batch: int = 2, knobs: Knobs | None = None,
                    linfusion: bool = True, device: str = "cuda",
-                   text_encoders_bytes: int | None = None, vae_bytes: int | None = None) -> dict:
+                   text_encoders_bytes: int | None = None, vae_bytes: int | None = None,
+                   dilated_pass: bool = False) -> dict:
     """estimate_peak_bytes, itemised: the UNet's peak moment and every tensor alive there, the
     VAE phase, resident weights, the margin. Bytes; `total` equals estimate_peak_bytes."""
     k = knobs or Knobs()
@@ -459,6 +473,10 @@ def peak_breakdown(unet_config: dict, vae_config: dict, *, width: int, height: i
     unet_act = unet_activation_bytes(unet_config, latent_h=-(-height // 8),
                                      latent_w=-(-width // 8), batch=batch,
                                      dtype_bytes=dtype_bytes, knobs=k, linfusion=linfusion)
+    if dilated_pass:
+        extra = dilated_pass_bytes(unet_config, latent_h=-(-height // 8), latent_w=-(-width // 8))
+        terms = {**terms, "DemoFusion latents (dilated pass)": extra}
+        unet_act += extra
     vae_act = vae_activation_bytes(vae_config, height=height, width=width, tile_px=k.vae_tile_px,
                                    dtype_bytes=vae_dtype_bytes(dtype_bytes, vae_bytes))
     unet_w, vae_w = _resident(w, k.offload, device, lb)

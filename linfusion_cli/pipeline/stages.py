@@ -117,4 +117,8 @@ StageFn = Callable[[StageContext, Stage, "np.ndarray | None"], np.ndarray]
 
 
 def stage_function(stage: Stage) -> StageFn:
+    if stage.method == "demofusion":
+        from .demofusion_stage import demofusion_image_to_image
+
+        return demofusion_image_to_image
     return text_to_image if stage.strength is None else image_to_image
