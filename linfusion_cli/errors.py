@@ -39,3 +39,7 @@ class OutputError(InputError):
 
 class OutOfMemoryError(LinfusionError):
     """A stage that ran out of device memory even with the tightest plan tried."""
+
+
+class WriteError(LinfusionError):
+    """A write that failed at run time (disk full, I/O error); nothing partial is left (exit 1)."""

@@ -10,6 +10,7 @@ import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from . import validate
 from .errors import InputError, PlanError
 from .plan import GenerationPlan, build_plan, check_size, size_from_res
 from .presets import Preset, load_preset
@@ -92,6 +93,7 @@ def _resolve_linfusion(linfusion: str | None, model: str, family: str, preset: P
 
 def make_plan(req: Request) -> GenerationPlan:
     """A validated plan, before any weights load."""
+    validate.request(req)
     preset = load_preset(req.preset)
     if req.prompt is None or not req.prompt.strip():
         raise InputError("the prompt is empty")

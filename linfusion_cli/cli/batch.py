@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json as jsonlib
+import os
 import secrets
 import sys
 from dataclasses import replace
@@ -16,7 +17,10 @@ from ..errors import InputError, LinfusionError, OutputError
 from ..output import read_metadata
 from ..prompts import read_prompt_file
 from . import common
-from .console import info
+from ..plan import stage_seed
+from ..targets import inside
+from ..validate import SEED_MAX
+from .console import error, info, one_line_of
 from .generate import request_from_options
 from .options import (AllowPickle, Aspect, ModelConfig, Device, DryRun, Dtype, Format, Guidance, Height, Json,
                       Linfusion, MaxVram, Model, Negative, NoLinfusion, Overwrite, PresetOpt, Quiet,
@@ -36,8 +40,8 @@ def _entry_plan(entry, index, base: runner.Request, base_seed: int):
         res, width, height = entry.res, None, None
     req = replace(base, prompt=entry.prompt, res=res, width=width, height=height,
                   negative=entry.negative if entry.negative is not None else base.negative,
-                  seed=entry.seed if entry.seed is not None else base_seed + index,
-                  steps=entry.steps or base.steps,
+                  seed=entry.seed if entry.seed is not None else stage_seed(base_seed, index),
+                  steps=entry.steps if entry.steps is not None else base.steps,
                   guidance=entry.guidance if entry.guidance is not None else base.guidance)
     try:
         return runner.plan_memory(runner.make_plan(req))
@@ -79,32 +83,33 @@ def batch(
         linfusion=linfusion, no_linfusion=no_linfusion, seed=seed, steps=steps, guidance=guidance,
         negative=negative, strengths=strengths, scheduler=scheduler, max_vram=max_vram,
         vae_tile=vae_tile, save_stages=save_stages, device=device, dtype=dtype)
-    base_seed = seed if seed is not None else secrets.randbelow(2 ** 31)
+    base_seed = base.seed if base.seed is not None else secrets.randbelow(SEED_MAX + 1)
     folder = output if output.endswith("/") else output + "/"
     jobs, seen = [], {}
     for index, entry in enumerate(entries):
         plan = _entry_plan(entry, index, base, base_seed)
-        target = str(Path(folder) / entry.output) if entry.output else folder
-        try:
+        try:  # an entry's own output stays inside -o (links resolved)
+            target = str(inside(folder, entry.output)) if entry.output is not None else folder
             path, fmt = common.resolve_target(target, plan=plan, fmt=format, template=name or BATCH_TEMPLATE,
-                                              overwrite=overwrite or resume, index=index)
+                                              overwrite=overwrite or resume, index=index, create=not dry_run)
         except LinfusionError as exc:
             raise type(exc)(f"{entry.source}:{entry.line}: {exc}") from None
+        path = Path(os.path.realpath(path))  # x.png and sub/../x.png are one file
         if path in seen:
             raise OutputError(f"{entry.source}:{entry.line}: output {path} is also line {seen[path]}'s")
         seen[path] = entry.line
         if path.exists() and not overwrite and not (resume and _matches(path, plan)):
             raise OutputError(f"{entry.source}:{entry.line}: {path} exists with other parameters; "
                               "pass --overwrite")
-        jobs.append((plan, path, fmt))
+        jobs.append((plan, path, fmt, entry))
     if dry_run:
-        for plan, path, _ in jobs:
+        for plan, path, _, _ in jobs:
             if not json:
                 print(f"{path}:")
             common.print_dry_run(plan, as_json=json)
         return
-    loaded = None
-    for k, (plan, path, fmt) in enumerate(jobs, 1):
+    loaded, failures = None, 0
+    for k, (plan, path, fmt, entry) in enumerate(jobs, 1):
         if resume and path.exists() and _matches(path, plan):
             info(f"[{k}/{len(jobs)}] {path} already done", quiet=quiet)
             print(jsonlib.dumps({"path": str(path), "skipped": True}) if json else str(path), flush=True)
@@ -112,5 +117,11 @@ def batch(
         if loaded is None:  # one model load serves every entry
             loaded = common.load(plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle, config=config)
         info(f"[{k}/{len(jobs)}] {plan.prompt[:60]}", quiet=quiet)
-        common.run_one(plan, loaded, path=path, fmt=fmt, overwrite=overwrite or resume, as_json=json,
-                       quiet=quiet, verbose=verbose)
+        try:  # one entry's failure is reported and the others still run
+            common.run_one(plan, loaded, path=path, fmt=fmt, overwrite=overwrite or resume, as_json=json,
+                           quiet=quiet, verbose=verbose)
+        except Exception as exc:  # noqa: BLE001 - every failure is one line; the exit code says it
+            failures += 1
+            error(f"{entry.source}:{entry.line}: {one_line_of(exc)}")
+    if failures:
+        raise typer.Exit(1)

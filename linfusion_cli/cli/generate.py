@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import runner
+from .. import runner, validate
 from ..errors import InputError
 from ..presets import SCHEDULERS
 from . import common
@@ -22,12 +22,14 @@ def request_from_options(prompt, *, preset, res, aspect, width, height, model, l
     """The flags every generating command shares, as one Request."""
     if scheduler is not None and scheduler not in SCHEDULERS:  # before any weights load
         raise InputError(f"unknown scheduler {scheduler!r}; use {', '.join(SCHEDULERS)}")
-    return runner.Request(
+    req = runner.Request(
         prompt=prompt, preset=preset, res=res, aspect=aspect, width=width, height=height, model=model,
-        linfusion=linfusion, no_linfusion=no_linfusion, seed=seed, steps=steps, guidance=guidance,
-        negative=negative, strengths=parse_strengths(strengths), scheduler=scheduler,
+        linfusion=linfusion, no_linfusion=no_linfusion, seed=None if seed == -1 else seed,
+        steps=steps, guidance=guidance, negative=negative, strengths=parse_strengths(strengths), scheduler=scheduler,
         max_vram=max_vram, vae_tile=vae_tile, device=device, dtype=dtype, save_stages=save_stages,
         init_image=init_image, init_size=init_size)
+    validate.request(req)  # flags are checked once, before any batch line or model
+    return req
 
 
 def generate(
