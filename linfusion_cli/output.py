@@ -350,7 +350,8 @@ def save_image(
     except BaseException as exc:
         with interrupts.critical(), contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, FileExistsError):
+        tiff_failed = isinstance(exc, RuntimeError) and fmt_name == "tiff"  # libtiff's way to say ENOSPC
+        if (isinstance(exc, OSError) and not isinstance(exc, FileExistsError)) or tiff_failed:
             raise WriteError(f"cannot write {path}: {_why(exc)}") from None
         raise
     return path

@@ -71,7 +71,7 @@ def inside(folder: str, output: str) -> Path:
         raise InputError(f"output {output!r} leaves the output folder {folder}")
     if os.path.isdir(resolved):
         raise InputError(f"output {output!r} is a folder; name a file inside it")
-    return Path(resolved)
+    return Path(folder) / os.path.relpath(resolved, root)  # shown as the user wrote -o
 
 
 def image_bound(width: int, height: int, fmt: str) -> int:

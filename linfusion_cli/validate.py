@@ -29,7 +29,7 @@ def _number(name: str, value: Any, *, integer: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float) if not integer else int):
         if integer and isinstance(value, float) and math.isfinite(value) and value == int(value):
             return int(value)
-        kind = "a whole number" if integer else "a number"
+        kind = "an integer" if integer else "a number"
         raise ValueRuleError(f"{name} must be {kind}, got {value!r}")
     if not integer and not math.isfinite(value):
         raise ValueRuleError(f"{name} must be a finite number, got {value}")
@@ -61,7 +61,11 @@ def strength(value: Any, name: str = "strength") -> float:
 
 
 def seed(value: Any, name: str = "seed") -> int:
-    return in_range(name, value, 0, SEED_MAX, integer=True)
+    """0 .. 2**32-1 (callers turn -1, "random" as in AUTOMATIC1111, into None first)."""
+    value = _number(name, value, integer=True)
+    if not 0 <= value <= SEED_MAX:
+        raise ValueRuleError(f"{name} must be -1 (random) or in [0, {SEED_MAX}], got {value}")
+    return value
 
 
 def side(value: Any, name: str) -> int:
@@ -98,7 +102,7 @@ def aspect(value: Any, name: str = "aspect") -> tuple[float, float]:
 def text(value: Any, name: str = "prompt", *, empty_ok: bool = True) -> str:
     """Text a tokenizer and the metadata can hold: valid UTF-8, no NUL bytes, bounded."""
     if not isinstance(value, str):
-        raise ValueRuleError(f"{name} must be text, got {type(value).__name__}")
+        raise ValueRuleError(f"{name} must be a string, got {type(value).__name__}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:  # undecodable bytes from argv or a file arrive as lone surrogates

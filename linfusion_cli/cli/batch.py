@@ -94,10 +94,10 @@ def batch(
                                               overwrite=overwrite or resume, index=index, create=not dry_run)
         except LinfusionError as exc:
             raise type(exc)(f"{entry.source}:{entry.line}: {exc}") from None
-        path = Path(os.path.realpath(path))  # x.png and sub/../x.png are one file
-        if path in seen:
-            raise OutputError(f"{entry.source}:{entry.line}: output {path} is also line {seen[path]}'s")
-        seen[path] = entry.line
+        key = os.path.realpath(path)  # x.png and sub/../x.png are one file
+        if key in seen:
+            raise OutputError(f"{entry.source}:{entry.line}: output {path} is also line {seen[key]}'s")
+        seen[key] = entry.line
         if path.exists() and not overwrite and not (resume and _matches(path, plan)):
             raise OutputError(f"{entry.source}:{entry.line}: {path} exists with other parameters; "
                               "pass --overwrite")
