@@ -43,3 +43,11 @@ class OutOfMemoryError(LinfusionError):
 
 class WriteError(LinfusionError):
     """A write that failed at run time (disk full, I/O error); nothing partial is left (exit 1)."""
+
+
+class NonFiniteError(LinfusionError):
+    """NaN or inf values out of the UNet or the VAE (fp16 overflow), even after a float32 retry."""
+
+    def __init__(self, part: str, message: str | None = None):
+        super().__init__(message or f"the {part} produced NaN/inf values")
+        self.part = part

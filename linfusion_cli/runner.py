@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import validate
-from .errors import InputError, PlanError
+from .errors import InputError, NonFiniteError, PlanError
 from .plan import GenerationPlan, build_plan, check_size, size_from_res
 from .presets import Preset, load_preset
 
@@ -204,7 +204,11 @@ def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, o
     from .output import save_image
     from .pipeline import StageFinished, run_plan
 
+    finished = []  # the last finished stage: kept if a later stage fails with NaN/inf
+
     def handle(event):
+        if isinstance(event, StageFinished):
+            finished[:] = [event]
         if plan.save_stages and isinstance(event, StageFinished) and event.stage < event.stages - 1:
             stage = plan.stages[event.stage]
             save_image(event.image, stage_image_path(path, event.stage, stage.width, stage.height),
@@ -212,6 +216,16 @@ def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, o
         if on_event is not None:
             on_event(event)
 
-    image, record = run_plan(plan, model, on_event=handle, init_image=init_image)
+    try:
+        image, record = run_plan(plan, model, on_event=handle, init_image=init_image)
+    except NonFiniteError as exc:
+        if not finished:
+            raise
+        last = finished[0]
+        stage = plan.stages[last.stage]
+        kept = stage_image_path(path, last.stage, stage.width, stage.height)
+        if not plan.save_stages:
+            save_image(last.image, kept, record=last.record, fmt="png", overwrite=overwrite)
+        raise NonFiniteError(exc.part, f"{exc}; stage {last.stage + 1}'s image is kept as {kept}") from None
     written = save_image(image, path, record=record, fmt=fmt, overwrite=overwrite, stream=stream)
     return result_summary(written, record)

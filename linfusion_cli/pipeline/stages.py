@@ -11,6 +11,7 @@ from PIL import Image
 
 from .. import vae as tiled_vae
 from ..plan import GenerationPlan, Stage
+from . import finite
 from .events import EventHandler, PhaseProgress
 
 
@@ -77,7 +78,7 @@ def text_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None) 
     """The base stage at the model's native size."""
     out = ctx.txt2img(height=stage.height, width=stage.width, generator=_generator(stage.seed),
                       **_denoise_kwargs(ctx, stage))
-    return _decode(ctx, stage, out.images)
+    return _decode(ctx, stage, finite.check(out.images, "unet"))
 
 
 def resize(image: np.ndarray, width: int, height: int) -> Image.Image:
@@ -95,10 +96,10 @@ def image_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None)
                                generator=generator, on_tile=progress, info=info,
                                host_budget=_host_budget(ctx))
     del upscaled
-    latents = latents.to(device=ctx.model.device, dtype=ctx.model.dtype)
+    latents = finite.check(latents, "vae").to(device=ctx.model.device, dtype=ctx.model.dtype)
     out = ctx.img2img(image=latents, strength=stage.strength, generator=generator,
                       **_denoise_kwargs(ctx, stage))
-    return _decode(ctx, stage, out.images)
+    return _decode(ctx, stage, finite.check(out.images, "unet"))
 
 
 StageFn = Callable[[StageContext, Stage, "np.ndarray | None"], np.ndarray]
