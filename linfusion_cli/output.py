@@ -430,8 +430,8 @@ def _open(path: Path) -> Image.Image:
             raise InputError(f"{path} is too large (over {MAX_PIXELS * 2} pixels)") from None
         except Image.UnidentifiedImageError:
             raise InputError(f"{path} is not an image Pillow can read") from None
-        except OSError as exc:
-            raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+        except (OSError, ValueError, SyntaxError) as exc:  # ValueError: a PNG text bomb
+            raise InputError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:

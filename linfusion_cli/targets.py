@@ -10,7 +10,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, WriteError
 from .validate import file_name
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
@@ -95,6 +95,6 @@ def check_free_space(plan, path: Path | None, fmt: str) -> None:
     except OSError:
         return  # no figure to check against; the write itself reports a full disk
     if free < need:
-        raise OutputError(f"{folder} has {free / 2**20:.0f} MiB free; this run may write up to "
+        raise WriteError(f"{folder} has {free / 2**20:.0f} MiB free; this run may write up to "
                           f"{need / 2**20:.0f} MiB ({plan.width}x{plan.height} {fmt}"
                           f"{' and its stages' if plan.save_stages else ''})")

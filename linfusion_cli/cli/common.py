@@ -63,7 +63,8 @@ def plan_and_run(req, *, dry_run: bool, as_json: bool, output, fmt, overwrite: b
     if output == "-" and req.save_stages:
         raise InputError("--save-stages writes files beside the image; it cannot be used with -o -")
     plan = runner.plan_memory(runner.make_plan(req))
-    if dry_run:
+    if dry_run:  # the output is checked as for a run, but nothing is created
+        resolve_target(output, plan=plan, fmt=fmt, overwrite=overwrite, create=False)
         print_dry_run(plan, as_json=as_json)
         return
     not_both_json_and_stdout(output, as_json)
