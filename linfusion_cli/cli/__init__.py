@@ -7,7 +7,8 @@ import threading as _threading
 
 
 def _interrupted_while_importing(signum, frame):  # pragma: no cover - exercised in a subprocess
-    _os.write(2, b"error: interrupted\n")
+    name = "" if signum == _signal.SIGINT else f" ({_signal.Signals(signum).name})"
+    _os.write(2, f"error: interrupted{name}\n".encode())
     _os._exit(128 + signum)
 
 
