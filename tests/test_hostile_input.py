@@ -424,3 +424,37 @@ def test_nan_even_in_float32_keeps_the_previous_stage(cli, tmp_path, monkeypatch
     kept = tmp_path / "out" / "x.stage1-64x64.png"
     assert files_under(tmp_path / "out") == [kept]
     assert read_metadata(kept)["record"]["stages"][0]["width"] == 64
+
+
+# ---------------------------------------------------------------- messages that tell the truth
+
+
+def test_corrupt_local_model_folder_is_diagnosed_as_local(cli, tmp_path, cli_cache):
+    """A broken local folder is not sent to `huggingface-cli download <local path>`."""
+    assert cli("generate", "x", *DEMO, "--res", "64", "-q", "-o", "warm.png").code == 0  # builds the demo
+    demo = next(p for p in cli_cache.iterdir() if p.name.startswith("demo"))
+    broken = tmp_path / "broken"
+    shutil.copytree(demo, broken)
+    for weights in broken.glob("unet/*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:100])  # truncated weights
+    result = cli("generate", "x", "--model", str(broken), "--steps", "2", "--res", "64", "-q", "-o", "out/")
+    line = one_error(result, 2, "local model folder", "broken")
+    assert "huggingface-cli" not in line and "download" not in line
+
+
+def test_closed_stdin_and_stdout_are_one_line(cli_env, tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import os, sys; os.close(0); os.close(1); "
+              "from linfusion_cli.cli.app import run; sys.exit(run(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", script, "generate", *DEMO, "--res", "64", "-o", "-"],
+                          env=cli_env, stderr=subprocess.PIPE, timeout=600)
+    lines = [line for line in proc.stderr.decode().splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and "stdin" in lines[0]
+    proc = subprocess.run([sys.executable, "-c", script, "generate", "x", *DEMO, "--res", "64", "-q", "-o", "-"],
+                          env=cli_env, stderr=subprocess.PIPE, timeout=600)
+    lines = [line for line in proc.stderr.decode().splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and "stdout is closed" in lines[0]

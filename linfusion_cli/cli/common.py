@@ -95,6 +95,17 @@ def read_prompt_argument(prompt: str | None) -> str:
     return prompt
 
 
+def _open_stream(stream) -> bool:
+    """The stream exists and its file descriptor is open."""
+    import os
+
+    try:
+        os.fstat(stream.fileno())
+        return True
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 def _isatty(stream) -> bool:
     try:
         return stream.isatty()
@@ -127,5 +138,7 @@ def check_outputs(plan, path, fmt, *, overwrite) -> None:
 
 
 def not_both_json_and_stdout(output, as_json) -> None:
-    if output == "-" and sys.stdout.isatty():
+    if output == "-" and not _open_stream(sys.stdout):
+        raise InputError("stdout is closed; use -o FILE")
+    if output == "-" and _isatty(sys.stdout):
         raise InputError("refusing to write image bytes to a terminal; redirect stdout or use -o FILE")
