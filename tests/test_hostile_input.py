@@ -458,3 +458,24 @@ def test_closed_stdin_and_stdout_are_one_line(cli_env, tmp_path):
     lines = [line for line in proc.stderr.decode().splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and "stdout is closed" in lines[0]
+
+
+@pytest.mark.parametrize("entry", [{"module_name": "a.attn1", "dim_n": "many", "heads": 8},
+                                   {"module_name": "a.attn1", "dim_n": 320},
+                                   {"module_name": "a.attn1", "dim_n": 320, "heads": 0},
+                                   {"module_name": "a.attn1", "dim_n": 320, "heads": 8, "projection_mid_dim": "x"},
+                                   ["a.attn1", None, 8], "a.attn1"])
+def test_malformed_linfusion_config_fields_are_one_line(entry):
+    from linfusion_cli.attention.checkpoint import parse_modules_list
+    from linfusion_cli.errors import CheckpointMismatchError
+
+    with pytest.raises(CheckpointMismatchError, match="unreadable modules_list entry"):
+        parse_modules_list({"modules_list": [{"module_name": "ok.attn1", "dim_n": 320, "heads": 8}, entry]})
+
+
+def test_batch_line_size_wins_over_the_command_aspect(cli, tmp_path):
+    result = cli("batch", "-", *DEMO, "--res", "64", "--aspect", "2:1", "-o", "out", "--dry-run", "--json",
+                 stdin='a\n{"prompt": "b", "width": 64, "height": 64}\n')
+    assert result.code == 0, result.err
+    sizes = [(p["width"], p["height"]) for p in map(json.loads, result.out_lines)]
+    assert sizes == [(64, 32), (64, 64)]

@@ -33,12 +33,12 @@ _SAME = ("prompt", "negative", "seed", "width", "height", "steps", "guidance", "
 
 def _entry_plan(entry, index, base: runner.Request, base_seed: int):
     """The entry's own values over the command's; errors name the file and line."""
-    res, width, height = base.res, base.width, base.height
-    if entry.width is not None or entry.height is not None:
-        res, width, height = None, entry.width, entry.height
+    res, width, height, aspect = base.res, base.width, base.height, base.aspect
+    if entry.width is not None or entry.height is not None:  # the line's exact size wins over --aspect
+        res, width, height, aspect = None, entry.width, entry.height, None
     elif entry.res is not None:
         res, width, height = entry.res, None, None
-    req = replace(base, prompt=entry.prompt, res=res, width=width, height=height,
+    req = replace(base, prompt=entry.prompt, res=res, width=width, height=height, aspect=aspect,
                   negative=entry.negative if entry.negative is not None else base.negative,
                   seed=entry.seed if entry.seed is not None else stage_seed(base_seed, index),
                   steps=entry.steps if entry.steps is not None else base.steps,
