@@ -80,13 +80,21 @@ def image_bound(width: int, height: int, fmt: str) -> int:
     return (raw // 2 if fmt == "jpg" else raw + raw // 100) + (1 << 20)
 
 
-def check_free_space(plan, path: Path | None, fmt: str) -> None:
-    """Refuse early when the output filesystem cannot hold the final image and the kept stages."""
-    if path is None:
-        return
+def run_bound(plan, fmt: str) -> int:
+    """Bytes one run may write: its final image and, with --save-stages, every earlier stage."""
     need = image_bound(plan.width, plan.height, fmt)
     if plan.save_stages:
         need += sum(image_bound(s.width, s.height, "png") for s in plan.stages[:-1])
+    return need
+
+
+def check_free_space(plan, path: Path | None, fmt: str, *, need: int | None = None,
+                     what: str | None = None) -> None:
+    """Refuse early when the output filesystem cannot hold what the run (or batch) will write."""
+    if path is None:
+        return
+    if need is None:
+        need = run_bound(plan, fmt)
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
@@ -95,6 +103,6 @@ def check_free_space(plan, path: Path | None, fmt: str) -> None:
     except OSError:
         return  # no figure to check against; the write itself reports a full disk
     if free < need:
+        what = what or f"{plan.width}x{plan.height} {fmt}{' and its stages' if plan.save_stages else ''}"
         raise WriteError(f"{folder} has {free / 2**20:.0f} MiB free; this run may write up to "
-                          f"{need / 2**20:.0f} MiB ({plan.width}x{plan.height} {fmt}"
-                          f"{' and its stages' if plan.save_stages else ''})")
+                         f"{need / 2**20:.0f} MiB ({what})")

@@ -480,3 +480,17 @@ def test_batch_line_size_wins_over_the_command_aspect(cli, tmp_path):
     assert result.code == 0, result.err
     sizes = [(p["width"], p["height"]) for p in map(json.loads, result.out_lines)]
     assert sizes == [(64, 32), (64, 64)]
+
+
+def test_preflight_counts_every_image_of_a_batch(cli, tmp_path, monkeypatch):
+    from linfusion_cli import targets
+
+    no_load(monkeypatch)
+    one = targets.image_bound(512, 512, "png")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(targets.shutil, "disk_usage", lambda p: usage._replace(free=3 * one))
+    ok = cli("batch", "-", *DEMO, "--res", "512", "-o", "out", "--dry-run", stdin="a\nb\nc\n")
+    assert ok.code == 0, ok.err
+    result = cli("batch", "-", *DEMO, "--res", "512", "-o", "out", stdin="a\nb\nc\nd\n")
+    one_error(result, 1, "MiB free", "4 images")
+    assert not (tmp_path / "out").exists()

@@ -91,7 +91,7 @@ def batch(
         try:  # an entry's own output stays inside -o (links resolved)
             target = str(inside(folder, entry.output)) if entry.output is not None else folder
             path, fmt = common.resolve_target(target, plan=plan, fmt=format, template=name or BATCH_TEMPLATE,
-                                              overwrite=overwrite or resume, index=index, create=not dry_run)
+                                              overwrite=overwrite or resume, index=index, create=False)
         except LinfusionError as exc:
             raise type(exc)(f"{entry.source}:{entry.line}: {exc}") from None
         key = os.path.realpath(path)  # x.png and sub/../x.png are one file
@@ -102,12 +102,21 @@ def batch(
             raise OutputError(f"{entry.source}:{entry.line}: {path} exists with other parameters; "
                               "pass --overwrite")
         jobs.append((plan, path, fmt, entry))
+    if jobs:  # room for every image of the batch, not just each one alone
+        from ..targets import check_free_space, run_bound
+
+        check_free_space(jobs[0][0], jobs[0][1], jobs[0][2], what=f"{len(jobs)} images",
+                         need=sum(run_bound(plan, fmt) for plan, _, fmt, _ in jobs))
     if dry_run:
         for plan, path, _, _ in jobs:
             if not json:
                 print(f"{path}:")
             common.print_dry_run(plan, as_json=json)
         return
+    from ..targets import check_directory
+
+    for _, path, _, _ in jobs:  # folders are made only once every check has passed
+        check_directory(path.parent, create=True)
     loaded, failures = None, 0
     for k, (plan, path, fmt, entry) in enumerate(jobs, 1):
         if resume and path.exists() and _matches(path, plan):
