@@ -144,6 +144,10 @@ def scheduler_needs(name: str) -> None:
 def request(req) -> None:
     """Every user-given value of a runner.Request, with the flag's name; conflicts refused."""
     text(req.prompt, "the prompt")
+    for field in ("preset", "model", "linfusion", "scheduler", "device", "dtype", "init_image"):
+        value = getattr(req, field, None)
+        if isinstance(value, str):
+            text(value, f"--{field.replace('_', '-')}")
     if req.negative is not None:
         text(req.negative, "--negative")
     for flag, value in (("--res", req.res), ("--width", req.width), ("--height", req.height)):

@@ -494,3 +494,19 @@ def test_preflight_counts_every_image_of_a_batch(cli, tmp_path, monkeypatch):
     result = cli("batch", "-", *DEMO, "--res", "512", "-o", "out", stdin="a\nb\nc\nd\n")
     one_error(result, 1, "MiB free", "4 images")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field", ["model", "preset", "linfusion", "negative", "prompt"])
+def test_nul_bytes_in_any_name_refused_at_plan_time(field):
+    """The library path too: a NUL in a path or name never reaches the filesystem or a tokenizer."""
+    from linfusion_cli import runner
+    from linfusion_cli.errors import InputError
+
+    values = {"prompt": "x", "model": "demo", "res": 64, field: "bad\0name"}
+    with pytest.raises(InputError, match="NUL byte"):
+        runner.make_plan(runner.Request(**values))
+
+
+def test_nul_byte_in_an_argument_is_one_line(cli, tmp_path):
+    one_error(cli("generate", "x", *DEMO, "--res", "64", "-o", "a\0b/x.png"), 2, "NUL byte")
+    assert files_under(tmp_path) == []

@@ -57,6 +57,10 @@ def _interrupted() -> int:
 
 
 def _run(argv: list[str] | None) -> int:
+    bad = next((a for a in (argv or ()) if "\0" in a), None)
+    if bad is not None:  # only possible in-process: the OS passes C strings
+        error(f"argument {bad.split(chr(0))[0]!r}... contains a NUL byte")
+        return 2
     verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
     # Library notices (e.g. "VAE attention ran in windows") are details: shown with -v only; the
     # run record keeps them either way.
