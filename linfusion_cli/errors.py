@@ -39,3 +39,15 @@ class OutputError(InputError):
 
 class OutOfMemoryError(LinfusionError):
     """A stage that ran out of device memory even with the tightest plan tried."""
+
+
+class WriteError(LinfusionError):
+    """A write that failed at run time (disk full, I/O error); nothing partial is left (exit 1)."""
+
+
+class NonFiniteError(LinfusionError):
+    """NaN or inf values out of the UNet or the VAE (fp16 overflow), even after a float32 retry."""
+
+    def __init__(self, part: str, message: str | None = None):
+        super().__init__(message or f"the {part} produced NaN/inf values")
+        self.part = part

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -18,7 +19,9 @@ from typing import Any, BinaryIO
 
 from PIL import Image, PngImagePlugin, TiffImagePlugin
 
-from .errors import InputError, ModelNotFoundError, OutputError
+from . import interrupts
+from .errors import InputError, ModelNotFoundError, OutputError, WriteError
+from .targets import check_directory, check_target
 
 DEFAULT_TEMPLATE = "{index:04d}-{seed}-{slug}.{ext}"
 FIELDS = ("index", "seed", "slug", "width", "height", "ext")
@@ -31,6 +34,7 @@ MAX_PIXELS = int(16384 * 16384 * 1.1)
 _TIFF_RECORD_TAG = 65000  # private tag holding the JSON run record
 _EXIF_IFD, _USER_COMMENT, _MAKER_NOTE = 0x8769, 0x9286, 0x927C
 _UNICODE_PREFIX = b"UNICODE\0"
+_JPEG_EXIF_MAX = 65533  # one APP1 segment
 
 
 # ---------------------------------------------------------------- naming
@@ -54,9 +58,13 @@ def render_name(
 ) -> str:
     """Fill a user's file-name template; unknown placeholders fail before any generation."""
     try:
-        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        parsed = [(f, spec) for _, f, spec, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:
         raise OutputError(f"bad output template {template!r}: {exc}") from None
+    names = [f for f, _ in parsed]
+    for f, spec in parsed:  # {index:99999999d} would build a gigabyte-long name
+        if re.search(r"\d{4,}", spec or ""):
+            raise OutputError(f"output template {template!r}: width in {{{f}:{spec}}} is above 999")
     for name in names:
         if name not in FIELDS:
             shown = "{" + name + "}" if name else "{}"
@@ -76,6 +84,8 @@ def render_name(
         raise OutputError(f"bad output template {template!r}: {exc}") from None
     if not name or name in (".", "..") or "/" in name or os.sep in name or "\0" in name:
         raise OutputError(f"output template {template!r} must give a plain file name, got {name!r}")
+    if len(name.encode("utf-8", "surrogateescape")) > 255:
+        raise OutputError(f"output template {template!r} gives a name over 255 bytes")
     return name
 
 
@@ -105,8 +115,12 @@ def resolve_output(
     fields: dict[str, Any],
     fmt: str | None = None,
     overwrite: bool = False,
+    create: bool = True,
 ) -> Path | None:
-    """Where one image goes (None: stdout); checks early so a long run never fails at the end."""
+    """Where one image goes (None: stdout); checks early so a long run never fails at the end.
+
+    create=False (a dry run) checks the folder could be made but makes nothing.
+    """
     if output == "-":
         format_of(None, fmt)
         return None
@@ -122,22 +136,9 @@ def resolve_output(
         if fmt is not None and suffix in FORMATS and FORMATS[suffix] != fmt_name:
             raise OutputError(f"{path} has suffix {path.suffix} but the format is {fmt_name}")
         directory = path.parent
-    _ensure_writable_dir(directory)
-    if path.is_dir():
-        raise OutputError(f"{path} is a directory")
-    if path.exists() and not overwrite:
-        raise OutputError(f"{path} exists; pass --overwrite")
+    check_directory(directory, create=create)
+    check_target(path, overwrite=overwrite)
     return path
-
-
-def _ensure_writable_dir(directory: Path) -> None:
-    """Create a missing output directory and refuse one we cannot write into."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create output directory {directory}: {exc.strerror}") from None
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write to output directory {directory}")
 
 
 # ---------------------------------------------------------------- metadata
@@ -188,11 +189,33 @@ def a1111_parameters(record: dict[str, Any]) -> str:
         if key not in _KNOWN and isinstance(value, (str, int, float, bool)):
             params.setdefault(key.replace("_", " ").capitalize(), value)
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v is not None)
-    lines = [str(record.get("prompt") or "") + prompt_tags(record.get("adapters") or {})]
+    lines = [one_line(record.get("prompt") or "") + prompt_tags(record.get("adapters") or {})]
     if record.get("negative"):
-        lines.append(f"Negative prompt: {record['negative']}")
+        lines.append(f"Negative prompt: {one_line(record['negative'])}")
     lines.append(line)
     return "\n".join(lines)
+
+
+def one_line(text: Any) -> str:
+    """A prompt on one line: A1111 readers split `parameters` on line breaks, so a prompt holding
+    "\nNegative prompt: ..." or "\nSteps: ..." would forge those fields. Breaks become spaces (what
+    the tokenizer makes of them too); the JSON record keeps the prompt as given."""
+    return " ".join(str(text).splitlines())
+
+
+def shorten_parameters(record: dict[str, Any], limit: int) -> str:
+    """`parameters` in at most `limit` characters: the prompts cut, with a note, the settings whole."""
+    full = a1111_parameters(record)
+    if len(full) <= limit:
+        return full
+    note = " [shortened to fit this format]"
+    prompt, negative = str(record.get("prompt") or ""), str(record.get("negative") or "")
+    settings = len(a1111_parameters(dict(record, prompt="", negative="")))
+    room = max(0, limit - settings - 2 * len(note) - len("\nNegative prompt: "))
+    keep_neg = min(len(negative), room // 2 if len(prompt) > room // 2 else room - len(prompt))
+    keep_prompt = min(len(prompt), room - keep_neg)
+    cut = lambda text, keep: text if keep >= len(text) else text[:keep] + note  # noqa: E731
+    return a1111_parameters(dict(record, prompt=cut(prompt, keep_prompt), negative=cut(negative, keep_neg)))
 
 
 def _exif_bytes(entries: dict[int, bytes]) -> bytes:
@@ -224,7 +247,11 @@ def _save_kwargs(fmt: str, record: dict[str, Any], png_compress_level: int) -> d
     if fmt == "jpg":
         comment = _UNICODE_PREFIX + parameters.encode("utf-16-be")
         exif = _exif_bytes({_USER_COMMENT: comment, _MAKER_NOTE: record_json.encode()})
-        if len(exif) > 65533:  # one JPEG segment; keep what readers need
+        if len(exif) > _JPEG_EXIF_MAX:  # one JPEG segment; keep what readers need
+            exif = _exif_bytes({_USER_COMMENT: comment})
+        if len(exif) > _JPEG_EXIF_MAX:  # a prompt too long for the segment: shortened, with a note
+            room = (_JPEG_EXIF_MAX - len(_exif_bytes({_USER_COMMENT: _UNICODE_PREFIX}))) // 4
+            comment = _UNICODE_PREFIX + shorten_parameters(record, room).encode("utf-16-be")
             exif = _exif_bytes({_USER_COMMENT: comment})
         return {"quality": 95, "exif": exif}
     ifd = TiffImagePlugin.ImageFileDirectory_v2()
@@ -295,13 +322,18 @@ def save_image(
     kwargs = _save_kwargs(fmt_name, record, png_compress_level)
     if path is None:
         out = stream if stream is not None else sys.stdout.buffer
-        if fmt_name == "tiff":  # the TIFF writer seeks; pipes cannot
-            buffer = io.BytesIO()
-            pil.save(buffer, format="TIFF", **kwargs)
-            out.write(buffer.getbuffer())
-        else:
-            pil.save(out, format=PIL_FORMATS[fmt_name], **kwargs)
-        out.flush()
+        try:
+            if fmt_name == "tiff":  # the TIFF writer seeks; pipes cannot
+                buffer = io.BytesIO()
+                pil.save(buffer, format="TIFF", **kwargs)
+                out.write(buffer.getbuffer())
+            else:
+                pil.save(out, format=PIL_FORMATS[fmt_name], **kwargs)
+            out.flush()
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as exc:  # a full disk behind the pipe, a closed stdout
+            raise WriteError(f"cannot write the image to stdout: {_why(exc)}") from None
         return None
     path = Path(path)
     if path.exists() and not overwrite:
@@ -310,20 +342,51 @@ def save_image(
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+        raise WriteError(f"cannot write {path}: {_why(exc)}") from None
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with os.fdopen(fd, "wb") as fh, _quiet_c_stderr(fmt_name == "tiff"):
             pil.save(fh, format=PIL_FORMATS[fmt_name], **kwargs)
             fh.flush()
             os.fsync(fh.fileno())
-        _publish(tmp, path, overwrite)
+        with interrupts.critical():
+            _publish(tmp, path, overwrite)
     except BaseException as exc:
-        with contextlib.suppress(OSError):
+        with interrupts.critical(), contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
-            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        tiff_failed = isinstance(exc, RuntimeError) and fmt_name == "tiff"  # libtiff's way to say ENOSPC
+        if (isinstance(exc, OSError) and not isinstance(exc, FileExistsError)) or tiff_failed:
+            raise WriteError(f"cannot write {path}: {_why(exc)}") from None
         raise
     return path
+
+
+def _why(exc: BaseException) -> str:
+    """One line for a failed write; the TIFF encoder says little, so name the likely cause."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower() if exc.errno == errno.ENOSPC else exc.strerror
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"{text} (is the disk full?)" if isinstance(exc, RuntimeError) else text
+
+
+@contextlib.contextmanager
+def _quiet_c_stderr(active: bool) -> Iterator[None]:
+    """libtiff prints its own errors on fd 2; ours is the one line that counts."""
+    if not active:
+        yield
+        return
+    try:
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        yield
+        return
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
@@ -370,8 +433,8 @@ def _open(path: Path) -> Image.Image:
             raise InputError(f"{path} is too large (over {MAX_PIXELS * 2} pixels)") from None
         except Image.UnidentifiedImageError:
             raise InputError(f"{path} is not an image Pillow can read") from None
-        except OSError as exc:
-            raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+        except (OSError, ValueError, SyntaxError) as exc:  # ValueError: a PNG text bomb
+            raise InputError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
@@ -381,7 +444,36 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     try:
         with _large_images_allowed():
             im.load()  # reads and closes the file; no copy for RGB inputs
-            return im if im.mode == "RGB" else im.convert("RGB")
+            return to_rgb8(im)
     except (OSError, SyntaxError, ValueError) as exc:
         im.close()
         raise InputError(f"cannot read {path}: {exc}") from None
+
+
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """Any mode Pillow opens as 8-bit RGB, upright: 16-bit and float values scaled (not clipped),
+    alpha flattened on white, palettes and CMYK converted, the EXIF orientation applied."""
+    from PIL import ImageOps
+
+    import numpy as np
+
+    im = ImageOps.exif_transpose(im)
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode.startswith("I") or mode == "F":  # 16/32-bit integers or floats, one channel
+        values = np.asarray(im, dtype=np.float64)
+        if mode == "F":
+            finite = values[np.isfinite(values)]
+            top = 1.0 if finite.size == 0 or finite.max() <= 1.0 else 255.0
+        elif mode.startswith("I;16") or values.max() <= 65535:
+            top = 65535.0
+        else:
+            top = float(2 ** 32 - 1)
+        grey = np.nan_to_num(values / top * 255.0, nan=0.0, posinf=255.0, neginf=0.0)
+        return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("P", "PA") or "A" in mode or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
+from . import validate
 from .errors import PlanError
 
 MULTIPLE = 8  # the VAE scale factor: image sizes must be multiples of it
@@ -111,12 +112,7 @@ def check_size(width: int, height: int, what: str = "size") -> None:
 
 def size_from_res(res: int, aspect: str = "1:1") -> tuple[int, int]:
     """Width and height from a long side and an aspect 'W:H' (the short side rounded to 8)."""
-    try:
-        aw, ah = (float(x) for x in aspect.split(":"))
-        if aw <= 0 or ah <= 0:
-            raise ValueError
-    except ValueError:
-        raise PlanError(f"aspect must look like 16:9, got {aspect!r}") from None
+    aw, ah = validate.aspect(aspect)
     if aw >= ah:
         return res, max(MULTIPLE, round(res * ah / aw / MULTIPLE) * MULTIPLE)
     return max(MULTIPLE, round(res * aw / ah / MULTIPLE) * MULTIPLE), res
@@ -155,6 +151,11 @@ def stage_strengths(strengths: list[float], count: int) -> list[float]:
     return [strengths[min(i, len(strengths) - 1)] for i in range(count)]
 
 
+def stage_seed(seed: int, index: int) -> int:
+    """Stage k's seed: seed + k, wrapped to stay in the one seed range (0 .. 2**32-1)."""
+    return (seed + index) % (validate.SEED_MAX + 1)
+
+
 def build_plan(*, prompt: str, width: int, height: int, native: int, strengths: list[float],
                steps: int, guidance: float, seed: int, scheduler: str, model: str, family: str,
                linfusion: str | None, negative: str = "", init_size: tuple[int, int] | None = None,
@@ -162,21 +163,20 @@ def build_plan(*, prompt: str, width: int, height: int, native: int, strengths: 
     """A validated plan: the base (unless upscaling) then img2img stages doubling to the target."""
     check_size(width, height, "target size")
     for s in strengths:
-        if not 0 < s <= 1:
-            raise PlanError(f"strength {s} is outside (0, 1]")
-    if steps < 1:
-        raise PlanError(f"steps must be at least 1, got {steps}")
-    if guidance < 0:
-        raise PlanError(f"guidance must be >= 0, got {guidance}")
-    if seed < 0 or seed >= 2 ** 63:
-        raise PlanError(f"seed must be in [0, 2^63), got {seed}")
+        validate.strength(s)
+    validate.steps(steps)
+    validate.guidance(guidance)
+    validate.seed(seed)
+    validate.text(prompt, "the prompt", empty_ok=False)
+    validate.text(negative, "the negative prompt")
+    validate.scheduler_needs(scheduler)
     if init_size is None:
         sizes = ladder_sizes(width, height, native)
         kinds = [None] + stage_strengths(strengths, len(sizes) - 1)
     else:
         sizes = upscale_sizes(init_size, width, height)
         kinds = stage_strengths(strengths, len(sizes))
-    stages = tuple(Stage(i, w, h, st, steps, seed + i, guidance, scheduler)
+    stages = tuple(Stage(i, w, h, st, steps, stage_seed(seed, i), guidance, scheduler)
                    for i, ((w, h), st) in enumerate(zip(sizes, kinds)))
     for stage in stages:
         check_size(stage.width, stage.height, f"stage {stage.index + 1}")

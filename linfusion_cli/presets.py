@@ -13,7 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from .errors import PresetError
+from . import validate
+from .errors import InputError, PresetError
 
 FAMILIES = ("sd15", "sd21", "sdxl")
 SCHEDULERS = ("default", "ddim", "euler", "euler_a", "dpm++", "pndm", "lms")
@@ -79,6 +80,21 @@ def _check_memory(knobs: dict, source: str) -> tuple:
     return tuple(sorted(knobs.items()))
 
 
+# key -> the rule its value obeys (the same as the flag's, see validate.py)
+_RULES = {"native": lambda v, n: validate.side(v, n), "steps": validate.steps,
+          "guidance": validate.guidance, "max_vram": validate.max_vram, "vae_tile_px": validate.vae_tile,
+          "aspect": validate.aspect, "negative": validate.text}
+
+
+def _checked(source: str, key: str, rule, value):
+    """value under its rule; the message names the file and the key."""
+    try:
+        result = rule(value, key)
+    except InputError as exc:
+        raise PresetError(f"{source}: key {key!r}: {exc}") from None
+    return value if key == "aspect" else result
+
+
 def user_preset_dir() -> Path:
     """Where user presets live."""
     root = os.environ.get("LINFUSION_CONFIG_DIR")
@@ -110,13 +126,13 @@ def parse_preset(text: str, *, name: str, source: str) -> Preset:
         raise PresetError(f"{source}: key 'scheduler' must be one of {', '.join(SCHEDULERS)}")
     if "strengths" in data:
         s = data["strengths"]
-        if not s or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 1 for x in s):
+        if not s:
             raise PresetError(f"{source}: key 'strengths' must be a list of numbers in (0, 1]")
-        data["strengths"] = tuple(float(x) for x in s)
+        data["strengths"] = tuple(_checked(source, "strengths", validate.strength, x) for x in s)
+    for key, rule in _RULES.items():
+        if data.get(key) is not None:
+            data[key] = _checked(source, key, rule, data[key])
     _check_method_keys(data, source)
-    for key in ("native", "steps"):
-        if data.get(key) is not None and data[key] < 1:
-            raise PresetError(f"{source}: key {key!r} must be positive")
     if "memory" in data:
         data["memory"] = _check_memory(data["memory"], source)
     return Preset(name=name, source=source, **data)
@@ -159,16 +175,24 @@ def load_preset(name_or_file: str | None) -> Preset:
     name_or_file = name_or_file or DEFAULT_PRESET
     path = Path(name_or_file).expanduser()
     if name_or_file.endswith((".yaml", ".yml")) or path.is_file():
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise PresetError(f"cannot read preset file {path}: {exc.strerror}") from None
-        return parse_preset(text, name=path.stem, source=str(path))
+        return parse_preset(_read(path), name=path.stem, source=str(path))
     known = available_presets()
     if name_or_file not in known:
         raise PresetError(f"unknown preset {name_or_file!r}; available: {', '.join(known)}")
     source = known[name_or_file]
     if source.startswith("bundled:"):
         return parse_preset(bundled_presets()[name_or_file], name=name_or_file, source=source)
-    return parse_preset(Path(source).read_text(), name=name_or_file, source=source)
+    return parse_preset(_read(Path(source)), name=name_or_file, source=source)
+
+
+def _read(path: Path) -> str:
+    """A preset file's text; directories, binary files and unreadable files are one-line errors."""
+    if path.is_dir():
+        raise PresetError(f"preset {path} is a directory, not a YAML file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PresetError(f"preset file {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise PresetError(f"cannot read preset file {path}: {exc.strerror or exc}") from None
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shlex
 import sys
 from collections.abc import Callable
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import validate
 from .errors import InputError, PromptFileError
 
 
@@ -35,37 +35,27 @@ class _LineError(ValueError):
     """A problem with one line; parse_prompts adds the file and line number."""
 
 
-def _text(value: Any, key: str) -> str:
-    if not isinstance(value, str):
-        raise _LineError(f"{key} must be a string")
-    return value
+def _rule(check: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
+    """A validate.py rule as a line check: the same rule and message as the flag's."""
+    def convert(value: Any, key: str) -> Any:
+        try:
+            return check(value, key)
+        except InputError as exc:
+            raise _LineError(str(exc)) from None
+    return convert
 
 
-def _positive_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _LineError(f"{key} must be an integer, got {value!r}")
-    if value <= 0:
-        raise _LineError(f"{key} must be positive, got {value}")
-    return value
+_text = _rule(validate.text)
+_positive_int = _rule(validate.side)
+_steps = _rule(validate.steps)
+_guidance = _rule(validate.guidance)
 
 
 def _seed(value: Any, key: str) -> int | None:
-    """A seed is 0 .. 2**64-1; -1 means random, as in AUTOMATIC1111."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _LineError(f"{key} must be an integer, got {value!r}")
-    if value == -1:
+    """A seed is 0 .. 2**32-1 (validate.SEED_MAX); -1 means random, as in AUTOMATIC1111."""
+    if value == -1 and not isinstance(value, bool):
         return None
-    if not 0 <= value < 2**64:
-        raise _LineError(f"{key} must be -1 (random) or 0 .. 2**64-1, got {value}")
-    return value
-
-
-def _guidance(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _LineError(f"{key} must be a number, got {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise _LineError(f"{key} must be a finite number >= 0, got {value}")
-    return float(value)
+    return _rule(validate.seed)(value, key)
 
 
 def _from_text(word: str, key: str) -> Any:
@@ -74,7 +64,7 @@ def _from_text(word: str, key: str) -> Any:
     try:
         if convert is _guidance:
             return float(word)
-        if convert in (_positive_int, _seed):
+        if convert in (_positive_int, _steps, _seed):
             return int(word)
     except ValueError:
         kind = "a number" if convert is _guidance else "an integer"
@@ -91,7 +81,7 @@ _KEYS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "res": ("res", _positive_int),
     "width": ("width", _positive_int),
     "height": ("height", _positive_int),
-    "steps": ("steps", _positive_int),
+    "steps": ("steps", _steps),
     "guidance": ("guidance", _guidance),
     "cfg_scale": ("guidance", _guidance),
     "output": ("output", _text),
@@ -116,9 +106,21 @@ def _entry(pairs: list[tuple[str, Any]], spell: Callable[[str], str], what: str)
     return fields
 
 
+def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different (json.loads would keep the last silently)."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _LineError(f"key {key!r} given twice")
+        seen.add(key)
+    return dict(pairs)
+
+
 def _parse_json(line: str) -> dict[str, Any]:
     try:
-        obj = json.loads(line)
+        obj = json.loads(line, object_pairs_hook=_no_repeats)
+    except _LineError:
+        raise
     except ValueError as exc:
         raise _LineError(f"invalid JSON: {exc}") from None
     if not isinstance(obj, dict):
@@ -177,7 +179,10 @@ def read_prompt_file(path_or_dash: str, stdin: TextIO | None = None) -> list[Pro
     """Read prompts from a file or '-' (stdin); a file without prompts is an error."""
     if path_or_dash == "-":
         source = "<stdin>"
-        text = (stdin if stdin is not None else sys.stdin).read()
+        try:
+            text = (stdin if stdin is not None else sys.stdin).read()
+        except UnicodeDecodeError:
+            raise PromptFileError(f"{source}: not UTF-8 text") from None
     else:
         source = path_or_dash
         path = Path(path_or_dash)

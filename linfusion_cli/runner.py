@@ -9,7 +9,8 @@ import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .errors import InputError, PlanError
+from . import validate
+from .errors import InputError, NonFiniteError, PlanError
 from .plan import GenerationPlan, build_plan, check_size, size_from_res
 from .presets import Preset, load_preset
 
@@ -104,6 +105,7 @@ def make_plan(req: Request) -> GenerationPlan:
     """A validated plan, before any weights load: model resolved, device and dtypes chosen."""
     from .models.resolve import resolve_linfusion
 
+    validate.request(req)
     if req.prompt is None or not req.prompt.strip():
         raise InputError("the prompt is empty")
     preset, info = _preset_and_model(req)
@@ -115,8 +117,6 @@ def make_plan(req: Request) -> GenerationPlan:
     max_vram, budget_from = req.max_vram, "--max-vram"
     if max_vram is None and preset.max_vram is not None:
         max_vram, budget_from = preset.max_vram, f"preset {preset.name}'s max_vram"
-    if max_vram is not None and not (0 < max_vram < float("inf")):
-        raise PlanError(f"{budget_from} must be a positive number of GiB, got {max_vram}")
     linfusion = None if req.no_linfusion else resolve_linfusion(req.linfusion or preset.linfusion, info)
     device, dtype, vae_dtype, elsewhere = planned_device(req.device, req.dtype or preset.dtype,
                                                          max_vram, req.dry_run)
@@ -295,7 +295,11 @@ def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, o
     from .output import save_image
     from .pipeline import StageFinished, run_plan
 
+    finished = []  # the last finished stage: kept if a later stage fails with NaN/inf
+
     def handle(event):
+        if isinstance(event, StageFinished):
+            finished[:] = [event]
         if plan.save_stages and isinstance(event, StageFinished) and event.stage < event.stages - 1:
             stage = plan.stages[event.stage]
             save_image(event.image, stage_image_path(path, event.stage, stage.width, stage.height),
@@ -303,6 +307,16 @@ def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, o
         if on_event is not None:
             on_event(event)
 
-    image, record = run_plan(plan, model, on_event=handle, init_image=init_image)
+    try:
+        image, record = run_plan(plan, model, on_event=handle, init_image=init_image)
+    except NonFiniteError as exc:
+        if not finished:
+            raise
+        last = finished[0]
+        stage = plan.stages[last.stage]
+        kept = stage_image_path(path, last.stage, stage.width, stage.height)
+        if not plan.save_stages:
+            save_image(last.image, kept, record=last.record, fmt="png", overwrite=overwrite)
+        raise NonFiniteError(exc.part, f"{exc}; stage {last.stage + 1}'s image is kept as {kept}") from None
     written = save_image(image, path, record=record, fmt=fmt, overwrite=overwrite, stream=stream)
     return result_summary(written, record)

@@ -150,44 +150,93 @@ def test_interrupt_in_process_is_exit_130(cli, tmp_path, monkeypatch):
     assert files_under(tmp_path / "out") == []
 
 
-def test_ctrl_c_keeps_finished_stages_and_no_partial_file(cli_env, tmp_path):
-    """SIGINT after stage 1 is saved: exit 130, no final or .part file, the stage image intact."""
+# A child that runs the CLI and, at a chosen point, blocks until a signal arrives: the test sends
+# its signal after an event (a file appearing), never after a guessed delay, and the run cannot
+# finish before the signal.
+CHILD = r"""
+import sys, time
+from pathlib import Path
+marker, mode, argv = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+
+def block(what):
+    marker.write_text(what)
+    while True:  # until the test's signal arrives
+        time.sleep(0.01)
+
+if mode == "import":  # block while the CLI imports typer
+    class Blocker:
+        def find_spec(self, name, path=None, target=None):
+            if name == "typer":
+                block("importing")
+            return None
+    sys.meta_path.insert(0, Blocker())
+else:  # block once stage 1's image is published
+    from linfusion_cli import output
+    real = output.save_image
+    def save_image(image, path, **kwargs):
+        written = real(image, path, **kwargs)
+        if path is not None and ".stage1-" in Path(path).name:
+            block(str(written))
+        return written
+    output.save_image = save_image
+from linfusion_cli.cli.app import main
+sys.argv = ["linfusion", *argv]
+main()
+"""
+
+SIGNALS = [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "interrupted (SIGTERM)"),
+           (signal.SIGHUP, 129, "interrupted (SIGHUP)")]
+
+
+def signal_child(env, marker: Path, mode: str, args: list[str], signum: int):
+    """Run CHILD, wait (polling) for its marker file, send signum; (exit code, stdout, stderr lines)."""
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(marker), mode, *args], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        while not marker.exists():
+            if proc.poll() is not None:
+                out, err = proc.communicate()
+                raise AssertionError(f"the child ended before blocking: {proc.returncode} {err.decode()}")
+            time.sleep(0.02)
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, stdout, [line for line in stderr.decode().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("signum,code,line", SIGNALS, ids=[s.name for s, _, _ in SIGNALS])
+def test_ctrl_c_keeps_finished_stages_and_no_partial_file(cli_env, tmp_path, signum, code, line):
+    """A signal after stage 1 is saved: exit 128+N, one line, no final or .part file, stage 1 intact."""
     preset = write_preset(tmp_path / "ladder.yaml", "description: slow ladder\nmodel: demo\nnative: 64\n"
                                                     "steps: 4\nstrengths: [1.0]\n")
     out = tmp_path / "out"
     final = out / "final.png"
     stage1 = out / "final.stage1-64x64.png"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "linfusion_cli", "generate", "a slow ladder", "--preset", str(preset),
-         "--res", "1024", "--seed", "1", "--save-stages", "-q", "-o", str(final)],
-        env=cli_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while not stage1.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "stage 1 never appeared"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    lines = [line for line in stderr.decode().splitlines() if line.strip()]
-    assert proc.returncode == 130, stderr.decode()
-    assert len(lines) == 1 and "interrupted" in lines[0]
+    returncode, stdout, lines = signal_child(
+        cli_env, tmp_path / "blocked", "run",
+        ["generate", "a slow ladder", "--preset", str(preset), "--res", "256", "--seed", "1",
+         "--save-stages", "-q", "-o", str(final)], signum)
+    assert returncode == code, lines
+    assert lines == [f"error: {line}"]
     assert stdout == b""
     assert not final.exists(), "no partial final image"
-    assert not [p for p in files_under(out) if ".part" in p.name], files_under(out)
+    assert files_under(out) == [stage1], "stage 1 kept, nothing else (no .part file)"
     with Image.open(stage1) as im:
         im.load()
         assert im.size == (64, 64)
     assert read_metadata(stage1)["record"]["stages"][0]["width"] == 64
-    # whatever stages finished before the signal are complete images too
-    for path in files_under(out):
-        assert ".stage" in path.name
-        with Image.open(path) as im:
-            im.load()
+
+
+@pytest.mark.parametrize("signum,code,line", SIGNALS, ids=[s.name for s, _, _ in SIGNALS])
+def test_signal_while_importing_is_one_line(cli_env, tmp_path, signum, code, line):
+    returncode, stdout, lines = signal_child(cli_env, tmp_path / "blocked", "import",
+                                             ["generate", "x", "--model", "demo", "-o", "out/"], signum)
+    assert returncode == code, lines
+    assert lines == [f"error: {line}"], "the same line as during a run"
+    assert stdout == b"" and not (tmp_path / "out").exists()
 
 
 def test_subprocess_bad_input_exit_code_and_one_line(cli_env, tmp_path):

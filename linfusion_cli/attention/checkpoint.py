@@ -41,15 +41,35 @@ def parse_modules_list(config: dict) -> list[ModuleSpec]:
         raise CheckpointMismatchError("LinFusion config has no 'modules_list'")
     specs = []
     for entry in entries:
-        if isinstance(entry, dict):
-            specs.append(ModuleSpec(entry["module_name"], int(entry["dim_n"]), int(entry["heads"]),
-                                    entry.get("projection_mid_dim")))
-        elif isinstance(entry, (list, tuple)) and len(entry) >= 3:
-            specs.append(ModuleSpec(str(entry[0]), int(entry[1]), int(entry[2]),
-                                    entry[3] if len(entry) > 3 else None))
-        else:
-            raise CheckpointMismatchError(f"LinFusion config: unreadable modules_list entry {entry!r}")
+        try:
+            if isinstance(entry, dict):
+                spec = ModuleSpec(entry["module_name"], int(entry["dim_n"]), int(entry["heads"]),
+                                  entry.get("projection_mid_dim"))
+            elif isinstance(entry, (list, tuple)) and len(entry) >= 3:
+                spec = ModuleSpec(str(entry[0]), int(entry[1]), int(entry[2]),
+                                  entry[3] if len(entry) > 3 else None)
+            else:
+                raise ValueError
+            mid = spec.projection_mid_dim
+            if (not isinstance(spec.name, str) or spec.dim < 1 or spec.heads < 1
+                    or (mid is not None and (isinstance(mid, bool) or not isinstance(mid, int) or mid < 1))):
+                raise ValueError
+        except (KeyError, TypeError, ValueError, OverflowError):
+            raise CheckpointMismatchError(
+                f"LinFusion config: unreadable modules_list entry {str(entry)[:80]}") from None
+        specs.append(spec)
     return specs
+
+
+def _read_config(config: Path) -> dict:
+    """A LinFusion config.json as a dict; unreadable or non-object files are one-line errors."""
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointMismatchError(f"LinFusion config {config} is not readable JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointMismatchError(f"LinFusion config {config} must be a JSON object")
+    return data
 
 
 def _resolve_folder(source: str | os.PathLike) -> tuple[Path, Path | None]:
@@ -92,7 +112,7 @@ def load_checkpoint(source) -> tuple[list[ModuleSpec] | None, dict[str, torch.Te
     from safetensors.torch import load_file
 
     weights, config = _resolve_folder(source)
-    specs = parse_modules_list(json.loads(config.read_text())) if config else None
+    specs = parse_modules_list(_read_config(config)) if config else None
     return specs, load_file(str(weights))
 
 

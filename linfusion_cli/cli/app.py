@@ -1,6 +1,7 @@
 """The `linfusion` command: the only place library errors become messages and exit codes.
 
-Exit codes: 0 success, 2 bad usage or input, 1 failure at run time, 130 interrupted.
+Exit codes: 0 success, 2 bad usage or input, 1 failure at run time, 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM), 129 hung up (SIGHUP).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ try:  # typer >= 0.2x ships its own copy of click; its exceptions are the ones r
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click
 
+from .. import interrupts
 from ..errors import LinfusionError
-from . import batch, generate, info, presets_cmd, upscale
+from . import _imported, batch, generate, info, presets_cmd, upscale
 from .console import error
 
 _EXITS = tuple(c for c in (getattr(click, "Exit", None), typer.Exit) if c is not None)
@@ -35,6 +37,30 @@ app.add_typer(presets_cmd.app, name="presets")
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; every error is one line on stderr."""
+    try:
+        with interrupts.installed():
+            try:
+                return _run(argv)
+            except KeyboardInterrupt:
+                return _interrupted()
+    except KeyboardInterrupt:  # a signal in the last instant, as the handlers were put back
+        return _interrupted()
+
+
+def _interrupted() -> int:
+    """The one line and exit code for Ctrl-C (130), SIGTERM (143) or SIGHUP (129)."""
+    import signal
+
+    signum = interrupts.received[0] if interrupts.received else signal.SIGINT
+    error("interrupted" if signum == signal.SIGINT else f"interrupted ({signal.Signals(signum).name})")
+    return 128 + signum
+
+
+def _run(argv: list[str] | None) -> int:
+    bad = next((a for a in (argv or ()) if "\0" in a), None)
+    if bad is not None:  # only possible in-process: the OS passes C strings
+        error(f"argument {bad.split(chr(0))[0]!r}... contains a NUL byte")
+        return 2
     verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
     # Library notices (e.g. "VAE attention ran in windows") are details: shown with -v only; the
     # run record keeps them either way.
@@ -47,7 +73,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         code = app(args=argv, prog_name="linfusion", standalone_mode=False)
         if code == 130:  # typer >= 0.2x turns Ctrl-C into Exit(130) and returns it here
-            error("interrupted")
+            return _interrupted()
         return code if isinstance(code, int) else 0
     except _EXITS as exc:
         return exc.exit_code
@@ -57,14 +83,16 @@ def run(argv: list[str] | None = None) -> int:
             error(message.splitlines()[0])
         return 2 if isinstance(exc, click.UsageError) else exc.exit_code
     except (*_ABORTS, KeyboardInterrupt):
-        error("interrupted")
-        return 130
+        return _interrupted()
     except LinfusionError as exc:
         error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         if verbose and exc.__cause__ is not None:
             error(f"caused by {type(exc.__cause__).__name__}: {exc.__cause__}")
         return exc.exit_code
     except BrokenPipeError:
+        return 1
+    except MemoryError:
+        error("out of host memory (run with -v for details)")
         return 1
     except Exception as exc:  # an unexpected failure: still one line unless -v
         if verbose:
@@ -77,3 +105,6 @@ def run(argv: list[str] | None = None) -> int:
 
 def main() -> None:
     sys.exit(run())
+
+
+_imported()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json as jsonlib
+import os
 import secrets
 import sys
 from dataclasses import replace
@@ -16,7 +17,10 @@ from ..errors import InputError, LinfusionError, OutputError
 from ..output import read_metadata
 from ..prompts import read_prompt_file
 from . import common
-from .console import info
+from ..plan import stage_seed
+from ..targets import inside
+from ..validate import SEED_MAX
+from .console import error, info, one_line_of
 from .generate import request_from_options
 from .options import (AllowPickle, Aspect, ModelConfig, Device, DryRun, Dtype, Format, Guidance, Height, Json,
                       Linfusion, MaxVram, Method, Model, Negative, NoLinfusion, Overwrite, PresetOpt, Quiet,
@@ -30,15 +34,15 @@ _SAME = ("prompt", "negative", "seed", "width", "height", "steps", "guidance", "
 
 def _entry_plan(entry, index, base: runner.Request, base_seed: int):
     """The entry's own values over the command's; errors name the file and line."""
-    res, width, height = base.res, base.width, base.height
-    if entry.width is not None or entry.height is not None:
-        res, width, height = None, entry.width, entry.height
+    res, width, height, aspect = base.res, base.width, base.height, base.aspect
+    if entry.width is not None or entry.height is not None:  # the line's exact size wins over --aspect
+        res, width, height, aspect = None, entry.width, entry.height, None
     elif entry.res is not None:
         res, width, height = entry.res, None, None
-    req = replace(base, prompt=entry.prompt, res=res, width=width, height=height,
+    req = replace(base, prompt=entry.prompt, res=res, width=width, height=height, aspect=aspect,
                   negative=entry.negative if entry.negative is not None else base.negative,
-                  seed=entry.seed if entry.seed is not None else base_seed + index,
-                  steps=entry.steps or base.steps,
+                  seed=entry.seed if entry.seed is not None else stage_seed(base_seed, index),
+                  steps=entry.steps if entry.steps is not None else base.steps,
                   guidance=entry.guidance if entry.guidance is not None else base.guidance)
     try:
         return runner.plan_memory(runner.make_plan(req))
@@ -87,32 +91,42 @@ def batch(
         tile_controlnet=tile_controlnet, tile_scale=tile_scale, ip_adapter=ip_adapter, ip_image=ip_image,
         ip_scale=ip_scale, ip_encoder=ip_encoder, method=method)
     base = replace(base, config=config, allow_pickle=allow_pickle, dry_run=dry_run)
-    base_seed = seed if seed is not None else secrets.randbelow(2 ** 31)
+    base_seed = base.seed if base.seed is not None else secrets.randbelow(SEED_MAX + 1)
     folder = output if output.endswith("/") else output + "/"
     jobs, seen = [], {}
     for index, entry in enumerate(entries):
         plan = _entry_plan(entry, index, base, base_seed)
-        target = str(Path(folder) / entry.output) if entry.output else folder
-        try:
+        try:  # an entry's own output stays inside -o (links resolved)
+            target = str(inside(folder, entry.output)) if entry.output is not None else folder
             path, fmt = common.resolve_target(target, plan=plan, fmt=format, template=name or BATCH_TEMPLATE,
-                                              overwrite=overwrite or resume, index=index)
+                                              overwrite=overwrite or resume, index=index, create=False)
         except LinfusionError as exc:
             raise type(exc)(f"{entry.source}:{entry.line}: {exc}") from None
-        if path in seen:
-            raise OutputError(f"{entry.source}:{entry.line}: output {path} is also line {seen[path]}'s")
-        seen[path] = entry.line
+        key = os.path.realpath(path)  # x.png and sub/../x.png are one file
+        if key in seen:
+            raise OutputError(f"{entry.source}:{entry.line}: output {path} is also line {seen[key]}'s")
+        seen[key] = entry.line
         if path.exists() and not overwrite and not (resume and _matches(path, plan)):
             raise OutputError(f"{entry.source}:{entry.line}: {path} exists with other parameters; "
                               "pass --overwrite")
-        jobs.append((plan, path, fmt))
+        jobs.append((plan, path, fmt, entry))
+    if jobs:  # room for every image of the batch, not just each one alone
+        from ..targets import check_free_space, run_bound
+
+        check_free_space(jobs[0][0], jobs[0][1], jobs[0][2], what=f"{len(jobs)} images",
+                         need=sum(run_bound(plan, fmt) for plan, _, fmt, _ in jobs))
     if dry_run:
-        for plan, path, _ in jobs:
+        for plan, path, _, _ in jobs:
             if not json:
                 print(f"{path}:")
             common.print_dry_run(plan, as_json=json)
         return
-    loaded = None
-    for k, (plan, path, fmt) in enumerate(jobs, 1):
+    from ..targets import check_directory
+
+    for _, path, _, _ in jobs:  # folders are made only once every check has passed
+        check_directory(path.parent, create=True)
+    loaded, failures = None, 0
+    for k, (plan, path, fmt, entry) in enumerate(jobs, 1):
         if resume and path.exists() and _matches(path, plan):
             info(f"[{k}/{len(jobs)}] {path} already done", quiet=quiet)
             print(jsonlib.dumps({"path": str(path), "skipped": True}) if json else str(path), flush=True)
@@ -120,5 +134,11 @@ def batch(
         if loaded is None:  # one model load serves every entry
             loaded = common.load(plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle, config=config)
         info(f"[{k}/{len(jobs)}] {plan.prompt[:60]}", quiet=quiet)
-        common.run_one(plan, loaded, path=path, fmt=fmt, overwrite=overwrite or resume, as_json=json,
-                       quiet=quiet, verbose=verbose)
+        try:  # one entry's failure is reported and the others still run
+            common.run_one(plan, loaded, path=path, fmt=fmt, overwrite=overwrite or resume, as_json=json,
+                           quiet=quiet, verbose=verbose)
+        except Exception as exc:  # noqa: BLE001 - every failure is one line; the exit code says it
+            failures += 1
+            error(f"{entry.source}:{entry.line}: {one_line_of(exc)}")
+    if failures:
+        raise typer.Exit(1)

@@ -81,9 +81,12 @@ def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_
 def plan_and_run(req, *, dry_run: bool, as_json: bool, output, fmt, overwrite: bool, quiet: bool,
                  verbose: bool, allow_pickle: bool, config, init_image=None) -> None:
     """generate/upscale after parsing: plan, then print it (--dry-run) or run it to a file."""
+    if output == "-" and req.save_stages:
+        raise InputError("--save-stages writes files beside the image; it cannot be used with -o -")
     req = replace(req, config=config, allow_pickle=allow_pickle, dry_run=dry_run)
     plan = runner.plan_memory(runner.make_plan(req))
-    if dry_run:
+    if dry_run:  # the output is checked as for a run, but nothing is created
+        resolve_target(output, plan=plan, fmt=fmt, overwrite=overwrite, create=False)
         print_dry_run(plan, as_json=as_json)
         return
     not_both_json_and_stdout(output, as_json)
@@ -95,8 +98,17 @@ def plan_and_run(req, *, dry_run: bool, as_json: bool, output, fmt, overwrite: b
 
 def read_prompt_argument(prompt: str | None) -> str:
     """PROMPT, or stdin when PROMPT is '-' or absent and stdin is piped."""
-    if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
-        text = sys.stdin.read().strip()
+    stdin = sys.stdin
+    piped = stdin is not None and not _isatty(stdin)
+    if prompt == "-" or (prompt is None and piped):
+        if stdin is None:
+            raise InputError("no prompt on stdin (stdin is closed)")
+        try:
+            text = stdin.read().strip()
+        except UnicodeDecodeError:
+            raise InputError("the prompt on stdin is not UTF-8 text") from None
+        except (OSError, ValueError):  # a closed stdin
+            raise InputError("no prompt on stdin (stdin is closed)") from None
         if not text:
             raise InputError("no prompt on stdin")
         return text
@@ -105,16 +117,50 @@ def read_prompt_argument(prompt: str | None) -> str:
     return prompt
 
 
-def resolve_target(output, *, plan, fmt, overwrite, template=None, index=0) -> tuple[Path | None, str]:
+def _open_stream(stream) -> bool:
+    """The stream exists and its file descriptor is open."""
+    import os
+
+    try:
+        os.fstat(stream.fileno())
+        return True
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (OSError, ValueError):
+        return False
+
+
+def resolve_target(output, *, plan, fmt, overwrite, template=None, index=0,
+                   create=True) -> tuple[Path | None, str]:
     """Output path (None for stdout) and format, checked before any heavy work."""
     from ..output import DEFAULT_TEMPLATE, format_of, resolve_output
 
     fields = dict(index=index, seed=plan.seed, prompt=plan.prompt, width=plan.width, height=plan.height)
     path = resolve_output(output, template=template or DEFAULT_TEMPLATE, fields=fields, fmt=fmt,
-                          overwrite=overwrite)
-    return path, format_of(path, fmt)
+                          overwrite=overwrite, create=create)
+    fmt = format_of(path, fmt)
+    check_outputs(plan, path, fmt, overwrite=overwrite)
+    return path, fmt
+
+
+def check_outputs(plan, path, fmt, *, overwrite) -> None:
+    """Before any model loads: --save-stages files free (or replaceable), room on the disk."""
+    from ..targets import check_free_space, check_target
+
+    if plan.save_stages and path is not None:
+        for stage in plan.stages[:-1]:
+            check_target(runner.stage_image_path(path, stage.index, stage.width, stage.height),
+                         overwrite=overwrite)
+    check_free_space(plan, path, fmt)
 
 
 def not_both_json_and_stdout(output, as_json) -> None:
-    if output == "-" and sys.stdout.isatty():
+    if output == "-" and not _open_stream(sys.stdout):
+        raise InputError("stdout is closed; use -o FILE")
+    if output == "-" and _isatty(sys.stdout):
         raise InputError("refusing to write image bytes to a terminal; redirect stdout or use -o FILE")

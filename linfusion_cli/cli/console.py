@@ -14,8 +14,18 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)  # "
 
 
 def error(message: str) -> None:
-    """One short line on stderr."""
-    stderr.print(f"[bold red]error:[/] {message}", markup=True)
+    """One short line on stderr (the message is never read as rich markup)."""
+    from rich.markup import escape
+
+    stderr.print(f"[bold red]error:[/] {escape(' '.join(message.splitlines()))}", markup=True)
+
+
+def one_line_of(exc: BaseException) -> str:
+    """An exception as one line: our errors as they are, others named as unexpected."""
+    from ..errors import LinfusionError
+
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text if isinstance(exc, LinfusionError) else f"unexpected {type(exc).__name__}: {text}"
 
 
 def info(message: str, *, quiet: bool = False) -> None:

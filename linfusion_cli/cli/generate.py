@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import runner
+from .. import runner, validate
 from ..errors import InputError
 from ..method import METHODS
 from ..presets import SCHEDULERS
@@ -29,15 +29,17 @@ def request_from_options(prompt, *, preset, res, aspect, width, height, model, l
         raise InputError(f"unknown scheduler {scheduler!r}; use {', '.join(SCHEDULERS)}")
     if method is not None and method not in METHODS:
         raise InputError(f"unknown method {method!r}; use {' or '.join(METHODS)}")
-    return runner.Request(
+    req = runner.Request(
         prompt=prompt, preset=preset, res=res, aspect=aspect, width=width, height=height, model=model,
-        linfusion=linfusion, no_linfusion=no_linfusion, seed=seed, steps=steps, guidance=guidance,
-        negative=negative, strengths=parse_strengths(strengths), scheduler=scheduler,
+        linfusion=linfusion, no_linfusion=no_linfusion, seed=None if seed == -1 else seed,
+        steps=steps, guidance=guidance, negative=negative, strengths=parse_strengths(strengths), scheduler=scheduler,
         max_vram=max_vram, vae_tile=vae_tile, device=device, dtype=dtype, save_stages=save_stages,
         init_image=init_image, init_size=init_size, loras=tuple(loras or ()), controlnet=controlnet,
         control_image=control_image, control_scale=control_scale, tile_controlnet=tile_controlnet,
         tile_scale=tile_scale, ip_adapter=ip_adapter, ip_image=ip_image, ip_scale=ip_scale,
         ip_encoder=ip_encoder, method=method)
+    validate.request(req)  # flags are checked once, before any batch line or model
+    return req
 
 
 def generate(

@@ -6,8 +6,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import InputError
-
 Res = Annotated[Optional[int], typer.Option("--res", help="Long side of the final image in px (default 4096).")]
 Aspect = Annotated[Optional[str], typer.Option("--aspect", help="Aspect W:H with --res (default: the preset's, 1:1).")]
 Width = Annotated[Optional[int], typer.Option("--width", help="Final width in px (with --height).")]
@@ -16,7 +14,7 @@ Model = Annotated[Optional[str], typer.Option("--model", help="Hub id, local fol
 Linfusion = Annotated[Optional[str], typer.Option("--linfusion", help="LinFusion weights: hub id or path (default: matched to the model).")]
 NoLinfusion = Annotated[bool, typer.Option("--no-linfusion", help="Keep the UNet's own quadratic attention.")]
 PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Preset name or YAML file (default sd15).")]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="Run seed; stage k uses seed + k (default: random).")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Run seed 0 .. 4294967295 (-1: random); stage k uses seed + k (default: random).")]
 Steps = Annotated[Optional[int], typer.Option("--steps", help="Nominal steps per stage; img2img runs steps x strength.")]
 Guidance = Annotated[Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale.")]
 Negative = Annotated[Optional[str], typer.Option("--negative", help="Negative prompt.")]
@@ -51,17 +49,7 @@ Template = Annotated[Optional[str], typer.Option("--name", help="File name templ
 
 
 def parse_strengths(text: str | None) -> tuple[float, ...] | None:
-    """'0.4,0.3' -> (0.4, 0.3); each in (0, 1]."""
-    if text is None:
-        return None
-    try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise InputError(f"--strengths must be numbers separated by commas, got {text!r}") from None
-    if not values:
-        raise InputError("--strengths is empty")
-    for v in values:
-        if not 0 < v <= 1:
-            raise InputError(f"strength {v} is outside (0, 1]")
-    return values
+    """'0.4,0.3' -> (0.4, 0.3); each in (0, 1], no empty item."""
+    from ..validate import strengths_text
 
+    return None if text is None else strengths_text(text)

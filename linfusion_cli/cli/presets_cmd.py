@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..errors import PresetError
 from ..presets import available_presets, bundled_presets, load_preset, user_preset_dir
 
 app = typer.Typer(no_args_is_help=True, help="List and show presets (bundled and user).")
@@ -16,9 +17,12 @@ app = typer.Typer(no_args_is_help=True, help="List and show presets (bundled and
 def list_presets() -> None:
     """Every preset with its description; user presets live in the config directory."""
     for name, source in available_presets().items():
-        preset = load_preset(name)
         where = "" if source.startswith("bundled:") else f"  [{source}]"
-        print(f"{name:<14} {preset.description}{where}")
+        try:
+            description = load_preset(name).description
+        except PresetError as exc:  # one broken user file must not hide the others
+            description = f"(unusable: {exc})"
+        print(f"{name:<14} {description}{where}")
 
 
 @app.command("show")

@@ -222,9 +222,17 @@ def open_pipeline(model: str, dtype: torch.dtype, *, allow_pickle: bool = False,
                 f"tokenizer, scheduler of {base}), which are not in the local cache and {why}; run "
                 f"`huggingface-cli download {base} --include '*.json' '*.txt'` on a connected "
                 "machine, or pass a local diffusers folder of the same family as config") from exc
+        if path.is_dir():  # a local folder: nothing to download, something in it is broken
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelNotFoundError(f"local model folder {path} is incomplete or corrupt: {detail}") from exc
         raise ModelNotFoundError(
             f"model {model} is not in the local cache and {why}; run `huggingface-cli download "
             f"{model}` on a connected machine, or pass a local diffusers folder with --model") from exc
+    except Exception as exc:  # e.g. a truncated .safetensors in a local folder
+        if path.is_dir():
+            raise ModelNotFoundError(f"local model folder {path} is incomplete or corrupt: "
+                                     f"{type(exc).__name__}: {str(exc).strip()[:200]}") from exc
+        raise
 
 
 def set_scheduler(pipe, name: str) -> None:

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..errors import OutOfMemoryError
+from ..errors import NonFiniteError, OutOfMemoryError
+from . import finite
 from ..plan import GenerationPlan, Stage
 from .events import EventHandler, StageFinished, StageStarted, Retrying, ignore
 from .memory import memory_plan_applied
@@ -44,30 +45,38 @@ def _vae_notes(notes: dict) -> dict:
 
 def _run_stage(ctx: StageContext, stage: Stage,
                previous: np.ndarray | None) -> tuple[np.ndarray, Stage, dict]:
-    """One stage under its memory plan; on CUDA out-of-memory, once more with a tighter plan.
+    """One stage under its memory plan; on CUDA out-of-memory, once more with a tighter plan; on
+    NaN/inf from the UNet or VAE, once more with that part in float32.
 
     Returns the image, the stage as it ran (its memory plan may be the tighter one) and the
     knobs read back from the modules while it ran.
     """
     device = ctx.model.device
-    for attempt in range(2):
+    widened, tightened = set(), False  # parts moved to float32; memory plan tightened once
+    while True:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
             with torch.inference_mode(), memory_plan_applied(ctx.model, stage.memory) as knobs:
                 return stage_function(stage)(ctx, stage, previous), stage, knobs
+        except NonFiniteError as exc:  # fp16 overflow: once more with that part in float32
+            if exc.part in widened or not finite.widen(ctx.model, exc.part):
+                raise NonFiniteError(exc.part, f"stage {stage.index + 1} ({stage.width}x{stage.height}): "
+                                     f"the {exc.part.upper()} produced NaN/inf values even in float32") from None
+            widened.add(exc.part)
+            ctx.on_event(Retrying(stage.index, f"NaN/inf from the {exc.part.upper()}; retrying it in float32"))
+            continue
         except torch.OutOfMemoryError as exc:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            tighter = stage.memory.tighter(device.type) if attempt == 0 and stage.memory else None
+            tighter = stage.memory.tighter(device.type) if not tightened and stage.memory else None
             if tighter is None:
                 raise OutOfMemoryError(
                     f"stage {stage.index + 1} ({stage.width}x{stage.height}) ran out of device "
                     "memory even with the tightest plan; lower --max-vram or --vae-tile") from exc
             knobs = ", ".join(f"{k}={v}" for k, v in tighter.to_dict().items() if k != "estimated_peak_gib")
             ctx.on_event(Retrying(stage.index, f"out of memory; retrying with {knobs}"))
-            stage = replace(stage, memory=tighter)
-    raise AssertionError("unreachable")
+            stage, tightened = replace(stage, memory=tighter), True
 
 
 def run_plan(plan: GenerationPlan, model, *, on_event: EventHandler = ignore,

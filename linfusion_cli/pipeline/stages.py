@@ -14,6 +14,7 @@ from ..adapters import controlnet as control
 from ..adapters import ip_adapter
 from ..memory.knobs import vae_on_device
 from ..plan import GenerationPlan, Stage
+from . import finite
 from .events import EventHandler, PhaseProgress
 
 
@@ -84,7 +85,7 @@ def text_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None) 
                    **extra, **ip_adapter.stage_kwargs(ctx), **_denoise_kwargs(ctx, stage))
     finally:
         done()
-    return _decode(ctx, stage, out.images)
+    return _decode(ctx, stage, finite.check(out.images, "unet"))
 
 
 def resize(image: np.ndarray, width: int, height: int) -> Image.Image:
@@ -104,13 +105,13 @@ def image_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None)
                                host_budget=_host_budget(ctx))
     pipe, extra, done = control.image_to_image_call(ctx, stage, upscaled)  # plain without ControlNet
     del upscaled
-    latents = latents.to(device=ctx.model.device, dtype=ctx.model.dtype)
+    latents = finite.check(latents, "vae").to(device=ctx.model.device, dtype=ctx.model.dtype)
     try:
         out = pipe(image=latents, strength=stage.strength, generator=generator,
                    **extra, **ip_adapter.stage_kwargs(ctx), **_denoise_kwargs(ctx, stage))
     finally:
         done()
-    return _decode(ctx, stage, out.images)
+    return _decode(ctx, stage, finite.check(out.images, "unet"))
 
 
 StageFn = Callable[[StageContext, Stage, "np.ndarray | None"], np.ndarray]

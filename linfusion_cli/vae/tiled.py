@@ -69,7 +69,13 @@ def _shift(vae):
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(1, 3, H, W) in [-1, 1] -> (H, W, 3) uint8, like diffusers' image processor, in float32."""
+    """(1, 3, H, W) in [-1, 1] -> (H, W, 3) uint8, like diffusers' image processor, in float32.
+
+    NaN/inf (an fp16 overflow) raise NonFiniteError("vae") instead of turning black."""
+    if not bool(torch.isfinite(x).all()):
+        from ..errors import NonFiniteError
+
+        raise NonFiniteError("vae")
     x = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return x[0].permute(1, 2, 0).cpu().numpy()
 

@@ -1,0 +1,108 @@
+"""Where images may be written: inside the output folder, never through a link, a FIFO or a device.
+
+Checked when the plan is made, so a collision is found before any model loads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+from .errors import InputError, OutputError, WriteError
+from .validate import file_name
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def check_target(path: Path, *, overwrite: bool) -> None:
+    """A path we may create (or, with overwrite, replace): links and special files are refused."""
+    for part in path.parts[-1:]:
+        file_name(part, f"output {path}")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise OutputError(f"cannot use {path}: {exc.strerror or exc}") from None
+    if stat.S_ISLNK(st.st_mode):
+        state = "a dangling symbolic link" if not path.exists() else "a symbolic link"
+        raise OutputError(f"{path} is {state}; refusing to write through it (remove it or pick another name)")
+    for test, kind in _KINDS:
+        if test(st.st_mode):
+            raise OutputError(f"{path} is {kind}; refusing to write an image there")
+    if not overwrite:
+        raise OutputError(f"{path} exists; pass --overwrite")
+
+
+def check_directory(directory: Path, *, create: bool) -> None:
+    """A folder we can write into: made now (create) or, for a dry run, makeable later."""
+    if create:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create output directory {directory}: {exc.strerror}") from None
+        existing = directory
+    else:
+        existing = directory
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise OutputError(f"cannot create output directory {directory}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to output directory {existing}")
+
+
+def inside(folder: str, output: str) -> Path:
+    """A batch entry's `output` as a file path inside `folder` (links resolved); else InputError."""
+    if "\0" in output:
+        raise InputError("output contains a NUL byte")
+    if not output.strip() or output.endswith(("/", os.sep)) or Path(output).name in ("", ".", ".."):
+        raise InputError(f"output {output!r} must name a file inside -o, not a folder")
+    if os.path.isabs(output):
+        raise InputError(f"output {output!r} is absolute; it must be a path inside -o")
+    for part in Path(output).parts:
+        file_name(part, f"output {output[:40]!r}")
+    root = os.path.realpath(folder)
+    resolved = os.path.realpath(os.path.join(root, output))  # symlinks on the way followed
+    if resolved == root or os.path.commonpath([root, resolved]) != root:
+        raise InputError(f"output {output!r} leaves the output folder {folder}")
+    if os.path.isdir(resolved):
+        raise InputError(f"output {output!r} is a folder; name a file inside it")
+    return Path(folder) / os.path.relpath(resolved, root)  # shown as the user wrote -o
+
+
+def image_bound(width: int, height: int, fmt: str) -> int:
+    """Bytes an encoded image can take at most: raw RGB (+1 % and headers); JPEG at most half that."""
+    raw = width * height * 3
+    return (raw // 2 if fmt == "jpg" else raw + raw // 100) + (1 << 20)
+
+
+def run_bound(plan, fmt: str) -> int:
+    """Bytes one run may write: its final image and, with --save-stages, every earlier stage."""
+    need = image_bound(plan.width, plan.height, fmt)
+    if plan.save_stages:
+        need += sum(image_bound(s.width, s.height, "png") for s in plan.stages[:-1])
+    return need
+
+
+def check_free_space(plan, path: Path | None, fmt: str, *, need: int | None = None,
+                     what: str | None = None) -> None:
+    """Refuse early when the output filesystem cannot hold what the run (or batch) will write."""
+    if path is None:
+        return
+    if need is None:
+        need = run_bound(plan, fmt)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # no figure to check against; the write itself reports a full disk
+    if free < need:
+        what = what or f"{plan.width}x{plan.height} {fmt}{' and its stages' if plan.save_stages else ''}"
+        raise WriteError(f"{folder} has {free / 2**20:.0f} MiB free; this run may write up to "
+                         f"{need / 2**20:.0f} MiB ({what})")
