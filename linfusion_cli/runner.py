@@ -110,10 +110,8 @@ def make_plan(req: Request) -> GenerationPlan:
         raise InputError("the prompt is empty")
     preset, info = _preset_and_model(req)
     width, height = target_size(req, preset)
-    seed = req.seed if req.seed is not None else secrets.randbelow(2 ** 32)
-    vae_tile = req.vae_tile if req.vae_tile is not None else preset.vae_tile_px
-    if vae_tile is not None and (vae_tile < 0 or vae_tile % 8):
-        raise PlanError(f"--vae-tile must be 0 (untiled) or a positive multiple of 8, got {vae_tile}")
+    seed = req.seed if req.seed is not None else secrets.randbelow(validate.SEED_MAX + 1)
+    vae_tile = req.vae_tile if req.vae_tile is not None else preset.vae_tile_px  # both validated
     max_vram, budget_from = req.max_vram, "--max-vram"
     if max_vram is None and preset.max_vram is not None:
         max_vram, budget_from = preset.max_vram, f"preset {preset.name}'s max_vram"
