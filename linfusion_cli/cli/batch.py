@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json as jsonlib
-import secrets
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -11,12 +10,13 @@ from typing import Annotated
 
 import typer
 
-from .. import runner
+from .. import distributed, runner
 from ..errors import InputError, LinfusionError, OutputError
+from ..manifest import Manifest
 from ..output import read_metadata
 from ..prompts import read_prompt_file
 from . import common
-from .console import info
+from .console import ProgressView, info
 from .generate import request_from_options
 from .options import (AllowPickle, Aspect, ModelConfig, Device, DryRun, Dtype, Format, Guidance, Height, Json,
                       Linfusion, MaxVram, Model, Negative, NoLinfusion, Overwrite, PresetOpt, Quiet,
@@ -57,6 +57,7 @@ def _matches(path: Path, plan) -> bool:
     return all(record.get(k) == want[k] for k in _SAME)
 
 
+@distributed.launched  # under torchrun / accelerate launch: this rank's share of the file
 def batch(
     file: Annotated[str, typer.Argument(help="Prompt file (text, JSON Lines or A1111 lines), or - for stdin.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Output directory.")] = ".",
@@ -71,19 +72,25 @@ def batch(
     quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Generate every prompt of a file; the whole file is checked before anything runs."""
-    entries = read_prompt_file(file, stdin=sys.stdin)
+    world = distributed.current()
+    entries = read_prompt_file(file, stdin=world.stdin() if file == "-" else sys.stdin)
     if output == "-":
         raise InputError("batch writes files: -o must be a directory")
     base = request_from_options(
         "", preset=preset, res=res, aspect=aspect, width=width, height=height, model=model,
         linfusion=linfusion, no_linfusion=no_linfusion, seed=seed, steps=steps, guidance=guidance,
         negative=negative, strengths=strengths, scheduler=scheduler, max_vram=max_vram,
-        vae_tile=vae_tile, save_stages=save_stages, device=device, dtype=dtype)
-    base_seed = seed if seed is not None else secrets.randbelow(2 ** 31)
+        vae_tile=vae_tile, save_stages=save_stages, device=world.device(device), dtype=dtype)
     folder = output if output.endswith("/") else output + "/"
+    manifest = Manifest(folder).load() if resume else Manifest(folder)
+    # --resume without --seed reuses the batch seed the earlier run drew (every rank draws the same)
+    base_seed = seed if seed is not None else (manifest.base_seed if manifest.base_seed is not None
+                                               else world.seed)
     jobs, seen = [], {}
     for index, entry in enumerate(entries):
         plan = _entry_plan(entry, index, base, base_seed)
+        if entry.seed is None and seed is None and (drawn := manifest.seed_for(index, plan)) is not None:
+            plan = _entry_plan(entry, index, base, drawn - index)  # the seed an earlier run used
         target = str(Path(folder) / entry.output) if entry.output else folder
         try:
             path, fmt = common.resolve_target(target, plan=plan, fmt=format, template=name or BATCH_TEMPLATE,
@@ -93,24 +100,44 @@ def batch(
         if path in seen:
             raise OutputError(f"{entry.source}:{entry.line}: output {path} is also line {seen[path]}'s")
         seen[path] = entry.line
-        if path.exists() and not overwrite and not (resume and _matches(path, plan)):
+        record = manifest.records.get(index)
+        done = record if record is not None and record.matches(plan, manifest.relative(path)) else None
+        if path.exists() and not overwrite and done is None and not (resume and _matches(path, plan)):
             raise OutputError(f"{entry.source}:{entry.line}: {path} exists with other parameters; "
                               "pass --overwrite")
-        jobs.append((plan, path, fmt))
+        jobs.append((index, plan, path, fmt, done, None if entry.seed is not None else base_seed))
+    world.agree()  # every rank checked the whole file: all go, or all stop with the same line
     if dry_run:
-        for plan, path, _ in jobs:
+        if world.rank != 0:
+            return
+        for _, plan, path, *_ in jobs:
             if not json:
                 print(f"{path}:")
             common.print_dry_run(plan, as_json=json)
         return
+    _run_share(world, [job for job in jobs if world.owns(job[0])], manifest, as_json=json, quiet=quiet,
+               verbose=verbose, overwrite=overwrite or resume, allow_pickle=allow_pickle, config=config)
+
+
+def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, allow_pickle, config) -> None:
+    """This rank's entries: skip what the manifest proves done, make the rest, record each at once."""
     loaded = None
-    for k, (plan, path, fmt) in enumerate(jobs, 1):
-        if resume and path.exists() and _matches(path, plan):
-            info(f"[{k}/{len(jobs)}] {path} already done", quiet=quiet)
-            print(jsonlib.dumps({"path": str(path), "skipped": True}) if json else str(path), flush=True)
+    who = f"rank {world.rank}: " if world.distributed else ""
+    made = 0
+    for k, (index, plan, path, fmt, done, base_seed) in enumerate(jobs, 1):
+        if done is not None and done.intact(manifest.folder):  # not truncated, replaced or gone
+            info(f"{who}[{k}/{len(jobs)}] {path} already done", quiet=quiet)
+            world.emit(jsonlib.dumps({"path": str(path), "index": index, "skipped": True}) if as_json
+                       else str(path))
             continue
         if loaded is None:  # one model load serves every entry
             loaded = common.load(plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle, config=config)
-        info(f"[{k}/{len(jobs)}] {plan.prompt[:60]}", quiet=quiet)
-        common.run_one(plan, loaded, path=path, fmt=fmt, overwrite=overwrite or resume, as_json=json,
-                       quiet=quiet, verbose=verbose)
+        info(f"{who}[{k}/{len(jobs)}] {plan.prompt[:60]}", quiet=quiet)
+        with ProgressView(quiet=quiet, verbose=verbose) as view:
+            result = runner.generate_file(plan, loaded, path=path, fmt=fmt, overwrite=overwrite,
+                                          on_event=view)
+        manifest.append(index=index, path=path, plan=plan, base_seed=base_seed, rank=world.rank,
+                        world_size=world.size)
+        world.emit(jsonlib.dumps({**result, "index": index}) if as_json else result["path"])
+        made += 1
+        world.finished(made)
