@@ -31,6 +31,19 @@ def fingerprint(plan) -> dict[str, Any]:
     }
 
 
+def same_settings(record: dict, plan) -> bool:
+    """An image's own metadata record shows the plan's settings and seed (files without a manifest line)."""
+    want = fingerprint(plan)
+    del want["dtype"]  # the record holds the resolved dtype, the plan may say "auto"
+    try:
+        got = {key: record[key] for key in want if key != "stages"}
+        got["stages"] = [[s["width"], s["height"], s["strength"], s["steps"], s["guidance"], s["scheduler"],
+                          s["seed"] - record["seed"]] for s in record["stages"]]
+    except (KeyError, TypeError):
+        return False
+    return got == want and record.get("seed") == plan.seed
+
+
 def file_digest(path: Path) -> tuple[int, str]:
     """(size in bytes, SHA-256 hex) of a file, read in 8 MiB blocks."""
     digest = hashlib.sha256()

@@ -12,7 +12,7 @@ import typer
 
 from .. import distributed, runner
 from ..errors import InputError, LinfusionError, OutputError
-from ..manifest import Manifest
+from ..manifest import Manifest, same_settings
 from ..output import read_metadata
 from ..prompts import read_prompt_file
 from . import common
@@ -24,7 +24,6 @@ from .options import (AllowPickle, Aspect, ModelConfig, Device, DryRun, Dtype, F
                       Width)
 
 BATCH_TEMPLATE = "{index:04d}-{slug}.{ext}"  # no seed: --resume finds the same names again
-_SAME = ("prompt", "negative", "seed", "width", "height", "steps", "guidance", "model")
 
 
 def _entry_plan(entry, index, base: runner.Request, base_seed: int):
@@ -46,15 +45,12 @@ def _entry_plan(entry, index, base: runner.Request, base_seed: int):
 
 
 def _matches(path: Path, plan) -> bool:
-    """--resume: the file exists and was made with the same parameters."""
+    """--resume without a manifest line: the file's metadata shows the same settings (it is remade)."""
     try:
         record = read_metadata(path).get("record") or {}
-    except Exception:  # unreadable or foreign file: regenerate it
+    except Exception:  # unreadable or foreign file: not ours to replace
         return False
-    want = {"prompt": plan.prompt, "negative": plan.negative, "seed": plan.seed, "width": plan.width,
-            "height": plan.height, "steps": plan.stages[0].steps, "guidance": plan.stages[0].guidance,
-            "model": plan.model}
-    return all(record.get(k) == want[k] for k in _SAME)
+    return same_settings(record, plan)
 
 
 @distributed.launched  # under torchrun / accelerate launch: this rank's share of the file
