@@ -130,8 +130,22 @@ def test_readme_torchrun_line_matches_one_process_pixel_for_pixel(cli_env, tmp_p
     assert [row["seed"] for row in sorted(rows, key=lambda r: r["index"])] == [9, 5, 11, 12, 13]
     records = manifest_rows(tmp_path / "out")
     assert sorted(r["index"] for r in records) == [0, 1, 2, 3, 4]
-    assert {r["index"]: r["rank"] for r in records} == {0: 0, 1: 1, 2: 0, 3: 1, 4: 0}
     assert {r["world_size"] for r in records} == {2}
+    assert {r["index"]: r["rank"] for r in records} == {0: 0, 1: 1, 2: 0, 3: 1, 4: 0}
+
+    # accelerate launch starts the same kind of group (its --multi_gpu path runs on CPUs too)
+    words = line.split()
+    args = words[words.index("-m"):-1] + ["acc/"]
+    accelerate = run_subprocess(
+        [shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate", "launch",
+         "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", *args], dict(cli_env, OMP_NUM_THREADS="1"))
+    assert accelerate.returncode == 0, accelerate.stderr.decode()[-3000:]
+    acc_rows = json_lines(accelerate)
+    assert sorted(row["index"] for row in acc_rows) == [0, 1, 2, 3, 4]
+    for row in acc_rows:
+        want = ref_rows[row["index"]]
+        assert np.array_equal(pixels(tmp_path / row["path"]), pixels(tmp_path / want["path"])), row["path"]
 
 
 def test_killed_rank_then_resume_on_other_world_sizes_redoes_nothing(cli_env, tmp_path):
