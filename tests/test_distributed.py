@@ -217,3 +217,34 @@ def test_ctrl_c_stops_every_rank_cleanly(cli_env, tmp_path):
     out = tmp_path / "out"
     assert sorted(p.name for p in files_under(out)) == ["0000-prompt-0.png", "0001-prompt-1.png", MANIFEST_NAME]
     assert sorted(r["index"] for r in manifest_rows(out)) == [0, 1]
+
+
+def test_without_an_agent_a_dead_rank_does_not_stop_the_others(cli_env, tmp_path):
+    """After the start-up agreement nothing crosses ranks: rank 0 finishes its share alone."""
+    (tmp_path / "p.txt").write_text("".join(f"prompt {i}\n" for i in range(6)))
+    procs = launch_by_hand(cli_env, 2, "p.txt", "--model", "demo", "--res", "64", "--steps", "2", "--seed", "2",
+                           "--json", "-o", "out/", extra_env={ENV_TEST_HOOK: "1:1"})
+    results = [(p.wait(), p.stdout.read().decode()) for p in procs]
+    assert [code for code, _ in results] == [0, 3]
+    assert sorted(json.loads(line)["index"] for line in results[0][1].splitlines()) == [0, 2, 4]
+    assert [json.loads(line)["index"] for line in results[1][1].splitlines()] == [1]
+    assert sorted(r["index"] for r in manifest_rows(tmp_path / "out")) == [0, 1, 2, 4]
+
+
+def test_ctrl_c_under_torchrun_stops_both_ranks_cleanly(cli_env, tmp_path):
+    """SIGINT to the whole process group (a terminal's Ctrl-C) while both ranks are mid-file."""
+    (tmp_path / "p.txt").write_text("".join(f"prompt {i}\n" for i in range(6)))
+    env = dict(cli_env, OMP_NUM_THREADS="1", **{ENV_TEST_HOOK: "*:1:hold"})
+    proc = subprocess.Popen([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "linfusion_cli", "batch",
+                             "p.txt", "--model", "demo", "--res", "64", "--steps", "2", "--json", "-o", "out/"],
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    firsts = sorted(json.loads(proc.stdout.readline())["index"] for _ in range(2))  # both ranks hold
+    assert firsts == [0, 1]
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode != 0 and out == b""
+    errors = [line for line in err.decode().splitlines() if line.startswith("error:")]
+    assert errors == ["error: interrupted", "error: interrupted"], err.decode()[-3000:]
+    folder = tmp_path / "out"
+    assert sorted(p.name for p in files_under(folder)) == ["0000-prompt-0.png", "0001-prompt-1.png", MANIFEST_NAME]
