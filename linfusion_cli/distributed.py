@@ -79,8 +79,18 @@ class World:
         """Rank 0 reads stdin and shares the text: the launcher gives every rank the same pipe."""
         import io
 
-        return io.StringIO(self.broadcast(sys.stdin.read() if self.rank == 0 else None)) \
-            if self.distributed else sys.stdin
+        if not self.distributed:
+            return sys.stdin
+        text, problem = None, None
+        if self.rank == 0:
+            try:
+                text = sys.stdin.read()
+            except (OSError, UnicodeDecodeError) as exc:  # every rank must reach the broadcast
+                problem = f"cannot read the prompts from stdin: {exc}"
+        text, problem = self.broadcast((text, problem))
+        if problem is not None:
+            raise InputError(problem)
+        return io.StringIO(text)
 
     def agree(self, failure: BaseException | None = None) -> None:
         """Every rank reports its validation; if any failed, all raise the lowest failing rank's error.
@@ -108,7 +118,12 @@ class World:
         for rank, report in enumerate(reports):
             if report is not None:
                 cls, text = report
-                exc = cls(text if rank == 0 else f"rank {rank}: {text}")
+                text = text if rank == 0 else f"rank {rank}: {text}"
+                try:
+                    exc = cls(text)
+                except TypeError:  # an error class with another signature: keep its exit code
+                    exc = LinfusionError(text)
+                    exc.exit_code = cls.exit_code
                 exc.echo = self.rank == 0
                 raise exc from None
 

@@ -129,7 +129,9 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
         if loaded is None:  # one model load serves every entry
             loaded = common.load(plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle, config=config)
         info(f"{who}[{k}/{len(jobs)}] {plan.prompt[:60]}", quiet=quiet)
-        with ProgressView(quiet=quiet, verbose=verbose) as view:
+        view = ProgressView(quiet=quiet, verbose=verbose)
+        view.live = view.live and not world.distributed  # ranks sharing a terminal: no live bars
+        with view:
             result = runner.generate_file(plan, loaded, path=path, fmt=fmt, overwrite=overwrite,
                                           on_event=view)
         manifest.append(index=index, path=path, plan=plan, base_seed=base_seed, rank=world.rank,
