@@ -6,6 +6,7 @@ mounting LinFusion. Everything the user got wrong becomes one ModelNotFoundError
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +118,8 @@ def demo_folder(name: str = DEMO_PREFIX) -> Path:
 
         folder.parent.mkdir(parents=True, exist_ok=True)
         # several processes (torchrun ranks) may start at once: one builds, the others wait for it
-        with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+        lock_path = folder.with_name(folder.name + ".lock")
+        with open(lock_path, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (folder / "model_index.json").is_file():
                 tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
@@ -127,6 +129,8 @@ def demo_folder(name: str = DEMO_PREFIX) -> Path:
                 except OSError:  # another process built it first
                     import shutil
                     shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):  # waiters re-check model_index.json and skip the build
+                lock_path.unlink()
     return folder
 
 
