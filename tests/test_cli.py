@@ -235,7 +235,7 @@ def test_batch_jsonl_a1111_and_plain_lines(cli, tmp_path):
             seed, w, h, row["prompt"])
         assert (record["negative"], record["steps"], record["guidance"]) == (negative, steps, guidance)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "0000-a-cat.png", "0001-a-dog-red.png", "0002-a-plain-bird.png"]
+        "0000-a-cat.png", "0001-a-dog-red.png", "0002-a-plain-bird.png", "linfusion-manifest.jsonl"]
 
 
 def test_batch_resume_skips_identical_and_overwrite_regenerates(cli, tmp_path, monkeypatch):
@@ -256,7 +256,7 @@ def test_batch_resume_skips_identical_and_overwrite_regenerates(cli, tmp_path, m
     again = cli(*args, "--resume", stdin="one\ntwo\n")
     assert again.code == 0, again.err
     assert [json.loads(line) for line in again.out_lines] == [
-        {"path": str(p.relative_to(tmp_path)), "skipped": True} for p in paths]
+        {"path": str(p.relative_to(tmp_path)), "index": i, "skipped": True} for i, p in enumerate(paths)]
     assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in paths] == stamps
 
     # different parameters: refused even with --resume, regenerated with --overwrite
@@ -268,7 +268,7 @@ def test_batch_resume_skips_identical_and_overwrite_regenerates(cli, tmp_path, m
     assert redone.code == 0, redone.err
     assert all(not json.loads(line).get("skipped") for line in redone.out_lines)
     assert [read_metadata(p)["record"]["steps"] for p in paths] == [3, 3]
-    assert sorted(files_under(tmp_path / "out")) == sorted(paths)
+    assert sorted(files_under(tmp_path / "out")) == sorted([*paths, tmp_path / "out" / "linfusion-manifest.jsonl"])
 
 
 # ---------------------------------------------------------------- info, help

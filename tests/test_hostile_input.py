@@ -330,9 +330,12 @@ def test_batch_entry_failure_does_not_stop_the_others(cli, tmp_path, monkeypatch
     assert len(result.err_lines) == 2, result.err
     assert result.err_lines[0].startswith("error: <stdin>:2: stage 1 ran out")
     assert result.err_lines[1].startswith("error: <stdin>:3: unexpected RuntimeError: a bug")
-    made = sorted(p.name for p in files_under(tmp_path / "out"))
+    made = sorted(p.name for p in files_under(tmp_path / "out") if p.suffix == ".png")
     assert made == ["0000-a.png", "0003-d.png"]
     assert result.out_lines == [str(Path("out") / n) for n in made]
+    recorded = [json.loads(line)["index"] for line in (tmp_path / "out" / "linfusion-manifest.jsonl")
+                .read_text().splitlines()]
+    assert recorded == [0, 3]  # only the finished images are in the manifest
 
 
 # ---------------------------------------------------------------- failed writes and free space

@@ -85,7 +85,8 @@ def _run(argv: list[str] | None) -> int:
     except (*_ABORTS, KeyboardInterrupt):
         return _interrupted()
     except LinfusionError as exc:
-        error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        if getattr(exc, "echo", True):  # False on ranks > 0 for an error every rank agreed on
+            error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         if verbose and exc.__cause__ is not None:
             error(f"caused by {type(exc.__cause__).__name__}: {exc.__cause__}")
         return exc.exit_code

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json as jsonlib
 import os
-import secrets
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -12,15 +11,16 @@ from typing import Annotated
 
 import typer
 
-from .. import runner
+from .. import distributed, runner
 from ..errors import InputError, LinfusionError, OutputError
+from ..manifest import Manifest, same_settings
 from ..output import read_metadata
-from ..prompts import read_prompt_file
-from . import common
 from ..plan import stage_seed
+from ..prompts import read_prompt_file
 from ..targets import inside
 from ..validate import SEED_MAX
-from .console import error, info, one_line_of
+from . import common
+from .console import ProgressView, error, info, one_line_of
 from .generate import request_from_options
 from .options import (AllowPickle, Aspect, ModelConfig, Device, DryRun, Dtype, Format, Guidance, Height, Json,
                       Linfusion, MaxVram, Method, Model, Negative, NoLinfusion, Overwrite, PresetOpt, Quiet,
@@ -29,7 +29,6 @@ from .options import (AllowPickle, Aspect, ModelConfig, Device, DryRun, Dtype, F
                       TileScale, IpAdapter, IpImage, IpScale, IpEncoder)
 
 BATCH_TEMPLATE = "{index:04d}-{slug}.{ext}"  # no seed: --resume finds the same names again
-_SAME = ("prompt", "negative", "seed", "width", "height", "steps", "guidance", "model")
 
 
 def _entry_plan(entry, index, base: runner.Request, base_seed: int):
@@ -51,17 +50,15 @@ def _entry_plan(entry, index, base: runner.Request, base_seed: int):
 
 
 def _matches(path: Path, plan) -> bool:
-    """--resume: the file exists and was made with the same parameters."""
+    """--resume without a manifest line: the file's metadata shows the same settings (it is remade)."""
     try:
         record = read_metadata(path).get("record") or {}
-    except Exception:  # unreadable or foreign file: regenerate it
+    except Exception:  # unreadable or foreign file: not ours to replace
         return False
-    want = {"prompt": plan.prompt, "negative": plan.negative, "seed": plan.seed, "width": plan.width,
-            "height": plan.height, "steps": plan.stages[0].steps, "guidance": plan.stages[0].guidance,
-            "model": plan.model}
-    return all(record.get(k) == want[k] for k in _SAME)
+    return same_settings(record, plan)
 
 
+@distributed.launched  # under torchrun / accelerate launch: this rank's share of the file
 def batch(
     file: Annotated[str, typer.Argument(help="Prompt file (text, JSON Lines or A1111 lines), or - for stdin.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Output directory.")] = ".",
@@ -79,23 +76,29 @@ def batch(
     ip_adapter: IpAdapter = None, ip_image: IpImage = None, ip_scale: IpScale = None, ip_encoder: IpEncoder = None,
 ) -> None:
     """Generate every prompt of a file; the whole file is checked before anything runs."""
-    entries = read_prompt_file(file, stdin=sys.stdin)
+    world = distributed.current()
+    entries = read_prompt_file(file, stdin=world.stdin() if file == "-" else sys.stdin)
     if output == "-":
         raise InputError("batch writes files: -o must be a directory")
     base = request_from_options(
         "", preset=preset, res=res, aspect=aspect, width=width, height=height, model=model,
         linfusion=linfusion, no_linfusion=no_linfusion, seed=seed, steps=steps, guidance=guidance,
         negative=negative, strengths=strengths, scheduler=scheduler, max_vram=max_vram,
-        vae_tile=vae_tile, save_stages=save_stages, device=device, dtype=dtype, loras=lora,
+        vae_tile=vae_tile, save_stages=save_stages, device=world.device(device), dtype=dtype, loras=lora,
         controlnet=controlnet, control_image=control_image, control_scale=control_scale,
         tile_controlnet=tile_controlnet, tile_scale=tile_scale, ip_adapter=ip_adapter, ip_image=ip_image,
         ip_scale=ip_scale, ip_encoder=ip_encoder, method=method)
     base = replace(base, config=config, allow_pickle=allow_pickle, dry_run=dry_run)
-    base_seed = base.seed if base.seed is not None else secrets.randbelow(SEED_MAX + 1)
     folder = output if output.endswith("/") else output + "/"
+    manifest = Manifest(folder).load() if resume else Manifest(folder)
+    # --resume without --seed reuses the batch seed the earlier run drew (every rank draws the same)
+    base_seed = base.seed if base.seed is not None else (
+        manifest.base_seed if manifest.base_seed is not None else world.seed)
     jobs, seen = [], {}
     for index, entry in enumerate(entries):
         plan = _entry_plan(entry, index, base, base_seed)
+        if entry.seed is None and base.seed is None and (drawn := manifest.seed_for(index, plan)) is not None:
+            plan = _entry_plan(entry, index, base, (drawn - index) % (SEED_MAX + 1))  # an earlier run's
         try:  # an entry's own output stays inside -o (links resolved)
             target = str(inside(folder, entry.output)) if entry.output is not None else folder
             path, fmt = common.resolve_target(target, plan=plan, fmt=format, template=name or BATCH_TEMPLATE,
@@ -106,39 +109,70 @@ def batch(
         if key in seen:
             raise OutputError(f"{entry.source}:{entry.line}: output {path} is also line {seen[key]}'s")
         seen[key] = entry.line
-        if path.exists() and not overwrite and not (resume and _matches(path, plan)):
+        record = manifest.records.get(index)
+        done = record if record is not None and record.matches(plan, manifest.relative(path)) else None
+        if path.exists() and not overwrite and done is None and not (resume and _matches(path, plan)):
             raise OutputError(f"{entry.source}:{entry.line}: {path} exists with other parameters; "
                               "pass --overwrite")
-        jobs.append((plan, path, fmt, entry))
-    if jobs:  # room for every image of the batch, not just each one alone
+        jobs.append((index, plan, path, fmt, done, None if entry.seed is not None else base_seed, entry))
+    mine = [job for job in jobs if world.owns(job[0])]
+    if mine:  # room for every image of this process's share, not just each one alone
         from ..targets import check_free_space, run_bound
 
-        check_free_space(jobs[0][0], jobs[0][1], jobs[0][2], what=f"{len(jobs)} images",
-                         need=sum(run_bound(plan, fmt) for plan, _, fmt, _ in jobs))
+        check_free_space(mine[0][1], mine[0][2], mine[0][3], what=f"{len(mine)} images",
+                         need=sum(run_bound(job[1], job[3]) for job in mine))
+    world.agree()  # every rank checked the whole file: all go, or all stop with the same line
     if dry_run:
-        for plan, path, _, _ in jobs:
+        if world.rank != 0:
+            return
+        for _, plan, path, *_ in jobs:
             if not json:
                 print(f"{path}:")
             common.print_dry_run(plan, as_json=json)
         return
     from ..targets import check_directory
 
-    for _, path, _, _ in jobs:  # folders are made only once every check has passed
-        check_directory(path.parent, create=True)
-    loaded, failures = None, 0
-    for k, (plan, path, fmt, entry) in enumerate(jobs, 1):
-        if resume and path.exists() and _matches(path, plan):
-            info(f"[{k}/{len(jobs)}] {path} already done", quiet=quiet)
-            print(jsonlib.dumps({"path": str(path), "skipped": True}) if json else str(path), flush=True)
-            continue
-        if loaded is None:  # one model load serves every entry
-            loaded = common.load(plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle, config=config)
-        info(f"[{k}/{len(jobs)}] {plan.prompt[:60]}", quiet=quiet)
-        try:  # one entry's failure is reported and the others still run
-            common.run_one(plan, loaded, path=path, fmt=fmt, overwrite=overwrite or resume, as_json=json,
-                           quiet=quiet, verbose=verbose)
-        except Exception as exc:  # noqa: BLE001 - every failure is one line; the exit code says it
-            failures += 1
-            error(f"{entry.source}:{entry.line}: {one_line_of(exc)}")
+    for job in mine:  # folders are made only once every check has passed
+        check_directory(job[2].parent, create=True)
+    failures = _run_share(world, mine, manifest, as_json=json, quiet=quiet, verbose=verbose,
+                          overwrite=overwrite or resume, allow_pickle=allow_pickle, config=config)
     if failures:
         raise typer.Exit(1)
+
+
+def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, allow_pickle, config) -> int:
+    """This rank's entries: skip what the manifest proves done, make the rest, record each at once.
+
+    One entry's failure is one line on stderr and the others still run; returns the failures.
+    """
+    loaded = None
+    who = f"rank {world.rank}: " if world.distributed else ""
+    made = failures = 0
+    for k, (index, plan, path, fmt, done, base_seed, entry) in enumerate(jobs, 1):
+        if done is not None and done.intact(manifest.folder):  # not truncated, replaced or gone
+            info(f"{who}[{k}/{len(jobs)}] {path} already done", quiet=quiet)
+            world.emit(jsonlib.dumps({"path": str(path), "index": index, "skipped": True}) if as_json
+                       else str(path))
+            continue
+        try:
+            if loaded is None:  # one model load serves every entry
+                loaded = common.load(plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle,
+                                     config=config)
+            info(f"{who}[{k}/{len(jobs)}] {plan.prompt[:60]}", quiet=quiet)
+            view = ProgressView(quiet=quiet, verbose=verbose)
+            view.live = view.live and not world.distributed  # ranks sharing a terminal: no live bars
+            with view:
+                result = runner.generate_file(plan, loaded, path=path, fmt=fmt, overwrite=overwrite,
+                                              on_event=view)
+        except Exception as exc:  # noqa: BLE001 - every failure is one line; the exit code says it
+            if loaded is None:  # the model itself did not load: nothing else can run
+                raise
+            failures += 1
+            error(f"{entry.source}:{entry.line}: {one_line_of(exc)}")
+            continue
+        manifest.append(index=index, path=path, plan=plan, base_seed=base_seed, rank=world.rank,
+                        world_size=world.size)
+        world.emit(jsonlib.dumps({**result, "index": index}) if as_json else result["path"])
+        made += 1
+        world.finished(made)
+    return failures

@@ -6,6 +6,7 @@ mounting LinFusion. Everything the user got wrong becomes one ModelNotFoundError
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,13 +97,23 @@ def demo_folder(name: str = DEMO_PREFIX) -> Path:
         raise InputError(f"unknown demo model {name!r}; use demo, demo-sd21 or demo-sdxl")
     folder = cache_dir() / f"demo-{family}-v2"
     if not (folder / "model_index.json").is_file():
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        save_tiny_pipeline(tmp, family, demo=True)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process built it first
-            import shutil
-            shutil.rmtree(tmp, ignore_errors=True)
+        import fcntl
+
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # several processes (torchrun ranks) may start at once: one builds, the others wait for it
+        lock_path = folder.with_name(folder.name + ".lock")
+        with open(lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (folder / "model_index.json").is_file():
+                tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+                save_tiny_pipeline(tmp, family, demo=True)
+                try:
+                    os.replace(tmp, folder)
+                except OSError:  # another process built it first
+                    import shutil
+                    shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):  # waiters re-check model_index.json and skip the build
+                lock_path.unlink()
     return folder
 
 
