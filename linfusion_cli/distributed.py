@@ -186,9 +186,11 @@ def current() -> World:
 
 def _stop_once(signum, frame):
     """Ctrl-C, or the launcher's SIGINT/SIGTERM when another rank failed: stop once, cleanly."""
+    from . import interrupts
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # the terminal and the launcher both send one
-    raise KeyboardInterrupt
+    interrupts.handle(signum, frame)  # exit 128 + signum, like a single process
 
 
 @contextlib.contextmanager

@@ -234,3 +234,22 @@ def test_planner_counts_controlnets_on_the_stages_they_run(tiny_pipeline_dirs, c
             assert a.memory.estimated_peak_gib == b.memory.estimated_peak_gib
         else:
             assert b.memory.estimated_peak_gib > a.memory.estimated_peak_gib
+
+
+def test_planner_never_parks_skips_beside_a_controlnet(tiny_pipeline_dirs, cn_files, monkeypatch):
+    """The UNet adds ControlNet residuals to its skips on the device: skips_on_cpu is ruled out."""
+    from linfusion_cli.memory import planner
+    from linfusion_cli.runner import make_plan, plan_memory
+
+    seen = []
+    real = planner.plan_memory
+    monkeypatch.setattr(planner, "plan_memory",
+                        lambda *a, **kw: seen.append(dict(kw.get("fixed") or {})) or real(*a, **kw))
+    base = dict(prompt="x", model=str(tiny_pipeline_dirs["sd15"]), width=1024, height=1024,
+                no_linfusion=True, device="cuda", dry_run=True, max_vram=80.0)
+    plan_memory(make_plan(Request(**base)))
+    assert seen and all("skips_on_cpu" not in f for f in seen)
+    seen.clear()
+    plan = plan_memory(make_plan(Request(**base, tile_controlnet=str(cn_files["sd15"]))))
+    assert seen and all(f.get("skips_on_cpu") is False for f in seen)
+    assert not any(s.memory.skips_on_cpu for s in plan.stages)

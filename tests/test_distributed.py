@@ -200,20 +200,22 @@ def test_bad_file_fails_every_rank_with_one_line(cli_env, tmp_path):
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
-def test_ctrl_c_stops_every_rank_cleanly(cli_env, tmp_path):
-    """Both ranks hold after their first image; one SIGINT each: exit 130, nothing half-written."""
+@pytest.mark.parametrize("signum,code,line", [(signal.SIGINT, 130, "error: interrupted"),
+                                               (signal.SIGTERM, 143, "error: interrupted (SIGTERM)")])
+def test_ctrl_c_stops_every_rank_cleanly(cli_env, tmp_path, signum, code, line):
+    """Both ranks hold after their first image; one signal each: 128 + signum, nothing half-written."""
     (tmp_path / "p.txt").write_text("".join(f"prompt {i}\n" for i in range(6)))
     procs = launch_by_hand(cli_env, 2, "p.txt", "--model", "demo", "--res", "64", "--steps", "2",
                            "--json", "-o", "out/", extra_env={ENV_TEST_HOOK: "*:1:hold"})
     firsts = [json.loads(p.stdout.readline()) for p in procs]  # each rank finished one image
     assert [row["index"] for row in firsts] == [0, 1]
     for p in procs:
-        p.send_signal(signal.SIGINT)
+        p.send_signal(signum)
     results = [(p.wait(), p.stdout.read(), p.stderr.read().decode()) for p in procs]
-    assert [code for code, _, _ in results] == [130, 130]
+    assert [rc for rc, _, _ in results] == [code, code]
     for _, out, err in results:
         assert out == b""
-        assert [line for line in err.splitlines() if line.startswith("error:")] == ["error: interrupted"]
+        assert [row for row in err.splitlines() if row.startswith("error:")] == [line]
     out = tmp_path / "out"
     assert sorted(p.name for p in files_under(out)) == ["0000-prompt-0.png", "0001-prompt-1.png", MANIFEST_NAME]
     assert sorted(r["index"] for r in manifest_rows(out)) == [0, 1]
