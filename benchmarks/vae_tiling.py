@@ -24,7 +24,7 @@ from diffusers import AutoencoderKL
 sys.path.insert(0, __file__.rsplit("/", 2)[0])  # the repo root, for benchmarks._measure
 
 from linfusion_cli.vae import decode, split_axis, tile_grid, to_uint8
-from linfusion_cli.vae.synthetic import structured_latent
+from benchmarks.synthetic import structured_latent
 
 SD_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,

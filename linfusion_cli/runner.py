@@ -291,7 +291,7 @@ def stage_image_path(final: Path | None, index: int, width: int, height: int) ->
 
 
 def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, overwrite: bool = False,
-                  on_event=None, init_image=None, stream=None) -> dict:
+                  on_event=None, init_image=None) -> dict:
     """Run a plan and write its image atomically (stdout when path is None); stages kept as asked."""
     from .output import save_image
     from .pipeline import StageFinished, run_plan
@@ -319,5 +319,5 @@ def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, o
         if not plan.save_stages:
             save_image(last.image, kept, record=last.record, fmt="png", overwrite=overwrite)
         raise NonFiniteError(exc.part, f"{exc}; stage {last.stage + 1}'s image is kept as {kept}") from None
-    written = save_image(image, path, record=record, fmt=fmt, overwrite=overwrite, stream=stream)
+    written = save_image(image, path, record=record, fmt=fmt, overwrite=overwrite)
     return result_summary(written, record)

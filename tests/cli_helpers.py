@@ -1,4 +1,4 @@
-"""Shared helpers for the CLI tests: environment, in-process and subprocess runs of `linfusion`.
+"""Shared helpers for the CLI tests: results, subprocess runs, files (fixtures live in conftest.py).
 
 Every run uses `--model demo` (a tiny random pipeline built once per test session into a shared
 LINFUSION_CACHE) with HF_HUB_OFFLINE=1, so nothing is ever downloaded.
@@ -6,15 +6,11 @@ LINFUSION_CACHE) with HF_HUB_OFFLINE=1, so nothing is ever downloaded.
 
 from __future__ import annotations
 
-import io
-import os
 import subprocess
-import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -49,49 +45,6 @@ class Result:
 def scripts_dir() -> Path:
     """Where pip put the `linfusion` console script for this interpreter."""
     return Path(sysconfig.get_path("scripts"))
-
-
-@pytest.fixture(scope="session")
-def cli_cache(tmp_path_factory) -> Path:
-    """One demo-model cache for the whole session (the same folder from every test module)."""
-    folder = tmp_path_factory.getbasetemp() / "linfusion-cache"
-    folder.mkdir(exist_ok=True)
-    return folder
-
-
-@pytest.fixture
-def cli_env(cli_cache, tmp_path, monkeypatch) -> dict:
-    """cwd = a fresh tmp dir, shared cache, offline hub, an empty user config dir.
-
-    Returns the environment for subprocesses (with the console script first on PATH).
-    """
-    config = tmp_path / "config"
-    (config / "presets").mkdir(parents=True)
-    monkeypatch.setenv("LINFUSION_CACHE", str(cli_cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("LINFUSION_CONFIG_DIR", str(config))
-    monkeypatch.chdir(tmp_path)
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(scripts_dir()), str(Path(sys.executable).parent),
-                                   env.get("PATH", "")])
-    env.pop("PYTHONWARNINGS", None)
-    return env
-
-
-@pytest.fixture
-def cli(cli_env, capsys, monkeypatch):
-    """Run `linfusion ARGS` in-process through `run(argv)`; returns a Result."""
-    from linfusion_cli.cli.app import run
-
-    def invoke(*args: str, stdin: str | None = None) -> Result:
-        capsys.readouterr()  # drop anything printed before
-        if stdin is not None:
-            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-        code = run([str(a) for a in args])
-        captured = capsys.readouterr()
-        return Result(code, captured.out, captured.err)
-
-    return invoke
 
 
 def run_subprocess(args: list[str], env: dict, *, input: bytes | str | None = None,

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+pytest.register_assert_rewrite("tests.cli_helpers", "tests.model_helpers")
+
+from .cli_helpers import Result, scripts_dir  # noqa: E402 (after the rewrite hook)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 
@@ -16,30 +23,6 @@ def _deterministic():
     yield
 
 
-def tiny_unet(family: str = "sd15", seed: int = 0):
-    """A tiny random UNet2DConditionModel of the family's shape."""
-    from diffusers import UNet2DConditionModel
-
-    from linfusion_cli.models.tiny import UNET_CONFIGS
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(**UNET_CONFIGS[family]).eval()
-
-
-def unet_inputs(unet, height: int = 16, width: int = 16, batch: int = 2, seed: int = 1):
-    """Random (sample, timestep, context, added_cond_kwargs) for a UNet forward."""
-    g = torch.Generator().manual_seed(seed)
-    cfg = unet.config
-    sample = torch.randn(batch, cfg.in_channels, height, width, generator=g)
-    context = torch.randn(batch, 7, cfg.cross_attention_dim, generator=g)
-    kwargs = {}
-    if cfg.addition_embed_type == "text_time":
-        text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, text_dim, generator=g),
-                                       "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch)}
-    return sample, torch.tensor(500), context, kwargs
-
-
 @pytest.fixture(scope="session")
 def tiny_pipeline_dirs(tmp_path_factory):
     """The three tiny families saved with save_pretrained, built once per test session."""
@@ -47,3 +30,48 @@ def tiny_pipeline_dirs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     return {family: save_tiny_pipeline(root / family, family) for family in FAMILIES}
+
+
+# ---------------------------------------------------------------- the CLI (in-process and subprocess)
+
+@pytest.fixture(scope="session")
+def cli_cache(tmp_path_factory) -> Path:
+    """One demo-model cache for the whole session (the same folder from every test module)."""
+    folder = tmp_path_factory.getbasetemp() / "linfusion-cache"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def cli_env(cli_cache, tmp_path, monkeypatch) -> dict:
+    """cwd = a fresh tmp dir, shared cache, offline hub, an empty user config dir.
+
+    Returns the environment for subprocesses (with the console script first on PATH).
+    """
+    config = tmp_path / "config"
+    (config / "presets").mkdir(parents=True)
+    monkeypatch.setenv("LINFUSION_CACHE", str(cli_cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LINFUSION_CONFIG_DIR", str(config))
+    monkeypatch.chdir(tmp_path)
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(scripts_dir()), str(Path(sys.executable).parent),
+                                   env.get("PATH", "")])
+    env.pop("PYTHONWARNINGS", None)
+    return env
+
+
+@pytest.fixture
+def cli(cli_env, capsys, monkeypatch):
+    """Run `linfusion ARGS` in-process through `run(argv)`; returns a Result."""
+    from linfusion_cli.cli.app import run
+
+    def invoke(*args: str, stdin: str | None = None) -> Result:
+        capsys.readouterr()  # drop anything printed before
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        code = run([str(a) for a in args])
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return invoke

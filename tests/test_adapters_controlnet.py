@@ -21,7 +21,6 @@ from linfusion_cli.runner import Request
 
 from .cli_helpers import Result, write_preset
 
-pytest_plugins = ("tests.cli_helpers",)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from linfusion_cli.runner import Request
 
 from .cli_helpers import Result
 
-pytest_plugins = ("tests.cli_helpers",)
 
 
 @pytest.fixture(scope="module")

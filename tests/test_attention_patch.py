@@ -13,7 +13,7 @@ from linfusion_cli.attention import (LinFusionAttention, apply_linfusion, linfus
 from linfusion_cli.attention.naive import layer_reference
 from linfusion_cli.errors import CheckpointMismatchError
 
-from .conftest import tiny_unet, unet_inputs
+from .model_helpers import tiny_unet, unet_inputs
 
 
 class ReferenceLayer(nn.Module):

@@ -25,7 +25,6 @@ from .cli_helpers import (
     write_preset,
 )
 
-pytest_plugins = ("tests.cli_helpers",)  # fixtures: cli, cli_env, cli_cache
 
 DEMO = ("--model", "demo", "--steps", "2")
 RESULT_KEYS = {"path", "seed", "width", "height", "model", "linfusion", "stages"}
@@ -143,7 +142,6 @@ def test_dry_run_text_and_json_load_nothing(cli, tmp_path, monkeypatch):
         raise AssertionError("--dry-run loaded a model")
 
     monkeypatch.setattr(loading, "load_model", refuse)
-    monkeypatch.setattr(loading, "load_pipeline", refuse, raising=False)
     model = "nobody-knows/this-model-does-not-exist"
     r = cli("generate", "a lighthouse", "--model", model, "--res", "4096", "--aspect", "2:1",
             "--max-vram", "80", "--seed", "11", "--dry-run")

@@ -15,7 +15,6 @@ from linfusion_cli.output import read_metadata
 
 from .cli_helpers import Result, files_under, run_subprocess, write_preset
 
-pytest_plugins = ("tests.cli_helpers",)  # fixtures: cli, cli_env, cli_cache
 
 DEMO = ("--model", "demo", "--steps", "2")
 

@@ -111,7 +111,7 @@ def test_dilated_convs_equal_the_conv_on_phase_subgrids_and_restore(scale):
 
 
 def test_dilated_unet_keeps_shapes_and_touches_every_conv():
-    from tests.conftest import tiny_unet, unet_inputs
+    from tests.model_helpers import tiny_unet, unet_inputs
 
     unet = tiny_unet("sdxl")
     convs = [m for m in unet.modules() if isinstance(m, nn.Conv2d)]

@@ -11,7 +11,6 @@ from linfusion_cli.output import read_metadata
 
 from .cli_helpers import write_preset
 
-pytest_plugins = ("tests.cli_helpers",)  # fixtures: cli, cli_env, cli_cache
 
 
 def test_dry_run_shows_the_method_and_its_memory(cli):

@@ -28,7 +28,6 @@ from linfusion_cli.manifest import MANIFEST_NAME
 
 from .cli_helpers import ROOT, files_under, pixels, run_subprocess
 
-pytest_plugins = ("tests.cli_helpers",)  # fixtures: cli_env, cli_cache
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
 README_MARKER = "<!-- the torchrun line below is run by tests/test_distributed.py -->"

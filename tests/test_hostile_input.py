@@ -18,7 +18,6 @@ from linfusion_cli.output import read_metadata
 
 from .cli_helpers import Result, files_under, run_subprocess, write_preset
 
-pytest_plugins = ("tests.cli_helpers",)  # fixtures: cli, cli_env, cli_cache
 
 DEMO = ("--model", "demo", "--steps", "2")
 LADDER = "description: two stages\nmodel: demo\nnative: 64\nsteps: 2\nstrengths: [0.5]\n"

@@ -10,7 +10,6 @@ from linfusion_cli.manifest import MANIFEST_NAME, Manifest
 
 from .cli_helpers import pixels
 
-pytest_plugins = ("tests.cli_helpers",)  # fixtures: cli, cli_env, cli_cache
 
 ARGS = ("batch", "-", "--model", "demo", "--steps", "2", "--res", "64", "--json", "-o", "out/", "-q")
 PROMPTS = "one\ntwo\nthree\n"

@@ -9,7 +9,7 @@ from torch import nn
 from linfusion_cli.memory.knobs import SpatialInplaceSiLU, apply_knobs
 from linfusion_cli.memory.planner import MemoryPlan
 
-from .conftest import tiny_unet, unet_inputs
+from .model_helpers import tiny_unet, unet_inputs
 
 KNOBS = {
     "ff_chunk": MemoryPlan(ff_chunk=7),  # uneven: 256 tokens in chunks of 7

@@ -63,120 +63,6 @@ def test_weight_bytes(configs):
 
 # ---------------------------------------------------------------- the estimate
 
-# LinFusion paper, efficiency figure: SD1.5 + LinFusion, one GPU, peak memory in GB.
-PAPER_GB = {(1024, 1024): 6.6, (2048, 2048): 7.2, (4096, 4096): 15.0, (8192, 8192): 51.0,
-            (16384, 8192): 78.0}
-
-
-@pytest.mark.parametrize("size", list(PAPER_GB))
-def test_estimate_matches_the_linfusion_paper_within_30_percent(configs, size):
-    """Assumptions that fit: fp16, CFG batch 2, no offload, VAE untiled at 1024^2 and in
-    1024-px tiles above (untiled decodes of 2K+ would not fit the paper's figures)."""
-    width, height = size
-    tile = 0 if max(size) <= 1024 else 1024
-    peak = est.estimate_peak_bytes(*configs["sd15"], width=width, height=height, dtype_bytes=2,
-                                   batch=2, knobs=est.Knobs(vae_tile_px=tile))
-    assert peak / 1e9 == pytest.approx(PAPER_GB[size], rel=0.30)
-
-
-def test_each_knob_never_raises_the_estimate(configs):
-    base = est.Knobs()
-    kw = {"width": 8192, "height": 8192, "dtype_bytes": 2}
-    for field, value in [("vae_tile_px", 1024), ("ff_chunk", 4096), ("cfg_split", True),
-                         ("attn_chunk", 4096), ("inplace", True), ("skips_on_cpu", True),
-                         ("offload", "model"), ("offload", "sequential")]:
-        for family in ("sd15", "sdxl"):
-            kw = {"width": 8192, "height": 8192, "dtype_bytes": 2}
-            before = est.estimate_peak_bytes(*configs[family], knobs=base, **kw)
-            after = est.estimate_peak_bytes(
-                *configs[family], knobs=est.Knobs(**{field: value}), **kw)
-            assert after <= before, (family, field)
-
-
-def test_big_knobs_matter_where_expected(configs):
-    kw = {"width": 8192, "height": 8192, "dtype_bytes": 2}
-
-    def peak(family, **k):
-        return est.estimate_peak_bytes(*configs[family], knobs=est.Knobs(vae_tile_px=1024, **k),
-                                       **kw)
-    assert peak("sd15", cfg_split=True) < 0.6 * peak("sd15")  # activations dominate at 8K
-    assert peak("sd15", ff_chunk=4096) < 0.8 * peak("sd15")  # GEGLU (B, N, 8C) at level 0
-    # the peak is the last up block, whose own three skips must be on the device: a small gain
-    assert peak("sdxl", skips_on_cpu=True) < peak("sdxl")
-    untiled = est.estimate_peak_bytes(*configs["sd15"], knobs=est.Knobs(), **kw)
-    assert untiled > 2 * peak("sd15")  # a whole 8K image through the VAE decoder
-
-
-def _profiled_peak(fn) -> int:
-    """Peak bytes the CPU allocator held during fn() above where it started (torch profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    now = peak = 0
-    for e in events:
-        now += e.nbytes()
-        peak = max(peak, now)
-    return peak
-
-
-# (knobs, family): the chunks are small against the 64 x 64 = 4096-token latent so they bite;
-# skips_on_cpu is left out (a no-op when the device is the CPU)
-MEASURED = {
-    "none": ({}, "sd15"),
-    "ff_chunk": ({"ff_chunk": 512}, "sd15"),
-    "ff+attn chunk": ({"ff_chunk": 512, "attn_chunk": 512}, "sd15"),
-    "tight": ({"ff_chunk": 512, "attn_chunk": 512, "inplace": True, "cfg_split": True}, "sd15"),
-    "sdxl tight": ({"ff_chunk": 256, "attn_chunk": 256, "inplace": True, "cfg_split": True},
-                   "sdxl"),
-}
-
-
-@pytest.fixture(scope="module")
-def linfusion_unets():
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    from linfusion_cli.attention import apply_linfusion
-    from linfusion_cli.models.tiny import UNET_CONFIGS
-
-    torch.manual_seed(0)
-    unets = {f: UNet2DConditionModel(**UNET_CONFIGS[f]).eval() for f in ("sd15", "sdxl")}
-    for unet in unets.values():
-        apply_linfusion(unet)
-    return unets
-
-
-@pytest.mark.parametrize("name", list(MEASURED))
-def test_unet_estimate_matches_measured_cpu_peak(linfusion_unets, name):
-    """The walk of diffusers' forward (estimate.unet_activation_bytes) against the allocator's
-    real peak for a tiny UNet + LinFusion, fp32, CFG batch 2, 64 x 64 latent, under the knobs.
-    Seen: est/measured 1.00, 1.13, 0.92, 0.91 (sd15) and 0.77 (sdxl, whose peak is a conv where
-    the CPU's oneDNN reorders its input into a blocked copy; cuDNN's workspace is the margin's)."""
-    import torch
-
-    from linfusion_cli.memory.knobs import apply_knobs
-    from linfusion_cli.models.tiny import UNET_CONFIGS
-
-    from .conftest import unet_inputs
-
-    knobs, family = MEASURED[name]
-    unet = linfusion_unets[family]
-    sample, t, context, kwargs = unet_inputs(unet, 64, 64, batch=2)
-    handle = apply_knobs(unet, None, MemoryPlan(**knobs))
-    try:
-        with torch.inference_mode():
-            measured = _profiled_peak(lambda: unet(sample, t, context, **kwargs))
-    finally:
-        handle()
-    config = UNET_CONFIGS[family]
-    estimate = est.unet_activation_bytes(config, latent_h=64, latent_w=64, batch=2,
-                                         dtype_bytes=4, knobs=est.Knobs(**knobs))
-    assert estimate == pytest.approx(measured, rel=0.35), (name, estimate, measured)
-
-
 def test_chunked_linfusion_holds_only_its_input_and_output(configs):
     """With attn_chunk, LinFusion's working set is its output plus O(chunk), not q/k/v/o (6C)."""
     unet = configs["sd15"][0]
@@ -193,8 +79,8 @@ def test_breakdown_adds_up_and_names_the_peak(configs):
     knobs = est.Knobs(vae_tile_px=1024, ff_chunk=4096, cfg_split=True, attn_chunk=4096,
                       inplace=True, skips_on_cpu=True)
     b = est.peak_breakdown(*configs["sd15"], width=16384, height=8192, knobs=knobs)
-    assert b["total"] == est.estimate_peak_bytes(*configs["sd15"], width=16384, height=8192,
-                                                 knobs=knobs)
+    phase = max(b["unet_weights"] + b["unet_activations"], b["vae_weights"] + b["vae_activations"])
+    assert b["total"] == phase + b["margin"] + b["context"]
     assert sum(b["unet_terms"].values()) == pytest.approx(b["unet_activations"], abs=64)
     assert b["phase"] == "unet" and b["unet_moment"].startswith("up3.attn")  # last up block
     unit = 1024 * 2048 * 2  # one channel of the level-0 latent, fp16, batch 1
@@ -256,7 +142,6 @@ def test_refusal_names_a_budget_that_works(configs, family):
         b = est.peak_breakdown(*configs[family], width=16384, height=16384, knobs=plan.knobs())
         assert b["phase"] == "unet" and plan.inplace and plan.skips_on_cpu
     assert plan.estimated_peak_gib <= needed + 0.1
-    assert issubclass(PlanError, InputError)
 
 
 def test_cpu_plans_never_offload(configs):

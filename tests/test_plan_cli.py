@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from .cli_helpers import cli, cli_cache, cli_env, write_preset  # noqa: F401 (fixtures)
+from .cli_helpers import write_preset
 
 GIB = 2 ** 30
 

@@ -8,7 +8,6 @@ import pytest
 
 from .cli_helpers import ROOT, run_subprocess
 
-pytest_plugins = ("tests.cli_helpers",)  # fixtures: cli_env, cli_cache
 
 MARKER = "<!-- the commands in this block are run by tests/test_readme.py -->"
 

@@ -10,7 +10,7 @@ from PIL import Image
 from linfusion_cli.vae import choose_tile_px, decode, encode, split_axis, tile_grid, to_uint8
 from linfusion_cli.vae import attention as attn_mod
 from linfusion_cli.vae.norm import channel_moments, group_norm, pool, torch_group_stats
-from linfusion_cli.vae.synthetic import structured_image, structured_latent
+from benchmarks.synthetic import structured_image, structured_latent
 from linfusion_cli.vae.tiles import downscaled_size, single_tile
 
 H, W = 73, 97  # odd latent size -> 584 x 776 image

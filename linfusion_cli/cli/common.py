@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import runner
 from ..errors import InputError
-from .console import ProgressView, info
+from .console import ProgressView, info, quiet_libraries
 
 
 def memory_line(stage) -> str:
@@ -61,9 +61,10 @@ def load(plan, *, verbose: bool, quiet: bool, allow_pickle: bool = False, config
     from ..models.loading import load_model
 
     info(f"loading {plan.model} ...", quiet=quiet)
+    quiet_libraries(verbose)
     return load_model(plan.model, dtype=plan.dtype, device=plan.device, linfusion=plan.linfusion,
                       scheduler=plan.stages[0].scheduler, allow_pickle=allow_pickle, config=config,
-                      verbose=verbose, family=plan.family, adapters=plan.adapters)
+                      family=plan.family, adapters=plan.adapters)
 
 
 def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_image=None) -> dict:

@@ -88,3 +88,23 @@ class ProgressView:
         self.progress.update(self.stage_task, description=text)
         self.progress.reset(self.step_task, total=event.steps, description="  denoise")
 
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """diffusers/transformers draw their own bars and warnings on stderr; only -v keeps them.
+
+    Process-wide (logging levels, warning filters): the CLI calls it, the library never does.
+    """
+    import diffusers
+    import transformers
+
+    import warnings
+
+    level = "warning" if verbose else "error"
+    if not verbose:
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*torchvision.*")
+    getattr(diffusers.utils.logging, f"set_verbosity_{level}")()
+    getattr(transformers.utils.logging, f"set_verbosity_{level}")()
+    if not verbose:
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()

@@ -32,8 +32,8 @@ the block input its caller keeps referenced, and the op's own temporaries. Count
   on GPUs without bf16, which the caller says with vae_bytes).
 * Weights stay resident per offload mode: "none" = UNet + VAE + text encoders, "model" = the
   model of the running phase, "sequential" = about two layers.
-* Margin: the CUDA context (0.75 GiB, outside the allocator) plus 20% for allocator
-  fragmentation and cuDNN conv workspaces (fits the LinFusion paper's SD1.5 figures best).
+* Margin: the CUDA context (0.75 GiB, outside the allocator) plus OVERHEAD (20%) for allocator
+  fragmentation and cuDNN conv workspaces, an allowance not yet calibrated on any GPU.
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ from .. import tuning
 
 GIB = 1 << 30
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)
-OVERHEAD = 0.20  # allocator fragmentation and cuDNN conv workspaces, as a share of the peak
+# Allocator fragmentation and cuDNN conv workspaces, as a share of the peak: a conventional
+# allowance, NOT calibrated (no GPU measurement exists yet; see benchmarks/gpu_16k.py).
+OVERHEAD = 0.20
 DECODE_PAD_PX = tuning.DECODER_CONTEXT * 8  # context around a decoder tile, image px a side
 ENCODE_PAD_PX = tuning.ENCODER_CONTEXT * 8  # context around an encoder tile
 STATS_PX = tuning.STATS_PX  # long side, latent px, of the "estimated" mode's stats pass
@@ -415,27 +417,10 @@ def dilated_pass_bytes(unet_config: dict, *, latent_h: int, latent_w: int) -> in
     return DILATED_PASS_LATENTS * unet_config.get("in_channels", 4) * latent_h * latent_w * 4
 
 
-def estimate_peak_bytes(unet_config: dict, vae_config: dict, *, width: int, height: int,
-                        dtype_bytes: int = 2, batch: int = 2, knobs: Knobs | None = None,
-                        text_encoders_bytes: int | None = None, linfusion: bool = True,
-                        device: str = "cuda", vae_bytes: int | None = None,
-                        dilated_pass: bool = False) -> int:
-    """Peak device bytes of one stage: max over its UNet and VAE phases of weights + activations.
-
-    batch is the UNet batch (2 with classifier-free guidance; cfg_split runs it as two of 1).
-    """
-    k = knobs or Knobs()
-    w = weight_bytes(unet_config, vae_config, dtype_bytes, text_encoders_bytes, vae_bytes)
-    vb = vae_dtype_bytes(dtype_bytes, vae_bytes)
-    unet_act = unet_activation_bytes(unet_config, latent_h=-(-height // 8),
-                                     latent_w=-(-width // 8), batch=batch,
-                                     dtype_bytes=dtype_bytes, knobs=k, linfusion=linfusion)
-    if dilated_pass:
-        unet_act += dilated_pass_bytes(unet_config, latent_h=-(-height // 8), latent_w=-(-width // 8))
-    vae_act = vae_activation_bytes(vae_config, height=height, width=width,
-                                   tile_px=k.vae_tile_px, dtype_bytes=vb)
-    return stage_peak(w, unet_act, vae_act, offload=k.offload, device=device,
-                      layer_bytes=layer_bytes(unet_config, dtype_bytes))
+def estimate_peak_bytes(unet_config: dict, vae_config: dict, **kwargs) -> int:
+    """Peak device bytes of one stage: max over its UNet and VAE phases of weights + activations
+    + margin; the `total` of peak_breakdown (same keyword arguments)."""
+    return peak_breakdown(unet_config, vae_config, **kwargs)["total"]
 
 
 def _resident(weights: dict[str, int], offload: str, device: str,
@@ -445,7 +430,9 @@ def _resident(weights: dict[str, int], offload: str, device: str,
         return sum(weights.values()), sum(weights.values())
     if offload == "model":  # accelerate keeps only the running model on the device
         return weights["unet"], weights["vae"]
-    return layer_bytes, layer_bytes  # sequential: each layer's weights arrive just before it runs
+    # sequential: each UNet layer's weights arrive just before it runs; the VAE moves whole
+    # (memory.knobs._offload: the tiled VAE reads its GroupNorm weights directly)
+    return layer_bytes, weights["vae"]
 
 
 def stage_peak(weights: dict[str, int], unet_act: int, vae_act: int, *, offload: str,
@@ -454,7 +441,7 @@ def stage_peak(weights: dict[str, int], unet_act: int, vae_act: int, *, offload:
     unet_w, vae_w = _resident(weights, offload, device, layer_bytes)
     peak = max(unet_w + unet_act, vae_w + vae_act)
     context = CUDA_CONTEXT_BYTES if device == "cuda" else 0
-    return int(peak * (1 + OVERHEAD)) + context
+    return peak + int(peak * OVERHEAD) + context
 
 
 def peak_breakdown(unet_config: dict, vae_config: dict, *, width: int, height: int,
@@ -462,8 +449,11 @@ def peak_breakdown(unet_config: dict, vae_config: dict, *, width: int, height: i
                    linfusion: bool = True, device: str = "cuda",
                    text_encoders_bytes: int | None = None, vae_bytes: int | None = None,
                    dilated_pass: bool = False) -> dict:
-    """estimate_peak_bytes, itemised: the UNet's peak moment and every tensor alive there, the
-    VAE phase, resident weights, the margin. Bytes; `total` equals estimate_peak_bytes."""
+    """One stage's peak, itemised: the UNet's peak moment and every tensor alive there, the VAE
+    phase, resident weights, the margin, and their `total` (bytes).
+
+    batch is the UNet batch (2 with classifier-free guidance; cfg_split runs it as two of 1).
+    """
     k = knobs or Knobs()
     w = weight_bytes(unet_config, vae_config, dtype_bytes, text_encoders_bytes, vae_bytes)
     lb = layer_bytes(unet_config, dtype_bytes)

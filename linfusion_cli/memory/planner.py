@@ -8,9 +8,7 @@ cost model and picks one, or refuses with the smallest budget that would have wo
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import asdict, dataclass, replace
-from importlib import resources
 
 from .. import tuning
 from ..errors import PlanError

@@ -181,24 +181,6 @@ def _from_single_file(path: Path, dtype: torch.dtype, config: str | None, allow_
         raise
 
 
-def quiet_libraries(verbose: bool = False) -> None:
-    """diffusers/transformers draw their own bars and warnings on stderr; only -v keeps them."""
-    import diffusers
-    import transformers
-
-    import warnings
-
-    level = "warning" if verbose else "error"
-    if not verbose:
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=".*torchvision.*")
-    getattr(diffusers.utils.logging, f"set_verbosity_{level}")()
-    getattr(transformers.utils.logging, f"set_verbosity_{level}")()
-    if not verbose:
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
-
-
 def open_pipeline(model: str, dtype: torch.dtype, *, allow_pickle: bool = False,
                   config: str | None = None):
     """The diffusers pipeline for a demo name, local folder, single file or hub id."""
@@ -260,8 +242,7 @@ def set_scheduler(pipe, name: str) -> None:
 
 def load_model(model: str, *, dtype: str = "auto", device: str = "auto", linfusion: str | None = "auto",
                scheduler: str = "default", allow_pickle: bool = False, config: str | None = None,
-               verbose: bool = False, channels_last: bool | None = None,
-               family: str | None = None, adapters: dict | None = None) -> LoadedModel:
+               channels_last: bool | None = None, family: str | None = None, adapters: dict | None = None) -> LoadedModel:
     """Open the pipeline, pick dtypes and device, mount LinFusion and adapters; one object for
     all stages.
 
@@ -270,7 +251,6 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", linfusi
     """
     from ..attention import apply_linfusion, require_linfusion_repo
 
-    quiet_libraries(verbose)
     torch_device = resolve_device(device)
     unet_dtype, vae_dtype = resolve_dtypes(dtype, torch_device)
     pipe = open_pipeline(model, unet_dtype, allow_pickle=allow_pickle, config=config)

@@ -82,11 +82,6 @@ def single_tile(height: int, width: int) -> Tile:
     return Tile(Span(0, height, 0, height), Span(0, width, 0, width))
 
 
-def border_positions(spans: list[Span], scale: int = 1) -> list[int]:
-    """Where one core ends and the next begins, at `scale` (for seam measurements)."""
-    return [s.core0 * scale for s in spans[1:]]
-
-
 def window_area_sum(tiles: list[Tile]) -> int:
     """Total window area in latent px^2 (what tiling costs, padding included)."""
     return sum(t.window_area for t in tiles)

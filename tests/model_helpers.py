@@ -1,0 +1,29 @@
+"""Tiny random UNets and their inputs, built from config dicts (imported by tests)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_unet(family: str = "sd15", seed: int = 0):
+    """A tiny random UNet2DConditionModel of the family's shape."""
+    from diffusers import UNet2DConditionModel
+
+    from linfusion_cli.models.tiny import UNET_CONFIGS
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**UNET_CONFIGS[family]).eval()
+
+
+def unet_inputs(unet, height: int = 16, width: int = 16, batch: int = 2, seed: int = 1):
+    """Random (sample, timestep, context, added_cond_kwargs) for a UNet forward."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = unet.config
+    sample = torch.randn(batch, cfg.in_channels, height, width, generator=g)
+    context = torch.randn(batch, 7, cfg.cross_attention_dim, generator=g)
+    kwargs = {}
+    if cfg.addition_embed_type == "text_time":
+        text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, text_dim, generator=g),
+                                       "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch)}
+    return sample, torch.tensor(500), context, kwargs
