@@ -298,6 +298,7 @@ def test_typer_cli_runner_help_and_presets():
 # ---------------------------------------------------------------- subprocesses
 
 
+@pytest.mark.slow
 def test_python_m_stdin_prompt_to_stdout_png_quiet(cli_env, tmp_path):
     proc = run_subprocess([sys.executable, "-m", "linfusion_cli", "generate", "-", *DEMO, "--res", "64",
                            "--seed", "1", "-o", "-", "-q"], cli_env, input="a lighthouse\n")
@@ -324,6 +325,7 @@ def test_console_script_presets_and_usage_error(cli_env, tmp_path):
     assert len(lines) == 1 and "--no-such-option" in lines[0]
 
 
+@pytest.mark.slow
 def test_shell_pipeline_batch_json(cli_env, tmp_path):
     out = tmp_path / "batch dir"
     pipeline = f"printf 'a\\nb\\n' | linfusion batch - --model demo --res 256 --steps 2 --seed 40 --json -o '{out}'"

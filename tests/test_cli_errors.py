@@ -206,6 +206,7 @@ def signal_child(env, marker: Path, mode: str, args: list[str], signum: int):
     return proc.returncode, stdout, [line for line in stderr.decode().splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum,code,line", SIGNALS, ids=[s.name for s, _, _ in SIGNALS])
 def test_ctrl_c_keeps_finished_stages_and_no_partial_file(cli_env, tmp_path, signum, code, line):
     """A signal after stage 1 is saved: exit 128+N, one line, no final or .part file, stage 1 intact."""

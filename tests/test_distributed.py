@@ -28,6 +28,8 @@ from linfusion_cli.manifest import MANIFEST_NAME
 
 from .cli_helpers import ROOT, files_under, pixels, run_subprocess
 
+pytestmark = pytest.mark.slow  # several processes each: minutes, not seconds
+
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
 README_MARKER = "<!-- the torchrun line below is run by tests/test_distributed.py -->"

@@ -367,6 +367,7 @@ def test_tiff_encoder_failure_is_one_line(cli, tmp_path, monkeypatch):
     assert files_under(tmp_path / "out") == []
 
 
+@pytest.mark.slow
 def test_full_stdout_is_one_line_exit_1(cli_env, tmp_path):
     with open("/dev/full", "wb") as full:
         proc = __import__("subprocess").run(
@@ -447,6 +448,7 @@ def test_corrupt_local_model_folder_is_diagnosed_as_local(cli, tmp_path, cli_cac
     assert "huggingface-cli" not in line and "download" not in line
 
 
+@pytest.mark.slow
 def test_closed_stdin_and_stdout_are_one_line(cli_env, tmp_path):
     import subprocess
     import sys

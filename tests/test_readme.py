@@ -32,6 +32,7 @@ def test_readme_block_covers_every_command():
     assert {"generate", "upscale", "batch", "presets", "info"} <= words
 
 
+@pytest.mark.slow
 def test_readme_commands_run(cli_env, tmp_path):
     """In order (later lines read earlier outputs), from a fresh cwd, each exits 0."""
     cwd = tmp_path / "work"

@@ -21,12 +21,7 @@ from ..targets import inside
 from ..validate import SEED_MAX
 from . import common
 from .console import ProgressView, error, info, one_line_of
-from .generate import request_from_options
-from .options import (AllowPickle, Aspect, ModelConfig, Device, DryRun, Dtype, Format, Guidance, Height, Json,
-                      Linfusion, MaxVram, Method, Model, Negative, NoLinfusion, Overwrite, PresetOpt, Quiet,
-                      Res, SaveStages, Scheduler, Seed, Steps, Strengths, Template, VaeTile, Verbose,
-                      Width, LoraOpt, ControlNetOpt, ControlImage, ControlScale, TileControlNet,
-                      TileScale, IpAdapter, IpImage, IpScale, IpEncoder)
+from .options import GenerationOptions, Template, shared_options
 
 BATCH_TEMPLATE = "{index:04d}-{slug}.{ext}"  # no seed: --resume finds the same names again
 
@@ -59,36 +54,22 @@ def _matches(path: Path, plan) -> bool:
 
 
 @distributed.launched  # under torchrun / accelerate launch: this rank's share of the file
+@shared_options
 def batch(
     file: Annotated[str, typer.Argument(help="Prompt file (text, JSON Lines or A1111 lines), or - for stdin.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Output directory.")] = ".",
-    name: Template = None, resume: Annotated[bool, typer.Option("--resume", help="Skip entries already made with the same parameters.")] = False,
-    res: Res = None, aspect: Aspect = None, width: Width = None, height: Height = None,
-    model: Model = None, linfusion: Linfusion = None, no_linfusion: NoLinfusion = False,
-    preset: PresetOpt = None, seed: Seed = None, steps: Steps = None, guidance: Guidance = None,
-    negative: Negative = None, strengths: Strengths = None, scheduler: Scheduler = None,
-    method: Method = None, max_vram: MaxVram = None, vae_tile: VaeTile = None, save_stages: SaveStages = False,
-    format: Format = None, overwrite: Overwrite = False, json: Json = False, dry_run: DryRun = False,
-    device: Device = None, dtype: Dtype = None, allow_pickle: AllowPickle = False, config: ModelConfig = None,
-    quiet: Quiet = False, verbose: Verbose = False, lora: LoraOpt = None,
-    controlnet: ControlNetOpt = None, control_image: ControlImage = None,
-    control_scale: ControlScale = None, tile_controlnet: TileControlNet = None, tile_scale: TileScale = None,
-    ip_adapter: IpAdapter = None, ip_image: IpImage = None, ip_scale: IpScale = None, ip_encoder: IpEncoder = None,
+    name: Template = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip entries already made with the same parameters.")] = False,
+    *, opts: GenerationOptions,
 ) -> None:
     """Generate every prompt of a file; the whole file is checked before anything runs."""
     world = distributed.current()
     entries = read_prompt_file(file, stdin=world.stdin() if file == "-" else sys.stdin)
     if output == "-":
         raise InputError("batch writes files: -o must be a directory")
-    base = request_from_options(
-        "", preset=preset, res=res, aspect=aspect, width=width, height=height, model=model,
-        linfusion=linfusion, no_linfusion=no_linfusion, seed=seed, steps=steps, guidance=guidance,
-        negative=negative, strengths=strengths, scheduler=scheduler, max_vram=max_vram,
-        vae_tile=vae_tile, save_stages=save_stages, device=world.device(device), dtype=dtype, loras=lora,
-        controlnet=controlnet, control_image=control_image, control_scale=control_scale,
-        tile_controlnet=tile_controlnet, tile_scale=tile_scale, ip_adapter=ip_adapter, ip_image=ip_image,
-        ip_scale=ip_scale, ip_encoder=ip_encoder, method=method)
-    base = replace(base, config=config, allow_pickle=allow_pickle, dry_run=dry_run)
+    base = opts.request("", device=world.device(opts.device))
+    format, overwrite, json, dry_run = opts.format, opts.overwrite, opts.json, opts.dry_run
+    quiet, verbose, allow_pickle, config = opts.quiet, opts.verbose, opts.allow_pickle, opts.config
     folder = output if output.endswith("/") else output + "/"
     manifest = Manifest(folder).load() if resume else Manifest(folder)
     # --resume without --seed reuses the batch seed the earlier run drew (every rank draws the same)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from .. import runner
@@ -79,22 +78,21 @@ def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_
     return result
 
 
-def plan_and_run(req, *, dry_run: bool, as_json: bool, output, fmt, overwrite: bool, quiet: bool,
-                 verbose: bool, allow_pickle: bool, config, init_image=None) -> None:
+def plan_and_run(req, opts, *, output, init_image=None) -> None:
     """generate/upscale after parsing: plan, then print it (--dry-run) or run it to a file."""
     if output == "-" and req.save_stages:
         raise InputError("--save-stages writes files beside the image; it cannot be used with -o -")
-    req = replace(req, config=config, allow_pickle=allow_pickle, dry_run=dry_run)
     plan = runner.plan_memory(runner.make_plan(req))
-    if dry_run:  # the output is checked as for a run, but nothing is created
-        resolve_target(output, plan=plan, fmt=fmt, overwrite=overwrite, create=False)
-        print_dry_run(plan, as_json=as_json)
+    if opts.dry_run:  # the output is checked as for a run, but nothing is created
+        resolve_target(output, plan=plan, fmt=opts.format, overwrite=opts.overwrite, create=False)
+        print_dry_run(plan, as_json=opts.json)
         return
-    not_both_json_and_stdout(output, as_json)
-    path, fmt = resolve_target(output, plan=plan, fmt=fmt, overwrite=overwrite)
-    loaded = load(plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle, config=config)
-    run_one(plan, loaded, path=path, fmt=fmt, overwrite=overwrite, as_json=as_json, quiet=quiet,
-            verbose=verbose, init_image=init_image)
+    not_both_json_and_stdout(output, opts.json)
+    path, fmt = resolve_target(output, plan=plan, fmt=opts.format, overwrite=opts.overwrite)
+    loaded = load(plan, verbose=opts.verbose, quiet=opts.quiet, allow_pickle=opts.allow_pickle,
+                  config=opts.config)
+    run_one(plan, loaded, path=path, fmt=fmt, overwrite=opts.overwrite, as_json=opts.json,
+            quiet=opts.quiet, verbose=opts.verbose, init_image=init_image)
 
 
 def read_prompt_argument(prompt: str | None) -> str:

@@ -1,7 +1,12 @@
-"""Option declarations shared by generate, upscale and batch (declared once, reused)."""
+"""The options generate, upscale and batch share: declared once, as one dataclass.
 
-from __future__ import annotations
+No `from __future__ import annotations` here: Typer reads these annotations as objects when
+`shared_options` splices the dataclass's fields into a command's signature.
+"""
 
+import functools
+import inspect
+from dataclasses import dataclass, fields
 from typing import Annotated, Optional
 
 import typer
@@ -46,6 +51,93 @@ IpImage = Annotated[Optional[str], typer.Option("--ip-image", help="The IP-Adapt
 IpScale = Annotated[Optional[float], typer.Option("--ip-scale", help="IP-Adapter scale (default 1).")]
 IpEncoder = Annotated[Optional[str], typer.Option("--ip-encoder", help="CLIP image encoder folder (default: image_encoder/ beside the adapter).")]
 Template = Annotated[Optional[str], typer.Option("--name", help="File name template: {index} {seed} {slug} {width} {height} {ext}.")]
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Every flag the generating commands share; a new flag is one field here (and one in
+    runner.Request when the plan needs it)."""
+
+    res: Res = None
+    aspect: Aspect = None
+    width: Width = None
+    height: Height = None
+    model: Model = None
+    linfusion: Linfusion = None
+    no_linfusion: NoLinfusion = False
+    preset: PresetOpt = None
+    seed: Seed = None
+    steps: Steps = None
+    guidance: Guidance = None
+    negative: Negative = None
+    strengths: Strengths = None
+    scheduler: Scheduler = None
+    method: Method = None
+    max_vram: MaxVram = None
+    vae_tile: VaeTile = None
+    save_stages: SaveStages = False
+    format: Format = None
+    overwrite: Overwrite = False
+    json: Json = False
+    dry_run: DryRun = False
+    device: Device = None
+    dtype: Dtype = None
+    allow_pickle: AllowPickle = False
+    config: ModelConfig = None
+    quiet: Quiet = False
+    verbose: Verbose = False
+    lora: LoraOpt = None
+    controlnet: ControlNetOpt = None
+    control_image: ControlImage = None
+    control_scale: ControlScale = None
+    tile_controlnet: TileControlNet = None
+    tile_scale: TileScale = None
+    ip_adapter: IpAdapter = None
+    ip_image: IpImage = None
+    ip_scale: IpScale = None
+    ip_encoder: IpEncoder = None
+
+    def request(self, prompt: str, **extra):
+        """The runner.Request these flags ask for, checked before any batch line or model."""
+        from .. import runner, validate
+        from ..errors import InputError
+        from ..method import METHODS
+        from ..presets import SCHEDULERS
+
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise InputError(f"unknown scheduler {self.scheduler!r}; use {', '.join(SCHEDULERS)}")
+        if self.method is not None and self.method not in METHODS:
+            raise InputError(f"unknown method {self.method!r}; use {' or '.join(METHODS)}")
+        same = {f.name for f in fields(runner.Request)} & {f.name for f in fields(self)}
+        values = {name: getattr(self, name) for name in same}
+        values.update(seed=None if self.seed == -1 else self.seed,
+                      strengths=parse_strengths(self.strengths), loras=tuple(self.lora or ()))
+        req = runner.Request(prompt=prompt, **{**values, **extra})
+        validate.request(req)
+        return req
+
+
+def shared_options(command):
+    """Give a command every GenerationOptions field as its own option; it receives `opts`.
+
+    Typer builds options from `inspect.signature`, so the dataclass's fields are spliced into
+    the signature in place of the `opts` parameter, and gathered back on the way in.
+    """
+    names = [f.name for f in fields(GenerationOptions)]
+    signature = inspect.signature(command, eval_str=True)  # the command's own annotations as objects
+    own = [p for p in signature.parameters.values() if p.name != "opts"]
+    spliced = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                 annotation=f.type) for f in fields(GenerationOptions)]
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        opts = GenerationOptions(**{name: kwargs.pop(name) for name in names if name in kwargs})
+        return command(*args, opts=opts, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=own + spliced)
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + spliced}
+    del wrapper.__wrapped__  # Typer must read the spliced signature, not the original
+    return wrapper
 
 
 def parse_strengths(text: str | None) -> tuple[float, ...] | None:
