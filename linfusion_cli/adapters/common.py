@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from functools import lru_cache
 from pathlib import Path
 
-from ..errors import InputError, ModelNotFoundError
+from ..errors import CheckpointMismatchError, InputError, ModelNotFoundError
 
 # cross-attention width (text embedding dim) per family: what an adapter's shapes must match
 CROSS_DIM = {"sd15": 768, "sd21": 1024, "sdxl": 2048}
@@ -59,3 +60,29 @@ def family_of_cross_dim(dim: int, cross_dim: int) -> str:
     """A readable name for the family an adapter's cross-attention width belongs to."""
     names = {v: k for k, v in CROSS_DIM.items()}
     return names.get(dim, f"a model with {dim}-dim text embeddings")
+
+
+def check_image(path: str, flag: str) -> dict:
+    """An adapter's reference or control image must open and decode (read again per stage)."""
+    from ..output import open_image
+
+    try:
+        image = open_image(path)
+    except ModelNotFoundError:
+        raise ModelNotFoundError(f"{flag}: {path} not found") from None
+    except InputError as exc:
+        raise InputError(f"{flag}: {exc}") from None
+    return {"image": str(Path(path).expanduser()), "image_size": list(image.size)}
+
+
+@contextlib.contextmanager
+def loading_errors(flag: str, source: str):
+    """diffusers' loader errors as one line: not found/offline (exit 2) or does not fit the model."""
+    try:
+        yield
+    except OSError as exc:  # EnvironmentError is OSError
+        raise ModelNotFoundError(f"{flag} {source}: could not be loaded (not in the local cache, "
+                                 f"or offline): {str(exc).strip().splitlines()[0]}") from None
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointMismatchError(f"{flag} {source} does not fit this model: "
+                                      f"{str(exc).strip().splitlines()[0]}") from None

@@ -17,7 +17,6 @@ field (exactly the untiled result), on one copy when classifier-free guidance re
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -54,19 +53,6 @@ def check_controlnet(source: str, what: str, unet_config: dict) -> dict:
                                       f"{config.get('block_out_channels')}, the UNet "
                                       f"{unet_config.get('block_out_channels')}")
     return {"source": str(path)}
-
-
-def check_control_image(path: str) -> dict:
-    """The control image must open and decode (read once here, again per stage at run time)."""
-    from ..output import open_image
-
-    try:
-        image = open_image(path)
-    except ModelNotFoundError:
-        raise ModelNotFoundError(f"--control-image: {path} not found") from None
-    except InputError as exc:
-        raise InputError(f"--control-image: {exc}") from None
-    return {"image": str(Path(path).expanduser()), "image_size": list(image.size)}
 
 
 def check_scale(value: float | None, what: str, default: float = 1.0) -> float:

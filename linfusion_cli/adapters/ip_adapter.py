@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ..errors import CheckpointMismatchError, InputError, ModelNotFoundError
-from .common import family_of_cross_dim, is_local, require_file, safetensors_shapes
+from .common import family_of_cross_dim, is_local, loading_errors, require_file, safetensors_shapes
 
 # h94/IP-Adapter: the file per family, and its folder in the repo (image encoder beside it)
 HUB_FILES = {"sd15": ("models", "ip-adapter_sd15.safetensors"),
@@ -59,23 +59,11 @@ def check_ip_adapter(source: str, encoder: str | None, family: str, unet_config:
     return {"source": str(path), "encoder": str(encoder_dir)}
 
 
-def check_ip_image(path: str) -> dict:
-    from ..output import open_image
-
-    try:
-        image = open_image(path)
-    except ModelNotFoundError:
-        raise ModelNotFoundError(f"--ip-image: {path} not found") from None
-    except InputError as exc:
-        raise InputError(f"--ip-image: {exc}") from None
-    return {"image": str(Path(path).expanduser()), "image_size": list(image.size)}
-
-
 def load_ip_adapter(pipe, spec: dict) -> None:
     """Image encoder (if given locally) then the adapter; scale set on every attn2."""
     from transformers import CLIPVisionModelWithProjection
 
-    try:
+    with loading_errors("--ip-adapter", spec["source"]):
         encoder_folder = "image_encoder"
         if spec.get("encoder"):
             encoder = CLIPVisionModelWithProjection.from_pretrained(spec["encoder"], dtype=pipe.unet.dtype)
@@ -88,12 +76,6 @@ def load_ip_adapter(pipe, spec: dict) -> None:
         else:
             pipe.load_ip_adapter(spec["source"], subfolder=spec.get("subfolder") or "",
                                  weight_name=spec.get("weight_name"), image_encoder_folder=encoder_folder)
-    except (OSError, EnvironmentError) as exc:
-        raise ModelNotFoundError(f"--ip-adapter {spec['source']}: could not be loaded (not in the "
-                                 f"local cache, or offline): {str(exc).strip().splitlines()[0]}") from None
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise CheckpointMismatchError(f"--ip-adapter {spec['source']} does not fit this model: "
-                                      f"{str(exc).strip().splitlines()[0]}") from None
     pipe.set_ip_adapter_scale(spec["scale"])
 
 

@@ -11,8 +11,9 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import CheckpointMismatchError, InputError, ModelNotFoundError
-from .common import family_of_cross_dim, is_local, require_file, safetensors_shapes, short_hash
+from ..errors import CheckpointMismatchError, InputError
+from .common import (family_of_cross_dim, is_local, loading_errors, require_file, safetensors_shapes,
+                     short_hash)
 
 _DOWN = re.compile(r"attn2[._]to_k.*(lora_down|lora_A|lora\.down|to_k_lora\.down)\.weight$")
 
@@ -101,15 +102,9 @@ def load_loras(pipe, specs: list[LoraSpec]) -> None:
         return
     for spec in specs:
         path = Path(spec.source).expanduser()
-        try:
+        with loading_errors("--lora", spec.source):
             if path.is_file():
                 pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=spec.name)
             else:
                 pipe.load_lora_weights(spec.source, adapter_name=spec.name)
-        except (OSError, EnvironmentError) as exc:
-            raise ModelNotFoundError(f"--lora {spec.source}: could not be loaded "
-                                     f"(not in the local cache, or offline): {str(exc).splitlines()[0]}") from None
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise CheckpointMismatchError(f"--lora {spec.source} does not fit this model: "
-                                          f"{str(exc).strip().splitlines()[0]}") from None
     pipe.set_adapters([s.name for s in specs], adapter_weights=[s.weight for s in specs])

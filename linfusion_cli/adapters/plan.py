@@ -8,7 +8,8 @@ from .lora import LoraSpec, check_lora, parse_lora, unique_names
 
 def check_adapters(req, unet_config: dict, plan=None) -> dict:
     """{'loras': [...], 'controlnet': {...}, ...} (only the kinds asked for): JSON-safe."""
-    from .controlnet import check_control_image, check_controlnet, check_scale
+    from .common import check_image
+    from .controlnet import check_controlnet, check_scale
 
     out: dict = {}
     cross = unet_config.get("cross_attention_dim")
@@ -22,7 +23,7 @@ def check_adapters(req, unet_config: dict, plan=None) -> dict:
         raise PlanError("--control-scale needs --controlnet")
     if controlnet is not None:
         out["controlnet"] = (check_controlnet(controlnet, "--controlnet", unet_config)
-                             | check_control_image(image)
+                             | check_image(image, "--control-image")
                              | {"scale": check_scale(req.control_scale, "--control-scale")})
     tile = getattr(req, "tile_controlnet", None)
     if tile is None and getattr(req, "tile_scale", None) is not None:
@@ -38,11 +39,12 @@ def check_adapters(req, unet_config: dict, plan=None) -> dict:
     if ip is None and (getattr(req, "ip_scale", None) is not None or getattr(req, "ip_encoder", None)):
         raise PlanError("--ip-scale and --ip-encoder need --ip-adapter")
     if ip is not None:
-        from .ip_adapter import check_ip_adapter, check_ip_image
+        from .common import check_image
+        from .ip_adapter import check_ip_adapter
 
         family = plan.family if plan is not None else None
         out["ip_adapter"] = (check_ip_adapter(ip, req.ip_encoder, family, unet_config)
-                             | check_ip_image(ip_image)
+                             | check_image(ip_image, "--ip-image")
                              | {"scale": check_scale(req.ip_scale, "--ip-scale")})
     return out
 
