@@ -21,12 +21,24 @@ from typing import Any
 MANIFEST_NAME = "linfusion-manifest.jsonl"
 
 
+def _stage_key(width, height, strength, steps, guidance, scheduler, seed_offset, method,
+               demofusion) -> list:
+    """One stage's defining settings, the same from a plan and from an image's record."""
+    return [width, height, strength, steps, guidance, scheduler, seed_offset, method or "sdedit",
+            demofusion or None]
+
+
 def fingerprint(plan) -> dict[str, Any]:
     """What defines an image besides its seed: memory knobs, device and budget are left out."""
+    from dataclasses import asdict
+
     return {
         "prompt": plan.prompt, "negative": plan.negative, "model": plan.model, "family": plan.family,
         "linfusion": plan.linfusion, "dtype": plan.dtype, "init_image": plan.init_image,
-        "stages": [[s.width, s.height, s.strength, s.steps, s.guidance, s.scheduler, s.seed - plan.seed]
+        "adapters": plan.adapters or {},
+        "stages": [_stage_key(s.width, s.height, s.strength, s.steps, s.guidance, s.scheduler,
+                              s.seed - plan.seed, s.method,
+                              asdict(s.demofusion) if s.demofusion is not None else None)
                    for s in plan.stages],
     }
 
@@ -36,9 +48,11 @@ def same_settings(record: dict, plan) -> bool:
     want = fingerprint(plan)
     del want["dtype"]  # the record holds the resolved dtype, the plan may say "auto"
     try:
-        got = {key: record[key] for key in want if key != "stages"}
-        got["stages"] = [[s["width"], s["height"], s["strength"], s["steps"], s["guidance"], s["scheduler"],
-                          s["seed"] - record["seed"]] for s in record["stages"]]
+        got = {key: record[key] for key in want if key not in ("stages", "adapters")}
+        got["adapters"] = record.get("adapters") or {}
+        got["stages"] = [_stage_key(s["width"], s["height"], s["strength"], s["steps"], s["guidance"],
+                                    s["scheduler"], s["seed"] - record["seed"], s.get("method"),
+                                    s.get("demofusion")) for s in record["stages"]]
     except (KeyError, TypeError):
         return False
     return got == want and record.get("seed") == plan.seed

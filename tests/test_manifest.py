@@ -61,3 +61,14 @@ def test_manifest_ignores_a_torn_line_and_appends_after_it(cli, tmp_path):
     lines = path.read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[2])["index"] == 1
     assert sorted(Manifest(tmp_path / "out").load().records) == [0, 1]
+
+
+def test_resume_does_not_skip_another_upscale_method(cli, tmp_path):
+    from .cli_helpers import write_preset
+
+    preset = write_preset(tmp_path / "ladder.yaml")  # 64 px base, then a x2 img2img stage
+    args = ("batch", "-", "--preset", str(preset), "--res", "128", "--seed", "3", "--json", "-o", "out/", "-q")
+    rows(cli(*args, "--method", "sdedit", stdin="one\n"))
+    assert rows(cli(*args, "--method", "sdedit", "--resume", stdin="one\n"))[0]["skipped"]
+    other = cli(*args, "--method", "demofusion", "--resume", stdin="one\n")
+    assert other.code == 2 and "other parameters" in other.err and len(other.err_lines) == 1
