@@ -175,33 +175,19 @@ def request(req) -> None:
         scheduler_needs(req.scheduler)
     if req.device is not None:
         device(req.device)
-    if req.model is not None:
-        model_folder(req.model)
 
 
-def model_folder(model: str) -> None:
-    """A local diffusers folder's UNet/VAE configs are JSON objects whose family can be told."""
+def json_object(path, what: str, error=InputError) -> dict:
+    """A JSON file that must hold an object (configs): anything else is one `error` line."""
     import json
-    from pathlib import Path
 
-    folder = Path(model).expanduser()
-    for part in ("unet", "vae"):
-        config = folder / part / "config.json"
-        if not config.is_file():
-            continue
-        try:
-            data = json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise InputError(f"{config} is not readable JSON: {str(exc).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise InputError(f"{config} must be a JSON object")
-        if part == "unet":
-            from .models.loading import detect_family
-
-            try:
-                detect_family(data)
-            except Exception as exc:  # noqa: BLE001 - any malformed field
-                raise InputError(f"{config}: malformed field ({type(exc).__name__}: {exc})") from None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise error(f"{what} {path} is not readable JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise error(f"{what} {path} must be a JSON object")
+    return data
 
 
 def device(value: str) -> str:

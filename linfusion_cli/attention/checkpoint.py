@@ -63,13 +63,9 @@ def parse_modules_list(config: dict) -> list[ModuleSpec]:
 
 def _read_config(config: Path) -> dict:
     """A LinFusion config.json as a dict; unreadable or non-object files are one-line errors."""
-    try:
-        data = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointMismatchError(f"LinFusion config {config} is not readable JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise CheckpointMismatchError(f"LinFusion config {config} must be a JSON object")
-    return data
+    from ..validate import json_object
+
+    return json_object(config, "LinFusion config", CheckpointMismatchError)
 
 
 def _resolve_folder(source: str | os.PathLike) -> tuple[Path, Path | None]:

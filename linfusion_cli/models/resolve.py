@@ -68,26 +68,29 @@ def bundled_config(family: str, part: str) -> dict:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelNotFoundError(f"{path} ({what}) is not readable JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ModelNotFoundError(f"{path} ({what}) is not a JSON object")
-    return data
+    from ..validate import json_object
+
+    return json_object(path, what, ModelNotFoundError)
 
 
 def _folder_configs(folder: Path) -> tuple[dict, dict]:
-    """unet/config.json and vae/config.json of a local diffusers folder."""
-    if not (folder / "model_index.json").is_file():
-        raise ModelNotFoundError(f"{folder} is not a diffusers model folder (no model_index.json)")
-    configs = []
+    """unet/config.json and vae/config.json of a local diffusers folder (malformed ones named)."""
+    configs = {}
     for part in ("unet", "vae"):
         path = folder / part / "config.json"
-        if not path.is_file():
+        if path.is_file():
+            configs[part] = _read_json(path, f"the {part} config")
+    if not (folder / "model_index.json").is_file():
+        raise ModelNotFoundError(f"{folder} is not a diffusers model folder (no model_index.json)")
+    for part in ("unet", "vae"):
+        if part not in configs:
             raise ModelNotFoundError(f"{folder} is a diffusers folder without {part}/config.json")
-        configs.append(_read_json(path, f"the {part} config"))
-    return configs[0], configs[1]
+    try:
+        detect_family(configs["unet"])
+    except Exception as exc:  # noqa: BLE001 -- a malformed field of any kind
+        raise ModelNotFoundError(f"{folder / 'unet' / 'config.json'}: malformed field "
+                                 f"({type(exc).__name__}: {exc})") from None
+    return configs["unet"], configs["vae"]
 
 
 def _cached_hub_configs(repo: str) -> tuple[dict, dict] | None:
