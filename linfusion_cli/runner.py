@@ -80,15 +80,12 @@ def _preset_and_model(req: Request):
     """The preset (given, else the model's family's) and the resolved model."""
     from .models.resolve import resolve_model
 
-    if req.preset is not None:
-        preset = load_preset(req.preset)
-        info = resolve_model(req.model or preset.model, config_dir=req.config,
-                             fallback_family=preset.family, allow_pickle=req.allow_pickle)
-        return preset, info
-    default = load_preset(None)
-    info = resolve_model(req.model or default.model, config_dir=req.config,
-                         fallback_family=default.family, allow_pickle=req.allow_pickle)
-    return (default if info.family == default.family else load_preset(info.family)), info
+    given = load_preset(req.preset)  # None: the default preset, until the model's family is known
+    info = resolve_model(req.model or given.model, config_dir=req.config,
+                         fallback_family=given.family, allow_pickle=req.allow_pickle)
+    if req.preset is None and info.family != given.family:
+        return load_preset(info.family), info
+    return given, info
 
 
 def _base_short_side(preset: Preset, family: str) -> int:
@@ -173,10 +170,6 @@ def planned_device(device: str | None, dtype: str, max_vram: float | None,
     if wants_cuda and not cuda_here:
         if not dry_run:
             resolve_device(name)  # the one-line "no CUDA device" error
-        try:
-            torch.device(name if name != "auto" else "cuda")
-        except RuntimeError:
-            raise InputError(f"unknown device {name!r}; use auto, cuda, cuda:N, mps or cpu") from None
         unet, vae = choose_dtypes(dtype, "cuda", bf16_ok=True)
         return (name if name != "auto" else "cuda"), unet, vae, True
     resolved = resolve_device(name)

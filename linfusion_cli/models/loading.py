@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, ModelNotFoundError, PlanError
-from .resolve import DEMO_PREFIX, choose_dtypes, detect_family, is_demo  # noqa: F401 (re-exported)
+from .resolve import DEMO_PREFIX, auto_linfusion, choose_dtypes, detect_family, is_demo  # noqa: F401 (re-exported)
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -205,7 +205,12 @@ def open_pipeline(model: str, dtype: torch.dtype, *, allow_pickle: bool = False,
         return _from_pretrained(model, dtype)
     except (InputError, ModelNotFoundError):
         raise
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if path.is_dir():  # a local folder (a truncated .safetensors ...): nothing to download
+            raise ModelNotFoundError(f"local model folder {path} is incomplete or corrupt: {detail}") from exc
+        if not isinstance(exc, (OSError, ValueError)):
+            raise
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         why = "offline mode (HF_HUB_OFFLINE=1)" if offline else "it could not be downloaded"
         if path.is_file():
@@ -215,17 +220,9 @@ def open_pipeline(model: str, dtype: torch.dtype, *, allow_pickle: bool = False,
                 f"tokenizer, scheduler of {base}), which are not in the local cache and {why}; run "
                 f"`huggingface-cli download {base} --include '*.json' '*.txt'` on a connected "
                 "machine, or pass a local diffusers folder of the same family as config") from exc
-        if path.is_dir():  # a local folder: nothing to download, something in it is broken
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelNotFoundError(f"local model folder {path} is incomplete or corrupt: {detail}") from exc
         raise ModelNotFoundError(
             f"model {model} is not in the local cache and {why}; run `huggingface-cli download "
             f"{model}` on a connected machine, or pass a local diffusers folder with --model") from exc
-    except Exception as exc:  # e.g. a truncated .safetensors in a local folder
-        if path.is_dir():
-            raise ModelNotFoundError(f"local model folder {path} is incomplete or corrupt: "
-                                     f"{type(exc).__name__}: {str(exc).strip()[:200]}") from exc
-        raise
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -249,7 +246,7 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", linfusi
     `family` is what the plan was made for: a model that turns out to be another family is
     refused here, before any stage runs, rather than run under a plan made for something else.
     """
-    from ..attention import apply_linfusion, require_linfusion_repo
+    from ..attention import apply_linfusion
 
     torch_device = resolve_device(device)
     unet_dtype, vae_dtype = resolve_dtypes(dtype, torch_device)
@@ -263,7 +260,7 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", linfusi
     set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     if linfusion == "auto":
-        linfusion = "fresh" if is_demo(model) else require_linfusion_repo(model, pipe.unet.config)
+        linfusion = auto_linfusion(model, pipe.unet.config)
     layers, controlnets = [], {}
     if linfusion is not None:
         layers = apply_linfusion(pipe.unet, None if linfusion == "fresh" else linfusion)

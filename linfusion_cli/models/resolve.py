@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..attention.matching import FAMILY_REPOS, KNOWN_BASES, linfusion_repo_for
-from ..errors import CheckpointMismatchError, InputError, ModelNotFoundError
+from ..attention.matching import FAMILY_REPOS, KNOWN_BASES, require_linfusion_repo
+from ..errors import InputError, ModelNotFoundError
 
 DEMO_PREFIX = "demo"  # "demo", "demo-sd21", "demo-sdxl": tiny random pipelines, no download
 FAMILIES = ("sd15", "sd21", "sdxl")
@@ -158,20 +158,15 @@ def resolve_model(model: str, *, config_dir: str | None = None, fallback_family:
                      f"assumed {fallback_family}: no configs of {model} found locally")
 
 
+def auto_linfusion(model: str, unet_config) -> str:
+    """The weights "auto" means: fresh layers for the demo (they start from its own attention
+    weights), else the official repo for this model (matching.require_linfusion_repo)."""
+    return "fresh" if is_demo(model) else require_linfusion_repo(model, unet_config)
+
+
 def resolve_linfusion(requested: str | None, info: ModelInfo) -> str | None:
-    """"auto" -> the weights for this model (known id, else its UNet architecture); else as given."""
-    if requested != "auto":
-        return requested
-    if is_demo(info.model):
-        return "fresh"  # the demo's layers start from its own attention weights
-    repo = linfusion_repo_for(info.model, info.unet_config)
-    if repo is None:
-        raise CheckpointMismatchError(
-            f"no official LinFusion weights are known for {info.model} (UNet channels "
-            f"{tuple(info.unet_config['block_out_channels'])}, cross-attention dim "
-            f"{info.unet_config.get('cross_attention_dim')}); pass --linfusion PATH|REPO or "
-            "--no-linfusion")
-    return repo
+    """"auto" -> the weights for this model, before loading it; anything else as given."""
+    return auto_linfusion(info.model, info.unet_config) if requested == "auto" else requested
 
 
 DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16",
