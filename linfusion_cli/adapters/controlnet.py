@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import CheckpointMismatchError, InputError, ModelNotFoundError
+from ..memory.knobs import batch_half
 from .common import family_of_cross_dim, is_local, require_file
 
 EMBED_TILE_PX = 1024  # conditioning-embedding tile side in input pixels (a multiple of 64)
@@ -173,25 +174,14 @@ class TiledConditioningEmbedding(nn.Module):
 
 # ---------------------------------------------------------------- memory knobs
 
-def _half(obj, index: int, batch: int):
-    """The index-th half of every tensor in obj whose first dim is the batch."""
-    if torch.is_tensor(obj):
-        half = batch // 2
-        return obj[index * half:(index + 1) * half] if obj.dim() and obj.shape[0] == batch else obj
-    if isinstance(obj, dict):
-        return {k: _half(v, index, batch) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_half(v, index, batch) for v in obj)
-    return obj
-
-
 def _split_controlnet(forward):
     """A ControlNet forward that runs an even batch as two halves; residuals concatenated."""
     def split_forward(sample, *args, **kwargs):
         batch = sample.shape[0]
         if batch < 2 or batch % 2:
             return forward(sample, *args, **kwargs)
-        outs = [forward(*_half((sample, *args), i, batch), **_half(kwargs, i, batch)) for i in (0, 1)]
+        outs = [forward(*batch_half((sample, *args), i, batch), **batch_half(kwargs, i, batch))
+                for i in (0, 1)]
         down = tuple(torch.cat(pair) for pair in zip(outs[0][0], outs[1][0]))
         mid = torch.cat([outs[0][1], outs[1][1]])
         if isinstance(outs[0], tuple):

@@ -80,14 +80,16 @@ def _chunked(chunk: int):
     return wrap
 
 
-def _take(obj, half: int, batch: int, index: int):
-    """The index-th half of every tensor in obj whose first dim is the batch."""
+def batch_half(obj, index: int, batch: int):
+    """The index-th half of every tensor in obj (nested tuples, lists, dicts) whose first dim is
+    the batch; other values as they are. Used by the UNet's and the ControlNets' CFG split."""
+    half = batch // 2
     if torch.is_tensor(obj):
         return obj[index * half:(index + 1) * half] if obj.dim() and obj.shape[0] == batch else obj
     if isinstance(obj, dict):
-        return {k: _take(v, half, batch, index) for k, v in obj.items()}
+        return {k: batch_half(v, index, batch) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_take(v, half, batch, index) for v in obj)
+        return type(obj)(batch_half(v, index, batch) for v in obj)
     return obj
 
 
@@ -97,8 +99,7 @@ def _split_batch(forward):
         batch = sample.shape[0]
         if batch < 2 or batch % 2:
             return forward(sample, *args, **kwargs)
-        half = batch // 2
-        outs = [forward(*_take((sample, *args), half, batch, i), **_take(kwargs, half, batch, i))
+        outs = [forward(*batch_half((sample, *args), i, batch), **batch_half(kwargs, i, batch))
                 for i in (0, 1)]
         if isinstance(outs[0], tuple):
             return (torch.cat([o[0] for o in outs]), *outs[0][1:])
@@ -201,6 +202,9 @@ def _set_chunk_size(model: nn.Module, chunk: int, handle: KnobHandle) -> None:
             handle.add(lambda m=module, o=old: setattr(m, "chunk_size", o))
 
 
+OFFLOAD_ORDER = ("text_encoder", "text_encoder_2", "image_encoder", "unet", "vae")  # run order
+
+
 def _offload(pipe, mode: str, device: torch.device, handle: KnobHandle) -> None:
     """accelerate CPU offload of the pipeline's models, undone by the handle.
 
@@ -230,9 +234,6 @@ def _offload(pipe, mode: str, device: torch.device, handle: KnobHandle) -> None:
             remove_hook_from_module(module, recurse=True)
             module.to(device)
     handle.add(undo)
-
-
-OFFLOAD_ORDER = ("text_encoder", "text_encoder_2", "image_encoder", "unet", "vae")
 
 
 def vae_on_device(vae: nn.Module) -> None:
