@@ -69,7 +69,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    from linfusion_cli import output, runner
+    from linfusion_cli.io import images as output
+    from linfusion_cli.planning import request as runner
     from linfusion_cli.cli.common import load
     from linfusion_cli.pipeline import StageFinished, StageStarted, stages
 

@@ -37,9 +37,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script
 
 from linfusion_cli.errors import PlanError
-from linfusion_cli.memory import estimate as est
-from linfusion_cli.models.resolve import bundled_config
-from linfusion_cli.memory.planner import (
+from linfusion_cli.planning.memory import estimate as est
+from linfusion_cli.planning.resolve import bundled_config
+from linfusion_cli.planning.memory.planner import (
     GIB,
     MemoryPlan,
     load_family_configs,
@@ -215,7 +215,7 @@ def place(unet, vae, phase: str, offload: str, device: str) -> None:
 def run_case(setup: Setup, models, case: Case, plan: MemoryPlan, args) -> dict:
     import torch
 
-    from linfusion_cli.memory.knobs import apply_knobs
+    from linfusion_cli.pipeline.knobs import apply_knobs
     from linfusion_cli.vae import decode
 
     unet, vae, scheduler = models

@@ -36,8 +36,8 @@ def measure(knobs: dict, latent: int, batch: int) -> dict:
     from diffusers import UNet2DConditionModel
 
     from linfusion_cli.attention import apply_linfusion
-    from linfusion_cli.memory.knobs import apply_knobs
-    from linfusion_cli.memory.planner import MemoryPlan
+    from linfusion_cli.pipeline.knobs import apply_knobs
+    from linfusion_cli.planning.memory.planner import MemoryPlan
     from linfusion_cli.models.tiny import UNET_CONFIGS
 
     torch.set_num_threads(2)
@@ -61,7 +61,7 @@ def measure(knobs: dict, latent: int, batch: int) -> dict:
 
 def estimate_mib(knobs: dict, latent: int, batch: int) -> float:
     """The planner's UNet activation estimate for the same tiny config (fp32)."""
-    from linfusion_cli.memory.estimate import Knobs, unet_activation_bytes
+    from linfusion_cli.planning.memory.estimate import Knobs, unet_activation_bytes
     from linfusion_cli.models.tiny import UNET_CONFIGS
 
     return unet_activation_bytes(UNET_CONFIGS["sd15"], latent_h=latent, latent_w=latent,

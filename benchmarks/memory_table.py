@@ -11,10 +11,10 @@ Estimates, not measurements.
 from __future__ import annotations
 
 from linfusion_cli.errors import PlanError
-from linfusion_cli.memory.planner import BudgetError
-from linfusion_cli.memory.planner import plan_memory as plan_stage
-from linfusion_cli.models.resolve import DTYPE_BYTES
-from linfusion_cli.runner import Request, make_plan, plan_memory
+from linfusion_cli.planning.memory.planner import BudgetError
+from linfusion_cli.planning.memory.planner import plan_memory as plan_stage
+from linfusion_cli.planning.resolve import DTYPE_BYTES
+from linfusion_cli.planning.request import Request, make_plan, plan_memory
 
 BUDGETS = (8, 12, 24, 80)
 ROWS = [("SD1.5", "sd15", 4096, 4096), ("SD1.5", "sd15", 8192, 8192),

@@ -3,7 +3,7 @@
 For each family (the shipped SD1.5 / SD2.1 / SD-XL configs) and stage size, the planner picks
 its plan for a 24 GiB GPU in fp16; the real diffusers UNet with LinFusion layers and that
 plan's knobs runs one forward (guidance batch of 2) on the meta device under a live-bytes
-counter (linfusion_cli.memory.trace). Prints traced and estimated activation GiB, their ratio,
+counter (linfusion_cli.planning.memory.trace). Prints traced and estimated activation GiB, their ratio,
 and the planner's whole-stage estimate (weights, VAE phase, margin) for context.
 
     python benchmarks/memory_trace.py [--families sd15,sdxl] [--max-side 16384]
@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from linfusion_cli.memory import estimate as est
-from linfusion_cli.memory.planner import load_family_configs, plan_memory
-from linfusion_cli.memory.trace import meta_unet, trace_unet_bytes
+from linfusion_cli.planning.memory import estimate as est
+from linfusion_cli.planning.memory.planner import load_family_configs, plan_memory
+from linfusion_cli.planning.memory.trace import meta_unet, trace_unet_bytes
 
 GIB = 2 ** 30
 SIZES = [(1024, 512), (2048, 1024), (4096, 2048), (8192, 4096), (16384, 8192)]

@@ -49,7 +49,7 @@ def main() -> None:
 
     from diffusers.utils.torch_utils import randn_tensor
 
-    from linfusion_cli import runner
+    from linfusion_cli.planning import request as runner
     from linfusion_cli.models.loading import load_model
     from linfusion_cli.pipeline import demofusion_stage, run_plan
 

@@ -12,12 +12,12 @@ from PIL import Image
 from linfusion_cli.adapters import check_adapters
 from linfusion_cli.adapters.controlnet import TiledConditioningEmbedding, load_controlnet
 from linfusion_cli.attention.module import LinFusionAttention
-from linfusion_cli.memory.planner import MemoryPlan
+from linfusion_cli.planning.memory.planner import MemoryPlan
 from linfusion_cli.models.loading import load_model
 from linfusion_cli.models.tiny import UNET_CONFIGS, save_tiny_controlnet
 from linfusion_cli.pipeline import StageFinished, run_plan
-from linfusion_cli.plan import build_plan
-from linfusion_cli.runner import Request
+from linfusion_cli.planning.plan import build_plan
+from linfusion_cli.planning.request import Request
 
 from .cli_helpers import Result, write_preset
 
@@ -182,7 +182,7 @@ def test_cli_controlnet_dry_run_metadata_and_bad_input(cli, tmp_path):
     from diffusers import UNet2DConditionModel
 
     from linfusion_cli.models.tiny import DEMO_UNET_CONFIGS
-    from linfusion_cli.output import read_metadata
+    from linfusion_cli.io.images import read_metadata
 
     torch.manual_seed(0)
     cn = save_tiny_controlnet(tmp_path / "canny", UNet2DConditionModel(**DEMO_UNET_CONFIGS["sd15"]))
@@ -215,7 +215,7 @@ def test_cli_controlnet_dry_run_metadata_and_bad_input(cli, tmp_path):
 
 def test_planner_counts_controlnets_on_the_stages_they_run(tiny_pipeline_dirs, cn_files):
     from linfusion_cli.adapters.memory import controlnet_extra_bytes, residual_elements
-    from linfusion_cli.runner import make_plan, plan_memory
+    from linfusion_cli.planning.request import make_plan, plan_memory
 
     base = dict(prompt="x", model=str(tiny_pipeline_dirs["sd15"]), width=1024, height=1024, max_vram=8.0,
                 vae_tile=0, no_linfusion=True)
@@ -237,8 +237,8 @@ def test_planner_counts_controlnets_on_the_stages_they_run(tiny_pipeline_dirs, c
 
 def test_planner_never_parks_skips_beside_a_controlnet(tiny_pipeline_dirs, cn_files, monkeypatch):
     """The UNet adds ControlNet residuals to its skips on the device: skips_on_cpu is ruled out."""
-    from linfusion_cli.memory import planner
-    from linfusion_cli.runner import make_plan, plan_memory
+    from linfusion_cli.planning.memory import planner
+    from linfusion_cli.planning.request import make_plan, plan_memory
 
     seen = []
     real = planner.plan_memory

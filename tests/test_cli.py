@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from linfusion_cli.output import read_metadata
+from linfusion_cli.io.images import read_metadata
 
 from .cli_helpers import (
     PNG_MAGIC,
@@ -237,7 +237,7 @@ def test_batch_jsonl_a1111_and_plain_lines(cli, tmp_path):
 
 
 def test_batch_resume_skips_identical_and_overwrite_regenerates(cli, tmp_path, monkeypatch):
-    from linfusion_cli import runner
+    from linfusion_cli.planning import request as runner
 
     args = ("batch", "-", *DEMO, "--res", "64", "--seed", "1", "--json", "-o", "out/", "-q")
     first = cli(*args, stdin="one\ntwo\n")

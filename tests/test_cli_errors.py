@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from linfusion_cli.output import read_metadata
+from linfusion_cli.io.images import read_metadata
 
 from .cli_helpers import Result, files_under, run_subprocess, write_preset
 
@@ -138,7 +138,7 @@ def test_existing_output_in_batch_is_not_overwritten(cli, tmp_path):
 
 
 def test_interrupt_in_process_is_exit_130(cli, tmp_path, monkeypatch):
-    from linfusion_cli import runner
+    from linfusion_cli.planning import request as runner
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -170,7 +170,7 @@ if mode == "import":  # block while the CLI imports typer
             return None
     sys.meta_path.insert(0, Blocker())
 else:  # block once stage 1's image is published
-    from linfusion_cli import output
+    from linfusion_cli.io import images as output
     real = output.save_image
     def save_image(image, path, **kwargs):
         written = real(image, path, **kwargs)

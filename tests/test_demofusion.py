@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from linfusion_cli.errors import PlanError, PresetError
-from linfusion_cli.method import DemoFusion, denoise_steps, trained_px, with_method
+from linfusion_cli.planning.method import DemoFusion, denoise_steps, trained_px, with_method
 from linfusion_cli.pipeline import demofusion as df
 
 
@@ -173,7 +173,7 @@ def test_no_skip_residual_and_no_dilated_weight_reduce_to_sdedit(tiny_pipeline_d
 # --- whole stages ---------------------------------------------------------------------------
 
 def demo_plan(folder, family, method, **settings):
-    from linfusion_cli.plan import build_plan
+    from linfusion_cli.planning.plan import build_plan
 
     plan = build_plan(prompt="a lighthouse", width=128, height=96, native=64, strengths=[0.5],
                       steps=6, guidance=6.0, seed=7, scheduler="default", model=str(folder),
@@ -228,7 +228,7 @@ def test_method_sdedit_is_todays_stage_bit_for_bit(tiny_pipeline_dirs):
 # --- plans, presets, planner ----------------------------------------------------------------
 
 def test_plan_method_from_flag_and_preset(monkeypatch):
-    from linfusion_cli import runner
+    from linfusion_cli.planning import request as runner
 
     req = runner.Request(prompt="x", model="demo-sdxl", res=2048, steps=10, max_vram=8, device="cpu")
     sdxl = runner.make_plan(replace(req, preset="sdxl"))
@@ -249,15 +249,15 @@ def test_plan_method_from_flag_and_preset(monkeypatch):
     ("method: magic\n", "unknown method"), ("cosine_scale_2: -1\n", "cosine_scale_2"),
     ("gaussian_sigma: 0\n", "gaussian_sigma"), ("cosine_scale_1: fast\n", "wrong type")])
 def test_bad_method_keys_in_presets_are_named(text, match):
-    from linfusion_cli.presets import parse_preset
+    from linfusion_cli.planning.presets import parse_preset
 
     with pytest.raises(PresetError, match=match):
         parse_preset(text, name="p", source="p.yaml")
 
 
 def test_planner_counts_the_dilated_pass():
-    from linfusion_cli.memory import estimate as est
-    from linfusion_cli.memory.planner import load_family_configs, plan_memory
+    from linfusion_cli.planning.memory import estimate as est
+    from linfusion_cli.planning.memory.planner import load_family_configs, plan_memory
 
     unet, vae = load_family_configs("sdxl")
     size = dict(width=16384, height=16384, dtype_bytes=2)
@@ -281,7 +281,7 @@ def test_planner_counts_the_dilated_pass():
 
 
 def test_memory_knobs_apply_to_both_passes_and_keep_the_image(tiny_pipeline_dirs):
-    from linfusion_cli.memory.planner import MemoryPlan
+    from linfusion_cli.planning.memory.planner import MemoryPlan
     from linfusion_cli.models.loading import load_model
     from linfusion_cli.pipeline import run_plan
 

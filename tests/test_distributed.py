@@ -24,7 +24,7 @@ import pytest
 
 from linfusion_cli.distributed import ENV_TEST_HOOK, World, from_env
 from linfusion_cli.errors import InputError
-from linfusion_cli.manifest import MANIFEST_NAME
+from linfusion_cli.io.manifest import MANIFEST_NAME
 
 from .cli_helpers import ROOT, files_under, pixels, run_subprocess
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from linfusion_cli.memory.knobs import read_knobs
-from linfusion_cli.memory.planner import MemoryPlan
+from linfusion_cli.pipeline.knobs import read_knobs
+from linfusion_cli.planning.memory.planner import MemoryPlan
 from linfusion_cli.models.loading import load_model
 from linfusion_cli.pipeline import run_plan
-from linfusion_cli.plan import build_plan
+from linfusion_cli.planning.plan import build_plan
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from linfusion_cli.output import read_metadata
+from linfusion_cli.io.images import read_metadata
 
 from .cli_helpers import Result, files_under, run_subprocess, write_preset
 
@@ -311,7 +311,7 @@ def test_output_collisions_found_before_loading(cli, tmp_path, monkeypatch, kind
 
 
 def test_batch_entry_failure_does_not_stop_the_others(cli, tmp_path, monkeypatch):
-    from linfusion_cli import runner
+    from linfusion_cli.planning import request as runner
     from linfusion_cli.errors import OutOfMemoryError
 
     real = runner.generate_file
@@ -342,7 +342,7 @@ def test_batch_entry_failure_does_not_stop_the_others(cli, tmp_path, monkeypatch
 
 @pytest.mark.parametrize("fmt", ["png", "tiff"])
 def test_disk_full_is_one_line_exit_1_and_nothing_left(cli, tmp_path, monkeypatch, fmt):
-    from linfusion_cli import output
+    from linfusion_cli.io import images as output
 
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -379,7 +379,7 @@ def test_full_stdout_is_one_line_exit_1(cli_env, tmp_path):
 
 
 def test_preflight_refuses_a_disk_too_small(cli, tmp_path, monkeypatch):
-    from linfusion_cli import targets
+    from linfusion_cli.io import targets
 
     no_load(monkeypatch)
     usage = shutil.disk_usage(tmp_path)
@@ -489,7 +489,7 @@ def test_batch_line_size_wins_over_the_command_aspect(cli, tmp_path):
 
 
 def test_preflight_counts_every_image_of_a_batch(cli, tmp_path, monkeypatch):
-    from linfusion_cli import targets
+    from linfusion_cli.io import targets
 
     no_load(monkeypatch)
     one = targets.image_bound(512, 512, "png")
@@ -505,7 +505,7 @@ def test_preflight_counts_every_image_of_a_batch(cli, tmp_path, monkeypatch):
 @pytest.mark.parametrize("field", ["model", "preset", "linfusion", "negative", "prompt"])
 def test_nul_bytes_in_any_name_refused_at_plan_time(field):
     """The library path too: a NUL in a path or name never reaches the filesystem or a tokenizer."""
-    from linfusion_cli import runner
+    from linfusion_cli.planning import request as runner
     from linfusion_cli.errors import InputError
 
     values = {"prompt": "x", "model": "demo", "res": 64, field: "bad\0name"}

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from linfusion_cli.manifest import MANIFEST_NAME, Manifest
+from linfusion_cli.io.manifest import MANIFEST_NAME, Manifest
 
 from .cli_helpers import pixels
 

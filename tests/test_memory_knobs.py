@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from linfusion_cli.memory.knobs import SpatialInplaceSiLU, apply_knobs
-from linfusion_cli.memory.planner import MemoryPlan
+from linfusion_cli.pipeline.knobs import SpatialInplaceSiLU, apply_knobs
+from linfusion_cli.planning.memory.planner import MemoryPlan
 
 from .model_helpers import tiny_unet, unet_inputs
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from linfusion_cli.memory.knobs import read_knobs
-from linfusion_cli.memory.planner import MemoryPlan
+from linfusion_cli.pipeline.knobs import read_knobs
+from linfusion_cli.planning.memory.planner import MemoryPlan
 from linfusion_cli.models.loading import load_model
 from linfusion_cli.pipeline import run_plan
-from linfusion_cli.plan import build_plan
+from linfusion_cli.planning.plan import build_plan
 
 OFF = {"offload": "none", "ff_chunk": 0, "cfg_split": False, "inplace": False,
        "skips_on_cpu": False}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from linfusion_cli.errors import InputError, PlanError
-from linfusion_cli.memory import estimate as est
-from linfusion_cli.models.resolve import bundled_config
-from linfusion_cli.memory.planner import (
+from linfusion_cli.planning.memory import estimate as est
+from linfusion_cli.planning.resolve import bundled_config
+from linfusion_cli.planning.memory.planner import (
     GIB,
     MemoryPlan,
     candidate_plans,

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from linfusion_cli.errors import CheckpointMismatchError, ModelNotFoundError, PlanError
-from linfusion_cli.models.resolve import resolve_linfusion, resolve_model
-from linfusion_cli.runner import Request, make_plan, plan_memory
+from linfusion_cli.planning.resolve import resolve_linfusion, resolve_model
+from linfusion_cli.planning.request import Request, make_plan, plan_memory
 
 
 def _fake_hf_cache(root, repo: str, unet: dict, vae: dict):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from linfusion_cli.errors import OutOfMemoryError
-from linfusion_cli.memory.planner import MemoryPlan
+from linfusion_cli.planning.memory.planner import MemoryPlan
 from linfusion_cli.pipeline import Retrying, StageFinished, orchestrator
-from linfusion_cli.plan import build_plan
+from linfusion_cli.planning.plan import build_plan
 
 
 @pytest.fixture

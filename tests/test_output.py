@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from linfusion_cli.errors import InputError, ModelNotFoundError, OutputError
-from linfusion_cli.output import (
+from linfusion_cli.io.images import (
     DEFAULT_TEMPLATE,
     a1111_parameters,
     open_image,

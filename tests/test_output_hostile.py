@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from linfusion_cli import interrupts
-from linfusion_cli.output import a1111_parameters, open_image, read_metadata, save_image, to_rgb8
+from linfusion_cli.io.images import a1111_parameters, open_image, read_metadata, save_image, to_rgb8
 
 from .cli_helpers import parameters_fields
 
@@ -104,7 +104,7 @@ def test_transparent_pixels_flatten_on_white():
 
 def test_signal_during_the_publish_step_is_raised_after_it(tmp_path, monkeypatch):
     """A signal inside interrupts.critical() waits for the step: the file is whole, no temp left."""
-    from linfusion_cli import output
+    from linfusion_cli.io import images as output
 
     real = output._publish
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 from linfusion_cli.models.loading import load_model
 from linfusion_cli.pipeline import StageFinished, run_plan
-from linfusion_cli.plan import build_plan
+from linfusion_cli.planning.plan import build_plan
 
 
 def make_plan(model, family, **kw):

@@ -8,7 +8,7 @@ import io
 import pytest
 
 from linfusion_cli.errors import InputError, PromptFileError
-from linfusion_cli.prompts import PromptEntry, parse_prompts, read_prompt_file
+from linfusion_cli.io.prompts import PromptEntry, parse_prompts, read_prompt_file
 
 
 def test_plain_lines_comments_and_blanks():

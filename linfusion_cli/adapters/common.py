@@ -64,7 +64,7 @@ def family_of_cross_dim(dim: int, cross_dim: int) -> str:
 
 def check_image(path: str, flag: str) -> dict:
     """An adapter's reference or control image must open and decode (read again per stage)."""
-    from ..output import open_image
+    from ..io.images import open_image
 
     try:
         image = open_image(path)

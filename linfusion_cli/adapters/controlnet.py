@@ -23,7 +23,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import CheckpointMismatchError, InputError, ModelNotFoundError
-from ..memory.knobs import batch_half
+from ..pipeline.knobs import batch_half
 from .common import family_of_cross_dim, is_local, require_file
 
 EMBED_TILE_PX = 1024  # conditioning-embedding tile side in input pixels (a multiple of 64)
@@ -195,7 +195,7 @@ def controlnet_knobs(nets, memory):
     CFG split); UNet-only knobs (skips on CPU, offload) do not apply. Returns the undo."""
     from dataclasses import replace
 
-    from ..memory.knobs import apply_knobs
+    from ..pipeline.knobs import apply_knobs
 
     undo = []
     for net in nets:
@@ -215,7 +215,7 @@ def controlnet_knobs(nets, memory):
 
 def resized(path: str, width: int, height: int) -> Image.Image:
     """The control image at a stage's size (Lanczos), RGB."""
-    from ..output import open_image
+    from ..io.images import open_image
 
     image = open_image(path)
     return image if image.size == (width, height) else image.resize((width, height), Image.LANCZOS)

@@ -84,7 +84,7 @@ def stage_kwargs(ctx) -> dict:
     spec = (ctx.plan.adapters or {}).get("ip_adapter")
     if spec is None:
         return {}
-    from ..output import open_image
+    from ..io.images import open_image
 
     image = ctx.notes.get("ip_image")
     if image is None:

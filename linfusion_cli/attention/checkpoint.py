@@ -63,7 +63,7 @@ def parse_modules_list(config: dict) -> list[ModuleSpec]:
 
 def _read_config(config: Path) -> dict:
     """A LinFusion config.json as a dict; unreadable or non-object files are one-line errors."""
-    from ..validate import json_object
+    from ..planning.validate import json_object
 
     return json_object(config, "LinFusion config", CheckpointMismatchError)
 

@@ -11,14 +11,15 @@ from typing import Annotated
 
 import typer
 
-from .. import distributed, runner
+from .. import distributed
+from ..planning import request as runner
 from ..errors import InputError, LinfusionError, OutputError
-from ..manifest import Manifest, same_settings
-from ..output import read_metadata
-from ..plan import stage_seed
-from ..prompts import read_prompt_file
-from ..targets import inside
-from ..validate import SEED_MAX
+from ..io.manifest import Manifest, same_settings
+from ..io.images import read_metadata
+from ..planning.plan import stage_seed
+from ..io.prompts import read_prompt_file
+from ..io.targets import inside
+from ..planning.validate import SEED_MAX
 from . import common
 from .console import ProgressView, error, info, one_line_of
 from .options import GenerationOptions, Template, shared_options
@@ -98,7 +99,7 @@ def batch(
         jobs.append((index, plan, path, fmt, done, None if entry.seed is not None else base_seed, entry))
     mine = [job for job in jobs if world.owns(job[0])]
     if mine:  # room for every image of this process's share, not just each one alone
-        from ..targets import check_free_space, run_bound
+        from ..io.targets import check_free_space, run_bound
 
         check_free_space(mine[0][1], mine[0][2], mine[0][3], what=f"{len(mine)} images",
                          need=sum(run_bound(job[1], job[3]) for job in mine))
@@ -111,7 +112,7 @@ def batch(
                 print(f"{path}:")
             common.print_dry_run(plan, as_json=json)
         return
-    from ..targets import check_directory
+    from ..io.targets import check_directory
 
     for job in mine:  # folders are made only once every check has passed
         check_directory(job[2].parent, create=True)

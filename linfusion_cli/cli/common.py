@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .. import runner
+from ..planning import request as runner
 from ..errors import InputError
 from .console import ProgressView, info, quiet_libraries
 
@@ -137,7 +137,7 @@ def _isatty(stream) -> bool:
 def resolve_target(output, *, plan, fmt, overwrite, template=None, index=0,
                    create=True) -> tuple[Path | None, str]:
     """Output path (None for stdout) and format, checked before any heavy work."""
-    from ..output import DEFAULT_TEMPLATE, format_of, resolve_output
+    from ..io.images import DEFAULT_TEMPLATE, format_of, resolve_output
 
     fields = dict(index=index, seed=plan.seed, prompt=plan.prompt, width=plan.width, height=plan.height)
     path = resolve_output(output, template=template or DEFAULT_TEMPLATE, fields=fields, fmt=fmt,
@@ -149,7 +149,7 @@ def resolve_target(output, *, plan, fmt, overwrite, template=None, index=0,
 
 def check_outputs(plan, path, fmt, *, overwrite) -> None:
     """Before any model loads: --save-stages files free (or replaceable), room on the disk."""
-    from ..targets import check_free_space, check_target
+    from ..io.targets import check_free_space, check_target
 
     if plan.save_stages and path is not None:
         for stage in plan.stages[:-1]:

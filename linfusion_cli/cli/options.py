@@ -99,10 +99,11 @@ class GenerationOptions:
 
     def request(self, prompt: str, **extra):
         """The runner.Request these flags ask for, checked before any batch line or model."""
-        from .. import runner, validate
+        from ..planning import request as runner
+        from ..planning import validate
         from ..errors import InputError
-        from ..method import METHODS
-        from ..presets import SCHEDULERS
+        from ..planning.method import METHODS
+        from ..planning.presets import SCHEDULERS
 
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise InputError(f"unknown scheduler {self.scheduler!r}; use {', '.join(SCHEDULERS)}")
@@ -142,6 +143,6 @@ def shared_options(command):
 
 def parse_strengths(text: str | None) -> tuple[float, ...] | None:
     """'0.4,0.3' -> (0.4, 0.3); each in (0, 1], no empty item."""
-    from ..validate import strengths_text
+    from ..planning.validate import strengths_text
 
     return None if text is None else strengths_text(text)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import PresetError
-from ..presets import available_presets, bundled_presets, load_preset, user_preset_dir
+from ..planning.presets import available_presets, bundled_presets, load_preset, user_preset_dir
 
 app = typer.Typer(no_args_is_help=True, help="List and show presets (bundled and user).")
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from ..output import open_image
+from ..io.images import open_image
 from . import common
 from .options import GenerationOptions, Output, shared_options
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, ModelNotFoundError, PlanError
-from .resolve import DEMO_PREFIX, auto_linfusion, choose_dtypes, detect_family, is_demo  # noqa: F401 (re-exported)
+from ..planning.resolve import DEMO_PREFIX, auto_linfusion, choose_dtypes, detect_family, is_demo  # noqa: F401 (re-exported)
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from .. import vae as tiled_vae
-from ..plan import Stage
+from ..planning.plan import Stage
 from .demofusion import blurred_input, dilated_convs, match_stats, step_weights
 from .events import PhaseProgress
 from .stages import StageContext, _decode, _generator, _host_budget, _tile_px

@@ -13,7 +13,7 @@ def memory_plan_applied(model, memory):
     run record says what ran rather than what was asked. ControlNets get the same chunking,
     in-place and guidance-split knobs (adapters.controlnet.controlnet_knobs).
     """
-    from ..memory.knobs import apply_memory_plan, read_knobs
+    from .knobs import apply_memory_plan, read_knobs
 
     if memory is None:
         yield read_knobs(model.pipe)

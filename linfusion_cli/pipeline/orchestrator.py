@@ -11,7 +11,7 @@ import torch
 from .. import __version__
 from ..errors import NonFiniteError, OutOfMemoryError
 from . import finite
-from ..plan import GenerationPlan, Stage
+from ..planning.plan import GenerationPlan, Stage
 from .events import EventHandler, StageFinished, StageStarted, Retrying, ignore
 from .memory import memory_plan_applied
 from .stages import StageContext, stage_function

@@ -12,8 +12,8 @@ from PIL import Image
 from .. import vae as tiled_vae
 from ..adapters import controlnet as control
 from ..adapters import ip_adapter
-from ..memory.knobs import vae_on_device
-from ..plan import GenerationPlan, Stage
+from .knobs import vae_on_device
+from ..planning.plan import GenerationPlan, Stage
 from . import finite
 from .events import EventHandler, PhaseProgress
 

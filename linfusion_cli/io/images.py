@@ -19,8 +19,8 @@ from typing import Any, BinaryIO
 
 from PIL import Image, PngImagePlugin, TiffImagePlugin
 
-from . import interrupts
-from .errors import InputError, ModelNotFoundError, OutputError, WriteError
+from .. import interrupts
+from ..errors import InputError, ModelNotFoundError, OutputError, WriteError
 from .targets import check_directory, check_target
 
 DEFAULT_TEMPLATE = "{index:04d}-{seed}-{slug}.{ext}"
@@ -182,7 +182,7 @@ def a1111_parameters(record: dict[str, Any]) -> str:
         "LinFusion": record.get("linfusion"),
         "LinFusion stages": ";".join(_stage_label(s) for s in stages) if len(stages) > 1 else None,
     }
-    from .adapters.metadata import a1111_fields, prompt_tags
+    from ..adapters.metadata import a1111_fields, prompt_tags
 
     params.update(a1111_fields(record.get("adapters") or {}))
     for key, value in record.items():

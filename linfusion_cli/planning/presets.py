@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from . import validate
-from .errors import InputError, PresetError
+from ..errors import InputError, PresetError
 
 FAMILIES = ("sd15", "sd21", "sdxl")
 SCHEDULERS = ("default", "ddim", "euler", "euler_a", "dpm++", "pndm", "lms")
@@ -140,7 +140,7 @@ def parse_preset(text: str, *, name: str, source: str) -> Preset:
 
 def _check_method_keys(data: dict, source: str) -> None:
     """method is a known one; the demofusion numbers are in range (PresetError naming the key)."""
-    from .errors import PlanError
+    from ..errors import PlanError
     from .method import DemoFusion, check_method
 
     try:

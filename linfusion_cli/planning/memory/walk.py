@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import tuning
+from ... import tuning
 
 DECODE_PAD_PX = tuning.DECODER_CONTEXT * 8  # context around a decoder tile, image px a side
 ENCODE_PAD_PX = tuning.ENCODER_CONTEXT * 8  # context around an encoder tile

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import validate
-from .errors import InputError, NonFiniteError, PlanError
+from ..errors import InputError, NonFiniteError, PlanError
 from .plan import GenerationPlan, build_plan, check_size, size_from_res
 from .presets import Preset, load_preset
 
@@ -78,7 +78,7 @@ def target_size(req: Request, preset: Preset) -> tuple[int, int]:
 
 def _preset_and_model(req: Request):
     """The preset (given, else the model's family's) and the resolved model."""
-    from .models.resolve import resolve_model
+    from .resolve import resolve_model
 
     given = load_preset(req.preset)  # None: the default preset, until the model's family is known
     info = resolve_model(req.model or given.model, config_dir=req.config,
@@ -91,7 +91,7 @@ def _preset_and_model(req: Request):
 def _base_short_side(preset: Preset, family: str) -> int:
     """The base stage's short side: the preset's when it was written for this family, else the
     family's trained size."""
-    from .models.resolve import TRAINED_SHORT_SIDE
+    from .resolve import TRAINED_SHORT_SIDE
 
     if preset.native is not None and preset.family == family:
         return preset.native
@@ -100,7 +100,7 @@ def _base_short_side(preset: Preset, family: str) -> int:
 
 def make_plan(req: Request) -> GenerationPlan:
     """A validated plan, before any weights load: model resolved, device and dtypes chosen."""
-    from .models.resolve import resolve_linfusion
+    from .resolve import resolve_linfusion
 
     validate.request(req)
     if req.prompt is None or not req.prompt.strip():
@@ -143,7 +143,7 @@ def _with_method(plan: GenerationPlan, req: Request, preset: Preset) -> Generati
 
 def _with_adapters(plan: GenerationPlan, req: Request) -> GenerationPlan:
     """Adapters parsed and checked against the model's architecture, before any weights load."""
-    from .adapters import ADAPTER_FIELDS, check_adapters
+    from ..adapters import ADAPTER_FIELDS, check_adapters
 
     if not any(getattr(req, name) for name in ADAPTER_FIELDS):
         return plan
@@ -160,8 +160,8 @@ def planned_device(device: str | None, dtype: str, max_vram: float | None,
     """
     import torch
 
-    from .models.loading import resolve_device
-    from .models.resolve import choose_dtypes
+    from ..models.loading import resolve_device
+    from .resolve import choose_dtypes
 
     name = device or "auto"
     cuda_here = torch.cuda.is_available()
@@ -213,7 +213,7 @@ def plan_memory(plan: GenerationPlan) -> GenerationPlan:
     """
     from .memory.planner import BudgetError
     from .memory.planner import plan_memory as choose
-    from .models.resolve import DTYPE_BYTES
+    from .resolve import DTYPE_BYTES
 
     info = plan.model_info
     budget, source = device_budget(plan)
@@ -257,7 +257,7 @@ def _adapter_bytes(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: int
     """What the plan's ControlNets add to this stage's memory (adapters.memory)."""
     if not plan.adapters:
         return 0
-    from .adapters.memory import controlnet_extra_bytes, ip_adapter_extra_bytes
+    from ..adapters.memory import controlnet_extra_bytes, ip_adapter_extra_bytes
 
     return controlnet_extra_bytes(plan.adapters, unet_cfg, width=stage.width, height=stage.height,
                                   img2img=stage.strength is not None, guidance=stage.guidance > 1,
@@ -286,8 +286,8 @@ def stage_image_path(final: Path | None, index: int, width: int, height: int) ->
 def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, overwrite: bool = False,
                   on_event=None, init_image=None) -> dict:
     """Run a plan and write its image atomically (stdout when path is None); stages kept as asked."""
-    from .output import save_image
-    from .pipeline import StageFinished, run_plan
+    from ..io.images import save_image
+    from ..pipeline import StageFinished, run_plan
 
     finished = []  # the last finished stage: kept if a later stage fails with NaN/inf
 

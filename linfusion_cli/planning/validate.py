@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .errors import InputError, PlanError
+from ..errors import InputError, PlanError
 
 SEED_MAX = 2 ** 32 - 1  # as AUTOMATIC1111: seeds are 0 .. 2**32-1 on every path
 MAX_SIDE = 32768

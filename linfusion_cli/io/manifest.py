@@ -112,7 +112,7 @@ class Manifest:
         except FileNotFoundError:
             return self
         except (OSError, UnicodeDecodeError) as exc:
-            from .errors import OutputError
+            from ..errors import OutputError
 
             raise OutputError(f"cannot read the batch manifest {self.path}: {exc}") from None
         for line in text.splitlines():

@@ -68,7 +68,7 @@ def bundled_config(family: str, part: str) -> dict:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    from ..validate import json_object
+    from .validate import json_object
 
     return json_object(path, what, ModelNotFoundError)
 
@@ -112,7 +112,7 @@ def _cached_hub_configs(repo: str) -> tuple[dict, dict] | None:
 
 
 def _single_file(path: Path, config_dir: str | None, allow_pickle: bool) -> ModelInfo:
-    from .loading import single_file_family, single_file_keys
+    from ..models.loading import single_file_family, single_file_keys
 
     family = single_file_family(single_file_keys(path, allow_pickle))
     if config_dir:
@@ -129,7 +129,7 @@ def resolve_model(model: str, *, config_dir: str | None = None, fallback_family:
                   allow_pickle: bool = False) -> ModelInfo:
     """Family and configs of a model name, from the model itself wherever it can be read."""
     if is_demo(model):
-        from .tiny import DEMO_UNET_CONFIGS, DEMO_VAE_CONFIG
+        from ..models.tiny import DEMO_UNET_CONFIGS, DEMO_VAE_CONFIG
 
         family = model.split("-", 1)[1] if "-" in model else "sd15"
         if family not in DEMO_UNET_CONFIGS:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass, replace
 
-from .. import tuning
-from ..errors import PlanError
+from ... import tuning
+from ...errors import PlanError
 from . import estimate as est
 
 GIB = est.GIB
@@ -111,7 +111,7 @@ class MemoryPlan:
 
 def load_family_configs(family: str) -> tuple[dict, dict]:
     """(unet_config, vae_config) of a bundled family, with no download."""
-    from ..models.resolve import bundled_config
+    from ..resolve import bundled_config
 
     return bundled_config(family, "unet"), bundled_config(family, "vae")
 

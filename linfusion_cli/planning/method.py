@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from .errors import PlanError
+from ..errors import PlanError
 
 METHODS = ("sdedit", "demofusion")
 

@@ -68,7 +68,7 @@ class LiveBytes(TorchDispatchMode):
 @contextmanager
 def _host_parking(mode: LiveBytes):
     """skips_on_cpu's park/fetch as host copies and counted device copies (meta has no host)."""
-    from . import knobs
+    from ...pipeline import knobs
 
     park, fetch = knobs.park, knobs.fetch
     knobs.park = mode.to_host
@@ -84,7 +84,7 @@ def meta_unet(unet_config: dict, *, linfusion: bool, dtype: torch.dtype = torch.
     """A diffusers UNet of this config on the meta device, with LinFusion layers when asked."""
     from diffusers import UNet2DConditionModel
 
-    from ..attention import apply_linfusion
+    from ...attention import apply_linfusion
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config).to(dtype).eval()
@@ -116,7 +116,7 @@ def trace_unet_bytes(unet_config: dict, *, width: int, height: int, knobs, batch
     knobs: a MemoryPlan (its model-side fields are applied with memory.knobs.apply_knobs).
     The inputs (latents, text context) count, as the estimate counts them.
     """
-    from .knobs import apply_knobs
+    from ...pipeline.knobs import apply_knobs
 
     unet = unet if unet is not None else meta_unet(unet_config, linfusion=linfusion, dtype=dtype)
     undo = apply_knobs(unet, None, knobs)

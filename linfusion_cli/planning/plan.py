@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from . import validate
-from .errors import PlanError
+from ..errors import PlanError
 
 MULTIPLE = 8  # the VAE scale factor: image sizes must be multiples of it
 MAX_SIDE = 32768

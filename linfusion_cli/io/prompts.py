@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import validate
-from .errors import InputError, PromptFileError
+from ..planning import validate
+from ..errors import InputError, PromptFileError
 
 
 @dataclass(frozen=True)
