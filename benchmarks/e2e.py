@@ -69,8 +69,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    from linfusion_cli.io import images as output
-    from linfusion_cli.planning import request as runner
+    from linfusion_cli.io import images
+    from linfusion_cli import api
     from linfusion_cli.cli.common import load
     from linfusion_cli.pipeline import StageFinished, StageStarted, stages
 
@@ -81,9 +81,9 @@ def main() -> None:
     timers.wrap(stages, "resize", "resize")
     timers.wrap(output, "save_image", "file")
     t0 = time.perf_counter()
-    plan = runner.plan_memory(runner.make_plan(runner.Request(
+    plan = api.plan_request(api.Request(
         prompt="a lighthouse at dusk", model="demo", width=args.width, height=args.height,
-        steps=args.steps, seed=args.seed, save_stages=False)))
+        steps=args.steps, seed=args.seed, save_stages=False))
     model = load(plan, verbose=False, quiet=True)
     unet = model.pipe.unet
     unet.register_forward_pre_hook(lambda m, a: setattr(timers, "_u", time.perf_counter()))
@@ -106,7 +106,7 @@ def main() -> None:
               f"plan: tile {m.vae_tile_px}, cfg_split {m.cfg_split}, ff_chunk {m.ff_chunk}, "
               f"est {m.estimated_peak_gib:.2f} GiB", flush=True)
     timers.stage = len(plan.stages)  # file encoding is counted after the last stage
-    result = runner.generate_file(plan, model, path=path, fmt="png", overwrite=True, on_event=on_event)
+    result = api.generate_file(plan, model, path=path, fmt="png", overwrite=True, on_event=on_event)
     total = time.perf_counter() - t0
     sampler.stop = True
     pieces = ["unet", "vae_encode", "vae_decode", "resize"]

@@ -43,7 +43,7 @@ from linfusion_cli.planning.memory.planner import (
     GIB,
     MemoryPlan,
     load_family_configs,
-    plan_memory,
+    choose_knobs,
 )
 
 TIME_LIMIT_S = 300.0
@@ -104,7 +104,7 @@ def choose_plan(setup: Setup, case: Case) -> MemoryPlan:
                           attn_chunk=4096 if lin else 0, inplace=True,
                           skips_on_cpu=setup.device == "cuda")
     else:
-        plan = plan_memory(setup.unet_config, setup.vae_config, width=case.width,
+        plan = choose_knobs(setup.unet_config, setup.vae_config, width=case.width,
                            height=case.height, dtype_bytes=setup.dtype_bytes,
                            budget_bytes=int(budget * GIB), linfusion=lin, device=setup.device)
     return plan

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from linfusion_cli.errors import PlanError
 from linfusion_cli.planning.memory.planner import BudgetError
-from linfusion_cli.planning.memory.planner import plan_memory as plan_stage
+from linfusion_cli.planning.memory.planner import choose_knobs
 from linfusion_cli.planning.resolve import DTYPE_BYTES
-from linfusion_cli.planning.request import Request, make_plan, plan_memory
+from linfusion_cli.planning.request import Request, make_plan, add_memory_plans
 
 BUDGETS = (8, 12, 24, 80)
 ROWS = [("SD1.5", "sd15", 4096, 4096), ("SD1.5", "sd15", 8192, 8192),
@@ -27,7 +27,7 @@ def cell(preset: str, width: int, height: int, budget: float) -> str:
                       device="cuda", dry_run=True)
     plan = make_plan(request)
     try:
-        plan = plan_memory(plan)
+        plan = add_memory_plans(plan)
     except PlanError:
         return f"needs {smallest_budget(plan):.1f}"
     peak = max(s.memory.estimated_peak_gib for s in plan.stages)
@@ -39,7 +39,7 @@ def smallest_budget(plan) -> float:
     info, needed = plan.model_info, 0
     for stage in plan.stages:
         try:
-            plan_stage(info.unet_config, info.vae_config, width=stage.width, height=stage.height,
+            choose_knobs(info.unet_config, info.vae_config, width=stage.width, height=stage.height,
                        dtype_bytes=DTYPE_BYTES[plan.dtype], vae_bytes=DTYPE_BYTES[plan.vae_dtype],
                        budget_bytes=1, guidance=stage.guidance > 1, device="cuda")
         except BudgetError as exc:

@@ -15,7 +15,7 @@ import argparse
 import time
 
 from linfusion_cli.planning.memory import estimate as est
-from linfusion_cli.planning.memory.planner import load_family_configs, plan_memory
+from linfusion_cli.planning.memory.planner import load_family_configs, choose_knobs
 from linfusion_cli.planning.memory.trace import meta_unet, trace_unet_bytes
 
 GIB = 2 ** 30
@@ -36,7 +36,7 @@ def main() -> None:
         for width, height in SIZES:
             if width > args.max_side:
                 continue
-            plan = plan_memory(unet_config, vae_config, width=width, height=height, dtype_bytes=2,
+            plan = choose_knobs(unet_config, vae_config, width=width, height=height, dtype_bytes=2,
                                budget_bytes=int(args.budget_gib * GIB), device="cuda")
             start = time.perf_counter()
             traced = trace_unet_bytes(unet_config, width=width, height=height, knobs=plan,

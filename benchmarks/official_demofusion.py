@@ -49,17 +49,17 @@ def main() -> None:
 
     from diffusers.utils.torch_utils import randn_tensor
 
-    from linfusion_cli.planning import request as runner
+    from linfusion_cli import api
     from linfusion_cli.models.loading import load_model
     from linfusion_cli.pipeline import demofusion_stage, run_plan
 
     low = (np.random.default_rng(0).random((args.size, args.size, 3)) * 255).astype("uint8")
     out = 2 * args.size
-    req = runner.Request(prompt="a red fox", preset="sdxl", model="demo-sdxl", width=out, height=out,
+    req = api.Request(prompt="a red fox", preset="sdxl", model="demo-sdxl", width=out, height=out,
                          steps=args.steps, guidance=7.5, strengths=(args.strength,), scheduler="euler",
                          seed=1, vae_tile=0, dtype="fp32", device="cpu", method="demofusion",
                          init_image="x.png", init_size=(args.size, args.size))
-    plan = runner.plan_memory(runner.make_plan(req))
+    plan = api.plan_request(req)
     stage, settings = plan.stages[0], plan.stages[0].demofusion
     model = load_model("demo-sdxl", dtype="fp32", device="cpu", linfusion="fresh", scheduler="euler",
                        channels_last=False)

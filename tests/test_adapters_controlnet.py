@@ -182,7 +182,7 @@ def test_cli_controlnet_dry_run_metadata_and_bad_input(cli, tmp_path):
     from diffusers import UNet2DConditionModel
 
     from linfusion_cli.models.tiny import DEMO_UNET_CONFIGS
-    from linfusion_cli.io.images import read_metadata
+    from linfusion_cli.io.metadata import read_metadata
 
     torch.manual_seed(0)
     cn = save_tiny_controlnet(tmp_path / "canny", UNet2DConditionModel(**DEMO_UNET_CONFIGS["sd15"]))
@@ -215,12 +215,12 @@ def test_cli_controlnet_dry_run_metadata_and_bad_input(cli, tmp_path):
 
 def test_planner_counts_controlnets_on_the_stages_they_run(tiny_pipeline_dirs, cn_files):
     from linfusion_cli.adapters.memory import controlnet_extra_bytes, residual_elements
-    from linfusion_cli.planning.request import make_plan, plan_memory
+    from linfusion_cli.planning.request import make_plan, add_memory_plans
 
     base = dict(prompt="x", model=str(tiny_pipeline_dirs["sd15"]), width=1024, height=1024, max_vram=8.0,
                 vae_tile=0, no_linfusion=True)
-    plain = plan_memory(make_plan(Request(**base)))
-    tiled = plan_memory(make_plan(Request(**base, tile_controlnet=str(cn_files["sd15"]))))
+    plain = add_memory_plans(make_plan(Request(**base)))
+    tiled = add_memory_plans(make_plan(Request(**base, tile_controlnet=str(cn_files["sd15"]))))
     assert [s.strength is None for s in tiled.stages] == [True, False]
     cfg = dict(UNET_CONFIGS["sd15"])
     extra = controlnet_extra_bytes(tiled.adapters, cfg, width=512, height=512, img2img=True,
@@ -238,17 +238,17 @@ def test_planner_counts_controlnets_on_the_stages_they_run(tiny_pipeline_dirs, c
 def test_planner_never_parks_skips_beside_a_controlnet(tiny_pipeline_dirs, cn_files, monkeypatch):
     """The UNet adds ControlNet residuals to its skips on the device: skips_on_cpu is ruled out."""
     from linfusion_cli.planning.memory import planner
-    from linfusion_cli.planning.request import make_plan, plan_memory
+    from linfusion_cli.planning.request import make_plan, add_memory_plans
 
     seen = []
-    real = planner.plan_memory
-    monkeypatch.setattr(planner, "plan_memory",
+    real = planner.choose_knobs
+    monkeypatch.setattr(planner, "choose_knobs",
                         lambda *a, **kw: seen.append(dict(kw.get("fixed") or {})) or real(*a, **kw))
     base = dict(prompt="x", model=str(tiny_pipeline_dirs["sd15"]), width=1024, height=1024,
                 no_linfusion=True, device="cuda", dry_run=True, max_vram=80.0)
-    plan_memory(make_plan(Request(**base)))
+    add_memory_plans(make_plan(Request(**base)))
     assert seen and all("skips_on_cpu" not in f for f in seen)
     seen.clear()
-    plan = plan_memory(make_plan(Request(**base, tile_controlnet=str(cn_files["sd15"]))))
+    plan = add_memory_plans(make_plan(Request(**base, tile_controlnet=str(cn_files["sd15"]))))
     assert seen and all(f.get("skips_on_cpu") is False for f in seen)
     assert not any(s.memory.skips_on_cpu for s in plan.stages)

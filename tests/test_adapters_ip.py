@@ -101,7 +101,7 @@ def test_cli_ip_adapter_dry_run_metadata_and_bad_input(cli, tmp_path):
     from diffusers import UNet2DConditionModel
 
     from linfusion_cli.models.tiny import DEMO_UNET_CONFIGS, save_tiny_lora
-    from linfusion_cli.io.images import read_metadata
+    from linfusion_cli.io.metadata import read_metadata
 
     torch.manual_seed(0)
     ip = save_tiny_ip_adapter(tmp_path / "ip", UNet2DConditionModel(**DEMO_UNET_CONFIGS["sd15"]))

@@ -135,7 +135,7 @@ def test_cli_lora_dry_run_metadata_and_bad_input(cli, tmp_path):
     from diffusers import UNet2DConditionModel
 
     from linfusion_cli.models.tiny import DEMO_UNET_CONFIGS
-    from linfusion_cli.io.images import read_metadata
+    from linfusion_cli.io.metadata import read_metadata
 
     torch.manual_seed(0)
     lora = save_tiny_lora(tmp_path / "style.safetensors", UNet2DConditionModel(**DEMO_UNET_CONFIGS["sd15"]), "kohya")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from linfusion_cli.io.images import read_metadata
+from linfusion_cli.io.metadata import read_metadata
 
 from .cli_helpers import (
     PNG_MAGIC,
@@ -237,7 +237,7 @@ def test_batch_jsonl_a1111_and_plain_lines(cli, tmp_path):
 
 
 def test_batch_resume_skips_identical_and_overwrite_regenerates(cli, tmp_path, monkeypatch):
-    from linfusion_cli.planning import request as runner
+    from linfusion_cli import api
 
     args = ("batch", "-", *DEMO, "--res", "64", "--seed", "1", "--json", "-o", "out/", "-q")
     first = cli(*args, stdin="one\ntwo\n")
@@ -245,12 +245,12 @@ def test_batch_resume_skips_identical_and_overwrite_regenerates(cli, tmp_path, m
     paths = [tmp_path / json.loads(line)["path"] for line in first.out_lines]
     stamps = [(p.stat().st_mtime_ns, p.read_bytes()) for p in paths]
 
-    real = runner.generate_file
+    real = api.generate_file
 
     def must_not_run(*a, **k):
         raise AssertionError("--resume regenerated an identical image")
 
-    monkeypatch.setattr(runner, "generate_file", must_not_run)
+    monkeypatch.setattr(api, "generate_file", must_not_run)
     again = cli(*args, "--resume", stdin="one\ntwo\n")
     assert again.code == 0, again.err
     assert [json.loads(line) for line in again.out_lines] == [
@@ -261,7 +261,7 @@ def test_batch_resume_skips_identical_and_overwrite_regenerates(cli, tmp_path, m
     changed = cli(*args, "--steps", "3", "--resume", stdin="one\ntwo\n")
     assert changed.code == 2 and len(changed.err_lines) == 1 and "--overwrite" in changed.err
     assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in paths] == stamps
-    monkeypatch.setattr(runner, "generate_file", real)
+    monkeypatch.setattr(api, "generate_file", real)
     redone = cli(*args, "--steps", "3", "--resume", "--overwrite", stdin="one\ntwo\n")
     assert redone.code == 0, redone.err
     assert all(not json.loads(line).get("skipped") for line in redone.out_lines)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from linfusion_cli.io.images import read_metadata
+from linfusion_cli.io.metadata import read_metadata
 
 from .cli_helpers import Result, files_under, run_subprocess, write_preset
 
@@ -138,12 +138,12 @@ def test_existing_output_in_batch_is_not_overwritten(cli, tmp_path):
 
 
 def test_interrupt_in_process_is_exit_130(cli, tmp_path, monkeypatch):
-    from linfusion_cli.planning import request as runner
+    from linfusion_cli import api
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner, "generate_file", interrupted)
+    monkeypatch.setattr(api, "generate_file", interrupted)
     result = cli("generate", "x", *DEMO, "--res", "64", "-q", "-o", "out/")
     assert_one_error(result, 130, "interrupted")
     assert files_under(tmp_path / "out") == []
@@ -170,14 +170,14 @@ if mode == "import":  # block while the CLI imports typer
             return None
     sys.meta_path.insert(0, Blocker())
 else:  # block once stage 1's image is published
-    from linfusion_cli.io import images as output
-    real = output.save_image
+    from linfusion_cli.io import images
+    real = images.save_image
     def save_image(image, path, **kwargs):
         written = real(image, path, **kwargs)
         if path is not None and ".stage1-" in Path(path).name:
             block(str(written))
         return written
-    output.save_image = save_image
+    images.save_image = save_image
 from linfusion_cli.cli.app import main
 sys.argv = ["linfusion", *argv]
 main()

@@ -228,21 +228,21 @@ def test_method_sdedit_is_todays_stage_bit_for_bit(tiny_pipeline_dirs):
 # --- plans, presets, planner ----------------------------------------------------------------
 
 def test_plan_method_from_flag_and_preset(monkeypatch):
-    from linfusion_cli.planning import request as runner
+    from linfusion_cli.planning.request import Request, make_plan
 
-    req = runner.Request(prompt="x", model="demo-sdxl", res=2048, steps=10, max_vram=8, device="cpu")
-    sdxl = runner.make_plan(replace(req, preset="sdxl"))
+    req = Request(prompt="x", model="demo-sdxl", res=2048, steps=10, max_vram=8, device="cpu")
+    sdxl = make_plan(replace(req, preset="sdxl"))
     s = sdxl.stages[1]
     assert s.method == "demofusion" and s.demofusion == DemoFusion(3.0, 1.0, 1.0, 0.8, dilation=8)
     assert s.denoise_steps == 4  # ceil(10 x 0.32), as the official pipeline counts
     assert sdxl.stages[0].method is None
-    assert runner.make_plan(replace(req, preset="sdxl", method="sdedit")).stages[1].method == "sdedit"
-    assert runner.make_plan(req).stages[1].method == "demofusion"  # an SD-XL model: sdxl preset
+    assert make_plan(replace(req, preset="sdxl", method="sdedit")).stages[1].method == "sdedit"
+    assert make_plan(req).stages[1].method == "demofusion"  # an SD-XL model: sdxl preset
     sd15 = replace(req, preset="sd15")
-    assert runner.make_plan(sd15).stages[1].method == "sdedit"  # sd15 preset: sdedit
-    assert runner.make_plan(replace(sd15, method="demofusion")).stages[1].demofusion.gaussian_sigma == 1.0
+    assert make_plan(sd15).stages[1].method == "sdedit"  # sd15 preset: sdedit
+    assert make_plan(replace(sd15, method="demofusion")).stages[1].demofusion.gaussian_sigma == 1.0
     with pytest.raises(PlanError, match="unknown method"):
-        runner.make_plan(replace(req, method="tiled"))
+        make_plan(replace(req, method="tiled"))
 
 
 @pytest.mark.parametrize("text,match", [
@@ -257,7 +257,7 @@ def test_bad_method_keys_in_presets_are_named(text, match):
 
 def test_planner_counts_the_dilated_pass():
     from linfusion_cli.planning.memory import estimate as est
-    from linfusion_cli.planning.memory.planner import load_family_configs, plan_memory
+    from linfusion_cli.planning.memory.planner import load_family_configs, choose_knobs
 
     unet, vae = load_family_configs("sdxl")
     size = dict(width=16384, height=16384, dtype_bytes=2)
@@ -273,10 +273,10 @@ def test_planner_counts_the_dilated_pass():
     # plan with the dilated pass, so the planner picks a tighter one
     # (small VAE tiles forced, so that the UNet, not the VAE, sets the peak)
     size = dict(width=4096, height=4096, dtype_bytes=2, fixed={"vae_tile_px": 512})
-    a = plan_memory(unet, vae, **size, budget_bytes=24 * 2 ** 30)
+    a = choose_knobs(unet, vae, **size, budget_bytes=24 * 2 ** 30)
     budget = est.estimate_peak_bytes(unet, vae, width=4096, height=4096, dtype_bytes=2, knobs=a.knobs())
-    assert plan_memory(unet, vae, **size, budget_bytes=budget) == a
-    b = plan_memory(unet, vae, **size, budget_bytes=budget, dilated_pass=True)
+    assert choose_knobs(unet, vae, **size, budget_bytes=budget) == a
+    b = choose_knobs(unet, vae, **size, budget_bytes=budget, dilated_pass=True)
     assert b.knobs() != a.knobs() and b.slowdown(4096, 4096) >= a.slowdown(4096, 4096)
 
 

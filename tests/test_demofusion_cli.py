@@ -7,7 +7,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from linfusion_cli.io.images import read_metadata
+from linfusion_cli.io.metadata import read_metadata
 
 from .cli_helpers import write_preset
 

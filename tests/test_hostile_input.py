@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from linfusion_cli.io.images import read_metadata
+from linfusion_cli.io.metadata import read_metadata
 
 from .cli_helpers import Result, files_under, run_subprocess, write_preset
 
@@ -311,10 +311,10 @@ def test_output_collisions_found_before_loading(cli, tmp_path, monkeypatch, kind
 
 
 def test_batch_entry_failure_does_not_stop_the_others(cli, tmp_path, monkeypatch):
-    from linfusion_cli.planning import request as runner
+    from linfusion_cli import api
     from linfusion_cli.errors import OutOfMemoryError
 
-    real = runner.generate_file
+    real = api.generate_file
 
     def flaky(plan, model, **kwargs):
         if plan.prompt == "b":
@@ -323,7 +323,7 @@ def test_batch_entry_failure_does_not_stop_the_others(cli, tmp_path, monkeypatch
             raise RuntimeError("a bug in a library")
         return real(plan, model, **kwargs)
 
-    monkeypatch.setattr(runner, "generate_file", flaky)
+    monkeypatch.setattr(api, "generate_file", flaky)
     result = cli("batch", "-", *DEMO, "--res", "64", "-o", "out", "-q", stdin="a\nb\nc\nd\n")
     assert result.code == 1, result.err
     assert len(result.err_lines) == 2, result.err
@@ -342,12 +342,12 @@ def test_batch_entry_failure_does_not_stop_the_others(cli, tmp_path, monkeypatch
 
 @pytest.mark.parametrize("fmt", ["png", "tiff"])
 def test_disk_full_is_one_line_exit_1_and_nothing_left(cli, tmp_path, monkeypatch, fmt):
-    from linfusion_cli.io import images as output
+    from linfusion_cli.io import images
 
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(output.os, "fsync", full)
+    monkeypatch.setattr(images.os, "fsync", full)
     result = cli("generate", "x", *DEMO, "--res", "64", "-q", "-o", f"out/x.{fmt}")
     one_error(result, 1, "x." + fmt, "no space left")
     assert files_under(tmp_path / "out") == []
@@ -505,12 +505,12 @@ def test_preflight_counts_every_image_of_a_batch(cli, tmp_path, monkeypatch):
 @pytest.mark.parametrize("field", ["model", "preset", "linfusion", "negative", "prompt"])
 def test_nul_bytes_in_any_name_refused_at_plan_time(field):
     """The library path too: a NUL in a path or name never reaches the filesystem or a tokenizer."""
-    from linfusion_cli.planning import request as runner
     from linfusion_cli.errors import InputError
+    from linfusion_cli.planning.request import Request, make_plan
 
     values = {"prompt": "x", "model": "demo", "res": 64, field: "bad\0name"}
     with pytest.raises(InputError, match="NUL byte"):
-        runner.make_plan(runner.Request(**values))
+        make_plan(Request(**values))
 
 
 def test_nul_byte_in_an_argument_is_one_line(cli, tmp_path):

@@ -12,7 +12,7 @@ from linfusion_cli.planning.memory.planner import (
     MemoryPlan,
     candidate_plans,
     load_family_configs,
-    plan_memory,
+    choose_knobs,
 )
 
 FAMILIES = ("sd15", "sd21", "sdxl")
@@ -25,7 +25,7 @@ def configs():
 
 def _plan(configs, family, size, gib, **kw):
     unet, vae = configs[family]
-    return plan_memory(unet, vae, width=size, height=size, dtype_bytes=2,
+    return choose_knobs(unet, vae, width=size, height=size, dtype_bytes=2,
                        budget_bytes=int(gib * GIB), **kw)
 
 
@@ -93,7 +93,7 @@ def test_breakdown_adds_up_and_names_the_peak(configs):
 def test_sd15_16k_fits_24_gib_without_sequential_offload(configs):
     """The issue's target: SD1.5 at 16384x8192 inside 24 GiB (chunked LinFusion, CFG split)."""
     unet, vae = configs["sd15"]
-    plan = plan_memory(unet, vae, width=16384, height=8192, dtype_bytes=2, budget_bytes=24 * GIB)
+    plan = choose_knobs(unet, vae, width=16384, height=8192, dtype_bytes=2, budget_bytes=24 * GIB)
     assert plan.offload != "sequential" and plan.cfg_split and plan.attn_chunk
     assert plan.estimated_peak_gib <= 24
 

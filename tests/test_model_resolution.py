@@ -9,7 +9,7 @@ import pytest
 
 from linfusion_cli.errors import CheckpointMismatchError, ModelNotFoundError, PlanError
 from linfusion_cli.planning.resolve import resolve_linfusion, resolve_model
-from linfusion_cli.planning.request import Request, make_plan, plan_memory
+from linfusion_cli.planning.request import Request, make_plan, add_memory_plans
 
 
 def _fake_hf_cache(root, repo: str, unet: dict, vae: dict):
@@ -141,7 +141,7 @@ def test_load_refuses_a_model_of_another_family_than_planned(tiny_pipeline_dirs)
 def test_plan_and_load_agree_on_the_family(tiny_pipeline_dirs):
     from linfusion_cli.models.loading import load_model
 
-    plan = plan_memory(make_plan(Request(prompt="x", model=str(tiny_pipeline_dirs["sd21"]),
+    plan = add_memory_plans(make_plan(Request(prompt="x", model=str(tiny_pipeline_dirs["sd21"]),
                                          no_linfusion=True, res=128)))
     model = load_model(plan.model, linfusion=plan.linfusion, family=plan.family)
     assert model.family == plan.family == "sd21"

@@ -12,16 +12,9 @@ import pytest
 from PIL import Image
 
 from linfusion_cli.errors import InputError, ModelNotFoundError, OutputError
-from linfusion_cli.io.images import (
-    DEFAULT_TEMPLATE,
-    a1111_parameters,
-    open_image,
-    read_metadata,
-    render_name,
-    resolve_output,
-    save_image,
-    slugify,
-)
+from linfusion_cli.io.images import open_image, save_image
+from linfusion_cli.io.metadata import a1111_parameters, read_metadata
+from linfusion_cli.io.naming import DEFAULT_TEMPLATE, render_name, resolve_output, slugify
 
 FIELDS = {"index": 7, "seed": 1234, "prompt": "A Cat, on a mat!", "width": 2048, "height": 1024}
 

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from linfusion_cli import interrupts
-from linfusion_cli.io.images import a1111_parameters, open_image, read_metadata, save_image, to_rgb8
+from linfusion_cli.io.images import open_image, save_image, to_rgb8
+from linfusion_cli.io.metadata import a1111_parameters, read_metadata
 
 from .cli_helpers import parameters_fields
 
@@ -104,15 +105,15 @@ def test_transparent_pixels_flatten_on_white():
 
 def test_signal_during_the_publish_step_is_raised_after_it(tmp_path, monkeypatch):
     """A signal inside interrupts.critical() waits for the step: the file is whole, no temp left."""
-    from linfusion_cli.io import images as output
+    from linfusion_cli.io import images
 
-    real = output._publish
+    real = images._publish
 
     def publish(tmp, path, overwrite):
         interrupts.handle(signal.SIGTERM)  # as if it arrived right now
         real(tmp, path, overwrite)
 
-    monkeypatch.setattr(output, "_publish", publish)
+    monkeypatch.setattr(images, "_publish", publish)
     with pytest.raises(interrupts.Interrupted) as info:
         save_image(np.zeros((8, 8, 3), np.uint8), tmp_path / "x.png", record=record("x"))
     assert info.value.exit_code == 143

@@ -11,14 +11,13 @@ from typing import Annotated
 
 import typer
 
-from .. import distributed
-from ..planning import request as runner
+from .. import api, distributed
 from ..errors import InputError, LinfusionError, OutputError
 from ..io.manifest import Manifest, same_settings
-from ..io.images import read_metadata
-from ..planning.plan import stage_seed
+from ..io.metadata import read_metadata
 from ..io.prompts import read_prompt_file
 from ..io.targets import inside
+from ..planning.plan import stage_seed
 from ..planning.validate import SEED_MAX
 from . import common
 from .console import ProgressView, error, info, one_line_of
@@ -27,7 +26,7 @@ from .options import GenerationOptions, Template, shared_options
 BATCH_TEMPLATE = "{index:04d}-{slug}.{ext}"  # no seed: --resume finds the same names again
 
 
-def _entry_plan(entry, index, base: runner.Request, base_seed: int):
+def _entry_plan(entry, index, base: api.Request, base_seed: int):
     """The entry's own values over the command's; errors name the file and line."""
     res, width, height, aspect = base.res, base.width, base.height, base.aspect
     if entry.width is not None or entry.height is not None:  # the line's exact size wins over --aspect
@@ -40,7 +39,7 @@ def _entry_plan(entry, index, base: runner.Request, base_seed: int):
                   steps=entry.steps if entry.steps is not None else base.steps,
                   guidance=entry.guidance if entry.guidance is not None else base.guidance)
     try:
-        return runner.plan_memory(runner.make_plan(req))
+        return api.plan_request(req)
     except LinfusionError as exc:
         raise type(exc)(f"{entry.source}:{entry.line}: {exc}") from None
 
@@ -144,7 +143,7 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
             view = ProgressView(quiet=quiet, verbose=verbose)
             view.live = view.live and not world.distributed  # ranks sharing a terminal: no live bars
             with view:
-                result = runner.generate_file(plan, loaded, path=path, fmt=fmt, overwrite=overwrite,
+                result = api.generate_file(plan, loaded, path=path, fmt=fmt, overwrite=overwrite,
                                               on_event=view)
         except Exception as exc:  # noqa: BLE001 - every failure is one line; the exit code says it
             if loaded is None:  # the model itself did not load: nothing else can run

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..planning import request as runner
+from .. import api
 from ..errors import InputError
 from .console import ProgressView, info, quiet_libraries
 
@@ -69,7 +69,7 @@ def load(plan, *, verbose: bool, quiet: bool, allow_pickle: bool = False, config
 def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_image=None) -> dict:
     """Generate one image, write it, print its path (or JSON) on stdout."""
     with ProgressView(quiet=quiet, verbose=verbose) as view:
-        result = runner.generate_file(plan, model, path=path, fmt=fmt, overwrite=overwrite,
+        result = api.generate_file(plan, model, path=path, fmt=fmt, overwrite=overwrite,
                                       on_event=view, init_image=init_image)
     if path is not None:
         print(json.dumps(result) if as_json else result["path"], flush=True)
@@ -82,7 +82,7 @@ def plan_and_run(req, opts, *, output, init_image=None) -> None:
     """generate/upscale after parsing: plan, then print it (--dry-run) or run it to a file."""
     if output == "-" and req.save_stages:
         raise InputError("--save-stages writes files beside the image; it cannot be used with -o -")
-    plan = runner.plan_memory(runner.make_plan(req))
+    plan = api.plan_request(req)
     if opts.dry_run:  # the output is checked as for a run, but nothing is created
         resolve_target(output, plan=plan, fmt=opts.format, overwrite=opts.overwrite, create=False)
         print_dry_run(plan, as_json=opts.json)
@@ -137,7 +137,7 @@ def _isatty(stream) -> bool:
 def resolve_target(output, *, plan, fmt, overwrite, template=None, index=0,
                    create=True) -> tuple[Path | None, str]:
     """Output path (None for stdout) and format, checked before any heavy work."""
-    from ..io.images import DEFAULT_TEMPLATE, format_of, resolve_output
+    from ..io.naming import DEFAULT_TEMPLATE, format_of, resolve_output
 
     fields = dict(index=index, seed=plan.seed, prompt=plan.prompt, width=plan.width, height=plan.height)
     path = resolve_output(output, template=template or DEFAULT_TEMPLATE, fields=fields, fmt=fmt,
@@ -153,7 +153,7 @@ def check_outputs(plan, path, fmt, *, overwrite) -> None:
 
     if plan.save_stages and path is not None:
         for stage in plan.stages[:-1]:
-            check_target(runner.stage_image_path(path, stage.index, stage.width, stage.height),
+            check_target(api.stage_image_path(path, stage.index, stage.width, stage.height),
                          overwrite=overwrite)
     check_free_space(plan, path, fmt)
 

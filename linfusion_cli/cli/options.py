@@ -56,7 +56,7 @@ Template = Annotated[Optional[str], typer.Option("--name", help="File name templ
 @dataclass(frozen=True)
 class GenerationOptions:
     """Every flag the generating commands share; a new flag is one field here (and one in
-    runner.Request when the plan needs it)."""
+    Request when the plan needs it)."""
 
     res: Res = None
     aspect: Aspect = None
@@ -98,8 +98,8 @@ class GenerationOptions:
     ip_encoder: IpEncoder = None
 
     def request(self, prompt: str, **extra):
-        """The runner.Request these flags ask for, checked before any batch line or model."""
-        from ..planning import request as runner
+        """The Request these flags ask for, checked before any batch line or model."""
+        from ..planning.request import Request
         from ..planning import validate
         from ..errors import InputError
         from ..planning.method import METHODS
@@ -109,11 +109,11 @@ class GenerationOptions:
             raise InputError(f"unknown scheduler {self.scheduler!r}; use {', '.join(SCHEDULERS)}")
         if self.method is not None and self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}; use {' or '.join(METHODS)}")
-        same = {f.name for f in fields(runner.Request)} & {f.name for f in fields(self)}
+        same = {f.name for f in fields(Request)} & {f.name for f in fields(self)}
         values = {name: getattr(self, name) for name in same}
         values.update(seed=None if self.seed == -1 else self.seed,
                       strengths=parse_strengths(self.strengths), loras=tuple(self.lora or ()))
-        req = runner.Request(prompt=prompt, **{**values, **extra})
+        req = Request(prompt=prompt, **{**values, **extra})
         validate.request(req)
         return req
 

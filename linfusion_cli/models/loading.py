@@ -246,15 +246,32 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", linfusi
     `family` is what the plan was made for: a model that turns out to be another family is
     refused here, before any stage runs, rather than run under a plan made for something else.
     """
+    torch_device = resolve_device(device)
+    unet_dtype, _ = resolve_dtypes(dtype, torch_device)
+    pipe = open_pipeline(model, unet_dtype, allow_pickle=allow_pickle, config=config)
+    return prepare_model(pipe, model=model, dtype=dtype, device=device, linfusion=linfusion,
+                         scheduler=scheduler, channels_last=channels_last, family=family,
+                         adapters=adapters)
+
+
+def prepare_model(pipe, *, model: str, dtype: str = "auto", device: str = "auto",
+                  linfusion: str | None = "auto", scheduler: str = "default",
+                  channels_last: bool | None = None, family: str | None = None,
+                  adapters: dict | None = None) -> LoadedModel:
+    """An open diffusers pipeline made ready for a plan, in place: dtypes, scheduler, LinFusion
+    layers, adapters, device. load_model's second half, and the way in for a caller's own pipeline."""
     from ..attention import apply_linfusion
 
     torch_device = resolve_device(device)
     unet_dtype, vae_dtype = resolve_dtypes(dtype, torch_device)
-    pipe = open_pipeline(model, unet_dtype, allow_pickle=allow_pickle, config=config)
     found = detect_family(pipe.unet.config)
     if family is not None and found != family:
         raise PlanError(f"{model} is an {found} model but the plan was made for {family} (its "
                         f"configs were not found before loading); pass --preset {found}")
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, part, None)
+        if module is not None and module.dtype != unet_dtype:
+            module.to(dtype=unet_dtype)
     if pipe.vae.dtype != vae_dtype:
         pipe.vae.to(dtype=vae_dtype)
     set_scheduler(pipe, scheduler)

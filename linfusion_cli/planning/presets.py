@@ -1,6 +1,7 @@
 """Presets: YAML files naming a model, its LinFusion weights, a stage ladder and a memory policy.
 
-Bundled presets live in the package (`linfusion_cli/presets/*.yaml`); user presets in
+Bundled presets live in the repository's top-level `presets/` folder (shipped in the wheel as
+`linfusion_cli/presets/`); user presets in
 `$LINFUSION_CONFIG_DIR/presets` or `~/.config/linfusion/presets` override them by name.
 """
 
@@ -155,9 +156,16 @@ def _check_method_keys(data: dict, source: str) -> None:
             data[k] = float(data[k])
 
 
+def bundled_folder():
+    """The shipped presets: linfusion_cli/presets in an installed wheel, else the top-level
+    presets/ of a source checkout (an editable install maps no data folder into the package)."""
+    installed = resources.files("linfusion_cli") / "presets"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "presets"
+
+
 def bundled_presets() -> dict[str, str]:
     """Name -> YAML text of the presets shipped with the package."""
-    folder = resources.files("linfusion_cli") / "presets"
+    folder = bundled_folder()
     return {p.name[:-5]: p.read_text() for p in folder.iterdir() if p.name.endswith(".yaml")}
 
 

@@ -1,16 +1,17 @@
-"""The library's front door: preset + options -> validated plan (with memory) -> files on disk.
+"""What the user asked for -> one frozen, validated plan with a memory plan per stage.
 
-The CLI is a thin layer over these functions; scripts can call them directly.
+Request holds flags/batch fields (None: the preset's value); make_plan resolves preset, model,
+size, device and adapters; add_memory_plans picks each stage's knobs under the budget.
+Nothing here loads weights.
 """
 
 from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from . import validate
-from ..errors import InputError, NonFiniteError, PlanError
+from ..errors import InputError, PlanError
 from .plan import GenerationPlan, build_plan, check_size, size_from_res
 from .presets import Preset, load_preset
 
@@ -76,13 +77,14 @@ def target_size(req: Request, preset: Preset) -> tuple[int, int]:
     return size_from_res(res, req.aspect or preset.aspect)
 
 
-def _preset_and_model(req: Request):
+def _preset_and_model(req: Request, info=None):
     """The preset (given, else the model's family's) and the resolved model."""
     from .resolve import resolve_model
 
     given = load_preset(req.preset)  # None: the default preset, until the model's family is known
-    info = resolve_model(req.model or given.model, config_dir=req.config,
-                         fallback_family=given.family, allow_pickle=req.allow_pickle)
+    if info is None:
+        info = resolve_model(req.model or given.model, config_dir=req.config,
+                             fallback_family=given.family, allow_pickle=req.allow_pickle)
     if req.preset is None and info.family != given.family:
         return load_preset(info.family), info
     return given, info
@@ -98,14 +100,18 @@ def _base_short_side(preset: Preset, family: str) -> int:
     return TRAINED_SHORT_SIDE[family]
 
 
-def make_plan(req: Request) -> GenerationPlan:
-    """A validated plan, before any weights load: model resolved, device and dtypes chosen."""
+def make_plan(req: Request, model_info=None) -> GenerationPlan:
+    """A validated plan, before any weights load: model resolved, device and dtypes chosen.
+
+    model_info: the model as already known (a caller's open pipeline, resolve.info_of_pipeline);
+    None resolves req.model.
+    """
     from .resolve import resolve_linfusion
 
     validate.request(req)
     if req.prompt is None or not req.prompt.strip():
         raise InputError("the prompt is empty")
-    preset, info = _preset_and_model(req)
+    preset, info = _preset_and_model(req, model_info)
     width, height = target_size(req, preset)
     seed = req.seed if req.seed is not None else secrets.randbelow(validate.SEED_MAX + 1)
     vae_tile = req.vae_tile if req.vae_tile is not None else preset.vae_tile_px  # both validated
@@ -205,14 +211,14 @@ def device_budget(plan: GenerationPlan) -> tuple[int | None, str]:
                     f"{budget / 2 ** 30:.1f} GiB; pass --max-vram to allow more")
 
 
-def plan_memory(plan: GenerationPlan) -> GenerationPlan:
+def add_memory_plans(plan: GenerationPlan) -> GenerationPlan:
     """Give every stage the fastest memory plan that fits the budget (PlanError if none does).
 
     Forced knobs (--vae-tile, a preset's `memory:`) are constraints of the search, so the
     estimate printed is the one of the plan that runs.
     """
     from .memory.planner import BudgetError
-    from .memory.planner import plan_memory as choose
+    from .memory.planner import choose_knobs
     from .resolve import DTYPE_BYTES
 
     info = plan.model_info
@@ -229,7 +235,7 @@ def plan_memory(plan: GenerationPlan) -> GenerationPlan:
         images = 3 * 3 * stage.width * stage.height if kind == "cpu" else 0  # previous, resized, new
         control = _adapter_bytes(plan, info.unet_config, stage, DTYPE_BYTES[plan.dtype])
         try:
-            memory = choose(info.unet_config, info.vae_config, width=stage.width,
+            memory = choose_knobs(info.unet_config, info.vae_config, width=stage.width,
                             height=stage.height, dtype_bytes=DTYPE_BYTES[plan.dtype],
                             vae_bytes=DTYPE_BYTES[plan.vae_dtype],
                             budget_bytes=1 << 62 if budget is None else max(budget - images - control, 1),
@@ -265,52 +271,6 @@ def _adapter_bytes(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: int
         + ip_adapter_extra_bytes(plan.adapters, plan.family, dtype_bytes)
 
 
-def result_summary(path: Path | None, record: dict) -> dict:
-    """The --json object for one image: where it is and what made it."""
-    return {
-        "path": str(path) if path is not None else "-", "prompt": record["prompt"],
-        "seed": record["seed"], "width": record["width"], "height": record["height"],
-        "model": record["model"], "linfusion": record["linfusion"],
-        "stages": [{"width": s["width"], "height": s["height"], "strength": s["strength"],
-                    "steps": s["denoise_steps"], "seconds": s["seconds"], "peak_gib": s["peak_gib"]}
-                   for s in record["stages"]],
-    }
-
-
-def stage_image_path(final: Path | None, index: int, width: int, height: int) -> Path:
-    """Where --save-stages keeps stage `index`: beside the final file."""
-    base = final if final is not None else Path.cwd() / "stdout"
-    return base.with_name(f"{base.stem}.stage{index + 1}-{width}x{height}.png")
-
-
-def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, overwrite: bool = False,
-                  on_event=None, init_image=None) -> dict:
-    """Run a plan and write its image atomically (stdout when path is None); stages kept as asked."""
-    from ..io.images import save_image
-    from ..pipeline import StageFinished, run_plan
-
-    finished = []  # the last finished stage: kept if a later stage fails with NaN/inf
-
-    def handle(event):
-        if isinstance(event, StageFinished):
-            finished[:] = [event]
-        if plan.save_stages and isinstance(event, StageFinished) and event.stage < event.stages - 1:
-            stage = plan.stages[event.stage]
-            save_image(event.image, stage_image_path(path, event.stage, stage.width, stage.height),
-                       record=event.record, fmt="png", overwrite=overwrite)
-        if on_event is not None:
-            on_event(event)
-
-    try:
-        image, record = run_plan(plan, model, on_event=handle, init_image=init_image)
-    except NonFiniteError as exc:
-        if not finished:
-            raise
-        last = finished[0]
-        stage = plan.stages[last.stage]
-        kept = stage_image_path(path, last.stage, stage.width, stage.height)
-        if not plan.save_stages:
-            save_image(last.image, kept, record=last.record, fmt="png", overwrite=overwrite)
-        raise NonFiniteError(exc.part, f"{exc}; stage {last.stage + 1}'s image is kept as {kept}") from None
-    written = save_image(image, path, record=record, fmt=fmt, overwrite=overwrite)
-    return result_summary(written, record)
+def plan_request(req: Request, model_info=None) -> GenerationPlan:
+    """make_plan then add_memory_plans: the plan a run follows and a dry run prints."""
+    return add_memory_plans(make_plan(req, model_info))

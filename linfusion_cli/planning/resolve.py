@@ -158,6 +158,13 @@ def resolve_model(model: str, *, config_dir: str | None = None, fallback_family:
                      f"assumed {fallback_family}: no configs of {model} found locally")
 
 
+def info_of_pipeline(pipe, name: str | None = None) -> ModelInfo:
+    """A caller's open diffusers pipeline as planning sees it: its own configs, its family."""
+    name = name or getattr(pipe, "name_or_path", None) or "pipeline"
+    unet, vae = dict(pipe.unet.config), dict(pipe.vae.config)
+    return ModelInfo(str(name), detect_family(unet), unet, vae, "the given pipeline's configs")
+
+
 def auto_linfusion(model: str, unet_config) -> str:
     """The weights "auto" means: fresh layers for the demo (they start from its own attention
     weights), else the official repo for this model (matching.require_linfusion_repo)."""

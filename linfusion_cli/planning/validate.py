@@ -142,7 +142,7 @@ def scheduler_needs(name: str) -> None:
 
 
 def request(req) -> None:
-    """Every user-given value of a runner.Request, with the flag's name; conflicts refused."""
+    """Every user-given value of a request.Request, with the flag's name; conflicts refused."""
     text(req.prompt, "the prompt")
     for field in ("preset", "model", "linfusion", "scheduler", "device", "dtype", "init_image"):
         value = getattr(req, field, None)

@@ -180,7 +180,7 @@ class _Estimator:
                               offload=k.offload, device=self.device, layer_bytes=self.layer)
 
 
-def plan_memory(unet_config: dict, vae_config: dict, *, width: int, height: int,
+def choose_knobs(unet_config: dict, vae_config: dict, *, width: int, height: int,
                 dtype_bytes: int, budget_bytes: int, guidance: bool = True,
                 linfusion: bool = True, device: str = "cuda",
                 text_encoders_bytes: int | None = None, vae_bytes: int | None = None,

@@ -1,0 +1,129 @@
+"""The library's front door: plan, generate and upscale from Python, without the CLI.
+
+    from linfusion_cli import api
+    plan = api.plan("a lighthouse at dusk", res=8192)      # frozen plan; nothing loads
+    image, record = api.generate("a lighthouse at dusk", res=8192, model="demo")
+    image, record = api.generate("a lighthouse", res=4096, pipe=my_pipe)   # your own pipeline
+    bigger, record = api.upscale(Image.open("in.png"), "a lighthouse", res=8192)
+
+Options are Request's fields (flags of `linfusion generate`, underscores for dashes). The CLI is
+a thin layer over plan_request + load + generate_file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import NonFiniteError
+from .planning.plan import GenerationPlan
+from .planning.request import Request, plan_request
+
+__all__ = ["Request", "generate", "generate_file", "load", "plan", "plan_request", "upscale"]
+
+
+def plan(prompt: str, *, pipe=None, **options) -> GenerationPlan:
+    """The plan for a prompt (memory planned per stage); `pipe`: plan for this open pipeline."""
+    return plan_request(Request(prompt=prompt, **options), _info(pipe, options))
+
+
+def load(plan: GenerationPlan, *, pipe=None, allow_pickle: bool = False, config: str | None = None):
+    """The model a plan runs on: loaded from plan.model, or `pipe` made ready in place
+    (dtypes, scheduler, LinFusion layers, adapters, device)."""
+    from .models.loading import load_model, prepare_model
+
+    settings = dict(dtype=plan.dtype, device=plan.device, linfusion=plan.linfusion,
+                    scheduler=plan.stages[0].scheduler, family=plan.family, adapters=plan.adapters)
+    if pipe is not None:
+        return prepare_model(pipe, model=plan.model, **settings)
+    return load_model(plan.model, allow_pickle=allow_pickle, config=config, **settings)
+
+
+def generate(prompt: str, *, pipe=None, on_event=None, **options):
+    """(PIL image, run record) for a prompt: base stage then the img2img ladder."""
+    made = plan(prompt, pipe=pipe, **options)
+    return _run(made, load(made, pipe=pipe, allow_pickle=options.get("allow_pickle", False),
+                           config=options.get("config")), on_event)
+
+
+def upscale(image, prompt: str = "high detail", *, pipe=None, on_event=None, **options):
+    """(PIL image, run record): the img2img ladder from an existing image (PIL or path)."""
+    from .io.images import open_image, to_rgb8
+
+    picture = open_image(image) if isinstance(image, (str, Path)) else to_rgb8(image)
+    options.setdefault("init_image", str(image) if isinstance(image, (str, Path)) else "<image>")
+    made = plan(prompt, pipe=pipe, init_size=picture.size, **options)
+    model = load(made, pipe=pipe, allow_pickle=options.get("allow_pickle", False),
+                 config=options.get("config"))
+    return _run(made, model, on_event, init_image=np.asarray(picture))
+
+
+def _info(pipe, options: dict):
+    """The model as planning sees it: from `pipe` when given, else resolved by name later."""
+    if pipe is None:
+        return None
+    from .planning.resolve import info_of_pipeline
+
+    return info_of_pipeline(pipe, options.get("model"))
+
+
+def _run(made: GenerationPlan, model, on_event, init_image=None):
+    from PIL import Image
+
+    from .pipeline import run_plan
+
+    image, record = run_plan(made, model, on_event=on_event or (lambda event: None),
+                             init_image=init_image)
+    return Image.fromarray(image), record
+
+
+def result_summary(path: Path | None, record: dict) -> dict:
+    """The --json object for one image: where it is and what made it."""
+    return {
+        "path": str(path) if path is not None else "-", "prompt": record["prompt"],
+        "seed": record["seed"], "width": record["width"], "height": record["height"],
+        "model": record["model"], "linfusion": record["linfusion"],
+        "stages": [{"width": s["width"], "height": s["height"], "strength": s["strength"],
+                    "steps": s["denoise_steps"], "seconds": s["seconds"], "peak_gib": s["peak_gib"]}
+                   for s in record["stages"]],
+    }
+
+
+def stage_image_path(final: Path | None, index: int, width: int, height: int) -> Path:
+    """Where --save-stages keeps stage `index`: beside the final file."""
+    base = final if final is not None else Path.cwd() / "stdout"
+    return base.with_name(f"{base.stem}.stage{index + 1}-{width}x{height}.png")
+
+
+def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, overwrite: bool = False,
+                  on_event=None, init_image=None) -> dict:
+    """Run a plan and write its image atomically (stdout when path is None); stages kept as asked."""
+    from .io.images import save_image
+    from .pipeline import StageFinished, run_plan
+
+    finished = []  # the last finished stage: kept if a later stage fails with NaN/inf
+
+    def handle(event):
+        if isinstance(event, StageFinished):
+            finished[:] = [event]
+        if plan.save_stages and isinstance(event, StageFinished) and event.stage < event.stages - 1:
+            stage = plan.stages[event.stage]
+            save_image(event.image, stage_image_path(path, event.stage, stage.width, stage.height),
+                       record=event.record, fmt="png", overwrite=overwrite)
+        if on_event is not None:
+            on_event(event)
+
+    try:
+        image, record = run_plan(plan, model, on_event=handle, init_image=init_image)
+    except NonFiniteError as exc:
+        if not finished:
+            raise
+        last = finished[0]
+        stage = plan.stages[last.stage]
+        kept = stage_image_path(path, last.stage, stage.width, stage.height)
+        if not plan.save_stages:
+            save_image(last.image, kept, record=last.record, fmt="png", overwrite=overwrite)
+        raise NonFiniteError(exc.part, f"{exc}; stage {last.stage + 1}'s image is kept as {kept}") from None
+    written = save_image(image, path, record=record, fmt=fmt, overwrite=overwrite)
+    return result_summary(written, record)
