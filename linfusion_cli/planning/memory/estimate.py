@@ -18,7 +18,7 @@ import json
 from functools import lru_cache
 
 from .walk import (  # noqa: F401 (the estimate's parts, re-exported for callers and tests)
-    DECODE_PAD_PX, ENCODE_PAD_PX, STATS_PX, Knobs, _transformer, _transformer_phases,
+    DECODE_PAD_PX, ENCODE_PAD_PX, OFFLOADS, STATS_PX, Knobs, _transformer, _transformer_phases,
     latent_tokens, unet_activation_bytes, unet_breakdown, vae_activation_bytes,
     whole_latent_channels)
 

@@ -8,22 +8,21 @@ cost model and picks one, or refuses with the smallest budget that would have wo
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 from ... import tuning
 from ...errors import PlanError
 from . import estimate as est
 
 GIB = est.GIB
-OFFLOADS = ("none", "model", "sequential")
+OFFLOADS = est.OFFLOADS
 TILE_CHOICES = (0, 4096, 2048, 1024, 512)  # VAE tile px (0 = untiled), loosest first
 FF_CHOICES = (0, 16384, 4096)  # feed-forward chunk, tokens
 # LinFusion chunk, tokens, loosest first: always explicit, so the estimate models what runs
 # (the layer's own default is the first choice of each device kind).
 ATTN_CHOICES = {"cuda": (tuning.LINFUSION_DEFAULT_CHUNK["cuda"], 16384, 4096),
                 "cpu": (tuning.LINFUSION_DEFAULT_CHUNK["cpu"], 4096)}
-KNOB_NAMES = ("offload", "vae_tile_px", "ff_chunk", "cfg_split", "attn_chunk", "inplace",
-              "skips_on_cpu")
+KNOB_NAMES = tuple(f.name for f in fields(est.Knobs))
 
 
 class BudgetError(PlanError):
@@ -41,30 +40,14 @@ _VAE_SHARE = 0.1  # share of a stage's time spent in the VAE
 
 
 @dataclass(frozen=True)
-class MemoryPlan:
-    """Knobs that change memory and speed but not the image; plus the estimate they give."""
+class MemoryPlan(est.Knobs):
+    """A stage's knobs plus the peak they are estimated to give."""
 
-    offload: str = "none"  # "none" | "model" | "sequential" (accelerate CPU offload)
-    vae_tile_px: int = 0  # VAE tile size in output pixels, 0 = untiled
-    ff_chunk: int = 0  # transformer feed-forward chunk in tokens, 0 = off
-    cfg_split: bool = False  # classifier-free guidance as two half batches
-    attn_chunk: int = 0  # LinFusion token chunk (0 only without LinFusion)
-    inplace: bool = False  # in-place SiLU on spatial tensors (inference only)
-    skips_on_cpu: bool = False  # UNet skip tensors parked in CPU memory
     estimated_peak_gib: float = 0.0
 
-    def __post_init__(self) -> None:
-        if self.offload not in OFFLOADS:
-            raise PlanError(f"offload must be one of {', '.join(OFFLOADS)}, not {self.offload!r}")
-        for name in ("vae_tile_px", "ff_chunk", "attn_chunk"):
-            if getattr(self, name) < 0:
-                raise PlanError(f"{name} must be >= 0 (0 = off), not {getattr(self, name)}")
-
     def knobs(self) -> est.Knobs:
-        """The knobs alone, as the estimator takes them."""
-        d = asdict(self)
-        d.pop("estimated_peak_gib")
-        return est.Knobs(**d)
+        """The knobs alone (plans with equal knobs and different estimates compare equal here)."""
+        return est.Knobs(**{name: getattr(self, name) for name in KNOB_NAMES})
 
     def to_dict(self) -> dict:
         """JSON-able record for --dry-run and run metadata."""

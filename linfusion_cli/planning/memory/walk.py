@@ -38,23 +38,35 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ... import tuning
+from ...errors import PlanError
 
 DECODE_PAD_PX = tuning.DECODER_CONTEXT * 8  # context around a decoder tile, image px a side
 ENCODE_PAD_PX = tuning.ENCODER_CONTEXT * 8  # context around an encoder tile
 STATS_PX = tuning.STATS_PX  # long side, latent px, of the "estimated" mode's stats pass
 
 
+OFFLOADS = ("none", "model", "sequential")
+
+
 @dataclass(frozen=True)
 class Knobs:
-    """The memory knobs the estimate depends on (a MemoryPlan without its estimate)."""
+    """Settings that trade speed for memory but leave the image unchanged; the one list of them
+    (planner.MemoryPlan adds the estimate, pipeline/knobs.py applies and reads them back)."""
 
-    offload: str = "none"
-    vae_tile_px: int = 0
-    ff_chunk: int = 0
-    cfg_split: bool = False
-    attn_chunk: int = 0
-    inplace: bool = False
-    skips_on_cpu: bool = False
+    offload: str = "none"  # "none" | "model" | "sequential" (accelerate CPU offload)
+    vae_tile_px: int = 0  # VAE tile size in output pixels, 0 = untiled
+    ff_chunk: int = 0  # transformer feed-forward chunk in tokens, 0 = off
+    cfg_split: bool = False  # classifier-free guidance as two half batches
+    attn_chunk: int = 0  # LinFusion token chunk (0 only without LinFusion)
+    inplace: bool = False  # in-place SiLU on spatial tensors (inference only)
+    skips_on_cpu: bool = False  # UNet skip tensors parked in CPU memory
+
+    def __post_init__(self) -> None:
+        if self.offload not in OFFLOADS:
+            raise PlanError(f"offload must be one of {', '.join(OFFLOADS)}, not {self.offload!r}")
+        for name in ("vae_tile_px", "ff_chunk", "attn_chunk"):
+            if getattr(self, name) < 0:
+                raise PlanError(f"{name} must be >= 0 (0 = off), not {getattr(self, name)}")
 
 
 # ---------------------------------------------------------------- working sets (channels/token)
