@@ -236,14 +236,15 @@ def run_case(setup: Setup, models, case: Case, plan: MemoryPlan, args) -> dict:
             eps = uncond + 7.5 * (cond - uncond)
             return scheduler.step(eps, t, latents).prev_sample
 
-    info: dict = {}
+    reports: list = []  # the decode's vae.TileReport
     place(unet, vae, "unet", plan.offload, dev)
     handle = apply_knobs(unet, vae, plan)
     try:
         new, u_s, u_alloc, u_res, u_before = Meter(dev).run(step)
         place(unet, vae, "vae", plan.offload, dev)
         _, v_s, v_alloc, v_res, v_before = Meter(dev).run(
-            lambda: decode(vae, new, tile_px=plan.vae_tile_px, mode=args.vae_mode, info=info))
+            lambda: decode(vae, new, tile_px=plan.vae_tile_px, mode=args.vae_mode,
+                           on_report=reports.append))
     finally:
         handle()
         if dev == "cuda" and plan.offload != "none":  # both back for the next case
@@ -253,7 +254,7 @@ def run_case(setup: Setup, models, case: Case, plan: MemoryPlan, args) -> dict:
     return {"weights": weights, "unet_s": u_s, "unet_alloc": u_alloc, "unet_reserved": u_res,
             "unet_act": u_alloc - u_before, "vae_s": v_s, "vae_alloc": v_alloc,
             "vae_reserved": v_res, "vae_act": v_alloc - v_before,
-            "vae_mode": info.get("mode"), "tiles": info.get("tiles")}
+            "vae_mode": reports[0].mode, "tiles": reports[0].tiles}
 
 
 def oom_types():
