@@ -167,6 +167,19 @@ def test_auto_mode_falls_back_to_estimated_when_over_budget(vae, latent):
     assert fits.mode == "exact" and fits.working_set_bytes <= fits.budget_bytes
 
 
+def test_auto_mode_budget_is_hostmems_share_of_free_ram(vae, latent, monkeypatch):
+    from linfusion_cli import hostmem
+
+    small = latent[:, :, :16, :24]
+    reports = []
+    decode(vae, small, tile_px=64, mode="exact", on_report=reports.append)
+    need = reports[0].working_set_bytes
+    for free in (2 * need, 2 * need - 2):  # half of it just fits, then just does not
+        monkeypatch.setattr(hostmem, "host_memory", lambda: hostmem.HostMemory(64 * need, free))
+        decode(vae, small, tile_px=64, stats_px=8, on_report=reports.append)
+    assert [(r.mode, r.budget_bytes) for r in reports[1:]] == [("exact", need), ("estimated", need - 1)]
+
+
 def test_decode_rejects_batches(vae, latent):
     with pytest.raises(ValueError):
         decode(vae, torch.cat([latent, latent]))
