@@ -51,6 +51,7 @@ from .attention import default_token_limit
 from .blocks import TileCtx, decoder_split, decoder_tile, decoder_whole, encoder_split, \
     encoder_tile, encoder_whole
 from .drive import run_recording, run_tiles
+from .pixels import as_uint8_image, preprocess, to_uint8
 from .tiles import choose_tile_px, downscaled_size, tile_grid, window_area_sum
 
 log = logging.getLogger(__name__)
@@ -91,37 +92,6 @@ def _factor(vae) -> int:
 
 def _shift(vae):
     return getattr(vae.config, "shift_factor", None)
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(1, 3, H, W) in [-1, 1] -> (H, W, 3) uint8, like diffusers' image processor, in float32.
-
-    NaN/inf (an fp16 overflow) raise NonFiniteError("vae") instead of turning black."""
-    if not bool(torch.isfinite(x).all()):
-        from ..errors import NonFiniteError
-
-        raise NonFiniteError("vae")
-    x = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-    return x[0].permute(1, 2, 0).cpu().numpy()
-
-
-def _preprocess(arr: np.ndarray, device, dtype) -> torch.Tensor:
-    """uint8 (H, W, 3) -> (1, 3, H, W) in [-1, 1], exactly as VaeImageProcessor does it.
-
-    Same arithmetic (numpy float32 x/255, then 2x-1) and same channels-last strides as its
-    `numpy_to_pt`, since torch's conv picks other kernels (other rounding) for that layout.
-    """
-    arr = np.ascontiguousarray(arr)  # (H, W, 3) C-order, as np.array(PIL image) is
-    x = torch.from_numpy((arr.astype(np.float32) / 255.0)[None].transpose(0, 3, 1, 2))
-    return (2.0 * x - 1.0).to(device=device, dtype=dtype)
-
-
-def _as_uint8_image(image) -> np.ndarray:
-    """PIL image or uint8 array -> uint8 (H, W, 3)."""
-    arr = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"expected a PIL image or uint8 (H, W, 3) array, got {arr.dtype} {arr.shape}")
-    return arr
 
 
 def _working_set(blocks, resnet_scale: int, step, tiles, itemsize: int, tail: int = 0) -> int:
@@ -250,7 +220,7 @@ def encode(vae, image, *, tile_px: int | None = None, generator: torch.Generator
     """
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    arr = _as_uint8_image(image)
+    arr = as_uint8_image(image)
     device, dtype, _ = _where(vae)
     f = _factor(vae)
     if arr.shape[0] % f or arr.shape[1] % f:
@@ -258,7 +228,7 @@ def encode(vae, image, *, tile_px: int | None = None, generator: torch.Generator
     tile_px, limit = _resolve_tiling(tile_px, attn_token_limit, arr.shape[0], arr.shape[1], device)
     with torch.inference_mode():
         if tile_px <= 0:
-            moments = vae.encoder(_preprocess(arr, device, dtype))  # (1, 8, h, w)
+            moments = vae.encoder(preprocess(arr, device, dtype))  # (1, 8, h, w)
             if vae.quant_conv is not None:
                 moments = vae.quant_conv(moments)
             moments, report = _untiled(moments, on_tile)
@@ -291,7 +261,7 @@ def _encode_tiled(vae, arr, tile_px, mode, on_tile, context, limit, stats_px,
 
     def start(t, ctx):
         ys, xs = t.window_slices(f)
-        return encoder_tile(vae, _preprocess(arr[ys, xs], device, dtype), ctx)
+        return encoder_tile(vae, preprocess(arr[ys, xs], device, dtype), ctx)
 
     def write(t, x):  # x: (1, C, win_h, win_w)
         nonlocal feat
@@ -315,5 +285,5 @@ def _encoder_stats(vae, arr: np.ndarray, long_side: int, device, dtype):
     sh, sw = downscaled_size(h, w, long_side)
     small = arr if (sh, sw) == (h, w) else np.asarray(
         Image.fromarray(arr).resize((sw * f, sh * f), Image.BOX))
-    gen = encoder_tile(vae, _preprocess(small, device, dtype), TileCtx((0, sh, 0, sw), (sh, sw)))
+    gen = encoder_tile(vae, preprocess(small, device, dtype), TileCtx((0, sh, 0, sw), (sh, sw)))
     return run_recording(gen)[1]
