@@ -1,7 +1,8 @@
 """LinFusion vs diffusers' default (SDPA) self-attention on this CPU: time, peak memory, scaling.
 
-Each measurement runs in a fresh process (peak RSS is its own). Prints a table and the fitted
-exponent of time and memory in N. Usage: python benchmarks/attention.py [--quick]
+Each measurement runs in a fresh process (peak RSS is its own; benchmarks._measure). Prints a
+table and the fitted exponent of time and memory in N. From the repo root:
+    python -m benchmarks.attention [--quick]
 """
 
 from __future__ import annotations
@@ -10,16 +11,13 @@ import math
 import sys
 import time
 
-sys.path.insert(0, __file__.rsplit("/", 2)[0])
-
-from benchmarks._measure import run_isolated  # noqa: E402
+from benchmarks._measure import PeakRSS, run_isolated
 
 DIM, HEADS, BATCH = 320, 8, 2
 
 
 def layer_case(kind: str, tokens: int) -> dict:
     """Time one forward of a 320-channel, 8-head self-attention layer over `tokens` tokens."""
-    import psutil
     import torch
     from diffusers.models.attention_processor import Attention
 
@@ -31,18 +29,17 @@ def layer_case(kind: str, tokens: int) -> dict:
     x = torch.randn(BATCH, tokens, DIM)
     with torch.inference_mode():
         layer(x[:, :256])  # warm up kernels
-        base = psutil.Process().memory_info().rss
         best = math.inf
-        for _ in range(1 if tokens >= 16384 else 3):
-            start = time.perf_counter()
-            layer(x)
-            best = min(best, time.perf_counter() - start)
-    return {"seconds": best, "base_rss_gib": base / 2**30}
+        with PeakRSS(interval=None) as mem:
+            for _ in range(1 if tokens >= 16384 else 3):
+                start = time.perf_counter()
+                layer(x)
+                best = min(best, time.perf_counter() - start)
+    return {"seconds": best, "extra_gib": mem.rise / 2**30}
 
 
 def unet_case(kind: str, size: int) -> dict:
     """One tiny-UNet step (batch 2, as with guidance) at size x size latents."""
-    import psutil
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -57,11 +54,10 @@ def unet_case(kind: str, size: int) -> dict:
     context = torch.randn(2, 77, unet.config.cross_attention_dim)
     with torch.inference_mode():
         unet(sample[..., :16, :16], 10, context)
-        base = psutil.Process().memory_info().rss
         start = time.perf_counter()
         unet(sample, 10, context)
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "base_rss_gib": base / 2**30}
+    return {"seconds": seconds}
 
 
 def fit_exponent(ns, values) -> float:
@@ -84,7 +80,6 @@ def main() -> None:
             if "error" in r:
                 print(f"{n:>9} {kind:>10} failed: {r['error']}")
                 continue
-            r["extra_gib"] = r["peak_rss_gib"] - r["base_rss_gib"]
             results[(n, kind)] = r
             print(f"{n:>9} {kind:>10} {r['seconds']:>9.3f} {r['peak_rss_gib']:>9.2f} {r['extra_gib']:>9.2f}",
                   flush=True)

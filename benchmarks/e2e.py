@@ -1,8 +1,8 @@
 """The whole product path on this machine: `generate --model demo` at a large size, timed by piece.
 
-Prints per stage: wall time, peak RSS, and where the time goes (UNet, VAE encode, VAE decode,
-resize, file encoding). Usage:
-    python benchmarks/e2e.py --width 16384 --height 8192 --steps 20 [--out DIR]
+Prints per stage: wall time, peak RSS (benchmarks._measure.PeakRSS, a window per stage), and
+where the time goes (UNet, VAE encode, VAE decode, resize, file encoding). From the repo root:
+    python -m benchmarks.e2e --width 16384 --height 8192 --steps 20 [--out DIR]
 """
 
 from __future__ import annotations
@@ -10,29 +10,11 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-class RssSampler(threading.Thread):
-    """Peak resident memory, sampled every 50 ms; reset at each stage."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.proc, self.peak, self.overall, self.stop = psutil.Process(), 0, 0, False
-
-    def run(self):
-        while not self.stop:
-            rss = self.proc.memory_info().rss
-            self.peak, self.overall = max(self.peak, rss), max(self.overall, rss)
-            time.sleep(0.05)
+from benchmarks._measure import PeakRSS, max_rss
 
 
 class Timers:
@@ -74,8 +56,7 @@ def main() -> None:
     from linfusion_cli.cli.common import load
     from linfusion_cli.pipeline import StageFinished, StageStarted, stages
 
-    timers, sampler = Timers(), RssSampler()
-    sampler.start()
+    timers, meter = Timers(), PeakRSS(interval=0.05)  # reset at each stage
     timers.wrap(stages.tiled_vae, "encode", "vae_encode")
     timers.wrap(stages.tiled_vae, "decode", "vae_decode")
     timers.wrap(stages, "resize", "resize")
@@ -93,10 +74,11 @@ def main() -> None:
 
     def on_event(event):
         if isinstance(event, StageStarted):
-            timers.stage, sampler.peak = event.stage, psutil.Process().memory_info().rss
+            timers.stage = event.stage
+            meter.reset()
             timers.started = time.perf_counter()
         elif isinstance(event, StageFinished):
-            rows.append((event.stage, time.perf_counter() - timers.started, sampler.peak))
+            rows.append((event.stage, time.perf_counter() - timers.started, meter.peak))
 
     out_dir = Path(args.out or tempfile.mkdtemp())
     path = out_dir / f"e2e-{args.width}x{args.height}.png"
@@ -106,9 +88,9 @@ def main() -> None:
               f"plan: tile {m.vae_tile_px}, cfg_split {m.cfg_split}, ff_chunk {m.ff_chunk}, "
               f"est {m.estimated_peak_gib:.2f} GiB", flush=True)
     timers.stage = len(plan.stages)  # file encoding is counted after the last stage
-    result = api.generate_file(plan, model, path=path, fmt="png", overwrite=True, on_event=on_event)
+    with meter:
+        result = api.generate_file(plan, model, path=path, fmt="png", overwrite=True, on_event=on_event)
     total = time.perf_counter() - t0
-    sampler.stop = True
     pieces = ["unet", "vae_encode", "vae_decode", "resize"]
     print(f"{'stage':>5} {'size':>12} {'wall s':>8} {'peak RSS GiB':>12} " + " ".join(f"{p:>10}" for p in pieces))
     for index, seconds, peak in rows:
@@ -117,7 +99,7 @@ def main() -> None:
               + " ".join(f"{timers.seconds[(index, p)]:>10.1f}" for p in pieces), flush=True)
     file_s = sum(v for (st, p), v in timers.seconds.items() if p == "file")
     print(f"file encoding (PNG level 1): {file_s:.1f} s; total wall {total:.1f} s; "
-          f"overall peak RSS {sampler.overall / 2**30:.2f} GiB; output {result['path']} "
+          f"overall peak RSS {max_rss() / 2**30:.2f} GiB; output {result['path']} "
           f"({path.stat().st_size / 2**20:.0f} MiB)")
 
 

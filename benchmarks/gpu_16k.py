@@ -12,15 +12,15 @@ own attention, remove_linfusion) where SDPA fits in time and memory. The 16384x8
 under the plan chosen for a 24 GiB budget with the allocator capped at 24 GiB minus the CUDA
 context: PASS when it completes, FAIL on out-of-memory.
 
-    python benchmarks/gpu_16k.py                 # the GPU run (exits 0 with a note without CUDA)
-    python benchmarks/gpu_16k.py --dry           # the cases, plans and estimates; no GPU needed
-    python benchmarks/gpu_16k.py --cpu-smoke     # tiny configs, small sizes, CPU: end to end
-    python benchmarks/gpu_16k.py --json out.json # also write the results as JSON
+    python -m benchmarks.gpu_16k                 # the GPU run (exits 0 with a note without CUDA)
+    python -m benchmarks.gpu_16k --dry           # the cases, plans and estimates; no GPU needed
+    python -m benchmarks.gpu_16k --cpu-smoke     # tiny configs, small sizes, CPU: end to end
+    python -m benchmarks.gpu_16k --json out.json # also write the results as JSON
 
 Needs torch and diffusers (UNet2DConditionModel, AutoencoderKL, DDIMScheduler; no transformers).
 On a machine without diffusers carry its wheel: `pip download --no-deps diffusers==0.42.1 -d .whl`
 here, then there `pip install --no-index --no-deps --target /tmp/site .whl/diffusers-*.whl` and
-`PYTHONPATH=/tmp/site python3 benchmarks/gpu_16k.py` (its own needs, huggingface_hub,
+`PYTHONPATH=/tmp/site python3 -m benchmarks.gpu_16k` from the repo root (its own needs, huggingface_hub,
 safetensors, regex, filelock, requests, numpy, Pillow, are in the GPU image).
 """
 
@@ -34,15 +34,12 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script
-
+from benchmarks._measure import shipped_config
 from linfusion_cli.errors import PlanError
 from linfusion_cli.planning.memory import estimate as est
-from linfusion_cli.planning.resolve import bundled_config
 from linfusion_cli.planning.memory.planner import (
     GIB,
     MemoryPlan,
-    load_family_configs,
     choose_knobs,
 )
 
@@ -183,7 +180,7 @@ def build_models(setup: Setup):
     unet = unet.to(torch.float16 if setup.dtype_bytes == 2 else torch.float32).eval()
     vae = vae.to(torch.bfloat16 if setup.dtype_bytes == 2 else torch.float32).eval()
     apply_linfusion(unet)
-    scheduler = DDIMScheduler.from_config(bundled_config("sd15", "scheduler"))
+    scheduler = DDIMScheduler.from_config(shipped_config("sd15", "scheduler"))
     scheduler.set_timesteps(50)
     return unet, vae, scheduler
 
@@ -236,14 +233,15 @@ def run_case(setup: Setup, models, case: Case, plan: MemoryPlan, args) -> dict:
             eps = uncond + 7.5 * (cond - uncond)
             return scheduler.step(eps, t, latents).prev_sample
 
-    info: dict = {}
+    reports: list = []  # the decode's vae.TileReport
     place(unet, vae, "unet", plan.offload, dev)
     handle = apply_knobs(unet, vae, plan)
     try:
         new, u_s, u_alloc, u_res, u_before = Meter(dev).run(step)
         place(unet, vae, "vae", plan.offload, dev)
         _, v_s, v_alloc, v_res, v_before = Meter(dev).run(
-            lambda: decode(vae, new, tile_px=plan.vae_tile_px, mode=args.vae_mode, info=info))
+            lambda: decode(vae, new, tile_px=plan.vae_tile_px, mode=args.vae_mode,
+                           on_report=reports.append))
     finally:
         handle()
         if dev == "cuda" and plan.offload != "none":  # both back for the next case
@@ -253,7 +251,7 @@ def run_case(setup: Setup, models, case: Case, plan: MemoryPlan, args) -> dict:
     return {"weights": weights, "unet_s": u_s, "unet_alloc": u_alloc, "unet_reserved": u_res,
             "unet_act": u_alloc - u_before, "vae_s": v_s, "vae_alloc": v_alloc,
             "vae_reserved": v_res, "vae_act": v_alloc - v_before,
-            "vae_mode": info.get("mode"), "tiles": info.get("tiles")}
+            "vae_mode": reports[0].mode, "tiles": reports[0].tiles}
 
 
 def oom_types():
@@ -324,7 +322,7 @@ def main(argv=None) -> int:
             setup.cases = [replace(c, budget_gib=budget) if c.budget_gib else c
                            for c in setup.cases]
     else:
-        unet_cfg, vae_cfg = load_family_configs("sd15")
+        unet_cfg, vae_cfg = shipped_config("sd15", "unet"), shipped_config("sd15", "vae")
         cases = [replace(c, budget_gib=args.budget_gib) if c.budget_gib else c for c in GPU_CASES]
         setup = Setup("cuda", unet_cfg, vae_cfg, 2, cases, total_gib=80.0)
         if not args.dry:

@@ -1,17 +1,18 @@
 """Peak CPU memory of one tiny-UNet (+ LinFusion) denoising forward with each memory knob off/on.
 
-Each configuration runs in a fresh process (benchmarks/_measure.py); the figure is its peak RSS
-(ru_maxrss) minus the RSS just before the forward, next to the planner's estimate of the UNet
-activations for the same config (estimate.unet_activation_bytes, fp32). On the CPU the
-"skips_on_cpu" knob is a no-op (the skips are already in CPU memory): it only shows the hooks'
-cost. Usage: python -m benchmarks.memory_knobs [--latent 512] [--batch 2] [--only NAME ...]
+Each configuration runs in a fresh process (benchmarks._measure.run_isolated); the figure is the
+forward's rise in resident memory (benchmarks._measure.PeakRSS: the peak, ru_maxrss, above the
+RSS just before the forward), next to the planner's estimate of the UNet activations for the
+same config (estimate.unet_activation_bytes, fp32). On the CPU the "skips_on_cpu" knob is a
+no-op (the skips are already in CPU memory): it only shows the hooks' cost. From the repo root:
+    python -m benchmarks.memory_knobs [--latent 512] [--batch 2] [--only NAME ...]
 """
 
 from __future__ import annotations
 
 import argparse
 
-from benchmarks._measure import run_isolated
+from benchmarks._measure import PeakRSS, run_isolated
 
 CONFIGS = {
     "baseline": {},
@@ -28,10 +29,8 @@ CONFIGS = {
 def measure(knobs: dict, latent: int, batch: int) -> dict:
     """One forward of the tiny sd15 UNet with LinFusion mounted, knobs applied (child process)."""
     import gc
-    import resource
     import time
 
-    import psutil
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -47,15 +46,13 @@ def measure(knobs: dict, latent: int, batch: int) -> dict:
     apply_knobs(unet, None, MemoryPlan(**knobs))
     g = torch.Generator().manual_seed(1)
     sample = torch.randn(batch, 4, latent, latent, generator=g)  # (B, 4, h, w)
-    context = torch.randn(batch, 7, 32, generator=g)  # (B, 7, cross_attention_dim)
+    context = torch.randn(batch, 7, unet.config.cross_attention_dim, generator=g)  # (B, 7, D)
     gc.collect()
-    rss0 = psutil.Process().memory_info().rss
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), PeakRSS(interval=None) as mem:
         out = unet(sample, 500, encoder_hidden_states=context).sample
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"delta_mib": (peak - rss0) / 2**20, "seconds": seconds,
+    return {"delta_mib": mem.rise / 2**20, "seconds": seconds,
             "checksum": float(out.double().abs().sum())}
 
 

@@ -5,7 +5,7 @@ stages) for a CUDA GPU of that many GiB in fp16 with the VAE in bf16, and prints
 with the largest stage estimate, or "needs N" with the smallest budget any plan needs.
 Estimates, not measurements.
 
-    python benchmarks/memory_table.py
+    python -m benchmarks.memory_table
 """
 
 from __future__ import annotations

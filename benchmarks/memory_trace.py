@@ -6,7 +6,7 @@ plan's knobs runs one forward (guidance batch of 2) on the meta device under a l
 counter (linfusion_cli.planning.memory.trace). Prints traced and estimated activation GiB, their ratio,
 and the planner's whole-stage estimate (weights, VAE phase, margin) for context.
 
-    python benchmarks/memory_trace.py [--families sd15,sdxl] [--max-side 16384]
+    python -m benchmarks.memory_trace [--families sd15,sdxl] [--max-side 16384]
 """
 
 from __future__ import annotations

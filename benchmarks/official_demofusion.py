@@ -2,8 +2,9 @@
 
 Needs a checkout of github.com/Huage001/LinFusion (its code is imported from there, not copied).
 Both run the same tiny SD-XL demo model with fresh LinFusion layers, Euler, fp32, VAE untiled,
-the same seed; prints the largest latent and pixel differences. Usage:
-    python benchmarks/official_demofusion.py --official PATH/TO/LinFusion [--size 256]
+the same seed, the shipped sdxl preset's guidance and DemoFusion settings; prints the largest
+latent and pixel differences. From the repo root:
+    python -m benchmarks.official_demofusion --official PATH/TO/LinFusion [--size 256]
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def official_pipeline_class(root: Path):
@@ -56,7 +55,7 @@ def main() -> None:
     low = (np.random.default_rng(0).random((args.size, args.size, 3)) * 255).astype("uint8")
     out = 2 * args.size
     req = api.Request(prompt="a red fox", preset="sdxl", model="demo-sdxl", width=out, height=out,
-                         steps=args.steps, guidance=7.5, strengths=(args.strength,), scheduler="euler",
+                      steps=args.steps, strengths=(args.strength,), scheduler="euler",
                          seed=1, vae_tile=0, dtype="fp32", device="cpu", method="demofusion",
                          init_image="x.png", init_size=(args.size, args.size))
     plan = api.plan_request(req)
@@ -91,7 +90,7 @@ def main() -> None:
     p.vae.decode = seen
     with torch.inference_mode():
         image = official(image=Image.fromarray(low), prompt="a red fox", height=out, width=out,
-                         num_inference_steps=args.steps, guidance_scale=7.5, generator=g,
+                         num_inference_steps=args.steps, guidance_scale=stage.guidance, generator=g,
                          cosine_scale_1=settings.cosine_scale_1, cosine_scale_2=settings.cosine_scale_2,
                          cosine_scale_3=settings.cosine_scale_3, gaussian_sigma=settings.gaussian_sigma,
                          upscale_strength=args.strength, output_type="np", device="cpu").images[0]

@@ -5,54 +5,28 @@ naive per-tile decoding (each context-padded window through the whole decoder, c
 diffusers' built-in tiling (`enable_tiling()`, same tile size). Random weights (PyTorch default
 init already gives decoded images with a realistic spread of tones, std ~0.4 in [-1, 1]); fp32,
 CPU. Latents have regional structure (tone ramps, blobs), the case where per-tile GroupNorm
-statistics drift. Run: python benchmarks/vae_tiling.py [--sizes 384 512] [--tile-px 256]
+statistics drift. The VAE config is the shipped SD1.5 one. From the repo root:
+    python -m benchmarks.vae_tiling [--sizes 384 512] [--tile-px 256]
 """
 
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 
-import sys
-
 import numpy as np
-import psutil
 import torch
 from diffusers import AutoencoderKL
 
-sys.path.insert(0, __file__.rsplit("/", 2)[0])  # the repo root, for benchmarks._measure
-
-from linfusion_cli.vae import decode, split_axis, tile_grid, to_uint8
+from benchmarks._measure import PeakRSS, run_isolated, shipped_config
 from benchmarks.synthetic import structured_latent
-
-SD_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-    block_out_channels=(128, 256, 512, 512), norm_num_groups=32,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    sample_size=512, scaling_factor=0.18215,
-)
+from linfusion_cli.vae import decode, split_axis, tile_grid, to_uint8
 
 
-class PeakRSS:
-    """Samples this process's RSS every 2 ms; `peak` is the rise above the starting RSS."""
-
-    def __enter__(self):
-        self.proc, self.stop = psutil.Process(), False
-        self.start = self.top = self.proc.memory_info().rss
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        return self
-
-    def _run(self):
-        while not self.stop:
-            self.top = max(self.top, self.proc.memory_info().rss)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self.stop = True
-        self.thread.join()
-        self.peak = self.top - self.start
+def sd_vae():
+    """The SD VAE architecture (the package's shipped sd15 config), random weights, eval mode."""
+    torch.manual_seed(0)
+    return AutoencoderKL.from_config(shipped_config("sd15", "vae")).eval()
 
 
 def psnr(a, b):
@@ -99,8 +73,7 @@ def diffusers_tiles(vae, z, tile_px):
 
 def flat_case(size: int, tile_px: int, mode: str, stats_px: int) -> dict:
     """One tiled decode in a fresh process (run_isolated adds its peak RSS)."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(**SD_VAE).eval()
+    vae = sd_vae()
     z = structured_latent(size // 8, size // 8) * vae.config.scaling_factor
     with torch.inference_mode():
         start = time.perf_counter()
@@ -110,8 +83,6 @@ def flat_case(size: int, tile_px: int, mode: str, stats_px: int) -> dict:
 
 def flat_memory(sizes, tile_px: int, stats_px: int) -> None:
     """Peak RSS of estimated-mode decodes at growing sizes, each in its own process."""
-    from benchmarks._measure import run_isolated
-
     print(f"peak RSS of the estimated mode, tile {tile_px} px, stats pass {stats_px} latent px, "
           "fresh process per size:")
     for size in sizes:
@@ -132,10 +103,7 @@ def main():
     if args.flat:
         flat_memory(args.flat, args.tile_px, args.stats_px)
         return
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(**SD_VAE).eval()
+    vae = sd_vae()
     tp = args.tile_px
     print(f"SD VAE architecture, random weights, fp32, CPU x{torch.get_num_threads()} threads; "
           f"tile {tp} px, context 11 latent px, estimated stats from a {args.stats_px} latent px pass")
@@ -164,7 +132,7 @@ def main():
             err = np.abs(img.astype(int) - ref.astype(int)).max()
             print(f"{size:>5} {name:<10} {psnr(img, ref):>8.1f} {err:>7d} "
                   f"{seam_score(img, borders, borders):>6.3f} {seam_score(ref, borders, borders):>13.3f} "
-                  f"{dt:>7.1f} {mem.peak / 2**20:>8.0f}", flush=True)
+                  f"{dt:>7.1f} {mem.rise / 2**20:>8.0f}", flush=True)
 
 
 if __name__ == "__main__":

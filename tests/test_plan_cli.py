@@ -84,12 +84,9 @@ def test_refusals_quote_the_budget_as_given(cli, no_cuda, flag, quoted):
 
 
 def test_cpu_refusal_says_where_the_budget_came_from(cli, no_cuda, monkeypatch):
-    import psutil
+    from linfusion_cli import hostmem
 
-    class VM:
-        total, available = 8 * GIB, 6 * GIB
-
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: VM())
+    monkeypatch.setattr(hostmem, "host_memory", lambda: hostmem.HostMemory(8 * GIB, 6 * GIB))
     r = cli("generate", "x", "--res", "8192", "--dry-run")
     assert r.code == 2 and len(r.err_lines) == 1
     assert "no GPU found; on the CPU the budget is a quarter of RAM, 2.0 GiB; pass --max-vram" in r.err

@@ -124,46 +124,60 @@ def test_untiled_decode_equals_diffusers(vae, latent, ref_image):
 
 
 def test_small_image_defaults_to_untiled(vae, latent, ref_image):
-    info = {}
-    assert np.array_equal(decode(vae, latent, info=info), ref_image)
-    assert info["mode"] == "untiled"
+    reports = []
+    assert np.array_equal(decode(vae, latent, on_report=reports.append), ref_image)
+    assert [r.mode for r in reports] == ["untiled"]
 
 
 def test_exact_tiled_decode_matches_untiled(vae, latent, ref_image):
     calls, handle = _count_calls(vae.decoder.conv_out)
-    progress, info = [], {}
+    progress, reports = [], []
     try:
-        out = decode(vae, latent, tile_px=256, mode="exact", info=info,
+        out = decode(vae, latent, tile_px=256, mode="exact", on_report=reports.append,
                      on_tile=lambda d, n: progress.append((d, n)))
     finally:
         handle.remove()
     n = len(tile_grid(H, W, 32, 11))
-    assert len(calls) == n == info["tiles"] == 12  # conv_out ran once per tile
+    (report,) = reports
+    assert len(calls) == n == report.tiles == 12  # conv_out ran once per tile
     assert progress == [(i + 1, n) for i in range(n)]
     diff = np.abs(out.astype(int) - ref_image.astype(int))
     assert diff.max() <= 1 and diff.mean() < 1e-3
-    assert info["mode"] == "exact" and info["attention"] == "exact"
+    assert report.mode == "exact" and report.attention == "exact" and report.gn_rounds > 0
 
 
 def test_estimated_tiled_decode_is_close(vae, latent, ref_image):
     calls, handle = _count_calls(vae.decoder.conv_out)
-    info = {}
+    reports = []
     try:
-        out = decode(vae, latent, tile_px=256, mode="estimated", stats_px=32, info=info)
+        out = decode(vae, latent, tile_px=256, mode="estimated", stats_px=32, on_report=reports.append)
     finally:
         handle.remove()
     assert len(calls) == 12 + 1  # 12 tiles + the downscaled stats pass
-    assert info["mode"] == "estimated"
+    assert [r.mode for r in reports] == ["estimated"]
     assert psnr(out, ref_image) > 20
 
 
 def test_auto_mode_falls_back_to_estimated_when_over_budget(vae, latent):
-    info = {}
-    decode(vae, latent[:, :, :16, :24], tile_px=64, stats_px=8, host_budget=1, info=info)
-    assert info["mode"] == "estimated" and info["working_set_bytes"] > 1
-    info = {}
-    decode(vae, latent[:, :, :16, :24], tile_px=64, info=info)
-    assert info["mode"] == "exact"
+    reports = []
+    decode(vae, latent[:, :, :16, :24], tile_px=64, stats_px=8, host_budget=1, on_report=reports.append)
+    decode(vae, latent[:, :, :16, :24], tile_px=64, on_report=reports.append)
+    over, fits = reports
+    assert over.mode == "estimated" and over.working_set_bytes > over.budget_bytes == 1
+    assert fits.mode == "exact" and fits.working_set_bytes <= fits.budget_bytes
+
+
+def test_auto_mode_budget_is_hostmems_share_of_free_ram(vae, latent, monkeypatch):
+    from linfusion_cli import hostmem
+
+    small = latent[:, :, :16, :24]
+    reports = []
+    decode(vae, small, tile_px=64, mode="exact", on_report=reports.append)
+    need = reports[0].working_set_bytes
+    for free in (2 * need, 2 * need - 2):  # half of it just fits, then just does not
+        monkeypatch.setattr(hostmem, "host_memory", lambda: hostmem.HostMemory(64 * need, free))
+        decode(vae, small, tile_px=64, stats_px=8, on_report=reports.append)
+    assert [(r.mode, r.budget_bytes) for r in reports[1:]] == [("exact", need), ("estimated", need - 1)]
 
 
 def test_decode_rejects_batches(vae, latent):
@@ -187,10 +201,10 @@ def test_untiled_encode_matches_diffusers_img2img(vae, image):
 
 def test_exact_tiled_encode_matches_untiled(vae, image):
     want = encode(vae, image, tile_px=0, generator=torch.Generator().manual_seed(3))
-    info = {}
-    got = encode(vae, image, tile_px=256, mode="exact", info=info,
+    reports = []
+    got = encode(vae, image, tile_px=256, mode="exact", on_report=reports.append,
                  generator=torch.Generator().manual_seed(3))
-    assert got.shape == (1, 4, H, W) and info["tiles"] == 12
+    assert got.shape == (1, 4, H, W) and [r.tiles for r in reports] == [12]
     assert (got - want).abs().max().item() <= 1e-4
 
 
@@ -219,9 +233,10 @@ def test_chunked_attention_equals_diffusers_and_windows_are_reported(vae, latent
         assert exact and torch.allclose(got, want, atol=1e-5)
         win, exact = attn_mod.mid_attention(attn, x, token_limit=100, window=16, overlap=4)
     assert not exact and win.shape == want.shape
-    info = {}
-    decode(vae, latent[:, :, :16, :24], tile_px=64, mode="exact", attn_token_limit=100, info=info)
-    assert info["attention"] == "windowed"
+    reports = []
+    decode(vae, latent[:, :, :16, :24], tile_px=64, mode="exact", attn_token_limit=100,
+           on_report=reports.append)
+    assert [r.attention for r in reports] == ["windowed"]
 
 
 def test_windowed_mid_attention_is_exact_when_one_window_covers_the_map():

@@ -10,9 +10,11 @@ from .options import Json
 
 
 def gather() -> dict:
-    import psutil
+    import os
+
     import torch
 
+    from ..hostmem import host_memory
     from ..models.loading import cache_dir
 
     versions = {"python": platform.python_version()}
@@ -21,9 +23,9 @@ def gather() -> dict:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
-    vm = psutil.virtual_memory()
-    devices = [{"device": "cpu", "cores": psutil.cpu_count(), "total_gib": round(vm.total / 2**30, 1),
-                "free_gib": round(vm.available / 2**30, 1)}]
+    ram = host_memory()
+    devices = [{"device": "cpu", "cores": os.cpu_count(), "total_gib": round(ram.total / 2**30, 1),
+                "free_gib": round(ram.available / 2**30, 1)}]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             free, total = torch.cuda.mem_get_info(i)

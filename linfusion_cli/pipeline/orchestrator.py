@@ -38,9 +38,8 @@ def _peak_gib(device: torch.device) -> float | None:
 
 
 def _vae_notes(notes: dict) -> dict:
-    """The VAE's own report (mode, tiles, attention), JSON-safe, for the run record."""
-    return {part: {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool, type(None)))}
-            for part, info in notes.items()}
+    """The VAE's own reports (vae.TileReport: mode, tiles, attention), JSON-safe, for the run record."""
+    return {part: report.to_dict() for part, report in notes.items()}
 
 
 def _run_stage(ctx: StageContext, stage: Stage,

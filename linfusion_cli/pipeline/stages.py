@@ -12,8 +12,9 @@ from PIL import Image
 from .. import vae as tiled_vae
 from ..adapters import controlnet as control
 from ..adapters import ip_adapter
-from .knobs import vae_on_device
+from ..hostmem import vae_park_budget
 from ..planning.plan import GenerationPlan, Stage
+from .knobs import vae_on_device
 from . import finite
 from .events import EventHandler, PhaseProgress
 
@@ -27,7 +28,7 @@ class StageContext:
     on_event: EventHandler
     txt2img: object = None  # diffusers pipelines sharing one set of components
     img2img: object = None
-    notes: dict = field(default_factory=dict)  # stage index -> what the VAE did (mode, tiles)
+    notes: dict = field(default_factory=dict)  # stage index -> {"decode"/"encode": vae.TileReport}
 
     def __post_init__(self):
         from diffusers import AutoPipelineForImage2Image
@@ -60,21 +61,27 @@ def _tile_px(ctx: StageContext, stage: Stage) -> int | None:
 
 
 def _host_budget(ctx: StageContext) -> int | None:
-    """Host memory the VAE's exact mode may park tiles in: on the CPU, half the plan's budget
-    (the other half is the UNet's and the images'); on a GPU the host default."""
+    """Host memory the VAE's exact mode may park tiles in: on the CPU, its share of the plan's
+    budget (hostmem.VAE_PARK_SHARE); on a GPU the host default (None)."""
     if ctx.model.device.type != "cpu" or ctx.plan.budget_gib is None:
         return None
-    return int(ctx.plan.budget_gib * 2 ** 30 / 2)
+    return vae_park_budget(ctx.plan.budget_gib * 2 ** 30)
+
+
+def _report_to(ctx: StageContext, stage: Stage, part: str):
+    """on_report for the VAE's `part` ("decode"/"encode") of a stage: keeps it for the run record."""
+    def keep(report: tiled_vae.TileReport) -> None:
+        ctx.notes.setdefault(stage.index, {})[part] = report
+    return keep
 
 
 def _decode(ctx: StageContext, stage: Stage, latents: torch.Tensor) -> np.ndarray:
     """latents (1, 4, h, w) -> uint8 (8h, 8w, 3), tiled as planned."""
     progress = lambda done, total: ctx.on_event(PhaseProgress(stage.index, "decode", done, total))  # noqa: E731
-    info = ctx.notes.setdefault(stage.index, {}).setdefault("decode", {})
     vae_on_device(ctx.model.pipe.vae)
     return tiled_vae.decode(ctx.model.pipe.vae, latents.to(ctx.model.vae_dtype),
-                            tile_px=_tile_px(ctx, stage), on_tile=progress, info=info,
-                            host_budget=_host_budget(ctx))
+                            tile_px=_tile_px(ctx, stage), on_tile=progress,
+                            on_report=_report_to(ctx, stage, "decode"), host_budget=_host_budget(ctx))
 
 
 def text_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None) -> np.ndarray:
@@ -98,11 +105,10 @@ def image_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None)
     upscaled = resize(previous, stage.width, stage.height)
     generator = _generator(stage.seed)  # one generator: VAE sample first, then the noise
     progress = lambda done, total: ctx.on_event(PhaseProgress(stage.index, "encode", done, total))  # noqa: E731
-    info = ctx.notes.setdefault(stage.index, {}).setdefault("encode", {})
     vae_on_device(ctx.model.pipe.vae)
     latents = tiled_vae.encode(ctx.model.pipe.vae, upscaled, tile_px=_tile_px(ctx, stage),
-                               generator=generator, on_tile=progress, info=info,
-                               host_budget=_host_budget(ctx))
+                               generator=generator, on_tile=progress,
+                               on_report=_report_to(ctx, stage, "encode"), host_budget=_host_budget(ctx))
     pipe, extra, done = control.image_to_image_call(ctx, stage, upscaled)  # plain without ControlNet
     del upscaled
     latents = finite.check(latents, "vae").to(device=ctx.model.device, dtype=ctx.model.dtype)

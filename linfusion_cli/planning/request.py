@@ -191,8 +191,9 @@ def device_budget(plan: GenerationPlan) -> tuple[int | None, str]:
     fastest plan is shown. The sentence quotes the budget as the user gave it, or says where it
     came from.
     """
-    import psutil
     import torch
+
+    from ..hostmem import CPU_PLAN_SHARE_WORDS, cpu_plan_budget
 
     if plan.max_vram_gib is not None:
         return (int(plan.max_vram_gib * 2 ** 30),
@@ -203,11 +204,8 @@ def device_budget(plan: GenerationPlan) -> tuple[int | None, str]:
         free = torch.cuda.mem_get_info(torch.device(plan.device))[0]
         return free, (f"the free memory of {plan.device} ({free / 2 ** 30:.1f} GiB) is too "
                       "small; free some, or lower the size")
-    # host memory: leave room for what the planner does not count (full-size images, the
-    # resize, the PNG encoder): a quarter of RAM, at most what is free
-    vm = psutil.virtual_memory()
-    budget = min(vm.available, vm.total // 4)
-    return budget, (f"no GPU found; on the CPU the budget is a quarter of RAM, "
+    budget = cpu_plan_budget()  # host memory, with room left for what the planner does not count
+    return budget, (f"no GPU found; on the CPU the budget is {CPU_PLAN_SHARE_WORDS}, "
                     f"{budget / 2 ** 30:.1f} GiB; pass --max-vram to allow more")
 
 

@@ -1,7 +1,8 @@
 """Seam-free tiled VAE: decode/encode whose tiles share the whole image's GroupNorm statistics."""
 
-from .tiled import DECODER_CONTEXT, ENCODER_CONTEXT, MODES, decode, encode, to_uint8
+from .pixels import to_uint8
+from .tiled import DECODER_CONTEXT, ENCODER_CONTEXT, MODES, TileReport, decode, encode
 from .tiles import Span, Tile, choose_tile_px, split_axis, tile_grid
 
 __all__ = ["decode", "encode", "choose_tile_px", "to_uint8", "tile_grid", "split_axis", "Tile",
-           "Span", "MODES", "DECODER_CONTEXT", "ENCODER_CONTEXT"]
+           "Span", "MODES", "TileReport", "DECODER_CONTEXT", "ENCODER_CONTEXT"]

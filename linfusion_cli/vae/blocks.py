@@ -1,6 +1,6 @@
 """The VAE's layers rewritten so a tile can pause at every GroupNorm and ask for statistics.
 
-Tile paths are Python generators: at each GroupNorm they yield a `Request` (the tile's core
+Tile paths are Python generators: at each GroupNorm they yield a `StatsRequest` (the tile's core
 moments) and receive the `GroupStats` to normalise with. Everything between GroupNorms calls
 the diffusers modules themselves (convs, Upsample2D, Downsample2D), so the maths is theirs.
 Layers at latent resolution run once on the whole map ("whole" stages), with torch's own
@@ -19,7 +19,7 @@ from .norm import GroupStats, Moments, channel_moments, group_norm
 
 
 @dataclass
-class Request:
+class StatsRequest:
     """A tile paused before `norm`, offering the moments of its core."""
 
     norm: nn.GroupNorm
@@ -44,7 +44,7 @@ class TileCtx:
 
     def norm(self, norm: nn.GroupNorm, t: dict, src: str, dst: str):
         """Generator: t[dst] = norm(t[src]) with stats sent by the driver; parks t meanwhile."""
-        req = Request(norm, channel_moments(t[src], self.core(t[src])))
+        req = StatsRequest(norm, channel_moments(t[src], self.core(t[src])))
         home = t[src].device
         if self.park is not None:
             for k in t:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
+from .blocks import TileCtx
 from .norm import GroupStats, pool
+from .tiles import Tile
 
 # A tile job: (tile index, generator). `finish(index, result)` receives each finished tile.
 Finish = Callable[[int, object], None]
@@ -73,3 +75,32 @@ def run_recording(gen) -> tuple[object, list[GroupStats]]:
     return out, record
 
 
+
+
+def run_tiles(tiles: list[Tile], start: Callable, write: Callable, *, stats: list[GroupStats] | None,
+              park=None, on_tile=None) -> int | None:
+    """Every tile's path to its end: in lock step (stats None, exact) or alone on fixed `stats`.
+
+    `start(tile, ctx)` returns the tile's generator (blocks.decoder_tile/encoder_tile on its
+    window); `write(tile, result)` stores each finished tile's core; `on_tile(done, total)`
+    counts them. Returns the GroupNorm rounds of the lock step (None with fixed stats).
+    """
+    done = 0
+
+    def job(i: int):
+        t = tiles[i]
+        ctx = TileCtx((*t.y.core_in_window, *t.x.core_in_window), (t.y.win_len, t.x.win_len), park)
+        return start(t, ctx)
+
+    def finish(i: int, result) -> None:
+        nonlocal done
+        write(tiles[i], result)
+        done += 1
+        if on_tile:
+            on_tile(done, len(tiles))
+
+    if stats is None:
+        return run_lockstep(((i, job(i)) for i in range(len(tiles))), finish)
+    for i in range(len(tiles)):
+        finish(i, run_fixed(job(i), stats))
+    return None

@@ -24,33 +24,59 @@ Modes (`mode=`):
   memory (one tile's working set). Measured 32-37 dB, max error 43-63 levels, seam score within
   2% of the untiled image's (stats from a 32 latent px pass, 1.5-2x downscale); ~29 dB reported
   by the team for a 64 px pass. Per-tile stats (naive) measured 22-26 dB with visible seams.
-- None (default): "exact" when its working set fits the host budget (half of psutil's available
-  memory, or `host_budget`), else "estimated".
+- None (default): "exact" when its working set fits the host budget (hostmem.vae_park_budget:
+  half of the RAM free now, or `host_budget`), else "estimated".
 
 The mid-block attention is global: exact (query-chunked SDPA, never an N x N tensor) up to
 `attn_token_limit` tokens (128^2 on CPU, 1024^2 on CUDA by default); beyond, it runs in
-overlapping 128^2 windows, an approximation reported in `info["attention"]` and the log.
+overlapping 128^2 windows, an approximation reported (TileReport.attention) and logged.
+
+Decode and encode share one driver (drive.run_tiles); each reports what it did as one
+TileReport, passed to `on_report` when it is done.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
-import psutil
 import torch
 import torch.nn.functional as F
 
+from ..hostmem import vae_park_budget
+from ..tuning import DECODER_CONTEXT, ENCODER_CONTEXT, STATS_PX  # shared with the planner
 from .attention import default_token_limit
 from .blocks import TileCtx, decoder_split, decoder_tile, decoder_whole, encoder_split, \
     encoder_tile, encoder_whole
-from .drive import run_fixed, run_lockstep, run_recording
+from .drive import run_recording, run_tiles
+from .pixels import as_uint8_image, preprocess, to_uint8
 from .tiles import choose_tile_px, downscaled_size, tile_grid, window_area_sum
 
 log = logging.getLogger(__name__)
 
-from ..tuning import DECODER_CONTEXT, ENCODER_CONTEXT, STATS_PX  # shared with the planner
 MODES = ("exact", "estimated")
+
+
+@dataclass(frozen=True)
+class TileReport:
+    """What one decode or encode did, for the run record: how it tiled, and why that mode."""
+
+    tile_px: int  # 0: untiled
+    mode: str  # "untiled", "exact" or "estimated"
+    tiles: int
+    attention: str  # the mid-block attention: "exact" or "windowed"
+    working_set_bytes: int | None = None  # tiled: what exact mode parks on the host
+    budget_bytes: int | None = None  # tiled: the host budget it was compared with
+    gn_rounds: int | None = None  # exact mode: GroupNorm rounds of the lock step
+
+    def to_dict(self) -> dict:
+        """The fields that apply (None ones left out), JSON-safe."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+OnReport = Callable[[TileReport], None]
 
 
 def _where(vae) -> tuple[torch.device, torch.dtype, torch.device | None]:
@@ -68,41 +94,6 @@ def _shift(vae):
     return getattr(vae.config, "shift_factor", None)
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(1, 3, H, W) in [-1, 1] -> (H, W, 3) uint8, like diffusers' image processor, in float32.
-
-    NaN/inf (an fp16 overflow) raise NonFiniteError("vae") instead of turning black."""
-    if not bool(torch.isfinite(x).all()):
-        from ..errors import NonFiniteError
-
-        raise NonFiniteError("vae")
-    x = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-    return x[0].permute(1, 2, 0).cpu().numpy()
-
-
-def _preprocess(arr: np.ndarray, device, dtype) -> torch.Tensor:
-    """uint8 (H, W, 3) -> (1, 3, H, W) in [-1, 1], exactly as VaeImageProcessor does it.
-
-    Same arithmetic (numpy float32 x/255, then 2x-1) and same channels-last strides as its
-    `numpy_to_pt`, since torch's conv picks other kernels (other rounding) for that layout.
-    """
-    arr = np.ascontiguousarray(arr)  # (H, W, 3) C-order, as np.array(PIL image) is
-    x = torch.from_numpy((arr.astype(np.float32) / 255.0)[None].transpose(0, 3, 1, 2))
-    return (2.0 * x - 1.0).to(device=device, dtype=dtype)
-
-
-def _as_uint8_image(image) -> np.ndarray:
-    """PIL image or uint8 array -> uint8 (H, W, 3)."""
-    arr = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"expected a PIL image or uint8 (H, W, 3) array, got {arr.dtype} {arr.shape}")
-    return arr
-
-
-def _budget(host_budget: int | None) -> int:
-    return int(psutil.virtual_memory().available * 0.5) if host_budget is None else host_budget
-
-
 def _working_set(blocks, resnet_scale: int, step, tiles, itemsize: int, tail: int = 0) -> int:
     """Bytes parked at the worst GroupNorm of the tiled path: (C_in + C_out) x windows' area."""
     area, s, best = window_area_sum(tiles), resnet_scale, 0
@@ -115,100 +106,96 @@ def _working_set(blocks, resnet_scale: int, step, tiles, itemsize: int, tail: in
     return best * itemsize
 
 
-def _pick_mode(mode, need: int, host_budget, info) -> str:
-    """'exact' if its working set fits the budget, else 'estimated' (or what the caller forced)."""
-    budget = _budget(host_budget)
-    info.update(working_set_bytes=need, budget_bytes=budget)
+def _pick_mode(mode, need: int, host_budget: int | None) -> tuple[str, int]:
+    """(mode, budget): 'exact' if its working set fits the budget, else 'estimated' (or as forced)."""
+    budget = vae_park_budget() if host_budget is None else host_budget
     if mode is None:
         mode = "exact" if need <= budget else "estimated"
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
-    return mode
+    return mode, budget
 
 
-def _note_attention(exact: bool, info: dict, limit: int) -> None:
-    info["attention"] = "exact" if exact else "windowed"
+def _attention(exact: bool, limit: int) -> str:
+    """The report's word for the mid-block attention; windows (an approximation) are logged."""
     if not exact:
         log.warning("VAE mid-block attention ran in windows (more than %d tokens): approximate", limit)
+    return "exact" if exact else "windowed"
 
 
-def decode(vae, latents: torch.Tensor, *, tile_px: int | None = None, mode: str | None = None,
-           on_tile=None, context: int = DECODER_CONTEXT, attn_token_limit: int | None = None,
-           stats_px: int = STATS_PX, host_budget: int | None = None,
-           info: dict | None = None) -> np.ndarray:
-    """Decode ONE scaled latent (1, 4, h, w) to uint8 (8h, 8w, 3), tiled with shared GN stats."""
-    info = {} if info is None else info
-    if latents.ndim != 4 or latents.shape[0] != 1:
-        raise ValueError(f"decode takes one latent (1, C, h, w), got {tuple(latents.shape)}")
-    device, dtype, park = _where(vae)
-    f = _factor(vae)
-    z = latents.to(device=device, dtype=dtype) / vae.config.scaling_factor  # (1, 4, h, w)
-    if _shift(vae) is not None:
-        z = z + _shift(vae)
-    h, w = z.shape[-2:]
-    tile_px, limit = _resolve_tiling(tile_px, attn_token_limit, h * f, w * f, device, info)
-    with torch.inference_mode():
-        if tile_px <= 0:
-            info.update(mode="untiled", tiles=1, attention="exact")
-            zz = vae.post_quant_conv(z) if vae.post_quant_conv is not None else z
-            out = to_uint8(vae.decoder(zz))
-            if on_tile:
-                on_tile(1, 1)
-            return out
-        tiles = tile_grid(h, w, max(1, tile_px // f), context)
-        dec = vae.decoder
-        need = _working_set(dec.up_blocks[decoder_split(dec) + 1:], 2, lambda s: s * 2, tiles,
-                            torch.finfo(dtype).bits // 8, dec.conv_norm_out.num_channels)
-        mode = _pick_mode(mode, need, host_budget, info)
-        info.update(mode=mode, tiles=len(tiles))
-        feat, exact = decoder_whole(vae, z, limit)  # (1, C, h, w)
-        _note_attention(exact, info, limit)
-        stats = _decoder_stats(vae, z, stats_px, limit) if mode == "estimated" else None
-        if park is not None:
-            feat = feat.to(park)
-        out = np.empty((h * f, w * f, 3), dtype=np.uint8)
-        done = [0]
-
-        def job(i):
-            t = tiles[i]
-            ctx = TileCtx((*t.y.core_in_window, *t.x.core_in_window), (t.y.win_len, t.x.win_len), park)
-            return decoder_tile(vae, _window(feat, t, device), ctx)
-
-        def finish(i, img):  # img: (1, 3, 8 win_h, 8 win_w)
-            t = tiles[i]
-            cy, cx = t.crop_slices(f)
-            ys, xs = t.core_slices(f)
-            out[ys, xs] = to_uint8(img[:, :, cy, cx])
-            done[0] += 1
-            if on_tile:
-                on_tile(done[0], len(tiles))
-
-        _run_tiles(len(tiles), job, finish, mode, stats, info)
-    return out
-
-
-def _resolve_tiling(tile_px, attn_token_limit, height_px: int, width_px: int, device,
-                    info: dict) -> tuple[int, int]:
+def _resolve_tiling(tile_px, attn_token_limit, height_px: int, width_px: int, device) -> tuple[int, int]:
     """The tile size (given, or chosen for the image) and the global-attention token limit."""
     tile_px = choose_tile_px(height_px, width_px) if tile_px is None else tile_px
-    info.update(tile_px=tile_px)
     limit = default_token_limit(device) if attn_token_limit is None else attn_token_limit
     return tile_px, limit
 
 
-def _run_tiles(count: int, job, finish, mode: str, stats, info: dict) -> None:
-    """Every tile: in lock step pooling GroupNorm stats (exact), or one by one with fixed stats."""
-    if mode == "exact":
-        info["gn_rounds"] = run_lockstep(((i, job(i)) for i in range(count)), finish)
-    else:
-        for i in range(count):
-            finish(i, run_fixed(job(i), stats))
+def _untiled(result, on_tile) -> tuple[object, TileReport]:
+    """An untiled pass's result and report (one 'tile')."""
+    if on_tile:
+        on_tile(1, 1)
+    return result, TileReport(tile_px=0, mode="untiled", tiles=1, attention="exact")
 
 
 def _window(feat: torch.Tensor, t, device) -> torch.Tensor:
     """The tile's window (1, C, wh, ww) of the whole latent-resolution map, on `device`."""
     ys, xs = t.window_slices()
     return feat[:, :, ys, xs].to(device).contiguous()
+
+
+# ---------------------------------------------------------------- decode
+def decode(vae, latents: torch.Tensor, *, tile_px: int | None = None, mode: str | None = None,
+           on_tile=None, context: int = DECODER_CONTEXT, attn_token_limit: int | None = None,
+           stats_px: int = STATS_PX, host_budget: int | None = None,
+           on_report: OnReport | None = None) -> np.ndarray:
+    """Decode ONE scaled latent (1, 4, h, w) to uint8 (8h, 8w, 3), tiled with shared GN stats."""
+    if latents.ndim != 4 or latents.shape[0] != 1:
+        raise ValueError(f"decode takes one latent (1, C, h, w), got {tuple(latents.shape)}")
+    device, dtype, _ = _where(vae)
+    f = _factor(vae)
+    z = latents.to(device=device, dtype=dtype) / vae.config.scaling_factor  # (1, 4, h, w)
+    if _shift(vae) is not None:
+        z = z + _shift(vae)
+    h, w = z.shape[-2:]
+    tile_px, limit = _resolve_tiling(tile_px, attn_token_limit, h * f, w * f, device)
+    with torch.inference_mode():
+        if tile_px <= 0:
+            zz = vae.post_quant_conv(z) if vae.post_quant_conv is not None else z
+            out, report = _untiled(to_uint8(vae.decoder(zz)), on_tile)
+        else:
+            out, report = _decode_tiled(vae, z, tile_px, mode, on_tile, context, limit, stats_px,
+                                        host_budget)
+    if on_report:
+        on_report(report)
+    return out
+
+
+def _decode_tiled(vae, z, tile_px, mode, on_tile, context, limit, stats_px,
+                  host_budget) -> tuple[np.ndarray, TileReport]:
+    """The whole-map latent-resolution layers once, then the tiled up path into a uint8 image."""
+    device, dtype, park = _where(vae)
+    f = _factor(vae)
+    h, w = z.shape[-2:]
+    tiles = tile_grid(h, w, max(1, tile_px // f), context)
+    dec = vae.decoder
+    need = _working_set(dec.up_blocks[decoder_split(dec) + 1:], 2, lambda s: s * 2, tiles,
+                        torch.finfo(dtype).bits // 8, dec.conv_norm_out.num_channels)
+    mode, budget = _pick_mode(mode, need, host_budget)
+    feat, exact = decoder_whole(vae, z, limit)  # (1, C, h, w)
+    attention = _attention(exact, limit)
+    stats = _decoder_stats(vae, z, stats_px, limit) if mode == "estimated" else None
+    if park is not None:
+        feat = feat.to(park)
+    out = np.empty((h * f, w * f, 3), dtype=np.uint8)
+
+    def write(t, img):  # img: (1, 3, 8 win_h, 8 win_w)
+        cy, cx = t.crop_slices(f)
+        ys, xs = t.core_slices(f)
+        out[ys, xs] = to_uint8(img[:, :, cy, cx])
+
+    rounds = run_tiles(tiles, lambda t, ctx: decoder_tile(vae, _window(feat, t, device), ctx), write,
+                       stats=stats, park=park, on_tile=on_tile)
+    return out, TileReport(tile_px, mode, len(tiles), attention, need, budget, rounds)
 
 
 def _decoder_stats(vae, z: torch.Tensor, long_side: int, limit: int):
@@ -221,6 +208,74 @@ def _decoder_stats(vae, z: torch.Tensor, long_side: int, limit: int):
     return record
 
 
+# ---------------------------------------------------------------- encode
+def encode(vae, image, *, tile_px: int | None = None, generator: torch.Generator | None = None,
+           mode: str | None = None, on_tile=None, context: int = ENCODER_CONTEXT,
+           attn_token_limit: int | None = None, stats_px: int = STATS_PX,
+           host_budget: int | None = None, on_report: OnReport | None = None) -> torch.Tensor:
+    """Encode an image (PIL or uint8 (H, W, 3)) to scaled latents (1, 4, H/8, W/8).
+
+    With a generator, samples the posterior like diffusers' img2img (one noise tensor of the
+    full latent shape, so tiled and untiled agree); without one, returns its mean.
+    """
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    arr = as_uint8_image(image)
+    device, dtype, _ = _where(vae)
+    f = _factor(vae)
+    if arr.shape[0] % f or arr.shape[1] % f:
+        raise ValueError(f"image size {arr.shape[1]}x{arr.shape[0]} is not a multiple of {f}")
+    tile_px, limit = _resolve_tiling(tile_px, attn_token_limit, arr.shape[0], arr.shape[1], device)
+    with torch.inference_mode():
+        if tile_px <= 0:
+            moments = vae.encoder(preprocess(arr, device, dtype))  # (1, 8, h, w)
+            if vae.quant_conv is not None:
+                moments = vae.quant_conv(moments)
+            moments, report = _untiled(moments, on_tile)
+        else:
+            moments, report = _encode_tiled(vae, arr, tile_px, mode, on_tile, context, limit,
+                                            stats_px, host_budget)
+        dist = DiagonalGaussianDistribution(moments)
+        lat = dist.sample(generator) if generator is not None else dist.mode()  # (1, 4, h, w)
+        if _shift(vae) is not None:
+            lat = lat - _shift(vae)
+        lat = lat * vae.config.scaling_factor
+    if on_report:
+        on_report(report)
+    return lat
+
+
+def _encode_tiled(vae, arr, tile_px, mode, on_tile, context, limit, stats_px,
+                  host_budget) -> tuple[torch.Tensor, TileReport]:
+    """The tiled down path into a whole latent-resolution map, then the whole-map rest once."""
+    device, dtype, park = _where(vae)
+    f = _factor(vae)
+    h, w = arr.shape[0] // f, arr.shape[1] // f
+    tiles = tile_grid(h, w, max(1, tile_px // f), context)
+    enc = vae.encoder
+    need = _working_set(enc.down_blocks[:encoder_split(enc) + 1], f, lambda s: s // 2, tiles,
+                        torch.finfo(dtype).bits // 8)
+    mode, budget = _pick_mode(mode, need, host_budget)
+    stats = _encoder_stats(vae, arr, stats_px, device, dtype) if mode == "estimated" else None
+    feat = None  # (1, C, h, w), allocated when the first tile finishes
+
+    def start(t, ctx):
+        ys, xs = t.window_slices(f)
+        return encoder_tile(vae, preprocess(arr[ys, xs], device, dtype), ctx)
+
+    def write(t, x):  # x: (1, C, win_h, win_w)
+        nonlocal feat
+        if feat is None:
+            feat = torch.empty((1, x.shape[1], h, w), dtype=x.dtype, device=device)
+        cy, cx = t.crop_slices()
+        ys, xs = t.core_slices()
+        feat[:, :, ys, xs] = x[:, :, cy, cx]
+
+    rounds = run_tiles(tiles, start, write, stats=stats, park=park, on_tile=on_tile)
+    moments, exact = encoder_whole(vae, feat, limit)  # (1, 8, h, w)
+    return moments, TileReport(tile_px, mode, len(tiles), _attention(exact, limit), need, budget, rounds)
+
+
 def _encoder_stats(vae, arr: np.ndarray, long_side: int, device, dtype):
     """GroupNorm stats of the tiled encoder path, from an untiled pass over a downscaled image."""
     from PIL import Image
@@ -230,80 +285,5 @@ def _encoder_stats(vae, arr: np.ndarray, long_side: int, device, dtype):
     sh, sw = downscaled_size(h, w, long_side)
     small = arr if (sh, sw) == (h, w) else np.asarray(
         Image.fromarray(arr).resize((sw * f, sh * f), Image.BOX))
-    gen = encoder_tile(vae, _preprocess(small, device, dtype), TileCtx((0, sh, 0, sw), (sh, sw)))
+    gen = encoder_tile(vae, preprocess(small, device, dtype), TileCtx((0, sh, 0, sw), (sh, sw)))
     return run_recording(gen)[1]
-
-
-def encode(vae, image, *, tile_px: int | None = None, generator: torch.Generator | None = None,
-           mode: str | None = None, on_tile=None, context: int = ENCODER_CONTEXT,
-           attn_token_limit: int | None = None, stats_px: int = STATS_PX,
-           host_budget: int | None = None, info: dict | None = None) -> torch.Tensor:
-    """Encode an image (PIL or uint8 (H, W, 3)) to scaled latents (1, 4, H/8, W/8).
-
-    With a generator, samples the posterior like diffusers' img2img (one noise tensor of the
-    full latent shape, so tiled and untiled agree); without one, returns its mean.
-    """
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-    info = {} if info is None else info
-    arr = _as_uint8_image(image)
-    device, dtype, park = _where(vae)
-    f = _factor(vae)
-    if arr.shape[0] % f or arr.shape[1] % f:
-        raise ValueError(f"image size {arr.shape[1]}x{arr.shape[0]} is not a multiple of {f}")
-    h, w = arr.shape[0] // f, arr.shape[1] // f
-    tile_px, limit = _resolve_tiling(tile_px, attn_token_limit, h * f, w * f, device, info)
-    with torch.inference_mode():
-        if tile_px <= 0:
-            info.update(mode="untiled", tiles=1, attention="exact")
-            moments = vae.encoder(_preprocess(arr, device, dtype))  # (1, 8, h, w)
-            if vae.quant_conv is not None:
-                moments = vae.quant_conv(moments)
-            if on_tile:
-                on_tile(1, 1)
-        else:
-            moments = _encode_tiled(vae, arr, tile_px, mode, on_tile, context, limit, stats_px,
-                                    host_budget, info)
-        dist = DiagonalGaussianDistribution(moments)
-        lat = dist.sample(generator) if generator is not None else dist.mode()  # (1, 4, h, w)
-        if _shift(vae) is not None:
-            lat = lat - _shift(vae)
-        return lat * vae.config.scaling_factor
-
-
-def _encode_tiled(vae, arr, tile_px, mode, on_tile, context, limit, stats_px, host_budget, info):
-    """The tiled down path into a whole latent-resolution map, then the whole-map rest."""
-    device, dtype, park = _where(vae)
-    f = _factor(vae)
-    h, w = arr.shape[0] // f, arr.shape[1] // f
-    tiles = tile_grid(h, w, max(1, tile_px // f), context)
-    enc = vae.encoder
-    need = _working_set(enc.down_blocks[:encoder_split(enc) + 1], f, lambda s: s // 2, tiles,
-                        torch.finfo(dtype).bits // 8)
-    mode = _pick_mode(mode, need, host_budget, info)
-    info.update(mode=mode, tiles=len(tiles))
-    stats = _encoder_stats(vae, arr, stats_px, device, dtype) if mode == "estimated" else None
-    feat = [None]  # (1, C, h, w), allocated when the first tile finishes
-    done = [0]
-
-    def job(i):
-        t = tiles[i]
-        ys, xs = t.window_slices(f)
-        ctx = TileCtx((*t.y.core_in_window, *t.x.core_in_window), (t.y.win_len, t.x.win_len), park)
-        return encoder_tile(vae, _preprocess(arr[ys, xs], device, dtype), ctx)
-
-    def finish(i, x):  # x: (1, C, win_h, win_w)
-        t = tiles[i]
-        if feat[0] is None:
-            feat[0] = torch.empty((1, x.shape[1], h, w), dtype=x.dtype, device=device)
-        cy, cx = t.crop_slices()
-        ys, xs = t.core_slices()
-        feat[0][:, :, ys, xs] = x[:, :, cy, cx]
-        done[0] += 1
-        if on_tile:
-            on_tile(done[0], len(tiles))
-
-    _run_tiles(len(tiles), job, finish, mode, stats, info)
-    moments, exact = encoder_whole(vae, feat[0], limit)  # (1, 8, h, w)
-    _note_attention(exact, info, limit)
-    return moments
