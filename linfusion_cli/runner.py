@@ -235,12 +235,14 @@ def plan_memory(plan: GenerationPlan) -> GenerationPlan:
                             budget_bytes=1 << 62 if budget is None else max(budget - images - control, 1),
                             guidance=stage.guidance > 1, linfusion=plan.linfusion is not None,
                             device=kind, fixed=fixed,
-                            dilated_pass=stage.method == "demofusion")
+                            dilated_pass=stage.method == "demofusion",
+                            unet_extra=_controlnet_step(plan, info.unet_config, stage,
+                                                        DTYPE_BYTES[plan.dtype]))
         except BudgetError as exc:
             held = (f" plus {images / 2 ** 30:.1f} GiB for its images in host memory"
                     if images >= 2 ** 30 / 20 else "")
             if control:
-                held += f" plus {control / 2 ** 30:.1f} GiB for ControlNet/IP-Adapter weights, inputs and residuals"
+                held += f" plus {control / 2 ** 30:.1f} GiB for ControlNet/IP-Adapter weights and held inputs"
             forced = f" with {', '.join(f'{k}={v}' for k, v in fixed.items())}" if fixed else ""
             raise PlanError(
                 f"stage {stage.index + 1} ({stage.width}x{stage.height}) needs at least "
@@ -254,7 +256,7 @@ def plan_memory(plan: GenerationPlan) -> GenerationPlan:
 
 
 def _adapter_bytes(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: int) -> int:
-    """What the plan's ControlNets add to this stage's memory (adapters.memory)."""
+    """Weights and held inputs of the plan's ControlNets and IP-Adapter in this stage (adapters.memory)."""
     if not plan.adapters:
         return 0
     from .adapters.memory import controlnet_extra_bytes, ip_adapter_extra_bytes
@@ -263,6 +265,17 @@ def _adapter_bytes(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: int
                                   img2img=stage.strength is not None, guidance=stage.guidance > 1,
                                   dtype_bytes=dtype_bytes) \
         + ip_adapter_extra_bytes(plan.adapters, plan.family, dtype_bytes)
+
+
+def _controlnet_step(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: int):
+    """knobs -> what a ControlNet step adds to the UNet's activations (None without one)."""
+    if not plan.adapters:
+        return None
+    from .adapters.memory import controlnet_unet_extra
+
+    return controlnet_unet_extra(plan.adapters, unet_cfg, width=stage.width, height=stage.height,
+                                 img2img=stage.strength is not None, guidance=stage.guidance > 1,
+                                 dtype_bytes=dtype_bytes, linfusion=plan.linfusion is not None)
 
 
 def result_summary(path: Path | None, record: dict) -> dict:

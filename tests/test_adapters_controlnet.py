@@ -214,7 +214,10 @@ def test_cli_controlnet_dry_run_metadata_and_bad_input(cli, tmp_path):
 
 
 def test_planner_counts_controlnets_on_the_stages_they_run(tiny_pipeline_dirs, cn_files):
-    from linfusion_cli.adapters.memory import controlnet_extra_bytes, residual_elements
+    from linfusion_cli.adapters.memory import (controlnet_config, controlnet_extra_bytes,
+                                               controlnet_params, controlnet_unet_extra,
+                                               residual_elements)
+    from linfusion_cli.memory.walk import Knobs
     from linfusion_cli.runner import make_plan, plan_memory
 
     base = dict(prompt="x", model=str(tiny_pipeline_dirs["sd15"]), width=1024, height=1024, max_vram=8.0,
@@ -227,7 +230,11 @@ def test_planner_counts_controlnets_on_the_stages_they_run(tiny_pipeline_dirs, c
                                    guidance=True, dtype_bytes=2)
     assert controlnet_extra_bytes(tiled.adapters, cfg, width=512, height=512, img2img=False,
                                   guidance=True, dtype_bytes=2) == 0, "no tile ControlNet in the base stage"
-    assert extra > 2 * residual_elements(cfg, 64, 64) * 2 > 0
+    weights = controlnet_params(controlnet_config(str(cn_files["sd15"]), cfg)) * 2
+    assert extra == weights + (2 * 3 * 512 * 512 + cfg["block_out_channels"][0] * 64 * 64) * 2
+    step = controlnet_unet_extra(tiled.adapters, cfg, width=512, height=512, img2img=True,
+                                 guidance=True, dtype_bytes=2)
+    assert step(Knobs()) >= 2 * residual_elements(cfg, 64, 64) * 2 > 0  # the residual set at least
     for a, b in zip(plain.stages, tiled.stages):
         if a.strength is None:
             assert a.memory.estimated_peak_gib == b.memory.estimated_peak_gib

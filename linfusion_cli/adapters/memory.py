@@ -1,28 +1,30 @@
-"""What ControlNets add to a stage's device memory, for the planner (an additive term).
+"""What ControlNets and an IP-Adapter add to a stage's device memory, for the planner.
 
-Per stage, on top of the UNet/VAE estimate:
-* weights of each ControlNet active in the stage (parameters x dtype bytes);
-* its control image as the pipeline prepares it: (B, 3, H, W) in the model dtype (B = 2 with
-  guidance) plus one fp32 copy while it is converted;
-* the cached conditioning embedding: one (1, C0, H/8, W/8) copy (CFG shares it as a view),
-  and one embedding tile's working set (EMBED_TILE_PX^2 at the widest embedding channel count);
-* the residuals a ControlNet hands to the UNet, held through the UNet's forward: one tensor per
-  UNet skip connection plus the middle block, (B, C, h, w) each; with two ControlNets the
-  running sum and the current set (2x).
-The ControlNet's own working activations are not added: it runs its down/middle path before the
-UNet starts, over the same sizes, so its working set does not coincide with the UNet's peak.
+Per stage with ControlNets (checked against a live-bytes trace of one denoising step on the meta
+device, adapters/trace.py, within 5%):
+* weights of each ControlNet active in the stage (parameters x dtype bytes), always resident;
+* held through the whole pipeline call (UNet and VAE phases): each control image as the pipeline
+  prepares it, (B, 3, H, W) in the model dtype (B = 2 with guidance; its fp32 form is on the
+  host), and the cached conditioning embedding, one (1, C0, H/8, W/8) row (CFG views it);
+* the step's activation peak (controlnet_step_bytes), the largest of its moments: the UNet with
+  residuals (the walk with the skip sums referenced to the end, plus the residual set of the
+  full batch, which the UNet's CFG split only slices), the UNet adding the residuals to its
+  skips (skips, sums, residuals), the ControlNet's own down/middle path (the UNet walk's, at
+  the ControlNet's batch: 1 per half with cfg_split, the first half's residuals held), its zero
+  convolutions and scaling (skips or zero-conv outputs, and the new set), the halves'
+  concatenation, and with two ControlNets diffusers' MultiControlNetModel summing their sets.
+The planner adds the step's excess over the plain UNet walk to the UNet activations (inside the
+margin) and the weights and held inputs to the stage apart.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
-from .controlnet import EMBED_TILE_PX
-
-EMBED_CHANNELS = (16, 32, 96, 256)  # diffusers' default conditioning_embedding_out_channels
 
 
 def controlnet_config(source: str, unet_config: dict) -> dict:
@@ -65,26 +67,99 @@ def residual_elements(unet_config: dict, latent_h: int, latent_w: int) -> int:
     return total + channels[-1] * h * w  # the middle block
 
 
+def _kinds(adapters: dict, img2img: bool) -> list[str]:
+    """The ControlNets active in a stage (the tile ControlNet acts on img2img stages only)."""
+    return [k for k in ("controlnet", "tile_controlnet")
+            if k in (adapters or {}) and (img2img or k == "controlnet")]
+
+
 def controlnet_extra_bytes(adapters: dict, unet_config: dict, *, width: int, height: int,
                            img2img: bool, guidance: bool, dtype_bytes: int) -> int:
-    """Device bytes the stage's ControlNets add to the UNet/VAE estimate (0 without any)."""
-    kinds = [k for k in ("controlnet", "tile_controlnet")
-             if k in (adapters or {}) and (img2img or k == "controlnet")]
+    """Bytes the stage's ControlNets hold apart from the step: weights, control images, cached
+    embeddings (0 without any); the step's activations are controlnet_unet_extra's."""
+    batch = 2 if guidance else 1
+    total = 0
+    for kind in _kinds(adapters, img2img):
+        config = controlnet_config(adapters[kind]["source"], unet_config)
+        total += controlnet_params(config) * dtype_bytes
+        total += _held_bytes(config, unet_config, width, height, batch, dtype_bytes)
+    return total
+
+
+def _held_bytes(config: dict, unet_config: dict, width: int, height: int, batch: int,
+                dtype_bytes: int) -> int:
+    """One ControlNet's control image (B, 3, H, W) and cached embedding row (1, C0, H/8, W/8)."""
+    c0 = config.get("block_out_channels", unet_config["block_out_channels"])[0]
+    return (batch * 3 * width * height + c0 * -(-height // 8) * -(-width // 8)) * dtype_bytes
+
+
+def controlnet_step_bytes(adapters: dict, unet_config: dict, *, width: int, height: int,
+                          img2img: bool, guidance: bool, dtype_bytes: int, knobs,
+                          linfusion: bool = True) -> int:
+    """Peak activation bytes of one denoising step with the stage's ControlNets, their held
+    inputs included (what adapters.trace.trace_controlnet_step counts); 0 without any."""
+    from ..memory.walk import unet_activation_bytes
+
+    kinds = _kinds(adapters, img2img)
     if not kinds:
         return 0
+    configs = [controlnet_config(adapters[k]["source"], unet_config) for k in kinds]
+    B, db = (2 if guidance else 1), dtype_bytes
+    lh, lw = -(-height // 8), -(-width // 8)
+    split = bool(knobs.cfg_split) and B == 2
+    b = 1 if split else B  # batch of each UNet / ControlNet forward
+    held = sum(_held_bytes(c, unet_config, width, height, B, db) for c in configs)
+    res_item = residual_elements(unet_config, lh, lw) * db  # one batch item's residual set
+    mid_item = unet_config["block_out_channels"][-1] * _lowest(lh, lw, unet_config) * db
+    res = B * res_item
+    walk = dict(latent_h=lh, latent_w=lw, batch=B, dtype_bytes=db, linfusion=linfusion)
+    unet = unet_activation_bytes(unet_config, knobs=replace(knobs, skips_on_cpu=False),
+                                 residuals=True, **walk)
+    own = replace(knobs, skips_on_cpu=False, cfg_split=split)  # a ControlNet's forward, halves
+    down = unet_activation_bytes(unet_config, knobs=own, through_mid=True, **walk)
+    first_half = res_item if split else 0  # the first half's residuals while the second runs
+    before = res if len(kinds) > 1 else 0  # MultiControlNet: the first net's set
+    moments = [
+        unet + res + held,  # the UNet's forward, residuals held by the pipeline
+        2 * b * (res_item - mid_item) + res + held,  # skips + their new sums + residuals
+        down + first_half + before + held,  # the ControlNet's down and middle path
+        2 * b * res_item + first_half + before + held,  # zero convs / scaling: old and new sets
+        (2 * res if split else 0) + before + held,  # the halves and their concatenation
+        (3 * res if len(kinds) > 1 else 0) + held,  # MultiControlNet: set 1 + set 2 + sum
+    ]
+    return max(moments)
+
+
+def controlnet_unet_extra(adapters: dict, unet_config: dict, *, width: int, height: int,
+                          img2img: bool, guidance: bool, dtype_bytes: int, linfusion: bool = True):
+    """None without ControlNets, else knobs -> bytes the step adds to the plain UNet walk
+    (controlnet_step_bytes less the walk and the held inputs, which controlnet_extra_bytes has)."""
+    from ..memory.walk import unet_activation_bytes
+
+    kinds = _kinds(adapters, img2img)
+    if not kinds:
+        return None
     batch = 2 if guidance else 1
-    lh, lw = height // 8, width // 8
-    total = 0
-    for kind in kinds:
-        config = controlnet_config(adapters[kind]["source"], unet_config)
-        embed = list(config.get("conditioning_embedding_out_channels") or EMBED_CHANNELS)
-        c0 = config.get("block_out_channels", unet_config["block_out_channels"])[0]
-        total += controlnet_params(config) * dtype_bytes
-        total += batch * 3 * width * height * dtype_bytes + 3 * width * height * 4  # control image
-        total += c0 * lh * lw * dtype_bytes  # cached embedding
-        total += 2 * max(embed) * EMBED_TILE_PX ** 2 * dtype_bytes  # one tile's working set
-    sets = 2 if len(kinds) > 1 else 1
-    return total + sets * batch * residual_elements(unet_config, lh, lw) * dtype_bytes
+    held = sum(_held_bytes(controlnet_config(adapters[k]["source"], unet_config), unet_config,
+                           width, height, batch, dtype_bytes) for k in kinds)
+
+    def extra(knobs) -> int:
+        step = controlnet_step_bytes(adapters, unet_config, width=width, height=height,
+                                     img2img=img2img, guidance=guidance, dtype_bytes=dtype_bytes,
+                                     knobs=knobs, linfusion=linfusion)
+        plain = unet_activation_bytes(unet_config, latent_h=-(-height // 8),
+                                      latent_w=-(-width // 8), batch=batch,
+                                      dtype_bytes=dtype_bytes, knobs=knobs, linfusion=linfusion)
+        return step - held - plain
+    return extra
+
+
+def _lowest(latent_h: int, latent_w: int, unet_config: dict) -> int:
+    """Tokens at the UNet's lowest level (stride-2 convs round up)."""
+    h, w = latent_h, latent_w
+    for _ in range(len(unet_config["block_out_channels"]) - 1):
+        h, w = -(-h // 2), -(-w // 2)
+    return h * w
 
 
 # image encoders of h94/IP-Adapter when no local config says otherwise: ViT-H/14, ViT-bigG/14

@@ -152,7 +152,8 @@ def _levels(h: int, w: int, depth: int) -> list[int]:
 
 
 def _walk_unet(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfusion: bool,
-               dtype_bytes: int, mid_dim: int | None) -> _Peak:
+               dtype_bytes: int, mid_dim: int | None, residuals: bool = False,
+               through_mid: bool = False) -> _Peak:
     """The UNet forward's peak per batch item, as named element counts (see unet_breakdown).
 
     What diffusers' UNet2DConditionModel.forward keeps alive: every skip until its up block
@@ -161,6 +162,10 @@ def _walk_unet(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfusi
     `sample`), the skip tuple (the caller's `res_samples`), the skip being consumed (a local
     until the next one replaces it; with skips_on_cpu the only skip on the device), and
     torch.cat([h, skip]) as the resnet input.
+
+    residuals: ControlNet residuals are added to the skips; the sums stay referenced (the
+    forward's `new_down_block_res_samples`) until it returns, consumed or not.
+    through_mid: stop after the middle block (a ControlNet's own down and middle path).
     """
     k = knobs
     chans = list(cfg["block_out_channels"])
@@ -207,6 +212,9 @@ def _walk_unet(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfusi
     resnet("mid.resnet0", held, c, c, lvl, input_held=True)
     transformer("mid.attn0", held, c, lvl)
     resnet("mid.resnet1", {**held, "resnet input": c * n_tok[lvl]}, c, c, lvl, input_held=True)
+    if through_mid:
+        return peak
+    consumed = {"consumed skip sums (ControlNet)": 0.0} if residuals and not k.skips_on_cpu else {}
     rchans = chans[::-1]
     h_ch = c
     for j, btype in enumerate(up_types):
@@ -214,7 +222,7 @@ def _walk_unet(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfusi
         n = n_tok[lvl]
         mine = skips[-(layers + 1):][::-1]  # consumed last first
         skips = skips[:-(layers + 1)]
-        base = {"up block input (caller's sample)": h_ch * n}
+        base = {"up block input (caller's sample)": h_ch * n, **consumed}
         if not k.skips_on_cpu:
             base["skips of later blocks"] = sum(v for _, v in skips)
             base["this block's skips"] = sum(v for _, v in mine)
@@ -231,18 +239,21 @@ def _walk_unet(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfusi
             peak.at(f"up{j}.upsample", {**held, "upsampler input": rchans[j] * n,
                                         "upsampled + conv out": 2 * rchans[j] * n_tok[lvl - 1]})
         h_ch = rchans[j]
-    peak.at("conv_norm_out/act/conv_out", {"up output": h_ch * n_tok[0],
+        if consumed:
+            consumed["consumed skip sums (ControlNet)"] += sum(v for _, v in mine)
+    peak.at("conv_norm_out/act/conv_out", {**consumed, "up output": h_ch * n_tok[0],
                                            "norm + SiLU": (1 if k.inplace else 2) * h_ch * n_tok[0]})
     return peak
 
 
 def unet_activation_bytes(cfg: dict, *, latent_h: int, latent_w: int, batch: int,
                           dtype_bytes: int, knobs: Knobs, linfusion: bool = True,
-                          mid_dim: int | None = None) -> int:
-    """Peak activation bytes of one UNet forward, walking the down, mid and up paths."""
+                          mid_dim: int | None = None, **walk) -> int:
+    """Peak activation bytes of one UNet forward, walking the down, mid and up paths
+    (walk: _walk_unet's residuals / through_mid)."""
     b = 1 if knobs.cfg_split else batch
     peak = _walk_unet(cfg, latent_h=latent_h, latent_w=latent_w, knobs=knobs,
-                      linfusion=linfusion, dtype_bytes=dtype_bytes, mid_dim=mid_dim)
+                      linfusion=linfusion, dtype_bytes=dtype_bytes, mid_dim=mid_dim, **walk)
     return int(peak.value * b * dtype_bytes)
 
 
