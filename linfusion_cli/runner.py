@@ -264,7 +264,7 @@ def _adapter_bytes(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: int
     return controlnet_extra_bytes(plan.adapters, unet_cfg, width=stage.width, height=stage.height,
                                   img2img=stage.strength is not None, guidance=stage.guidance > 1,
                                   dtype_bytes=dtype_bytes) \
-        + ip_adapter_extra_bytes(plan.adapters, plan.family, dtype_bytes)
+        + ip_adapter_extra_bytes(plan.adapters, plan.family, dtype_bytes, unet_cfg)
 
 
 def _controlnet_step(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: int):

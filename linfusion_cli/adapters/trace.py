@@ -79,3 +79,74 @@ def trace_controlnet_step(unet_config: dict, controlnet_configs: list[dict], *, 
         _reset(nets)
         undo_nets()
         undo_unet()
+
+
+# ---------------------------------------------------------------- IP-Adapter
+
+def h94_meta_state_dict(unet, projection_dim: int, tokens: int = 4,
+                        dtype: torch.dtype = torch.float16) -> dict:
+    """A plain IP-Adapter's tensors in the h94 layout, on the meta device, as diffusers'
+    load_ip_adapter hands them to the UNet ({"image_proj": ..., "ip_adapter": ...}): image_proj
+    proj (tokens x C, P) and norm (C); to_k_ip / to_v_ip (hidden, C) for the i-th cross-attention
+    processor under key 2i + 1 (h94 numbered the original's attn1/attn2 pairs)."""
+    cross = unet.config.cross_attention_dim
+    with torch.device("meta"):
+        proj = {"proj.weight": torch.empty(tokens * cross, projection_dim, dtype=dtype),
+                "proj.bias": torch.empty(tokens * cross, dtype=dtype),
+                "norm.weight": torch.empty(cross, dtype=dtype), "norm.bias": torch.empty(cross, dtype=dtype)}
+        ip = {}
+        names = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
+        for i, name in enumerate(names):
+            hidden = unet.get_submodule(name.rsplit(".", 1)[0]).to_k.out_features
+            for kind in ("to_k_ip", "to_v_ip"):
+                ip[f"{2 * i + 1}.{kind}.weight"] = torch.empty(hidden, cross, dtype=dtype)
+    return {"image_proj": proj, "ip_adapter": ip}
+
+
+def meta_ip_unet(unet_config: dict, projection_dim: int, dtype: torch.dtype = torch.float16):
+    """A meta UNet with LinFusion and an IP-Adapter loaded by diffusers' own loader (the
+    `_load_ip_adapter_weights` that `load_ip_adapter` ends in)."""
+    unet = meta_unet(unet_config, linfusion=True, dtype=dtype)
+    with torch.device("meta"):
+        unet._load_ip_adapter_weights([h94_meta_state_dict(unet, projection_dim, dtype=dtype)],
+                                      low_cpu_mem_usage=False)
+    return unet
+
+
+def trace_ip_unet_bytes(unet, *, width: int, height: int, knobs, projection_dim: int,
+                        batch: int = 2, dtype: torch.dtype = torch.float16) -> int:
+    """Peak live activation bytes of one UNet forward with the IP-Adapter's image embeddings
+    ((B, 1, P) per adapter, as the pipeline prepares them for CFG)."""
+    from ..memory.knobs import apply_knobs
+
+    undo = apply_knobs(unet, None, knobs)
+    try:
+        mode = LiveBytes()
+        with torch.inference_mode(), mode, _host_parking(mode):
+            sample, t, context, kwargs = _inputs(unet, batch, -(-height // 8), -(-width // 8), dtype)
+            with torch.device("meta"):
+                embeds = [torch.empty(batch, 1, projection_dim, dtype=dtype)]
+            added = {**kwargs.pop("added_cond_kwargs", {}), "image_embeds": embeds}
+            out = unet(sample, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+            del out
+        return mode.peak
+    finally:
+        undo()
+
+
+def trace_image_encoder_bytes(encoder_config: dict, *, batch: int = 1,
+                              dtype: torch.dtype = torch.float16) -> int:
+    """Peak live activation bytes of the CLIP vision encoder on one image at its own size (224 px
+    for h94's), its input included: the pipeline's encode_image before the denoising loop."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    with torch.device("meta"):
+        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**encoder_config)).to(dtype).eval()
+    size = encoder.config.image_size
+    mode = LiveBytes()
+    with torch.inference_mode(), mode:
+        with torch.device("meta"):
+            pixels = torch.empty(batch, 3, size, size, dtype=dtype)
+        out = encoder(pixels).image_embeds
+        del out
+    return mode.peak
