@@ -127,7 +127,7 @@ def make_plan(req: Request) -> GenerationPlan:
         max_vram_gib=max_vram, budget_from=budget_from if max_vram is not None else None,
         dtype=dtype, vae_dtype=vae_dtype, device=device, planned_elsewhere=elsewhere,
         model_info=info, extras={"preset": preset.name, "family_from": info.family_from})
-    return _with_adapters(_with_method(plan, req, preset), req)
+    return _with_adapters(_with_method(plan, req, preset), req, preset)
 
 
 def _with_method(plan: GenerationPlan, req: Request, preset: Preset) -> GenerationPlan:
@@ -141,13 +141,20 @@ def _with_method(plan: GenerationPlan, req: Request, preset: Preset) -> Generati
                        trained_px(info.unet_config, info.vae_config))
 
 
-def _with_adapters(plan: GenerationPlan, req: Request) -> GenerationPlan:
-    """Adapters parsed and checked against the model's architecture, before any weights load."""
+def _with_adapters(plan: GenerationPlan, req: Request, preset: Preset) -> GenerationPlan:
+    """Adapters (flags, else the preset's keys) parsed and checked against the model's
+    architecture, before any weights load."""
     from .adapters import ADAPTER_FIELDS, check_adapters
+    from .adapters.preset import merged_request, name_preset_key
+    from .errors import InputError
 
-    if not any(getattr(req, name) for name in ADAPTER_FIELDS):
+    req, taken = merged_request(req, preset)
+    if not any(getattr(req, name) not in (None, ()) for name in ADAPTER_FIELDS):
         return plan
-    return replace(plan, adapters=check_adapters(req, plan.model_info.unet_config, plan))
+    try:
+        return replace(plan, adapters=check_adapters(req, plan.model_info.unet_config, plan))
+    except InputError as exc:
+        raise name_preset_key(exc, taken, preset) from None
 
 
 def planned_device(device: str | None, dtype: str, max_vram: float | None,
