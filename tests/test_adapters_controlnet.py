@@ -127,6 +127,31 @@ def test_cfg_split_gives_the_same_image(tiny_pipeline_dirs, cn_files):
         close(split[k], whole[k], f"stage {k}")
 
 
+@pytest.mark.parametrize("cfg_split", [False, True])
+def test_residuals_in_place_give_the_identical_image(tiny_pipeline_dirs, cn_files, monkeypatch, cfg_split):
+    """adapters.residuals (ControlNet run inside each UNet forward, residuals added to the skips
+    in place) against diffusers' order (ControlNet on the whole batch, new sums): bit-identical,
+    with one ControlNet (base stage) and two (img2img stage); each UNet forward runs its own
+    ControlNet call on its rows (1 per CFG half under cfg_split)."""
+    from linfusion_cli.adapters import residuals
+
+    folder = tiny_pipeline_dirs["sd15"]
+    adapters = dict(controlnet=str(cn_files["sd15"]), control_image=str(cn_files["image"]),
+                    tile_controlnet=str(cn_files["sd15"]))
+    memory = MemoryPlan(cfg_split=cfg_split, attn_chunk=32)
+    batches = []
+    real_run = residuals.Deferred.run
+    monkeypatch.setattr(residuals.Deferred, "run", lambda self, a, b: batches.append(b - a) or real_run(self, a, b))
+    ours, _, _ = run(folder, "sd15", adapters, memory=memory)
+    assert batches and set(batches) == {1 if cfg_split else 2}
+    monkeypatch.setattr(residuals, "ENABLED", False)
+    batches.clear()
+    theirs, _, _ = run(folder, "sd15", adapters, memory=memory)
+    assert not batches
+    for k in range(2):
+        assert np.array_equal(ours[k], theirs[k]), f"stage {k}"
+
+
 def diffusers_reference(folder, cn_folder, control_image, plan, kind):
     """diffusers' own pipelines: ControlNet text-to-image (structure) or plain base + ControlNet
     img2img whose control image is the stage's resized input (tile)."""
@@ -215,8 +240,7 @@ def test_cli_controlnet_dry_run_metadata_and_bad_input(cli, tmp_path):
 
 def test_planner_counts_controlnets_on_the_stages_they_run(tiny_pipeline_dirs, cn_files):
     from linfusion_cli.adapters.memory import (controlnet_config, controlnet_extra_bytes,
-                                               controlnet_params, controlnet_unet_extra,
-                                               residual_elements)
+                                               controlnet_params, controlnet_unet_extra)
     from linfusion_cli.memory.walk import Knobs
     from linfusion_cli.runner import make_plan, plan_memory
 
@@ -230,11 +254,11 @@ def test_planner_counts_controlnets_on_the_stages_they_run(tiny_pipeline_dirs, c
                                    guidance=True, dtype_bytes=2)
     assert controlnet_extra_bytes(tiled.adapters, cfg, width=512, height=512, img2img=False,
                                   guidance=True, dtype_bytes=2) == 0, "no tile ControlNet in the base stage"
-    weights = controlnet_params(controlnet_config(str(cn_files["sd15"]), cfg)) * 2
-    assert extra == weights + (2 * 3 * 512 * 512 + cfg["block_out_channels"][0] * 64 * 64) * 2
+    assert extra == controlnet_params(controlnet_config(str(cn_files["sd15"]), cfg)) * 2  # weights
     step = controlnet_unet_extra(tiled.adapters, cfg, width=512, height=512, img2img=True,
                                  guidance=True, dtype_bytes=2)
-    assert step(Knobs()) >= 2 * residual_elements(cfg, 64, 64) * 2 > 0  # the residual set at least
+    held = (2 * 3 * 512 * 512 + cfg["block_out_channels"][0] * 64 * 64) * 2  # image, embedding
+    assert step(Knobs()) >= held and step(Knobs(cfg_split=True)) >= held
     for a, b in zip(plain.stages, tiled.stages):
         if a.strength is None:
             assert a.memory.estimated_peak_gib == b.memory.estimated_peak_gib

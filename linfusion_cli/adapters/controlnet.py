@@ -263,7 +263,7 @@ def text_to_image_call(ctx, stage):
     spec = adapters["controlnet"]
     extra = {"image": resized(spec["image"], stage.width, stage.height),
              "controlnet_conditioning_scale": spec["scale"]}
-    return _pipeline(ctx, "txt2img", [net]), extra, lambda: _reset([net])
+    return _installed(_pipeline(ctx, "txt2img", [net]), [net], extra)
 
 
 def image_to_image_call(ctx, stage, upscaled: Image.Image):
@@ -284,4 +284,18 @@ def image_to_image_call(ctx, stage, upscaled: Image.Image):
     one = len(nets) == 1
     extra = {"control_image": images[0] if one else images,
              "controlnet_conditioning_scale": scales[0] if one else scales}
-    return _pipeline(ctx, "img2img", nets), extra, lambda: _reset(nets)
+    return _installed(_pipeline(ctx, "img2img", nets), nets, extra)
+
+
+def _installed(pipe, nets, extra):
+    """(pipe, extra, done): residuals made per UNet forward and added in place
+    (adapters.residuals) for this call; done takes that off and forgets the cached embeddings."""
+    from . import residuals
+
+    undo = residuals.residuals_in_place(pipe.controlnet, pipe.unet) if residuals.ENABLED else None
+
+    def done():
+        if undo is not None:
+            undo()
+        _reset(nets)
+    return pipe, extra, done

@@ -2,19 +2,21 @@
 
 Per stage with ControlNets (checked against a live-bytes trace of one denoising step on the meta
 device, adapters/trace.py, within 5%):
-* weights of each ControlNet active in the stage (parameters x dtype bytes), always resident;
-* held through the whole pipeline call (UNet and VAE phases): each control image as the pipeline
-  prepares it, (B, 3, H, W) in the model dtype (B = 2 with guidance; its fp32 form is on the
-  host), and the cached conditioning embedding, one (1, C0, H/8, W/8) row (CFG views it);
-* the step's activation peak (controlnet_step_bytes), the largest of its moments: the UNet with
-  residuals (the walk with the skip sums referenced to the end, plus the residual set of the
-  full batch, which the UNet's CFG split only slices), the UNet adding the residuals to its
-  skips (skips, sums, residuals), the ControlNet's own down/middle path (the UNet walk's, at
-  the ControlNet's batch: 1 per half with cfg_split, the first half's residuals held), its zero
-  convolutions and scaling (skips or zero-conv outputs, and the new set), the halves'
-  concatenation, and with two ControlNets diffusers' MultiControlNetModel summing their sets.
+* weights of each ControlNet active in the stage (parameters x dtype bytes), always resident
+  (controlnet_extra_bytes);
+* the step's activation peak (controlnet_step_bytes), held inputs included: each control image
+  as the pipeline prepares it, (B, 3, H, W) in the model dtype (B = 2 with guidance; its fp32
+  form is on the host), and its cached conditioning embedding row (1, C0, H/8, W/8), both alive
+  through the pipeline call (not the VAE phases, which run outside it). The ControlNet runs
+  inside each UNet forward on that forward's rows (b = 1 per CFG half with cfg_split, else B)
+  and its residuals are added to the skips in place after the middle block
+  (adapters/residuals.py), so the moments are: the plain UNet walk; the UNet's down and middle
+  path with this forward's residuals (b x one set); the ControlNet's own down/middle path (the
+  UNet walk's); its zero convolutions and scaling (skips or zero-conv outputs, and the new set:
+  2 b sets); with two ControlNets, diffusers' MultiControlNetModel holding the first net's set
+  while the second runs, then both sets and their sum (3 b sets).
 The planner adds the step's excess over the plain UNet walk to the UNet activations (inside the
-margin) and the weights and held inputs to the stage apart.
+margin) and the weights to the stage apart.
 """
 
 from __future__ import annotations
@@ -75,15 +77,10 @@ def _kinds(adapters: dict, img2img: bool) -> list[str]:
 
 def controlnet_extra_bytes(adapters: dict, unet_config: dict, *, width: int, height: int,
                            img2img: bool, guidance: bool, dtype_bytes: int) -> int:
-    """Bytes the stage's ControlNets hold apart from the step: weights, control images, cached
-    embeddings (0 without any); the step's activations are controlnet_unet_extra's."""
-    batch = 2 if guidance else 1
-    total = 0
-    for kind in _kinds(adapters, img2img):
-        config = controlnet_config(adapters[kind]["source"], unet_config)
-        total += controlnet_params(config) * dtype_bytes
-        total += _held_bytes(config, unet_config, width, height, batch, dtype_bytes)
-    return total
+    """Weights of the stage's ControlNets (0 without any); the step's activations, held inputs
+    included, are controlnet_unet_extra's."""
+    return sum(controlnet_params(controlnet_config(adapters[kind]["source"], unet_config)) * dtype_bytes
+               for kind in _kinds(adapters, img2img))
 
 
 def _held_bytes(config: dict, unet_config: dict, width: int, height: int, batch: int,
@@ -107,41 +104,33 @@ def controlnet_step_bytes(adapters: dict, unet_config: dict, *, width: int, heig
     B, db = (2 if guidance else 1), dtype_bytes
     lh, lw = -(-height // 8), -(-width // 8)
     split = bool(knobs.cfg_split) and B == 2
-    b = 1 if split else B  # batch of each UNet / ControlNet forward
+    b = 1 if split else B  # rows of each UNet forward, and of the ControlNet run inside it
     held = sum(_held_bytes(c, unet_config, width, height, B, db) for c in configs)
-    res_item = residual_elements(unet_config, lh, lw) * db  # one batch item's residual set
-    mid_item = unet_config["block_out_channels"][-1] * _lowest(lh, lw, unet_config) * db
-    res = B * res_item
-    walk = dict(latent_h=lh, latent_w=lw, batch=B, dtype_bytes=db, linfusion=linfusion)
-    unet = unet_activation_bytes(unet_config, knobs=replace(knobs, skips_on_cpu=False),
-                                 residuals=True, **walk)
-    own = replace(knobs, skips_on_cpu=False, cfg_split=split)  # a ControlNet's forward, halves
-    down = unet_activation_bytes(unet_config, knobs=own, through_mid=True, **walk)
-    first_half = res_item if split else 0  # the first half's residuals while the second runs
-    before = res if len(kinds) > 1 else 0  # MultiControlNet: the first net's set
+    sets = b * residual_elements(unet_config, lh, lw) * db  # one forward's residual set
+    walk = dict(latent_h=lh, latent_w=lw, batch=B, dtype_bytes=db, linfusion=linfusion,
+                knobs=replace(knobs, skips_on_cpu=False, cfg_split=split))
+    plain = unet_activation_bytes(unet_config, **walk)
+    down = unet_activation_bytes(unet_config, through_mid=True, **walk)  # UNet's or ControlNet's
+    first = sets if len(kinds) > 1 else 0  # MultiControlNet: the first net's set
     moments = [
-        unet + res + held,  # the UNet's forward, residuals held by the pipeline
-        2 * b * (res_item - mid_item) + res + held,  # skips + their new sums + residuals
-        down + first_half + before + held,  # the ControlNet's down and middle path
-        2 * b * res_item + first_half + before + held,  # zero convs / scaling: old and new sets
-        (2 * res if split else 0) + before + held,  # the halves and their concatenation
-        (3 * res if len(kinds) > 1 else 0) + held,  # MultiControlNet: set 1 + set 2 + sum
+        plain,  # the UNet's forward once the residuals are in its skips
+        down + sets,  # the UNet's down and middle path, this forward's residuals held
+        down + first,  # a ControlNet's down and middle path
+        2 * sets + first,  # its zero convs and scaling: skips or zero-conv outputs + new set
+        3 * sets if len(kinds) > 1 else 0,  # MultiControlNet: set 1 + set 2 + their sum
     ]
-    return max(moments)
+    return max(moments) + held
 
 
 def controlnet_unet_extra(adapters: dict, unet_config: dict, *, width: int, height: int,
                           img2img: bool, guidance: bool, dtype_bytes: int, linfusion: bool = True):
     """None without ControlNets, else knobs -> bytes the step adds to the plain UNet walk
-    (controlnet_step_bytes less the walk and the held inputs, which controlnet_extra_bytes has)."""
+    (controlnet_step_bytes less the walk)."""
     from ..memory.walk import unet_activation_bytes
 
-    kinds = _kinds(adapters, img2img)
-    if not kinds:
+    if not _kinds(adapters, img2img):
         return None
     batch = 2 if guidance else 1
-    held = sum(_held_bytes(controlnet_config(adapters[k]["source"], unet_config), unet_config,
-                           width, height, batch, dtype_bytes) for k in kinds)
 
     def extra(knobs) -> int:
         step = controlnet_step_bytes(adapters, unet_config, width=width, height=height,
@@ -150,16 +139,8 @@ def controlnet_unet_extra(adapters: dict, unet_config: dict, *, width: int, heig
         plain = unet_activation_bytes(unet_config, latent_h=-(-height // 8),
                                       latent_w=-(-width // 8), batch=batch,
                                       dtype_bytes=dtype_bytes, knobs=knobs, linfusion=linfusion)
-        return step - held - plain
+        return step - plain
     return extra
-
-
-def _lowest(latent_h: int, latent_w: int, unet_config: dict) -> int:
-    """Tokens at the UNet's lowest level (stride-2 convs round up)."""
-    h, w = latent_h, latent_w
-    for _ in range(len(unet_config["block_out_channels"]) - 1):
-        h, w = -(-h // 2), -(-w // 2)
-    return h * w
 
 
 # image encoders of h94/IP-Adapter when no local config says otherwise: ViT-H/14, ViT-bigG/14

@@ -52,6 +52,7 @@ def trace_controlnet_step(unet_config: dict, controlnet_configs: list[dict], *, 
     from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
     from ..memory.knobs import apply_knobs
+    from . import residuals
     from .controlnet import _reset, controlnet_knobs
 
     unet = unet if unet is not None else meta_unet(unet_config, linfusion=True, dtype=dtype)
@@ -59,6 +60,7 @@ def trace_controlnet_step(unet_config: dict, controlnet_configs: list[dict], *, 
     undo_unet = apply_knobs(unet, None, knobs)
     undo_nets = controlnet_knobs(nets, knobs)
     control = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
+    undo_residuals = residuals.residuals_in_place(control, unet) if residuals.ENABLED else None
     try:
         mode = LiveBytes()
         with torch.inference_mode(), mode, _host_parking(mode), _rows_repeat():
@@ -76,6 +78,8 @@ def trace_controlnet_step(unet_config: dict, controlnet_configs: list[dict], *, 
             del out, down, mid
         return mode.peak
     finally:
+        if undo_residuals is not None:
+            undo_residuals()
         _reset(nets)
         undo_nets()
         undo_unet()

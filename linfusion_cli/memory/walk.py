@@ -152,8 +152,7 @@ def _levels(h: int, w: int, depth: int) -> list[int]:
 
 
 def _walk_unet(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfusion: bool,
-               dtype_bytes: int, mid_dim: int | None, residuals: bool = False,
-               through_mid: bool = False) -> _Peak:
+               dtype_bytes: int, mid_dim: int | None, through_mid: bool = False) -> _Peak:
     """The UNet forward's peak per batch item, as named element counts (see unet_breakdown).
 
     What diffusers' UNet2DConditionModel.forward keeps alive: every skip until its up block
@@ -163,8 +162,6 @@ def _walk_unet(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfusi
     until the next one replaces it; with skips_on_cpu the only skip on the device), and
     torch.cat([h, skip]) as the resnet input.
 
-    residuals: ControlNet residuals are added to the skips; the sums stay referenced (the
-    forward's `new_down_block_res_samples`) until it returns, consumed or not.
     through_mid: stop after the middle block (a ControlNet's own down and middle path).
     """
     k = knobs
@@ -214,7 +211,6 @@ def _walk_unet(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfusi
     resnet("mid.resnet1", {**held, "resnet input": c * n_tok[lvl]}, c, c, lvl, input_held=True)
     if through_mid:
         return peak
-    consumed = {"consumed skip sums (ControlNet)": 0.0} if residuals and not k.skips_on_cpu else {}
     rchans = chans[::-1]
     h_ch = c
     for j, btype in enumerate(up_types):
@@ -222,7 +218,7 @@ def _walk_unet(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfusi
         n = n_tok[lvl]
         mine = skips[-(layers + 1):][::-1]  # consumed last first
         skips = skips[:-(layers + 1)]
-        base = {"up block input (caller's sample)": h_ch * n, **consumed}
+        base = {"up block input (caller's sample)": h_ch * n}
         if not k.skips_on_cpu:
             base["skips of later blocks"] = sum(v for _, v in skips)
             base["this block's skips"] = sum(v for _, v in mine)
@@ -239,9 +235,7 @@ def _walk_unet(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfusi
             peak.at(f"up{j}.upsample", {**held, "upsampler input": rchans[j] * n,
                                         "upsampled + conv out": 2 * rchans[j] * n_tok[lvl - 1]})
         h_ch = rchans[j]
-        if consumed:
-            consumed["consumed skip sums (ControlNet)"] += sum(v for _, v in mine)
-    peak.at("conv_norm_out/act/conv_out", {**consumed, "up output": h_ch * n_tok[0],
+    peak.at("conv_norm_out/act/conv_out", {"up output": h_ch * n_tok[0],
                                            "norm + SiLU": (1 if k.inplace else 2) * h_ch * n_tok[0]})
     return peak
 
@@ -250,7 +244,7 @@ def unet_activation_bytes(cfg: dict, *, latent_h: int, latent_w: int, batch: int
                           dtype_bytes: int, knobs: Knobs, linfusion: bool = True,
                           mid_dim: int | None = None, **walk) -> int:
     """Peak activation bytes of one UNet forward, walking the down, mid and up paths
-    (walk: _walk_unet's residuals / through_mid)."""
+    (walk: _walk_unet's through_mid)."""
     b = 1 if knobs.cfg_split else batch
     peak = _walk_unet(cfg, latent_h=latent_h, latent_w=latent_w, knobs=knobs,
                       linfusion=linfusion, dtype_bytes=dtype_bytes, mid_dim=mid_dim, **walk)
