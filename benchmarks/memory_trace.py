@@ -10,9 +10,8 @@ With --controlnet, one denoising step of an img2img stage with a tile ControlNet
 the UNet's config, as ControlNetModel.from_unet makes it) is traced instead
 (linfusion_cli.adapters.trace: controlnet(...) then unet(..., residuals)), against the step
 estimate (adapters.memory.controlnet_step_bytes); the plan is the one the runner would choose
-beside it (skips_on_cpu ruled out, the ControlNet's weights and held inputs out of the budget),
-or, when none fits, the tightest plan. "stage est" then includes the ControlNet's weights and
-held inputs.
+beside it (the ControlNet's weights out of the budget, its step in the UNet's activations), or,
+when none fits, the tightest plan. "stage est" then includes the ControlNet's weights.
 
     python benchmarks/memory_trace.py [--families sd15,sdxl] [--max-side 16384] [--controlnet]
 """
@@ -74,7 +73,7 @@ def main() -> None:
 
 ADAPTERS = {"tile_controlnet": {"source": "from-unet"}}  # a ControlNet made from the UNet's config
 TIGHTEST = dict(offload="sequential", vae_tile_px=512, ff_chunk=4096, cfg_split=True,
-                attn_chunk=4096, inplace=True, skips_on_cpu=False)
+                attn_chunk=4096, inplace=True, skips_on_cpu=True)
 
 
 def _controlnet(unet_config, unet):
@@ -94,16 +93,16 @@ def _controlnet_row(net, unet_config, vae_config, unet, width, height, budget):
     from linfusion_cli.adapters.trace import trace_controlnet_step
 
     where = dict(width=width, height=height, img2img=True, guidance=True, dtype_bytes=2)
-    held = controlnet_extra_bytes(ADAPTERS, unet_config, **where)
+    weights = controlnet_extra_bytes(ADAPTERS, unet_config, **where)
     extra = controlnet_unet_extra(ADAPTERS, unet_config, **where)
     common = dict(width=width, height=height, dtype_bytes=2, device="cuda", unet_extra=extra)
     try:
-        plan, fits = plan_memory(unet_config, vae_config, budget_bytes=max(budget - held, 1),
-                                 fixed={"skips_on_cpu": False}, **common), True
+        plan, fits = plan_memory(unet_config, vae_config, budget_bytes=max(budget - weights, 1),
+                                 **common), True
     except BudgetError:
         plan, fits = plan_memory(unet_config, vae_config, budget_bytes=1 << 62, fixed=TIGHTEST,
                                  **common), False
-    plan = replace(plan, estimated_peak_gib=round(plan.estimated_peak_gib + held / GIB, 2))
+    plan = replace(plan, estimated_peak_gib=round(plan.estimated_peak_gib + weights / GIB, 2))
     start = time.perf_counter()
     config = controlnet_config(ADAPTERS["tile_controlnet"]["source"], unet_config)
     traced = trace_controlnet_step(unet_config, [config], width=width, height=height, knobs=plan,

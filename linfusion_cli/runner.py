@@ -228,9 +228,6 @@ def plan_memory(plan: GenerationPlan) -> GenerationPlan:
     fixed = dict(plan.memory_fixed)
     if plan.vae_tile_px is not None:
         fixed["vae_tile_px"] = plan.vae_tile_px
-    if any(k in plan.adapters for k in ("controlnet", "tile_controlnet")):
-        # the UNet adds ControlNet residuals to its skips on the device: they cannot be parked
-        fixed["skips_on_cpu"] = False
     plans = []
     for stage in plan.stages:
         images = 3 * 3 * stage.width * stage.height if kind == "cpu" else 0  # previous, resized, new

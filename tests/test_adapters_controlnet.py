@@ -127,8 +127,9 @@ def test_cfg_split_gives_the_same_image(tiny_pipeline_dirs, cn_files):
         close(split[k], whole[k], f"stage {k}")
 
 
-@pytest.mark.parametrize("cfg_split", [False, True])
-def test_residuals_in_place_give_the_identical_image(tiny_pipeline_dirs, cn_files, monkeypatch, cfg_split):
+@pytest.mark.parametrize("cfg_split, skips_on_cpu", [(False, False), (True, False), (True, True)])
+def test_residuals_in_place_give_the_identical_image(tiny_pipeline_dirs, cn_files, monkeypatch, cfg_split,
+                                                     skips_on_cpu):
     """adapters.residuals (ControlNet run inside each UNet forward, residuals added to the skips
     in place) against diffusers' order (ControlNet on the whole batch, new sums): bit-identical,
     with one ControlNet (base stage) and two (img2img stage); each UNet forward runs its own
@@ -138,7 +139,7 @@ def test_residuals_in_place_give_the_identical_image(tiny_pipeline_dirs, cn_file
     folder = tiny_pipeline_dirs["sd15"]
     adapters = dict(controlnet=str(cn_files["sd15"]), control_image=str(cn_files["image"]),
                     tile_controlnet=str(cn_files["sd15"]))
-    memory = MemoryPlan(cfg_split=cfg_split, attn_chunk=32)
+    memory = MemoryPlan(cfg_split=cfg_split, attn_chunk=32, skips_on_cpu=skips_on_cpu)
     batches = []
     real_run = residuals.Deferred.run
     monkeypatch.setattr(residuals.Deferred, "run", lambda self, a, b: batches.append(b - a) or real_run(self, a, b))
@@ -263,23 +264,16 @@ def test_planner_counts_controlnets_on_the_stages_they_run(tiny_pipeline_dirs, c
         if a.strength is None:
             assert a.memory.estimated_peak_gib == b.memory.estimated_peak_gib
         else:
-            assert b.memory.estimated_peak_gib > a.memory.estimated_peak_gib
+            assert b.memory.estimated_peak_gib >= a.memory.estimated_peak_gib  # tiny: VAE-bound
 
 
-def test_planner_never_parks_skips_beside_a_controlnet(tiny_pipeline_dirs, cn_files, monkeypatch):
-    """The UNet adds ControlNet residuals to its skips on the device: skips_on_cpu is ruled out."""
-    from linfusion_cli.memory import planner
+def test_16k_tile_controlnet_plans_within_24_gib_with_parked_skips():
+    """SD1.5 16384x8192 with a tile ControlNet: the last stage parks the skips (and so the
+    residuals) on the host and fits a 24 GiB GPU by the estimate."""
     from linfusion_cli.runner import make_plan, plan_memory
 
-    seen = []
-    real = planner.plan_memory
-    monkeypatch.setattr(planner, "plan_memory",
-                        lambda *a, **kw: seen.append(dict(kw.get("fixed") or {})) or real(*a, **kw))
-    base = dict(prompt="x", model=str(tiny_pipeline_dirs["sd15"]), width=1024, height=1024,
-                no_linfusion=True, device="cuda", dry_run=True, max_vram=80.0)
-    plan_memory(make_plan(Request(**base)))
-    assert seen and all("skips_on_cpu" not in f for f in seen)
-    seen.clear()
-    plan = plan_memory(make_plan(Request(**base, tile_controlnet=str(cn_files["sd15"]))))
-    assert seen and all(f.get("skips_on_cpu") is False for f in seen)
-    assert not any(s.memory.skips_on_cpu for s in plan.stages)
+    plan = plan_memory(make_plan(Request(prompt="x", preset="sd15", width=16384, height=8192,
+                                         max_vram=24.0, device="cuda", dry_run=True,
+                                         tile_controlnet="lllyasviel/control_v11f1e_sd15_tile")))
+    last = plan.stages[-1].memory
+    assert last.skips_on_cpu and last.cfg_split and last.estimated_peak_gib <= 24

@@ -107,15 +107,17 @@ def controlnet_step_bytes(adapters: dict, unet_config: dict, *, width: int, heig
     b = 1 if split else B  # rows of each UNet forward, and of the ControlNet run inside it
     held = sum(_held_bytes(c, unet_config, width, height, B, db) for c in configs)
     sets = b * residual_elements(unet_config, lh, lw) * db  # one forward's residual set
-    walk = dict(latent_h=lh, latent_w=lw, batch=B, dtype_bytes=db, linfusion=linfusion,
-                knobs=replace(knobs, skips_on_cpu=False, cfg_split=split))
-    plain = unet_activation_bytes(unet_config, **walk)
-    down = unet_activation_bytes(unet_config, through_mid=True, **walk)  # UNet's or ControlNet's
+    walk = dict(latent_h=lh, latent_w=lw, batch=B, dtype_bytes=db, linfusion=linfusion)
+    own = replace(knobs, skips_on_cpu=False, cfg_split=split)  # the ControlNet keeps its skips
+    unet_knobs = replace(own, skips_on_cpu=bool(knobs.skips_on_cpu))
+    plain = unet_activation_bytes(unet_config, knobs=unet_knobs, **walk)
+    down = unet_activation_bytes(unet_config, knobs=unet_knobs, through_mid=True, **walk)
+    controlnet = unet_activation_bytes(unet_config, knobs=own, through_mid=True, **walk)
     first = sets if len(kinds) > 1 else 0  # MultiControlNet: the first net's set
     moments = [
-        plain,  # the UNet's forward once the residuals are in its skips
-        down + sets,  # the UNet's down and middle path, this forward's residuals held
-        down + first,  # a ControlNet's down and middle path
+        plain,  # the UNet's forward once the residuals are in its skips (or parked with them)
+        down + (0 if knobs.skips_on_cpu else sets),  # down/middle path, residuals on the device
+        controlnet + first,  # a ControlNet's down and middle path
         2 * sets + first,  # its zero convs and scaling: skips or zero-conv outputs + new set
         3 * sets if len(kinds) > 1 else 0,  # MultiControlNet: set 1 + set 2 + their sum
     ]

@@ -11,9 +11,12 @@ for each UNet forward (one per CFG half under cfg_split), run the ControlNet on 
 batch rows just before the UNet's conv_in, collect the skips as conv_in and the down blocks return
 them, and after the middle block add each residual to its skip in place (the values diffusers'
 `skip + residual` gives: the same elementwise add), add the middle residual to the middle block's
-output (as diffusers does) and drop the residuals. The images are bit-identical
-(tests/test_adapters_controlnet.py); the step's peak has one half's residuals, during the down
-path only, and no second set of skips (adapters/memory.py, checked by adapters/trace.py).
+output (as diffusers does) and drop the residuals. With skips_on_cpu (memory/knobs.py parks the
+skips on the host) the residuals are parked as the ControlNet returns them and each is added to
+its skip's device copy when the up block brings that skip back (`unet.on_skip_fetch`). The images
+are bit-identical (tests/test_adapters_controlnet.py); the step's peak has one half's residuals,
+during the down path only (none with skips_on_cpu), and no second set of skips
+(adapters/memory.py, checked by adapters/trace.py).
 """
 
 from __future__ import annotations
@@ -50,7 +53,11 @@ def _rows(obj, start: int, stop: int, batch: int):
 def residuals_in_place(control: nn.Module, unet: nn.Module):
     """Defer `control`'s forward (a ControlNetModel or MultiControlNetModel, as the pipeline calls
     it) and run it inside each UNet forward, residuals added in place. Returns the undo."""
-    state: dict = {"deferred": None, "offset": 0, "down": None, "mid": None, "skips": []}
+    from ..memory import knobs
+
+    state: dict = {"deferred": None, "offset": 0, "down": None, "mid": None, "skips": [],
+                   "pairs": {}}
+    parked = any(getattr(h, "skips_on_cpu", False) for h in unet.conv_in._forward_hooks.values())
     inner_control = control.forward
 
     def deferred_forward(sample, *args, **kwargs):
@@ -69,7 +76,7 @@ def residuals_in_place(control: nn.Module, unet: nn.Module):
         try:
             return inner_unet(*args, **kwargs)
         finally:
-            state.update(deferred=None, down=None, mid=None, skips=[])
+            state.update(deferred=None, down=None, mid=None, skips=[], pairs={})
 
     def before_conv_in(module, args):  # this forward's rows of the batch: run the ControlNet
         if state["deferred"] is None:
@@ -77,7 +84,12 @@ def residuals_in_place(control: nn.Module, unet: nn.Module):
         start = state["offset"]
         state["offset"] = stop = start + args[0].shape[0]
         down, mid = state["deferred"].run(start, stop)
-        state.update(down=list(down), mid=mid, skips=[])
+        down = list(down)
+        if parked:  # one by one, so each device residual is freed as its host copy is made
+            for i, residual in enumerate(down):
+                down[i] = knobs.park(residual)
+            del residual
+        state.update(down=down, mid=mid, skips=[], pairs={})
         return None
 
     def after_conv_in(module, args, output):
@@ -91,14 +103,26 @@ def residuals_in_place(control: nn.Module, unet: nn.Module):
     def after_mid_block(module, args, output):
         if state["down"] is None:
             return None
-        for skip, residual in zip(state["skips"], state["down"], strict=True):
-            skip.add_(residual)  # the middle block has read the last skip: in place is safe now
+        if parked:  # host skips: each residual is added to its skip's device copy (on_skip_fetch)
+            state["pairs"] = {id(s): r for s, r in zip(state["skips"], state["down"], strict=True)}
+        else:
+            for skip, residual in zip(state["skips"], state["down"], strict=True):
+                skip.add_(residual)  # the middle block has read the last skip: in place is safe
+            state["skips"] = []
         output = output + state["mid"]
-        state.update(down=None, mid=None, skips=[])
+        state.update(down=None, mid=None)
         return output
+
+    def on_skip_fetch(host, out):  # a parked skip back on the device: its residual added
+        residual = state["pairs"].get(id(host))
+        if residual is None:
+            return out
+        residual = knobs.fetch(residual, out.device)
+        return out.add_(residual) if out.data_ptr() != host.data_ptr() else out + residual
 
     control.forward = deferred_forward
     unet.forward = unet_forward
+    unet.on_skip_fetch = on_skip_fetch
     hooks = [unet.conv_in.register_forward_pre_hook(before_conv_in),
              unet.conv_in.register_forward_hook(after_conv_in),
              unet.mid_block.register_forward_hook(after_mid_block)]
@@ -107,6 +131,7 @@ def residuals_in_place(control: nn.Module, unet: nn.Module):
     def undo():
         for h in hooks:
             h.remove()
+        del unet.on_skip_fetch
         for module, previous in ((unet, inner_unet), (control, inner_control)):
             if getattr(previous, "__self__", None) is module and previous.__func__ is type(module).forward:
                 module.__dict__.pop("forward", None)  # it was the class's own forward
