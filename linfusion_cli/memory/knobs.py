@@ -14,8 +14,9 @@ GPUs); they trade speed for peak memory:
   have no in-place form in PyTorch, so the feed-forward is left alone (ff_chunk covers it).
 * skips_on_cpu: the UNet skip tensors (conv_in output and every down-block residual) are moved
   to the CPU as they are produced; a pre-hook on each up block hands it a tuple that copies a
-  skip back to the device when the block indexes it, so one skip at a time is on the device. ControlNet residuals are then parked too and added
-  as each skip comes back (adapters/residuals.py, through `unet.on_skip_fetch`).
+  skip back to the device when the block indexes it, so one skip at a time is on the device.
+  ControlNet residuals are parked too and added as each skip comes back
+  (adapters/residuals.py, through `unet.on_skip_fetch`).
 * attn_chunk: sets `chunk_size` on every LinFusion layer (modules with a `chunk_size` attribute).
 * offload: accelerate CPU offload of the text encoders and UNet (model or per layer) and of
   the VAE (whole), see _offload.
