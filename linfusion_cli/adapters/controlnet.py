@@ -99,6 +99,12 @@ def load_controlnet(source: str, unet: nn.Module, what: str):
     except (OSError, EnvironmentError) as exc:
         raise ModelNotFoundError(f"{what} {source}: could not be loaded (not in the local cache, "
                                  f"or offline): {str(exc).strip().splitlines()[0]}") from None
+    return prepare_controlnet(controlnet, unet)
+
+
+def prepare_controlnet(controlnet, unet: nn.Module):
+    """What a run does to a loaded ControlNet (also the memory trace's meta one): eval mode,
+    LinFusion where the UNet has it, the tiled and cached conditioning embedding."""
     controlnet.eval()
     layers = mount_linfusion(controlnet, unet)
     controlnet.controlnet_cond_embedding = TiledConditioningEmbedding(controlnet.controlnet_cond_embedding)
@@ -117,6 +123,12 @@ def _halo(module: nn.Module) -> tuple[int, int]:
             stride *= conv.stride[0]
     halo = -(-radius // stride) * stride  # whole output pixels
     return halo, stride
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch.equal; the memory trace replaces it (meta tensors hold no values; the pipeline's
+    CFG batch repeats one control image, so its rows are equal)."""
+    return torch.equal(a, b)
 
 
 class TiledConditioningEmbedding(nn.Module):
@@ -139,10 +151,10 @@ class TiledConditioningEmbedding(nn.Module):
         if old is not None and old.data_ptr() == cond.data_ptr() and old.shape == cond.shape:
             return self._value
         batch = cond.shape[0]
-        rows_equal = all(torch.equal(cond[i], cond[0]) for i in range(1, batch))
+        rows_equal = all(_equal(cond[i], cond[0]) for i in range(1, batch))
         row = self._row
         if rows_equal and row is not None and row.shape[1:] == cond.shape[1:] and \
-                row.dtype == cond.dtype and torch.equal(row[0], cond[0]):
+                row.dtype == cond.dtype and _equal(row[0], cond[0]):
             out = self._row_value.expand(batch, *self._row_value.shape[1:])  # CFG halves, copies
         elif rows_equal:
             self._row, self._row_value = cond[:1], self._tiled(cond[:1])
@@ -251,7 +263,7 @@ def text_to_image_call(ctx, stage):
     spec = adapters["controlnet"]
     extra = {"image": resized(spec["image"], stage.width, stage.height),
              "controlnet_conditioning_scale": spec["scale"]}
-    return _pipeline(ctx, "txt2img", [net]), extra, lambda: _reset([net])
+    return _installed(_pipeline(ctx, "txt2img", [net]), [net], extra)
 
 
 def image_to_image_call(ctx, stage, upscaled: Image.Image):
@@ -272,4 +284,18 @@ def image_to_image_call(ctx, stage, upscaled: Image.Image):
     one = len(nets) == 1
     extra = {"control_image": images[0] if one else images,
              "controlnet_conditioning_scale": scales[0] if one else scales}
-    return _pipeline(ctx, "img2img", nets), extra, lambda: _reset(nets)
+    return _installed(_pipeline(ctx, "img2img", nets), nets, extra)
+
+
+def _installed(pipe, nets, extra):
+    """(pipe, extra, done): residuals made per UNet forward and added in place
+    (adapters.residuals) for this call; done takes that off and forgets the cached embeddings."""
+    from . import residuals
+
+    undo = residuals.residuals_in_place(pipe.controlnet, pipe.unet) if residuals.ENABLED else None
+
+    def done():
+        if undo is not None:
+            undo()
+        _reset(nets)
+    return pipe, extra, done

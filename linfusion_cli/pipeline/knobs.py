@@ -14,7 +14,9 @@ GPUs); they trade speed for peak memory:
   have no in-place form in PyTorch, so the feed-forward is left alone (ff_chunk covers it).
 * skips_on_cpu: the UNet skip tensors (conv_in output and every down-block residual) are moved
   to the CPU as they are produced; a pre-hook on each up block hands it a tuple that copies a
-  skip back to the device when the block indexes it, so one skip at a time is on the device. Not for use with ControlNet/T2I-Adapter residuals (they are added on the device).
+  skip back to the device when the block indexes it, so one skip at a time is on the device.
+  ControlNet residuals are parked too and added as each skip comes back
+  (adapters/residuals.py, through `unet.on_skip_fetch`).
 * attn_chunk: sets `chunk_size` on every LinFusion layer (modules with a `chunk_size` attribute).
 * offload: accelerate CPU offload of the text encoders and UNet (model or per layer) and of
   the VAE (whole), see _offload.
@@ -160,7 +162,9 @@ def _skips_to_cpu(unet: nn.Module, handle: KnobHandle) -> None:
         if id(t) not in state["fetched"]:
             state["fetched"].add(id(t))
             handle.stats["skips_to_device"] += 1
-        return fetch(t, state["device"])
+        out = fetch(t, state["device"])
+        more = getattr(unet, "on_skip_fetch", None)  # ControlNet residuals (adapters/residuals.py)
+        return out if more is None else more(t, out)
 
     def conv_in_hook(module, args, output):  # the first skip: conv_in's output (B, C0, h, w)
         state["device"] = output.device

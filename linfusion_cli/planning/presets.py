@@ -48,6 +48,7 @@ class Preset:
     cosine_scale_2: float = 1.0
     cosine_scale_3: float = 1.0
     gaussian_sigma: float = 1.0
+    adapters: tuple = ()  # adapter keys as (Request field, value) pairs (adapters/preset.py)
 
 
 _TYPES = {"description": str, "model": str, "family": str, "linfusion": (str, type(None)),
@@ -116,9 +117,13 @@ def parse_preset(text: str, *, name: str, source: str) -> Preset:
         data = {}
     if not isinstance(data, dict):
         raise PresetError(f"{source}: a preset must be a mapping of keys to values")
+    from ..adapters.preset import PRESET_KEYS, preset_adapters
+
+    adapters = preset_adapters(data, source)  # the flags' keys (lora, controlnet, ...), popped
     for key, value in data.items():
         if key not in _TYPES:
-            raise PresetError(f"{source}: unknown key {key!r} (known: {', '.join(sorted(_TYPES))})")
+            known = ", ".join(sorted([*_TYPES, *PRESET_KEYS]))
+            raise PresetError(f"{source}: unknown key {key!r} (known: {known})")
         if isinstance(value, bool) or not isinstance(value, _TYPES[key]):
             raise PresetError(f"{source}: key {key!r} has the wrong type ({type(value).__name__})")
     if "family" in data and data["family"] not in FAMILIES:
@@ -136,7 +141,7 @@ def parse_preset(text: str, *, name: str, source: str) -> Preset:
     _check_method_keys(data, source)
     if "memory" in data:
         data["memory"] = _check_memory(data["memory"], source)
-    return Preset(name=name, source=source, **data)
+    return Preset(name=name, source=source, adapters=adapters, **data)
 
 
 def _check_method_keys(data: dict, source: str) -> None:

@@ -133,7 +133,7 @@ def make_plan(req: Request, model_info=None) -> GenerationPlan:
         max_vram_gib=max_vram, budget_from=budget_from if max_vram is not None else None,
         dtype=dtype, vae_dtype=vae_dtype, device=device, planned_elsewhere=elsewhere,
         model_info=info, extras={"preset": preset.name, "family_from": info.family_from})
-    return _with_adapters(_with_method(plan, req, preset), req)
+    return _with_adapters(_with_method(plan, req, preset), req, preset)
 
 
 def _with_method(plan: GenerationPlan, req: Request, preset: Preset) -> GenerationPlan:
@@ -147,13 +147,20 @@ def _with_method(plan: GenerationPlan, req: Request, preset: Preset) -> Generati
                        trained_px(info.unet_config, info.vae_config))
 
 
-def _with_adapters(plan: GenerationPlan, req: Request) -> GenerationPlan:
-    """Adapters parsed and checked against the model's architecture, before any weights load."""
+def _with_adapters(plan: GenerationPlan, req: Request, preset: Preset) -> GenerationPlan:
+    """Adapters (flags, else the preset's keys) parsed and checked against the model's
+    architecture, before any weights load."""
     from ..adapters import ADAPTER_FIELDS, check_adapters
+    from ..adapters.preset import merged_request, name_preset_key
+    from ..errors import InputError
 
-    if not any(getattr(req, name) for name in ADAPTER_FIELDS):
+    req, taken = merged_request(req, preset)
+    if not any(getattr(req, name) not in (None, ()) for name in ADAPTER_FIELDS):
         return plan
-    return replace(plan, adapters=check_adapters(req, plan.model_info.unet_config, plan))
+    try:
+        return replace(plan, adapters=check_adapters(req, plan.model_info.unet_config, plan))
+    except InputError as exc:
+        raise name_preset_key(exc, taken, preset) from None
 
 
 def planned_device(device: str | None, dtype: str, max_vram: float | None,
@@ -225,9 +232,6 @@ def add_memory_plans(plan: GenerationPlan) -> GenerationPlan:
     fixed = dict(plan.memory_fixed)
     if plan.vae_tile_px is not None:
         fixed["vae_tile_px"] = plan.vae_tile_px
-    if any(k in plan.adapters for k in ("controlnet", "tile_controlnet")):
-        # the UNet adds ControlNet residuals to its skips on the device: they cannot be parked
-        fixed["skips_on_cpu"] = False
     plans = []
     for stage in plan.stages:
         images = 3 * 3 * stage.width * stage.height if kind == "cpu" else 0  # previous, resized, new
@@ -239,12 +243,14 @@ def add_memory_plans(plan: GenerationPlan) -> GenerationPlan:
                             budget_bytes=1 << 62 if budget is None else max(budget - images - control, 1),
                             guidance=stage.guidance > 1, linfusion=plan.linfusion is not None,
                             device=kind, fixed=fixed,
-                            dilated_pass=stage.method == "demofusion")
+                            dilated_pass=stage.method == "demofusion",
+                            unet_extra=_controlnet_step(plan, info.unet_config, stage,
+                                                        DTYPE_BYTES[plan.dtype]))
         except BudgetError as exc:
             held = (f" plus {images / 2 ** 30:.1f} GiB for its images in host memory"
                     if images >= 2 ** 30 / 20 else "")
             if control:
-                held += f" plus {control / 2 ** 30:.1f} GiB for ControlNet/IP-Adapter weights, inputs and residuals"
+                held += f" plus {control / 2 ** 30:.1f} GiB for ControlNet/IP-Adapter weights and held inputs"
             forced = f" with {', '.join(f'{k}={v}' for k, v in fixed.items())}" if fixed else ""
             raise PlanError(
                 f"stage {stage.index + 1} ({stage.width}x{stage.height}) needs at least "
@@ -258,7 +264,7 @@ def add_memory_plans(plan: GenerationPlan) -> GenerationPlan:
 
 
 def _adapter_bytes(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: int) -> int:
-    """What the plan's ControlNets add to this stage's memory (adapters.memory)."""
+    """Weights and held inputs of the plan's ControlNets and IP-Adapter in this stage (adapters.memory)."""
     if not plan.adapters:
         return 0
     from ..adapters.memory import controlnet_extra_bytes, ip_adapter_extra_bytes
@@ -266,7 +272,18 @@ def _adapter_bytes(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: int
     return controlnet_extra_bytes(plan.adapters, unet_cfg, width=stage.width, height=stage.height,
                                   img2img=stage.strength is not None, guidance=stage.guidance > 1,
                                   dtype_bytes=dtype_bytes) \
-        + ip_adapter_extra_bytes(plan.adapters, plan.family, dtype_bytes)
+        + ip_adapter_extra_bytes(plan.adapters, plan.family, dtype_bytes, unet_cfg)
+
+
+def _controlnet_step(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: int):
+    """knobs -> what a ControlNet step adds to the UNet's activations (None without one)."""
+    if not plan.adapters:
+        return None
+    from ..adapters.memory import controlnet_unet_extra
+
+    return controlnet_unet_extra(plan.adapters, unet_cfg, width=stage.width, height=stage.height,
+                                 img2img=stage.strength is not None, guidance=stage.guidance > 1,
+                                 dtype_bytes=dtype_bytes, linfusion=plan.linfusion is not None)
 
 
 def plan_request(req: Request, model_info=None) -> GenerationPlan:

@@ -134,10 +134,12 @@ class _Estimator:
     """Memoised estimate of many plans for one stage (the UNet and VAE parts are shared)."""
 
     def __init__(self, unet_config, vae_config, *, width, height, dtype_bytes, guidance,
-                 linfusion, device, text_encoders_bytes=None, vae_bytes=None, dilated_pass=False):
+                 linfusion, device, text_encoders_bytes=None, vae_bytes=None, dilated_pass=False,
+                 unet_extra=None):
         self.u, self.v = unet_config, vae_config
         self.extra = (est.dilated_pass_bytes(unet_config, latent_h=-(-height // 8),
                                              latent_w=-(-width // 8)) if dilated_pass else 0)
+        self.unet_extra = unet_extra  # knobs -> bytes more while the UNet runs (ControlNets)
         self.w, self.h, self.db = width, height, dtype_bytes
         self.batch = 2 if guidance else 1
         self.linfusion, self.device = linfusion, device
@@ -155,6 +157,8 @@ class _Estimator:
             self._unet[ukey] = est.unet_activation_bytes(
                 self.u, latent_h=-(-self.h // 8), latent_w=-(-self.w // 8), batch=self.batch,
                 dtype_bytes=self.db, knobs=k, linfusion=self.linfusion) + self.extra
+            if self.unet_extra is not None:
+                self._unet[ukey] += self.unet_extra(k)
         if k.vae_tile_px not in self._vae:
             self._vae[k.vae_tile_px] = est.vae_activation_bytes(
                 self.v, height=self.h, width=self.w, tile_px=k.vae_tile_px,
@@ -167,13 +171,15 @@ def choose_knobs(unet_config: dict, vae_config: dict, *, width: int, height: int
                 dtype_bytes: int, budget_bytes: int, guidance: bool = True,
                 linfusion: bool = True, device: str = "cuda",
                 text_encoders_bytes: int | None = None, vae_bytes: int | None = None,
-                fixed: dict | None = None, dilated_pass: bool = False) -> MemoryPlan:
+                fixed: dict | None = None, dilated_pass: bool = False,
+                unet_extra=None) -> MemoryPlan:
     """The fastest plan whose estimated peak fits budget_bytes; BudgetError with the minimum if none.
-    dilated_pass: the stage is a DemoFusion one (est.dilated_pass_bytes more while the UNet runs)."""
+    dilated_pass: the stage is a DemoFusion one (est.dilated_pass_bytes more while the UNet runs).
+    unet_extra: knobs -> bytes added to the UNet's activations (a ControlNet step's excess)."""
     estimate = _Estimator(unet_config, vae_config, width=width, height=height,
                           dtype_bytes=dtype_bytes, guidance=guidance, linfusion=linfusion,
                           device=device, text_encoders_bytes=text_encoders_bytes,
-                          vae_bytes=vae_bytes, dilated_pass=dilated_pass)
+                          vae_bytes=vae_bytes, dilated_pass=dilated_pass, unet_extra=unet_extra)
     smallest = None
     for plan in candidate_plans(width, height, guidance=guidance, linfusion=linfusion,
                                 device=device, fixed=fixed):

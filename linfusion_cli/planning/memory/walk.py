@@ -164,7 +164,7 @@ def _levels(h: int, w: int, depth: int) -> list[int]:
 
 
 def _walk_unet(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfusion: bool,
-               dtype_bytes: int, mid_dim: int | None) -> _Peak:
+               dtype_bytes: int, mid_dim: int | None, through_mid: bool = False) -> _Peak:
     """The UNet forward's peak per batch item, as named element counts (see unet_breakdown).
 
     What diffusers' UNet2DConditionModel.forward keeps alive: every skip until its up block
@@ -173,6 +173,8 @@ def _walk_unet(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfusi
     `sample`), the skip tuple (the caller's `res_samples`), the skip being consumed (a local
     until the next one replaces it; with skips_on_cpu the only skip on the device), and
     torch.cat([h, skip]) as the resnet input.
+
+    through_mid: stop after the middle block (a ControlNet's own down and middle path).
     """
     k = knobs
     chans = list(cfg["block_out_channels"])
@@ -219,6 +221,8 @@ def _walk_unet(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfusi
     resnet("mid.resnet0", held, c, c, lvl, input_held=True)
     transformer("mid.attn0", held, c, lvl)
     resnet("mid.resnet1", {**held, "resnet input": c * n_tok[lvl]}, c, c, lvl, input_held=True)
+    if through_mid:
+        return peak
     rchans = chans[::-1]
     h_ch = c
     for j, btype in enumerate(up_types):
@@ -250,11 +254,12 @@ def _walk_unet(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfusi
 
 def unet_activation_bytes(cfg: dict, *, latent_h: int, latent_w: int, batch: int,
                           dtype_bytes: int, knobs: Knobs, linfusion: bool = True,
-                          mid_dim: int | None = None) -> int:
-    """Peak activation bytes of one UNet forward, walking the down, mid and up paths."""
+                          mid_dim: int | None = None, **walk) -> int:
+    """Peak activation bytes of one UNet forward, walking the down, mid and up paths
+    (walk: _walk_unet's through_mid)."""
     b = 1 if knobs.cfg_split else batch
     peak = _walk_unet(cfg, latent_h=latent_h, latent_w=latent_w, knobs=knobs,
-                      linfusion=linfusion, dtype_bytes=dtype_bytes, mid_dim=mid_dim)
+                      linfusion=linfusion, dtype_bytes=dtype_bytes, mid_dim=mid_dim, **walk)
     return int(peak.value * b * dtype_bytes)
 
 

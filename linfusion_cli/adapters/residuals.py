@@ -1,0 +1,140 @@
+"""ControlNet residuals made per UNet forward and added to the skips in place (same image, less memory).
+
+diffusers' ControlNet pipelines call `controlnet(...)` on the whole guidance batch, then
+`unet(..., down_block_additional_residuals=R, mid_block_additional_residual=m)`: the residuals of
+both CFG halves stay alive through the UNet's forward, which adds them to its skips as new
+tensors (old skips, residuals and sums alive at once) and keeps the sums referenced to its end.
+
+Here the pipeline's ControlNet call only records its arguments (Deferred). The UNet, wrapped
+outermost (outside the CFG split), takes the Deferred out of its keyword arguments; hooks then,
+for each UNet forward (one per CFG half under cfg_split), run the ControlNet on that forward's
+batch rows just before the UNet's conv_in, collect the skips as conv_in and the down blocks return
+them, and after the middle block add each residual to its skip in place (the values diffusers'
+`skip + residual` gives: the same elementwise add), add the middle residual to the middle block's
+output (as diffusers does) and drop the residuals. With skips_on_cpu (memory/knobs.py parks the
+skips on the host) the residuals are parked as the ControlNet returns them and each is added to
+its skip's device copy when the up block brings that skip back (`unet.on_skip_fetch`). The images
+are bit-identical (tests/test_adapters_controlnet.py); the step's peak has one half's residuals,
+during the down path only (none with skips_on_cpu), and no second set of skips
+(adapters/memory.py, checked by adapters/trace.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ENABLED = True  # tests switch it off to compare with diffusers' own order
+
+
+class Deferred:
+    """The pipeline's ControlNet call, not yet run: (forward, args, kwargs, batch)."""
+
+    def __init__(self, forward, args, kwargs, batch: int):
+        self.forward, self.args, self.kwargs, self.batch = forward, args, kwargs, batch
+
+    def run(self, start: int, stop: int):
+        """(down residuals, mid residual) for batch rows start:stop."""
+        rows = lambda obj: _rows(obj, start, stop, self.batch)  # noqa: E731
+        return self.forward(*rows(self.args), **rows(self.kwargs))
+
+
+def _rows(obj, start: int, stop: int, batch: int):
+    """Rows start:stop of every tensor in obj whose first dim is the batch (views)."""
+    if torch.is_tensor(obj):
+        return obj[start:stop] if obj.dim() and obj.shape[0] == batch else obj
+    if isinstance(obj, dict):
+        return {k: _rows(v, start, stop, batch) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_rows(v, start, stop, batch) for v in obj)
+    return obj
+
+
+def residuals_in_place(control: nn.Module, unet: nn.Module):
+    """Defer `control`'s forward (a ControlNetModel or MultiControlNetModel, as the pipeline calls
+    it) and run it inside each UNet forward, residuals added in place. Returns the undo."""
+    from ..pipeline import knobs
+
+    state: dict = {"deferred": None, "offset": 0, "down": None, "mid": None, "skips": [],
+                   "pairs": {}}
+    parked = any(getattr(h, "skips_on_cpu", False) for h in unet.conv_in._forward_hooks.values())
+    inner_control = control.forward
+
+    def deferred_forward(sample, *args, **kwargs):
+        marker = Deferred(inner_control, (sample, *args), kwargs, sample.shape[0])
+        return marker, marker  # (down_block_res_samples, mid_block_res_sample) for the pipeline
+
+    inner_unet = unet.forward
+
+    def unet_forward(*args, **kwargs):
+        down = kwargs.get("down_block_additional_residuals")
+        if not isinstance(down, Deferred):
+            return inner_unet(*args, **kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if k not in (
+            "down_block_additional_residuals", "mid_block_additional_residual")}
+        state.update(deferred=down, offset=0)
+        try:
+            return inner_unet(*args, **kwargs)
+        finally:
+            state.update(deferred=None, down=None, mid=None, skips=[], pairs={})
+
+    def before_conv_in(module, args):  # this forward's rows of the batch: run the ControlNet
+        if state["deferred"] is None:
+            return None
+        start = state["offset"]
+        state["offset"] = stop = start + args[0].shape[0]
+        down, mid = state["deferred"].run(start, stop)
+        down = list(down)
+        if parked:  # one by one, so each device residual is freed as its host copy is made
+            for i, residual in enumerate(down):
+                down[i] = knobs.park(residual)
+            del residual
+        state.update(down=down, mid=mid, skips=[], pairs={})
+        return None
+
+    def after_conv_in(module, args, output):
+        if state["down"] is not None:
+            state["skips"].append(output)
+
+    def after_down_block(module, args, output):
+        if state["down"] is not None:
+            state["skips"].extend(output[1])
+
+    def after_mid_block(module, args, output):
+        if state["down"] is None:
+            return None
+        if parked:  # host skips: each residual is added to its skip's device copy (on_skip_fetch)
+            state["pairs"] = {id(s): r for s, r in zip(state["skips"], state["down"], strict=True)}
+        else:
+            for skip, residual in zip(state["skips"], state["down"], strict=True):
+                skip.add_(residual)  # the middle block has read the last skip: in place is safe
+            state["skips"] = []
+        output = output + state["mid"]
+        state.update(down=None, mid=None)
+        return output
+
+    def on_skip_fetch(host, out):  # a parked skip back on the device: its residual added
+        residual = state["pairs"].get(id(host))
+        if residual is None:
+            return out
+        residual = knobs.fetch(residual, out.device)
+        return out.add_(residual) if out.data_ptr() != host.data_ptr() else out + residual
+
+    control.forward = deferred_forward
+    unet.forward = unet_forward
+    unet.on_skip_fetch = on_skip_fetch
+    hooks = [unet.conv_in.register_forward_pre_hook(before_conv_in),
+             unet.conv_in.register_forward_hook(after_conv_in),
+             unet.mid_block.register_forward_hook(after_mid_block)]
+    hooks += [b.register_forward_hook(after_down_block) for b in unet.down_blocks]
+
+    def undo():
+        for h in hooks:
+            h.remove()
+        del unet.on_skip_fetch
+        for module, previous in ((unet, inner_unet), (control, inner_control)):
+            if getattr(previous, "__self__", None) is module and previous.__func__ is type(module).forward:
+                module.__dict__.pop("forward", None)  # it was the class's own forward
+            else:
+                module.forward = previous
+    return undo
