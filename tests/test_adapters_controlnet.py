@@ -277,3 +277,29 @@ def test_16k_tile_controlnet_plans_within_24_gib_with_parked_skips():
                                          tile_controlnet="lllyasviel/control_v11f1e_sd15_tile")))
     last = plan.stages[-1].memory
     assert last.skips_on_cpu and last.cfg_split and last.estimated_peak_gib <= 24
+
+
+def test_demofusion_stages_give_way_to_sdedit_for_a_controlnet(tiny_pipeline_dirs, cn_files, cli):
+    """The DemoFusion stage runs no ControlNet: a preset's demofusion becomes sdedit, and the plan
+    says so; an explicit --method demofusion is refused before loading."""
+    from linfusion_cli.errors import PlanError
+    from linfusion_cli.planning.request import make_plan
+
+    base = dict(prompt="x", preset="sdxl", model=str(tiny_pipeline_dirs["sdxl"]), res=2048,
+                steps=4, no_linfusion=True)
+    plain = make_plan(Request(**base))
+    assert [s.method for s in plain.stages[1:]] == ["demofusion"] * (len(plain.stages) - 1)
+    tiled = make_plan(Request(**base, tile_controlnet=str(cn_files["sdxl"])))
+    assert [s.method for s in tiled.stages[1:]] == ["sdedit"] * (len(tiled.stages) - 1)
+    assert "--tile-controlnet" in tiled.extras["method_from"]
+    with pytest.raises(PlanError, match="--method demofusion does not run --tile-controlnet"):
+        make_plan(Request(**base, tile_controlnet=str(cn_files["sdxl"]), method="demofusion"))
+
+    shown = cli("generate", "x", "--preset", "sdxl", "--model", str(tiny_pipeline_dirs["sdxl"]),
+                "--res", "2048", "--tile-controlnet", str(cn_files["sdxl"]), "--no-linfusion", "--dry-run")
+    assert shown.code == 0, shown.err
+    assert "method: sdedit, not preset sdxl's demofusion" in shown.out and "demofusion (" not in shown.out
+    refused = cli("generate", "x", "--preset", "sdxl", "--model", str(tiny_pipeline_dirs["sdxl"]),
+                  "--res", "2048", "--tile-controlnet", str(cn_files["sdxl"]), "--no-linfusion",
+                  "--method", "demofusion")
+    assert refused.code == 2 and len(refused.err_lines) == 1, refused.err

@@ -35,6 +35,8 @@ def print_dry_run(plan, *, as_json: bool) -> None:
 
     for line in describe(plan.adapters):
         print(f"  {line}")
+    if plan.extras.get("method_from"):
+        print(f"  method: {plan.extras['method_from']}")
     for s in plan.stages:
         kind = "text-to-image" if s.strength is None else f"img2img @{s.strength}"
         if s.method == "sdedit":

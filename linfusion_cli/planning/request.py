@@ -133,18 +133,38 @@ def make_plan(req: Request, model_info=None) -> GenerationPlan:
         max_vram_gib=max_vram, budget_from=budget_from if max_vram is not None else None,
         dtype=dtype, vae_dtype=vae_dtype, device=device, planned_elsewhere=elsewhere,
         model_info=info, extras={"preset": preset.name, "family_from": info.family_from})
-    return _with_adapters(_with_method(plan, req, preset), req, preset)
+    plan = _with_adapters(plan, req, preset)
+    return _with_method(plan, req, preset)
+
+
+# adapters the DemoFusion stage does not run (it calls the UNet itself, without their inputs)
+_SDEDIT_ONLY = {"controlnet": "--controlnet", "tile_controlnet": "--tile-controlnet",
+                "ip_adapter": "--ip-adapter"}
 
 
 def _with_method(plan: GenerationPlan, req: Request, preset: Preset) -> GenerationPlan:
-    """The img2img stages' method (flag, else preset) and DemoFusion settings, dilation per stage."""
+    """The img2img stages' method (flag, else preset) and DemoFusion settings, dilation per stage.
+
+    A ControlNet or IP-Adapter runs only in SDEdit stages: with one, an explicit
+    --method demofusion is refused and a preset's demofusion gives way to sdedit (the plan says so).
+    """
     from .method import DemoFusion, trained_px, with_method
 
+    method = req.method or preset.method
+    needs_sdedit = [flag for key, flag in _SDEDIT_ONLY.items() if key in plan.adapters]
+    img2img = any(s.strength is not None for s in plan.stages)
+    if method == "demofusion" and needs_sdedit and img2img:
+        if req.method == "demofusion":
+            raise PlanError(f"--method demofusion does not run {', '.join(needs_sdedit)} in its "
+                            "stages; use --method sdedit")
+        method = "sdedit"
+        plan = replace(plan, extras={**plan.extras, "method_from": (
+            f"sdedit, not preset {preset.name}'s demofusion: {', '.join(needs_sdedit)} "
+            "run in SDEdit stages only")})
     settings = DemoFusion(preset.cosine_scale_1, preset.cosine_scale_2, preset.cosine_scale_3,
                           preset.gaussian_sigma)
     info = plan.model_info
-    return with_method(plan, req.method or preset.method, settings,
-                       trained_px(info.unet_config, info.vae_config))
+    return with_method(plan, method, settings, trained_px(info.unet_config, info.vae_config))
 
 
 def _with_adapters(plan: GenerationPlan, req: Request, preset: Preset) -> GenerationPlan:
