@@ -23,7 +23,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import CheckpointMismatchError, InputError, ModelNotFoundError
-from ..pipeline.knobs import batch_half
+from ..pipeline.knobs import split_batch
 from .common import family_of_cross_dim, is_local, require_file
 
 EMBED_TILE_PX = 1024  # conditioning-embedding tile side in input pixels (a multiple of 64)
@@ -186,20 +186,13 @@ class TiledConditioningEmbedding(nn.Module):
 
 # ---------------------------------------------------------------- memory knobs
 
-def _split_controlnet(forward):
-    """A ControlNet forward that runs an even batch as two halves; residuals concatenated."""
-    def split_forward(sample, *args, **kwargs):
-        batch = sample.shape[0]
-        if batch < 2 or batch % 2:
-            return forward(sample, *args, **kwargs)
-        outs = [forward(*batch_half((sample, *args), i, batch), **batch_half(kwargs, i, batch))
-                for i in (0, 1)]
-        down = tuple(torch.cat(pair) for pair in zip(outs[0][0], outs[1][0]))
-        mid = torch.cat([outs[0][1], outs[1][1]])
-        if isinstance(outs[0], tuple):
-            return down, mid
-        return type(outs[0])(down_block_res_samples=down, mid_block_res_sample=mid)
-    return split_forward
+def _join_residuals(first, second):
+    """Two half-batch ControlNet outputs as one: residuals concatenated along the batch."""
+    down = tuple(torch.cat(pair) for pair in zip(first[0], second[0]))
+    mid = torch.cat([first[1], second[1]])
+    if isinstance(first, tuple):
+        return down, mid
+    return type(first)(down_block_res_samples=down, mid_block_res_sample=mid)
 
 
 def controlnet_knobs(nets, memory):
@@ -214,7 +207,7 @@ def controlnet_knobs(nets, memory):
         undo.append(apply_knobs(net, None, replace(memory, cfg_split=False, skips_on_cpu=False)))
         if memory.cfg_split:
             previous = net.__dict__.get("forward")
-            net.forward = _split_controlnet(net.forward)
+            net.forward = split_batch(net.forward, _join_residuals)
             undo.append(lambda n=net, p=previous: setattr(n, "forward", p) if p else n.__dict__.pop("forward"))
 
     def undo_all():

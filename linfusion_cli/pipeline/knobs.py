@@ -95,19 +95,26 @@ def batch_half(obj, index: int, batch: int):
     return obj
 
 
-def _split_batch(forward):
-    """A UNet forward that runs an even batch as two halves and concatenates the outputs."""
+def split_batch(forward, join):
+    """`forward` run on an even batch as two halves, `join(first, second)` merging the outputs.
+
+    The UNet's CFG split (join_unet_outputs) and the ControlNets' (their residuals) share it.
+    """
     def split_forward(sample, *args, **kwargs):
         batch = sample.shape[0]
         if batch < 2 or batch % 2:
             return forward(sample, *args, **kwargs)
-        outs = [forward(*batch_half((sample, *args), i, batch), **batch_half(kwargs, i, batch))
-                for i in (0, 1)]
-        if isinstance(outs[0], tuple):
-            return (torch.cat([o[0] for o in outs]), *outs[0][1:])
-        return type(outs[0])(sample=torch.cat([o.sample for o in outs]))  # UNet2DConditionOutput
+        return join(*(forward(*batch_half((sample, *args), i, batch), **batch_half(kwargs, i, batch))
+                      for i in (0, 1)))
     split_forward.cfg_split = True  # read back by read_knobs
     return split_forward
+
+
+def join_unet_outputs(first, second):
+    """Two half-batch UNet outputs as one (a tuple or UNet2DConditionOutput)."""
+    if isinstance(first, tuple):
+        return (torch.cat([first[0], second[0]]), *first[1:])
+    return type(first)(sample=torch.cat([first.sample, second.sample]))
 
 
 def _swap_silu(model: nn.Module, handle: KnobHandle) -> None:
@@ -265,7 +272,7 @@ def apply_knobs(unet: nn.Module, vae: nn.Module | None, plan) -> KnobHandle:
     if plan.skips_on_cpu:
         _skips_to_cpu(unet, handle)
     if plan.cfg_split:
-        handle.add(_patch_forward(unet, _split_batch))
+        handle.add(_patch_forward(unet, lambda forward: split_batch(forward, join_unet_outputs)))
     return handle
 
 
