@@ -229,3 +229,44 @@ def save_ldm_checkpoint(pipe, path: Path) -> Path:
 
     save_file({k: v.contiguous() for k, v in pipeline_to_ldm(pipe).items()}, str(path))
     return Path(path)
+
+
+CONTROLNET_PREFIX = "control_model."
+
+
+def controlnet_to_ldm(controlnet) -> dict[str, torch.Tensor]:
+    """ControlNetModel state dict -> the lllyasviel / A1111 single-file layout (`control_model.*`).
+
+    The inverse of diffusers' `convert_controlnet_checkpoint`: the UNet-shaped part (time
+    embedding, conv_in, down and middle blocks) is numbered as the LDM UNet's input_blocks /
+    middle_block; `controlnet_down_blocks.i` -> `zero_convs.i.0`, `controlnet_mid_block` ->
+    `middle_block_out.0`, the conditioning embedding's conv_in -> `input_hint_block.0`, its
+    blocks.j -> `input_hint_block.{2j+2}` (SiLUs between them hold no weights), conv_out ->
+    `input_hint_block.14` (the converter's fixed index: 4-entry embeddings only). SD-XL's
+    `add_embedding` is `label_emb.0.{0,2}` as in the UNet (the converter itself does not read it;
+    adapters/controlnet_file.py maps it by diffusers' table).
+    """
+    from types import SimpleNamespace
+
+    state = {k: v.detach().clone() for k, v in controlnet.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    shared = {}
+    for key, value in state.items():
+        head, param = key.rsplit(".", 1)
+        parts = key.split(".")
+        if parts[0] == "controlnet_down_blocks":
+            out[f"zero_convs.{parts[1]}.0.{param}"] = value
+        elif head == "controlnet_mid_block":
+            out[f"middle_block_out.0.{param}"] = value
+        elif head == "controlnet_cond_embedding.conv_in":
+            out[f"input_hint_block.0.{param}"] = value
+        elif head == "controlnet_cond_embedding.conv_out":
+            out[f"input_hint_block.14.{param}"] = value
+        elif parts[:2] == ["controlnet_cond_embedding", "blocks"]:
+            out[f"input_hint_block.{2 * int(parts[2]) + 2}.{param}"] = value
+        else:
+            shared[key] = value
+    unet_like = SimpleNamespace(config=controlnet.config, state_dict=lambda: shared)
+    for key, value in unet_to_ldm(unet_like).items():
+        out[key[len(UNET_PREFIX):]] = value
+    return {CONTROLNET_PREFIX + k: v for k, v in out.items()}

@@ -16,7 +16,7 @@ CROSS_DIM = {"sd15": 768, "sd21": 1024, "sdxl": 2048}
 def is_local(source: str) -> bool:
     """A path (exists, or looks like one) rather than a hub id 'owner/name'."""
     return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) \
-        or source.endswith((".safetensors", ".bin", ".pt")) or source.count("/") != 1
+        or source.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt")) or source.count("/") != 1
 
 
 def require_file(source: str, what: str) -> Path:

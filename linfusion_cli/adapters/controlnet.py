@@ -31,14 +31,21 @@ EMBED_TILE_PX = 1024  # conditioning-embedding tile side in input pixels (a mult
 
 # ---------------------------------------------------------------- checks before loading
 
-def check_controlnet(source: str, what: str, unet_config: dict) -> dict:
-    """A local ControlNet folder must hold a config that fits the UNet (hub ids: at load)."""
+def check_controlnet(source: str, what: str, unet_config: dict, allow_pickle: bool = False) -> dict:
+    """A local ControlNet folder must hold a config that fits the UNet, a single file tensors
+    that do (adapters/controlnet_file.py); hub ids: at load."""
+    from .controlnet_file import file_format, is_single_file, single_file_config
+
     if not is_local(source):
         return {"source": source}
     path = require_file(source, what)
+    if is_single_file(path):
+        single_file_config(path, unet_config, what, pickle_ok=allow_pickle)
+        return {"source": str(path), "format": file_format(path)}
     config_file = path / "config.json" if path.is_dir() else None
     if config_file is None or not config_file.is_file():
-        raise InputError(f"{what}: {path} is not a diffusers ControlNet folder (no config.json)")
+        raise InputError(f"{what}: {path} is neither a diffusers ControlNet folder (config.json) nor "
+                         "a single-file ControlNet (.safetensors; .ckpt/.pth/.pt with --allow-pickle)")
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
@@ -90,12 +97,22 @@ def mount_linfusion(controlnet: nn.Module, unet: nn.Module) -> list[str]:
     return mounted
 
 
-def load_controlnet(source: str, unet: nn.Module, what: str):
-    """The ControlNetModel in the UNet's dtype, with LinFusion where the UNet has it."""
+def load_controlnet(source: str, unet: nn.Module, what: str, *, pickle_ok: bool = False):
+    """The ControlNetModel in the UNet's dtype, with LinFusion where the UNet has it.
+
+    A single file loads with the config its shapes gave at plan time; a pickle one only with
+    `pickle_ok` (the plan's format 'pickle', recorded only under --allow-pickle)."""
+    from pathlib import Path
+
     from diffusers import ControlNetModel
 
+    from .controlnet_file import is_single_file, load_single_file
+
     try:
-        controlnet = ControlNetModel.from_pretrained(source, torch_dtype=unet.dtype)
+        if is_single_file(Path(source).expanduser()):
+            controlnet = load_single_file(Path(source).expanduser(), unet, what, pickle_ok=pickle_ok)
+        else:
+            controlnet = ControlNetModel.from_pretrained(source, torch_dtype=unet.dtype)
     except (OSError, EnvironmentError) as exc:
         raise ModelNotFoundError(f"{what} {source}: could not be loaded (not in the local cache, "
                                  f"or offline): {str(exc).strip().splitlines()[0]}") from None

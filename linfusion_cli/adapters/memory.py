@@ -21,7 +21,6 @@ margin) and the weights to the stage apart.
 
 from __future__ import annotations
 
-import inspect
 import json
 from dataclasses import replace
 from functools import lru_cache
@@ -30,14 +29,17 @@ from pathlib import Path
 
 
 def controlnet_config(source: str, unet_config: dict) -> dict:
-    """A local ControlNet's own config, else the ControlNet from_unet would make of this UNet."""
-    file = Path(source).expanduser() / "config.json"
+    """A local ControlNet's own config (a single file's: from its shapes, the one it loads with),
+    else the ControlNet from_unet would make of this UNet."""
+    from .controlnet_file import from_unet_config, is_single_file, single_file_config
+
+    path = Path(source).expanduser()
+    if is_single_file(path):  # a pickle one: the plan's check read it (under --allow-pickle)
+        return single_file_config(path, unet_config, "ControlNet")
+    file = path / "config.json"
     if file.is_file():
         return json.loads(file.read_text())
-    from diffusers import ControlNetModel
-
-    keys = set(inspect.signature(ControlNetModel.__init__).parameters)
-    return {k: v for k, v in unet_config.items() if k in keys and k != "in_channels"}
+    return from_unet_config(unet_config)
 
 
 @lru_cache(maxsize=8)

@@ -12,6 +12,7 @@ def check_adapters(req, unet_config: dict, plan=None) -> dict:
     from .controlnet import check_controlnet, check_scale
 
     out: dict = {}
+    pickle = bool(getattr(req, "allow_pickle", False))
     cross = unet_config.get("cross_attention_dim")
     loras = [check_lora(parse_lora(text), cross) for text in (getattr(req, "loras", None) or ())]
     if loras:
@@ -22,7 +23,7 @@ def check_adapters(req, unet_config: dict, plan=None) -> dict:
     if controlnet is None and getattr(req, "control_scale", None) is not None:
         raise PlanError("--control-scale needs --controlnet")
     if controlnet is not None:
-        out["controlnet"] = (check_controlnet(controlnet, "--controlnet", unet_config)
+        out["controlnet"] = (check_controlnet(controlnet, "--controlnet", unet_config, pickle)
                              | check_image(image, "--control-image")
                              | {"scale": check_scale(req.control_scale, "--control-scale")})
     tile = getattr(req, "tile_controlnet", None)
@@ -31,7 +32,7 @@ def check_adapters(req, unet_config: dict, plan=None) -> dict:
     if tile is not None:
         if plan is not None and all(s.strength is None for s in plan.stages):
             raise PlanError("--tile-controlnet acts on img2img stages; this plan has none")
-        out["tile_controlnet"] = (check_controlnet(tile, "--tile-controlnet", unet_config)
+        out["tile_controlnet"] = (check_controlnet(tile, "--tile-controlnet", unet_config, pickle)
                                   | {"scale": check_scale(req.tile_scale, "--tile-scale")})
     ip, ip_image = getattr(req, "ip_adapter", None), getattr(req, "ip_image", None)
     if (ip is None) != (ip_image is None):
@@ -88,7 +89,8 @@ def mount_adapters(pipe, adapters: dict | None, device=None) -> dict:
     nets = {}
     for kind in ("controlnet", "tile_controlnet"):
         if kind in adapters:
-            nets[kind] = load_controlnet(adapters[kind]["source"], pipe.unet, "--" + kind.replace("_", "-"))
+            nets[kind] = load_controlnet(adapters[kind]["source"], pipe.unet, "--" + kind.replace("_", "-"),
+                                         pickle_ok=adapters[kind].get("format") == "pickle")
             if device is not None:
                 nets[kind].to(device)
     return nets
