@@ -132,6 +132,12 @@ def test_cli_single_file_checks_before_loading(cli, files, tmp_path, monkeypatch
     assert ok.code == 0, ok.err
     assert f"ControlNet {files['sd15']['ldm']} x1" in ok.out
 
+    from linfusion_cli.adapters.metadata import a1111_fields
+
+    fields = a1111_fields({"controlnet": {"source": str(files["sd15"]["ldm"]), "format": "safetensors",
+                                          "scale": 1.0}})
+    assert fields["ControlNet 0"] == "Module: none, Model: sd15, Weight: 1"
+
     def no_loading(*a, **k):
         raise AssertionError("a model loaded")
     monkeypatch.setattr(loading, "open_pipeline", no_loading)

@@ -22,7 +22,7 @@ def a1111_fields(adapters: dict) -> dict:
         units.append(("tile (each stage's input)", adapters["tile_controlnet"]))
     for i, (module, d) in enumerate(units):
         # the sd-webui-controlnet unit text: "Module: ..., Model: ..., Weight: ..."
-        fields[f"ControlNet {i}"] = f"Module: {module}, Model: {_name(d['source'])}, Weight: {d['scale']:g}"
+        fields[f"ControlNet {i}"] = f"Module: {module}, Model: {_model(d)}, Weight: {d['scale']:g}"
     if "ip_adapter" in adapters:
         d = adapters["ip_adapter"]
         fields["IP-Adapter"] = f"Model: {_name(d['source'])}, Weight: {d['scale']:g}"
@@ -31,3 +31,9 @@ def a1111_fields(adapters: dict) -> dict:
 
 def _name(source: str) -> str:
     return source.rstrip("/").rsplit("/", 1)[-1] or source
+
+
+def _model(d: dict) -> str:
+    """A ControlNet's model name: a single file's without its suffix (as the A1111 extension)."""
+    name = _name(d["source"])
+    return name.rsplit(".", 1)[0] if d.get("format") else name
