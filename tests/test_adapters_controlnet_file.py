@@ -154,3 +154,15 @@ def test_cli_single_file_checks_before_loading(cli, files, tmp_path, monkeypatch
     pickled = cli("generate", "cat", "--preset", "tiny", "--res", "128", "--tile-controlnet",
                   files["sd15"]["pth"], "--allow-pickle", "--dry-run")
     assert pickled.code == 0, pickled.err
+
+
+def test_single_file_for_other_block_channels_is_refused(tmp_path):
+    from linfusion_cli.adapters.controlnet import check_controlnet
+    from linfusion_cli.errors import CheckpointMismatchError
+    from linfusion_cli.models.tiny import DEMO_UNET_CONFIGS
+
+    demo = demo_files(tmp_path)["sd15"]["ldm"]  # the demo UNet's channels, same text width
+    assert DEMO_UNET_CONFIGS["sd15"]["block_out_channels"] != UNET_CONFIGS["sd15"]["block_out_channels"]
+    with pytest.raises(CheckpointMismatchError, match="block channels"):
+        check_controlnet(str(demo), "--controlnet", dict(UNET_CONFIGS["sd15"]))
+    assert check_controlnet(str(demo), "--controlnet", dict(DEMO_UNET_CONFIGS["sd15"]))["format"] == "safetensors"
