@@ -42,9 +42,7 @@ def load(plan: GenerationPlan, *, pipe=None, allow_pickle: bool = False, config:
 
 def generate(prompt: str, *, pipe=None, on_event=None, **options):
     """(PIL image, run record) for a prompt: base stage then the img2img ladder."""
-    made = plan(prompt, pipe=pipe, **options)
-    return _run(made, load(made, pipe=pipe, allow_pickle=options.get("allow_pickle", False),
-                           config=options.get("config")), on_event)
+    return _run(plan(prompt, pipe=pipe, **options), pipe, options, on_event)
 
 
 def upscale(image, prompt: str = "high detail", *, pipe=None, on_event=None, **options):
@@ -54,9 +52,7 @@ def upscale(image, prompt: str = "high detail", *, pipe=None, on_event=None, **o
     picture = open_image(image) if isinstance(image, (str, Path)) else to_rgb8(image)
     options.setdefault("init_image", str(image) if isinstance(image, (str, Path)) else "<image>")
     made = plan(prompt, pipe=pipe, init_size=picture.size, **options)
-    model = load(made, pipe=pipe, allow_pickle=options.get("allow_pickle", False),
-                 config=options.get("config"))
-    return _run(made, model, on_event, init_image=np.asarray(picture))
+    return _run(made, pipe, options, on_event, init_image=np.asarray(picture))
 
 
 def _info(pipe, options: dict):
@@ -68,11 +64,14 @@ def _info(pipe, options: dict):
     return info_of_pipeline(pipe, options.get("model"))
 
 
-def _run(made: GenerationPlan, model, on_event, init_image=None):
+def _run(made: GenerationPlan, pipe, options: dict, on_event, init_image=None):
+    """Load (or prepare `pipe`) for the plan, run it; (PIL image, run record)."""
     from PIL import Image
 
     from .pipeline import run_plan
 
+    model = load(made, pipe=pipe, allow_pickle=options.get("allow_pickle", False),
+                 config=options.get("config"))
     image, record = run_plan(made, model, on_event=on_event or (lambda event: None),
                              init_image=init_image)
     return Image.fromarray(image), record

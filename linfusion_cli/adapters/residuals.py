@@ -21,7 +21,6 @@ during the down path only (none with skips_on_cpu), and no second set of skips
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 ENABLED = True  # tests switch it off to compare with diffusers' own order
@@ -35,19 +34,10 @@ class Deferred:
 
     def run(self, start: int, stop: int):
         """(down residuals, mid residual) for batch rows start:stop."""
-        rows = lambda obj: _rows(obj, start, stop, self.batch)  # noqa: E731
+        from ..pipeline.knobs import batch_rows
+
+        rows = lambda obj: batch_rows(obj, start, stop, self.batch)  # noqa: E731
         return self.forward(*rows(self.args), **rows(self.kwargs))
-
-
-def _rows(obj, start: int, stop: int, batch: int):
-    """Rows start:stop of every tensor in obj whose first dim is the batch (views)."""
-    if torch.is_tensor(obj):
-        return obj[start:stop] if obj.dim() and obj.shape[0] == batch else obj
-    if isinstance(obj, dict):
-        return {k: _rows(v, start, stop, batch) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_rows(v, start, stop, batch) for v in obj)
-    return obj
 
 
 def residuals_in_place(control: nn.Module, unet: nn.Module):

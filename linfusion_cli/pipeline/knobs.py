@@ -82,17 +82,22 @@ def _chunked(chunk: int):
     return wrap
 
 
-def batch_half(obj, index: int, batch: int):
-    """The index-th half of every tensor in obj (nested tuples, lists, dicts) whose first dim is
-    the batch; other values as they are. Used by the UNet's and the ControlNets' CFG split."""
-    half = batch // 2
+def batch_rows(obj, start: int, stop: int, batch: int):
+    """Rows start:stop (views) of every tensor in obj (nested tuples, lists, dicts) whose first
+    dim is the batch; other values as they are. The CFG split's halves, the ControlNet's rows."""
     if torch.is_tensor(obj):
-        return obj[index * half:(index + 1) * half] if obj.dim() and obj.shape[0] == batch else obj
+        return obj[start:stop] if obj.dim() and obj.shape[0] == batch else obj
     if isinstance(obj, dict):
-        return {k: batch_half(v, index, batch) for k, v in obj.items()}
+        return {k: batch_rows(v, start, stop, batch) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(batch_half(v, index, batch) for v in obj)
+        return type(obj)(batch_rows(v, start, stop, batch) for v in obj)
     return obj
+
+
+def batch_half(obj, index: int, batch: int):
+    """The index-th half of obj's batch (batch_rows)."""
+    half = batch // 2
+    return batch_rows(obj, index * half, (index + 1) * half, batch)
 
 
 def split_batch(forward, join):
