@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..tuning import LINFUSION_DEFAULT_CHUNK, device_kind
 from .ops import EPS, read_out, feature_map, linear_attention, merge_heads, split_heads
+
+
+@dataclass
+class KeyState:
+    """Sum over tokens of (phi(k)^T v) / N and of phi(k), per head (fp32): all a query needs."""
+
+    kv: torch.Tensor  # (B, h, d, d)
+    k_sum: torch.Tensor  # (B, h, 1, d)
+    count: int = 0  # tokens folded in
 
 
 def _default_chunk(x: torch.Tensor) -> int:
@@ -77,23 +88,40 @@ class LinFusionAttention(nn.Module):
         Pass 1 folds each chunk's k and v into the fp32 state; pass 2 reads each chunk's q out.
         x: (B, N, C) -> (B, N, C); only x and the output ever span all N tokens.
         """
-        B, N, C = x.shape
-        d = C // self.heads
-        scale = N ** -0.5
-        kv = torch.zeros(B, self.heads, d, d, dtype=torch.float32, device=x.device)
-        k_sum = torch.zeros(B, self.heads, 1, d, dtype=torch.float32, device=x.device)
-        for start in range(0, N, chunk):
+        state = self.empty_state(x)
+        self.accumulate(state, x, x.shape[1])
+        return self.read(state, x, out=torch.empty_like(x))
+
+    def empty_state(self, x: torch.Tensor) -> KeyState:
+        """A zero key state for inputs like x (B, ., C)."""
+        B, d = x.shape[0], self.dim // self.heads
+        return KeyState(torch.zeros(B, self.heads, d, d, dtype=torch.float32, device=x.device),
+                        torch.zeros(B, self.heads, 1, d, dtype=torch.float32, device=x.device))
+
+    def accumulate(self, state: KeyState, x: torch.Tensor, n_total: int) -> None:
+        """Fold the tokens x (B, n, C) into state; n_total is the whole image's token count.
+
+        Pass 1 of a band-wise (or chunked) forward: the state is d x (d + 1) per head whatever n.
+        """
+        chunk = self.chunk_size or _default_chunk(x)
+        scale = n_total ** -0.5
+        for start in range(0, x.shape[1], chunk):
             x_c = x[:, start:start + chunk]  # (B, c, C)
             k_c = feature_map(split_heads(self.to_k(x_c + self.to_k_(x_c)), self.heads).float())
             v_c = split_heads(self.to_v(x_c), self.heads).float()  # (B, h, c, d)
-            kv.add_((k_c * scale).transpose(-1, -2) @ (v_c * scale))
-            k_sum.add_(k_c.sum(dim=-2, keepdim=True))
-        k_mean = k_sum / N
-        out = torch.empty_like(x)
-        for start in range(0, N, chunk):
+            state.kv.add_((k_c * scale).transpose(-1, -2) @ (v_c * scale))
+            state.k_sum.add_(k_c.sum(dim=-2, keepdim=True))
+        state.count += x.shape[1]
+
+    def read(self, state: KeyState, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Pass 2: the attention output for the tokens x (B, n, C) from the whole image's state."""
+        chunk = self.chunk_size or _default_chunk(x)
+        k_mean = state.k_sum / state.count
+        out = torch.empty_like(x) if out is None else out
+        for start in range(0, x.shape[1], chunk):
             x_c = x[:, start:start + chunk]
             q_c = split_heads(self.to_q(x_c + self.to_q_(x_c)), self.heads)  # (B, h, c, d)
-            o_c = merge_heads(read_out(q_c, kv, k_mean, EPS))
+            o_c = merge_heads(read_out(q_c, state.kv, k_mean, EPS))
             out[:, start:start + chunk] = self.to_out[1](self.to_out[0](o_c))
         return out
 

@@ -1,0 +1,189 @@
+"""diffusers' UNet layers run band by band: the same maths as their forwards, one band of rows at
+a time, so that only the layer's input and output span the whole map.
+
+Each function mirrors one diffusers forward (named in its docstring) and refuses variants it
+does not reproduce. Inputs are row sources (rows.py); outputs are whole device maps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .rows import (Computed, Full, Moments, Rows, band_ranges, conv_rows, group_norm_affine,
+                   mapped, normed)
+
+
+def check_resnet(r: nn.Module) -> None:
+    """Refuse ResnetBlock2D variants whose forward `resnet` does not reproduce."""
+    if getattr(r, "upsample", None) is not None or getattr(r, "downsample", None) is not None:
+        raise ValueError("band-wise UNet: resnets that resample are not supported")
+    if getattr(r, "time_embedding_norm", "default") != "default":
+        raise ValueError("band-wise UNet: only the default time-embedding norm is supported")
+    if getattr(r.conv1, "base_layer", r.conv1).stride[0] != 1:
+        raise ValueError("band-wise UNet: resnet convs must have stride 1")
+
+
+def resnet(r: nn.Module, x: Rows, temb: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """ResnetBlock2D.forward(x, temb) -> (B, C_out, H, W), holding x, one output map and a band.
+
+    Pass 1: GroupNorm-1 moments of x. Pass 2: conv1 band by band into the output map, with the
+    time embedding added and GroupNorm-2 moments taken. Pass 3: conv2 + shortcut, written over
+    the output map in place; the rows above each band that conv2 still needs are kept aside
+    (`carry`) before they are overwritten.
+    """
+    check_resnet(r)
+    ranges = band_ranges(x.height, rows)
+    act = r.nonlinearity
+    affine1 = group_norm_affine(r.norm1, x, ranges)
+    if temb is not None and r.time_emb_proj is not None:
+        t = temb if r.skip_time_act else r.nonlinearity(temb)
+        temb = r.time_emb_proj(t)[:, :, None, None]  # (B, C_out, 1, 1)
+    else:
+        temb = None
+    pre1 = mapped(x, lambda t: act(normed(t, affine1)))
+    out, moments = None, Moments()
+    for a, b in ranges:
+        h = conv_rows(r.conv1, pre1, a, b)
+        if temb is not None:
+            h = h + temb
+        if out is None:  # (B, C_out, H, W), the only whole map this block makes
+            out = torch.empty(*h.shape[:2], x.height, x.width, dtype=h.dtype, device=h.device)
+        out[:, :, a:b] = h
+        moments.add(h)
+        del h
+    affine2 = moments.affine(r.norm2)
+    conv2 = getattr(r.conv2, "base_layer", r.conv2)
+    above = conv2.padding[0]  # rows above a band that conv2 reads (stride 1)
+    carry, carry_at = out[:, :, :0].clone(), 0  # original rows [carry_at, a) of `out`
+
+    def original(lo, hi, a):  # rows [lo, hi) of conv1's output, some already overwritten
+        parts = []
+        if lo < a:
+            parts.append(carry[:, :, lo - carry_at:a - carry_at])
+        if hi > a:
+            parts.append(out[:, :, max(lo, a):hi])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    for a, b in ranges:
+        pre2 = Computed(out.shape[0], out.shape[1], x.height, x.width, lambda lo, hi, a=a:
+                        r.dropout(act(normed(original(lo, hi, a), affine2))))
+        h = conv_rows(r.conv2, pre2, a, b)
+        shortcut = x.rows(a, b)
+        if r.conv_shortcut is not None:
+            shortcut = r.conv_shortcut(shortcut.contiguous())
+        result = (shortcut + h) / r.output_scale_factor
+        del h, shortcut
+        keep = max(b - above, 0)
+        carry, carry_at = original(keep, b, a).clone(), keep
+        out[:, :, a:b] = result
+        del result
+    return out
+
+
+def downsample(down: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """Downsample2D.forward (a stride-2 conv with padding) -> (B, C, ceil(H/2), ceil(W/2))."""
+    conv = down.conv
+    if not getattr(down, "use_conv", True) or getattr(down, "norm", None) is not None \
+            or getattr(down, "padding", 1) == 0:
+        raise ValueError("band-wise UNet supports padded stride-2 conv downsamplers only")
+    base = getattr(conv, "base_layer", conv)
+    (k, _), (s, _), (p, _), (d, _) = base.kernel_size, base.stride, base.padding, base.dilation
+    h_out = (x.shape[2] + 2 * p - d * (k - 1) - 1) // s + 1
+    first = conv_rows(conv, Full(x), 0, min(rows, h_out))
+    out = torch.empty(*first.shape[:2], h_out, first.shape[3], dtype=first.dtype, device=first.device)
+    out[:, :, :first.shape[2]] = first
+    del first
+    for a, b in band_ranges(h_out, rows)[1:]:
+        out[:, :, a:b] = conv_rows(conv, Full(x), a, b)
+    return out
+
+
+def check_transformer(tr: nn.Module) -> None:
+    """Refuse Transformer2DModel / BasicTransformerBlock variants `transformer` does not reproduce."""
+    if not getattr(tr, "is_input_continuous", False) or not isinstance(tr.norm, nn.GroupNorm):
+        raise ValueError("band-wise UNet: continuous-input Transformer2DModel only")
+    for blk in tr.transformer_blocks:
+        if blk.norm_type != "layer_norm" or blk.pos_embed is not None or blk.only_cross_attention:
+            raise ValueError("band-wise UNet: layer-norm transformer blocks only")
+        if not hasattr(blk.attn1, "accumulate"):
+            raise ValueError("band-wise UNet needs LinFusion self-attention (global softmax "
+                             "attention does not decompose into bands)")
+
+
+def transformer(tr: nn.Module, x: torch.Tensor, rows: int, context, context_mask,
+                kwargs: dict) -> torch.Tensor:
+    """Transformer2DModel.forward(x) (continuous input) with its BasicTransformerBlocks; the
+    result is written over x (the caller's own map), with one (B, H W, inner) token map beside it.
+    """
+    check_transformer(tr)
+    B, C, H, W = x.shape
+    ranges = band_ranges(H, rows)
+    affine = group_norm_affine(tr.norm, Full(x), ranges)
+    linear = tr.use_linear_projection
+    tokens = None
+    for a, b in ranges:
+        h = normed(x[:, :, a:b], affine)  # (B, C, h, W)
+        if not linear:
+            h = tr.proj_in(h)
+        h = h.permute(0, 2, 3, 1).reshape(B, (b - a) * W, h.shape[1])  # (B, n, inner)
+        if linear:
+            h = tr.proj_in(h)
+        if tokens is None:
+            tokens = torch.empty(B, H * W, h.shape[2], dtype=h.dtype, device=h.device)
+        tokens[:, a * W:b * W] = h
+        del h
+    spans = [(a * W, b * W) for a, b in ranges]
+    kwargs = dict(kwargs or {})
+    kwargs.pop("gligen", None)
+    for blk in tr.transformer_blocks:
+        transformer_block(blk, tokens, spans, context, context_mask, kwargs)
+    inner = tokens.shape[2]
+    for (a, b), (s, e) in zip(ranges, spans):
+        h = tokens[:, s:e]
+        if not linear:
+            h = h.reshape(B, b - a, W, inner).permute(0, 3, 1, 2).contiguous()
+            h = tr.proj_out(h)
+        else:
+            h = tr.proj_out(h)
+            h = h.reshape(B, b - a, W, inner).permute(0, 3, 1, 2).contiguous()
+        x[:, :, a:b] = h + x[:, :, a:b]
+        del h
+    return x
+
+
+def transformer_block(blk: nn.Module, tokens: torch.Tensor, spans, context, context_mask,
+                      kwargs: dict) -> None:
+    """BasicTransformerBlock.forward over every span of tokens (B, N, inner), in place.
+
+    LinFusion self-attention is global: pass 1 folds every span's keys into one state, pass 2
+    runs the block per span with it (cross-attention, norms and feed-forward are per token).
+    """
+    state = blk.attn1.empty_state(tokens)
+    n_total = tokens.shape[1]
+    for s, e in spans:
+        blk.attn1.accumulate(state, blk.norm1(tokens[:, s:e]), n_total)
+    for s, e in spans:
+        h = tokens[:, s:e]
+        h = blk.attn1.read(state, blk.norm1(h)) + h
+        n = blk.norm2(h)
+        h = blk.attn2(n, encoder_hidden_states=context, attention_mask=context_mask, **kwargs) + h
+        n = blk.norm3(h)
+        if blk._chunk_size is not None:
+            raise ValueError("band-wise UNet: diffusers' feed-forward chunking is not supported "
+                             "(use the ff_chunk knob)")
+        h = blk.ff(n) + h
+        del n
+        tokens[:, s:e] = h
+        del h
+
+
+def head(norm: nn.Module | None, act: nn.Module | None, conv: nn.Module, x: torch.Tensor,
+         rows: int) -> torch.Tensor:
+    """conv(act(norm(x))) (the UNet's conv_norm_out / conv_act / conv_out) band by band."""
+    src: Rows = Full(x)
+    if norm is not None:
+        affine = group_norm_affine(norm, src, band_ranges(x.shape[2], rows))
+        src = mapped(src, lambda t: act(normed(t, affine)))
+    parts = [conv_rows(conv, src, a, b) for a, b in band_ranges(x.shape[2], rows)]
+    return torch.cat(parts, dim=2)

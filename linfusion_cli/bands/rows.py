@@ -1,0 +1,220 @@
+"""Horizontal bands of (B, C, H, W) maps: row sources, convolutions and GroupNorm by band.
+
+A band of output rows of a convolution needs only a band of its input rows plus a halo, and a
+GroupNorm only needs the whole map's per-group moments, which sum over bands. With these two
+facts every UNet layer can run band by band and give the whole-map result (up to float
+summation order); see docs/band-wise.md. Shapes: maps are (B, C, H, W); rows index dim 2.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def band_ranges(height: int, rows: int) -> list[tuple[int, int]]:
+    """[(start, stop), ...] covering 0..height in bands of `rows` (the last may be shorter)."""
+    rows = max(1, rows)
+    return [(a, min(a + rows, height)) for a in range(0, height, rows)]
+
+
+def level_rows(band_rows: int, level: int) -> int:
+    """Rows per band at a UNet level (each level halves the height): ceil(band_rows / 2^level)."""
+    return max(1, -(-band_rows // (1 << level)))
+
+
+# ---------------------------------------------------------------- row sources
+
+class Rows:
+    """A (B, C, H, W) map that hands out rows [lo, hi) on request (0 <= lo < hi <= H)."""
+
+    batch: int
+    channels: int
+    height: int
+    width: int
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def padded(self, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) with zeros for rows outside the map (a convolution's zero padding)."""
+        top, bottom = max(0, -lo), max(0, hi - self.height)
+        x = self.rows(max(lo, 0), min(hi, self.height))
+        return F.pad(x, (0, 0, top, bottom)) if top or bottom else x
+
+
+class Full(Rows):
+    """A map held whole on the device."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+        self.batch, self.channels, self.height, self.width = t.shape
+
+    def rows(self, lo, hi):
+        return self.t[:, :, lo:hi]
+
+    def add_residual(self, residual: torch.Tensor) -> None:
+        """skip + residual (a ControlNet's), in place: the down path no longer reads the skip."""
+        self.t.add_(residual.to(self.t.device))
+
+
+class Host(Rows):
+    """A map parked in host memory (skips_on_cpu); rows come back to the device on request,
+    plus the rows of an optional parked ControlNet residual (diffusers' `skip + residual`)."""
+
+    def __init__(self, t: torch.Tensor, device: torch.device, residual: torch.Tensor | None = None):
+        from ..pipeline import knobs  # fetch is replaced by the memory trace: look it up per call
+
+        self._knobs, self.t, self.device, self.residual = knobs, t, device, residual
+        self.batch, self.channels, self.height, self.width = t.shape
+
+    def add_residual(self, residual: torch.Tensor) -> None:
+        """Added to each band as it is fetched (the residual is parked too, or on the device)."""
+        self.residual = residual
+
+    def rows(self, lo, hi):
+        out = self._knobs.fetch(self.t[:, :, lo:hi], self.device)
+        if self.residual is not None:
+            out = out + self._knobs.fetch(self.residual[:, :, lo:hi], self.device)
+        return out
+
+
+class Cat(Rows):
+    """torch.cat([a, b], dim=1) of two sources, band by band (an up block's resnet input)."""
+
+    def __init__(self, a: Rows, b: Rows):
+        self.a, self.b = a, b
+        self.batch, self.height, self.width = a.batch, a.height, a.width
+        self.channels = a.channels + b.channels
+
+    def rows(self, lo, hi):
+        return torch.cat([self.a.rows(lo, hi), self.b.rows(lo, hi)], dim=1)
+
+
+class Upsampled(Rows):
+    """diffusers' Upsample2D (nearest to `size`, then its conv) of a low-resolution map, computed
+    for the rows asked: the upsampled map itself never exists whole."""
+
+    def __init__(self, low: torch.Tensor, upsampler: nn.Module, size: tuple[int, int] | None = None):
+        check_upsampler(upsampler)
+        self.low, self.up = low, upsampler
+        b, c, h, w = low.shape
+        self.batch, self.channels = b, c
+        self.height, self.width = size if size is not None else (2 * h, 2 * w)
+
+    def _nearest(self, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) of F.interpolate(low, size, mode="nearest") (no conv)."""
+        h = self.low.shape[2]
+        # nearest maps output row i to floor(i * h / H); for H = 2h or 2h - 1 that is i // 2
+        src_lo, src_hi = lo // 2, (hi - 1) // 2 + 1
+        band = self.low[:, :, src_lo:src_hi]
+        up = F.interpolate(band, size=(2 * (src_hi - src_lo), self.width), mode="nearest")
+        assert self.height in (2 * h, 2 * h - 1), "nearest row map is i // 2 only for x2 sizes"
+        return up[:, :, lo - 2 * src_lo:hi - 2 * src_lo]
+
+    def rows(self, lo, hi):
+        conv = self.up.conv if self.up.name == "conv" else self.up.Conv2d_0
+        src = Computed(self.batch, self.channels, self.height, self.width, self._nearest)
+        return conv_rows(conv, src, lo, hi)
+
+
+class Computed(Rows):
+    """Rows produced by a function (lo, hi) -> tensor."""
+
+    def __init__(self, batch, channels, height, width, fn):
+        self.batch, self.channels, self.height, self.width, self.fn = batch, channels, height, width, fn
+
+    def rows(self, lo, hi):
+        return self.fn(lo, hi)
+
+
+def mapped(src: Rows, fn, channels: int | None = None) -> Rows:
+    """src with a row-wise function applied to every band it hands out (a norm + activation)."""
+    return Computed(src.batch, src.channels if channels is None else channels, src.height, src.width,
+               lambda lo, hi: fn(src.rows(lo, hi)))
+
+
+def check_upsampler(up: nn.Module) -> None:
+    """Refuse Upsample2D variants whose forward Upsampled does not reproduce."""
+    if getattr(up, "norm", None) is not None or getattr(up, "use_conv_transpose", False) \
+            or not getattr(up, "interpolate", True) or not getattr(up, "use_conv", True):
+        raise ValueError("band-wise UNet supports nearest-x2 + conv upsamplers only")
+
+
+# ---------------------------------------------------------------- convolution by rows
+
+def conv_rows(conv: nn.Module, src: Rows, a: int, b: int) -> torch.Tensor:
+    """Output rows [a, b) of conv(src) as if src were whole, from src's rows plus the halo.
+
+    Output row r reads input rows r*s - p + j*d (j < k). A plain nn.Conv2d runs on exactly
+    those rows (zero rows outside the map) with no row padding; any other module that wraps a
+    conv (a peft LoRA layer) is called as is on a slice whose extra rows absorb its own padding,
+    and the surplus output rows are cropped.
+    """
+    base = getattr(conv, "base_layer", conv)
+    (k, _), (s, _), (p, pw), (d, _) = base.kernel_size, base.stride, base.padding, base.dilation
+    if base.padding_mode != "zeros":
+        raise ValueError("band-wise convolution needs zero padding")
+    lo, hi = a * s - p, (b - 1) * s - p + (k - 1) * d + 1
+    if type(conv) is nn.Conv2d:
+        x = src.padded(lo, hi)
+        return F.conv2d(x, conv.weight, conv.bias, conv.stride, (0, pw), conv.dilation, conv.groups)
+    e = (-p) % s  # extra rows on top so that the module's own padding lands on a stride step
+    out = conv(src.padded(lo - e, hi))
+    first = (p + e) // s
+    return out[:, :, first:first + (b - a)]
+
+
+# ---------------------------------------------------------------- GroupNorm by bands
+
+class Moments:
+    """Per-sample, per-channel count, sum and sum of squares, accumulated band by band (float64)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.sum: torch.Tensor | None = None  # (B, C) float64
+        self.sq: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        """Fold in a band x (B, C, h, w)."""
+        var, mean = torch.var_mean(x.float(), dim=(2, 3), correction=0)  # (B, C) each
+        n = x.shape[2] * x.shape[3]
+        mean = mean.double()
+        s, sq = mean * n, (var.double() + mean * mean) * n
+        if self.sum is None:
+            self.sum, self.sq = s, sq
+        else:
+            self.sum, self.sq = self.sum + s, self.sq + sq
+        self.count += n
+
+    def affine(self, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift), each (B, C, 1, 1) float32, with norm(x) == x * scale + shift."""
+        b, c = self.sum.shape
+        g = norm.num_groups
+        mean = (self.sum / self.count).view(b, g, -1).mean(2)  # (B, G)
+        sq = (self.sq / self.count).view(b, g, -1).mean(2)
+        rstd = torch.rsqrt((sq - mean * mean).clamp_min(0.0) + norm.eps)
+        rstd_c = rstd.repeat_interleave(c // g, dim=1)  # (B, C)
+        mean_c = mean.repeat_interleave(c // g, dim=1)
+        scale, shift = rstd_c, -mean_c * rstd_c
+        if norm.affine:
+            w, bias = norm.weight.double(), norm.bias.double()
+            scale, shift = scale * w, shift * w + bias
+        return scale.float().view(b, c, 1, 1), shift.float().view(b, c, 1, 1)
+
+
+def group_norm_affine(norm: nn.GroupNorm, src: Rows, ranges) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole map's GroupNorm as (scale, shift), from one pass over src's bands."""
+    if not isinstance(norm, nn.GroupNorm):
+        raise ValueError(f"band-wise execution needs GroupNorm, not {type(norm).__name__}")
+    m = Moments()
+    for a, b in ranges:
+        m.add(src.rows(a, b))
+    return m.affine(norm)
+
+
+def normed(x: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x * scale + shift in float32, back in x's dtype (what torch's GroupNorm kernel does)."""
+    scale, shift = affine
+    return torch.addcmul(shift, x, scale).to(x.dtype)

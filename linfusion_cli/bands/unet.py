@@ -1,0 +1,145 @@
+"""UNet2DConditionModel.forward band by band (the `band_rows` memory knob).
+
+The same computation as diffusers' forward (equal up to float summation order, see
+tests/bands/), with every layer run band by band (blocks.py): at any moment the device holds
+the layer's input, its output, a band's working set and the skips (or none of them, parked on
+the host with skips_on_cpu, coming back one band of rows at a time). An up block's input is
+never concatenated or upsampled whole: `Cat` and `Upsampled` hand its resnet the rows it asks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import blocks
+from .rows import Cat, Full, Host, Rows, Upsampled, band_ranges, level_rows
+
+
+def check_unet(unet: nn.Module) -> None:
+    """Refuse UNets (or call options) the band-wise forward does not reproduce, before running."""
+    cfg = unet.config
+    if cfg.addition_embed_type == "image_hint" or getattr(unet, "position_net", None) is not None:
+        raise ValueError("band-wise UNet: image-hint and GLIGEN UNets are not supported")
+    for blk in list(unet.down_blocks) + [unet.mid_block] + list(unet.up_blocks):
+        for r in blk.resnets:
+            blocks.check_resnet(r)
+        for tr in getattr(blk, "attentions", None) or ():
+            blocks.check_transformer(tr)
+        if getattr(blk, "b1", None) is not None:
+            raise ValueError("band-wise UNet: FreeU is not supported")
+
+
+def _embeddings(unet, sample, timestep, encoder_hidden_states, class_labels, timestep_cond,
+                added_cond_kwargs):
+    """The time embedding and the cross-attention context, exactly as diffusers' forward makes them."""
+    t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
+    emb = unet.time_embedding(t_emb, timestep_cond)
+    class_emb = unet.get_class_embed(sample=sample, class_labels=class_labels)
+    if class_emb is not None:
+        emb = torch.cat([emb, class_emb], dim=-1) if unet.config.class_embeddings_concat \
+            else emb + class_emb
+    aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states,
+                                 added_cond_kwargs=added_cond_kwargs)
+    emb = emb + aug_emb if aug_emb is not None else emb
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    context = unet.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states,
+                                                 added_cond_kwargs=added_cond_kwargs)
+    return emb, context
+
+
+def banded_forward(unet: nn.Module, band_rows: int, park_skips: bool, sample: torch.Tensor,
+                   timestep, encoder_hidden_states: torch.Tensor, class_labels=None,
+                   timestep_cond=None, attention_mask=None, cross_attention_kwargs=None,
+                   added_cond_kwargs=None, down_block_additional_residuals=None,
+                   mid_block_additional_residual=None, down_intrablock_additional_residuals=None,
+                   encoder_attention_mask=None, return_dict: bool = True, control=None):
+    """UNet2DConditionModel.forward's arguments and result; sample (B, 4, H, W).
+
+    band_rows: latent rows per band at full resolution (halved per level, rounded up).
+    park_skips: skips (and ControlNet residuals) wait in host memory (skips_on_cpu).
+    control: a callable (batch) -> (down residuals, mid residual) run once this forward's
+    skips are needed (adapters/residuals.py), instead of residuals passed in.
+    """
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    from ..pipeline import knobs  # park is replaced by the memory trace: look it up per call
+
+    if attention_mask is not None or down_intrablock_additional_residuals is not None:
+        raise ValueError("band-wise UNet: attention masks and T2I-Adapter residuals are not supported")
+    if encoder_attention_mask is not None:
+        encoder_attention_mask = (1 - encoder_attention_mask.to(sample.dtype)) * -10000.0
+        encoder_attention_mask = encoder_attention_mask.unsqueeze(1)
+    if unet.config.center_input_sample:
+        sample = 2 * sample - 1.0
+    emb, context = _embeddings(unet, sample, timestep, encoder_hidden_states, class_labels,
+                               timestep_cond, added_cond_kwargs)
+    device = sample.device
+    up_factor = 2 ** unet.num_upsamplers
+    odd_size = any(d % up_factor for d in sample.shape[-2:])
+    attn = (context, encoder_attention_mask, cross_attention_kwargs or {})
+
+    residuals, mid_residual = down_block_additional_residuals, mid_block_additional_residual
+    if control is not None:  # the ControlNet for this forward's rows, before the UNet's own work
+        residuals, mid_residual = control(sample.shape[0])
+    h = unet.conv_in(sample)  # (B, C0, H, W)
+    del sample
+    skips = [_keep(h, park_skips, device, knobs)]
+    level = 0
+    for blk in unet.down_blocks:
+        rows = level_rows(band_rows, level)
+        for i, r in enumerate(blk.resnets):
+            h = blocks.resnet(r, Full(h), emb, rows)
+            if getattr(blk, "attentions", None):
+                h = blocks.transformer(blk.attentions[i], h, rows, *attn)
+            skips.append(_keep(h, park_skips, device, knobs))
+        for down in blk.downsamplers or ():
+            level += 1
+            h = blocks.downsample(down, h, level_rows(band_rows, level))
+            skips.append(_keep(h, park_skips, device, knobs))
+
+    rows = level_rows(band_rows, level)
+    mid = unet.mid_block
+    h = blocks.resnet(mid.resnets[0], Full(h), emb, rows)
+    for tr, r in zip(getattr(mid, "attentions", None) or [None] * (len(mid.resnets) - 1),
+                     mid.resnets[1:]):
+        if tr is not None:
+            h = blocks.transformer(tr, h, rows, *attn)
+        h = blocks.resnet(r, Full(h), emb, rows)
+    if mid_residual is not None:
+        h.add_(mid_residual.to(device))  # diffusers: sample + mid residual
+    for skip, residual in zip(skips, residuals if residuals is not None else ()):
+        skip.add_residual(residual)  # the down path is done with the skips: in place is safe
+    del residuals, mid_residual
+    sources = skips
+
+    src: Rows = Full(h)
+    del h
+    for i, blk in enumerate(unet.up_blocks):
+        rows = level_rows(band_rows, level)
+        n = len(blk.resnets)
+        mine, sources = sources[-n:], sources[:-n]
+        for j, r in enumerate(blk.resnets):
+            h = blocks.resnet(r, Cat(src, mine.pop()), emb, rows)
+            if getattr(blk, "attentions", None):
+                h = blocks.transformer(blk.attentions[j], h, rows, *attn)
+            src = Full(h)
+            del h
+        if blk.upsamplers:
+            size = (sources[-1].height, sources[-1].width) if odd_size and sources else None
+            src = Upsampled(src.t, blk.upsamplers[0], size)
+            level -= 1
+    out = blocks.head(unet.conv_norm_out, unet.conv_act, unet.conv_out, src.t,
+                      level_rows(band_rows, 0))
+    return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+
+def _keep(t: torch.Tensor, park: bool, device, knobs) -> "Full | Host":
+    """A finished skip as the up path will read it: the device map, or a host copy of it."""
+    return Host(knobs.park(t), device) if park else Full(t)
+
+
+def banded_ranges_for(height: int, band_rows: int, level: int) -> list[tuple[int, int]]:
+    """The bands a level of height `height` runs in (for the estimate and tests)."""
+    return band_ranges(height, level_rows(band_rows, level))
