@@ -214,14 +214,17 @@ def _join_residuals(first, second):
 
 def controlnet_knobs(nets, memory):
     """The stage's memory knobs on the ControlNets too (ff/attention chunks, in-place SiLU,
-    CFG split); UNet-only knobs (skips on CPU, offload) do not apply. Returns the undo."""
+    CFG split, band-wise forward); offload does not apply, skips on CPU only banded (residuals
+    parked as they are made). Returns the undo."""
     from dataclasses import replace
 
     from ..pipeline.knobs import apply_knobs
 
     undo = []
     for net in nets:
-        undo.append(apply_knobs(net, None, replace(memory, cfg_split=False, skips_on_cpu=False)))
+        # banded, skips_on_cpu parks each residual as it is made; unbanded it does not apply
+        park = bool(getattr(memory, "band_rows", 0)) and memory.skips_on_cpu
+        undo.append(apply_knobs(net, None, replace(memory, cfg_split=False, skips_on_cpu=park)))
         if memory.cfg_split:
             previous = net.__dict__.get("forward")
             net.forward = split_batch(net.forward, _join_residuals)

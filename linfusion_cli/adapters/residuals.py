@@ -48,6 +48,8 @@ def residuals_in_place(control: nn.Module, unet: nn.Module):
     state: dict = {"deferred": None, "offset": 0, "down": None, "mid": None, "skips": [],
                    "pairs": {}}
     parked = any(getattr(h, "skips_on_cpu", False) for h in unet.conv_in._forward_hooks.values())
+    banded = bool(getattr(unet, "band_rows", 0))  # bands/unet.py calls `control` itself
+    parked = parked or (banded and unet.band_park_skips)
     inner_control = control.forward
 
     def deferred_forward(sample, *args, **kwargs):
@@ -63,22 +65,28 @@ def residuals_in_place(control: nn.Module, unet: nn.Module):
         kwargs = {k: v for k, v in kwargs.items() if k not in (
             "down_block_additional_residuals", "mid_block_additional_residual")}
         state.update(deferred=down, offset=0)
+        if banded:
+            kwargs["control"] = take_rows
         try:
             return inner_unet(*args, **kwargs)
         finally:
             state.update(deferred=None, down=None, mid=None, skips=[], pairs={})
 
-    def before_conv_in(module, args):  # this forward's rows of the batch: run the ControlNet
-        if state["deferred"] is None:
-            return None
+    def take_rows(batch: int):  # the next `batch` rows of the guidance batch: run the ControlNet
         start = state["offset"]
-        state["offset"] = stop = start + args[0].shape[0]
+        state["offset"] = stop = start + batch
         down, mid = state["deferred"].run(start, stop)
         down = list(down)
         if parked:  # one by one, so each device residual is freed as its host copy is made
             for i, residual in enumerate(down):
                 down[i] = knobs.park(residual)
             del residual
+        return down, mid
+
+    def before_conv_in(module, args):  # this forward's rows of the batch: run the ControlNet
+        if state["deferred"] is None:
+            return None
+        down, mid = take_rows(args[0].shape[0])
         state.update(down=down, mid=mid, skips=[], pairs={})
         return None
 
@@ -113,10 +121,12 @@ def residuals_in_place(control: nn.Module, unet: nn.Module):
     control.forward = deferred_forward
     unet.forward = unet_forward
     unet.on_skip_fetch = on_skip_fetch
-    hooks = [unet.conv_in.register_forward_pre_hook(before_conv_in),
-             unet.conv_in.register_forward_hook(after_conv_in),
-             unet.mid_block.register_forward_hook(after_mid_block)]
-    hooks += [b.register_forward_hook(after_down_block) for b in unet.down_blocks]
+    hooks = []
+    if not banded:  # the band-wise forward adds the residuals to its skips itself
+        hooks = [unet.conv_in.register_forward_pre_hook(before_conv_in),
+                 unet.conv_in.register_forward_hook(after_conv_in),
+                 unet.mid_block.register_forward_hook(after_mid_block)]
+        hooks += [b.register_forward_hook(after_down_block) for b in unet.down_blocks]
 
     def undo():
         for h in hooks:

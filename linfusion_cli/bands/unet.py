@@ -83,30 +83,9 @@ def banded_forward(unet: nn.Module, band_rows: int, park_skips: bool, sample: to
     residuals, mid_residual = down_block_additional_residuals, mid_block_additional_residual
     if control is not None:  # the ControlNet for this forward's rows, before the UNet's own work
         residuals, mid_residual = control(sample.shape[0])
-    h = unet.conv_in(sample)  # (B, C0, H, W)
-    del sample
-    skips = [_keep(h, park_skips, device, knobs)]
-    level = 0
-    for blk in unet.down_blocks:
-        rows = level_rows(band_rows, level)
-        for i, r in enumerate(blk.resnets):
-            h = blocks.resnet(r, Full(h), emb, rows)
-            if getattr(blk, "attentions", None):
-                h = blocks.transformer(blk.attentions[i], h, rows, *attn)
-            skips.append(_keep(h, park_skips, device, knobs))
-        for down in blk.downsamplers or ():
-            level += 1
-            h = blocks.downsample(down, h, level_rows(band_rows, level))
-            skips.append(_keep(h, park_skips, device, knobs))
-
-    rows = level_rows(band_rows, level)
-    mid = unet.mid_block
-    h = blocks.resnet(mid.resnets[0], Full(h), emb, rows)
-    for tr, r in zip(getattr(mid, "attentions", None) or [None] * (len(mid.resnets) - 1),
-                     mid.resnets[1:]):
-        if tr is not None:
-            h = blocks.transformer(tr, h, rows, *attn)
-        h = blocks.resnet(r, Full(h), emb, rows)
+    skips = []
+    h, level = down_and_mid(unet, lambda: unet.conv_in(sample), emb, attn, band_rows,
+                            lambda t: skips.append(_keep(t, park_skips, device, knobs)))
     if mid_residual is not None:
         h.add_(mid_residual.to(device))  # diffusers: sample + mid residual
     for skip, residual in zip(skips, residuals if residuals is not None else ()):
@@ -133,6 +112,37 @@ def banded_forward(unet: nn.Module, band_rows: int, park_skips: bool, sample: to
     out = blocks.head(unet.conv_norm_out, unet.conv_act, unet.conv_out, src.t,
                       level_rows(band_rows, 0))
     return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+
+def down_and_mid(model: nn.Module, stem, emb, attn, band_rows: int, on_skip):
+    """The down blocks and the middle block band by band (a UNet's or a ControlNet's).
+
+    stem() makes conv_in's output (B, C0, H, W) (called here so no caller holds it); on_skip(t)
+    is called with every skip as it is finished, conv_in's first. Returns (the middle block's
+    output, its level)."""
+    h = stem()
+    on_skip(h)
+    level = 0
+    for blk in model.down_blocks:
+        rows = level_rows(band_rows, level)
+        for i, r in enumerate(blk.resnets):
+            h = blocks.resnet(r, Full(h), emb, rows)
+            if getattr(blk, "attentions", None):
+                h = blocks.transformer(blk.attentions[i], h, rows, *attn)
+            on_skip(h)
+        for down in blk.downsamplers or ():
+            level += 1
+            h = blocks.downsample(down, h, level_rows(band_rows, level))
+            on_skip(h)
+    rows = level_rows(band_rows, level)
+    mid = model.mid_block
+    h = blocks.resnet(mid.resnets[0], Full(h), emb, rows)
+    for tr, r in zip(getattr(mid, "attentions", None) or [None] * (len(mid.resnets) - 1),
+                     mid.resnets[1:]):
+        if tr is not None:
+            h = blocks.transformer(tr, h, rows, *attn)
+        h = blocks.resnet(r, Full(h), emb, rows)
+    return h, level
 
 
 def _keep(t: torch.Tensor, park: bool, device, knobs) -> "Full | Host":

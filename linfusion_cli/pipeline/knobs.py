@@ -17,6 +17,9 @@ GPUs); they trade speed for peak memory:
   skip back to the device when the block indexes it, so one skip at a time is on the device.
   ControlNet residuals are parked too and added as each skip comes back
   (adapters/residuals.py, through `unet.on_skip_fetch`).
+* band_rows: the UNet's forward runs band by band (linfusion_cli/bands): every layer holds its
+  input, its output and one band of `band_rows` latent rows (halved per level); skips_on_cpu
+  is then done by the band-wise forward itself, whose skips come back one band at a time.
 * attn_chunk: sets `chunk_size` on every LinFusion layer (modules with a `chunk_size` attribute).
 * offload: accelerate CPU offload of the text encoders and UNet (model or per layer) and of
   the VAE (whole), see _offload.
@@ -209,6 +212,31 @@ def _skips_to_cpu(unet: nn.Module, handle: KnobHandle) -> None:
         handle.add(h.remove)
 
 
+def _banded(model: nn.Module, band_rows: int, park_skips: bool, handle: KnobHandle) -> None:
+    """model.forward replaced by the band-wise forward (linfusion_cli/bands) of a UNet or a
+    ControlNet (whose residuals are parked as they are made when park_skips); read back by
+    read_knobs from the attributes set here."""
+    from ..bands import controlnet as banded_controlnet, unet as banded_unet
+
+    if hasattr(model, "controlnet_down_blocks"):
+        banded_controlnet.check_controlnet(model)
+        forward = banded_controlnet.banded_controlnet_forward
+    else:
+        banded_unet.check_unet(model)
+        forward = banded_unet.banded_forward
+
+    def wrap(previous):
+        def banded(*args, **kwargs):
+            return forward(model, band_rows, park_skips, *args, **kwargs)
+        return banded
+    handle.add(_patch_forward(model, wrap))
+    model.band_rows, model.band_park_skips = band_rows, park_skips
+
+    def undo():
+        del model.band_rows, model.band_park_skips
+    handle.add(undo)
+
+
 def _set_chunk_size(model: nn.Module, chunk: int, handle: KnobHandle) -> None:
     """Set `chunk_size` on every LinFusion layer (any module that has that attribute)."""
     for module in model.modules():
@@ -274,7 +302,9 @@ def apply_knobs(unet: nn.Module, vae: nn.Module | None, plan) -> KnobHandle:
         for model in (unet, vae):
             if model is not None:
                 _swap_silu(model, handle)
-    if plan.skips_on_cpu:
+    if getattr(plan, "band_rows", 0):
+        _banded(unet, plan.band_rows, plan.skips_on_cpu, handle)
+    elif plan.skips_on_cpu:
         _skips_to_cpu(unet, handle)
     if plan.cfg_split:
         handle.add(_patch_forward(unet, lambda forward: split_batch(forward, join_unet_outputs)))
@@ -314,8 +344,9 @@ def read_knobs(pipe) -> dict:
     chunks = {m.chunk_size for m in unet.modules() if hasattr(m, "chunk_size")}
     silu = [m for model in (unet, pipe.vae) for m in model.modules() if isinstance(m, nn.SiLU)]
     skips = any(getattr(h, "skips_on_cpu", False) for h in unet.conv_in._forward_hooks.values())
+    skips = skips or getattr(unet, "band_park_skips", False)
     return {"offload": offload, "ff_chunk": ff_chunk,
             "cfg_split": bool(getattr(unet.forward, "cfg_split", False)),
             "attn_chunk": chunks.pop() if len(chunks) == 1 else (sorted(chunks) if chunks else 0),
             "inplace": bool(silu) and all(isinstance(m, SpatialInplaceSiLU) for m in silu),
-            "skips_on_cpu": skips}
+            "skips_on_cpu": skips, "band_rows": getattr(unet, "band_rows", 0)}

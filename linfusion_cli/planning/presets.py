@@ -61,7 +61,8 @@ _TYPES = {"description": str, "model": str, "family": str, "linfusion": (str, ty
 _KNOB_RULES = {"offload": (str, "none, model or sequential"), "vae_tile_px": (int, "0 or a multiple of 8"),
                "ff_chunk": (int, "tokens >= 0"), "attn_chunk": (int, "tokens > 0"),
                "cfg_split": (bool, "true or false"), "inplace": (bool, "true or false"),
-               "skips_on_cpu": (bool, "true or false")}
+               "skips_on_cpu": (bool, "true or false"),
+               "band_rows": (int, "latent rows per band, 0 (off) .. 4096")}
 
 
 def _check_memory(knobs: dict, source: str) -> tuple:
@@ -76,7 +77,8 @@ def _check_memory(knobs: dict, source: str) -> tuple:
             ok = value in ("none", "model", "sequential")
         elif ok and kind is int:
             ok = value >= 0 and not (name == "vae_tile_px" and value % 8) \
-                and not (name == "attn_chunk" and value == 0)
+                and not (name == "attn_chunk" and value == 0) \
+                and not (name == "band_rows" and value > 4096)
         if not ok:
             raise PresetError(f"{source}: memory knob {name!r} must be {rule}, got {value!r}")
     return tuple(sorted(knobs.items()))

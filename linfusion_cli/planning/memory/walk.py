@@ -60,11 +60,12 @@ class Knobs:
     attn_chunk: int = 0  # LinFusion token chunk (0 only without LinFusion)
     inplace: bool = False  # in-place SiLU on spatial tensors (inference only)
     skips_on_cpu: bool = False  # UNet skip tensors parked in CPU memory
+    band_rows: int = 0  # latent rows per band of the band-wise UNet and VAE latent part, 0 = off
 
     def __post_init__(self) -> None:
         if self.offload not in OFFLOADS:
             raise PlanError(f"offload must be one of {', '.join(OFFLOADS)}, not {self.offload!r}")
-        for name in ("vae_tile_px", "ff_chunk", "attn_chunk"):
+        for name in ("vae_tile_px", "ff_chunk", "attn_chunk", "band_rows"):
             if getattr(self, name) < 0:
                 raise PlanError(f"{name} must be >= 0 (0 = off), not {getattr(self, name)}")
 

@@ -1,0 +1,94 @@
+"""ControlNetModel.forward band by band: the UNet's down and middle path (unet.down_and_mid) with
+each residual made from its skip as soon as the skip is finished, so the skips are never kept,
+and each residual parked on the host at once under skips_on_cpu."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import blocks
+
+
+def check_controlnet(net: nn.Module) -> None:
+    """Refuse ControlNets the band-wise forward does not reproduce, before running."""
+    if net.config.global_pool_conditions:
+        raise ValueError("band-wise ControlNet: global_pool_conditions is not supported")
+    for blk in list(net.down_blocks) + [net.mid_block]:
+        for r in blk.resnets:
+            blocks.check_resnet(r)
+        for tr in getattr(blk, "attentions", None) or ():
+            blocks.check_transformer(tr)
+
+
+def _embedding(net, sample, timestep, timestep_cond, class_labels, added_cond_kwargs,
+               encoder_hidden_states):
+    """The time embedding, as diffusers' ControlNetModel.forward makes it."""
+    timesteps = timestep
+    if not torch.is_tensor(timesteps):
+        dtype = torch.float64 if isinstance(timestep, float) else torch.int64
+        timesteps = torch.tensor([timesteps], dtype=dtype, device=sample.device)
+    elif len(timesteps.shape) == 0:
+        timesteps = timesteps[None].to(sample.device)
+    timesteps = timesteps.expand(sample.shape[0])
+    emb = net.time_embedding(net.time_proj(timesteps).to(dtype=sample.dtype), timestep_cond)
+    if net.class_embedding is not None:
+        if class_labels is None:
+            raise ValueError("class_labels should be provided when num_class_embeds > 0")
+        if net.config.class_embed_type == "timestep":
+            class_labels = net.time_proj(class_labels)
+        emb = emb + net.class_embedding(class_labels).to(dtype=net.dtype)
+    kind = net.config.addition_embed_type
+    if kind == "text":
+        emb = emb + net.add_embedding(encoder_hidden_states)
+    elif kind == "text_time":
+        text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
+        time_embeds = net.add_time_proj(time_ids.flatten()).reshape((text_embeds.shape[0], -1))
+        add_embeds = torch.concat([text_embeds, time_embeds], dim=-1).to(emb.dtype)
+        emb = emb + net.add_embedding(add_embeds)
+    return emb
+
+
+def banded_controlnet_forward(net: nn.Module, band_rows: int, park: bool, sample: torch.Tensor,
+                              timestep, encoder_hidden_states: torch.Tensor,
+                              controlnet_cond: torch.Tensor, conditioning_scale: float = 1.0,
+                              class_labels=None, timestep_cond=None, attention_mask=None,
+                              added_cond_kwargs=None, cross_attention_kwargs=None,
+                              guess_mode: bool = False, return_dict: bool = True):
+    """ControlNetModel.forward's arguments and result; residuals parked on the host if `park`."""
+    from diffusers.models.controlnets.controlnet import ControlNetOutput
+
+    from ..pipeline import knobs  # park is replaced by the memory trace: look it up per call
+    from .unet import down_and_mid
+
+    if attention_mask is not None:
+        raise ValueError("band-wise ControlNet: attention masks are not supported")
+    order = net.config.controlnet_conditioning_channel_order
+    if order == "bgr":
+        controlnet_cond = torch.flip(controlnet_cond, dims=[1])
+    elif order != "rgb":
+        raise ValueError(f"unknown `controlnet_conditioning_channel_order`: {order}")
+    emb = _embedding(net, sample, timestep, timestep_cond, class_labels, added_cond_kwargs,
+                     encoder_hidden_states)
+    n_res = len(net.controlnet_down_blocks)
+    if guess_mode:  # 0.1 .. 1.0 over the residuals, as diffusers does
+        scales = torch.logspace(-1, 0, n_res + 1, device=sample.device) * conditioning_scale
+    else:
+        scales = [conditioning_scale] * (n_res + 1)
+    residuals = []
+
+    def on_skip(skip):  # (B, C, h, w) -> its residual, made now so the skip need not be kept
+        i = len(residuals)
+        res = net.controlnet_down_blocks[i](skip) * scales[i]
+        residuals.append(knobs.park(res) if park else res)
+
+    def stem():
+        return net.conv_in(sample) + net.controlnet_cond_embedding(controlnet_cond)
+
+    attn = (encoder_hidden_states, None, cross_attention_kwargs or {})
+    h, _ = down_and_mid(net, stem, emb, attn, band_rows, on_skip)
+    mid = net.controlnet_mid_block(h) * scales[-1]
+    del h
+    if not return_dict:
+        return residuals, mid
+    return ControlNetOutput(down_block_res_samples=residuals, mid_block_res_sample=mid)
