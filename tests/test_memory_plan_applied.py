@@ -17,7 +17,7 @@ from linfusion_cli.pipeline import run_plan
 from linfusion_cli.planning.plan import build_plan
 
 OFF = {"offload": "none", "ff_chunk": 0, "cfg_split": False, "inplace": False,
-       "skips_on_cpu": False}
+       "skips_on_cpu": False, "band_rows": 0}
 CASES = {
     "offload_model": MemoryPlan(offload="model", attn_chunk=64),
     "offload_sequential": MemoryPlan(offload="sequential", attn_chunk=64),
@@ -27,6 +27,9 @@ CASES = {
     "skips_on_cpu": MemoryPlan(skips_on_cpu=True, attn_chunk=64),
     "attn_chunk": MemoryPlan(attn_chunk=32),
     "vae_tile": MemoryPlan(vae_tile_px=64, attn_chunk=64),
+    "band_rows": MemoryPlan(band_rows=3, attn_chunk=64),
+    "band_rows_all_knobs": MemoryPlan(offload="model", band_rows=2, cfg_split=True, inplace=True,
+                                      skips_on_cpu=True, ff_chunk=16, attn_chunk=32),
 }
 
 
@@ -45,7 +48,8 @@ def _plan(loaded, memory: MemoryPlan | None):
 def _expected(memory: MemoryPlan) -> dict:
     return {"offload": memory.offload, "ff_chunk": memory.ff_chunk, "cfg_split": memory.cfg_split,
             "inplace": memory.inplace, "skips_on_cpu": memory.skips_on_cpu,
-            "attn_chunk": memory.attn_chunk, "vae_tile_px": memory.vae_tile_px}
+            "attn_chunk": memory.attn_chunk, "vae_tile_px": memory.vae_tile_px,
+            "band_rows": memory.band_rows}
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -97,7 +97,7 @@ def controlnet_step_bytes(adapters: dict, unet_config: dict, *, width: int, heig
                           linfusion: bool = True) -> int:
     """Peak activation bytes of one denoising step with the stage's ControlNets, their held
     inputs included (what adapters.trace.trace_controlnet_step counts); 0 without any."""
-    from ..planning.memory.walk import unet_activation_bytes
+    from ..planning.memory.walk_bands import activation_bytes as unet_activation_bytes
 
     kinds = _kinds(adapters, img2img)
     if not kinds:
@@ -130,7 +130,7 @@ def controlnet_unet_extra(adapters: dict, unet_config: dict, *, width: int, heig
                           img2img: bool, guidance: bool, dtype_bytes: int, linfusion: bool = True):
     """None without ControlNets, else knobs -> bytes the step adds to the plain UNet walk
     (controlnet_step_bytes less the walk)."""
-    from ..planning.memory.walk import unet_activation_bytes
+    from ..planning.memory.walk_bands import activation_bytes as unet_activation_bytes
 
     if not _kinds(adapters, img2img):
         return None

@@ -100,7 +100,10 @@ def banded_forward(unet: nn.Module, band_rows: int, park_skips: bool, sample: to
         n = len(blk.resnets)
         mine, sources = sources[-n:], sources[:-n]
         for j, r in enumerate(blk.resnets):
-            h = blocks.resnet(r, Cat(src, mine.pop()), emb, rows)
+            x = Cat(src, mine.pop())
+            del src  # held by x until the resnet is done with it
+            h = blocks.resnet(r, x, emb, rows)
+            del x
             if getattr(blk, "attentions", None):
                 h = blocks.transformer(blk.attentions[j], h, rows, *attn)
             src = Full(h)

@@ -23,6 +23,8 @@ FF_CHOICES = (0, 16384, 4096)  # feed-forward chunk, tokens
 ATTN_CHOICES = {"cuda": (tuning.LINFUSION_DEFAULT_CHUNK["cuda"], 16384, 4096),
                 "cpu": (tuning.LINFUSION_DEFAULT_CHUNK["cpu"], 4096)}
 KNOB_NAMES = tuple(f.name for f in fields(est.Knobs))
+# band-wise UNet: latent rows per band at full resolution, 0 = off (loosest first)
+BAND_CHOICES = (0, 256, 128, 64, 32, 16)
 
 
 class BudgetError(PlanError):
@@ -63,6 +65,8 @@ class MemoryPlan(est.Knobs):
         cost *= 1.06 if self.cfg_split else 1.0  # two half batches use the GPU less well
         cost *= 1.08 if self.skips_on_cpu else 1.0  # skips cross PCIe twice per step
         cost *= 1.001 if self.inplace else 1.0  # free, but only used when needed
+        # band-wise: GroupNorm moments, halo rows and the upsampler's output recomputed per band
+        cost *= 1.05 + 1 / self.band_rows if self.band_rows else 1.0
         return cost
 
     def tighter(self, device: str = "cuda") -> MemoryPlan | None:
@@ -84,10 +88,15 @@ class MemoryPlan(est.Knobs):
         smallest_chunk = ATTN_CHOICES[tuning.device_kind(device)][-1]
         if self.attn_chunk and self.attn_chunk > smallest_chunk:
             steps.append({"attn_chunk": smallest_chunk})
+        if self.attn_chunk and self.offload != "sequential":  # LinFusion on: bands possible
+            if not self.band_rows:
+                steps.append({"band_rows": 64})
+            elif self.band_rows > BAND_CHOICES[-1]:
+                steps.append({"band_rows": max(BAND_CHOICES[-1], self.band_rows // 2)})
         if device == "cuda":
             if not self.skips_on_cpu:
                 steps.append({"skips_on_cpu": True})
-            if self.offload != "sequential":
+            if self.offload == "none" or (self.offload == "model" and not self.band_rows):
                 steps.append({"offload": OFFLOADS[OFFLOADS.index(self.offload) + 1]})
         return replace(self, **steps[0]) if steps else None
 
@@ -121,13 +130,22 @@ def candidate_plans(width: int, height: int, *, guidance: bool = True, linfusion
         "offload": OFFLOADS if cuda else ("none",), "vae_tile_px": tiles, "ff_chunk": FF_CHOICES,
         "cfg_split": (False, True) if guidance else (False,),
         "attn_chunk": ATTN_CHOICES[tuning.device_kind(device)] if linfusion else (0,),
-        "inplace": (False, True), "skips_on_cpu": (False, True) if cuda else (False,)}
+        "inplace": (False, True), "skips_on_cpu": (False, True) if cuda else (False,),
+        "band_rows": (tuple(b for b in BAND_CHOICES if b < -(-height // 8))
+                      if linfusion else (0,))}
+    if fixed.get("band_rows") and not linfusion:
+        raise PlanError("band_rows needs LinFusion (softmax self-attention does not split into bands)")
+    if fixed.get("band_rows") and fixed.get("offload") == "sequential":
+        raise PlanError("band_rows does not combine with sequential offload (the bands read "
+                        "weights directly; use offload: model)")
     for name, value in fixed.items():  # a forced knob has exactly one choice
         choices[name] = (value,)
     plans = [MemoryPlan(*c) for c in itertools.product(*(choices[n] for n in KNOB_NAMES))]
+    plans = [p for p in plans if not (p.band_rows and p.offload == "sequential")]
     return sorted(plans, key=lambda p: (round(p.slowdown(width, height), 9),
                                         OFFLOADS.index(p.offload), -p.vae_tile_px, p.ff_chunk,
-                                        p.cfg_split, p.attn_chunk, p.inplace, p.skips_on_cpu))
+                                        p.cfg_split, p.attn_chunk, p.inplace, p.skips_on_cpu,
+                                        p.band_rows))
 
 
 class _Estimator:
@@ -152,7 +170,7 @@ class _Estimator:
 
     def __call__(self, plan: MemoryPlan) -> int:
         k = plan.knobs()
-        ukey = (k.ff_chunk, k.cfg_split, k.attn_chunk, k.inplace, k.skips_on_cpu)
+        ukey = (k.ff_chunk, k.cfg_split, k.attn_chunk, k.inplace, k.skips_on_cpu, k.band_rows)
         if ukey not in self._unet:
             self._unet[ukey] = est.unet_activation_bytes(
                 self.u, latent_h=-(-self.h // 8), latent_w=-(-self.w // 8), batch=self.batch,

@@ -1,0 +1,136 @@
+"""The band-wise UNet forward's working set (linfusion_cli/bands), walked from the config.
+
+What bands/unet.py keeps alive, layer by layer (channels x tokens of a level; batch and bytes
+are applied by the caller, as in walk.py):
+
+* every layer holds its whole input and its whole output map, nothing else whole: a resnet
+  its input and output (conv2 is written over conv1's output), a transformer its input and the
+  (B, N, inner) token map, a downsampler its input and the half-size output;
+* an up block's resnet reads cat([h, skip]) and the upsampler's output band by band: h whole
+  (or, right after an upsampler, the low-resolution map), the skip whole only while skips stay
+  on the device (all skips not yet consumed are held then);
+* one band's working set on top: the layer's per-token moments (walk.py's _resnet and
+  _transformer_phases) on `rows` latent rows (halved per level) plus the conv halo rows.
+"""
+
+from __future__ import annotations
+
+from .walk import Knobs, _Peak, _levels, _resnet, _transformer_phases, unet_activation_bytes
+
+
+def _band_rows(band_rows: int, level: int, height: int) -> int:
+    """bands.rows.level_rows, capped by the level's height."""
+    return min(height, max(1, -(-band_rows // (1 << level))))
+
+
+def walk_banded(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfusion: bool,
+                dtype_bytes: int, mid_dim: int | None, through_mid: bool = False) -> _Peak:
+    """Peak of the band-wise forward per batch item, as named element counts."""
+    k = knobs
+    chans = list(cfg["block_out_channels"])
+    depth = len(chans)
+    layers = cfg.get("layers_per_block", 2)
+    heights, widths = [latent_h], [latent_w]
+    for _ in range(depth - 1):
+        heights.append((heights[-1] + 1) // 2)
+        widths.append((widths[-1] + 1) // 2)
+    n_tok = _levels(latent_h, latent_w, depth)
+    down_types, up_types = cfg["down_block_types"], cfg["up_block_types"]
+    parked = k.skips_on_cpu
+    peak = _Peak()
+
+    def band(level: int, halo: int = 0) -> int:  # tokens of one band (+ conv halo rows)
+        return (_band_rows(k.band_rows, level, heights[level]) + halo) * widths[level]
+
+    def resnet(where, held, cin, cout, lvl, source_extra=0.0):
+        b = band(lvl, 2)  # conv1/conv2 read one halo row above and below
+        work = (_resnet(cin, cout, k.inplace) + 2 * cin) * b + source_extra
+        peak.at(where, {**held, f"resnet output map ({cout} ch)": cout * n_tok[lvl],
+                        "resnet band": work})
+
+    def transformer(where, held, c, lvl):
+        nb = band(lvl)
+        phases = _transformer_phases(c, nb, k, linfusion, dtype_bytes, mid_dim)
+        worst = max(sum(t.values()) for t in phases.values())
+        peak.at(where, {**held, f"transformer input map ({c} ch)": c * n_tok[lvl],
+                        "token map": c * n_tok[lvl], "transformer band": worst * nb})
+
+    skips: list[float] = [chans[0] * n_tok[0]]  # conv_in's output
+    peak.at("conv_in", {"latents in": cfg.get("in_channels", 4) * n_tok[0],
+                        "conv_in output": chans[0] * n_tok[0]})
+
+    def held_skips(exclude_last: bool) -> dict:
+        if parked:
+            return {}
+        s = sum(skips[:-1] if exclude_last else skips)
+        return {"skips held": s} if s else {}
+
+    for i, btype in enumerate(down_types):
+        cin = chans[i - 1] if i else chans[0]
+        for j in range(layers):
+            held = {**held_skips(True), f"resnet input map ({cin} ch)": cin * n_tok[i]}
+            resnet(f"down{i}.resnet{j}", held, cin, chans[i], i)
+            if "CrossAttn" in btype:
+                transformer(f"down{i}.attn{j}", held_skips(False), chans[i], i)
+            skips.append(chans[i] * n_tok[i])
+            cin = chans[i]
+        if i < depth - 1:
+            peak.at(f"down{i}.downsample", {**held_skips(True), "input": chans[i] * n_tok[i],
+                                             "output": chans[i] * n_tok[i + 1]})
+            skips.append(chans[i] * n_tok[i + 1])
+    c, lvl = chans[-1], depth - 1
+    held = {**held_skips(True), "mid input map": c * n_tok[lvl]}
+    resnet("mid.resnet0", held, c, c, lvl)
+    transformer("mid.attn0", held_skips(False), c, lvl)
+    resnet("mid.resnet1", held, c, c, lvl)
+    if through_mid:
+        return peak
+    rchans = chans[::-1]
+    h_ch, upsampled = c, False
+    for j, btype in enumerate(up_types):
+        lvl = depth - 1 - j
+        for r in range(layers + 1):
+            skip = skips.pop()
+            skip_ch = round(skip / n_tok[lvl])
+            h_in = h_ch if r == 0 else rchans[j]
+            if r == 0 and upsampled:  # Upsampled: the low-res map, its conv run per band
+                held = {"low-resolution map (upsampler input)": h_in * n_tok[lvl + 1]}
+                extra = 3 * h_in * band(lvl, 4)  # nearest rows, conv output, the cat's copy
+            else:
+                held = {f"h ({h_in} ch)": h_in * n_tok[lvl]}
+                extra = 0.0
+            if not parked:
+                held["skips held"] = sum(skips) + skip
+            resnet(f"up{j}.resnet{r}", held, h_in + skip_ch, rchans[j], lvl, extra)
+            if "CrossAttn" in btype:
+                transformer(f"up{j}.attn{r}", held_skips(False), rchans[j], lvl)
+        upsampled = lvl > 0
+        h_ch = rchans[j]
+    peak.at("conv_norm_out/conv_out", {"up output": h_ch * n_tok[0],
+                                       "head band": 3 * h_ch * band(0, 2)})
+    return peak
+
+
+def activation_bytes(cfg: dict, *, latent_h: int, latent_w: int, batch: int, dtype_bytes: int,
+                     knobs: Knobs, linfusion: bool = True, mid_dim: int | None = None,
+                     through_mid: bool = False) -> int:
+    """walk.unet_activation_bytes, band-wise when knobs.band_rows (one entry for both)."""
+    if not getattr(knobs, "band_rows", 0):
+        return unet_activation_bytes(cfg, latent_h=latent_h, latent_w=latent_w, batch=batch,
+                                     dtype_bytes=dtype_bytes, knobs=knobs, linfusion=linfusion,
+                                     mid_dim=mid_dim, through_mid=through_mid)
+    b = 1 if knobs.cfg_split else batch
+    peak = walk_banded(cfg, latent_h=latent_h, latent_w=latent_w, knobs=knobs,
+                       linfusion=linfusion, dtype_bytes=dtype_bytes, mid_dim=mid_dim,
+                       through_mid=through_mid)
+    return int(peak.value * b * dtype_bytes)
+
+
+def breakdown(cfg: dict, *, latent_h: int, latent_w: int, batch: int, dtype_bytes: int,
+              knobs: Knobs, linfusion: bool = True,
+              mid_dim: int | None = None) -> tuple[str, dict[str, int]]:
+    """Where the band-wise forward peaks and the bytes of each term there."""
+    b = 1 if knobs.cfg_split else batch
+    peak = walk_banded(cfg, latent_h=latent_h, latent_w=latent_w, knobs=knobs,
+                       linfusion=linfusion, dtype_bytes=dtype_bytes, mid_dim=mid_dim)
+    return peak.where, {t: int(v * b * dtype_bytes) for t, v in peak.terms.items()}
