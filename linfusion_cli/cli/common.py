@@ -19,8 +19,10 @@ def memory_line(stage) -> str:
              f"vae_tile={m.vae_tile_px}" if m.vae_tile_px else "vae untiled",
              "cfg_split" if m.cfg_split else "", f"ff_chunk={m.ff_chunk}" if m.ff_chunk else "",
              f"attn_chunk={m.attn_chunk}" if m.attn_chunk else "", "inplace" if m.inplace else "",
-             "skips_on_cpu" if m.skips_on_cpu else ""]
-    return f"~{m.estimated_peak_gib:.1f} GiB ({', '.join(k for k in knobs if k)})"
+             "skips_on_cpu" if m.skips_on_cpu else "",
+             f"band_rows={m.band_rows}" if m.band_rows else ""]
+    return (f"~{m.estimated_peak_gib:.1f} GiB, host ~{m.estimated_host_gib:.1f} GiB "
+            f"({', '.join(k for k in knobs if k)})")
 
 
 def print_dry_run(plan, *, as_json: bool) -> None:

@@ -278,9 +278,41 @@ def add_memory_plans(plan: GenerationPlan) -> GenerationPlan:
                 f"{source}") from None
         if control:
             memory = replace(memory, estimated_peak_gib=round(memory.estimated_peak_gib + control / 2 ** 30, 2))
+        host = _host_bytes(plan, info, stage, memory)
+        memory = replace(memory, estimated_host_gib=round(host / 2 ** 30, 2))
         plans.append(memory)
+    _check_host(plan, plans)
     budget_gib = None if budget is None else round(budget / 2 ** 30, 2)
     return replace(plan.with_memory(plans), budget_gib=budget_gib)
+
+
+def _host_bytes(plan: GenerationPlan, info, stage, memory) -> int:
+    """Host RAM the stage needs under its memory plan (memory/host.py)."""
+    from .memory.estimate import weight_bytes
+    from .memory.host import host_bytes
+    from .resolve import DTYPE_BYTES
+
+    db = DTYPE_BYTES[plan.dtype]
+    weights = weight_bytes(info.unet_config, info.vae_config, db,
+                           vae_bytes=DTYPE_BYTES[plan.vae_dtype])
+    nets = sum(1 for k in ("controlnet", "tile_controlnet") if k in (plan.adapters or {}))
+    return host_bytes(info.unet_config, width=stage.width, height=stage.height, dtype_bytes=db,
+                      guidance=stage.guidance > 1, knobs=memory, weights=weights,
+                      controlnets=nets)["total"]
+
+
+def _check_host(plan: GenerationPlan, plans) -> None:
+    """Refuse, before anything loads, a plan whose host RAM this machine does not have."""
+    from ..hostmem import host_memory
+
+    if plan.planned_elsewhere or not plans:
+        return  # planned for another machine: its RAM is unknown here (the dry run shows it)
+    need = max(p.estimated_host_gib for p in plans)
+    free = host_memory().available / 2 ** 30
+    if need > free:
+        worst = max(range(len(plans)), key=lambda i: plans[i].estimated_host_gib)
+        raise PlanError(f"stage {worst + 1} needs {need:.1f} GiB of host memory (parked skips, "
+                        f"offloaded weights, images); this machine has {free:.1f} GiB free")
 
 
 def _adapter_bytes(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: int) -> int:

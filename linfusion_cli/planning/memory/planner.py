@@ -46,6 +46,7 @@ class MemoryPlan(est.Knobs):
     """A stage's knobs plus the peak they are estimated to give."""
 
     estimated_peak_gib: float = 0.0
+    estimated_host_gib: float = 0.0  # host RAM beside it (memory/host.py), set by the request
 
     def knobs(self) -> est.Knobs:
         """The knobs alone (plans with equal knobs and different estimates compare equal here)."""
