@@ -122,6 +122,7 @@ def candidate_plans(width: int, height: int, *, guidance: bool = True, linfusion
         "cfg_split": (False, True) if guidance else (False,),
         "attn_chunk": ATTN_CHOICES[tuning.device_kind(device)] if linfusion else (0,),
         "inplace": (False, True), "skips_on_cpu": (False, True) if cuda else (False,)}
+    choices.setdefault("band_rows", (0,))  # not planned yet: only when forced
     for name, value in fixed.items():  # a forced knob has exactly one choice
         choices[name] = (value,)
     plans = [MemoryPlan(*c) for c in itertools.product(*(choices[n] for n in KNOB_NAMES))]
