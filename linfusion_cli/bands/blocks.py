@@ -18,7 +18,9 @@ def check_resnet(r: nn.Module) -> None:
     """Refuse ResnetBlock2D variants whose forward `resnet` does not reproduce."""
     if getattr(r, "upsample", None) is not None or getattr(r, "downsample", None) is not None:
         raise ValueError("band-wise UNet: resnets that resample are not supported")
-    if getattr(r, "time_embedding_norm", "default") != "default":
+    norm = getattr(r, "time_embedding_norm", "default")
+    # "group" (the VAE decoder's resnets, no temb): diffusers then runs the default path
+    if norm != "default" and not (norm == "group" and r.time_emb_proj is None):
         raise ValueError("band-wise UNet: only the default time-embedding norm is supported")
     if getattr(r.conv1, "base_layer", r.conv1).stride[0] != 1:
         raise ValueError("band-wise UNet: resnet convs must have stride 1")

@@ -23,7 +23,7 @@ from .. import vae as tiled_vae
 from ..planning.plan import Stage
 from .demofusion import blurred_input, dilated_convs, match_stats, step_weights
 from .events import PhaseProgress
-from .stages import StageContext, _decode, _generator, _host_budget, _report_to, _tile_px
+from .stages import StageContext, _band_rows, _decode, _generator, _host_budget, _report_to, _tile_px
 
 
 @dataclass
@@ -140,7 +140,7 @@ def demofusion_image_to_image(ctx: StageContext, stage: Stage, previous: np.ndar
     progress = lambda done, total: ctx.on_event(PhaseProgress(stage.index, "encode", done, total))  # noqa: E731
     x0 = tiled_vae.encode(pipe.vae, upscaled, tile_px=_tile_px(ctx, stage), generator=generator,
                           on_tile=progress, on_report=_report_to(ctx, stage, "encode"),
-                          host_budget=_host_budget(ctx))
+                          host_budget=_host_budget(ctx), band_rows=_band_rows(stage))
     del upscaled
     x0 = x0.to(device=device, dtype=ctx.model.dtype)  # (1, 4, h, w)
     cond = conditioning(pipe, plan.prompt, plan.negative or None, stage.guidance, stage.width,

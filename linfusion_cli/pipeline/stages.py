@@ -60,6 +60,11 @@ def _tile_px(ctx: StageContext, stage: Stage) -> int | None:
     return stage.memory.vae_tile_px if stage.memory is not None else ctx.plan.vae_tile_px
 
 
+def _band_rows(stage: Stage) -> int:
+    """The stage's planned band rows for the tiled VAE's whole-latent part (0: whole maps)."""
+    return getattr(stage.memory, "band_rows", 0) or 0
+
+
 def _host_budget(ctx: StageContext) -> int | None:
     """Host memory the VAE's exact mode may park tiles in: on the CPU, its share of the plan's
     budget (hostmem.VAE_PARK_SHARE); on a GPU the host default (None)."""
@@ -81,7 +86,8 @@ def _decode(ctx: StageContext, stage: Stage, latents: torch.Tensor) -> np.ndarra
     vae_on_device(ctx.model.pipe.vae)
     return tiled_vae.decode(ctx.model.pipe.vae, latents.to(ctx.model.vae_dtype),
                             tile_px=_tile_px(ctx, stage), on_tile=progress,
-                            on_report=_report_to(ctx, stage, "decode"), host_budget=_host_budget(ctx))
+                            on_report=_report_to(ctx, stage, "decode"), host_budget=_host_budget(ctx),
+                            band_rows=_band_rows(stage))
 
 
 def text_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None) -> np.ndarray:
@@ -108,7 +114,8 @@ def image_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None)
     vae_on_device(ctx.model.pipe.vae)
     latents = tiled_vae.encode(ctx.model.pipe.vae, upscaled, tile_px=_tile_px(ctx, stage),
                                generator=generator, on_tile=progress,
-                               on_report=_report_to(ctx, stage, "encode"), host_budget=_host_budget(ctx))
+                               on_report=_report_to(ctx, stage, "encode"), host_budget=_host_budget(ctx),
+                               band_rows=_band_rows(stage))
     pipe, extra, done = control.image_to_image_call(ctx, stage, upscaled)  # plain without ControlNet
     del upscaled
     latents = finite.check(latents, "vae").to(device=ctx.model.device, dtype=ctx.model.dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..bands.rows import Full, band_ranges, group_norm_affine, normed
 from ..tuning import VAE_ATTN_TOKEN_LIMIT, device_kind
 from .tiles import tile_grid
 
@@ -38,20 +39,23 @@ def _check(attn) -> None:
 
 
 def mid_attention(attn, x: torch.Tensor, *, token_limit: int, window: int = 128,
-                  overlap: int = 32) -> tuple[torch.Tensor, bool]:
+                  overlap: int = 32, band_rows: int = 0) -> tuple[torch.Tensor, bool]:
     """diffusers' AttnProcessor2_0 on x (1, C, H, W); returns (out, exact).
 
     Up to `token_limit` tokens it is the exact global attention (query-chunked). Beyond, each
     `window`^2 block (cores overlapping by `overlap`, cropped) attends only to itself, and its
-    q/k/v are projected per window so no whole-map q/k/v ever exist.
+    q/k/v are projected per window so no whole-map q/k/v ever exist. With band_rows > 0 the
+    windows are normalised on demand (`_windowed_banded`): no whole normalised copy either.
     """
     _check(attn)
     b, c, h, w = x.shape
+    exact = h * w <= token_limit
+    if band_rows > 0 and not exact:
+        return _windowed_banded(attn, x, window, overlap, band_rows), False
     hs = x.reshape(b, c, h * w)  # (B, C, N); x may be channels_last
     if attn.group_norm is not None:
         hs = attn.group_norm(hs)  # global statistics: exact
     hs = hs.transpose(1, 2)  # (B, N, C)
-    exact = h * w <= token_limit
     out = _attend(attn, hs) if exact else _windowed(attn, hs, b, h, w, window, overlap)
     del hs
     out = out.transpose(-1, -2).reshape(b, c, h, w)
@@ -87,3 +91,27 @@ def _windowed(attn, hs, b, h, w, window, overlap):
         cy, cx = tile.crop_slices()
         out[:, tile.core_slices()[0], tile.core_slices()[1]] = o[:, cy, cx]
     return out.view(b, h * w, c)
+
+
+def _windowed_banded(attn, x: torch.Tensor, window: int, overlap: int, rows: int) -> torch.Tensor:
+    """`_windowed` plus the residual, holding only x, the output map and one window: GroupNorm
+    from band moments, each window normalised when it is attended. x: (B, C, H, W)."""
+    b, c, h, w = x.shape
+    affine = None
+    if attn.group_norm is not None:
+        affine = group_norm_affine(attn.group_norm, Full(x), band_ranges(h, rows))
+    out = torch.empty_like(x)  # (B, C, H, W), the residual sum in place
+    for tile in tile_grid(h, w, max(1, window - overlap), overlap // 2):
+        ys, xs = tile.window_slices()
+        hh, ww = tile.y.win_len, tile.x.win_len
+        hs = x[:, :, ys, xs] if affine is None else normed(x[:, :, ys, xs], affine)
+        hs = hs.permute(0, 2, 3, 1).reshape(b, hh * ww, c)  # (B, n, C)
+        o = _attend(attn, hs).view(b, hh, ww, c)
+        del hs
+        (cy, cx), (oy, ox) = tile.crop_slices(), tile.core_slices()
+        o = o[:, cy, cx].permute(0, 3, 1, 2)  # (B, C, core h, core w)
+        if attn.residual_connection:
+            o = o + x[:, :, oy, ox]
+        out[:, :, oy, ox] = o / attn.rescale_output_factor
+        del o
+    return out

@@ -4,7 +4,8 @@ Tile paths are Python generators: at each GroupNorm they yield a `StatsRequest` 
 moments) and receive the `GroupStats` to normalise with. Everything between GroupNorms calls
 the diffusers modules themselves (convs, Upsample2D, Downsample2D), so the maths is theirs.
 Layers at latent resolution run once on the whole map ("whole" stages), with torch's own
-GroupNorm, since they cost no more memory than the mid block.
+GroupNorm, or with band_rows > 0 band by band (linfusion_cli.bands: same result, only a layer's
+input and output map plus one band alive instead of ~6 maps).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..bands import blocks as bands
+from ..bands.rows import Full
 from .attention import mid_attention
 from .norm import GroupStats, Moments, channel_moments, group_norm
 
@@ -77,15 +80,31 @@ def resnet(r, t: dict, ctx: TileCtx):
     t["x"] = (x + h) / r.output_scale_factor
 
 
-def mid_block(mid, x: torch.Tensor, token_limit: int) -> tuple[torch.Tensor, bool]:
-    """UNetMidBlock2D.forward on the whole map; returns (out, attention_was_exact)."""
-    x = mid.resnets[0](x, None)
-    exact = True
+def _mid_layers(mid) -> list[nn.Module]:
+    """UNetMidBlock2D's layers in forward order: resnet, then (attention, resnet) pairs."""
+    layers = [mid.resnets[0]]
     for attn, res in zip(mid.attentions, mid.resnets[1:]):
-        if attn is not None:
-            x, ok = mid_attention(attn, x, token_limit=token_limit)
-            exact = exact and ok
-        x = res(x, None)
+        layers += ([attn] if attn is not None else []) + [res]
+    return layers
+
+
+def _whole_layer(layer, x: torch.Tensor, token_limit: int, band_rows: int) -> tuple[torch.Tensor, bool]:
+    """One latent-resolution layer (ResnetBlock2D with temb None, or the mid attention) on the
+    whole map: torch's forward, or band by band; returns (out, attention_was_exact)."""
+    if not hasattr(layer, "conv1"):
+        return mid_attention(layer, x, token_limit=token_limit, band_rows=band_rows)
+    if band_rows <= 0:
+        return layer(x, None), True
+    _check_resnet(layer)
+    return bands.resnet(layer, Full(x), None, band_rows), True
+
+
+def mid_block(mid, x: torch.Tensor, token_limit: int, band_rows: int = 0) -> tuple[torch.Tensor, bool]:
+    """UNetMidBlock2D.forward on the whole map; returns (out, attention_was_exact)."""
+    exact = True
+    for layer in _mid_layers(mid):  # the loop in the frame that owns x (see encoder_whole)
+        x, ok = _whole_layer(layer, x, token_limit, band_rows)
+        exact = exact and ok
     return x, exact
 
 
@@ -102,15 +121,19 @@ def decoder_split(dec) -> int:
     raise ValueError("decoder never upsamples: nothing to tile")
 
 
-def decoder_whole(vae, z: torch.Tensor, token_limit: int) -> tuple[torch.Tensor, bool]:
-    """Latent-resolution part of the decode on the whole latent z (1, 4, h, w) -> (1, C, h, w)."""
+def decoder_whole(vae, z: torch.Tensor, token_limit: int,
+                  band_rows: int = 0) -> tuple[torch.Tensor, bool]:
+    """Latent-resolution part of the decode on the whole latent z (1, 4, h, w) -> (1, C, h, w);
+    band by band (band_rows latent rows) when band_rows > 0."""
     dec = vae.decoder
     if vae.post_quant_conv is not None:
-        z = vae.post_quant_conv(z)
-    x, exact = mid_block(dec.mid_block, dec.conv_in(z), token_limit)
-    for blk in dec.up_blocks[:decoder_split(dec) + 1]:
-        for r in blk.resnets:
-            x = r(x, None)
+        z = vae.post_quant_conv(z)  # 4 -> 4 channels, 1x1: as is
+    layers = _mid_layers(dec.mid_block)
+    layers += [r for blk in dec.up_blocks[:decoder_split(dec) + 1] for r in blk.resnets]
+    x, exact = dec.conv_in(z), True  # (1, C, h, w)
+    for layer in layers:
+        x, ok = _whole_layer(layer, x, token_limit, band_rows)
+        exact = exact and ok
     return x, exact
 
 
@@ -158,14 +181,22 @@ def encoder_tile(vae, x: torch.Tensor, ctx: TileCtx):
     return t.pop("x")
 
 
-def encoder_whole(vae, x: torch.Tensor, token_limit: int) -> tuple[torch.Tensor, bool]:
-    """Latent-resolution rest of the encode on the whole map -> moments (1, 2*4, h, w)."""
+def encoder_whole(vae, x: torch.Tensor, token_limit: int,
+                  band_rows: int = 0) -> tuple[torch.Tensor, bool]:
+    """Latent-resolution rest of the encode on the whole map -> moments (1, 2*4, h, w); band by
+    band when band_rows > 0. Pass x without keeping a reference (tiled.py pops it from a dict):
+    it can then be freed after the first layer. The layer loop runs here, in the one frame that
+    holds the running map (a helper called with x would keep each input alive to its end)."""
     enc = vae.encoder
-    for blk in enc.down_blocks[encoder_split(enc) + 1:]:
-        for r in blk.resnets:
-            x = r(x, None)
-    x, exact = mid_block(enc.mid_block, x, token_limit)
-    x = enc.conv_out(enc.conv_act(enc.conv_norm_out(x)))
+    layers = [r for blk in enc.down_blocks[encoder_split(enc) + 1:] for r in blk.resnets]
+    exact = True
+    for layer in layers + _mid_layers(enc.mid_block):
+        x, ok = _whole_layer(layer, x, token_limit, band_rows)
+        exact = exact and ok
+    if band_rows > 0:  # (1, 2*4, h, w): small beside the input map
+        x = bands.head(enc.conv_norm_out, enc.conv_act, enc.conv_out, x, band_rows)
+    else:
+        x = enc.conv_out(enc.conv_act(enc.conv_norm_out(x)))
     if vae.quant_conv is not None:
         x = vae.quant_conv(x)
     return x, exact

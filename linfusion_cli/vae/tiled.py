@@ -31,6 +31,11 @@ The mid-block attention is global: exact (query-chunked SDPA, never an N x N ten
 `attn_token_limit` tokens (128^2 on CPU, 1024^2 on CUDA by default); beyond, it runs in
 overlapping 128^2 windows, an approximation reported (TileReport.attention) and logged.
 
+With `band_rows` > 0 those latent-resolution layers run band by band (linfusion_cli.bands, the
+plan's band_rows knob): the same result (fp32 ~1e-6), but only a layer's input and output map
+plus one band of `band_rows` latent rows are alive, and windowed attention normalises each
+window on demand (exact global attention keeps its whole q/k/v).
+
 Decode and encode share one driver (drive.run_tiles); each reports what it did as one
 TileReport, passed to `on_report` when it is done.
 """
@@ -70,6 +75,7 @@ class TileReport:
     working_set_bytes: int | None = None  # tiled: what exact mode parks on the host
     budget_bytes: int | None = None  # tiled: the host budget it was compared with
     gn_rounds: int | None = None  # exact mode: GroupNorm rounds of the lock step
+    band_rows: int | None = None  # tiled: latent rows per band of the whole-latent part (None: off)
 
     def to_dict(self) -> dict:
         """The fields that apply (None ones left out), JSON-safe."""
@@ -147,8 +153,9 @@ def _window(feat: torch.Tensor, t, device) -> torch.Tensor:
 def decode(vae, latents: torch.Tensor, *, tile_px: int | None = None, mode: str | None = None,
            on_tile=None, context: int = DECODER_CONTEXT, attn_token_limit: int | None = None,
            stats_px: int = STATS_PX, host_budget: int | None = None,
-           on_report: OnReport | None = None) -> np.ndarray:
-    """Decode ONE scaled latent (1, 4, h, w) to uint8 (8h, 8w, 3), tiled with shared GN stats."""
+           on_report: OnReport | None = None, band_rows: int = 0) -> np.ndarray:
+    """Decode ONE scaled latent (1, 4, h, w) to uint8 (8h, 8w, 3), tiled with shared GN stats
+    (band_rows > 0: the whole-latent part band by band, tiled decodes only)."""
     if latents.ndim != 4 or latents.shape[0] != 1:
         raise ValueError(f"decode takes one latent (1, C, h, w), got {tuple(latents.shape)}")
     device, dtype, _ = _where(vae)
@@ -164,14 +171,14 @@ def decode(vae, latents: torch.Tensor, *, tile_px: int | None = None, mode: str 
             out, report = _untiled(to_uint8(vae.decoder(zz)), on_tile)
         else:
             out, report = _decode_tiled(vae, z, tile_px, mode, on_tile, context, limit, stats_px,
-                                        host_budget)
+                                        host_budget, band_rows)
     if on_report:
         on_report(report)
     return out
 
 
 def _decode_tiled(vae, z, tile_px, mode, on_tile, context, limit, stats_px,
-                  host_budget) -> tuple[np.ndarray, TileReport]:
+                  host_budget, band_rows=0) -> tuple[np.ndarray, TileReport]:
     """The whole-map latent-resolution layers once, then the tiled up path into a uint8 image."""
     device, dtype, park = _where(vae)
     f = _factor(vae)
@@ -181,7 +188,7 @@ def _decode_tiled(vae, z, tile_px, mode, on_tile, context, limit, stats_px,
     need = _working_set(dec.up_blocks[decoder_split(dec) + 1:], 2, lambda s: s * 2, tiles,
                         torch.finfo(dtype).bits // 8, dec.conv_norm_out.num_channels)
     mode, budget = _pick_mode(mode, need, host_budget)
-    feat, exact = decoder_whole(vae, z, limit)  # (1, C, h, w)
+    feat, exact = decoder_whole(vae, z, limit, band_rows)  # (1, C, h, w)
     attention = _attention(exact, limit)
     stats = _decoder_stats(vae, z, stats_px, limit) if mode == "estimated" else None
     if park is not None:
@@ -195,7 +202,8 @@ def _decode_tiled(vae, z, tile_px, mode, on_tile, context, limit, stats_px,
 
     rounds = run_tiles(tiles, lambda t, ctx: decoder_tile(vae, _window(feat, t, device), ctx), write,
                        stats=stats, park=park, on_tile=on_tile)
-    return out, TileReport(tile_px, mode, len(tiles), attention, need, budget, rounds)
+    return out, TileReport(tile_px, mode, len(tiles), attention, need, budget, rounds,
+                           band_rows or None)
 
 
 def _decoder_stats(vae, z: torch.Tensor, long_side: int, limit: int):
@@ -212,8 +220,10 @@ def _decoder_stats(vae, z: torch.Tensor, long_side: int, limit: int):
 def encode(vae, image, *, tile_px: int | None = None, generator: torch.Generator | None = None,
            mode: str | None = None, on_tile=None, context: int = ENCODER_CONTEXT,
            attn_token_limit: int | None = None, stats_px: int = STATS_PX,
-           host_budget: int | None = None, on_report: OnReport | None = None) -> torch.Tensor:
-    """Encode an image (PIL or uint8 (H, W, 3)) to scaled latents (1, 4, H/8, W/8).
+           host_budget: int | None = None, on_report: OnReport | None = None,
+           band_rows: int = 0) -> torch.Tensor:
+    """Encode an image (PIL or uint8 (H, W, 3)) to scaled latents (1, 4, H/8, W/8)
+    (band_rows > 0: the whole-latent part band by band, tiled encodes only).
 
     With a generator, samples the posterior like diffusers' img2img (one noise tensor of the
     full latent shape, so tiled and untiled agree); without one, returns its mean.
@@ -234,7 +244,7 @@ def encode(vae, image, *, tile_px: int | None = None, generator: torch.Generator
             moments, report = _untiled(moments, on_tile)
         else:
             moments, report = _encode_tiled(vae, arr, tile_px, mode, on_tile, context, limit,
-                                            stats_px, host_budget)
+                                            stats_px, host_budget, band_rows)
         dist = DiagonalGaussianDistribution(moments)
         lat = dist.sample(generator) if generator is not None else dist.mode()  # (1, 4, h, w)
         if _shift(vae) is not None:
@@ -246,7 +256,7 @@ def encode(vae, image, *, tile_px: int | None = None, generator: torch.Generator
 
 
 def _encode_tiled(vae, arr, tile_px, mode, on_tile, context, limit, stats_px,
-                  host_budget) -> tuple[torch.Tensor, TileReport]:
+                  host_budget, band_rows=0) -> tuple[torch.Tensor, TileReport]:
     """The tiled down path into a whole latent-resolution map, then the whole-map rest once."""
     device, dtype, park = _where(vae)
     f = _factor(vae)
@@ -257,23 +267,24 @@ def _encode_tiled(vae, arr, tile_px, mode, on_tile, context, limit, stats_px,
                         torch.finfo(dtype).bits // 8)
     mode, budget = _pick_mode(mode, need, host_budget)
     stats = _encoder_stats(vae, arr, stats_px, device, dtype) if mode == "estimated" else None
-    feat = None  # (1, C, h, w), allocated when the first tile finishes
+    held: dict[str, torch.Tensor] = {}  # "feat": (1, C, h, w), allocated by the first tile
 
     def start(t, ctx):
         ys, xs = t.window_slices(f)
         return encoder_tile(vae, preprocess(arr[ys, xs], device, dtype), ctx)
 
     def write(t, x):  # x: (1, C, win_h, win_w)
-        nonlocal feat
-        if feat is None:
-            feat = torch.empty((1, x.shape[1], h, w), dtype=x.dtype, device=device)
+        if "feat" not in held:
+            held["feat"] = torch.empty((1, x.shape[1], h, w), dtype=x.dtype, device=device)
         cy, cx = t.crop_slices()
         ys, xs = t.core_slices()
-        feat[:, :, ys, xs] = x[:, :, cy, cx]
+        held["feat"][:, :, ys, xs] = x[:, :, cy, cx]
 
     rounds = run_tiles(tiles, start, write, stats=stats, park=park, on_tile=on_tile)
-    moments, exact = encoder_whole(vae, feat, limit)  # (1, 8, h, w)
-    return moments, TileReport(tile_px, mode, len(tiles), _attention(exact, limit), need, budget, rounds)
+    # popped: no reference here, so the banded path frees the map after its first layer
+    moments, exact = encoder_whole(vae, held.pop("feat"), limit, band_rows)  # (1, 8, h, w)
+    return moments, TileReport(tile_px, mode, len(tiles), _attention(exact, limit), need, budget,
+                               rounds, band_rows or None)
 
 
 def _encoder_stats(vae, arr: np.ndarray, long_side: int, device, dtype):

@@ -33,6 +33,8 @@ def unet_breakdown(cfg: dict, **kwargs) -> tuple[str, dict[str, int]]:
     return (_banded_breakdown if banded else _plain_breakdown)(cfg, **kwargs)
 
 
+from ...tuning import VAE_ATTN_TOKEN_LIMIT, device_kind  # noqa: E402
+
 GIB = 1 << 30
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)
 # Allocator fragmentation and cuDNN conv workspaces, as a share of the peak: a conventional
@@ -172,7 +174,9 @@ def peak_breakdown(unet_config: dict, vae_config: dict, *, width: int, height: i
         terms = {**terms, "DemoFusion latents (dilated pass)": extra}
         unet_act += extra
     vae_act = vae_activation_bytes(vae_config, height=height, width=width, tile_px=k.vae_tile_px,
-                                   dtype_bytes=vae_dtype_bytes(dtype_bytes, vae_bytes))
+                                   dtype_bytes=vae_dtype_bytes(dtype_bytes, vae_bytes),
+                                   band_rows=k.band_rows,
+                                   token_limit=VAE_ATTN_TOKEN_LIMIT[device_kind(device)])
     unet_w, vae_w = _resident(w, k.offload, device, lb)
     peak = max(unet_w + unet_act, vae_w + vae_act)
     context = CUDA_CONTEXT_BYTES if device == "cuda" else 0

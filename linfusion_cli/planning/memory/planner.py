@@ -178,11 +178,13 @@ class _Estimator:
                 dtype_bytes=self.db, knobs=k, linfusion=self.linfusion) + self.extra
             if self.unet_extra is not None:
                 self._unet[ukey] += self.unet_extra(k)
-        if k.vae_tile_px not in self._vae:
-            self._vae[k.vae_tile_px] = est.vae_activation_bytes(
+        vkey = (k.vae_tile_px, k.band_rows)
+        if vkey not in self._vae:
+            self._vae[vkey] = est.vae_activation_bytes(
                 self.v, height=self.h, width=self.w, tile_px=k.vae_tile_px,
-                dtype_bytes=self.vae_bytes)
-        return est.stage_peak(self.weights, self._unet[ukey], self._vae[k.vae_tile_px],
+                dtype_bytes=self.vae_bytes, band_rows=k.band_rows,
+                token_limit=tuning.VAE_ATTN_TOKEN_LIMIT[tuning.device_kind(self.device)])
+        return est.stage_peak(self.weights, self._unet[ukey], self._vae[vkey],
                               offload=k.offload, device=self.device, layer_bytes=self.layer)
 
 

@@ -129,3 +129,51 @@ def trace_unet_bytes(unet_config: dict, *, width: int, height: int, knobs, batch
         return mode.peak
     finally:
         undo()
+
+
+def meta_vae(vae_config: dict, dtype: torch.dtype = torch.bfloat16):
+    """A diffusers AutoencoderKL of this config on the meta device."""
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        return AutoencoderKL.from_config(vae_config).to(dtype).eval()
+
+
+@contextmanager
+def _sdpa_output_only():
+    """The VAE attention's SDPA as what memory-efficient/flash kernels allocate: the output only
+    (meta tensors take torch's math path, whose score matrix a GPU run never holds)."""
+    from ...vae import attention
+
+    real = attention.F
+    fake = type("F", (), {"scaled_dot_product_attention": staticmethod(
+        lambda q, k, v, **kw: q.new_empty(*q.shape[:-1], v.shape[-1]))})
+    attention.F = fake
+    try:
+        yield
+    finally:
+        attention.F = real
+
+
+def trace_vae_whole_bytes(vae_config: dict, *, width: int, height: int, band_rows: int,
+                          token_limit: int, encode: bool = False,
+                          dtype: torch.dtype = torch.bfloat16, vae=None) -> int:
+    """Peak live bytes of the tiled VAE's whole-latent part (vae/blocks.py decoder_whole or
+    encoder_whole) at (width, height) px, band_rows latent rows per band (0: whole maps).
+    Its input counts: the latent (decode) or the tiled path's latent-resolution map (encode)."""
+    from ...vae.blocks import decoder_whole, encoder_whole
+
+    vae = vae if vae is not None else meta_vae(vae_config, dtype)
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    h, w = -(-height // f), -(-width // f)
+    mode = LiveBytes()
+    with torch.inference_mode(), _sdpa_output_only(), mode:
+        if encode:
+            held = {"feat": torch.empty(1, max(vae.config.block_out_channels), h, w,
+                                        dtype=dtype, device="meta")}
+            out, _ = encoder_whole(vae, held.pop("feat"), token_limit, band_rows)
+        else:
+            z = torch.empty(1, vae.config.latent_channels, h, w, dtype=dtype, device="meta")
+            out, _ = decoder_whole(vae, z, token_limit, band_rows)
+        del out
+    return mode.peak

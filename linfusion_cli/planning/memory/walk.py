@@ -29,12 +29,15 @@ the block input its caller keeps referenced, and the op's own temporaries. Count
   (tuning.DECODER_CONTEXT and ENCODER_CONTEXT latent px a side) or on the whole image when untiled; its mid-block
   attention is SDPA memory-efficient (O(N)). Tiled (linfusion_cli.vae), the latent-resolution
   layers (conv_in, mid block, first up block's resnets) still run once on the WHOLE latent:
-  6 x 512 channels per latent pixel (whole_latent_channels), 12 GiB in bf16 at 16384x8192. The VAE runs in bf16 beside a 16-bit UNet (fp32
+  6 x 512 channels per latent pixel (whole_latent_channels), 12 GiB in bf16 at 16384x8192; band
+  by band (the band_rows knob) two maps plus one band (whole_latent_elements_banded, checked
+  against trace.trace_vae_whole_bytes). The VAE runs in bf16 beside a 16-bit UNet (fp32
   on GPUs without bf16, which the caller says with vae_bytes).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from ... import tuning
@@ -308,9 +311,12 @@ def _stats_pixels(cfg: dict, height: int, width: int) -> int:
 
 
 def vae_activation_bytes(cfg: dict, *, height: int, width: int, tile_px: int, dtype_bytes: int,
-                         encode: bool = True) -> int:
+                         encode: bool = True, band_rows: int = 0,
+                         token_limit: int = tuning.VAE_ATTN_TOKEN_LIMIT["cuda"]) -> int:
     """Peak activation bytes of a VAE decode (and encode): untiled at tile_px 0, else the largest
-    of one padded tile, the stats pass and the whole-latent part (linfusion_cli.vae)."""
+    of one padded tile, the stats pass and the whole-latent part (linfusion_cli.vae), that last
+    one band by band with band_rows > 0 (whole_latent_elements_banded; token_limit: the mid
+    attention's exact limit, the device's tuning.VAE_ATTN_TOKEN_LIMIT)."""
     chans = list(cfg["block_out_channels"])
 
     def pixels(pad):
@@ -319,12 +325,21 @@ def vae_activation_bytes(cfg: dict, *, height: int, width: int, tile_px: int, dt
         return min(height, tile_px + 2 * pad) * min(width, tile_px + 2 * pad)
 
     peak = _decoder_walk(cfg, pixels(DECODE_PAD_PX))
-    if tile_px:  # linfusion_cli.vae runs the latent-resolution layers ONCE on the whole latent
+    f = 2 ** (len(chans) - 1)
+    lh, lw = -(-height // f), -(-width // f)
+    if tile_px and band_rows > 0:  # the whole-latent part band by band
+        whole = whole_latent_elements_banded(cfg, latent_h=lh, latent_w=lw, band_rows=band_rows,
+                                             dtype_bytes=dtype_bytes, token_limit=token_limit)
+        peak = max(peak, whole, _decoder_walk(cfg, _stats_pixels(cfg, height, width)))
+    elif tile_px:  # linfusion_cli.vae runs the latent-resolution layers ONCE on the whole latent
         peak = max(peak, whole_latent_channels(cfg) * latent_tokens(cfg, height, width),
                    _decoder_walk(cfg, _stats_pixels(cfg, height, width)))
     if encode:  # encoder: resnets at full resolution dominate
         for p in [pixels(ENCODE_PAD_PX)] + ([_stats_pixels(cfg, height, width)] if tile_px else []):
-            peak = max(peak, 3 * p + _resnet(chans[0], chans[0], False) * p)
+            tile = 3 * p + _resnet(chans[0], chans[0], False) * p
+            # banded: beside the tiles, the latent-resolution map they fill (vae/tiled.py)
+            held = max(chans) * lh * lw if tile_px and band_rows > 0 else 0
+            peak = max(peak, held + tile)
     return int(peak * dtype_bytes)
 
 
@@ -341,3 +356,42 @@ def whole_latent_channels(cfg: dict) -> int:
     deleted), the SDPA output and its head-merging copy: 6C. Resnets: x + 3C. Windowing past
     the token limit does not help: q, k and v are projected for the whole map first."""
     return 6 * max(cfg["block_out_channels"])
+
+
+def _attention_window(length: int, window: int = 128, overlap: int = 32) -> int:
+    """The longest attention window along an axis (vae/attention.py mid_attention's defaults
+    through vae/tiles.py split_axis: near-equal cores of <= window - overlap, overlap/2 context)."""
+    tile, ctx = window - overlap, overlap // 2
+    n = -(-length // tile)
+    edges = [round(i * length / n) for i in range(n + 1)]
+    return max(min(length, b + ctx) - max(0, a - ctx) for a, b in itertools.pairwise(edges))
+
+
+def whole_latent_elements_banded(cfg: dict, *, latent_h: int, latent_w: int, band_rows: int,
+                                 dtype_bytes: int, token_limit: int) -> float:
+    """Peak elements (in the VAE dtype) of the tiled VAE's whole-latent part run band by band
+    (vae/blocks.py decoder_whole/encoder_whole with band_rows > 0), C = the widest level.
+
+    Two whole maps (a layer's input and output) plus the largest band working set:
+    * a resnet band (bands/blocks.py resnet), R rows and a 1-row halo either side: conv2's input
+      rows (carry + out, R + 2), `normed`'s float32 addcmul and its cast back (R + 2 each;
+      in float32 one tensor), later conv2's output, the residual sum and its quotient (3R + 2);
+    * an attention window (vae/attention.py _windowed_banded, T <= 128^2 tokens, _attention_window): its input,
+      q, k, v and the SDPA output (5T), plus one query chunk's output when queries are chunked
+      (the SDPA itself a memory-efficient kernel: no score matrix), or the normalisation's
+      float32 temp and its cast (3T in 16-bit).
+    Within token_limit the attention is exact and global as before (6C per token: input,
+    normalised copy, q, k, v, output). The decoder also holds its latent and post_quant_conv's
+    output (2 x latent channels per token); the encoder's head makes 2 x 8 channels."""
+    c, n = max(cfg["block_out_channels"]), latent_h * latent_w
+    rows = min(band_rows, latent_h)
+    f32 = 4 / dtype_bytes  # a float32 tensor in dtype units
+    normed = (rows + 2) * (1 + f32 + (1 if dtype_bytes < 4 else 0))
+    band = max(normed, 3 * rows + 2) * latent_w * c
+    t = _attention_window(latent_h) * _attention_window(latent_w)
+    step = max(1024, (256 << 20) // (4 * t))  # attention._sdpa_chunked's query step
+    window = max(5 * t + (step if t > step else 0), (2 + f32) * t) * c
+    peak = 2 * c * n + max(band, window)
+    if n <= token_limit:
+        peak = max(peak, 6 * c * n)
+    return peak + 2 * cfg.get("latent_channels", 4) * n
