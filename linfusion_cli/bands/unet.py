@@ -91,7 +91,7 @@ def banded_forward(unet: nn.Module, band_rows: int, park_skips: bool, sample: to
     for skip, residual in zip(skips, residuals if residuals is not None else ()):
         skip.add_residual(residual)  # the down path is done with the skips: in place is safe
     del residuals, mid_residual
-    sources = skips
+    sources, skips = skips, None  # the up path consumes them: no other reference may stay
 
     src: Rows = Full(h)
     del h

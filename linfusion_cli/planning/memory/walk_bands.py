@@ -15,7 +15,7 @@ are applied by the caller, as in walk.py):
 
 from __future__ import annotations
 
-from .walk import Knobs, _Peak, _levels, _resnet, _transformer_phases, unet_activation_bytes
+from .walk import Knobs, _Peak, _levels, _transformer_phases, unet_activation_bytes
 
 
 def _band_rows(band_rows: int, level: int, height: int) -> int:
@@ -43,15 +43,20 @@ def walk_banded(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfus
         return (_band_rows(k.band_rows, level, heights[level]) + halo) * widths[level]
 
     def resnet(where, held, cin, cout, lvl, source_extra=0.0):
-        b = band(lvl, 2)  # conv1/conv2 read one halo row above and below
-        work = (_resnet(cin, cout, k.inplace) + 2 * cin) * b + source_extra
+        # pass 2's moment: the input band (with one halo row a side), GroupNorm's float32
+        # result, its cast back and conv1's output band; an upsampled source's rows first
+        # need the nearest rows and the upsampler's conv output beside the band
+        b = band(lvl, 2)
+        work = max((2 + 4 / dtype_bytes) * cin + cout, cin + source_extra) * b
         peak.at(where, {**held, f"resnet output map ({cout} ch)": cout * n_tok[lvl],
                         "resnet band": work})
 
     def transformer(where, held, c, lvl):
         nb = band(lvl)
         phases = _transformer_phases(c, nb, k, linfusion, dtype_bytes, mid_dim)
-        worst = max(sum(t.values()) for t in phases.values())
+        # the block input is a view of the token map here, and attn2's output is gone by the
+        # feed-forward: two C less than walk.py's whole-map moments
+        worst = max(sum(t.values()) for t in phases.values()) - 2 * c
         peak.at(where, {**held, f"transformer input map ({c} ch)": c * n_tok[lvl],
                         "token map": c * n_tok[lvl], "transformer band": worst * nb})
 
@@ -95,7 +100,7 @@ def walk_banded(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfus
             h_in = h_ch if r == 0 else rchans[j]
             if r == 0 and upsampled:  # Upsampled: the low-res map, its conv run per band
                 held = {"low-resolution map (upsampler input)": h_in * n_tok[lvl + 1]}
-                extra = 3 * h_in * band(lvl, 4)  # nearest rows, conv output, the cat's copy
+                extra = 2 * h_in  # nearest rows and the conv output, per band token
             else:
                 held = {f"h ({h_in} ch)": h_in * n_tok[lvl]}
                 extra = 0.0
