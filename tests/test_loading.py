@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from linfusion_cli.errors import InputError, ModelNotFoundError
+from linfusion_cli.hub import download_command
 from linfusion_cli.models.loading import cache_dir, load_model
 
 from .ldm_format import (
