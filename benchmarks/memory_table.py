@@ -2,8 +2,10 @@
 
 Each cell plans the whole ladder (the family's preset: base at the trained short side, x2
 stages) for a CUDA GPU of that many GiB in fp16 with the VAE in bf16, and prints "fits (peak)"
-with the largest stage estimate, or "needs N" with the smallest budget any plan needs.
-Estimates, not measurements.
+with the largest stage estimate, or "needs N" with the smallest budget the whole run fits
+(`planning.request.smallest_budget`, rounded up to 0.1 GiB as the refusals quote it).
+Estimates, not measurements. A row is one entry of ROWS; tests/test_readme_tables.py fails
+when README.md's table differs from this output.
 
     python -m benchmarks.memory_table
 """
@@ -11,15 +13,12 @@ Estimates, not measurements.
 from __future__ import annotations
 
 from linfusion_cli.errors import PlanError
-from linfusion_cli.planning.memory.planner import BudgetError
-from linfusion_cli.planning.memory.planner import choose_knobs
-from linfusion_cli.planning.resolve import DTYPE_BYTES
-from linfusion_cli.planning.request import Request, make_plan, add_memory_plans
+from linfusion_cli.planning.request import Request, add_memory_plans, make_plan, smallest_budget
 
 BUDGETS = (8, 12, 24, 80)
-ROWS = [("SD1.5", "sd15", 4096, 4096), ("SD1.5", "sd15", 8192, 8192),
-        ("SD1.5", "sd15", 16384, 8192), ("SD-XL", "sdxl", 8192, 8192),
-        ("SD-XL", "sdxl", 16384, 8192), ("SD-XL", "sdxl", 16384, 16384)]
+FAMILY_NAMES = {"sd15": "SD1.5", "sd21": "SD2.1", "sdxl": "SD-XL"}
+ROWS = [("sd15", 4096, 4096), ("sd15", 8192, 8192), ("sd15", 16384, 8192), ("sd15", 16384, 16384),
+        ("sdxl", 8192, 8192), ("sdxl", 16384, 8192), ("sdxl", 16384, 16384)]
 
 
 def cell(preset: str, width: int, height: int, budget: float) -> str:
@@ -29,30 +28,34 @@ def cell(preset: str, width: int, height: int, budget: float) -> str:
     try:
         plan = add_memory_plans(plan)
     except PlanError:
-        return f"needs {smallest_budget(plan):.1f}"
+        needed, _ = smallest_budget(plan)
+        return f"needs {gib_up(needed)}"
     peak = max(s.memory.estimated_peak_gib for s in plan.stages)
     return f"fits ({peak:.1f})"
 
 
-def smallest_budget(plan) -> float:
-    """GiB the tightest plan of the hungriest stage needs."""
-    info, needed = plan.model_info, 0
-    for stage in plan.stages:
-        try:
-            choose_knobs(info.unet_config, info.vae_config, width=stage.width, height=stage.height,
-                       dtype_bytes=DTYPE_BYTES[plan.dtype], vae_bytes=DTYPE_BYTES[plan.vae_dtype],
-                       budget_bytes=1, guidance=stage.guidance > 1, device="cuda")
-        except BudgetError as exc:
-            needed = max(needed, exc.needed_bytes)
-    return needed / 2 ** 30
+def gib_up(n: int) -> str:
+    import math
+
+    return f"{math.ceil(n / 2 ** 30 * 10 - 1e-9) / 10:.1f}"
+
+
+def row_label(preset: str, width: int, height: int) -> str:
+    size = f"{width}^2" if width == height else f"{width}x{height}"
+    return f"{FAMILY_NAMES.get(preset, preset)} {size}"
+
+
+def table(rows=ROWS, budgets=BUDGETS) -> str:
+    lines = ["| | " + " | ".join(f"{b} GiB" for b in budgets) + " |",
+             "|---" * (len(budgets) + 1) + "|"]
+    for preset, width, height in rows:
+        lines.append(f"| {row_label(preset, width, height)} | "
+                     + " | ".join(cell(preset, width, height, b) for b in budgets) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    print("| | " + " | ".join(f"{b} GiB" for b in BUDGETS) + " |")
-    print("|---" * (len(BUDGETS) + 1) + "|")
-    for name, preset, width, height in ROWS:
-        size = f"{width}^2" if width == height else f"{width}x{height}"
-        print(f"| {name} {size} | " + " | ".join(cell(preset, width, height, b) for b in BUDGETS) + " |")
+    print(table())
 
 
 if __name__ == "__main__":

@@ -97,7 +97,8 @@ def test_render_name_bad_template(template):
 def test_resolve_none_is_cwd_with_template(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = resolve_output(None, fields=FIELDS)
-    assert path == tmp_path / "0007-1234-a-cat-on-a-mat.png"
+    assert path == Path("0007-1234-a-cat-on-a-mat.png")  # printed as given: the bare name in the cwd
+    assert path.resolve() == tmp_path / "0007-1234-a-cat-on-a-mat.png"
 
 
 def test_resolve_directory_existing_or_trailing_slash(tmp_path):

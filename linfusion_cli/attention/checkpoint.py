@@ -94,12 +94,14 @@ def _download(repo_id: str) -> Path:
     """A hub repo from the local cache, or downloaded when the network is allowed."""
     from huggingface_hub import snapshot_download
 
+    from ..hub import download_command
+
     try:
         return Path(snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, "*.safetensors"]))
     except Exception as exc:  # offline, missing repo, network error: all one answer for the user
         raise ModelNotFoundError(
             f"LinFusion weights {repo_id} are not in the local cache and could not be downloaded "
-            f"({type(exc).__name__}); run `huggingface-cli download {repo_id}` on a connected "
+            f"({type(exc).__name__}); run `{download_command(repo_id)}` on a connected "
             "machine or pass a local folder with --linfusion") from None
 
 

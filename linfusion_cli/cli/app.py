@@ -11,6 +11,8 @@ import sys
 import logging
 import os
 
+from typing import Annotated
+
 import typer
 
 try:  # typer >= 0.2x ships its own copy of click; its exceptions are the ones raised
@@ -28,6 +30,32 @@ _ABORTS = tuple(c for c in (getattr(click, "Abort", None), getattr(typer, "Abort
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Very large images (up to 16384 px) with Stable Diffusion + LinFusion.")
+
+
+def version_text() -> str:
+    """The installed package's version (the source tree's when run uninstalled)."""
+    from importlib import metadata
+
+    from .. import __version__
+
+    try:
+        return metadata.version("linfusion-cli")
+    except metadata.PackageNotFoundError:
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"linfusion {version_text()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Very large images (up to 16384 px) with Stable Diffusion + LinFusion."""
+
+
 app.command("generate")(generate.generate)
 app.command("upscale")(upscale.upscale)
 app.command("batch")(batch.batch)
@@ -40,11 +68,32 @@ def run(argv: list[str] | None = None) -> int:
     try:
         with interrupts.installed():
             try:
-                return _run(argv)
+                code = _run(argv)
             except KeyboardInterrupt:
-                return _interrupted()
+                code = _interrupted()
     except KeyboardInterrupt:  # a signal in the last instant, as the handlers were put back
-        return _interrupted()
+        code = _interrupted()
+    if code:
+        _tell_launcher()
+    return code
+
+
+def _tell_launcher() -> None:
+    """Under torchrun, put the error line in the worker's error file: torchrun then shows it as
+    the failure's root cause at the end of its report, instead of a pointer to its docs."""
+    import json
+    import time
+
+    from .console import last_error
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or not last_error:
+        return
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": f"error: {last_error[0]}", "timestamp": int(time.time())}, f)
+    except OSError:  # the launcher's folder is gone: its report stays generic
+        pass
 
 
 def _interrupted() -> int:
@@ -85,8 +134,13 @@ def _run(argv: list[str] | None) -> int:
     except (*_ABORTS, KeyboardInterrupt):
         return _interrupted()
     except LinfusionError as exc:
+        line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if getattr(exc, "echo", True):  # False on ranks > 0 for an error every rank agreed on
-            error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            error(line)
+        else:
+            from .console import last_error
+
+            last_error[:] = [line]
         if verbose and exc.__cause__ is not None:
             error(f"caused by {type(exc.__cause__).__name__}: {exc.__cause__}")
         return exc.exit_code

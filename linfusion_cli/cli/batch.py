@@ -57,7 +57,7 @@ def _matches(path: Path, plan) -> bool:
 @shared_options
 def batch(
     file: Annotated[str, typer.Argument(help="Prompt file (text, JSON Lines or A1111 lines), or - for stdin.")],
-    output: Annotated[str, typer.Option("-o", "--output", help="Output directory.")] = ".",
+    output: Annotated[str, typer.Option("-o", "--output", help="Output folder (default: the current one); file names from --name or a line's output; paths printed as given.")] = ".",
     name: Template = None,
     resume: Annotated[bool, typer.Option("--resume", help="Skip entries already made with the same parameters.")] = False,
     *, opts: GenerationOptions,

@@ -13,10 +13,14 @@ from ..pipeline.events import PhaseProgress, Retrying, StageFinished, StageStart
 stderr = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)  # "x:abc:" is not an emoji
 
 
+last_error: list[str] = []  # the last error line, for a launcher's error file (app.run)
+
+
 def error(message: str) -> None:
     """One short line on stderr (the message is never read as rich markup)."""
     from rich.markup import escape
 
+    last_error[:] = [" ".join(message.splitlines())]
     stderr.print(f"[bold red]error:[/] {escape(' '.join(message.splitlines()))}", markup=True)
 
 

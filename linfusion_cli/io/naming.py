@@ -98,6 +98,9 @@ def resolve_output(
 ) -> Path | None:
     """Where one image goes (None: stdout); checks early so a long run never fails at the end.
 
+    The path is the one printed: -o as written joined with the file name (relative paths stay
+    relative to the current folder); without -o, the bare file name in the current folder.
+
     create=False (a dry run) checks the folder could be made but makes nothing.
     """
     if output == "-":
@@ -106,7 +109,8 @@ def resolve_output(
     is_dir = output is None or output.endswith(("/", os.sep)) or Path(output).is_dir()
     if is_dir:
         ext = format_of(None, fmt)
-        directory = Path(output) if output is not None else Path.cwd()
+        # paths are shown as given: -o's folder as written, else the current one (".")
+        directory = Path(output) if output is not None else Path()
         path = directory / render_name(template, ext=ext, **fields)
     else:
         path = Path(output)

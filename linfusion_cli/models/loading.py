@@ -211,6 +211,8 @@ def open_pipeline(model: str, dtype: torch.dtype, *, allow_pickle: bool = False,
             raise ModelNotFoundError(f"local model folder {path} is incomplete or corrupt: {detail}") from exc
         if not isinstance(exc, (OSError, ValueError)):
             raise
+        from ..hub import download_command
+
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         why = "offline mode (HF_HUB_OFFLINE=1)" if offline else "it could not be downloaded"
         if path.is_file():
@@ -218,11 +220,11 @@ def open_pipeline(model: str, dtype: torch.dtype, *, allow_pickle: bool = False,
             raise ModelNotFoundError(
                 f"{path.name} is a single file without its diffusers configs (architecture, "
                 f"tokenizer, scheduler of {base}), which are not in the local cache and {why}; run "
-                f"`huggingface-cli download {base} --include '*.json' '*.txt'` on a connected "
+                f"`{download_command(base, ('*.json', '*.txt'))}` on a connected "
                 "machine, or pass a local diffusers folder of the same family as config") from exc
         raise ModelNotFoundError(
-            f"model {model} is not in the local cache and {why}; run `huggingface-cli download "
-            f"{model}` on a connected machine, or pass a local diffusers folder with --model") from exc
+            f"model {model} is not in the local cache and {why}; run `{download_command(model)}` "
+            f"on a connected machine, or pass a local diffusers folder with --model") from exc
 
 
 def set_scheduler(pipe, name: str) -> None:

@@ -240,47 +240,34 @@ def add_memory_plans(plan: GenerationPlan) -> GenerationPlan:
     """Give every stage the fastest memory plan that fits the budget (PlanError if none does).
 
     Forced knobs (--vae-tile, a preset's `memory:`) are constraints of the search, so the
-    estimate printed is the one of the plan that runs.
+    estimate printed is the one of the plan that runs. Every stage is planned before a refusal,
+    so the refusal names the smallest budget for the whole run, not for its first stage short.
     """
     from .memory.planner import BudgetError
     from .memory.planner import choose_knobs
     from .resolve import DTYPE_BYTES
 
-    info = plan.model_info
     budget, source = device_budget(plan)
     kind = "cuda" if plan.device.startswith("cuda") else "cpu"
-    fixed = dict(plan.memory_fixed)
-    if plan.vae_tile_px is not None:
-        fixed["vae_tile_px"] = plan.vae_tile_px
-    plans = []
+    fixed = _fixed_knobs(plan)
+    plans, short = [], []  # short: (bytes the stage needs at least, stage)
     for stage in plan.stages:
-        images = 3 * 3 * stage.width * stage.height if kind == "cpu" else 0  # previous, resized, new
-        control = _adapter_bytes(plan, info.unet_config, stage, DTYPE_BYTES[plan.dtype])
+        held = _held_bytes(plan, stage, kind, DTYPE_BYTES[plan.dtype])
         try:
-            memory = choose_knobs(info.unet_config, info.vae_config, width=stage.width,
-                            height=stage.height, dtype_bytes=DTYPE_BYTES[plan.dtype],
-                            vae_bytes=DTYPE_BYTES[plan.vae_dtype],
-                            budget_bytes=1 << 62 if budget is None else max(budget - images - control, 1),
-                            guidance=stage.guidance > 1, linfusion=plan.linfusion is not None,
-                            device=kind, fixed=fixed,
-                            dilated_pass=stage.method == "demofusion",
-                            unet_extra=_controlnet_step(plan, info.unet_config, stage,
-                                                        DTYPE_BYTES[plan.dtype]))
+            memory = choose_knobs(**_knob_args(plan, stage, kind, DTYPE_BYTES[plan.dtype],
+                                               DTYPE_BYTES[plan.vae_dtype], fixed),
+                                  budget_bytes=1 << 62 if budget is None else max(budget - held, 1))
         except BudgetError as exc:
-            held = (f" plus {images / 2 ** 30:.1f} GiB for its images in host memory"
-                    if images >= 2 ** 30 / 20 else "")
-            if control:
-                held += f" plus {control / 2 ** 30:.1f} GiB for ControlNet/IP-Adapter weights and held inputs"
-            forced = f" with {', '.join(f'{k}={v}' for k, v in fixed.items())}" if fixed else ""
-            raise PlanError(
-                f"stage {stage.index + 1} ({stage.width}x{stage.height}) needs at least "
-                f"{exc.needed_bytes / 2 ** 30:.1f} GiB{held} with the tightest plan{forced}; "
-                f"{source}") from None
+            short.append((exc.needed_bytes + held, stage))
+            continue
+        control = _adapter_bytes(plan, plan.model_info.unet_config, stage, DTYPE_BYTES[plan.dtype])
         if control:
             memory = replace(memory, estimated_peak_gib=round(memory.estimated_peak_gib + control / 2 ** 30, 2))
-        host = _host_bytes(plan, info, stage, memory)
+        host = _host_bytes(plan, plan.model_info, stage, memory)
         memory = replace(memory, estimated_host_gib=round(host / 2 ** 30, 2))
         plans.append(memory)
+    if short:
+        raise PlanError(_refusal(plan, short, kind, fixed, source))
     _check_host(plan, plans)
     budget_gib = None if budget is None else round(budget / 2 ** 30, 2)
     return replace(plan.with_memory(plans), budget_gib=budget_gib)
@@ -313,6 +300,77 @@ def _check_host(plan: GenerationPlan, plans) -> None:
         worst = max(range(len(plans)), key=lambda i: plans[i].estimated_host_gib)
         raise PlanError(f"stage {worst + 1} needs {need:.1f} GiB of host memory (parked skips, "
                         f"offloaded weights, images); this machine has {free:.1f} GiB free")
+
+
+def _fixed_knobs(plan: GenerationPlan) -> dict:
+    fixed = dict(plan.memory_fixed)
+    if plan.vae_tile_px is not None:
+        fixed["vae_tile_px"] = plan.vae_tile_px
+    return fixed
+
+
+def _held_bytes(plan: GenerationPlan, stage, kind: str, dtype_bytes: int) -> int:
+    """What a stage holds beside the planner's estimate: its images in host memory on the CPU
+    (previous, resized, new) and the ControlNet/IP-Adapter weights and inputs."""
+    images = 3 * 3 * stage.width * stage.height if kind == "cpu" else 0
+    return images + _adapter_bytes(plan, plan.model_info.unet_config, stage, dtype_bytes)
+
+
+def _knob_args(plan: GenerationPlan, stage, kind: str, dtype_bytes: int, vae_bytes: int,
+               fixed: dict) -> dict:
+    """choose_knobs' arguments for one stage, but the budget."""
+    info = plan.model_info
+    return dict(unet_config=info.unet_config, vae_config=info.vae_config, width=stage.width,
+                height=stage.height, dtype_bytes=dtype_bytes, vae_bytes=vae_bytes,
+                guidance=stage.guidance > 1, linfusion=plan.linfusion is not None, device=kind,
+                fixed=fixed, dilated_pass=stage.method == "demofusion",
+                unet_extra=_controlnet_step(plan, info.unet_config, stage, dtype_bytes))
+
+
+def smallest_budget(plan: GenerationPlan, device: str | None = None, dtype: str | None = None,
+                    vae_dtype: str | None = None) -> tuple[int, object]:
+    """(bytes, stage): the smallest budget every stage of the run fits with its tightest plan,
+    and the stage that sets it; for the plan's device and dtypes unless others are given."""
+    from .memory.planner import BudgetError
+    from .memory.planner import choose_knobs
+    from .resolve import DTYPE_BYTES
+
+    kind = device or ("cuda" if plan.device.startswith("cuda") else "cpu")
+    db, vb = DTYPE_BYTES[dtype or plan.dtype], DTYPE_BYTES[vae_dtype or plan.vae_dtype]
+    fixed, needed = _fixed_knobs(plan), (0, plan.stages[0])
+    for stage in plan.stages:
+        held = _held_bytes(plan, stage, kind, db)
+        try:
+            choose_knobs(**_knob_args(plan, stage, kind, db, vb, fixed), budget_bytes=1)
+        except BudgetError as exc:
+            needed = max(needed, (exc.needed_bytes + held, stage), key=lambda n: n[0])
+    return needed
+
+
+def _gib_up(n: int) -> str:
+    """GiB rounded up to 0.1, so the figure quoted is a budget that works."""
+    import math
+
+    return f"{math.ceil(n / 2 ** 30 * 10 - 1e-9) / 10:.1f}"
+
+
+def _refusal(plan: GenerationPlan, short: list, kind: str, fixed: dict, source: str) -> str:
+    """One line: the smallest budget for the whole run, which memory, and what would work."""
+    needed, stage = max(short, key=lambda s: s[0])
+    forced = f" with {', '.join(f'{k}={v}' for k, v in fixed.items())}" if fixed else ""
+    where = "GPU memory" if kind == "cuda" else "host memory (running on the CPU)"
+    line = (f"this run needs at least {_gib_up(needed)} GiB of {where} with the tightest plan{forced} "
+            f"(stage {stage.index + 1} of {len(plan.stages)}, {stage.width}x{stage.height}, sets it; "
+            f"{len(short)} stage{'s' if len(short) > 1 else ''} do{'' if len(short) > 1 else 'es'} "
+            f"not fit); {source}")
+    if kind == "cuda":
+        return line + f"; `--dry-run --max-vram {_gib_up(needed)}` shows the plan that fits"
+    from .resolve import choose_dtypes
+
+    unet, vae = choose_dtypes(plan.dtype if plan.dtype in ("fp16", "bf16") else "fp16", "cuda", True)
+    gpu, _ = smallest_budget(plan, "cuda", unet, vae)
+    return (line + f"; linfusion expects a CUDA GPU: there this run needs {_gib_up(gpu)} GiB "
+            f"({unet}), and `--dry-run --max-vram {_gib_up(gpu)}` shows its plan")
 
 
 def _adapter_bytes(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: int) -> int:
