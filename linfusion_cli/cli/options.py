@@ -29,6 +29,7 @@ Method = Annotated[Optional[str], typer.Option("--method", help="Upscale stages:
 MaxVram = Annotated[Optional[float], typer.Option("--max-vram", help="GPU memory budget in GiB (default: free memory; without a GPU, a dry run plans for a GPU of this size).")]
 VaeTile = Annotated[Optional[int], typer.Option("--vae-tile", help="VAE tile size in px; 0 = untiled (default: planned).")]
 SaveStages = Annotated[bool, typer.Option("--save-stages", help="Also keep every intermediate stage image.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Start from the last finished stage's checkpoint (same settings); batch: also skip finished entries.")]
 Output = Annotated[Optional[str], typer.Option("-o", "--output", help="File, directory, or - for stdout.")]
 Format = Annotated[Optional[str], typer.Option("--format", help="png, jpg or tiff (default: from -o, else png).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
@@ -76,6 +77,7 @@ class GenerationOptions:
     max_vram: MaxVram = None
     vae_tile: VaeTile = None
     save_stages: SaveStages = False
+    resume: Resume = False
     format: Format = None
     overwrite: Overwrite = False
     json: Json = False
