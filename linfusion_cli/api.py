@@ -20,7 +20,7 @@ from .errors import NonFiniteError
 from .planning.plan import GenerationPlan
 from .planning.request import Request, plan_request
 
-__all__ = ["Request", "generate", "generate_file", "load", "plan", "plan_request", "upscale"]
+__all__ = ["Request", "generate", "generate_file", "load", "plan", "plan_request", "resume_start", "upscale"]
 
 
 def plan(prompt: str, *, pipe=None, **options) -> GenerationPlan:
