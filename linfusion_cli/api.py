@@ -20,7 +20,7 @@ from .errors import NonFiniteError
 from .planning.plan import GenerationPlan
 from .planning.request import Request, plan_request
 
-__all__ = ["Request", "generate", "generate_file", "load", "plan", "plan_request", "upscale"]
+__all__ = ["Request", "generate", "generate_file", "load", "plan", "plan_request", "resume_start", "upscale"]
 
 
 def plan(prompt: str, *, pipe=None, **options) -> GenerationPlan:
@@ -91,38 +91,71 @@ def result_summary(path: Path | None, record: dict) -> dict:
 
 def stage_image_path(final: Path | None, index: int, width: int, height: int) -> Path:
     """Where --save-stages keeps stage `index`: beside the final file."""
-    base = final if final is not None else Path.cwd() / "stdout"
-    return base.with_name(f"{base.stem}.stage{index + 1}-{width}x{height}.png")
+    from .io.checkpoints import stage_path
+
+    return stage_path(final, index, width, height)
+
+
+def resume_start(plan: GenerationPlan, path: Path, init_image=None):
+    """Where generate_file(resume=True) would start: an io.checkpoints.Start after the last
+    finished stage whose settings match, or None (from the beginning); ResumeMismatchError
+    when this output's checkpoints were all made with other settings."""
+    from .io import checkpoints
+
+    return checkpoints.find_start(plan, path, _digest(init_image))
+
+
+def _digest(init_image) -> str | None:
+    from .io.checkpoints import pixels_digest
+
+    return pixels_digest(np.asarray(init_image)) if init_image is not None else None
 
 
 def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, overwrite: bool = False,
-                  on_event=None, init_image=None) -> dict:
-    """Run a plan and write its image atomically (stdout when path is None); stages kept as asked."""
-    from .io.images import save_image
-    from .pipeline import StageFinished, run_plan
+                  on_event=None, init_image=None, resume: bool = False) -> dict:
+    """Run a plan and write its image atomically (stdout when path is None).
 
+    Every finished stage but the last is checkpointed beside `path` (io/checkpoints.py: hidden,
+    or the --save-stages file), so a killed run loses at most one stage: resume=True starts
+    after the last checkpoint whose settings match. The hidden checkpoints go once the image
+    is written.
+    """
+    from .io import checkpoints
+    from .io.images import save_image
+    from .pipeline import StageFinished, finite, run_plan
+
+    digest = _digest(init_image)
+    start = checkpoints.find_start(plan, path, digest, load=True) if resume and path is not None else None
+    for part in start.found.float32 if start is not None else ():
+        finite.widen(model, part)  # as the interrupted run had it after its NaN retry
     finished = []  # the last finished stage: kept if a later stage fails with NaN/inf
 
     def handle(event):
         if isinstance(event, StageFinished):
             finished[:] = [event]
-        if plan.save_stages and isinstance(event, StageFinished) and event.stage < event.stages - 1:
-            stage = plan.stages[event.stage]
-            save_image(event.image, stage_image_path(path, event.stage, stage.width, stage.height),
-                       record=event.record, fmt="png", overwrite=overwrite)
+            if event.stage < event.stages - 1 and (path is not None or plan.save_stages):
+                stage = plan.stages[event.stage]
+                mark = checkpoints.mark(plan, event.stage, event.image, digest, finite.widened(model, plan))
+                save_image(event.image, checkpoints.checkpoint_path(path, stage, plan.save_stages),
+                           record=event.record | {"checkpoint": mark}, fmt="png",
+                           overwrite=overwrite or resume)
         if on_event is not None:
             on_event(event)
 
     try:
-        image, record = run_plan(plan, model, on_event=handle, init_image=init_image)
+        image, record = run_plan(plan, model, on_event=handle, init_image=init_image, resume_from=start)
     except NonFiniteError as exc:
         if not finished:
             raise
         last = finished[0]
         stage = plan.stages[last.stage]
-        kept = stage_image_path(path, last.stage, stage.width, stage.height)
-        if not plan.save_stages:
-            save_image(last.image, kept, record=last.record, fmt="png", overwrite=overwrite)
+        kept = checkpoints.reveal(path, stage) if path is not None and not plan.save_stages else None
+        if kept is None:
+            kept = stage_image_path(path, last.stage, stage.width, stage.height)
+            if not kept.exists():
+                save_image(last.image, kept, record=last.record, fmt="png", overwrite=overwrite)
         raise NonFiniteError(exc.part, f"{exc}; stage {last.stage + 1}'s image is kept as {kept}") from None
     written = save_image(image, path, record=record, fmt=fmt, overwrite=overwrite)
+    if path is not None:
+        checkpoints.finish(plan, path, keep=plan.save_stages)
     return result_summary(written, record)

@@ -37,6 +37,10 @@ class OutputError(InputError):
     """An output path that exists (without overwrite) or cannot be written."""
 
 
+class ResumeMismatchError(InputError):
+    """--resume where this output's stage checkpoints were all made with other settings."""
+
+
 class OutOfMemoryError(LinfusionError):
     """A stage that ran out of device memory even with the tightest plan tried."""
 

@@ -44,6 +44,24 @@ def _entry_plan(entry, index, base: api.Request, base_seed: int):
         raise type(exc)(f"{entry.source}:{entry.line}: {exc}") from None
 
 
+def _checkpoint_base_seed(entries, base, drawn: int, folder: str, name, format) -> int:
+    """--resume when no entry finished: the batch seed an interrupted entry's checkpoints recorded
+    (entry i's seed is the batch seed + i), else `drawn`."""
+    from ..io.checkpoints import any_in
+
+    if not any_in(Path(folder)):
+        return drawn
+    for index, entry in enumerate(entries):
+        if entry.seed is not None:
+            continue
+        plan = _entry_plan(entry, index, base, drawn)
+        target = str(inside(folder, entry.output)) if entry.output is not None else folder
+        found = common.recorded_seed(plan, target, fmt=format, template=name or BATCH_TEMPLATE, index=index)
+        if found.seed != plan.seed:
+            return (found.seed - index) % (SEED_MAX + 1)
+    return drawn
+
+
 def _matches(path: Path, plan) -> bool:
     """--resume without a manifest line: the file's metadata shows the same settings (it is remade)."""
     try:
@@ -59,7 +77,6 @@ def batch(
     file: Annotated[str, typer.Argument(help="Prompt file (text, JSON Lines or A1111 lines), or - for stdin.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Output folder (default: the current one); file names from --name or a line's output; paths printed as given.")] = ".",
     name: Template = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Skip entries already made with the same parameters.")] = False,
     *, opts: GenerationOptions,
 ) -> None:
     """Generate every prompt of a file; the whole file is checked before anything runs."""
@@ -70,11 +87,14 @@ def batch(
     base = opts.request("", device=world.device(opts.device))
     format, overwrite, json, dry_run = opts.format, opts.overwrite, opts.json, opts.dry_run
     quiet, verbose, allow_pickle, config = opts.quiet, opts.verbose, opts.allow_pickle, opts.config
+    resume = opts.resume
     folder = output if output.endswith("/") else output + "/"
     manifest = Manifest(folder).load() if resume else Manifest(folder)
     # --resume without --seed reuses the batch seed the earlier run drew (every rank draws the same)
     base_seed = base.seed if base.seed is not None else (
         manifest.base_seed if manifest.base_seed is not None else world.seed)
+    if resume and base.seed is None and manifest.base_seed is None:  # killed before any entry finished
+        base_seed = _checkpoint_base_seed(entries, base, base_seed, folder, name, format)
     jobs, seen = [], {}
     for index, entry in enumerate(entries):
         plan = _entry_plan(entry, index, base, base_seed)
@@ -84,6 +104,8 @@ def batch(
             target = str(inside(folder, entry.output)) if entry.output is not None else folder
             path, fmt = common.resolve_target(target, plan=plan, fmt=format, template=name or BATCH_TEMPLATE,
                                               overwrite=overwrite or resume, index=index, create=False)
+            if resume:  # checkpoints made with other settings: refused now, not halfway through
+                api.resume_start(plan, path)
         except LinfusionError as exc:
             raise type(exc)(f"{entry.source}:{entry.line}: {exc}") from None
         key = os.path.realpath(path)  # x.png and sub/../x.png are one file
@@ -106,22 +128,25 @@ def batch(
     if dry_run:
         if world.rank != 0:
             return
-        for _, plan, path, *_ in jobs:
+        for _, plan, path, _, done, *_ in jobs:
             if not json:
                 print(f"{path}:")
-            common.print_dry_run(plan, as_json=json)
+            start = common.resume_plan(plan, path) if resume and done is None else None
+            common.print_dry_run(plan, as_json=json, resume=start)
         return
     from ..io.targets import check_directory
 
     for job in mine:  # folders are made only once every check has passed
         check_directory(job[2].parent, create=True)
     failures = _run_share(world, mine, manifest, as_json=json, quiet=quiet, verbose=verbose,
-                          overwrite=overwrite or resume, allow_pickle=allow_pickle, config=config)
+                          overwrite=overwrite or resume, allow_pickle=allow_pickle, config=config,
+                          resume=resume)
     if failures:
         raise typer.Exit(1)
 
 
-def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, allow_pickle, config) -> int:
+def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, allow_pickle, config,
+               resume=False) -> int:
     """This rank's entries: skip what the manifest proves done, make the rest, record each at once.
 
     One entry's failure is one line on stderr and the others still run; returns the failures.
@@ -144,7 +169,7 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
             view.live = view.live and not world.distributed  # ranks sharing a terminal: no live bars
             with view:
                 result = api.generate_file(plan, loaded, path=path, fmt=fmt, overwrite=overwrite,
-                                              on_event=view)
+                                           on_event=view, resume=resume)
         except Exception as exc:  # noqa: BLE001 - every failure is one line; the exit code says it
             if loaded is None:  # the model itself did not load: nothing else can run
                 raise

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from .. import api
-from ..errors import InputError
+from ..errors import InputError, OutputError, ResumeMismatchError
 from .console import ProgressView, info, quiet_libraries
 
 
@@ -25,10 +26,10 @@ def memory_line(stage) -> str:
             f"({', '.join(k for k in knobs if k)})")
 
 
-def print_dry_run(plan, *, as_json: bool) -> None:
-    """The plan on stdout: one JSON object, or a readable table."""
+def print_dry_run(plan, *, as_json: bool, resume: dict | None = None) -> None:
+    """The plan on stdout: one JSON object, or a readable table; `resume`: where --resume starts."""
     if as_json:
-        print(json.dumps(plan.to_dict()))
+        print(json.dumps(plan.to_dict() | ({"resume": resume} if resume is not None else {})))
         return
     print(planned_for(plan))
     print(f"model {plan.model} ({plan.family}: {plan.extras.get('family_from', '')}), "
@@ -49,6 +50,23 @@ def print_dry_run(plan, *, as_json: bool) -> None:
                      f"{d.cosine_scale_2:g}/{d.cosine_scale_3:g}, sigma {d.gaussian_sigma:g})")
         print(f"  stage {s.index + 1}: {s.width}x{s.height} {kind}, {s.denoise_steps} steps, "
               f"seed {s.seed}, {memory_line(s)}")
+    if resume is not None:
+        print(f"resume: {resume_text(resume)}")
+
+
+def resume_plan(plan, path, init_image=None) -> dict:
+    """Where --resume starts (JSON-safe): the stage to run first and the checkpoint it starts from."""
+    start = api.resume_start(plan, path, init_image)
+    return {"start_stage": 1 if start is None else start.stage + 2, "stages": len(plan.stages),
+            "checkpoint": None if start is None else str(start.found.path)}
+
+
+def resume_text(resume: dict) -> str:
+    """The dry run's and the run's one line about --resume."""
+    if resume["checkpoint"] is None:
+        return f"no checkpoint; starts at stage 1 of {resume['stages']}"
+    return (f"starts at stage {resume['start_stage']} of {resume['stages']} from "
+            f"{resume['checkpoint']}")
 
 
 def planned_for(plan) -> str:
@@ -70,11 +88,12 @@ def load(plan, *, verbose: bool, quiet: bool, allow_pickle: bool = False, config
                       family=plan.family, adapters=plan.adapters)
 
 
-def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_image=None) -> dict:
+def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_image=None,
+            resume: bool = False) -> dict:
     """Generate one image, write it, print its path (or JSON) on stdout."""
     with ProgressView(quiet=quiet, verbose=verbose) as view:
         result = api.generate_file(plan, model, path=path, fmt=fmt, overwrite=overwrite,
-                                      on_event=view, init_image=init_image)
+                                   on_event=view, init_image=init_image, resume=resume)
     if path is not None:
         print(json.dumps(result) if as_json else result["path"], flush=True)
     elif as_json:
@@ -84,19 +103,49 @@ def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_
 
 def plan_and_run(req, opts, *, output, init_image=None) -> None:
     """generate/upscale after parsing: plan, then print it (--dry-run) or run it to a file."""
-    if output == "-" and req.save_stages:
-        raise InputError("--save-stages writes files beside the image; it cannot be used with -o -")
+    for flag, asked in (("--save-stages", req.save_stages), ("--resume", opts.resume)):
+        if output == "-" and asked:
+            raise InputError(f"{flag} works on files beside the image; it cannot be used with -o -")
     plan = api.plan_request(req)
-    if opts.dry_run:  # the output is checked as for a run, but nothing is created
-        resolve_target(output, plan=plan, fmt=opts.format, overwrite=opts.overwrite, create=False)
-        print_dry_run(plan, as_json=opts.json)
+    if opts.resume and req.seed is None:  # the seed the interrupted run drew, from its checkpoints
+        plan = recorded_seed(plan, output, fmt=opts.format, init_image=init_image)
+    if not opts.dry_run:
+        not_both_json_and_stdout(output, opts.json)
+    # the output is checked as for a run; a dry run creates nothing
+    path, fmt = resolve_target(output, plan=plan, fmt=opts.format, overwrite=opts.overwrite,
+                               resume=opts.resume, create=not opts.dry_run)
+    resume = resume_plan(plan, path, init_image) if opts.resume else None
+    if opts.dry_run:
+        print_dry_run(plan, as_json=opts.json, resume=resume)
         return
-    not_both_json_and_stdout(output, opts.json)
-    path, fmt = resolve_target(output, plan=plan, fmt=opts.format, overwrite=opts.overwrite)
     loaded = load(plan, verbose=opts.verbose, quiet=opts.quiet, allow_pickle=opts.allow_pickle,
                   config=opts.config)
+    if resume is not None:
+        info(f"resume: {resume_text(resume)}", quiet=opts.quiet)
     run_one(plan, loaded, path=path, fmt=fmt, overwrite=opts.overwrite, as_json=opts.json,
-            quiet=opts.quiet, verbose=opts.verbose, init_image=init_image)
+            quiet=opts.quiet, verbose=opts.verbose, init_image=init_image, resume=opts.resume)
+
+
+def recorded_seed(plan, output, *, fmt, template=None, index=0, init_image=None):
+    """The plan with the seed an interrupted run of this output recorded in its checkpoints
+    (its file name may depend on the seed), or the plan as it is when none fits."""
+    from ..io import checkpoints
+    from ..io.naming import DEFAULT_TEMPLATE, render_name, format_of
+
+    is_dir = output is None or output.endswith(("/", os.sep)) or Path(output).is_dir()
+    folder = (Path(output) if output is not None else Path.cwd()) if is_dir else Path(output).parent
+    digest = checkpoints.pixels_digest(init_image) if init_image is not None else None
+    for seed in checkpoints.recorded_seeds(plan, folder, digest):
+        candidate = plan.with_seed(seed)
+        path = Path(output) if not is_dir else folder / render_name(
+            template or DEFAULT_TEMPLATE, index=index, seed=seed, prompt=plan.prompt, width=plan.width,
+            height=plan.height, ext=format_of(None, fmt))
+        try:
+            if checkpoints.find_start(candidate, path, digest) is not None:
+                return candidate
+        except ResumeMismatchError:
+            continue
+    return plan
 
 
 def read_prompt_argument(prompt: str | None) -> str:
@@ -139,7 +188,7 @@ def _isatty(stream) -> bool:
 
 
 def resolve_target(output, *, plan, fmt, overwrite, template=None, index=0,
-                   create=True) -> tuple[Path | None, str]:
+                   create=True, resume: bool = False) -> tuple[Path | None, str]:
     """Output path (None for stdout) and format, checked before any heavy work."""
     from ..io.naming import DEFAULT_TEMPLATE, format_of, resolve_output
 
@@ -147,18 +196,30 @@ def resolve_target(output, *, plan, fmt, overwrite, template=None, index=0,
     path = resolve_output(output, template=template or DEFAULT_TEMPLATE, fields=fields, fmt=fmt,
                           overwrite=overwrite, create=create)
     fmt = format_of(path, fmt)
-    check_outputs(plan, path, fmt, overwrite=overwrite)
+    check_outputs(plan, path, fmt, overwrite=overwrite, resume=resume)
     return path, fmt
 
 
-def check_outputs(plan, path, fmt, *, overwrite) -> None:
-    """Before any model loads: --save-stages files free (or replaceable), room on the disk."""
+def check_outputs(plan, path, fmt, *, overwrite, resume: bool = False) -> None:
+    """Before any model loads: stage checkpoints and --save-stages files free (or replaceable:
+    --overwrite, or --resume for our own checkpoints), room on the disk."""
+    from ..io import checkpoints
     from ..io.targets import check_free_space, check_target
 
-    if plan.save_stages and path is not None:
+    if path is not None:
         for stage in plan.stages[:-1]:
-            check_target(api.stage_image_path(path, stage.index, stage.width, stage.height),
-                         overwrite=overwrite)
+            hidden = checkpoints.hidden_path(path, stage.index, stage.width, stage.height)
+            check_target(hidden, overwrite=True)  # links, folders, FIFOs: never
+            if hidden.exists() and not overwrite:
+                ours = checkpoints.read(hidden) is not None
+                if ours and not resume:
+                    raise OutputError(f"{hidden} is a checkpoint of an unfinished run of {path.name}; "
+                                      "pass --resume to continue it, or --overwrite to start over")
+                check_target(hidden, overwrite=ours)  # not ours: replaced only with --overwrite
+            if plan.save_stages:
+                visible = checkpoints.stage_path(path, stage.index, stage.width, stage.height)
+                ours = resume and checkpoints.read(visible) is not None  # a checkpoint --resume uses
+                check_target(visible, overwrite=overwrite or ours)
     check_free_space(plan, path, fmt)
 
 

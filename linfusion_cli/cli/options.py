@@ -32,6 +32,7 @@ SaveStages = Annotated[bool, typer.Option("--save-stages", help="Also keep every
 Output = Annotated[Optional[str], typer.Option("-o", "--output", help="Output file, folder (the name is made from the prompt), or - for the image on stdout; printed as given.")]
 Format = Annotated[Optional[str], typer.Option("--format", help="Image format: png, jpg or tiff (default: from -o's suffix, else png).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files (never replaced otherwise).")]
+Resume = Annotated[bool, typer.Option("--resume", help="Start from the last finished stage's checkpoint (same settings); batch: also skip finished entries.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object per image on stdout.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan and memory estimates, create nothing, load nothing (--dry-run --device cuda needs no GPU).")]
 Device = Annotated[Optional[str], typer.Option("--device", help="auto, cuda, cuda:N, mps or cpu.")]
@@ -76,6 +77,7 @@ class GenerationOptions:
     max_vram: MaxVram = None
     vae_tile: VaeTile = None
     save_stages: SaveStages = False
+    resume: Resume = False
     format: Format = None
     overwrite: Overwrite = False
     json: Json = False

@@ -81,11 +81,10 @@ def image_bound(width: int, height: int, fmt: str) -> int:
 
 
 def run_bound(plan, fmt: str) -> int:
-    """Bytes one run may write: its final image and, with --save-stages, every earlier stage."""
+    """Bytes one run may write: its final image and every earlier stage's checkpoint (PNG; kept
+    until the final image is written, and after it with --save-stages)."""
     need = image_bound(plan.width, plan.height, fmt)
-    if plan.save_stages:
-        need += sum(image_bound(s.width, s.height, "png") for s in plan.stages[:-1])
-    return need
+    return need + sum(image_bound(s.width, s.height, "png") for s in plan.stages[:-1])
 
 
 def check_free_space(plan, path: Path | None, fmt: str, *, need: int | None = None,
@@ -103,6 +102,6 @@ def check_free_space(plan, path: Path | None, fmt: str, *, need: int | None = No
     except OSError:
         return  # no figure to check against; the write itself reports a full disk
     if free < need:
-        what = what or f"{plan.width}x{plan.height} {fmt}{' and its stages' if plan.save_stages else ''}"
+        what = what or f"{plan.width}x{plan.height} {fmt}{' and its stage checkpoints' if len(plan.stages) > 1 else ''}"
         raise WriteError(f"{folder} has {free / 2**20:.0f} MiB free; this run may write up to "
                          f"{need / 2**20:.0f} MiB ({what})")

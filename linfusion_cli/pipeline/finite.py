@@ -34,3 +34,10 @@ def widen(model, part: str) -> bool:
             module.to(dtype=WIDE)
     model.dtype = WIDE
     return True
+
+
+def widened(model, plan) -> list[str]:
+    """The parts a NaN retry moved to float32 so far (a checkpoint records them for --resume)."""
+    moved = [("unet", getattr(model, "dtype", None), plan.dtype),
+             ("vae", getattr(model, "vae_dtype", None), plan.vae_dtype)]
+    return [part for part, now, planned in moved if now == WIDE and planned != "fp32"]

@@ -79,16 +79,17 @@ def _run_stage(ctx: StageContext, stage: Stage,
 
 
 def run_plan(plan: GenerationPlan, model, *, on_event: EventHandler = ignore,
-             init_image: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+             init_image: np.ndarray | None = None, resume_from=None) -> tuple[np.ndarray, dict]:
     """Every stage in order; returns the final uint8 (H, W, 3) image and the run record.
 
     Each finished stage is reported (with its image) through a StageFinished event, so the
-    caller can keep it before the next stage starts.
+    caller can keep it before the next stage starts. `resume_from` (io.checkpoints.Start): go on
+    after its stage from its image, exactly the uint8 image that stage handed on.
     """
     ctx = StageContext(plan=plan, model=model, on_event=on_event)
-    image = init_image
-    done: list[dict] = []
-    for stage in plan.stages:
+    image = init_image if resume_from is None else resume_from.image
+    done: list[dict] = [] if resume_from is None else resume_from.stage_records
+    for stage in plan.stages[0 if resume_from is None else resume_from.stage + 1:]:
         on_event(StageStarted(stage.index, len(plan.stages), stage.width, stage.height, stage.denoise_steps))
         start = time.perf_counter()
         image, ran, knobs = _run_stage(ctx, stage, image)
@@ -100,4 +101,7 @@ def run_plan(plan: GenerationPlan, model, *, on_event: EventHandler = ignore,
         done.append(stage_record)
         on_event(StageFinished(stage.index, len(plan.stages), seconds, stage_record["peak_gib"], image,
                                run_record(plan, model, done)))
-    return image, run_record(plan, model, done)
+    record = run_record(plan, model, done)
+    if resume_from is not None:
+        record["resumed"] = {"after_stage": resume_from.stage + 1}
+    return image, record

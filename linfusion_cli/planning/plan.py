@@ -85,6 +85,12 @@ class GenerationPlan:
         d["stages"] = [s.to_dict() for s in self.stages]
         return d
 
+    def with_seed(self, seed: int) -> "GenerationPlan":
+        """The same plan from another run seed (stage k: seed + k): a resumed run's recorded one."""
+        validate.seed(seed)
+        stages = tuple(replace(s, seed=stage_seed(seed, s.index)) for s in self.stages)
+        return replace(self, seed=seed, stages=stages)
+
     def with_memory(self, memory_plans) -> "GenerationPlan":
         """The same plan with one MemoryPlan per stage."""
         stages = tuple(replace(s, memory=m) for s, m in zip(self.stages, memory_plans))
