@@ -91,10 +91,10 @@ def test_breakdown_adds_up_and_names_the_peak(configs):
 
 
 def test_sd15_16k_fits_24_gib_without_sequential_offload(configs):
-    """The issue's target: SD1.5 at 16384x8192 inside 24 GiB (chunked LinFusion, CFG split)."""
+    """The issue's target: SD1.5 at 16384x8192 inside 24 GiB without per-layer offload."""
     unet, vae = configs["sd15"]
     plan = choose_knobs(unet, vae, width=16384, height=8192, dtype_bytes=2, budget_bytes=24 * GIB)
-    assert plan.offload != "sequential" and plan.cfg_split and plan.attn_chunk
+    assert plan.offload != "sequential" and plan.attn_chunk  # bands or the CFG split, not PCIe
     assert plan.estimated_peak_gib <= 24
 
 
@@ -132,16 +132,10 @@ def test_sensible_plans(configs):
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_refusal_names_a_budget_that_works(configs, family):
     with pytest.raises(PlanError) as info:
-        _plan(configs, family, 16384, 12)
+        _plan(configs, family, 16384, 6)
     needed = float(str(info.value).split("needs at least ")[1].split(" GiB")[0])
     plan = _plan(configs, family, 16384, needed + 0.1)
-    assert plan.offload == "sequential" and plan.cfg_split
-    if family == "sd15":  # the UNet sets the peak: every UNet knob is needed
-        assert plan.inplace and plan.skips_on_cpu and plan.attn_chunk and plan.ff_chunk
-    else:  # SD-XL's VAE (bf16 now) is no longer the limit: the UNet with every knob is
-        b = est.peak_breakdown(*configs[family], width=16384, height=16384, knobs=plan.knobs())
-        assert b["phase"] == "unet" and plan.inplace and plan.skips_on_cpu
-    assert plan.estimated_peak_gib <= needed + 0.1
+    assert plan.estimated_peak_gib <= needed + 0.1 and plan.band_rows  # bands make it fit
 
 
 def test_cpu_plans_never_offload(configs):

@@ -25,12 +25,12 @@ def _needed(line: str) -> str:
 # ---------------------------------------------------------------- budget refusals: the whole run
 
 def test_gpu_refusal_names_the_budget_of_the_whole_run(cli, no_cuda):
-    """--max-vram 20 fits stage 5 but not stage 6: the refusal names stage 6's figure at once,
+    """--max-vram 10 fits stage 5 but not stage 6: the refusal names stage 6's figure at once,
     and that figure is a budget the whole run fits."""
-    r = cli("generate", "x", "--res", "16384", "--max-vram", "20", "--dry-run")
+    r = cli("generate", "x", "--res", "16384", "--max-vram", "10", "--dry-run")
     assert r.code == 2 and len(r.err_lines) == 1, r.err
     line = r.err_lines[0]
-    assert "of GPU memory" in line and "stage 6 of 6" in line and "--max-vram 20 is too small" in line
+    assert "of GPU memory" in line and "stage 6 of 6" in line and "--max-vram 10 is too small" in line
     needed = _needed(line)
     assert f"--dry-run --max-vram {needed}" in line
     assert cli("generate", "x", "--res", "16384", "--max-vram", needed, "--dry-run").code == 0
@@ -47,7 +47,7 @@ def test_several_short_stages_give_one_figure(cli, no_cuda):
 
 def test_cpu_refusal_says_host_memory_and_what_a_gpu_needs(cli, no_cuda):
     """A run (not a dry run) without a GPU: host memory, and the CUDA figure with the way to see it."""
-    r = cli("generate", "x", "--res", "16384", "--max-vram", "40")
+    r = cli("generate", "x", "--res", "32768", "--max-vram", "40")
     assert r.code == 2 and len(r.err_lines) == 1, r.err
     line = r.err_lines[0]
     assert "of host memory (running on the CPU)" in line and "--max-vram 40 is too small" in line
