@@ -59,16 +59,12 @@ def controlnet_params(config: dict) -> int:
 
 def residual_elements(unet_config: dict, latent_h: int, latent_w: int) -> int:
     """Values per batch item of the residuals a ControlNet returns (down skips + middle)."""
-    channels = list(unet_config["block_out_channels"])
-    per_level = unet_config.get("layers_per_block", 2)
-    h, w = latent_h, latent_w
-    total = channels[0] * h * w  # conv_in's output
-    for i, c in enumerate(channels):
-        total += per_level * c * h * w
-        if i < len(channels) - 1:
-            h, w = -(-h // 2), -(-w // 2)
-            total += c * h * w  # the downsampler's output
-    return total + channels[-1] * h * w  # the middle block
+    from ..planning.memory.host import skip_elements
+
+    levels = len(unet_config["block_out_channels"]) - 1
+    mid_h, mid_w = -(-latent_h // 2 ** levels), -(-latent_w // 2 ** levels)
+    return skip_elements(unet_config, latent_h, latent_w) \
+        + unet_config["block_out_channels"][-1] * mid_h * mid_w  # the middle block
 
 
 def _kinds(adapters: dict, img2img: bool) -> list[str]:

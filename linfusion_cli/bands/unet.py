@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import blocks
-from .rows import Cat, Full, Host, Rows, Upsampled, band_ranges, level_rows
+from .rows import Cat, Full, Host, Rows, Upsampled, level_rows
 
 
 def check_unet(unet: nn.Module) -> None:
@@ -151,8 +151,3 @@ def down_and_mid(model: nn.Module, stem, emb, attn, band_rows: int, on_skip):
 def _keep(t: torch.Tensor, park: bool, device, knobs) -> "Full | Host":
     """A finished skip as the up path will read it: the device map, or a host copy of it."""
     return Host(knobs.park(t), device) if park else Full(t)
-
-
-def banded_ranges_for(height: int, band_rows: int, level: int) -> list[tuple[int, int]]:
-    """The bands a level of height `height` runs in (for the estimate and tests)."""
-    return band_ranges(height, level_rows(band_rows, level))

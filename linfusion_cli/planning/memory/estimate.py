@@ -17,23 +17,13 @@ import hashlib
 import json
 from functools import lru_cache
 
+from ...tuning import VAE_ATTN_TOKEN_LIMIT, device_kind
 from .walk import (  # noqa: F401 (the estimate's parts, re-exported for callers and tests)
     DECODE_PAD_PX, ENCODE_PAD_PX, OFFLOADS, STATS_PX, Knobs, _transformer, _transformer_phases,
     latent_tokens, vae_activation_bytes,
     whole_latent_channels)
-
-from .walk_bands import activation_bytes as unet_activation_bytes  # noqa: E402 (banded or not)
-from .walk_bands import breakdown as _banded_breakdown  # noqa: E402
-from .walk import unet_breakdown as _plain_breakdown  # noqa: E402
-
-
-def unet_breakdown(cfg: dict, **kwargs) -> tuple[str, dict[str, int]]:
-    """Where the UNet forward peaks and the bytes alive there (band-wise when knobs.band_rows)."""
-    banded = getattr(kwargs.get("knobs"), "band_rows", 0)
-    return (_banded_breakdown if banded else _plain_breakdown)(cfg, **kwargs)
-
-
-from ...tuning import VAE_ATTN_TOKEN_LIMIT, device_kind  # noqa: E402
+from .walk_bands import activation_bytes as unet_activation_bytes  # band-wise when band_rows
+from .walk_bands import breakdown as unet_breakdown  # band-wise when band_rows
 
 GIB = 1 << 30
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)

@@ -15,7 +15,7 @@ are applied by the caller, as in walk.py):
 
 from __future__ import annotations
 
-from .walk import Knobs, _Peak, _levels, _transformer_phases, unet_activation_bytes
+from .walk import Knobs, _Peak, _levels, _transformer_phases, unet_activation_bytes, unet_breakdown
 
 
 def _band_rows(band_rows: int, level: int, height: int) -> int:
@@ -134,7 +134,12 @@ def activation_bytes(cfg: dict, *, latent_h: int, latent_w: int, batch: int, dty
 def breakdown(cfg: dict, *, latent_h: int, latent_w: int, batch: int, dtype_bytes: int,
               knobs: Knobs, linfusion: bool = True,
               mid_dim: int | None = None) -> tuple[str, dict[str, int]]:
-    """Where the band-wise forward peaks and the bytes of each term there."""
+    """walk.unet_breakdown, band-wise when knobs.band_rows: where the forward peaks and the
+    bytes of each term there."""
+    if not getattr(knobs, "band_rows", 0):
+        return unet_breakdown(cfg, latent_h=latent_h, latent_w=latent_w, batch=batch,
+                              dtype_bytes=dtype_bytes, knobs=knobs, linfusion=linfusion,
+                              mid_dim=mid_dim)
     b = 1 if knobs.cfg_split else batch
     peak = walk_banded(cfg, latent_h=latent_h, latent_w=latent_w, knobs=knobs,
                        linfusion=linfusion, dtype_bytes=dtype_bytes, mid_dim=mid_dim)
