@@ -23,10 +23,11 @@ def memory_line(stage) -> str:
     return f"~{m.estimated_peak_gib:.1f} GiB ({', '.join(k for k in knobs if k)})"
 
 
-def print_dry_run(plan, *, as_json: bool) -> None:
-    """The plan on stdout: one JSON object, or a readable table."""
+def print_dry_run(plan, *, as_json: bool, extra: dict | None = None) -> None:
+    """The plan on stdout: one JSON object (with `extra` first: a batch line's index and path),
+    or a readable table."""
     if as_json:
-        print(json.dumps(plan.to_dict()))
+        print(json.dumps({**(extra or {}), **plan.to_dict()}))
         return
     print(planned_for(plan))
     print(f"model {plan.model} ({plan.family}: {plan.extras.get('family_from', '')}), "
@@ -82,17 +83,24 @@ def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_
 
 def plan_and_run(req, opts, *, output, init_image=None) -> None:
     """generate/upscale after parsing: plan, then print it (--dry-run) or run it to a file."""
+    from ..io.inputs import expand
+
+    output = expand(output)
     if output == "-" and req.save_stages:
         raise InputError("--save-stages writes files beside the image; it cannot be used with -o -")
     plan = api.plan_request(req)
     if opts.dry_run:  # the output is checked as for a run, but nothing is created
-        resolve_target(output, plan=plan, fmt=opts.format, overwrite=opts.overwrite, create=False)
-        print_dry_run(plan, as_json=opts.json)
+        path, _ = resolve_target(output, plan=plan, fmt=opts.format, overwrite=opts.overwrite, create=False)
+        print_dry_run(plan, as_json=opts.json, extra={"path": str(path) if path is not None else "-"})
         return
     not_both_json_and_stdout(output, opts.json)
-    path, fmt = resolve_target(output, plan=plan, fmt=opts.format, overwrite=opts.overwrite)
+    path, fmt = resolve_target(output, plan=plan, fmt=opts.format, overwrite=opts.overwrite, create=False)
     loaded = load(plan, verbose=opts.verbose, quiet=opts.quiet, allow_pickle=opts.allow_pickle,
                   config=opts.config)
+    if path is not None:  # made only now: a model that fails to load leaves no empty folder
+        from ..io.targets import check_directory
+
+        check_directory(path.parent, create=True)
     run_one(plan, loaded, path=path, fmt=fmt, overwrite=opts.overwrite, as_json=opts.json,
             quiet=opts.quiet, verbose=opts.verbose, init_image=init_image)
 
