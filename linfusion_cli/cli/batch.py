@@ -96,7 +96,7 @@ def batch(
         manifest.load()
         if manifest.ignored:
             info(f"note: {manifest.ignored} damaged line{'s' if manifest.ignored > 1 else ''} of "
-                 f"{manifest.path} ignored (those entries are made again)", quiet=quiet)
+                 f"{manifest.path} ignored (those entries are made again)", quiet=quiet or world.rank != 0)
     # --resume without --seed reuses the batch seed the earlier run drew (every rank draws the same)
     base_seed = base.seed if base.seed is not None else (
         manifest.base_seed if manifest.base_seed is not None else world.seed)

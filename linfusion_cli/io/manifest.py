@@ -19,7 +19,6 @@ import errno
 import fcntl
 import hashlib
 import json
-import logging
 import os
 import stat
 import time
@@ -30,7 +29,6 @@ from typing import Any
 MANIFEST_NAME = "linfusion-manifest.jsonl"
 DATA_SPAN = 1 << 40  # the append lock covers bytes [0, DATA_SPAN); claims live above it
 CLAIM_BASE = DATA_SPAN
-log = logging.getLogger(__name__)
 
 
 def _stage_key(width, height, strength, steps, guidance, scheduler, seed_offset, method,
@@ -160,7 +158,7 @@ class Manifest:
 
     def load(self) -> "Manifest":
         """Read what earlier runs finished; a missing file is an empty manifest, damaged lines
-        (torn, invalid UTF-8, wrong types) are skipped with one note on the log."""
+        (torn, invalid UTF-8, wrong types) are skipped and counted in `ignored` (the CLI notes them)."""
         from ..errors import OutputError
 
         check_manifest_path(self.path)
@@ -191,9 +189,6 @@ class Manifest:
             self.records[record.index] = record
             if record.base_seed is not None:
                 self.base_seed = record.base_seed
-        if self.ignored:
-            log.warning("%s: %d damaged line%s ignored (their entries are made again)", self.path,
-                        self.ignored, "s" if self.ignored > 1 else "")
         return self
 
     def seed_for(self, index: int, plan) -> int | None:
