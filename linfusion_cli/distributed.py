@@ -21,9 +21,7 @@ from dataclasses import dataclass, field
 
 from .errors import InputError, LinfusionError
 
-# Tests only: "RANK:N" makes that rank die (exit 3) after its N-th image, "RANK:N:hold" makes it
-# wait there for a signal; RANK may be "*" for every rank.
-ENV_TEST_HOOK = "LINFUSION_TEST_AFTER_IMAGES"
+from .testhooks import AFTER_IMAGES as ENV_TEST_HOOK  # noqa: F401 (tests name it from here)
 
 
 def _env_int(environ, name: str, default: int) -> int:
@@ -109,7 +107,7 @@ class World:
         if failure is not None:
             cls = type(failure) if isinstance(failure, LinfusionError) else LinfusionError
             text = str(failure) if isinstance(failure, LinfusionError) else \
-                f"unexpected {type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
+                f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
             mine = (cls, text)
         reports = [None] * self.size
         dist.all_gather_object(reports, mine)
@@ -151,17 +149,10 @@ class World:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
     def finished(self, count: int) -> None:
-        """Test hook (see ENV_TEST_HOOK): a rank that dies or holds after a given image."""
-        spec = os.environ.get(ENV_TEST_HOOK, "")
-        if not spec:
-            return
-        rank, n, *action = spec.split(":")
-        if rank in ("*", str(self.rank)) and count == int(n):
-            sys.stdout.flush()
-            if action == ["hold"]:
-                while True:
-                    signal.pause()  # until a signal (Ctrl-C) raises KeyboardInterrupt here
-            os._exit(3)
+        """Test hook (testhooks.after_images; inert unless LINFUSION_TEST_HOOKS=1)."""
+        from . import testhooks
+
+        testhooks.after_images(self.rank, count)
 
 
 def from_env(environ=None) -> World:
@@ -210,10 +201,14 @@ def joined(world: World):
     handlers = {sig: signal.signal(sig, _stop_once) for sig in (signal.SIGINT, signal.SIGTERM)}
     if torch.cuda.is_available():
         torch.cuda.set_device(world.local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=world.rank, world_size=world.size)
-        world.owns_group = True
-    world.seed = world.broadcast(world.seed)
+    try:
+        if not dist.is_initialized():
+            _start_group(world)
+        world.seed = world.broadcast(world.seed)
+    except BaseException:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        raise
     _current = world
     interrupted = False
     try:
@@ -232,6 +227,47 @@ def joined(world: World):
         if not interrupted:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+
+
+GROUP_TIMEOUT_ENV = "LINFUSION_GROUP_TIMEOUT"  # seconds the ranks wait for each other at start-up
+GROUP_TIMEOUT_S = 60.0
+
+
+def _start_group(world: World) -> None:
+    """init_process_group with a timeout; launcher variables left without a launcher, or peers
+    that never come, are one line (InputError / LinfusionError), never a hang or a traceback."""
+    import datetime
+
+    import torch.distributed as dist
+
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise InputError(f"WORLD_SIZE={world.size} is set but {' and '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} not: start the batch with torchrun "
+                         "or accelerate launch, or unset WORLD_SIZE and RANK")
+    timeout = _env_float(GROUP_TIMEOUT_ENV, GROUP_TIMEOUT_S)
+    try:
+        dist.init_process_group("gloo", rank=world.rank, world_size=world.size,
+                                timeout=datetime.timedelta(seconds=timeout))
+    except Exception as exc:  # noqa: BLE001 -- DistStoreError, ValueError, RuntimeError: one line
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LinfusionError(f"the process group of WORLD_SIZE={world.size} did not start within "
+                             f"{timeout:g} s ({why}); are the other ranks running? (a plain run: "
+                             "unset WORLD_SIZE and RANK)") from None
+    world.owns_group = True
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 86400:
+        raise InputError(f"{name}={value!r} in the environment must be seconds in (0, 86400)")
+    return seconds
 
 
 def launched(command):

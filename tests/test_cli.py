@@ -61,7 +61,7 @@ def test_generate_sampling_options_reach_json_and_metadata(cli, tmp_path):
     assert (record["seed"], record["width"], record["height"]) == (7, 128, 64)
     assert record["negative"] == "blurry, dull" and record["prompt"] == "a lighthouse at dusk"
     assert record["guidance"] == 3.5 and record["steps"] == 2
-    assert record["device"] == "cpu" and record["dtype"] == "float32"
+    assert record["device"] == "cpu" and record["dtype"] == "fp32"
     params = meta["parameters"]
     assert params.splitlines()[0] == "a lighthouse at dusk"
     assert params.splitlines()[1] == "Negative prompt: blurry, dull"

@@ -154,7 +154,7 @@ def test_killed_rank_then_resume_on_other_world_sizes_redoes_nothing(cli_env, tm
     (tmp_path / "p.txt").write_text("".join(f"prompt {i}\n" for i in range(8)))
     args = ("p.txt", "--model", "demo", "--res", "64", "--steps", "2", "--json", "-o", "out/")  # no --seed
     out = tmp_path / "out"
-    first = torchrun(cli_env, 2, *args, extra_env={ENV_TEST_HOOK: "1:1"})
+    first = torchrun(cli_env, 2, *args, extra_env={ENV_TEST_HOOK: "1:1", "LINFUSION_TEST_HOOKS": "1"})
     assert first.returncode != 0, "the launcher reports the dead rank"
     done = {r["index"] for r in manifest_rows(out)}
     assert 1 in done and not {3, 5, 7} & done, "rank 1 finished one image, then died"
@@ -207,7 +207,7 @@ def test_ctrl_c_stops_every_rank_cleanly(cli_env, tmp_path, signum, code, line):
     """Both ranks hold after their first image; one signal each: 128 + signum, nothing half-written."""
     (tmp_path / "p.txt").write_text("".join(f"prompt {i}\n" for i in range(6)))
     procs = launch_by_hand(cli_env, 2, "p.txt", "--model", "demo", "--res", "64", "--steps", "2",
-                           "--json", "-o", "out/", extra_env={ENV_TEST_HOOK: "*:1:hold"})
+                           "--json", "-o", "out/", extra_env={ENV_TEST_HOOK: "*:1:hold", "LINFUSION_TEST_HOOKS": "1"})
     firsts = [json.loads(p.stdout.readline()) for p in procs]  # each rank finished one image
     assert [row["index"] for row in firsts] == [0, 1]
     for p in procs:
@@ -226,7 +226,7 @@ def test_without_an_agent_a_dead_rank_does_not_stop_the_others(cli_env, tmp_path
     """After the start-up agreement nothing crosses ranks: rank 0 finishes its share alone."""
     (tmp_path / "p.txt").write_text("".join(f"prompt {i}\n" for i in range(6)))
     procs = launch_by_hand(cli_env, 2, "p.txt", "--model", "demo", "--res", "64", "--steps", "2", "--seed", "2",
-                           "--json", "-o", "out/", extra_env={ENV_TEST_HOOK: "1:1"})
+                           "--json", "-o", "out/", extra_env={ENV_TEST_HOOK: "1:1", "LINFUSION_TEST_HOOKS": "1"})
     results = [(p.wait(), p.stdout.read().decode()) for p in procs]
     assert [code for code, _ in results] == [0, 3]
     assert sorted(json.loads(line)["index"] for line in results[0][1].splitlines()) == [0, 2, 4]
@@ -237,7 +237,7 @@ def test_without_an_agent_a_dead_rank_does_not_stop_the_others(cli_env, tmp_path
 def test_ctrl_c_under_torchrun_stops_both_ranks_cleanly(cli_env, tmp_path):
     """SIGINT to the whole process group (a terminal's Ctrl-C) while both ranks are mid-file."""
     (tmp_path / "p.txt").write_text("".join(f"prompt {i}\n" for i in range(6)))
-    env = dict(cli_env, OMP_NUM_THREADS="1", **{ENV_TEST_HOOK: "*:1:hold"})
+    env = dict(cli_env, OMP_NUM_THREADS="1", **{ENV_TEST_HOOK: "*:1:hold", "LINFUSION_TEST_HOOKS": "1"})
     proc = subprocess.Popen([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "linfusion_cli", "batch",
                              "p.txt", "--model", "demo", "--res", "64", "--steps", "2", "--json", "-o", "out/"],
                             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

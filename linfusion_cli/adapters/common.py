@@ -27,15 +27,22 @@ def require_file(source: str, what: str) -> Path:
     return path
 
 
-def safetensors_shapes(path: Path, what: str) -> dict[str, tuple[int, ...]]:
-    """{key: shape} of a .safetensors file without reading the tensors; InputError if unreadable."""
+def safetensors_shapes(path: Path, what: str, dtypes: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of a .safetensors file without reading the tensors (their dtype names into
+    `dtypes` when given); InputError if unreadable, not a regular file, or truncated."""
+    from ..io.inputs import regular_file
+
     if path.suffix != ".safetensors":
         raise InputError(f"{what}: {path.name} must be a .safetensors file")
+    regular_file(path, what)
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            if dtypes is not None:
+                dtypes.update({k: f.get_slice(k).get_dtype() for k in shapes})
+            return shapes
     except Exception as exc:  # noqa: BLE001 -- SafetensorError, OSError: one line either way
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{what}: {path.name} is not a readable .safetensors file: {why}") from None
@@ -64,25 +71,57 @@ def family_of_cross_dim(dim: int, cross_dim: int) -> str:
 
 def check_image(path: str, flag: str) -> dict:
     """An adapter's reference or control image must open and decode (read again per stage)."""
-    from ..io.images import open_image
-
+    file = Path(path).expanduser()
     try:
-        image = open_image(path)
+        size = _image_size(str(file), *_version(file))
     except ModelNotFoundError:
         raise ModelNotFoundError(f"{flag}: {path} not found") from None
     except InputError as exc:
         raise InputError(f"{flag}: {exc}") from None
-    return {"image": str(Path(path).expanduser()), "image_size": list(image.size)}
+    return {"image": str(file), "image_size": list(size)}
+
+
+def _version(file: Path) -> tuple[int, int]:
+    """(size, mtime) of a file, or (-1, -1): the image cache's key beside the path."""
+    try:
+        st = file.stat()
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return -1, -1
+
+
+@lru_cache(maxsize=64)
+def _image_size(path: str, size: int, mtime_ns: int) -> tuple[int, int]:
+    """Decode an image once per file version (a batch of 100k lines shares its control image)."""
+    from ..io.images import open_image
+
+    return open_image(path).size
+
+
+def reason(exc: BaseException) -> str:
+    """The informative line of a library error: a size mismatch named, never the advice to
+    unpickle with weights_only=False (pickles are loaded only the safe way, or not at all)."""
+    text = str(exc).strip()
+    if "weights_only" in text or "Weights only load failed" in text:
+        return "the pickle holds objects a safe (weights_only) load refuses; use a .safetensors file"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if "size mismatch" in line or "shape" in line:
+            return line
+    return lines[0] if lines else type(exc).__name__
 
 
 @contextlib.contextmanager
 def loading_errors(flag: str, source: str):
-    """diffusers' loader errors as one line: not found/offline (exit 2) or does not fit the model."""
+    """diffusers'/peft's loader errors as one line: not found/offline (exit 2) or does not fit."""
+    from ..errors import LinfusionError
+
     try:
         yield
+    except LinfusionError:
+        raise
     except OSError as exc:  # EnvironmentError is OSError
         raise ModelNotFoundError(f"{flag} {source}: could not be loaded (not in the local cache, "
-                                 f"or offline): {str(exc).strip().splitlines()[0]}") from None
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise CheckpointMismatchError(f"{flag} {source} does not fit this model: "
-                                      f"{str(exc).strip().splitlines()[0]}") from None
+                                 f"or offline): {reason(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 -- ValueError, KeyError, RuntimeError, UnpicklingError ...
+        raise CheckpointMismatchError(f"{flag} {source} does not fit this model: {reason(exc)}") from None

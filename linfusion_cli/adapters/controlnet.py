@@ -43,13 +43,10 @@ def check_controlnet(source: str, what: str, unet_config: dict, allow_pickle: bo
         single_file_config(path, unet_config, what, pickle_ok=allow_pickle)
         return {"source": str(path), "format": file_format(path)}
     config_file = path / "config.json" if path.is_dir() else None
-    if config_file is None or not config_file.is_file():
+    if config_file is None or not config_file.exists():
         raise InputError(f"{what}: {path} is neither a diffusers ControlNet folder (config.json) nor "
                          "a single-file ControlNet (.safetensors; .ckpt/.pth/.pt with --allow-pickle)")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{what}: {config_file} is unreadable: {exc}") from None
+    config = folder_config(config_file, what)
     if config.get("_class_name") not in (None, "ControlNetModel"):
         raise InputError(f"{what}: {path} holds a {config.get('_class_name')}, not a ControlNetModel")
     cross, want = config.get("cross_attention_dim"), unet_config.get("cross_attention_dim")
@@ -60,7 +57,25 @@ def check_controlnet(source: str, what: str, unet_config: dict, allow_pickle: bo
         raise CheckpointMismatchError(f"{what}: {path.name} has block channels "
                                       f"{config.get('block_out_channels')}, the UNet "
                                       f"{unet_config.get('block_out_channels')}")
-    return {"source": str(path)}
+    from .folder_weights import check_folder_weights
+
+    fmt = check_folder_weights(path, config, what, allow_pickle)
+    return {"source": str(path)} | ({"format": "pickle"} if fmt == "pickle" else {})
+
+
+def folder_config(config_file, what: str) -> dict:
+    """A ControlNet folder's config.json: a regular small JSON object with bounded sizes."""
+    from ..io.inputs import read_bounded
+    from ..planning.bounds import check_config
+
+    text = read_bounded(config_file, f"{what}: config")
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"{what}: {config_file} is unreadable: {exc}") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{what}: {config_file} must hold a JSON object")
+    return check_config(config, f"{what}: {config_file}")
 
 
 def check_scale(value: float | None, what: str, default: float = 1.0) -> float:
@@ -112,10 +127,20 @@ def load_controlnet(source: str, unet: nn.Module, what: str, *, pickle_ok: bool 
         if is_single_file(Path(source).expanduser()):
             controlnet = load_single_file(Path(source).expanduser(), unet, what, pickle_ok=pickle_ok)
         else:
-            controlnet = ControlNetModel.from_pretrained(source, torch_dtype=unet.dtype)
+            # pickled .bin weights only with --allow-pickle (then torch.load(weights_only=True))
+            controlnet = ControlNetModel.from_pretrained(source, torch_dtype=unet.dtype,
+                                                         use_safetensors=None if pickle_ok else True)
     except (OSError, EnvironmentError) as exc:
+        from .common import reason
+
         raise ModelNotFoundError(f"{what} {source}: could not be loaded (not in the local cache, "
-                                 f"or offline): {str(exc).strip().splitlines()[0]}") from None
+                                 f"or offline): {reason(exc)}") from None
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- a folder whose weights do not load: one line
+        from .common import reason
+
+        raise CheckpointMismatchError(f"{what} {source} does not load: {reason(exc)}") from None
     return prepare_controlnet(controlnet, unet)
 
 

@@ -19,17 +19,25 @@ HUB_FILES = {"sd15": ("models", "ip-adapter_sd15.safetensors"),
 
 
 def _encoder_config(folder: Path, what: str) -> dict:
+    """The encoder's config.json: regular, small, a JSON object of bounded sizes."""
+    from ..io.inputs import read_bounded
+    from ..planning.bounds import check_config
+
     config = folder / "config.json"
-    if not config.is_file():
+    if not config.exists():
         raise ModelNotFoundError(f"{what}: no image encoder at {folder} (a CLIP vision folder "
                                  "with config.json); pass --ip-encoder DIR")
     try:
-        return json.loads(config.read_text())
-    except (OSError, ValueError) as exc:
+        data = json.loads(read_bounded(config, f"{what}: encoder config"))
+    except ValueError as exc:
         raise InputError(f"{what}: {config} is unreadable: {exc}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{what}: {config} must hold a JSON object")
+    return check_config(data, f"{what}: {config}")
 
 
-def check_ip_adapter(source: str, encoder: str | None, family: str, unet_config: dict) -> dict:
+def check_ip_adapter(source: str, encoder: str | None, family: str, unet_config: dict,
+                     allow_pickle: bool = False) -> dict:
     """The adapter file (h94 keys, cross-attention width of this model) and its image encoder."""
     cross = unet_config.get("cross_attention_dim")
     if not is_local(source):
@@ -43,6 +51,10 @@ def check_ip_adapter(source: str, encoder: str | None, family: str, unet_config:
     if not any(k.startswith("image_proj.") for k in shapes) or not any(k.startswith("ip_adapter.") for k in shapes):
         raise InputError(f"--ip-adapter: {path.name} is not in the h94 layout "
                          "(image_proj.* and ip_adapter.* keys)")
+    empty = sorted(k for k, s in shapes.items() if 0 in s)
+    if empty:  # a zero-token (or zero-width) projection: nothing for the cross-attention to attend
+        raise CheckpointMismatchError(f"--ip-adapter: {path.name}: tensor {empty[0]} has shape "
+                                      f"{list(shapes[empty[0]])} (no image tokens)")
     dims = {s[-1] for k, s in shapes.items() if k.endswith((".to_k_ip.weight", ".to_v_ip.weight"))}
     if cross is not None and dims and dims != {cross}:
         dim = dims.pop()
@@ -56,7 +68,13 @@ def check_ip_adapter(source: str, encoder: str | None, family: str, unet_config:
         raise CheckpointMismatchError(
             f"--ip-adapter: {path.name} expects {proj[-1]}-dim image embeddings; the encoder at "
             f"{encoder_dir} gives {config.get('projection_dim')}")
-    return {"source": str(path), "encoder": str(encoder_dir)}
+    if proj is not None and cross and (proj[0] < cross or proj[0] % cross):
+        raise CheckpointMismatchError(f"--ip-adapter: {path.name}: image_proj.proj.weight gives "
+                                      f"{proj[0]} outputs, not a whole number of {cross}-wide tokens")
+    from .folder_weights import check_encoder_weights
+
+    fmt = check_encoder_weights(encoder_dir, "--ip-encoder" if encoder else "--ip-adapter", allow_pickle)
+    return {"source": str(path), "encoder": str(encoder_dir)} | ({"encoder_format": "pickle"} if fmt == "pickle" else {})
 
 
 def load_ip_adapter(pipe, spec: dict) -> None:
@@ -66,7 +84,9 @@ def load_ip_adapter(pipe, spec: dict) -> None:
     with loading_errors("--ip-adapter", spec["source"]):
         encoder_folder = "image_encoder"
         if spec.get("encoder"):
-            encoder = CLIPVisionModelWithProjection.from_pretrained(spec["encoder"], dtype=pipe.unet.dtype)
+            encoder = CLIPVisionModelWithProjection.from_pretrained(  # .bin only with --allow-pickle
+                spec["encoder"], dtype=pipe.unet.dtype,
+                use_safetensors=None if spec.get("encoder_format") == "pickle" else True)
             pipe.register_modules(image_encoder=encoder)
             encoder_folder = None  # registered: diffusers skips its own encoder load
         source = Path(spec["source"])

@@ -61,8 +61,9 @@ def _layout(keys) -> str | None:
     return None
 
 
-def check_lora(spec: LoraSpec, cross_attention_dim: int | None) -> LoraSpec:
-    """A local file must exist, read, look like a LoRA and fit the model's text width."""
+def check_lora(spec: LoraSpec, cross_attention_dim: int | None, unet_config: dict | None = None) -> LoraSpec:
+    """A local file must exist, read, look like a LoRA and fit the model: text width, and each
+    layer's widths, ranks and dtypes from the header (adapters/lora_shapes.py)."""
     if not is_local(spec.source):
         return spec  # a hub id: diffusers resolves and checks it when it loads
     path = require_file(spec.source, "--lora")
@@ -71,7 +72,8 @@ def check_lora(spec: LoraSpec, cross_attention_dim: int | None) -> LoraSpec:
         if len(files) != 1:
             raise InputError(f"--lora: {path} must hold exactly one .safetensors file")
         path = files[0]
-    shapes = safetensors_shapes(path, "--lora")
+    dtypes: dict = {}
+    shapes = safetensors_shapes(path, "--lora", dtypes)
     layout = _layout(shapes)
     if layout is None:
         raise InputError(f"--lora: {path.name} has no LoRA keys (kohya lora_unet_*, peft lora_A/lora_B)")
@@ -81,6 +83,9 @@ def check_lora(spec: LoraSpec, cross_attention_dim: int | None) -> LoraSpec:
         raise CheckpointMismatchError(
             f"--lora: {path.name} is for {family_of_cross_dim(dim, cross_attention_dim)} "
             f"(cross-attention input {dim}); this model's is {cross_attention_dim}")
+    from .lora_shapes import check_lora_tensors
+
+    check_lora_tensors(path.name, shapes, dtypes, unet_config)
     return LoraSpec(source=str(path), weight=spec.weight, name=spec.name, layout=layout,
                     hash=short_hash(path))
 

@@ -38,7 +38,9 @@ def controlnet_config(source: str, unet_config: dict) -> dict:
         return single_file_config(path, unet_config, "ControlNet")
     file = path / "config.json"
     if file.is_file():
-        return json.loads(file.read_text())
+        from .controlnet import folder_config
+
+        return folder_config(file, "ControlNet")  # bounded sizes, as checked at plan time
     return from_unet_config(unet_config)
 
 
@@ -188,7 +190,9 @@ def ip_adapter_extra_bytes(adapters: dict, family: str, dtype_bytes: int,
     config = Path(spec.get("encoder") or "/nonexistent") / "config.json"
     projection = _ENCODER_PROJECTION.get(family, _ENCODER_PROJECTION["sdxl"])
     if config.is_file():
-        data = {k: v for k, v in json.loads(config.read_text()).items() if not k.startswith("_")}
+        from .ip_adapter import _encoder_config
+
+        data = {k: v for k, v in _encoder_config(config.parent, "--ip-encoder").items() if not k.startswith("_")}
         data.pop("architectures", None)
         projection = data.get("projection_dim", projection)
         total = _encoder_params(json.dumps(data, sort_keys=True)) * dtype_bytes

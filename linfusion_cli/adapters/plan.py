@@ -14,7 +14,7 @@ def check_adapters(req, unet_config: dict, plan=None) -> dict:
     out: dict = {}
     pickle = bool(getattr(req, "allow_pickle", False))
     cross = unet_config.get("cross_attention_dim")
-    loras = [check_lora(parse_lora(text), cross) for text in (getattr(req, "loras", None) or ())]
+    loras = [check_lora(parse_lora(text), cross, unet_config) for text in (getattr(req, "loras", None) or ())]
     if loras:
         out["loras"] = [s.to_dict() for s in unique_names(loras)]
     controlnet, image = getattr(req, "controlnet", None), getattr(req, "control_image", None)
@@ -44,7 +44,7 @@ def check_adapters(req, unet_config: dict, plan=None) -> dict:
         from .ip_adapter import check_ip_adapter
 
         family = plan.family if plan is not None else None
-        out["ip_adapter"] = (check_ip_adapter(ip, req.ip_encoder, family, unet_config)
+        out["ip_adapter"] = (check_ip_adapter(ip, req.ip_encoder, family, unet_config, pickle)
                              | check_image(ip_image, "--ip-image")
                              | {"scale": check_scale(req.ip_scale, "--ip-scale")})
     return out

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from ..errors import InputError, PresetError
+from ..planning.bounds import shown
 
 # preset key -> Request field (the flag's name with dashes as underscores; --lora is repeatable)
 PRESET_KEYS = {"lora": "loras", "controlnet": "controlnet", "control_image": "control_image",
@@ -25,7 +26,11 @@ _SCALES = ("control_scale", "tile_scale", "ip_scale")
 def _path(value: str, folder: Path | None) -> str:
     """A relative path that exists beside the preset (or starts with ./ ../) from its folder;
     anything else as written (absolute paths, ~, hub ids)."""
-    if folder is None or value.startswith(("/", "~")):
+    if value.startswith("~"):
+        from ..io.inputs import expand
+
+        return expand(value)
+    if folder is None or value.startswith("/"):
         return value
     candidate = folder / value
     if candidate.exists() or value.startswith(("./", "../")):
@@ -56,15 +61,15 @@ def preset_adapters(data: dict, source: str) -> tuple:
             if not isinstance(items, list) or not items or \
                     not all(isinstance(v, str) and v for v in items):
                 raise PresetError(f"{source}: key 'lora' must be FILE|ID[:WEIGHT] or a list of them, "
-                                  f"got {value!r}")
+                                  f"got {shown(value)}")
             out["loras"] = tuple(_lora(v, folder) for v in items)
         elif key in _SCALES:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise PresetError(f"{source}: key {key!r} must be a finite number, got {value!r}")
+                raise PresetError(f"{source}: key {key!r} must be a finite number, got {shown(value)}")
             out[key] = float(value)
         else:
             if not isinstance(value, str) or not value:
-                raise PresetError(f"{source}: key {key!r} must be a path or hub id, got {value!r}")
+                raise PresetError(f"{source}: key {key!r} must be a path or hub id, got {shown(value)}")
             out[key] = _path(value, folder)
     return tuple(sorted(out.items()))
 

@@ -90,6 +90,21 @@ def _resolve_folder(source: str | os.PathLike) -> tuple[Path, Path | None]:
     raise ModelNotFoundError(f"LinFusion weights not found: {source}")
 
 
+def check_source(source: str) -> None:
+    """At plan time: a local --linfusion path holds readable weights (a hub id: checked at load)."""
+    from ..io.inputs import regular_file
+
+    path = Path(source).expanduser()
+    if not path.exists() and str(source).count("/") == 1 and not str(source).startswith((".", "/", "~")):
+        return
+    if not path.exists():
+        raise ModelNotFoundError(f"--linfusion {source}: not found (not a folder, .safetensors file or hub id)")
+    weights, config = _resolve_folder(path)
+    regular_file(weights, "LinFusion weights")
+    if config is not None:
+        regular_file(config, "LinFusion config")
+
+
 def _download(repo_id: str) -> Path:
     """A hub repo from the local cache, or downloaded when the network is allowed."""
     from huggingface_hub import snapshot_download

@@ -153,8 +153,9 @@ def _run(argv: list[str] | None) -> int:
         if verbose:
             import traceback
             traceback.print_exc()
-        error(f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-              "(run with -v for details)")
+        from .console import one_line_of
+
+        error(one_line_of(exc))
         return 1
 
 

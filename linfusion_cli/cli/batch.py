@@ -13,7 +13,7 @@ import typer
 
 from .. import api, distributed
 from ..errors import InputError, LinfusionError, OutputError
-from ..io.manifest import Manifest, same_settings
+from ..io.manifest import Manifest, check_manifest_path, same_settings
 from ..io.metadata import read_metadata
 from ..io.prompts import read_prompt_file
 from ..io.targets import inside
@@ -62,6 +62,22 @@ def _checkpoint_base_seed(entries, base, drawn: int, folder: str, name, format) 
     return drawn
 
 
+def _made_elsewhere(manifest, index, plan, path, *, drawn: bool) -> str | None:
+    """Claim entry `index` for this process; why not (another process holds it or has finished
+    it since this run's check), or None once it is ours to make."""
+    from .. import testhooks
+
+    if not manifest.claim(index):
+        return "is being made by another process; left to it"
+    record = manifest.refresh().records.get(index)
+    if record is not None and record.matches(plan, manifest.relative(path), any_seed=drawn) \
+            and record.intact(manifest.folder):
+        manifest.release(index)
+        return "was made by another process meanwhile"
+    testhooks.claimed(index)
+    return None
+
+
 def _matches(path: Path, plan) -> bool:
     """--resume without a manifest line: the file's metadata shows the same settings (it is remade)."""
     try:
@@ -81,6 +97,9 @@ def batch(
 ) -> None:
     """Generate every prompt of a file; the whole file is checked before anything runs."""
     world = distributed.current()
+    from ..io.inputs import expand
+
+    file, output = (file if file == "-" else expand(file)), expand(output)
     entries = read_prompt_file(file, stdin=world.stdin() if file == "-" else sys.stdin)
     if output == "-":
         raise InputError("batch writes files: -o must be a directory")
@@ -89,35 +108,20 @@ def batch(
     quiet, verbose, allow_pickle, config = opts.quiet, opts.verbose, opts.allow_pickle, opts.config
     resume = opts.resume
     folder = output if output.endswith("/") else output + "/"
-    manifest = Manifest(folder).load() if resume else Manifest(folder)
+    manifest = Manifest(folder)
+    check_manifest_path(manifest.path)  # written like an image: no link, folder or FIFO, up front
+    if resume:
+        manifest.load()
+        if manifest.ignored:
+            info(f"note: {manifest.ignored} damaged line{'s' if manifest.ignored > 1 else ''} of "
+                 f"{manifest.path} ignored (those entries are made again)", quiet=quiet or world.rank != 0)
     # --resume without --seed reuses the batch seed the earlier run drew (every rank draws the same)
     base_seed = base.seed if base.seed is not None else (
         manifest.base_seed if manifest.base_seed is not None else world.seed)
     if resume and base.seed is None and manifest.base_seed is None:  # killed before any entry finished
         base_seed = _checkpoint_base_seed(entries, base, base_seed, folder, name, format)
-    jobs, seen = [], {}
-    for index, entry in enumerate(entries):
-        plan = _entry_plan(entry, index, base, base_seed)
-        if entry.seed is None and base.seed is None and (drawn := manifest.seed_for(index, plan)) is not None:
-            plan = _entry_plan(entry, index, base, (drawn - index) % (SEED_MAX + 1))  # an earlier run's
-        try:  # an entry's own output stays inside -o (links resolved)
-            target = str(inside(folder, entry.output)) if entry.output is not None else folder
-            path, fmt = common.resolve_target(target, plan=plan, fmt=format, template=name or BATCH_TEMPLATE,
-                                              overwrite=overwrite or resume, index=index, create=False)
-            if resume:  # checkpoints made with other settings: refused now, not halfway through
-                api.resume_start(plan, path)
-        except LinfusionError as exc:
-            raise type(exc)(f"{entry.source}:{entry.line}: {exc}") from None
-        key = os.path.realpath(path)  # x.png and sub/../x.png are one file
-        if key in seen:
-            raise OutputError(f"{entry.source}:{entry.line}: output {path} is also line {seen[key]}'s")
-        seen[key] = entry.line
-        record = manifest.records.get(index)
-        done = record if record is not None and record.matches(plan, manifest.relative(path)) else None
-        if path.exists() and not overwrite and done is None and not (resume and _matches(path, plan)):
-            raise OutputError(f"{entry.source}:{entry.line}: {path} exists with other parameters; "
-                              "pass --overwrite")
-        jobs.append((index, plan, path, fmt, done, None if entry.seed is not None else base_seed, entry))
+    jobs = _checked_jobs(entries, base, base_seed, manifest, folder, name=name, format=format,
+                         overwrite=overwrite, resume=resume, quiet=quiet or world.rank != 0)
     mine = [job for job in jobs if world.owns(job[0])]
     if mine:  # room for every image of this process's share, not just each one alone
         from ..io.targets import check_free_space, run_bound
@@ -128,21 +132,72 @@ def batch(
     if dry_run:
         if world.rank != 0:
             return
-        for _, plan, path, _, done, *_ in jobs:
+        for index, plan, path, _, done, *_ in jobs:
             if not json:
                 print(f"{path}:")
             start = common.resume_plan(plan, path) if resume and done is None else None
-            common.print_dry_run(plan, as_json=json, resume=start)
+            common.print_dry_run(plan, as_json=json, extra={"index": index, "path": str(path)}, resume=start)
         return
-    from ..io.targets import check_directory
+    from ..io.targets import make_directory, remove_if_empty
 
-    for job in mine:  # folders are made only once every check has passed
-        check_directory(job[2].parent, create=True)
-    failures = _run_share(world, mine, manifest, as_json=json, quiet=quiet, verbose=verbose,
-                          overwrite=overwrite or resume, allow_pickle=allow_pickle, config=config,
-                          resume=resume)
+    made = []
+    try:
+        for folder_path in dict.fromkeys([Path(folder)] + [job[2].parent for job in mine]):
+            made += make_directory(folder_path)  # only once every check has passed
+        failures = _run_share(world, mine, manifest, as_json=json, quiet=quiet, verbose=verbose,
+                              overwrite=overwrite or resume, allow_pickle=allow_pickle, config=config,
+                              resume=resume)
+    except BaseException:
+        manifest.close()
+        remove_if_empty(made, manifest.path)  # a model that did not load leaves no empty folder
+        raise
+    finally:
+        manifest.close()
     if failures:
         raise typer.Exit(1)
+
+
+PROGRESS_FROM = 2000  # entries: a file this long says how far its check has come
+
+
+def _checked_jobs(entries, base, base_seed, manifest, folder, *, name, format, overwrite, resume, quiet):
+    """Every entry planned and every path it writes checked (images, stage files, the manifest),
+    for the whole file, before anything runs; errors name the file and line."""
+    jobs, seen = [], {}
+    manifest_key = os.path.realpath(manifest.path)
+    seen[manifest_key] = None
+    step = max(len(entries) // 10, 1) if len(entries) >= PROGRESS_FROM else 0
+    for index, entry in enumerate(entries):
+        if step and index and index % step == 0:
+            info(f"checking {entries[0].source}: {index}/{len(entries)} entries", quiet=quiet)
+        plan = _entry_plan(entry, index, base, base_seed)
+        drawn = entry.seed is None and base.seed is None
+        if drawn and (earlier := manifest.seed_for(index, plan)) is not None:
+            plan = _entry_plan(entry, index, base, (earlier - index) % (SEED_MAX + 1))  # an earlier run's
+        try:  # an entry's own output stays inside -o (links resolved)
+            target = str(inside(folder, entry.output)) if entry.output is not None else folder
+            path, fmt = common.resolve_target(target, plan=plan, fmt=format, template=name or BATCH_TEMPLATE,
+                                              overwrite=overwrite or resume, index=index, create=False)
+            if resume:  # checkpoints made with other settings: refused now, not halfway through
+                api.resume_start(plan, path)
+        except LinfusionError as exc:
+            raise type(exc)(f"{entry.source}:{entry.line}: {exc}") from None
+        written = [path] + ([api.stage_image_path(path, s.index, s.width, s.height) for s in plan.stages[:-1]]
+                            if plan.save_stages else [])
+        for file in written:  # x.png and sub/../x.png are one file; so is a stage file of another line
+            key = os.path.realpath(file)
+            if key in seen:
+                other = "the batch manifest" if seen[key] is None else f"line {seen[key]}'s output"
+                what = "output" if file == path else "--save-stages file"
+                raise OutputError(f"{entry.source}:{entry.line}: {what} {file} is also {other}")
+            seen[key] = entry.line
+        record = manifest.records.get(index)
+        done = record if record is not None and record.matches(plan, manifest.relative(path)) else None
+        if path.exists() and not overwrite and done is None and not (resume and _matches(path, plan)):
+            raise OutputError(f"{entry.source}:{entry.line}: {path} exists with other parameters; "
+                              "pass --overwrite")
+        jobs.append((index, plan, path, fmt, done, base_seed if drawn else None, entry))
+    return jobs
 
 
 def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, allow_pickle, config,
@@ -160,6 +215,12 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
             world.emit(jsonlib.dumps({"path": str(path), "index": index, "skipped": True}) if as_json
                        else str(path))
             continue
+        elsewhere = _made_elsewhere(manifest, index, plan, path, drawn=base_seed is not None)
+        if elsewhere is not None:  # another process on this folder has it, or has just made it
+            info(f"{who}[{k}/{len(jobs)}] {path} {elsewhere}", quiet=quiet)
+            world.emit(jsonlib.dumps({"path": str(path), "index": index, "skipped": True,
+                                      "by": "another process"}) if as_json else str(path))
+            continue
         try:
             if loaded is None:  # one model load serves every entry
                 loaded = common.load(plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle,
@@ -171,6 +232,7 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
                 result = api.generate_file(plan, loaded, path=path, fmt=fmt, overwrite=overwrite,
                                            on_event=view, resume=resume)
         except Exception as exc:  # noqa: BLE001 - every failure is one line; the exit code says it
+            manifest.release(index)
             if loaded is None:  # the model itself did not load: nothing else can run
                 raise
             failures += 1
@@ -178,6 +240,7 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
             continue
         manifest.append(index=index, path=path, plan=plan, base_seed=base_seed, rank=world.rank,
                         world_size=world.size)
+        manifest.release(index)
         world.emit(jsonlib.dumps({**result, "index": index}) if as_json else result["path"])
         made += 1
         world.finished(made)

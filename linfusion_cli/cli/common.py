@@ -26,10 +26,11 @@ def memory_line(stage) -> str:
             f"({', '.join(k for k in knobs if k)})")
 
 
-def print_dry_run(plan, *, as_json: bool, resume: dict | None = None) -> None:
-    """The plan on stdout: one JSON object, or a readable table; `resume`: where --resume starts."""
+def print_dry_run(plan, *, as_json: bool, extra: dict | None = None, resume: dict | None = None) -> None:
+    """The plan on stdout: one JSON object (with `extra` first: a batch line's index and path),
+    or a readable table; `resume`: where --resume starts."""
     if as_json:
-        print(json.dumps(plan.to_dict() | ({"resume": resume} if resume is not None else {})))
+        print(json.dumps({**(extra or {}), **plan.to_dict(), **({"resume": resume} if resume is not None else {})}))
         return
     print(planned_for(plan))
     print(f"model {plan.model} ({plan.family}: {plan.extras.get('family_from', '')}), "
@@ -103,6 +104,9 @@ def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_
 
 def plan_and_run(req, opts, *, output, init_image=None) -> None:
     """generate/upscale after parsing: plan, then print it (--dry-run) or run it to a file."""
+    from ..io.inputs import expand
+
+    output = expand(output)
     for flag, asked in (("--save-stages", req.save_stages), ("--resume", opts.resume)):
         if output == "-" and asked:
             raise InputError(f"{flag} works on files beside the image; it cannot be used with -o -")
@@ -111,15 +115,20 @@ def plan_and_run(req, opts, *, output, init_image=None) -> None:
         plan = recorded_seed(plan, output, fmt=opts.format, init_image=init_image)
     if not opts.dry_run:
         not_both_json_and_stdout(output, opts.json)
-    # the output is checked as for a run; a dry run creates nothing
+    # the output is checked as for a run; nothing is created before the model has loaded
     path, fmt = resolve_target(output, plan=plan, fmt=opts.format, overwrite=opts.overwrite,
-                               resume=opts.resume, create=not opts.dry_run)
+                               resume=opts.resume, create=False)
     resume = resume_plan(plan, path, init_image) if opts.resume else None
     if opts.dry_run:
-        print_dry_run(plan, as_json=opts.json, resume=resume)
+        print_dry_run(plan, as_json=opts.json, extra={"path": str(path) if path is not None else "-"},
+                      resume=resume)
         return
     loaded = load(plan, verbose=opts.verbose, quiet=opts.quiet, allow_pickle=opts.allow_pickle,
                   config=opts.config)
+    if path is not None:  # made only now: a model that fails to load leaves no empty folder
+        from ..io.targets import check_directory
+
+        check_directory(path.parent, create=True)
     if resume is not None:
         info(f"resume: {resume_text(resume)}", quiet=opts.quiet)
     run_one(plan, loaded, path=path, fmt=fmt, overwrite=opts.overwrite, as_json=opts.json,

@@ -25,11 +25,14 @@ def error(message: str) -> None:
 
 
 def one_line_of(exc: BaseException) -> str:
-    """An exception as one line: our errors as they are, others named as unexpected."""
+    """An exception as one line: our errors as they are, others with their kind in brackets
+    (and never the advice to unpickle with weights_only=False)."""
+    from ..adapters.common import reason
     from ..errors import LinfusionError
 
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text if isinstance(exc, LinfusionError) else f"unexpected {type(exc).__name__}: {text}"
+    if isinstance(exc, LinfusionError):
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"{reason(exc)} ({type(exc).__name__}; run with -v for details)"
 
 
 def info(message: str, *, quiet: bool = False) -> None:
@@ -103,8 +106,14 @@ def quiet_libraries(verbose: bool = False) -> None:
 
     import warnings
 
+    import logging
+
     level = "warning" if verbose else "error"
+    for name in ("peft", "accelerate", "huggingface_hub", "safetensors"):  # peft logs LoRA misfits at length
+        logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)
     if not verbose:
+        warnings.filterwarnings("ignore", module="peft")
+        warnings.filterwarnings("ignore", module=r"diffusers\..*")
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*torchvision.*")
     getattr(diffusers.utils.logging, f"set_verbosity_{level}")()

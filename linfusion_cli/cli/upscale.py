@@ -19,6 +19,9 @@ def upscale(
     output: Output = None, *, opts: GenerationOptions,
 ) -> None:
     """Upscale an existing image by x2 img2img stages to --res (keeps its aspect by default)."""
+    from ..io.inputs import expand
+
+    image = expand(image)
     picture = open_image(image)
     text = common.read_prompt_argument(prompt) if prompt is not None else "high detail"
     req = opts.request(text, init_image=str(image), init_size=picture.size)

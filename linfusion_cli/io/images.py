@@ -63,7 +63,8 @@ def save_image(
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputError(f"{path} exists; pass --overwrite")
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+    clean_stale_parts(path)
+    tmp = path.with_name(f".{path.name}.{_owner()}.{secrets.token_hex(4)}.part")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as exc:
@@ -83,6 +84,47 @@ def save_image(
             raise WriteError(f"cannot write {path}: {_why(exc)}") from None
         raise
     return path
+
+
+def _owner() -> str:
+    """host-pid of this process, in its temporary files' names (stale ones are found by it)."""
+    import socket
+
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+
+
+def clean_stale_parts(path: Path) -> None:
+    """Remove `.NAME.HOST-PID.*.part` files of `path` that a killed process (SIGKILL, power loss)
+    left: only this host's, only of processes that are gone."""
+    import socket
+
+    host = socket.gethostname().replace(".", "_")
+    try:
+        candidates = list(path.parent.glob(f".{glob_escape(path.name)}.{glob_escape(host)}-*.part"))
+    except OSError:
+        return
+    for part in candidates:
+        pid = part.name[len(path.name) + len(host) + 3:].split(".", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            part.unlink()
+
+
+def glob_escape(text: str) -> str:
+    import glob
+
+    return glob.escape(text)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process: alive
+    return True
 
 
 def _why(exc: BaseException) -> str:
@@ -149,10 +191,14 @@ def _large_images_allowed() -> Iterator[None]:
 
 def open_lazily(path: Path) -> Image.Image:
     """Open an image lazily with one-line errors that name the path."""
-    if not path.exists():
+    from .inputs import expand, kind_of
+
+    path = Path(expand(path))
+    kind = kind_of(path)
+    if kind == "missing":
         raise ModelNotFoundError(f"image not found: {path}")
-    if path.is_dir():
-        raise InputError(f"{path} is a directory, not an image")
+    if kind is not None:  # a FIFO or device would block the open
+        raise InputError(f"{path} is {kind}, not an image file")
     with _large_images_allowed():
         try:
             return Image.open(path)
@@ -166,7 +212,9 @@ def open_lazily(path: Path) -> Image.Image:
 
 def open_image(path: str | os.PathLike) -> Image.Image:
     """Load a user's input image as RGB, allowing 16K sizes that Pillow refuses by default."""
-    path = Path(path)
+    from .inputs import expand
+
+    path = Path(expand(path))
     im = open_lazily(path)
     try:
         with _large_images_allowed():

@@ -156,11 +156,20 @@ def _parse_line(text: str) -> dict[str, Any] | None:
     return {"prompt": stripped}
 
 
+def split_lines(text: str) -> list[str]:
+    """Lines split on '\\n' only (a trailing '\\r' dropped): U+2028, U+0085 or a form feed inside
+    a prompt stay in it, as every editor and `wc -l` count lines."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def parse_prompts(text: str, source: str) -> list[PromptEntry]:
     """Parse a whole file up front, so a typo on line 90 fails before image 1 is generated."""
     entries: list[PromptEntry] = []
     errors: list[str] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(split_lines(text), start=1):
         try:
             fields = _parse_line(line)
         except _LineError as exc:
@@ -183,13 +192,17 @@ def read_prompt_file(path_or_dash: str, stdin: TextIO | None = None) -> list[Pro
             text = (stdin if stdin is not None else sys.stdin).read()
         except UnicodeDecodeError:
             raise PromptFileError(f"{source}: not UTF-8 text") from None
+        text = text.removeprefix("\ufeff")  # a BOM, as utf-8-sig drops it from files
     else:
+        from .inputs import expand, kind_of
+
         source = path_or_dash
-        path = Path(path_or_dash)
-        if not path.exists():
+        path = Path(expand(path_or_dash))
+        kind = kind_of(path)
+        if kind == "missing":
             raise InputError(f"prompt file not found: {path}")
-        if path.is_dir():
-            raise InputError(f"prompt file {path} is a directory")
+        if kind is not None and kind != "a FIFO":  # a pipe (<(cmd), a named FIFO) is read like stdin
+            raise InputError(f"prompt file {path} is {kind}, not a file of prompts")
         try:
             text = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError:

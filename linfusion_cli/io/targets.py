@@ -19,6 +19,8 @@ _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat
 
 def check_target(path: Path, *, overwrite: bool) -> None:
     """A path we may create (or, with overwrite, replace): links and special files are refused."""
+    if "\n" in str(path) or "\r" in str(path):  # stdout carries one line per image
+        raise OutputError(f"output {str(path)[:60]!r} contains a line break; pick a name without one")
     for part in path.parts[-1:]:
         file_name(part, f"output {path}")
     try:
@@ -103,5 +105,40 @@ def check_free_space(plan, path: Path | None, fmt: str, *, need: int | None = No
         return  # no figure to check against; the write itself reports a full disk
     if free < need:
         what = what or f"{plan.width}x{plan.height} {fmt}{' and its stage checkpoints' if len(plan.stages) > 1 else ''}"
-        raise WriteError(f"{folder} has {free / 2**20:.0f} MiB free; this run may write up to "
-                         f"{need / 2**20:.0f} MiB ({what})")
+        have, want = two_sizes(free, need)
+        raise WriteError(f"{folder} has {have} free; this run may write up to {want} ({what})")
+
+
+def two_sizes(a: int, b: int) -> tuple[str, str]:
+    """Two byte counts in MiB with as many decimals as it takes for them to read differently."""
+    for decimals in range(0, 7):
+        x, y = f"{a / 2**20:.{decimals}f} MiB", f"{b / 2**20:.{decimals}f} MiB"
+        if x != y or a == b:
+            return x, y
+    return f"{a} bytes", f"{b} bytes"
+
+
+def make_directory(directory: Path) -> list[Path]:
+    """check_directory(create=True), returning the folders it made (outermost first), so a run
+    that fails before writing anything can take them away again (remove_if_empty)."""
+    made, probe = [], Path(directory)
+    while not probe.exists() and probe != probe.parent:
+        made.append(probe)
+        probe = probe.parent
+    check_directory(Path(directory), create=True)
+    return made[::-1]
+
+
+def remove_if_empty(made: list[Path], *files: Path) -> None:
+    """Undo make_directory after a failure: our empty files, then the folders if nothing is in them."""
+    for file in files:
+        try:
+            if file.is_file() and not file.is_symlink() and file.stat().st_size == 0:
+                file.unlink()
+        except OSError:
+            pass
+    for folder in reversed(made):
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            continue

@@ -57,9 +57,12 @@ class LoadedModel:
 
 def cache_dir() -> Path:
     """Where linfusion keeps its own files (the demo model)."""
+    from ..io.inputs import expand, home
+
     if os.environ.get("LINFUSION_CACHE"):
-        return Path(os.environ["LINFUSION_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "linfusion"
+        return Path(expand(os.environ["LINFUSION_CACHE"]))
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else home() / ".cache") / "linfusion"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -90,31 +93,42 @@ def resolve_dtypes(name: str, device: torch.device) -> tuple[torch.dtype, torch.
 
 def demo_folder(name: str = DEMO_PREFIX) -> Path:
     """The cached tiny demo pipeline, built deterministically on first use."""
-    from .tiny import FAMILIES, save_tiny_pipeline
+    from .tiny import FAMILIES
 
     family = name.split("-", 1)[1] if "-" in name else "sd15"
     if family not in FAMILIES:
         raise InputError(f"unknown demo model {name!r}; use demo, demo-sd21 or demo-sdxl")
     folder = cache_dir() / f"demo-{family}-v2"
     if not (folder / "model_index.json").is_file():
-        import fcntl
-
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        # several processes (torchrun ranks) may start at once: one builds, the others wait for it
-        lock_path = folder.with_name(folder.name + ".lock")
-        with open(lock_path, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (folder / "model_index.json").is_file():
-                tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-                save_tiny_pipeline(tmp, family, demo=True)
-                try:
-                    os.replace(tmp, folder)
-                except OSError:  # another process built it first
-                    import shutil
-                    shutil.rmtree(tmp, ignore_errors=True)
-            with contextlib.suppress(OSError):  # waiters re-check model_index.json and skip the build
-                lock_path.unlink()
+        try:
+            _build_demo(folder, family)
+        except OSError as exc:  # a read-only or full cache: say which folder, not "not downloaded"
+            raise InputError(f"cannot build the demo model in {folder.parent}: "
+                             f"{exc.strerror or exc} (set LINFUSION_CACHE to a writable folder)") from None
     return folder
+
+
+def _build_demo(folder: Path, family: str) -> None:
+    """Build the demo pipeline into the cache once, whatever number of processes start at once."""
+    from .tiny import save_tiny_pipeline
+
+    import fcntl
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # several processes (torchrun ranks) may start at once: one builds, the others wait for it
+    lock_path = folder.with_name(folder.name + ".lock")
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "model_index.json").is_file():
+            tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+            save_tiny_pipeline(tmp, family, demo=True)
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another process built it first
+                import shutil
+                shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):  # waiters re-check model_index.json and skip the build
+            lock_path.unlink()
 
 
 def _from_pretrained(source: str, dtype: torch.dtype):
@@ -206,7 +220,12 @@ def open_pipeline(model: str, dtype: torch.dtype, *, allow_pickle: bool = False,
     except (InputError, ModelNotFoundError):
         raise
     except Exception as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        from ..adapters.common import reason
+
+        detail = reason(exc)
+        if _not_writable(exc):  # a read-only cache is not a missing download
+            raise ModelNotFoundError(f"model {model}: a cache folder is not writable ({detail}); point "
+                                     "HF_HOME (and LINFUSION_CACHE) at a writable folder") from exc
         if path.is_dir():  # a local folder (a truncated .safetensors ...): nothing to download
             raise ModelNotFoundError(f"local model folder {path} is incomplete or corrupt: {detail}") from exc
         if not isinstance(exc, (OSError, ValueError)):
@@ -225,6 +244,19 @@ def open_pipeline(model: str, dtype: torch.dtype, *, allow_pickle: bool = False,
         raise ModelNotFoundError(
             f"model {model} is not in the local cache and {why}; run `{download_command(model)}` "
             f"on a connected machine, or pass a local diffusers folder with --model") from exc
+
+
+def _not_writable(exc: BaseException) -> bool:
+    """exc (or its cause) is a permission or read-only-filesystem error."""
+    import errno
+
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return True
+        if "Read-only file system" in str(exc) or "Permission denied" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def set_scheduler(pipe, name: str) -> None:

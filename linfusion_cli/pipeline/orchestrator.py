@@ -17,6 +17,13 @@ from .memory import memory_plan_applied
 from .stages import StageContext, stage_function
 
 
+def dtype_name(dtype) -> str:
+    """fp32 / fp16 / bf16: the names the flags, presets and the dry run use."""
+    from ..models.loading import TORCH_DTYPES
+
+    return next((name for name, value in TORCH_DTYPES.items() if value == dtype), str(dtype).replace("torch.", ""))
+
+
 def run_record(plan: GenerationPlan, model, stages: list[dict]) -> dict:
     """The machine-readable record of a run (metadata chunk, --json, --resume)."""
     base = plan.stages[0]
@@ -24,7 +31,8 @@ def run_record(plan: GenerationPlan, model, stages: list[dict]) -> dict:
         "prompt": plan.prompt, "negative": plan.negative, "seed": plan.seed,
         "steps": base.steps, "sampler": model.sampler, "guidance": base.guidance,
         "width": plan.width, "height": plan.height, "model": plan.model, "family": model.family,
-        "linfusion": model.linfusion, "dtype": str(model.dtype).replace("torch.", ""),
+        "linfusion": model.linfusion, "dtype": dtype_name(model.dtype),
+        "vae_dtype": dtype_name(getattr(model, "vae_dtype", model.dtype)),
         "device": str(model.device), "init_image": plan.init_image, "stages": stages,
         "adapters": getattr(model, "adapters", None) or plan.adapters,
         "version": f"linfusion-cli {__version__}",

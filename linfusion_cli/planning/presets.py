@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from . import validate
+from .bounds import shown
 from ..errors import InputError, PresetError
 
 FAMILIES = ("sd15", "sd21", "sdxl")
@@ -58,8 +59,13 @@ _TYPES = {"description": str, "model": str, "family": str, "linfusion": (str, ty
           "cosine_scale_1": (int, float), "cosine_scale_2": (int, float),
           "cosine_scale_3": (int, float), "gaussian_sigma": (int, float)}
 # What each forced memory knob may be (memory.planner.MemoryPlan's fields).
-_KNOB_RULES = {"offload": (str, "none, model or sequential"), "vae_tile_px": (int, "0 or a multiple of 8"),
-               "ff_chunk": (int, "tokens >= 0"), "attn_chunk": (int, "tokens > 0"),
+_TOKENS_MAX = (validate.MAX_SIDE // 8) ** 2  # latent tokens of the largest image
+_KNOB_MAX = {"vae_tile_px": validate.MAX_SIDE, "ff_chunk": _TOKENS_MAX, "attn_chunk": _TOKENS_MAX,
+             "band_rows": 4096}
+_KNOB_RULES = {"offload": (str, "none, model or sequential"),
+               "vae_tile_px": (int, f"0 or a multiple of 8 up to {validate.MAX_SIDE}"),
+               "ff_chunk": (int, f"tokens in [0, {_TOKENS_MAX}]"),
+               "attn_chunk": (int, f"tokens in [1, {_TOKENS_MAX}]"),
                "cfg_split": (bool, "true or false"), "inplace": (bool, "true or false"),
                "skips_on_cpu": (bool, "true or false"),
                "band_rows": (int, "latent rows per band, 0 (off) .. 4096")}
@@ -75,12 +81,11 @@ def _check_memory(knobs: dict, source: str) -> tuple:
         ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
         if ok and name == "offload":
             ok = value in ("none", "model", "sequential")
-        elif ok and kind is int:
-            ok = value >= 0 and not (name == "vae_tile_px" and value % 8) \
-                and not (name == "attn_chunk" and value == 0) \
-                and not (name == "band_rows" and value > 4096)
+        elif ok and kind is int:  # the flags' bounds: --vae-tile's rule, chunks up to 32768^2 / 64 tokens
+            ok = 0 <= value <= _KNOB_MAX.get(name, validate.MAX_SIDE) \
+                and not (name == "vae_tile_px" and value % 8) and not (name == "attn_chunk" and value == 0)
         if not ok:
-            raise PresetError(f"{source}: memory knob {name!r} must be {rule}, got {value!r}")
+            raise PresetError(f"{source}: memory knob {name!r} must be {rule}, got {shown(value)}")
     return tuple(sorted(knobs.items()))
 
 
@@ -101,14 +106,20 @@ def _checked(source: str, key: str, rule, value):
 
 def user_preset_dir() -> Path:
     """Where user presets live."""
+    from ..io.inputs import expand, home
+
     root = os.environ.get("LINFUSION_CONFIG_DIR")
     if root:
-        return Path(root) / "presets"
-    return Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "linfusion" / "presets"
+        return Path(expand(root)) / "presets"
+    xdg = os.environ.get("XDG_CONFIG_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else home() / ".config") / "linfusion" / "presets"
 
 
 def parse_preset(text: str, *, name: str, source: str) -> Preset:
     """Validate one preset's YAML; every error names the file and the key."""
+    from .bounds import check_yaml
+
+    check_yaml(text, source, PresetError)  # nesting, alias expansion, repeated keys
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -125,9 +136,11 @@ def parse_preset(text: str, *, name: str, source: str) -> Preset:
     for key, value in data.items():
         if key not in _TYPES:
             known = ", ".join(sorted([*_TYPES, *PRESET_KEYS]))
-            raise PresetError(f"{source}: unknown key {key!r} (known: {known})")
+            raise PresetError(f"{source}: unknown key {shown(key)} (known: {known})")
         if isinstance(value, bool) or not isinstance(value, _TYPES[key]):
             raise PresetError(f"{source}: key {key!r} has the wrong type ({type(value).__name__})")
+    if "memory" in data and len(data["memory"]) > len(_KNOB_RULES):
+        raise PresetError(f"{source}: key 'memory' has {len(data['memory'])} knobs; known: {', '.join(_KNOB_RULES)}")
     if "family" in data and data["family"] not in FAMILIES:
         raise PresetError(f"{source}: key 'family' must be one of {', '.join(FAMILIES)}")
     if "scheduler" in data and data["scheduler"] not in SCHEDULERS:
@@ -180,7 +193,7 @@ def available_presets() -> dict[str, str]:
     """Name -> source (bundled:NAME or a file path); user presets override bundled ones."""
     found = {name: f"bundled:{name}" for name in bundled_presets()}
     folder = user_preset_dir()
-    if folder.is_dir():
+    if folder.is_dir():  # a FIFO or folder named *.yaml is listed, and refused when read
         found.update({p.stem: str(p) for p in sorted(folder.glob("*.yaml"))})
     return dict(sorted(found.items()))
 
@@ -189,7 +202,7 @@ def load_preset(name_or_file: str | None) -> Preset:
     """A preset by bundled/user name, or from a YAML file path."""
     name_or_file = name_or_file or DEFAULT_PRESET
     path = Path(name_or_file).expanduser()
-    if name_or_file.endswith((".yaml", ".yml")) or path.is_file():
+    if name_or_file.endswith((".yaml", ".yml")) or (path.exists() and not path.is_dir()):
         return parse_preset(_read(path), name=path.stem, source=str(path))
     known = available_presets()
     if name_or_file not in known:
@@ -201,13 +214,13 @@ def load_preset(name_or_file: str | None) -> Preset:
 
 
 def _read(path: Path) -> str:
-    """A preset file's text; directories, binary files and unreadable files are one-line errors."""
-    if path.is_dir():
-        raise PresetError(f"preset {path} is a directory, not a YAML file")
+    """A preset file's text: a regular file (FIFOs and devices refused before opening), at most
+    1 MiB of UTF-8; anything else is one PresetError line."""
+    from ..errors import ModelNotFoundError
+    from ..io.inputs import read_bounded
+
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise PresetError(f"preset file {path} is not UTF-8 text") from None
-    except OSError as exc:
-        raise PresetError(f"cannot read preset file {path}: {exc.strerror or exc}") from None
+        return read_bounded(path, "preset", limit=1 << 20, error=PresetError)
+    except ModelNotFoundError as exc:
+        raise PresetError(str(exc)) from None
 

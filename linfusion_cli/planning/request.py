@@ -77,13 +77,30 @@ def target_size(req: Request, preset: Preset) -> tuple[int, int]:
     return size_from_res(res, req.aspect or preset.aspect)
 
 
+PATH_FIELDS = ("preset", "model", "linfusion", "init_image", "config", "controlnet", "control_image",
+               "tile_controlnet", "ip_adapter", "ip_image", "ip_encoder")
+
+
+def expanded(req: Request) -> Request:
+    """`~` expanded in every path the request names (flags, batch lines), as a shell would."""
+    from ..io.inputs import expand
+
+    changes = {f: expand(getattr(req, f)) for f in PATH_FIELDS if isinstance(getattr(req, f), str)
+               and getattr(req, f).startswith("~")}
+    if any(x.startswith("~") for x in req.loras):
+        changes["loras"] = tuple(expand(x) for x in req.loras)
+    return replace(req, **changes) if changes else req
+
+
 def _preset_and_model(req: Request, info=None):
     """The preset (given, else the model's family's) and the resolved model."""
     from .resolve import resolve_model
 
     given = load_preset(req.preset)  # None: the default preset, until the model's family is known
     if info is None:
-        info = resolve_model(req.model or given.model, config_dir=req.config,
+        from ..io.inputs import expand
+
+        info = resolve_model(expand(req.model or given.model), config_dir=req.config,
                              fallback_family=given.family, allow_pickle=req.allow_pickle)
     if req.preset is None and info.family != given.family:
         return load_preset(info.family), info
@@ -111,6 +128,7 @@ def make_plan(req: Request, model_info=None) -> GenerationPlan:
     validate.request(req)
     if req.prompt is None or not req.prompt.strip():
         raise InputError("the prompt is empty")
+    req = expanded(req)
     preset, info = _preset_and_model(req, model_info)
     width, height = target_size(req, preset)
     seed = req.seed if req.seed is not None else secrets.randbelow(validate.SEED_MAX + 1)
@@ -119,6 +137,10 @@ def make_plan(req: Request, model_info=None) -> GenerationPlan:
     if max_vram is None and preset.max_vram is not None:
         max_vram, budget_from = preset.max_vram, f"preset {preset.name}'s max_vram"
     linfusion = None if req.no_linfusion else resolve_linfusion(req.linfusion or preset.linfusion, info)
+    if linfusion not in (None, "fresh"):
+        from ..attention.checkpoint import check_source
+
+        check_source(linfusion)  # a local path must hold weights now, not after the model loaded
     device, dtype, vae_dtype, elsewhere = planned_device(req.device, req.dtype or preset.dtype,
                                                          max_vram, req.dry_run)
     plan = build_plan(

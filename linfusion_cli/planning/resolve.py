@@ -76,10 +76,12 @@ def _read_json(path: Path, what: str) -> dict:
 def _folder_configs(folder: Path) -> tuple[dict, dict]:
     """unet/config.json and vae/config.json of a local diffusers folder (malformed ones named)."""
     configs = {}
+    from .bounds import check_config
+
     for part in ("unet", "vae"):
         path = folder / part / "config.json"
-        if path.is_file():
-            configs[part] = _read_json(path, f"the {part} config")
+        if path.exists():
+            configs[part] = check_config(_read_json(path, f"the {part} config"), f"{path}", ModelNotFoundError)
     if not (folder / "model_index.json").is_file():
         raise ModelNotFoundError(f"{folder} is not a diffusers model folder (no model_index.json)")
     for part in ("unet", "vae"):
@@ -142,6 +144,10 @@ def resolve_model(model: str, *, config_dir: str | None = None, fallback_family:
         return ModelInfo(model, detect_family(unet), unet, vae, "local folder's configs")
     if path.is_file():
         return _single_file(path, config_dir, allow_pickle)
+    if path.exists():  # a FIFO or device: opening it would block
+        from ..io.inputs import regular_file
+
+        regular_file(path, "--model")
     if model.startswith((".", "/", "~")) or model.endswith((".safetensors", ".ckpt")) \
             or model.count("/") != 1:
         raise ModelNotFoundError(f"model not found: {model} (not a folder, file or hub id)")

@@ -181,9 +181,12 @@ def json_object(path, what: str, error=InputError) -> dict:
     """A JSON file that must hold an object (configs): anything else is one `error` line."""
     import json
 
+    from ..io.inputs import read_bounded
+
+    text = read_bounded(path, what, error=error)  # a regular file of at most a few MiB
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
         raise error(f"{what} {path} is not readable JSON: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise error(f"{what} {path} must be a JSON object")

@@ -1,0 +1,48 @@
+"""Test-only hooks (die or hold after N images, pause at a claimed entry), inert in production.
+
+Each is read from its own variable but honoured only when LINFUSION_TEST_HOOKS=1 is set too, so a
+variable left in a user's environment cannot change a real run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+ENABLE = "LINFUSION_TEST_HOOKS"  # must be "1" for any hook below to act
+AFTER_IMAGES = "LINFUSION_TEST_AFTER_IMAGES"  # "RANK:N" exit 3 after the N-th image; "RANK:N:hold"
+PAUSE_CLAIMED = "LINFUSION_TEST_PAUSE_CLAIMED"  # "INDEX:READY:GO": touch READY, wait for GO to exist
+
+
+def _spec(name: str) -> str:
+    return os.environ.get(name, "") if os.environ.get(ENABLE) == "1" else ""
+
+
+def after_images(rank: int, count: int) -> None:
+    """A rank that dies (exit 3) or holds for a signal after its N-th image."""
+    spec = _spec(AFTER_IMAGES)
+    if not spec:
+        return
+    who, n, *action = spec.split(":")
+    if who in ("*", str(rank)) and count == int(n):
+        sys.stdout.flush()
+        if action == ["hold"]:
+            while True:
+                signal.pause()  # until a signal (Ctrl-C) raises KeyboardInterrupt here
+        os._exit(3)
+
+
+def claimed(index: int) -> None:
+    """Hold right after claiming entry INDEX until the test creates GO (files, not timing)."""
+    spec = _spec(PAUSE_CLAIMED)
+    if not spec:
+        return
+    want, ready, go = spec.split(":", 2)
+    if int(want) != index:
+        return
+    Path(ready).touch()
+    while not Path(go).exists():
+        time.sleep(0.05)  # polls for the test's file; the order of events is the files'
