@@ -11,7 +11,20 @@ import torch
 from torch import nn
 
 from .rows import (Computed, Full, Moments, Rows, band_ranges, conv_rows, group_norm_affine,
-                   mapped, normed)
+                   mapped, normed, reduced)
+
+# `comm` arguments: None in one process; under band parallelism (linfusion_cli/parallel) the
+# level's communicator, whose halo(src, top, bottom) adds the neighbours' rows to this rank's
+# band, moments(m) / key_state(state) sum over the ranks and tokens(n) is the whole map's count.
+
+
+def halo_rows(conv: nn.Module, height: int) -> tuple[int, int]:
+    """(rows above, rows below) a band of `height` input rows that conv's output rows
+    [0, ceil(height / stride)) read (the rows a rank needs from its neighbours)."""
+    base = getattr(conv, "base_layer", conv)
+    (k, _), (s, _), (p, _), (d, _) = base.kernel_size, base.stride, base.padding, base.dilation
+    out = -(-height // s)
+    return p, max(0, (out - 1) * s - p + (k - 1) * d + 1 - height)
 
 
 def check_resnet(r: nn.Module) -> None:
@@ -26,7 +39,7 @@ def check_resnet(r: nn.Module) -> None:
         raise ValueError("band-wise UNet: resnet convs must have stride 1")
 
 
-def resnet(r: nn.Module, x: Rows, temb: torch.Tensor | None, rows: int) -> torch.Tensor:
+def resnet(r: nn.Module, x: Rows, temb: torch.Tensor | None, rows: int, comm=None) -> torch.Tensor:
     """ResnetBlock2D.forward(x, temb) -> (B, C_out, H, W), holding x, one output map and a band.
 
     Pass 1: GroupNorm-1 moments of x. Pass 2: conv1 band by band into the output map, with the
@@ -37,13 +50,14 @@ def resnet(r: nn.Module, x: Rows, temb: torch.Tensor | None, rows: int) -> torch
     check_resnet(r)
     ranges = band_ranges(x.height, rows)
     act = r.nonlinearity
-    affine1 = group_norm_affine(r.norm1, x, ranges)
+    affine1 = group_norm_affine(r.norm1, x, ranges, comm)
     if temb is not None and r.time_emb_proj is not None:
         t = temb if r.skip_time_act else r.nonlinearity(temb)
         temb = r.time_emb_proj(t)[:, :, None, None]  # (B, C_out, 1, 1)
     else:
         temb = None
-    pre1 = mapped(x, lambda t: act(normed(t, affine1)))
+    xh = x if comm is None else comm.halo(x, *halo_rows(r.conv1, x.height))
+    pre1 = mapped(xh, lambda t: act(normed(t, affine1)))
     out, moments = None, Moments()
     for a, b in ranges:
         h = conv_rows(r.conv1, pre1, a, b)
@@ -54,22 +68,30 @@ def resnet(r: nn.Module, x: Rows, temb: torch.Tensor | None, rows: int) -> torch
         out[:, :, a:b] = h
         moments.add(h)
         del h
-    affine2 = moments.affine(r.norm2)
+    affine2 = reduced(moments, comm).affine(r.norm2)
     conv2 = getattr(r.conv2, "base_layer", r.conv2)
     above = conv2.padding[0]  # rows above a band that conv2 reads (stride 1)
     carry, carry_at = out[:, :, :0].clone(), 0  # original rows [carry_at, a) of `out`
+    # the neighbours' rows of conv1's output (B, C_out, t / u, W), taken before any is overwritten
+    edge = None if comm is None else comm.halo(Full(out), *halo_rows(r.conv2, x.height))
+    top, bottom = (out[:, :, :0], out[:, :, :0]) if edge is None else (edge.top, edge.bottom)
 
     def original(lo, hi, a):  # rows [lo, hi) of conv1's output, some already overwritten
         parts = []
-        if lo < a:
-            parts.append(carry[:, :, lo - carry_at:a - carry_at])
+        if lo < 0:
+            parts.append(top[:, :, top.shape[2] + lo:top.shape[2] + min(hi, 0)])
+        if lo < a and hi > 0:
+            parts.append(carry[:, :, max(lo, 0) - carry_at:a - carry_at])
         if hi > a:
-            parts.append(out[:, :, max(lo, a):hi])
+            parts.append(out[:, :, max(lo, a):min(hi, x.height)])
+        if hi > x.height:
+            parts.append(bottom[:, :, max(lo, x.height) - x.height:hi - x.height])
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
     for a, b in ranges:
         pre2 = Computed(out.shape[0], out.shape[1], x.height, x.width, lambda lo, hi, a=a:
-                        r.dropout(act(normed(original(lo, hi, a), affine2))))
+                        r.dropout(act(normed(original(lo, hi, a), affine2))),
+                        top.shape[2], bottom.shape[2])
         h = conv_rows(r.conv2, pre2, a, b)
         shortcut = x.rows(a, b)
         if r.conv_shortcut is not None:
@@ -83,7 +105,7 @@ def resnet(r: nn.Module, x: Rows, temb: torch.Tensor | None, rows: int) -> torch
     return out
 
 
-def downsample(down: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
+def downsample(down: nn.Module, x: torch.Tensor, rows: int, comm=None) -> torch.Tensor:
     """Downsample2D.forward (a stride-2 conv with padding) -> (B, C, ceil(H/2), ceil(W/2))."""
     conv = down.conv
     if not getattr(down, "use_conv", True) or getattr(down, "norm", None) is not None \
@@ -92,12 +114,16 @@ def downsample(down: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
     base = getattr(conv, "base_layer", conv)
     (k, _), (s, _), (p, _), (d, _) = base.kernel_size, base.stride, base.padding, base.dilation
     h_out = (x.shape[2] + 2 * p - d * (k - 1) - 1) // s + 1
-    first = conv_rows(conv, Full(x), 0, min(rows, h_out))
+    src: Rows = Full(x)
+    if comm is not None:  # a rank's band: its output rows are the next level's band (aligned)
+        h_out = -(-x.shape[2] // s)
+        src = comm.halo(src, *halo_rows(conv, x.shape[2]))
+    first = conv_rows(conv, src, 0, min(rows, h_out))
     out = torch.empty(*first.shape[:2], h_out, first.shape[3], dtype=first.dtype, device=first.device)
     out[:, :, :first.shape[2]] = first
     del first
     for a, b in band_ranges(h_out, rows)[1:]:
-        out[:, :, a:b] = conv_rows(conv, Full(x), a, b)
+        out[:, :, a:b] = conv_rows(conv, src, a, b)
     return out
 
 
@@ -114,14 +140,14 @@ def check_transformer(tr: nn.Module) -> None:
 
 
 def transformer(tr: nn.Module, x: torch.Tensor, rows: int, context, context_mask,
-                kwargs: dict) -> torch.Tensor:
+                kwargs: dict, comm=None) -> torch.Tensor:
     """Transformer2DModel.forward(x) (continuous input) with its BasicTransformerBlocks; the
     result is written over x (the caller's own map), with one (B, H W, inner) token map beside it.
     """
     check_transformer(tr)
     B, C, H, W = x.shape
     ranges = band_ranges(H, rows)
-    affine = group_norm_affine(tr.norm, Full(x), ranges)
+    affine = group_norm_affine(tr.norm, Full(x), ranges, comm)
     linear = tr.use_linear_projection
     tokens = None
     for a, b in ranges:
@@ -139,7 +165,7 @@ def transformer(tr: nn.Module, x: torch.Tensor, rows: int, context, context_mask
     kwargs = dict(kwargs or {})
     kwargs.pop("gligen", None)
     for blk in tr.transformer_blocks:
-        transformer_block(blk, tokens, spans, context, context_mask, kwargs)
+        transformer_block(blk, tokens, spans, context, context_mask, kwargs, comm)
     inner = tokens.shape[2]
     for (a, b), (s, e) in zip(ranges, spans):
         h = tokens[:, s:e]
@@ -155,16 +181,18 @@ def transformer(tr: nn.Module, x: torch.Tensor, rows: int, context, context_mask
 
 
 def transformer_block(blk: nn.Module, tokens: torch.Tensor, spans, context, context_mask,
-                      kwargs: dict) -> None:
+                      kwargs: dict, comm=None) -> None:
     """BasicTransformerBlock.forward over every span of tokens (B, N, inner), in place.
 
     LinFusion self-attention is global: pass 1 folds every span's keys into one state, pass 2
     runs the block per span with it (cross-attention, norms and feed-forward are per token).
     """
     state = blk.attn1.empty_state(tokens)
-    n_total = tokens.shape[1]
+    n_total = tokens.shape[1] if comm is None else comm.tokens(tokens.shape[1])
     for s, e in spans:
         blk.attn1.accumulate(state, blk.norm1(tokens[:, s:e]), n_total)
+    if comm is not None:  # every rank's tokens folded in: the whole image's state
+        comm.key_state(state, n_total)
     for s, e in spans:
         h = tokens[:, s:e]
         h = blk.attn1.read(state, blk.norm1(h)) + h
@@ -181,11 +209,14 @@ def transformer_block(blk: nn.Module, tokens: torch.Tensor, spans, context, cont
 
 
 def head(norm: nn.Module | None, act: nn.Module | None, conv: nn.Module, x: torch.Tensor,
-         rows: int) -> torch.Tensor:
+         rows: int, comm=None) -> torch.Tensor:
     """conv(act(norm(x))) (the UNet's conv_norm_out / conv_act / conv_out) band by band."""
     src: Rows = Full(x)
     if norm is not None:
-        affine = group_norm_affine(norm, src, band_ranges(x.shape[2], rows))
+        affine = group_norm_affine(norm, src, band_ranges(x.shape[2], rows), comm)
+    if comm is not None:
+        src = comm.halo(src, *halo_rows(conv, x.shape[2]))
+    if norm is not None:
         src = mapped(src, lambda t: act(normed(t, affine)))
     parts = [conv_rows(conv, src, a, b) for a, b in band_ranges(x.shape[2], rows)]
     return torch.cat(parts, dim=2)

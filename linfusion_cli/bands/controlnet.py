@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import blocks
+from .rows import Full, conv_rows
 
 
 def check_controlnet(net: nn.Module) -> None:
@@ -54,12 +55,16 @@ def banded_controlnet_forward(net: nn.Module, band_rows: int, park: bool, sample
                               controlnet_cond: torch.Tensor, conditioning_scale: float = 1.0,
                               class_labels=None, timestep_cond=None, attention_mask=None,
                               added_cond_kwargs=None, cross_attention_kwargs=None,
-                              guess_mode: bool = False, return_dict: bool = True):
-    """ControlNetModel.forward's arguments and result; residuals parked on the host if `park`."""
+                              guess_mode: bool = False, return_dict: bool = True, group=None):
+    """ControlNetModel.forward's arguments and result; residuals parked on the host if `park`.
+
+    group (linfusion_cli/parallel.BandGroup): this rank's rows of every residual, for the UNet
+    run over the same group (the conditioning embedding runs whole on every rank, then sliced).
+    """
     from diffusers.models.controlnets.controlnet import ControlNetOutput
 
     from ..pipeline import knobs  # park is replaced by the memory trace: look it up per call
-    from .unet import down_and_mid
+    from .unet import _comms, down_and_mid
 
     if attention_mask is not None:
         raise ValueError("band-wise ControlNet: attention masks are not supported")
@@ -82,11 +87,16 @@ def banded_controlnet_forward(net: nn.Module, band_rows: int, park: bool, sample
         res = net.controlnet_down_blocks[i](skip) * scales[i]
         residuals.append(knobs.park(res) if park else res)
 
-    def stem():
-        return net.conv_in(sample) + net.controlnet_cond_embedding(controlnet_cond)
+    comm, (r0, r1) = _comms(group, net, sample.shape[2])
+
+    def stem():  # (B, C0, r1 - r0, W): this rank's rows (all of them in one process)
+        if group is None:
+            return net.conv_in(sample) + net.controlnet_cond_embedding(controlnet_cond)
+        cond = net.controlnet_cond_embedding(controlnet_cond)[:, :, r0:r1]
+        return conv_rows(net.conv_in, Full(sample), r0, r1) + cond
 
     attn = (encoder_hidden_states, None, cross_attention_kwargs or {})
-    h, _ = down_and_mid(net, stem, emb, attn, band_rows, on_skip)
+    h, _ = down_and_mid(net, stem, emb, attn, band_rows, on_skip, comm)
     mid = net.controlnet_mid_block(h) * scales[-1]
     del h
     if not return_dict:

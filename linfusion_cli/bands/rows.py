@@ -27,20 +27,27 @@ def level_rows(band_rows: int, level: int) -> int:
 # ---------------------------------------------------------------- row sources
 
 class Rows:
-    """A (B, C, H, W) map that hands out rows [lo, hi) on request (0 <= lo < hi <= H)."""
+    """A (B, C, H, W) map that hands out rows [lo, hi) on request (-above <= lo < hi <= H + below).
+
+    `above` / `below`: halo rows beyond the map's own that it can also hand out (a rank's
+    neighbours' rows, received by linfusion_cli/parallel); rows beyond those are zeros.
+    """
 
     batch: int
     channels: int
     height: int
     width: int
+    above: int = 0
+    below: int = 0
 
     def rows(self, lo: int, hi: int) -> torch.Tensor:
         raise NotImplementedError
 
     def padded(self, lo: int, hi: int) -> torch.Tensor:
-        """Rows [lo, hi) with zeros for rows outside the map (a convolution's zero padding)."""
-        top, bottom = max(0, -lo), max(0, hi - self.height)
-        x = self.rows(max(lo, 0), min(hi, self.height))
+        """Rows [lo, hi) with zeros for rows outside the map and its halo (a conv's zero padding)."""
+        first, last = -self.above, self.height + self.below
+        top, bottom = max(0, first - lo), max(0, hi - last)
+        x = self.rows(max(lo, first), min(hi, last))
         return F.pad(x, (0, 0, top, bottom)) if top or bottom else x
 
 
@@ -87,6 +94,7 @@ class Cat(Rows):
         self.a, self.b = a, b
         self.batch, self.height, self.width = a.batch, a.height, a.width
         self.channels = a.channels + b.channels
+        self.above, self.below = min(a.above, b.above), min(a.below, b.below)
 
     def rows(self, lo, hi):
         return torch.cat([self.a.rows(lo, hi), self.b.rows(lo, hi)], dim=1)
@@ -94,36 +102,39 @@ class Cat(Rows):
 
 class Upsampled(Rows):
     """diffusers' Upsample2D (nearest to `size`, then its conv) of a low-resolution map, computed
-    for the rows asked: the upsampled map itself never exists whole."""
+    for the rows asked: the upsampled map itself never exists whole. `low` may carry halo rows
+    (a rank's band of the map): the upsampled rows next to the band can then be computed too."""
 
-    def __init__(self, low: torch.Tensor, upsampler: nn.Module, size: tuple[int, int] | None = None):
+    def __init__(self, low: "torch.Tensor | Rows", upsampler: nn.Module,
+                 size: tuple[int, int] | None = None):
         check_upsampler(upsampler)
-        self.low, self.up = low, upsampler
-        b, c, h, w = low.shape
+        self.low, self.up = (Full(low) if torch.is_tensor(low) else low), upsampler
+        b, c, h, w = self.low.batch, self.low.channels, self.low.height, self.low.width
         self.batch, self.channels = b, c
         self.height, self.width = size if size is not None else (2 * h, 2 * w)
+        assert self.height in (2 * h, 2 * h - 1), "nearest row map is i // 2 only for x2 sizes"
 
     def _nearest(self, lo: int, hi: int) -> torch.Tensor:
         """Rows [lo, hi) of F.interpolate(low, size, mode="nearest") (no conv)."""
-        h = self.low.shape[2]
         # nearest maps output row i to floor(i * h / H); for H = 2h or 2h - 1 that is i // 2
         src_lo, src_hi = lo // 2, (hi - 1) // 2 + 1
-        band = self.low[:, :, src_lo:src_hi]
+        band = self.low.rows(src_lo, src_hi)
         up = F.interpolate(band, size=(2 * (src_hi - src_lo), self.width), mode="nearest")
-        assert self.height in (2 * h, 2 * h - 1), "nearest row map is i // 2 only for x2 sizes"
         return up[:, :, lo - 2 * src_lo:hi - 2 * src_lo]
 
     def rows(self, lo, hi):
         conv = self.up.conv if self.up.name == "conv" else self.up.Conv2d_0
-        src = Computed(self.batch, self.channels, self.height, self.width, self._nearest)
+        src = Computed(self.batch, self.channels, self.height, self.width, self._nearest,
+                       2 * self.low.above, 2 * self.low.below)
         return conv_rows(conv, src, lo, hi)
 
 
 class Computed(Rows):
-    """Rows produced by a function (lo, hi) -> tensor."""
+    """Rows produced by a function (lo, hi) -> tensor (with `above` / `below` halo rows)."""
 
-    def __init__(self, batch, channels, height, width, fn):
+    def __init__(self, batch, channels, height, width, fn, above: int = 0, below: int = 0):
         self.batch, self.channels, self.height, self.width, self.fn = batch, channels, height, width, fn
+        self.above, self.below = above, below
 
     def rows(self, lo, hi):
         return self.fn(lo, hi)
@@ -132,7 +143,35 @@ class Computed(Rows):
 def mapped(src: Rows, fn, channels: int | None = None) -> Rows:
     """src with a row-wise function applied to every band it hands out (a norm + activation)."""
     return Computed(src.batch, src.channels if channels is None else channels, src.height, src.width,
-               lambda lo, hi: fn(src.rows(lo, hi)))
+                    lambda lo, hi: fn(src.rows(lo, hi)), src.above, src.below)
+
+
+class Halo(Rows):
+    """A map's own rows plus halo rows above (B, C, t, W) and below (B, C, u, W) it."""
+
+    def __init__(self, src: Rows, top: torch.Tensor, bottom: torch.Tensor):
+        self.src, self.top, self.bottom = src, top, bottom
+        self.batch, self.channels, self.height, self.width = src.batch, src.channels, src.height, src.width
+        self.above, self.below = top.shape[2], bottom.shape[2]
+
+    def rows(self, lo, hi):
+        h, parts = self.height, []
+        if lo < 0:
+            parts.append(self.top[:, :, self.above + lo:self.above + min(hi, 0)])
+        if hi > 0 and lo < h:
+            parts.append(self.src.rows(max(lo, 0), min(hi, h)))
+        if hi > h:
+            parts.append(self.bottom[:, :, max(lo, h) - h:hi - h])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+def low_halo(up: nn.Module) -> tuple[int, int]:
+    """(rows above, rows below) of the low-resolution band that Upsampled needs to compute the
+    upsampled band's own rows (its conv reads nearest rows -p .. h - 1 + (k - 1) d - p)."""
+    conv = up.conv if up.name == "conv" else up.Conv2d_0
+    base = getattr(conv, "base_layer", conv)
+    (k, _), (p, _), (d, _) = base.kernel_size, base.padding, base.dilation
+    return (p + 1) // 2, max(0, ((k - 1) * d - p + 1) // 2)
 
 
 def check_upsampler(up: nn.Module) -> None:
@@ -204,14 +243,21 @@ class Moments:
         return scale.float().view(b, c, 1, 1), shift.float().view(b, c, 1, 1)
 
 
-def group_norm_affine(norm: nn.GroupNorm, src: Rows, ranges) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole map's GroupNorm as (scale, shift), from one pass over src's bands."""
+def group_norm_affine(norm: nn.GroupNorm, src: Rows, ranges,
+                      comm=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole map's GroupNorm as (scale, shift), from one pass over src's bands (and, with
+    a band-parallel `comm`, the other ranks' bands: their moments summed in)."""
     if not isinstance(norm, nn.GroupNorm):
         raise ValueError(f"band-wise execution needs GroupNorm, not {type(norm).__name__}")
     m = Moments()
     for a, b in ranges:
         m.add(src.rows(a, b))
-    return m.affine(norm)
+    return reduced(m, comm).affine(norm)
+
+
+def reduced(m: Moments, comm) -> Moments:
+    """m summed over every rank's band (comm.moments), or m itself in one process."""
+    return m if comm is None else comm.moments(m)
 
 
 def normed(x: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -13,7 +13,23 @@ import torch
 from torch import nn
 
 from . import blocks
-from .rows import Cat, Full, Host, Rows, Upsampled, level_rows
+from .rows import Cat, Full, Host, Rows, Upsampled, conv_rows, level_rows, low_halo
+
+
+def levels(model: nn.Module) -> int:
+    """How many times the down path halves the height (3 for SD1.5, 2 for SD-XL)."""
+    return sum(1 for blk in model.down_blocks if blk.downsamplers)
+
+
+def _comms(group, model: nn.Module, height: int):
+    """(level -> that level's communicator, or None in one process; this rank's rows at level 0).
+
+    `group` (linfusion_cli/parallel's BandGroup, or None) is handed in, never imported: bands
+    sit below parallel. Its layout gives each rank a contiguous band of rows at every level."""
+    if group is None:
+        return (lambda level: None), (0, height)
+    layout = group.layout(height, levels(model))
+    return layout.at, layout.rows(0)
 
 
 def check_unet(unet: nn.Module) -> None:
@@ -54,13 +70,16 @@ def banded_forward(unet: nn.Module, band_rows: int, park_skips: bool, sample: to
                    timestep_cond=None, attention_mask=None, cross_attention_kwargs=None,
                    added_cond_kwargs=None, down_block_additional_residuals=None,
                    mid_block_additional_residual=None, down_intrablock_additional_residuals=None,
-                   encoder_attention_mask=None, return_dict: bool = True, control=None):
+                   encoder_attention_mask=None, return_dict: bool = True, control=None,
+                   group=None):
     """UNet2DConditionModel.forward's arguments and result; sample (B, 4, H, W).
 
     band_rows: latent rows per band at full resolution (halved per level, rounded up).
     park_skips: skips (and ControlNet residuals) wait in host memory (skips_on_cpu).
     control: a callable (batch) -> (down residuals, mid residual) run once this forward's
     skips are needed (adapters/residuals.py), instead of residuals passed in.
+    group: band parallelism (linfusion_cli/parallel.BandGroup): this rank computes its band of
+    rows of every layer, and the whole output (B, 4, H, W) is gathered on every rank.
     """
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
@@ -83,9 +102,14 @@ def banded_forward(unet: nn.Module, band_rows: int, park_skips: bool, sample: to
     residuals, mid_residual = down_block_additional_residuals, mid_block_additional_residual
     if control is not None:  # the ControlNet for this forward's rows, before the UNet's own work
         residuals, mid_residual = control(sample.shape[0])
+    comm, (r0, r1) = _comms(group, unet, sample.shape[2])
     skips = []
-    h, level = down_and_mid(unet, lambda: unet.conv_in(sample), emb, attn, band_rows,
-                            lambda t: skips.append(_keep(t, park_skips, device, knobs)))
+
+    def stem():  # conv_in's output, this rank's rows (B, C0, r1 - r0, W): the sample is whole
+        return unet.conv_in(sample) if group is None else conv_rows(unet.conv_in, Full(sample), r0, r1)
+
+    h, level = down_and_mid(unet, stem, emb, attn, band_rows,
+                            lambda t: skips.append(_keep(t, park_skips, device, knobs)), comm)
     if mid_residual is not None:
         h.add_(mid_residual.to(device))  # diffusers: sample + mid residual
     for skip, residual in zip(skips, residuals if residuals is not None else ()):
@@ -102,49 +126,55 @@ def banded_forward(unet: nn.Module, band_rows: int, park_skips: bool, sample: to
         for j, r in enumerate(blk.resnets):
             x = Cat(src, mine.pop())
             del src  # held by x until the resnet is done with it
-            h = blocks.resnet(r, x, emb, rows)
+            h = blocks.resnet(r, x, emb, rows, comm(level))
             del x
             if getattr(blk, "attentions", None):
-                h = blocks.transformer(blk.attentions[j], h, rows, *attn)
+                h = blocks.transformer(blk.attentions[j], h, rows, *attn, comm(level))
             src = Full(h)
             del h
         if blk.upsamplers:
             size = (sources[-1].height, sources[-1].width) if odd_size and sources else None
-            src = Upsampled(src.t, blk.upsamplers[0], size)
+            up = blk.upsamplers[0]  # with a halo, the rows next to the band can be computed too
+            low = src.t if group is None else comm(level).halo(src, *low_halo(up))
+            src = Upsampled(low, up, size)
             level -= 1
     out = blocks.head(unet.conv_norm_out, unet.conv_act, unet.conv_out, src.t,
-                      level_rows(band_rows, 0))
+                      level_rows(band_rows, 0), comm(0))
+    if group is not None:  # (B, 4, H, W) on every rank: the scheduler and the caller see one map
+        out = group.gather(out, comm(0))
     return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
 
-def down_and_mid(model: nn.Module, stem, emb, attn, band_rows: int, on_skip):
+def down_and_mid(model: nn.Module, stem, emb, attn, band_rows: int, on_skip,
+                 comm=lambda level: None):
     """The down blocks and the middle block band by band (a UNet's or a ControlNet's).
 
     stem() makes conv_in's output (B, C0, H, W) (called here so no caller holds it); on_skip(t)
-    is called with every skip as it is finished, conv_in's first. Returns (the middle block's
-    output, its level)."""
+    is called with every skip as it is finished, conv_in's first; comm(level) is the level's
+    band-parallel communicator (None in one process). Returns (the middle block's output, its
+    level)."""
     h = stem()
     on_skip(h)
     level = 0
     for blk in model.down_blocks:
         rows = level_rows(band_rows, level)
         for i, r in enumerate(blk.resnets):
-            h = blocks.resnet(r, Full(h), emb, rows)
+            h = blocks.resnet(r, Full(h), emb, rows, comm(level))
             if getattr(blk, "attentions", None):
-                h = blocks.transformer(blk.attentions[i], h, rows, *attn)
+                h = blocks.transformer(blk.attentions[i], h, rows, *attn, comm(level))
             on_skip(h)
         for down in blk.downsamplers or ():
             level += 1
-            h = blocks.downsample(down, h, level_rows(band_rows, level))
+            h = blocks.downsample(down, h, level_rows(band_rows, level), comm(level - 1))
             on_skip(h)
     rows = level_rows(band_rows, level)
-    mid = model.mid_block
-    h = blocks.resnet(mid.resnets[0], Full(h), emb, rows)
+    mid, c = model.mid_block, comm(level)
+    h = blocks.resnet(mid.resnets[0], Full(h), emb, rows, c)
     for tr, r in zip(getattr(mid, "attentions", None) or [None] * (len(mid.resnets) - 1),
                      mid.resnets[1:]):
         if tr is not None:
-            h = blocks.transformer(tr, h, rows, *attn)
-        h = blocks.resnet(r, Full(h), emb, rows)
+            h = blocks.transformer(tr, h, rows, *attn, c)
+        h = blocks.resnet(r, Full(h), emb, rows, c)
     return h, level
 
 

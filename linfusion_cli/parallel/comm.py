@@ -1,0 +1,158 @@
+"""The messages of a band-parallel forward: halo rows, GroupNorm moments, LinFusion key states.
+
+Every rank runs the same band-wise code (linfusion_cli/bands) on its own band of rows; the
+blocks call the level's communicator (`Level`) at the only points where a band needs more than
+its own rows: before a convolution (the neighbours' halo rows, point to point), at a GroupNorm
+(per-channel sums, all-reduced) and at a LinFusion layer (the d x (d + 1) state per head,
+all-reduced). Sums, never means, so unequal bands are exact. `BandGroup.sent` counts the bytes
+this rank hands to the network per kind (a ring all-reduce moves about 2 (N - 1) / N times its
+buffer; the counts are the buffers).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+
+from ..bands.rows import Halo, Moments, Rows
+from .layout import Layout, bands
+
+KINDS = ("halo", "moments", "key_state", "gather")
+
+
+def _like(src: Rows) -> torch.Tensor | None:
+    """A tensor of src's dtype (for receive buffers), found without computing any row."""
+    for name in ("t", "a", "low", "src"):
+        inner = getattr(src, name, None)
+        if torch.is_tensor(inner):
+            return inner
+        if isinstance(inner, Rows):
+            return _like(inner)
+    return None
+
+
+class BandGroup:
+    """N processes that compute one image together, each owning a band of rows of every map.
+
+    `pg`: the torch.distributed group (None: the default one). Handed to the band-wise forwards
+    (bands/unet.py's `group` argument), which never import this package.
+    """
+
+    def __init__(self, rank: int, size: int, device: torch.device | str = "cpu", pg=None):
+        self.rank, self.size, self.device, self.pg = rank, size, torch.device(device), pg
+        self.sent: Counter = Counter()
+        self._layouts: dict = {}
+
+    def layout(self, height: int, levels: int) -> "GroupLayout":
+        """The bands of a map `height` rows tall through `levels` halvings (cached)."""
+        key = (height, levels)
+        if key not in self._layouts:
+            self._layouts[key] = GroupLayout(self, Layout(tuple(map(tuple, bands(height, levels, self.size))),
+                                                          self.rank))
+        return self._layouts[key]
+
+    def all_reduce(self, flat: torch.Tensor, kind: str) -> torch.Tensor:
+        """The sum over ranks of a 1-D buffer, in place."""
+        self.sent[kind] += flat.numel() * flat.element_size()
+        dist.all_reduce(flat, group=self.pg)
+        return flat
+
+    def gather(self, local: torch.Tensor, level: "Level") -> torch.Tensor:
+        """Every rank's band (B, C, h_q, W) of a level-0 map, as the whole map (B, C, H, W)."""
+        most = max(b - a for a, b in level.parts)
+        pad = local.new_zeros(local.shape[0], local.shape[1], most, local.shape[3])
+        pad[:, :, :local.shape[2]] = local
+        got = [torch.empty_like(pad) for _ in range(self.size)]
+        self.sent["gather"] += pad.numel() * pad.element_size()
+        dist.all_gather(got, pad, group=self.pg)
+        return torch.cat([g[:, :, :b - a] for g, (a, b) in zip(got, level.parts)], dim=2)
+
+    def exchange(self, sends: dict, recvs: dict) -> None:
+        """Point-to-point: sends {rank: tensor}, recvs {rank: buffer}, all at once."""
+        ops = [dist.P2POp(dist.isend, t.contiguous(), peer, group=self.pg) for peer, t in sends.items()]
+        ops += [dist.P2POp(dist.irecv, t, peer, group=self.pg) for peer, t in recvs.items()]
+        for t in sends.values():
+            self.sent["halo"] += t.numel() * t.element_size()
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+
+
+class GroupLayout:
+    """A Layout bound to its group: `at(level)` is the communicator bands/ calls."""
+
+    def __init__(self, group: BandGroup, layout: Layout):
+        self.group, self.layout = group, layout
+        self._levels = [Level(group, parts) for parts in layout.parts]
+
+    def rows(self, level: int) -> tuple[int, int]:
+        return self.layout.rows(level)
+
+    def at(self, level: int) -> "Level":
+        return self._levels[level]
+
+
+class Level:
+    """One UNet level's bands: what bands/blocks.py calls as `comm`."""
+
+    def __init__(self, group: BandGroup, parts):
+        self.group, self.parts = group, parts
+        self.height = parts[-1][1]
+        self.a, self.b = parts[group.rank]
+
+    def halo(self, src: Rows, top: int, bottom: int) -> Halo:
+        """src (this rank's rows [a, b) of the map) with rows [a - top, a) and [b, b + bottom)
+        of the whole map from the ranks that own them (fewer at the map's edges)."""
+        me, a, b = self.group.rank, self.a, self.b
+        sends, recvs, order = {}, {}, []
+        like = None
+        for q, (qa, qb) in enumerate(self.parts):
+            if q == me:
+                continue
+            for lo, hi in ((max(qa - top, 0), qa), (qb, min(qb + bottom, self.height))):
+                x0, x1 = max(lo, a), min(hi, b)  # rows of mine that q needs
+                if x0 < x1:
+                    sends[q] = src.rows(x0 - a, x1 - a)
+            for lo, hi in ((max(a - top, 0), a), (b, min(b + bottom, self.height))):
+                x0, x1 = max(lo, qa), min(hi, qb)  # rows of q's that I need
+                if x0 < x1:
+                    if like is None:
+                        like = _like(src)
+                        like = like if like is not None else src.rows(0, 1)
+                    shape = (src.batch, src.channels, x1 - x0, src.width)
+                    recvs[q] = torch.empty(shape, dtype=like.dtype, device=self.group.device)
+                    order.append((x0, q))
+        self.group.exchange(sends, recvs)
+        empty = torch.empty(src.batch, src.channels, 0, src.width, device=self.group.device,
+                            dtype=like.dtype if like is not None else torch.float32)
+        above = [recvs[q] for x0, q in sorted(order) if x0 < a]
+        below = [recvs[q] for x0, q in sorted(order) if x0 >= b]
+        top_t = torch.cat(above, dim=2) if above else empty
+        bottom_t = torch.cat(below, dim=2) if below else empty
+        return Halo(src, top_t, bottom_t)
+
+    def moments(self, m: Moments) -> Moments:
+        """m's sums over every rank's band: the whole map's GroupNorm moments (float64)."""
+        b, c = m.sum.shape
+        flat = torch.cat([m.sum.reshape(-1), m.sq.reshape(-1),
+                          torch.tensor([float(m.count)], dtype=torch.float64, device=m.sum.device)])
+        flat = self.group.all_reduce(flat, "moments")
+        out = Moments()
+        out.sum, out.sq = flat[:b * c].view(b, c), flat[b * c:2 * b * c].view(b, c)
+        out.count = int(round(flat[-1].item()))
+        return out
+
+    def key_state(self, state, n_total: int) -> None:
+        """state (kv (B, h, d, d), k_sum (B, h, 1, d)) summed over every rank's tokens, in place."""
+        flat = torch.cat([state.kv.reshape(-1), state.k_sum.reshape(-1)])
+        flat = self.group.all_reduce(flat, "key_state")
+        n = state.kv.numel()
+        state.kv.copy_(flat[:n].view_as(state.kv))
+        state.k_sum.copy_(flat[n:].view_as(state.k_sum))
+        state.count = n_total
+
+    def tokens(self, local: int) -> int:
+        """The whole map's token count from this rank's (rows x width)."""
+        return local // (self.b - self.a) * self.height
