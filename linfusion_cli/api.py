@@ -112,13 +112,13 @@ def _digest(init_image) -> str | None:
 
 
 def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, overwrite: bool = False,
-                  on_event=None, init_image=None, resume: bool = False) -> dict:
+                  on_event=None, init_image=None, resume: bool = False, write: bool = True) -> dict:
     """Run a plan and write its image atomically (stdout when path is None).
 
     Every finished stage but the last is checkpointed beside `path` (io/checkpoints.py: hidden,
     or the --save-stages file), so a killed run loses at most one stage: resume=True starts
     after the last checkpoint whose settings match. The hidden checkpoints go once the image
-    is written.
+    is written. write=False: run, write nothing (a band-parallel rank other than 0).
     """
     from .io import checkpoints
     from .io.images import save_image
@@ -133,7 +133,7 @@ def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, o
     def handle(event):
         if isinstance(event, StageFinished):
             finished[:] = [event]
-            if event.stage < event.stages - 1 and (path is not None or plan.save_stages):
+            if write and event.stage < event.stages - 1 and (path is not None or plan.save_stages):
                 stage = plan.stages[event.stage]
                 mark = checkpoints.mark(plan, event.stage, event.image, digest, finite.widened(model, plan))
                 save_image(event.image, checkpoints.checkpoint_path(path, stage, plan.save_stages),
@@ -145,7 +145,7 @@ def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, o
     try:
         image, record = run_plan(plan, model, on_event=handle, init_image=init_image, resume_from=start)
     except NonFiniteError as exc:
-        if not finished:
+        if not finished or not write:
             raise
         last = finished[0]
         stage = plan.stages[last.stage]
@@ -155,6 +155,8 @@ def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, o
             if not kept.exists():
                 save_image(last.image, kept, record=last.record, fmt="png", overwrite=overwrite)
         raise NonFiniteError(exc.part, f"{exc}; stage {last.stage + 1}'s image is kept as {kept}") from None
+    if not write:
+        return result_summary(path, record)
     written = save_image(image, path, record=record, fmt=fmt, overwrite=overwrite)
     if path is not None:
         checkpoints.finish(plan, path, keep=plan.save_stages)

@@ -90,10 +90,11 @@ class World:
             raise InputError(problem)
         return io.StringIO(text)
 
-    def agree(self, failure: BaseException | None = None) -> None:
+    def agree(self, failure: BaseException | None = None, keep: bool = False) -> None:
         """Every rank reports its validation; if any failed, all raise the lowest failing rank's error.
 
         Only rank 0 prints it (the error's `echo` is False elsewhere), so one bad file gives one line.
+        keep: the group stays for the run (band parallelism: one image over every rank).
         """
         if self.agreed or not self.distributed:
             self.agreed = True
@@ -111,7 +112,7 @@ class World:
             mine = (cls, text)
         reports = [None] * self.size
         dist.all_gather_object(reports, mine)
-        if self.owns_group:  # nothing crosses ranks after this: a rank that dies cannot block others,
+        if self.owns_group and not keep:  # nothing crosses ranks after this: a rank that dies cannot block others,
             dist.destroy_process_group()  # and libraries see no group (transformers saves on rank 0 only)
         for rank, report in enumerate(reports):
             if report is not None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
 
-from .. import api
+from .. import api, distributed
 from ..errors import InputError, OutputError, ResumeMismatchError
 from .console import ProgressView, info, quiet_libraries
 
@@ -26,6 +27,15 @@ def memory_line(stage) -> str:
             f"({', '.join(k for k in knobs if k)})")
 
 
+def parallel_line(plan) -> str | None:
+    """The dry run's line about band parallelism (None for one process)."""
+    if plan.world_size <= 1:
+        return None
+    return (f"parallel: bands, world_size {plan.world_size}: every rank holds its band of rows "
+            f"(memory below is per rank; --max-vram is per GPU); a rank that waits "
+            f"{plan.group_timeout_s:g} s for a peer stops the run (LINFUSION_GROUP_TIMEOUT)")
+
+
 def print_dry_run(plan, *, as_json: bool, extra: dict | None = None, resume: dict | None = None) -> None:
     """The plan on stdout: one JSON object (with `extra` first: a batch line's index and path),
     or a readable table; `resume`: where --resume starts."""
@@ -33,6 +43,8 @@ def print_dry_run(plan, *, as_json: bool, extra: dict | None = None, resume: dic
         print(json.dumps({**(extra or {}), **plan.to_dict(), **({"resume": resume} if resume is not None else {})}))
         return
     print(planned_for(plan))
+    if parallel_line(plan):
+        print(parallel_line(plan))
     print(f"model {plan.model} ({plan.family}: {plan.extras.get('family_from', '')}), "
           f"preset {plan.extras.get('preset')}, LinFusion {plan.linfusion or 'off'}, seed {plan.seed}")
     from ..adapters import describe
@@ -90,11 +102,14 @@ def load(plan, *, verbose: bool, quiet: bool, allow_pickle: bool = False, config
 
 
 def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_image=None,
-            resume: bool = False) -> dict:
-    """Generate one image, write it, print its path (or JSON) on stdout."""
-    with ProgressView(quiet=quiet, verbose=verbose) as view:
+            resume: bool = False, write: bool = True) -> dict:
+    """Generate one image, write it, print its path (or JSON) on stdout (write=False: a band-
+    parallel rank other than 0, which computes its share and writes and prints nothing)."""
+    with ProgressView(quiet=quiet or not write, verbose=verbose) as view:
         result = api.generate_file(plan, model, path=path, fmt=fmt, overwrite=overwrite,
-                                   on_event=view, init_image=init_image, resume=resume)
+                                   on_event=view, init_image=init_image, resume=resume, write=write)
+    if not write:
+        return result
     if path is not None:
         print(json.dumps(result) if as_json else result["path"], flush=True)
     elif as_json:
@@ -107,11 +122,14 @@ def plan_and_run(req, opts, *, output, init_image=None) -> None:
     from ..io.inputs import expand
 
     output = expand(output)
+    world = distributed.current()
+    drawn = req.seed is None  # a launcher's ranks share rank 0's draw (for_world)
+    req = for_world(req, world)
     for flag, asked in (("--save-stages", req.save_stages), ("--resume", opts.resume)):
         if output == "-" and asked:
             raise InputError(f"{flag} works on files beside the image; it cannot be used with -o -")
     plan = api.plan_request(req)
-    if opts.resume and req.seed is None:  # the seed the interrupted run drew, from its checkpoints
+    if opts.resume and drawn:  # the seed the interrupted run drew, from its checkpoints
         plan = recorded_seed(plan, output, fmt=opts.format, init_image=init_image)
     if not opts.dry_run:
         not_both_json_and_stdout(output, opts.json)
@@ -119,20 +137,75 @@ def plan_and_run(req, opts, *, output, init_image=None) -> None:
     path, fmt = resolve_target(output, plan=plan, fmt=opts.format, overwrite=opts.overwrite,
                                resume=opts.resume, create=False)
     resume = resume_plan(plan, path, init_image) if opts.resume else None
+    world.agree(keep=True)  # every rank planned alike: all go, or all stop with one line
     if opts.dry_run:
-        print_dry_run(plan, as_json=opts.json, extra={"path": str(path) if path is not None else "-"},
-                      resume=resume)
+        if world.rank == 0:
+            print_dry_run(plan, as_json=opts.json,
+                          extra={"path": str(path) if path is not None else "-"}, resume=resume)
         return
-    loaded = load(plan, verbose=opts.verbose, quiet=opts.quiet, allow_pickle=opts.allow_pickle,
-                  config=opts.config)
-    if path is not None:  # made only now: a model that fails to load leaves no empty folder
-        from ..io.targets import check_directory
+    with band_group(world):
+        lead = world.rank == 0  # the one rank that writes files and prints
+        loaded = load(plan, verbose=opts.verbose, quiet=opts.quiet or not lead,
+                      allow_pickle=opts.allow_pickle, config=opts.config)
+        if path is not None and lead:  # made only now: a model that fails to load leaves no folder
+            from ..io.targets import check_directory
 
-        check_directory(path.parent, create=True)
-    if resume is not None:
-        info(f"resume: {resume_text(resume)}", quiet=opts.quiet)
-    run_one(plan, loaded, path=path, fmt=fmt, overwrite=opts.overwrite, as_json=opts.json,
-            quiet=opts.quiet, verbose=opts.verbose, init_image=init_image, resume=opts.resume)
+            check_directory(path.parent, create=True)
+        if resume is not None:
+            info(f"resume: {resume_text(resume)}", quiet=opts.quiet or not lead)
+        run_one(plan, loaded, path=path, fmt=fmt, overwrite=opts.overwrite, as_json=opts.json,
+                quiet=opts.quiet, verbose=opts.verbose, init_image=init_image, resume=opts.resume,
+                write=lead)
+
+
+def for_world(req, world):
+    """The request as the launcher's processes run it: over all of them (band parallelism), one
+    seed (rank 0's draw) and each rank's own device; --world-size alone plans (--dry-run) only."""
+    from dataclasses import replace
+
+    if not world.distributed:
+        if (req.world_size or 1) > 1 and not req.dry_run:
+            raise InputError(f"--world-size {req.world_size} plans for {req.world_size} processes "
+                             "(with --dry-run); to run, start them: torchrun --nproc-per-node "
+                             f"{req.world_size} -m linfusion_cli ...")
+        return req
+    if req.world_size not in (None, world.size):
+        raise InputError(f"--world-size {req.world_size} but the launcher started {world.size} "
+                         "processes (WORLD_SIZE)")
+    return replace(req, world_size=world.size, seed=req.seed if req.seed is not None else world.seed,
+                   device=world.device(req.device))
+
+
+@contextlib.contextmanager
+def band_group(world):
+    """Under a launcher, the band-parallel group every rank computes the image with."""
+    if not world.distributed:
+        yield None
+        return
+    import torch
+
+    from .. import parallel
+
+    device = torch.device(world.device("auto") if torch.cuda.is_available() else "cpu")
+    with parallel.activated(parallel.make_group(world.rank, world.size, device)) as group:
+        yield group
+
+
+def shared_prompt(prompt: str | None) -> str:
+    """read_prompt_argument; under a launcher, rank 0 reads stdin and every rank gets its text."""
+    world = distributed.current()
+    if not world.distributed:
+        return read_prompt_argument(prompt)
+    text, problem = None, None
+    if world.rank == 0:
+        try:
+            text = read_prompt_argument(prompt)
+        except InputError as exc:  # every rank must reach the broadcast
+            problem = str(exc)
+    text, problem = world.broadcast((text, problem))
+    if problem is not None:
+        raise InputError(problem)
+    return text
 
 
 def recorded_seed(plan, output, *, fmt, template=None, index=0, init_image=None):

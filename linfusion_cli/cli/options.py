@@ -51,6 +51,7 @@ IpAdapter = Annotated[Optional[str], typer.Option("--ip-adapter", help="IP-Adapt
 IpImage = Annotated[Optional[str], typer.Option("--ip-image", help="The IP-Adapter's reference image.")]
 IpScale = Annotated[Optional[float], typer.Option("--ip-scale", help="IP-Adapter scale (default 1).")]
 IpEncoder = Annotated[Optional[str], typer.Option("--ip-encoder", help="CLIP image encoder folder (default: image_encoder/ beside the adapter).")]
+WorldSize = Annotated[Optional[int], typer.Option("--world-size", help="Plan for one image over N processes (band parallelism: what torchrun --nproc-per-node N runs; --max-vram is per GPU). Under torchrun it is the launcher's.")]
 Template = Annotated[Optional[str], typer.Option("--name", help="File name template in -o: {index} {seed} {slug} {width} {height} {ext}, with format specs (default {index:04d}-{slug}.{ext}).")]
 
 
@@ -98,6 +99,7 @@ class GenerationOptions:
     ip_image: IpImage = None
     ip_scale: IpScale = None
     ip_encoder: IpEncoder = None
+    world_size: WorldSize = None
 
     def request(self, prompt: str, **extra):
         """The Request these flags ask for, checked before any batch line or model."""

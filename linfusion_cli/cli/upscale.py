@@ -8,10 +8,12 @@ import numpy as np
 import typer
 
 from ..io.images import open_image
+from .. import distributed
 from . import common
 from .options import GenerationOptions, Output, shared_options
 
 
+@distributed.launched  # under torchrun: one image over every rank (band parallelism)
 @shared_options
 def upscale(
     image: Annotated[str, typer.Argument(help="The image to upscale (PNG, JPEG, TIFF; 16K is fine).")],
@@ -23,6 +25,6 @@ def upscale(
 
     image = expand(image)
     picture = open_image(image)
-    text = common.read_prompt_argument(prompt) if prompt is not None else "high detail"
+    text = common.shared_prompt(prompt) if prompt is not None else "high detail"
     req = opts.request(text, init_image=str(image), init_size=picture.size)
     common.plan_and_run(req, opts, output=output, init_image=np.asarray(picture))

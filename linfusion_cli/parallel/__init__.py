@@ -1,6 +1,13 @@
-"""One image over N processes (band parallelism): see docs/multi-gpu.md."""
+"""One image over N processes (band parallelism): see docs/multi-gpu.md.
 
-from .comm import BandGroup
+Imports only bands and the root modules; the pipeline, planner and CLI import it.
+"""
+
+from .comm import BandGroup, GroupError
 from .layout import bands, check_split, level_heights
+from .session import activated, active, make_group, timeout_s
 
-__all__ = ["BandGroup", "bands", "check_split", "level_heights"]
+WHOLE = 1 << 20  # band rows when the plan has none: one band per rank and level
+
+__all__ = ["WHOLE", "BandGroup", "GroupError", "activated", "active", "bands", "check_split",
+           "level_heights", "make_group", "timeout_s"]

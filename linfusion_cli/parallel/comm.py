@@ -11,15 +11,32 @@ buffer; the counts are the buffers).
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
 import torch
 import torch.distributed as dist
 
 from ..bands.rows import Halo, Moments, Rows
+from ..errors import LinfusionError
 from .layout import Layout, bands
 
-KINDS = ("halo", "moments", "key_state", "gather")
+KINDS = ("halo", "moments", "key_state", "gather", "vae")
+
+
+class GroupError(LinfusionError):
+    """A peer of the band-parallel group stopped or did not answer in time: this rank stops."""
+
+
+@contextlib.contextmanager
+def _peers():
+    """torch.distributed's failures (a peer's socket closed, the group's timeout) as one line."""
+    try:
+        yield
+    except RuntimeError as exc:  # DistBackendError and gloo's errors are RuntimeErrors
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise GroupError(f"band-parallel run stopped: another rank failed, was stopped or did not "
+                         f"answer in time ({first[:160]})") from None
 
 
 def _like(src: Rows) -> torch.Tensor | None:
@@ -56,7 +73,8 @@ class BandGroup:
     def all_reduce(self, flat: torch.Tensor, kind: str) -> torch.Tensor:
         """The sum over ranks of a 1-D buffer, in place."""
         self.sent[kind] += flat.numel() * flat.element_size()
-        dist.all_reduce(flat, group=self.pg)
+        with _peers():
+            dist.all_reduce(flat, group=self.pg)
         return flat
 
     def gather(self, local: torch.Tensor, level: "Level") -> torch.Tensor:
@@ -66,7 +84,8 @@ class BandGroup:
         pad[:, :, :local.shape[2]] = local
         got = [torch.empty_like(pad) for _ in range(self.size)]
         self.sent["gather"] += pad.numel() * pad.element_size()
-        dist.all_gather(got, pad, group=self.pg)
+        with _peers():
+            dist.all_gather(got, pad, group=self.pg)
         return torch.cat([g[:, :, :b - a] for g, (a, b) in zip(got, level.parts)], dim=2)
 
     def exchange(self, sends: dict, recvs: dict) -> None:
@@ -76,8 +95,9 @@ class BandGroup:
         for t in sends.values():
             self.sent["halo"] += t.numel() * t.element_size()
         if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+            with _peers():
+                for work in dist.batch_isend_irecv(ops):
+                    work.wait()
 
 
 class GroupLayout:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import vae as tiled_vae
+from .. import parallel, vae as tiled_vae
 from ..planning.plan import Stage
 from .demofusion import blurred_input, dilated_convs, match_stats, step_weights
 from .events import PhaseProgress
@@ -140,7 +140,8 @@ def demofusion_image_to_image(ctx: StageContext, stage: Stage, previous: np.ndar
     progress = lambda done, total: ctx.on_event(PhaseProgress(stage.index, "encode", done, total))  # noqa: E731
     x0 = tiled_vae.encode(pipe.vae, upscaled, tile_px=_tile_px(ctx, stage), generator=generator,
                           on_tile=progress, on_report=_report_to(ctx, stage, "encode"),
-                          host_budget=_host_budget(ctx), band_rows=_band_rows(stage))
+                          host_budget=_host_budget(ctx), band_rows=_band_rows(stage),
+                          group=parallel.active())
     del upscaled
     x0 = x0.to(device=device, dtype=ctx.model.dtype)  # (1, 4, h, w)
     cond = conditioning(pipe, plan.prompt, plan.negative or None, stage.guidance, stage.width,

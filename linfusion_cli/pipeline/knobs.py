@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import parallel
+
 
 class KnobHandle:
     """Undo callable for apply_knobs; `stats` counts skips parked and brought back (tests, logs)."""
@@ -212,10 +214,12 @@ def _skips_to_cpu(unet: nn.Module, handle: KnobHandle) -> None:
         handle.add(h.remove)
 
 
-def _banded(model: nn.Module, band_rows: int, park_skips: bool, handle: KnobHandle) -> None:
+def _banded(model: nn.Module, band_rows: int, park_skips: bool, handle: KnobHandle,
+            group=None) -> None:
     """model.forward replaced by the band-wise forward (linfusion_cli/bands) of a UNet or a
-    ControlNet (whose residuals are parked as they are made when park_skips); read back by
-    read_knobs from the attributes set here."""
+    ControlNet (whose residuals are parked as they are made when park_skips), over `group`'s
+    ranks when there is one (parallel.BandGroup); read back by read_knobs from the attributes
+    set here."""
     from ..bands import controlnet as banded_controlnet, unet as banded_unet
 
     if hasattr(model, "controlnet_down_blocks"):
@@ -227,13 +231,13 @@ def _banded(model: nn.Module, band_rows: int, park_skips: bool, handle: KnobHand
 
     def wrap(previous):
         def banded(*args, **kwargs):
-            return forward(model, band_rows, park_skips, *args, **kwargs)
+            return forward(model, band_rows, park_skips, *args, group=group, **kwargs)
         return banded
     handle.add(_patch_forward(model, wrap))
-    model.band_rows, model.band_park_skips = band_rows, park_skips
+    model.band_rows, model.band_park_skips, model.band_group = band_rows, park_skips, group
 
     def undo():
-        del model.band_rows, model.band_park_skips
+        del model.band_rows, model.band_park_skips, model.band_group
     handle.add(undo)
 
 
@@ -302,8 +306,10 @@ def apply_knobs(unet: nn.Module, vae: nn.Module | None, plan) -> KnobHandle:
         for model in (unet, vae):
             if model is not None:
                 _swap_silu(model, handle)
-    if getattr(plan, "band_rows", 0):
-        _banded(unet, plan.band_rows, plan.skips_on_cpu, handle)
+    group = parallel.active()  # one image over several processes: always band-wise
+    if getattr(plan, "band_rows", 0) or group is not None:
+        _banded(unet, getattr(plan, "band_rows", 0) or parallel.WHOLE, plan.skips_on_cpu, handle,
+                group)
     elif plan.skips_on_cpu:
         _skips_to_cpu(unet, handle)
     if plan.cfg_split:
@@ -349,4 +355,5 @@ def read_knobs(pipe) -> dict:
             "cfg_split": bool(getattr(unet.forward, "cfg_split", False)),
             "attn_chunk": chunks.pop() if len(chunks) == 1 else (sorted(chunks) if chunks else 0),
             "inplace": bool(silu) and all(isinstance(m, SpatialInplaceSiLU) for m in silu),
-            "skips_on_cpu": skips, "band_rows": getattr(unet, "band_rows", 0)}
+            "skips_on_cpu": skips,
+            "band_rows": getattr(unet, "band_rows", 0) % parallel.WHOLE}  # WHOLE: no bands asked

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .. import __version__
+from .. import __version__, parallel
 from ..errors import NonFiniteError, OutOfMemoryError
 from . import finite
 from ..planning.plan import GenerationPlan, Stage
@@ -27,6 +27,7 @@ def dtype_name(dtype) -> str:
 def run_record(plan: GenerationPlan, model, stages: list[dict]) -> dict:
     """The machine-readable record of a run (metadata chunk, --json, --resume)."""
     base = plan.stages[0]
+    group = parallel.active()
     return {
         "prompt": plan.prompt, "negative": plan.negative, "seed": plan.seed,
         "steps": base.steps, "sampler": model.sampler, "guidance": base.guidance,
@@ -36,6 +37,7 @@ def run_record(plan: GenerationPlan, model, stages: list[dict]) -> dict:
         "device": str(model.device), "init_image": plan.init_image, "stages": stages,
         "adapters": getattr(model, "adapters", None) or plan.adapters,
         "version": f"linfusion-cli {__version__}",
+        **({"parallel": {"mode": "bands", "world_size": group.size}} if group is not None else {}),
     }
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import vae as tiled_vae
+from .. import parallel, vae as tiled_vae
 from ..adapters import controlnet as control
 from ..adapters import ip_adapter
 from ..hostmem import vae_park_budget
@@ -87,7 +87,7 @@ def _decode(ctx: StageContext, stage: Stage, latents: torch.Tensor) -> np.ndarra
     return tiled_vae.decode(ctx.model.pipe.vae, latents.to(ctx.model.vae_dtype),
                             tile_px=_tile_px(ctx, stage), on_tile=progress,
                             on_report=_report_to(ctx, stage, "decode"), host_budget=_host_budget(ctx),
-                            band_rows=_band_rows(stage))
+                            band_rows=_band_rows(stage), group=parallel.active())
 
 
 def text_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None) -> np.ndarray:
@@ -115,7 +115,7 @@ def image_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None)
     latents = tiled_vae.encode(ctx.model.pipe.vae, upscaled, tile_px=_tile_px(ctx, stage),
                                generator=generator, on_tile=progress,
                                on_report=_report_to(ctx, stage, "encode"), host_budget=_host_budget(ctx),
-                               band_rows=_band_rows(stage))
+                               band_rows=_band_rows(stage), group=parallel.active())
     pipe, extra, done = control.image_to_image_call(ctx, stage, upscaled)  # plain without ControlNet
     del upscaled
     latents = finite.check(latents, "vae").to(device=ctx.model.device, dtype=ctx.model.dtype)

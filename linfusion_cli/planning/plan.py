@@ -70,6 +70,8 @@ class GenerationPlan:
     extras: dict = field(default_factory=dict)
     model_info: object = field(default=None, compare=False, repr=False)  # models.resolve.ModelInfo
     adapters: dict = field(default_factory=dict)  # adapters.check_adapters: LoRA, ControlNet, ...
+    world_size: int = 1  # processes one image runs over (band parallelism); memory is per rank
+    group_timeout_s: float | None = None  # band parallelism: a rank waits this long for a peer
 
     @property
     def width(self) -> int:
@@ -80,7 +82,11 @@ class GenerationPlan:
         return self.stages[-1].height
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("stages", "model_info")}
+        d = {k: v for k, v in asdict(self).items()
+             if k not in ("stages", "model_info", "world_size", "group_timeout_s")}
+        if self.world_size > 1:
+            d["parallel"] = {"mode": "bands", "world_size": self.world_size,
+                             "group_timeout_s": self.group_timeout_s}
         d["width"], d["height"] = self.width, self.height
         d["stages"] = [s.to_dict() for s in self.stages]
         return d

@@ -58,6 +58,7 @@ class Request:
     ip_scale: float | None = None
     ip_encoder: str | None = None
     method: str | None = None  # "sdedit" / "demofusion"; None: the preset's
+    world_size: int | None = None  # processes one image runs over (band parallelism); None: 1
 
 
 def target_size(req: Request, preset: Preset) -> tuple[int, int]:
@@ -156,7 +157,29 @@ def make_plan(req: Request, model_info=None) -> GenerationPlan:
         dtype=dtype, vae_dtype=vae_dtype, device=device, planned_elsewhere=elsewhere,
         model_info=info, extras={"preset": preset.name, "family_from": info.family_from})
     plan = _with_adapters(plan, req, preset)
-    return _with_method(plan, req, preset)
+    return _with_parallel(_with_method(plan, req, preset), req.world_size or 1)
+
+
+def _with_parallel(plan: GenerationPlan, world_size: int) -> GenerationPlan:
+    """The plan over `world_size` processes, each stage checked: every rank must own latent rows
+    at the UNet's coarsest level, the band-wise forward needs LinFusion, and the group's timeout
+    is read now (the dry run prints it)."""
+    from .. import parallel  # here, not at the top: parallel imports torch, a dry run need not
+
+    if world_size == 1:
+        return plan
+    if plan.linfusion is None:
+        raise PlanError(f"one image over {world_size} processes needs LinFusion (softmax "
+                        "self-attention does not split into bands); drop --no-linfusion")
+    if plan.memory_fixed.get("offload") == "sequential":
+        raise PlanError("band parallelism does not combine with sequential offload")
+    levels = len(plan.model_info.unet_config["down_block_types"]) - 1
+    for stage in plan.stages:
+        try:
+            parallel.check_split(-(-stage.height // 8), levels, world_size)
+        except ValueError as exc:
+            raise PlanError(f"stage {stage.index + 1} ({stage.width}x{stage.height}): {exc}") from None
+    return replace(plan, world_size=world_size, group_timeout_s=parallel.timeout_s())
 
 
 # adapters the DemoFusion stage does not run (it calls the UNet itself, without their inputs)
@@ -345,7 +368,7 @@ def _knob_args(plan: GenerationPlan, stage, kind: str, dtype_bytes: int, vae_byt
     return dict(unet_config=info.unet_config, vae_config=info.vae_config, width=stage.width,
                 height=stage.height, dtype_bytes=dtype_bytes, vae_bytes=vae_bytes,
                 guidance=stage.guidance > 1, linfusion=plan.linfusion is not None, device=kind,
-                fixed=fixed, dilated_pass=stage.method == "demofusion",
+                fixed=fixed, dilated_pass=stage.method == "demofusion", world_size=plan.world_size,
                 unet_extra=_controlnet_step(plan, info.unet_config, stage, dtype_bytes))
 
 

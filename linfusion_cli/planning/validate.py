@@ -175,6 +175,9 @@ def request(req) -> None:
         scheduler_needs(req.scheduler)
     if req.device is not None:
         device(req.device)
+    world = getattr(req, "world_size", None)
+    if world is not None and (isinstance(world, bool) or not isinstance(world, int) or not 1 <= world <= 1024):
+        raise PlanError(f"--world-size must be a whole number of processes 1 .. 1024, got {world!r}")
 
 
 def json_object(path, what: str, error=InputError) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 from .blocks import TileCtx
-from .norm import GroupStats, pool
+from .norm import GroupStats, Moments, pool
 from .tiles import Tile
 
 # A tile job: (tile index, generator). `finish(index, result)` receives each finished tile.
@@ -20,7 +20,7 @@ def _step(gen, value):
         return None, stop.value
 
 
-def run_lockstep(jobs: Iterable, finish: Finish) -> int:
+def run_lockstep(jobs: Iterable, finish: Finish, pooled=pool) -> int:
     """Advance every tile to its next GroupNorm, pool their core moments, answer all, repeat.
 
     Cores partition the image, so the pooled moments are the whole image's: every tile
@@ -39,7 +39,7 @@ def run_lockstep(jobs: Iterable, finish: Finish) -> int:
         norm = reqs[0].norm
         if any(r.norm is not norm for r in reqs):
             raise RuntimeError("tiles fell out of lock step")
-        stats = pool([r.moments for r in reqs], norm.num_groups)
+        stats = pooled([r.moments for r in reqs], norm.num_groups)
         rounds += 1
         nxt = {}
         for i, (gen, _) in waiting.items():
@@ -77,13 +77,30 @@ def run_recording(gen) -> tuple[object, list[GroupStats]]:
 
 
 
+def shared_pool(group):
+    """pool() over every rank's tiles: each rank's moment sums, all-reduced through `group`
+    (a parallel.BandGroup, handed in) before the group stats are formed."""
+    import torch
+
+    def pooled(parts: list, groups: int) -> GroupStats:
+        c = parts[0].mean.shape[0]
+        flat = torch.cat([sum(p.mean * p.count for p in parts), sum(p.sq * p.count for p in parts),
+                          torch.tensor([float(sum(p.count for p in parts))], dtype=torch.float64)])
+        flat = group.all_reduce(flat, "vae")  # (2 C + 1,) float64
+        total = int(round(flat[-1].item()))
+        return pool([Moments(total, flat[:c] / total, flat[c:2 * c] / total)], groups)
+    return pooled
+
+
 def run_tiles(tiles: list[Tile], start: Callable, write: Callable, *, stats: list[GroupStats] | None,
-              park=None, on_tile=None) -> int | None:
+              park=None, on_tile=None, group=None) -> int | None:
     """Every tile's path to its end: in lock step (stats None, exact) or alone on fixed `stats`.
 
     `start(tile, ctx)` returns the tile's generator (blocks.decoder_tile/encoder_tile on its
     window); `write(tile, result)` stores each finished tile's core; `on_tile(done, total)`
     counts them. Returns the GroupNorm rounds of the lock step (None with fixed stats).
+    group (parallel.BandGroup): this rank runs tiles rank, rank + N, ... and the lock step pools
+    the moments of every rank's tiles (each rank then holds only its tiles' results).
     """
     done = 0
 
@@ -97,10 +114,12 @@ def run_tiles(tiles: list[Tile], start: Callable, write: Callable, *, stats: lis
         write(tiles[i], result)
         done += 1
         if on_tile:
-            on_tile(done, len(tiles))
+            on_tile(done, len(mine))
 
+    mine = range(len(tiles)) if group is None else range(group.rank, len(tiles), group.size)
     if stats is None:
-        return run_lockstep(((i, job(i)) for i in range(len(tiles))), finish)
-    for i in range(len(tiles)):
+        return run_lockstep(((i, job(i)) for i in mine), finish,
+                            pool if group is None else shared_pool(group))
+    for i in mine:
         finish(i, run_fixed(job(i), stats))
     return None

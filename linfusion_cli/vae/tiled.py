@@ -153,9 +153,10 @@ def _window(feat: torch.Tensor, t, device) -> torch.Tensor:
 def decode(vae, latents: torch.Tensor, *, tile_px: int | None = None, mode: str | None = None,
            on_tile=None, context: int = DECODER_CONTEXT, attn_token_limit: int | None = None,
            stats_px: int = STATS_PX, host_budget: int | None = None,
-           on_report: OnReport | None = None, band_rows: int = 0) -> np.ndarray:
+           on_report: OnReport | None = None, band_rows: int = 0, group=None) -> np.ndarray:
     """Decode ONE scaled latent (1, 4, h, w) to uint8 (8h, 8w, 3), tiled with shared GN stats
-    (band_rows > 0: the whole-latent part band by band, tiled decodes only)."""
+    (band_rows > 0: the whole-latent part band by band, tiled decodes only; group: the tiles
+    shared out among its ranks, see _shared)."""
     if latents.ndim != 4 or latents.shape[0] != 1:
         raise ValueError(f"decode takes one latent (1, C, h, w), got {tuple(latents.shape)}")
     device, dtype, _ = _where(vae)
@@ -171,14 +172,21 @@ def decode(vae, latents: torch.Tensor, *, tile_px: int | None = None, mode: str 
             out, report = _untiled(to_uint8(vae.decoder(zz)), on_tile)
         else:
             out, report = _decode_tiled(vae, z, tile_px, mode, on_tile, context, limit, stats_px,
-                                        host_budget, band_rows)
+                                        host_budget, band_rows, group)
     if on_report:
         on_report(report)
     return out
 
 
+def _shared(group, tiles):
+    """The group that shares out these tiles: None (every rank runs them all) when there are
+    fewer tiles than ranks or no group. Ranks then hold only their tiles' cores, zeros elsewhere,
+    and one all-reduce (a sum with zeros: exact) gives every rank the whole result."""
+    return group if group is not None and group.size > 1 and len(tiles) >= group.size else None
+
+
 def _decode_tiled(vae, z, tile_px, mode, on_tile, context, limit, stats_px,
-                  host_budget, band_rows=0) -> tuple[np.ndarray, TileReport]:
+                  host_budget, band_rows=0, group=None) -> tuple[np.ndarray, TileReport]:
     """The whole-map latent-resolution layers once, then the tiled up path into a uint8 image."""
     device, dtype, park = _where(vae)
     f = _factor(vae)
@@ -193,7 +201,8 @@ def _decode_tiled(vae, z, tile_px, mode, on_tile, context, limit, stats_px,
     stats = _decoder_stats(vae, z, stats_px, limit) if mode == "estimated" else None
     if park is not None:
         feat = feat.to(park)
-    out = np.empty((h * f, w * f, 3), dtype=np.uint8)
+    group = _shared(group, tiles)
+    out = (np.empty if group is None else np.zeros)((h * f, w * f, 3), dtype=np.uint8)
 
     def write(t, img):  # img: (1, 3, 8 win_h, 8 win_w)
         cy, cx = t.crop_slices(f)
@@ -201,7 +210,9 @@ def _decode_tiled(vae, z, tile_px, mode, on_tile, context, limit, stats_px,
         out[ys, xs] = to_uint8(img[:, :, cy, cx])
 
     rounds = run_tiles(tiles, lambda t, ctx: decoder_tile(vae, _window(feat, t, device), ctx), write,
-                       stats=stats, park=park, on_tile=on_tile)
+                       stats=stats, park=park, on_tile=on_tile, group=group)
+    if group is not None:  # (8h, 8w, 3) uint8: each pixel from the one rank that decoded it
+        group.all_reduce(torch.from_numpy(out).view(-1), "vae")
     return out, TileReport(tile_px, mode, len(tiles), attention, need, budget, rounds,
                            band_rows or None)
 
@@ -221,7 +232,7 @@ def encode(vae, image, *, tile_px: int | None = None, generator: torch.Generator
            mode: str | None = None, on_tile=None, context: int = ENCODER_CONTEXT,
            attn_token_limit: int | None = None, stats_px: int = STATS_PX,
            host_budget: int | None = None, on_report: OnReport | None = None,
-           band_rows: int = 0) -> torch.Tensor:
+           band_rows: int = 0, group=None) -> torch.Tensor:
     """Encode an image (PIL or uint8 (H, W, 3)) to scaled latents (1, 4, H/8, W/8)
     (band_rows > 0: the whole-latent part band by band, tiled encodes only).
 
@@ -244,7 +255,7 @@ def encode(vae, image, *, tile_px: int | None = None, generator: torch.Generator
             moments, report = _untiled(moments, on_tile)
         else:
             moments, report = _encode_tiled(vae, arr, tile_px, mode, on_tile, context, limit,
-                                            stats_px, host_budget, band_rows)
+                                            stats_px, host_budget, band_rows, group)
         dist = DiagonalGaussianDistribution(moments)
         lat = dist.sample(generator) if generator is not None else dist.mode()  # (1, 4, h, w)
         if _shift(vae) is not None:
@@ -256,7 +267,7 @@ def encode(vae, image, *, tile_px: int | None = None, generator: torch.Generator
 
 
 def _encode_tiled(vae, arr, tile_px, mode, on_tile, context, limit, stats_px,
-                  host_budget, band_rows=0) -> tuple[torch.Tensor, TileReport]:
+                  host_budget, band_rows=0, group=None) -> tuple[torch.Tensor, TileReport]:
     """The tiled down path into a whole latent-resolution map, then the whole-map rest once."""
     device, dtype, park = _where(vae)
     f = _factor(vae)
@@ -268,6 +279,7 @@ def _encode_tiled(vae, arr, tile_px, mode, on_tile, context, limit, stats_px,
     mode, budget = _pick_mode(mode, need, host_budget)
     stats = _encoder_stats(vae, arr, stats_px, device, dtype) if mode == "estimated" else None
     held: dict[str, torch.Tensor] = {}  # "feat": (1, C, h, w), allocated by the first tile
+    group = _shared(group, tiles)
 
     def start(t, ctx):
         ys, xs = t.window_slices(f)
@@ -275,12 +287,15 @@ def _encode_tiled(vae, arr, tile_px, mode, on_tile, context, limit, stats_px,
 
     def write(t, x):  # x: (1, C, win_h, win_w)
         if "feat" not in held:
-            held["feat"] = torch.empty((1, x.shape[1], h, w), dtype=x.dtype, device=device)
+            held["feat"] = (torch.empty if group is None else torch.zeros)(
+                (1, x.shape[1], h, w), dtype=x.dtype, device=device)
         cy, cx = t.crop_slices()
         ys, xs = t.core_slices()
         held["feat"][:, :, ys, xs] = x[:, :, cy, cx]
 
-    rounds = run_tiles(tiles, start, write, stats=stats, park=park, on_tile=on_tile)
+    rounds = run_tiles(tiles, start, write, stats=stats, park=park, on_tile=on_tile, group=group)
+    if group is not None:  # every rank wrote its tiles' cores: the sum is the whole map
+        group.all_reduce(held["feat"].view(-1), "vae")
     # popped: no reference here, so the banded path frees the map after its first layer
     moments, exact = encoder_whole(vae, held.pop("feat"), limit, band_rows)  # (1, 8, h, w)
     return moments, TileReport(tile_px, mode, len(tiles), _attention(exact, limit), need, budget,

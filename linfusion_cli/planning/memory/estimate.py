@@ -113,6 +113,30 @@ def dilated_pass_bytes(unet_config: dict, *, latent_h: int, latent_w: int) -> in
     return DILATED_PASS_LATENTS * unet_config.get("in_channels", 4) * latent_h * latent_w * 4
 
 
+HALO_ROWS = 2  # rows a rank holds beyond its band at the widest layer (a 3x3 conv's two halos)
+
+
+def rank_latent_rows(unet_config: dict, latent_h: int, world_size: int) -> int:
+    """Latent rows whose UNet activations one rank of `world_size` holds under band parallelism:
+    its band (the largest, cut at the coarsest level, parallel/layout.py) plus halo rows."""
+    if world_size <= 1:
+        return latent_h
+    levels = len(unet_config["down_block_types"]) - 1
+    coarse = latent_h
+    for _ in range(levels):
+        coarse = -(-coarse // 2)
+    largest = max(((i + 1) * coarse) // world_size - (i * coarse) // world_size
+                  for i in range(world_size))
+    return min(latent_h, (largest << levels) + HALO_ROWS)
+
+
+def gathered_bytes(unet_config: dict, *, latent_h: int, latent_w: int, dtype_bytes: int,
+                   batch: int) -> int:
+    """What band parallelism adds while the UNet runs: its whole output (B, 4, H, W), gathered
+    from every rank, and the gather's per-rank buffers (about as much again)."""
+    return 2 * batch * unet_config.get("out_channels", 4) * latent_h * latent_w * dtype_bytes
+
+
 def estimate_peak_bytes(unet_config: dict, vae_config: dict, **kwargs) -> int:
     """Peak device bytes of one stage: max over its UNet and VAE phases of weights + activations
     + margin; the `total` of peak_breakdown (same keyword arguments)."""

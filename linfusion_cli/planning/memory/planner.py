@@ -154,8 +154,14 @@ class _Estimator:
 
     def __init__(self, unet_config, vae_config, *, width, height, dtype_bytes, guidance,
                  linfusion, device, text_encoders_bytes=None, vae_bytes=None, dilated_pass=False,
-                 unet_extra=None):
+                 unet_extra=None, world_size=1):
         self.u, self.v = unet_config, vae_config
+        # band parallelism: the UNet's activations are one rank's band of rows (plus halos)
+        self.unet_h, self.gathered = est.rank_latent_rows(unet_config, -(-height // 8), world_size), 0
+        if world_size > 1:
+            self.gathered = est.gathered_bytes(unet_config, latent_h=-(-height // 8),
+                                               latent_w=-(-width // 8), dtype_bytes=dtype_bytes,
+                                               batch=2 if guidance else 1)
         self.extra = (est.dilated_pass_bytes(unet_config, latent_h=-(-height // 8),
                                              latent_w=-(-width // 8)) if dilated_pass else 0)
         self.unet_extra = unet_extra  # knobs -> bytes more while the UNet runs (ControlNets)
@@ -174,8 +180,8 @@ class _Estimator:
         ukey = (k.ff_chunk, k.cfg_split, k.attn_chunk, k.inplace, k.skips_on_cpu, k.band_rows)
         if ukey not in self._unet:
             self._unet[ukey] = est.unet_activation_bytes(
-                self.u, latent_h=-(-self.h // 8), latent_w=-(-self.w // 8), batch=self.batch,
-                dtype_bytes=self.db, knobs=k, linfusion=self.linfusion) + self.extra
+                self.u, latent_h=self.unet_h, latent_w=-(-self.w // 8), batch=self.batch,
+                dtype_bytes=self.db, knobs=k, linfusion=self.linfusion) + self.extra + self.gathered
             if self.unet_extra is not None:
                 self._unet[ukey] += self.unet_extra(k)
         vkey = (k.vae_tile_px, k.band_rows)
@@ -193,17 +199,22 @@ def choose_knobs(unet_config: dict, vae_config: dict, *, width: int, height: int
                 linfusion: bool = True, device: str = "cuda",
                 text_encoders_bytes: int | None = None, vae_bytes: int | None = None,
                 fixed: dict | None = None, dilated_pass: bool = False,
-                unet_extra=None) -> MemoryPlan:
+                unet_extra=None, world_size: int = 1) -> MemoryPlan:
     """The fastest plan whose estimated peak fits budget_bytes; BudgetError with the minimum if none.
     dilated_pass: the stage is a DemoFusion one (est.dilated_pass_bytes more while the UNet runs).
-    unet_extra: knobs -> bytes added to the UNet's activations (a ControlNet step's excess)."""
+    unet_extra: knobs -> bytes added to the UNet's activations (a ControlNet step's excess).
+    world_size > 1: one rank's share under band parallelism (its rows of every UNet map; the
+    VAE's tiles are shared out but each is as large), without sequential offload."""
     estimate = _Estimator(unet_config, vae_config, width=width, height=height,
                           dtype_bytes=dtype_bytes, guidance=guidance, linfusion=linfusion,
                           device=device, text_encoders_bytes=text_encoders_bytes,
-                          vae_bytes=vae_bytes, dilated_pass=dilated_pass, unet_extra=unet_extra)
+                          vae_bytes=vae_bytes, dilated_pass=dilated_pass, unet_extra=unet_extra,
+                          world_size=world_size)
     smallest = None
     for plan in candidate_plans(width, height, guidance=guidance, linfusion=linfusion,
                                 device=device, fixed=fixed):
+        if world_size > 1 and plan.offload == "sequential":  # bands read the weights directly
+            continue
         peak = estimate(plan)
         if peak <= budget_bytes:
             return replace(plan, estimated_peak_gib=round(peak / GIB, 2))

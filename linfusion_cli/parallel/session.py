@@ -1,0 +1,59 @@
+"""The band-parallel group a command runs under: made once from the launcher's world, found by
+the layers that hand it to the band-wise code (pipeline knobs, the tiled VAE, the run record)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from ..errors import InputError
+from .comm import BandGroup
+
+TIMEOUT_ENV = "LINFUSION_GROUP_TIMEOUT"  # as at start-up (distributed.py): seconds a rank waits
+TIMEOUT_S = 600.0  # a band's peers: a model load or a slow layer on another rank is waited for
+
+_active: BandGroup | None = None
+
+
+def active() -> BandGroup | None:
+    """The group this process computes images with (None: alone)."""
+    return _active
+
+
+def timeout_s(environ=None) -> float:
+    """Seconds a rank waits for its peers at any message before the run stops (InputError if the
+    variable is not seconds in (0, 86400))."""
+    value = (os.environ if environ is None else environ).get(TIMEOUT_ENV)
+    if value in (None, ""):
+        return TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 86400:
+        raise InputError(f"{TIMEOUT_ENV}={value!r} in the environment must be seconds in (0, 86400)")
+    return seconds
+
+
+def make_group(rank: int, size: int, device: torch.device | str) -> BandGroup:
+    """A BandGroup over every process of the initialised default group, with its own timeout
+    (a rank that hangs ends the run after timeout_s()); NCCL for CUDA tensors where there are."""
+    device = torch.device(device)
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    pg = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s()))
+    return BandGroup(rank, size, device, pg)
+
+
+@contextlib.contextmanager
+def activated(group: BandGroup | None):
+    """`group` is active() inside the block."""
+    global _active
+    previous, _active = _active, group
+    try:
+        yield group
+    finally:
+        _active = previous
