@@ -14,6 +14,7 @@ from pathlib import Path
 
 ENABLE = "LINFUSION_TEST_HOOKS"  # must be "1" for any hook below to act
 AFTER_IMAGES = "LINFUSION_TEST_AFTER_IMAGES"  # "RANK:N" exit 3 after the N-th image; "RANK:N:hold"
+BAND_FORWARDS = "LINFUSION_TEST_BAND_FORWARDS"  # "RANK:N" exit 3 after N band-parallel UNet forwards; "RANK:N:hold"
 PAUSE_CLAIMED = "LINFUSION_TEST_PAUSE_CLAIMED"  # "INDEX:READY:GO": touch READY, wait for GO to exist
 
 
@@ -23,7 +24,16 @@ def _spec(name: str) -> str:
 
 def after_images(rank: int, count: int) -> None:
     """A rank that dies (exit 3) or holds for a signal after its N-th image."""
-    spec = _spec(AFTER_IMAGES)
+    _die_or_hold(AFTER_IMAGES, rank, count)
+
+
+def band_forwards(rank: int, count: int) -> None:
+    """A band-parallel rank that dies (exit 3) or holds (a hung peer) after its N-th UNet forward."""
+    _die_or_hold(BAND_FORWARDS, rank, count)
+
+
+def _die_or_hold(name: str, rank: int, count: int) -> None:
+    spec = _spec(name)
     if not spec:
         return
     who, n, *action = spec.split(":")

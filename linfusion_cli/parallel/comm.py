@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..bands.rows import Halo, Moments, Rows
+from .. import testhooks
 from ..errors import LinfusionError
 from .layout import Layout, bands
 
@@ -60,6 +61,7 @@ class BandGroup:
     def __init__(self, rank: int, size: int, device: torch.device | str = "cpu", pg=None):
         self.rank, self.size, self.device, self.pg = rank, size, torch.device(device), pg
         self.sent: Counter = Counter()
+        self.forwards = 0  # UNet forwards gathered so far (the test hook counts them)
         self._layouts: dict = {}
 
     def layout(self, height: int, levels: int) -> "GroupLayout":
@@ -86,6 +88,8 @@ class BandGroup:
         self.sent["gather"] += pad.numel() * pad.element_size()
         with _peers():
             dist.all_gather(got, pad, group=self.pg)
+        self.forwards += 1
+        testhooks.band_forwards(self.rank, self.forwards)  # inert unless LINFUSION_TEST_HOOKS=1
         return torch.cat([g[:, :, :b - a] for g, (a, b) in zip(got, level.parts)], dim=2)
 
     def exchange(self, sends: dict, recvs: dict) -> None:
