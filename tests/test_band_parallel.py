@@ -101,13 +101,30 @@ def _cases(models, group):
     return out
 
 
+def _traffic(models, rank: int, size: int) -> tuple[dict, dict]:
+    """(bytes sent in one real forward, bytes parallel.traffic predicts without sending any)."""
+    from linfusion_cli.bands.unet import banded_forward
+    from linfusion_cli.parallel import BandGroup
+    from linfusion_cli.parallel.traffic import step_traffic
+
+    from .model_helpers import unet_inputs
+
+    unet = models["sd15"][0]
+    sample, t, context, _ = unet_inputs(unet, 40, 8)
+    group = BandGroup(rank, size)
+    with torch.no_grad():
+        banded_forward(unet, 4, False, sample, t, context, group=group)
+    return dict(group.sent), step_traffic(unet, sample, t, context, size=size, rank=rank, band_rows=4)
+
+
 def _worker(rank: int, size: int, folder: str) -> None:
     from linfusion_cli.parallel import BandGroup
 
     models = _models()
     group = BandGroup(rank, size)
     got = _cases(models, group)
-    torch.save({"out": got, "sent": dict(group.sent)}, f"{folder}/rank{rank}.pt")
+    traffic = _traffic(models, rank, size)
+    torch.save({"out": got, "sent": dict(group.sent), "traffic": traffic}, f"{folder}/rank{rank}.pt")
     if rank == 0:
         torch.save(_cases(models, None), f"{folder}/single.pt")
 
@@ -122,5 +139,7 @@ def test_unet_over_ranks_equals_one_process(tmp_path, size):
             assert r["out"][name].shape == reference.shape
             assert _rel(r["out"][name], reference) < TOL, (name, _rel(r["out"][name], reference))
         assert all(torch.equal(r["out"][name], ranks[0]["out"][name]) for r in ranks)
-    for r in ranks:  # every kind of message crossed
+    for r in ranks:  # every kind of message crossed, and the counting group predicts each count
         assert all(r["sent"].get(kind, 0) > 0 for kind in ("halo", "moments", "key_state", "gather"))
+        sent, predicted = r["traffic"]
+        assert sent == predicted

@@ -158,3 +158,23 @@ def test_dry_run_plans_per_rank(cli, tmp_path):
         assert needle in r.err
     run = cli("generate", "a lighthouse", "--model", "demo", "--res", "64", "--world-size", "2")
     assert run.code == 2 and "torchrun --nproc-per-node 2" in run.err
+
+
+def test_batch_parallel_bands_makes_each_image_over_both_ranks(cli_env, tmp_path):
+    """--parallel bands: every entry over all ranks, rank 0 writes, records and prints; the images
+    are the one-process batch's (the default still shares out whole images)."""
+    from .test_distributed import manifest_rows
+
+    (tmp_path / "p.txt").write_text("a red boat\na blue boat\n")
+    args = ["batch", "p.txt", "--model", "demo", "--res", "64", "--steps", "2", "--seed", "9", "--json"]
+    one = _single(cli_env, *args, "-o", tmp_path / "one/")
+    two = _torchrun(cli_env, 2, *args, "--parallel", "bands", "-o", tmp_path / "two/")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr.decode()[-3000:]
+    rows = [json.loads(line) for line in two.stdout.decode().splitlines()]
+    assert sorted(r["index"] for r in rows) == [0, 1]
+    assert sorted(r["index"] for r in manifest_rows(tmp_path / "two")) == [0, 1]
+    for name in ("0000-a-red-boat.png", "0001-a-blue-boat.png"):
+        assert np.abs(_pixels(tmp_path / "one" / name) - _pixels(tmp_path / "two" / name)).max() <= 1
+        assert read_metadata(tmp_path / "two" / name)["record"]["parallel"]["world_size"] == 2
+    bad = _single(cli_env, *args, "--parallel", "rows", "-o", tmp_path / "bad/")
+    assert bad.returncode == 2 and bad.stderr.decode().strip() == "error: --parallel must be images or bands, got 'rows'"

@@ -13,6 +13,7 @@ import typer
 
 from .. import api, distributed
 from ..errors import InputError, LinfusionError, OutputError
+from ..parallel import GroupError
 from ..io.manifest import Manifest, check_manifest_path, same_settings
 from ..io.metadata import read_metadata
 from ..io.prompts import read_prompt_file
@@ -93,10 +94,14 @@ def batch(
     file: Annotated[str, typer.Argument(help="Prompt file (text, JSON Lines or A1111 lines), or - for stdin.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Output folder (default: the current one); file names from --name or a line's output; paths printed as given.")] = ".",
     name: Template = None,
+    parallel: Annotated[str, typer.Option("--parallel", help="Under torchrun: images (each rank makes whole images, the default) or bands (every image over all ranks, band-parallel).")] = "images",
     *, opts: GenerationOptions,
 ) -> None:
     """Generate every prompt of a file; the whole file is checked before anything runs."""
     world = distributed.current()
+    if parallel not in ("images", "bands"):
+        raise InputError(f"--parallel must be images or bands, got {parallel!r}")
+    together = parallel == "bands" and world.distributed  # every image over every rank
     from ..io.inputs import expand
 
     file, output = (file if file == "-" else expand(file)), expand(output)
@@ -104,6 +109,11 @@ def batch(
     if output == "-":
         raise InputError("batch writes files: -o must be a directory")
     base = opts.request("", device=world.device(opts.device))
+    if together:
+        base = replace(base, world_size=world.size)
+    elif base.world_size not in (None, 1):
+        raise InputError("--world-size plans one image over several processes: with batch, "
+                         "under torchrun with --parallel bands")
     format, overwrite, json, dry_run = opts.format, opts.overwrite, opts.json, opts.dry_run
     quiet, verbose, allow_pickle, config = opts.quiet, opts.verbose, opts.allow_pickle, opts.config
     resume = opts.resume
@@ -122,13 +132,13 @@ def batch(
         base_seed = _checkpoint_base_seed(entries, base, base_seed, folder, name, format)
     jobs = _checked_jobs(entries, base, base_seed, manifest, folder, name=name, format=format,
                          overwrite=overwrite, resume=resume, quiet=quiet or world.rank != 0)
-    mine = [job for job in jobs if world.owns(job[0])]
+    mine = jobs if together else [job for job in jobs if world.owns(job[0])]
     if mine:  # room for every image of this process's share, not just each one alone
         from ..io.targets import check_free_space, run_bound
 
         check_free_space(mine[0][1], mine[0][2], mine[0][3], what=f"{len(mine)} images",
                          need=sum(run_bound(job[1], job[3]) for job in mine))
-    world.agree()  # every rank checked the whole file: all go, or all stop with the same line
+    world.agree(keep=together)  # every rank checked the whole file: all go, or all stop with the same line
     if dry_run:
         if world.rank != 0:
             return
@@ -144,9 +154,10 @@ def batch(
     try:
         for folder_path in dict.fromkeys([Path(folder)] + [job[2].parent for job in mine]):
             made += make_directory(folder_path)  # only once every check has passed
-        failures = _run_share(world, mine, manifest, as_json=json, quiet=quiet, verbose=verbose,
-                              overwrite=overwrite or resume, allow_pickle=allow_pickle, config=config,
-                              resume=resume)
+        with common.band_group(world if together else distributed.World()):
+            failures = _run_share(world, mine, manifest, as_json=json, quiet=quiet, verbose=verbose,
+                                  overwrite=overwrite or resume, allow_pickle=allow_pickle,
+                                  config=config, resume=resume, together=together)
     except BaseException:
         manifest.close()
         remove_if_empty(made, manifest.path)  # a model that did not load leaves no empty folder
@@ -200,26 +211,43 @@ def _checked_jobs(entries, base, base_seed, manifest, folder, *, name, format, o
     return jobs
 
 
+def _skip(world, manifest, index, plan, path, done, base_seed, together: bool):
+    """Why entry `index` is not made here ("done", another process's words), or None to make it.
+    together (every image over all ranks): rank 0 decides and claims, every rank follows."""
+    if together and world.rank != 0:
+        return world.broadcast(None)
+    if done is not None and done.intact(manifest.folder):  # not truncated, replaced or gone
+        why = "done"
+    else:  # another process on this folder has it, or has just made it
+        why = _made_elsewhere(manifest, index, plan, path, drawn=base_seed is not None)
+    return world.broadcast(why) if together else why
+
+
 def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, allow_pickle, config,
-               resume=False) -> int:
+               resume=False, together=False) -> int:
     """This rank's entries: skip what the manifest proves done, make the rest, record each at once.
+    together: every entry over every rank (band parallelism); rank 0 alone writes and prints.
 
     One entry's failure is one line on stderr and the others still run; returns the failures.
     """
     loaded = None
-    who = f"rank {world.rank}: " if world.distributed else ""
+    who = f"rank {world.rank}: " if world.distributed and not together else ""
+    lead = world.rank == 0 or not together
+    quiet = quiet or not lead
     made = failures = 0
     for k, (index, plan, path, fmt, done, base_seed, entry) in enumerate(jobs, 1):
-        if done is not None and done.intact(manifest.folder):  # not truncated, replaced or gone
+        why = _skip(world, manifest, index, plan, path, done, base_seed, together)
+        if why == "done":
             info(f"{who}[{k}/{len(jobs)}] {path} already done", quiet=quiet)
-            world.emit(jsonlib.dumps({"path": str(path), "index": index, "skipped": True}) if as_json
-                       else str(path))
+            if lead:
+                world.emit(jsonlib.dumps({"path": str(path), "index": index, "skipped": True})
+                           if as_json else str(path))
             continue
-        elsewhere = _made_elsewhere(manifest, index, plan, path, drawn=base_seed is not None)
-        if elsewhere is not None:  # another process on this folder has it, or has just made it
-            info(f"{who}[{k}/{len(jobs)}] {path} {elsewhere}", quiet=quiet)
-            world.emit(jsonlib.dumps({"path": str(path), "index": index, "skipped": True,
-                                      "by": "another process"}) if as_json else str(path))
+        if why is not None:
+            info(f"{who}[{k}/{len(jobs)}] {path} {why}", quiet=quiet)
+            if lead:
+                world.emit(jsonlib.dumps({"path": str(path), "index": index, "skipped": True,
+                                          "by": "another process"}) if as_json else str(path))
             continue
         try:
             if loaded is None:  # one model load serves every entry
@@ -230,18 +258,24 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
             view.live = view.live and not world.distributed  # ranks sharing a terminal: no live bars
             with view:
                 result = api.generate_file(plan, loaded, path=path, fmt=fmt, overwrite=overwrite,
-                                           on_event=view, resume=resume)
+                                           on_event=view, resume=resume, write=lead)
         except Exception as exc:  # noqa: BLE001 - every failure is one line; the exit code says it
-            manifest.release(index)
+            if lead:
+                manifest.release(index)
             if loaded is None:  # the model itself did not load: nothing else can run
                 raise
+            if together and isinstance(exc, GroupError):  # the group is gone: no entry can run
+                raise
             failures += 1
-            error(f"{entry.source}:{entry.line}: {one_line_of(exc)}")
+            if lead:
+                error(f"{entry.source}:{entry.line}: {one_line_of(exc)}")
+            continue
+        made += 1
+        if not lead:
             continue
         manifest.append(index=index, path=path, plan=plan, base_seed=base_seed, rank=world.rank,
                         world_size=world.size)
         manifest.release(index)
         world.emit(jsonlib.dumps({**result, "index": index}) if as_json else result["path"])
-        made += 1
         world.finished(made)
     return failures

@@ -160,12 +160,10 @@ class Level:
     def moments(self, m: Moments) -> Moments:
         """m's sums over every rank's band: the whole map's GroupNorm moments (float64)."""
         b, c = m.sum.shape
-        flat = torch.cat([m.sum.reshape(-1), m.sq.reshape(-1),
-                          torch.tensor([float(m.count)], dtype=torch.float64, device=m.sum.device)])
-        flat = self.group.all_reduce(flat, "moments")
+        flat = self.group.all_reduce(torch.cat([m.sum.reshape(-1), m.sq.reshape(-1)]), "moments")
         out = Moments()
-        out.sum, out.sq = flat[:b * c].view(b, c), flat[b * c:2 * b * c].view(b, c)
-        out.count = int(round(flat[-1].item()))
+        out.sum, out.sq = flat[:b * c].view(b, c), flat[b * c:].view(b, c)
+        out.count = self.tokens(m.count)  # every rank's band is the same width
         return out
 
     def key_state(self, state, n_total: int) -> None:
