@@ -143,3 +143,14 @@ def test_unet_over_ranks_equals_one_process(tmp_path, size):
         assert all(r["sent"].get(kind, 0) > 0 for kind in ("halo", "moments", "key_state", "gather"))
         sent, predicted = r["traffic"]
         assert sent == predicted
+
+
+@pytest.mark.parametrize("height,levels,size", [(64, 3, 8), (1024, 3, 8), (45, 3, 3), (128, 2, 4)])
+def test_planner_rows_per_rank_follow_the_layout(height, levels, size):
+    """The planner (torch-free) sizes a rank's UNet maps by the layout's largest band plus halos."""
+    from linfusion_cli.planning.memory.estimate import HALO_ROWS, rank_latent_rows
+
+    config = {"down_block_types": ["D"] * (levels + 1)}
+    largest = max(b - a for a, b in bands(height, levels, size)[0])
+    assert rank_latent_rows(config, height, size) == min(height, largest + HALO_ROWS)
+    assert rank_latent_rows(config, height, 1) == height

@@ -122,6 +122,11 @@ def check_gpu_batch(proc, cwd):  # each entry planned at 16384x16384 within 80 G
     assert _dry_stages(proc.stdout.decode()).count("16384x16384") == 2
 
 
+def check_band_parallel_plan(proc, cwd):  # one 16K image planned per rank of 8
+    out = proc.stdout.decode()
+    assert "parallel: bands, world_size 8" in out and _dry_stages(out)[-1] == "16384x16384"
+
+
 AS_DRY_RUN = " --dry-run --max-vram 80"
 GPU_BATCH = "needs 8 CUDA GPUs (two machines for the last); run here as one process's dry run"
 
@@ -143,8 +148,11 @@ EXAMPLES = [
     ("linfusion --version", str, check_version),
     ("printf 'a red boat\\na blue boat\\n' > prompts.txt", str, check_prompts_file),
     ("torchrun --standalone --nproc-per-node 2", str, check_torchrun_demo),
-    ("torchrun --standalone --nproc-per-node 8", lambda c: "linfusion " + c.split(" -m linfusion_cli ")[1] + AS_DRY_RUN,
-     check_gpu_batch),
+    ("torchrun --standalone --nproc-per-node 8 -m linfusion_cli batch",
+     lambda c: "linfusion " + c.split(" -m linfusion_cli ")[1] + AS_DRY_RUN, check_gpu_batch),
+    ("torchrun --standalone --nproc-per-node 8 -m linfusion_cli generate",
+     lambda c: "linfusion " + c.split(" -m linfusion_cli ")[1] + " --world-size 8" + AS_DRY_RUN,
+     check_band_parallel_plan),
     ("accelerate launch", lambda c: "linfusion " + c.split(" -m linfusion_cli ")[1] + AS_DRY_RUN,
      check_gpu_batch),
     ("torchrun --nnodes 2", lambda c: "linfusion " + c.split(" -m linfusion_cli ")[1]

@@ -6,9 +6,12 @@ import contextlib
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from .. import api, distributed
+import torch
+
+from .. import api, distributed, parallel
 from ..errors import InputError, OutputError, ResumeMismatchError
 from .console import ProgressView, info, quiet_libraries
 
@@ -161,8 +164,6 @@ def plan_and_run(req, opts, *, output, init_image=None) -> None:
 def for_world(req, world):
     """The request as the launcher's processes run it: over all of them (band parallelism), one
     seed (rank 0's draw) and each rank's own device; --world-size alone plans (--dry-run) only."""
-    from dataclasses import replace
-
     if not world.distributed:
         if (req.world_size or 1) > 1 and not req.dry_run:
             raise InputError(f"--world-size {req.world_size} plans for {req.world_size} processes "
@@ -182,10 +183,6 @@ def band_group(world):
     if not world.distributed:
         yield None
         return
-    import torch
-
-    from .. import parallel
-
     device = torch.device(world.device("auto") if torch.cuda.is_available() else "cpu")
     with parallel.activated(parallel.make_group(world.rank, world.size, device)) as group:
         yield group

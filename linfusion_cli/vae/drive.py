@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
+import torch
+
 from .blocks import TileCtx
 from .norm import GroupStats, Moments, pool
 from .tiles import Tile
@@ -80,8 +82,6 @@ def run_recording(gen) -> tuple[object, list[GroupStats]]:
 def shared_pool(group):
     """pool() over every rank's tiles: each rank's moment sums, all-reduced through `group`
     (a parallel.BandGroup, handed in) before the group stats are formed."""
-    import torch
-
     def pooled(parts: list, groups: int) -> GroupStats:
         c = parts[0].mean.shape[0]
         flat = torch.cat([sum(p.mean * p.count for p in parts), sum(p.sq * p.count for p in parts),
