@@ -51,7 +51,7 @@ IpAdapter = Annotated[Optional[str], typer.Option("--ip-adapter", help="IP-Adapt
 IpImage = Annotated[Optional[str], typer.Option("--ip-image", help="The IP-Adapter's reference image.")]
 IpScale = Annotated[Optional[float], typer.Option("--ip-scale", help="IP-Adapter scale (default 1).")]
 IpEncoder = Annotated[Optional[str], typer.Option("--ip-encoder", help="CLIP image encoder folder (default: image_encoder/ beside the adapter).")]
-WorldSize = Annotated[Optional[int], typer.Option("--world-size", help="Plan for one image over N processes (band parallelism: what torchrun --nproc-per-node N runs; --max-vram is per GPU). Under torchrun it is the launcher's.")]
+WorldSize = Annotated[Optional[int], typer.Option("--world-size", help="Plan for one image over N processes (band parallelism, as torchrun starts them; --max-vram is then per GPU). Under torchrun: the launcher's process count.")]
 Template = Annotated[Optional[str], typer.Option("--name", help="File name template in -o: {index} {seed} {slug} {width} {height} {ext}, with format specs (default {index:04d}-{slug}.{ext}).")]
 
 
