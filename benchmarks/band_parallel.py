@@ -54,19 +54,21 @@ def _rank(rank: int, nprocs: int, store: str, args, out: str) -> None:
     unet = _unet(args.width_div)
     sample, t, context = _inputs(args.size)
     group = BandGroup(rank, nprocs) if nprocs > 1 else None
-    times = []
+    times, cpu = [], []
     with torch.inference_mode():
         for i in range(args.repeat + 1):
             if group is not None:
                 group.sent.clear()
             dist.barrier()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             result = banded_forward(unet, 1 << 20, False, sample, t, context, group=group).sample
+            used = time.process_time() - start_cpu
             dist.barrier()
             if i:
                 times.append(time.perf_counter() - start)
-    torch.save({"seconds": min(times), "sent": dict(group.sent) if group else {}, "out": result},
-               f"{out}/{nprocs}-{rank}.pt")
+                cpu.append(used)
+    torch.save({"seconds": min(times), "cpu": min(cpu), "sent": dict(group.sent) if group else {},
+                "out": result}, f"{out}/{nprocs}-{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -74,8 +76,8 @@ def _timed(nprocs: int, args, out: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_rank, args=(nprocs, os.path.join(tmp, "store"), args, out), nprocs=nprocs, join=True)
     ranks = [torch.load(f"{out}/{nprocs}-{r}.pt") for r in range(nprocs)]
-    return {"seconds": max(r["seconds"] for r in ranks), "sent": [r["sent"] for r in ranks],
-            "out": ranks[0]["out"]}
+    return {"seconds": max(r["seconds"] for r in ranks), "cpu": max(r["cpu"] for r in ranks),
+            "sent": [r["sent"] for r in ranks], "out": ranks[0]["out"]}
 
 
 def _mib(n: float) -> str:
@@ -113,7 +115,8 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     procs = [int(p) for p in args.procs.split(",")]
     print(f"one UNet step, SD1.5 widths / {args.width_div}, {args.size}x{args.size} px, CFG batch 2, "
-          f"fp32, one thread per process, {os.cpu_count()} CPU cores")
+          f"fp32, one thread per process, {os.cpu_count()} CPU cores, load average "
+          f"{os.getloadavg()[0]:.1f} before the run")
     results = {}
     with tempfile.TemporaryDirectory() as out:
         for n in procs:
@@ -124,8 +127,10 @@ def main() -> None:
         sent = max((sum(s.values()) for s in r["sent"]), default=0)
         kinds = json.dumps({k: v for k, v in r["sent"][min(1, n - 1)].items()}) if n > 1 else "{}"
         print(f"  {n} process{'es' if n > 1 else ''}: {r['seconds']:.2f} s/step, speed-up "
-              f"{base['seconds'] / r['seconds']:.2f}x, max rel. diff vs {procs[0]}: {rel:.1e}, "
-              f"most sent by a rank {_mib(sent)} (rank {min(1, n - 1)}: {kinds} bytes)")
+              f"{base['seconds'] / r['seconds']:.2f}x; CPU time of the busiest rank "
+              f"{r['cpu']:.2f} s ({base['cpu'] / r['cpu']:.2f}x less); max rel. diff vs "
+              f"{procs[0]}: {rel:.1e}; most sent by a rank {_mib(sent)} (rank {min(1, n - 1)}: "
+              f"{kinds} bytes)")
     if not args.no_16k:
         print("payload per UNet step of rank 1 at 16384x8192 (latent 1024 rows x 2048), fp16, CFG batch 2:")
         for line in traffic_16k():
