@@ -158,6 +158,12 @@ def test_dry_run_plans_per_rank(cli, tmp_path):
         assert needle in r.err
     run = cli("generate", "a lighthouse", "--model", "demo", "--res", "64", "--world-size", "2")
     assert run.code == 2 and "torchrun --nproc-per-node 2" in run.err
+    (tmp_path / "p.txt").write_text("a\nb\n")
+    batch = ("batch", str(tmp_path / "p.txt"), "--model", "demo", "--res", "1024", "--dry-run", "-o", str(tmp_path / "o/"))
+    planned = cli(*batch, "--world-size", "4", "--parallel", "bands")
+    assert planned.code == 0 and planned.out.count("parallel: bands, world_size 4") == 2, planned.err
+    refused = cli(*batch, "--world-size", "4")
+    assert refused.code == 2 and "pass --parallel bands" in refused.err
 
 
 def test_batch_parallel_bands_makes_each_image_over_both_ranks(cli_env, tmp_path):

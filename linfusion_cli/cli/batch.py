@@ -108,12 +108,7 @@ def batch(
     entries = read_prompt_file(file, stdin=world.stdin() if file == "-" else sys.stdin)
     if output == "-":
         raise InputError("batch writes files: -o must be a directory")
-    base = opts.request("", device=world.device(opts.device))
-    if together:
-        base = replace(base, world_size=world.size)
-    elif base.world_size not in (None, 1):
-        raise InputError("--world-size plans one image over several processes: with batch, "
-                         "under torchrun with --parallel bands")
+    base = _with_world(opts.request("", device=world.device(opts.device)), world, parallel)
     format, overwrite, json, dry_run = opts.format, opts.overwrite, opts.json, opts.dry_run
     quiet, verbose, allow_pickle, config = opts.quiet, opts.verbose, opts.allow_pickle, opts.config
     resume = opts.resume
@@ -209,6 +204,25 @@ def _checked_jobs(entries, base, base_seed, manifest, folder, *, name, format, o
                               "pass --overwrite")
         jobs.append((index, plan, path, fmt, done, base_seed if drawn else None, entry))
     return jobs
+
+
+def _with_world(base, world, parallel: str):
+    """The batch's request for its world: --parallel bands plans each image over every rank (or,
+    in a dry run without a launcher, over --world-size processes); images, one process each."""
+    size = base.world_size or 1
+    if parallel == "images":
+        if size > 1:
+            raise InputError("--world-size plans one image over several processes: with batch, "
+                             "pass --parallel bands")
+        return base
+    if world.distributed:
+        if base.world_size not in (None, world.size):
+            raise InputError(f"--world-size {size} but the launcher started {world.size} processes")
+        return replace(base, world_size=world.size)
+    if size > 1 and not base.dry_run:
+        raise InputError(f"--world-size {size} plans for {size} processes (with --dry-run); to run, "
+                         f"start them: torchrun --nproc-per-node {size} -m linfusion_cli batch ...")
+    return base
 
 
 def _skip(world, manifest, index, plan, path, done, base_seed, together: bool):
