@@ -131,7 +131,7 @@ class Level:
         of the whole map from the ranks that own them (fewer at the map's edges)."""
         me, a, b = self.group.rank, self.a, self.b
         sends, recvs, order = {}, {}, []
-        like = None
+        like = _like(src)  # received rows come in src's dtype
         for q, (qa, qb) in enumerate(self.parts):
             if q == me:
                 continue
@@ -142,9 +142,8 @@ class Level:
             for lo, hi in ((max(a - top, 0), a), (b, min(b + bottom, self.height))):
                 x0, x1 = max(lo, qa), min(hi, qb)  # rows of q's that I need
                 if x0 < x1:
-                    if like is None:
-                        like = _like(src)
-                        like = like if like is not None else src.rows(0, 1)
+                    if like is None:  # a computed source: one of its rows says its dtype
+                        like = src.rows(0, 1)
                     shape = (src.batch, src.channels, x1 - x0, src.width)
                     recvs[q] = torch.empty(shape, dtype=like.dtype, device=self.group.device)
                     order.append((x0, q))
