@@ -64,7 +64,7 @@ def banded_controlnet_forward(net: nn.Module, band_rows: int, park: bool, sample
     from diffusers.models.controlnets.controlnet import ControlNetOutput
 
     from ..pipeline import knobs  # park is replaced by the memory trace: look it up per call
-    from .unet import _comms, down_and_mid
+    from .unet import comms, down_and_mid
 
     if attention_mask is not None:
         raise ValueError("band-wise ControlNet: attention masks are not supported")
@@ -87,7 +87,7 @@ def banded_controlnet_forward(net: nn.Module, band_rows: int, park: bool, sample
         res = net.controlnet_down_blocks[i](skip) * scales[i]
         residuals.append(knobs.park(res) if park else res)
 
-    comm, (r0, r1) = _comms(group, net, sample.shape[2])
+    comm, (r0, r1) = comms(group, net, sample.shape[2])
 
     def stem():  # (B, C0, r1 - r0, W): this rank's rows (all of them in one process)
         if group is None:

@@ -21,7 +21,7 @@ def levels(model: nn.Module) -> int:
     return sum(1 for blk in model.down_blocks if blk.downsamplers)
 
 
-def _comms(group, model: nn.Module, height: int):
+def comms(group, model: nn.Module, height: int):
     """(level -> that level's communicator, or None in one process; this rank's rows at level 0).
 
     `group` (linfusion_cli/parallel's BandGroup, or None) is handed in, never imported: bands
@@ -102,7 +102,7 @@ def banded_forward(unet: nn.Module, band_rows: int, park_skips: bool, sample: to
     residuals, mid_residual = down_block_additional_residuals, mid_block_additional_residual
     if control is not None:  # the ControlNet for this forward's rows, before the UNet's own work
         residuals, mid_residual = control(sample.shape[0])
-    comm, (r0, r1) = _comms(group, unet, sample.shape[2])
+    comm, (r0, r1) = comms(group, unet, sample.shape[2])
     skips = []
 
     def stem():  # conv_in's output, this rank's rows (B, C0, r1 - r0, W): the sample is whole
