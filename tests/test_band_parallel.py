@@ -154,3 +154,28 @@ def test_planner_rows_per_rank_follow_the_layout(height, levels, size):
     largest = max(b - a for a, b in bands(height, levels, size)[0])
     assert rank_latent_rows(config, height, size) == min(height, largest + HALO_ROWS)
     assert rank_latent_rows(config, height, 1) == height
+
+
+@pytest.mark.parametrize("family,rows,knobs,size", [
+    ("sd15", 32, dict(cfg_split=True, skips_on_cpu=True, inplace=True), 4),
+    ("sdxl", 0, {}, 4), ("sd15", 0, {}, 8)])
+def test_per_rank_estimate_against_a_trace_of_one_rank(family, rows, knobs, size):
+    """The planner's per-rank UNet bytes against a meta-device trace of rank 1's band-parallel
+    forward (parallel.traffic's counting group: halo buffers and the gathered output are real
+    tensors there): never under by more than 5%, over by at most 25% (the halo allowance)."""
+    from linfusion_cli import parallel
+    from linfusion_cli.parallel.traffic import CountingGroup
+    from linfusion_cli.planning.memory import estimate as est
+    from linfusion_cli.planning.memory.planner import MemoryPlan, load_family_configs
+    from linfusion_cli.planning.memory.trace import meta_unet, trace_unet_bytes
+
+    unet_cfg, _ = load_family_configs(family)
+    plan = MemoryPlan(offload="model", attn_chunk=65536, band_rows=rows, **knobs)
+    with parallel.activated(CountingGroup(1, size, "meta")):
+        traced = trace_unet_bytes(unet_cfg, width=2048, height=2048, knobs=plan,
+                                  unet=meta_unet(unet_cfg, linfusion=True))
+    estimated = est.unet_activation_bytes(
+        unet_cfg, latent_h=est.rank_latent_rows(unet_cfg, 256, size), latent_w=256, batch=2,
+        dtype_bytes=2, knobs=plan) + est.gathered_bytes(unet_cfg, latent_h=256, latent_w=256,
+                                                        dtype_bytes=2, batch=2)
+    assert 0.95 <= estimated / traced <= 1.25, (estimated, traced)
