@@ -91,7 +91,7 @@ def _cases(models, group):
             ctl = None
             if control:
                 cond = torch.rand(2, 3, h * 8, w * 8, generator=torch.Generator().manual_seed(2))
-                ctl = lambda batch: banded_controlnet_forward(  # noqa: E731
+                ctl = lambda batch: banded_controlnet_forward(
                     net, rows, park, sample, t, context, cond, 0.7, **kwargs, return_dict=False,
                     group=group)
             dilated = dilated_convs(unet, dilation) if dilation > 1 else contextlib.nullcontext()

@@ -145,7 +145,7 @@ def test_dry_run_plans_per_rank(cli, tmp_path):
     a, b = json.loads(one.out), json.loads(eight.out)
     assert "parallel" not in a and b["parallel"]["mode"] == "bands" and b["parallel"]["world_size"] == 8
     assert b["parallel"]["group_timeout_s"] == 600
-    on = lambda plan: {k for k, v in plan["stages"][-1]["memory"].items()  # noqa: E731
+    on = lambda plan: {k for k, v in plan["stages"][-1]["memory"].items()
                        if v is True or (k == "offload" and v != "none")}
     assert on(b) < on(a), (on(a), on(b))
     text = cli(*base[:-1], "--world-size", "8")

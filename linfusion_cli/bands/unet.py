@@ -135,8 +135,7 @@ def banded_forward(unet: nn.Module, band_rows: int, park_skips: bool, sample: to
         if blk.upsamplers:
             size = (sources[-1].height, sources[-1].width) if odd_size and sources else None
             up = blk.upsamplers[0]  # with a halo, the rows next to the band can be computed too
-            low = src.t if group is None else comm(level).halo(src, *low_halo(up))
-            src = Upsampled(low, up, size)
+            src = Upsampled(src.t if group is None else comm(level).halo(src, *low_halo(up)), up, size)
             level -= 1
     out = blocks.head(unet.conv_norm_out, unet.conv_act, unet.conv_out, src.t,
                       level_rows(band_rows, 0), comm(0))

@@ -17,8 +17,8 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
-from ..bands.rows import Halo, Moments, Rows
 from .. import testhooks
+from ..bands.rows import Halo, Moments, Rows
 from ..errors import LinfusionError
 from .layout import Layout, bands
 
@@ -64,7 +64,7 @@ class BandGroup:
         self.forwards = 0  # UNet forwards gathered so far (the test hook counts them)
         self._layouts: dict = {}
 
-    def layout(self, height: int, levels: int) -> "GroupLayout":
+    def layout(self, height: int, levels: int) -> GroupLayout:
         """The bands of a map `height` rows tall through `levels` halvings (cached)."""
         key = (height, levels)
         if key not in self._layouts:
@@ -79,7 +79,7 @@ class BandGroup:
             dist.all_reduce(flat, group=self.pg)
         return flat
 
-    def gather(self, local: torch.Tensor, level: "Level") -> torch.Tensor:
+    def gather(self, local: torch.Tensor, level: Level) -> torch.Tensor:
         """Every rank's band (B, C, h_q, W) of a level-0 map, as the whole map (B, C, H, W)."""
         most = max(b - a for a, b in level.parts)
         pad = local.new_zeros(local.shape[0], local.shape[1], most, local.shape[3])
@@ -114,7 +114,7 @@ class GroupLayout:
     def rows(self, level: int) -> tuple[int, int]:
         return self.layout.rows(level)
 
-    def at(self, level: int) -> "Level":
+    def at(self, level: int) -> Level:
         return self._levels[level]
 
 

@@ -87,7 +87,7 @@ def shared_pool(group):
         flat = torch.cat([sum(p.mean * p.count for p in parts), sum(p.sq * p.count for p in parts),
                           torch.tensor([float(sum(p.count for p in parts))], dtype=torch.float64)])
         flat = group.all_reduce(flat, "vae")  # (2 C + 1,) float64
-        total = int(round(flat[-1].item()))
+        total = round(flat[-1].item())
         return pool([Moments(total, flat[:c] / total, flat[c:2 * c] / total)], groups)
     return pooled
 
