@@ -162,7 +162,7 @@ def test_planner_rows_per_rank_follow_the_layout(height, levels, size):
 def test_per_rank_estimate_against_a_trace_of_one_rank(family, rows, knobs, size):
     """The planner's per-rank UNet bytes against a meta-device trace of rank 1's band-parallel
     forward (parallel.traffic's counting group: halo buffers and the gathered output are real
-    tensors there): never under by more than 5%, over by at most 25% (the halo allowance)."""
+    tensors there): never under by more than 5%, over by at most 30% (the halo allowance)."""
     from linfusion_cli import parallel
     from linfusion_cli.parallel.traffic import CountingGroup
     from linfusion_cli.planning.memory import estimate as est
@@ -178,4 +178,4 @@ def test_per_rank_estimate_against_a_trace_of_one_rank(family, rows, knobs, size
         unet_cfg, latent_h=est.rank_latent_rows(unet_cfg, 256, size), latent_w=256, batch=2,
         dtype_bytes=2, knobs=plan) + est.gathered_bytes(unet_cfg, latent_h=256, latent_w=256,
                                                         dtype_bytes=2, batch=2)
-    assert 0.95 <= estimated / traced <= 1.25, (estimated, traced)
+    assert 0.95 <= estimated / traced <= 1.3, (estimated, traced)
