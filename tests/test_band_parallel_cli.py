@@ -184,3 +184,17 @@ def test_batch_parallel_bands_makes_each_image_over_both_ranks(cli_env, tmp_path
         assert read_metadata(tmp_path / "two" / name)["record"]["parallel"]["world_size"] == 2
     bad = _single(cli_env, *args, "--parallel", "rows", "-o", tmp_path / "bad/")
     assert bad.returncode == 2 and bad.stderr.decode().strip() == "error: --parallel must be images or bands, got 'rows'"
+
+
+def test_under_torchrun_a_dead_rank_stops_the_run_with_no_file(cli_env, tmp_path):
+    """torchrun's agent ends the group when rank 1 dies mid-image: rank 0 stops with one line
+    (its peer gone, or torchrun's SIGTERM), nothing is written, stdout stays empty."""
+    env = dict(cli_env, **HOOKS, LINFUSION_TEST_BAND_FORWARDS="1:2")
+    proc = _torchrun(env, 2, "generate", "a lighthouse", "--model", "demo", "--res", "64", "--steps", "3",
+                     "--seed", "1", "-o", tmp_path / "out.png")
+    err = proc.stderr.decode()
+    assert proc.returncode != 0 and proc.stdout == b""
+    ours = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1, err[-3000:]
+    assert "band-parallel run stopped" in ours[0] or ours[0] == "error: interrupted (SIGTERM)"
+    assert not (tmp_path / "out.png").exists()

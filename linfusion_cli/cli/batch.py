@@ -265,8 +265,8 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
             continue
         try:
             if loaded is None:  # one model load serves every entry
-                loaded = common.load(plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle,
-                                     config=config)
+                loaded = common.rank0_first(lambda: common.load(
+                    plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle, config=config))
             info(f"{who}[{k}/{len(jobs)}] {plan.prompt[:60]}", quiet=quiet)
             view = ProgressView(quiet=quiet, verbose=verbose)
             view.live = view.live and not world.distributed  # ranks sharing a terminal: no live bars

@@ -148,8 +148,8 @@ def plan_and_run(req, opts, *, output, init_image=None) -> None:
         return
     with band_group(world):
         lead = world.rank == 0  # the one rank that writes files and prints
-        loaded = load(plan, verbose=opts.verbose, quiet=opts.quiet or not lead,
-                      allow_pickle=opts.allow_pickle, config=opts.config)
+        loaded = rank0_first(lambda: load(plan, verbose=opts.verbose, quiet=opts.quiet or not lead,
+                                          allow_pickle=opts.allow_pickle, config=opts.config))
         if path is not None and lead:  # made only now: a model that fails to load leaves no folder
             from ..io.targets import check_directory
 
@@ -186,6 +186,22 @@ def band_group(world):
     device = torch.device(world.device("auto") if torch.cuda.is_available() else "cpu")
     with parallel.activated(parallel.make_group(world.rank, world.size, device)) as group:
         yield group
+
+
+def rank0_first(load_model):
+    """load_model() on rank 0 first, then on the other ranks of the active band group: a demo
+    model is built (transformers writes weights on rank 0 only while a group exists) and a
+    download made once, then read from the cache. The others wait within the group's timeout."""
+    group = parallel.active()
+    if group is None:
+        return load_model()
+    if group.rank != 0:
+        group.barrier()
+    try:
+        return load_model()
+    finally:
+        if group.rank == 0:
+            group.barrier()
 
 
 def shared_prompt(prompt: str | None) -> str:

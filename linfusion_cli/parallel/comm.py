@@ -72,6 +72,11 @@ class BandGroup:
                                                           self.rank))
         return self._layouts[key]
 
+    def barrier(self) -> None:
+        """Every rank has come this far (within the group's timeout)."""
+        with _peers():
+            dist.barrier(group=self.pg)
+
     def all_reduce(self, flat: torch.Tensor, kind: str) -> torch.Tensor:
         """The sum over ranks of a 1-D buffer, in place."""
         self.sent[kind] += flat.numel() * flat.element_size()
