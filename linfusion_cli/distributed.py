@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from .errors import InputError, LinfusionError
 
 from .testhooks import AFTER_IMAGES as ENV_TEST_HOOK  # noqa: F401 (tests name it from here)
+from . import testhooks, interrupts
 
 
 def _env_int(environ, name: str, default: int) -> int:
@@ -150,8 +151,6 @@ class World:
 
     def finished(self, count: int) -> None:
         """Test hook (testhooks.after_images; inert unless LINFUSION_TEST_HOOKS=1)."""
-        from . import testhooks
-
         testhooks.after_images(self.rank, count)
 
 
@@ -177,8 +176,6 @@ def current() -> World:
 
 def _stop_once(signum, frame):
     """Ctrl-C, or the launcher's SIGINT/SIGTERM when another rank failed: stop once, cleanly."""
-    from . import interrupts
-
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # the terminal and the launcher both send one
     interrupts.handle(signum, frame)  # exit 128 + signum, like a single process

@@ -60,7 +60,7 @@ def run(folder, family, adapters):
 @pytest.mark.parametrize("family,layout", [("sd15", "ldm"), ("sdxl", "ldm"), ("sdxl", "flat")])
 def test_single_file_gives_the_image_of_its_folder(tiny_pipeline_dirs, files, family, layout):
     """The original layout, and one file with diffusers keys (as xinsir's SD-XL ControlNets)."""
-    from linfusion_cli.adapters.memory import controlnet_config
+    from linfusion_cli.planning.memory.adapters import controlnet_config
 
     f = files[family]
     image = str(files["image"])
@@ -132,7 +132,7 @@ def test_cli_single_file_checks_before_loading(cli, files, tmp_path, monkeypatch
     assert ok.code == 0, ok.err
     assert f"ControlNet {files['sd15']['ldm']} x1" in ok.out
 
-    from linfusion_cli.adapters.metadata import a1111_fields
+    from linfusion_cli.io.adapter_text import a1111_fields
 
     fields = a1111_fields({"controlnet": {"source": str(files["sd15"]["ldm"]), "format": "safetensors",
                                           "scale": 1.0}})

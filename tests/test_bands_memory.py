@@ -8,7 +8,7 @@ import pytest
 from linfusion_cli.errors import PlanError
 from linfusion_cli.planning.memory import estimate as est
 from linfusion_cli.planning.memory.planner import MemoryPlan, choose_knobs, load_family_configs
-from linfusion_cli.planning.memory.trace import meta_unet, trace_unet_bytes
+from linfusion_cli.tracing.unet import meta_unet, trace_unet_bytes
 
 GIB = 1 << 30
 

@@ -6,7 +6,7 @@ import pytest
 
 from linfusion_cli.errors import InputError, PlanError
 from linfusion_cli.planning.memory import estimate as est
-from linfusion_cli.planning.resolve import bundled_config
+from linfusion_cli.models.resolve import bundled_config
 from linfusion_cli.planning.memory.planner import (
     GIB,
     MemoryPlan,

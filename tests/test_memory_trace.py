@@ -15,7 +15,7 @@ import pytest
 
 from linfusion_cli.planning.memory import estimate as est
 from linfusion_cli.planning.memory.planner import ATTN_CHOICES, FF_CHOICES, MemoryPlan, load_family_configs
-from linfusion_cli.planning.memory.trace import LiveBytes, meta_unet, trace_unet_bytes
+from linfusion_cli.tracing.unet import LiveBytes, meta_unet, trace_unet_bytes
 
 SIZE = 1024  # px: 128^2 latent tokens at the top level, so every chunk choice below 16K acts
 COMBOS = [MemoryPlan(ff_chunk=ff, cfg_split=cfg, attn_chunk=attn, inplace=inp, skips_on_cpu=sk)

@@ -3,7 +3,7 @@
 One denoising step as diffusers' ControlNet pipelines run it with our ControlNet preparation
 (LinFusion on its attn1, the tiled cached conditioning embedding, the plan's knobs, residuals
 made per UNet forward and added in place): controlnet(...) then unet(...,
-down_block_additional_residuals=...). The estimate (adapters.memory.controlnet_step_bytes) must be
+down_block_additional_residuals=...). The estimate (planning.memory.adapters.controlnet_step_bytes) must be
 within 5% for every knob combination the planner can choose (offload and VAE tiles aside), at
 1024 px for SD1.5 and SD-XL, with one ControlNet, and with two for a few.
 
@@ -18,14 +18,11 @@ import itertools
 
 import pytest
 
-from linfusion_cli.adapters.memory import (controlnet_config, controlnet_step_bytes,
-                                           ip_adapter_params)
-from linfusion_cli.adapters.trace import (h94_meta_state_dict, meta_controlnet, meta_ip_unet,
-                                          trace_controlnet_step, trace_image_encoder_bytes,
-                                          trace_ip_unet_bytes)
+from linfusion_cli.planning.memory.adapters import controlnet_config, controlnet_step_bytes, ip_adapter_params
+from linfusion_cli.tracing.adapters import (h94_meta_state_dict, meta_controlnet, meta_ip_unet, trace_controlnet_step, trace_image_encoder_bytes, trace_ip_unet_bytes)
 from linfusion_cli.planning.memory import estimate as est
 from linfusion_cli.planning.memory.planner import ATTN_CHOICES, FF_CHOICES, MemoryPlan, load_family_configs
-from linfusion_cli.planning.memory.trace import meta_unet, trace_unet_bytes
+from linfusion_cli.tracing.unet import meta_unet, trace_unet_bytes
 
 SIZE = 1024
 COMBOS = [MemoryPlan(ff_chunk=ff, cfg_split=cfg, attn_chunk=attn, inplace=inp, skips_on_cpu=sk)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from linfusion_cli.errors import CheckpointMismatchError, ModelNotFoundError, PlanError
-from linfusion_cli.planning.resolve import resolve_linfusion, resolve_model
+from linfusion_cli.models.resolve import resolve_linfusion, resolve_model
 from linfusion_cli.planning.request import Request, make_plan, add_memory_plans
 
 

@@ -105,12 +105,12 @@ def test_tiled_decode_and_encode_take_band_rows(vae):
 
 
 def test_stages_pass_the_plans_band_rows(monkeypatch):
-    from linfusion_cli.pipeline import stages
+    from linfusion_cli.pipeline import context as stages
     from linfusion_cli.planning.memory import MemoryPlan, candidate_plans
 
-    assert stages._band_rows(SimpleNamespace(memory=MemoryPlan(band_rows=32))) == 32
-    assert stages._band_rows(SimpleNamespace(memory=MemoryPlan())) == 0
-    assert stages._band_rows(SimpleNamespace(memory=None)) == 0
+    assert stages.band_rows(SimpleNamespace(memory=MemoryPlan(band_rows=32))) == 32
+    assert stages.band_rows(SimpleNamespace(memory=MemoryPlan())) == 0
+    assert stages.band_rows(SimpleNamespace(memory=None)) == 0
     plans = candidate_plans(4096, 4096, fixed={"band_rows": 64})
     assert plans and {p.band_rows for p in plans} == {64}
     seen = {}
@@ -121,7 +121,7 @@ def test_stages_pass_the_plans_band_rows(monkeypatch):
                           plan=SimpleNamespace(vae_tile_px=None, budget_gib=None),
                           on_event=lambda e: None, notes={})
     stage = SimpleNamespace(index=0, memory=MemoryPlan(vae_tile_px=512, band_rows=16))
-    stages._decode(ctx, stage, torch.zeros(1, 4, 8, 8))
+    stages.decode(ctx, stage, torch.zeros(1, 4, 8, 8))
     assert seen["band_rows"] == 16 and seen["tile_px"] == 512
 
 
@@ -135,7 +135,7 @@ def _sd_vae() -> dict:
     (16384, 8192, 16, True), (16384, 8192, 64, False), (16384, 8192, 256, True),
 ])
 def test_banded_estimate_matches_meta_trace_at_full_size(width, height, rows, encode_):
-    from linfusion_cli.planning.memory.trace import trace_vae_whole_bytes
+    from linfusion_cli.tracing.unet import trace_vae_whole_bytes
     from linfusion_cli.planning.memory.walk import whole_latent_elements_banded
 
     cfg = _sd_vae()
@@ -151,7 +151,7 @@ def test_banded_estimate_matches_meta_trace_at_full_size(width, height, rows, en
 
 @functools.cache
 def _meta_cached(key: str):
-    from linfusion_cli.planning.memory.trace import meta_vae
+    from linfusion_cli.tracing.unet import meta_vae
 
     return meta_vae(json.loads(key))
 
@@ -163,7 +163,7 @@ def _meta(cfg: dict):
 @pytest.mark.parametrize("token_limit", [0, 10 ** 9], ids=["windowed", "exact"])
 def test_banded_estimate_attention_terms(token_limit):
     """Small bands: the attention window (or the exact global attention) sets the peak."""
-    from linfusion_cli.planning.memory.trace import trace_vae_whole_bytes
+    from linfusion_cli.tracing.unet import trace_vae_whole_bytes
     from linfusion_cli.planning.memory.walk import whole_latent_elements_banded
 
     cfg = _sd_vae()

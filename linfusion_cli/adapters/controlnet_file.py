@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..errors import CheckpointMismatchError, InputError
 from .common import family_of_cross_dim
+from ..io.weight_files import single_file_keys
 
 PICKLE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
 SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
@@ -47,8 +48,6 @@ def from_unet_config(unet_config: dict) -> dict:
 
 def _shapes(path: Path, what: str, pickle_ok: bool) -> dict[str, tuple[int, ...]]:
     """{key: shape}: the safetensors header, or (with --allow-pickle) the unpickled state dict."""
-    from ..models.loading import single_file_keys
-
     if file_format(path) == "pickle" and not pickle_ok:
         raise InputError(f"{what}: {path.name} is a pickle file (arbitrary code on load); "
                          "use a .safetensors file or pass --allow-pickle")

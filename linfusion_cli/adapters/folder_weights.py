@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 
 from ..errors import CheckpointMismatchError, InputError, ModelNotFoundError
+from ..inputs import read_bounded, regular_file
+from .common import safetensors_shapes
 
 STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 
@@ -24,8 +26,6 @@ def weight_files(folder: Path, suffix: str) -> list[Path]:
             return [single]
         index = folder / f"{stem}{suffix}.index.json"
         if index.exists():
-            from ..io.inputs import read_bounded
-
             try:
                 shards = sorted(set(json.loads(read_bounded(index, "weights index"))["weight_map"].values()))
             except (ValueError, KeyError, TypeError, AttributeError):
@@ -44,8 +44,6 @@ def folder_format(folder: Path, what: str, allow_pickle: bool) -> tuple[str, lis
         raise InputError(f"{what}: {folder} holds pickled .bin weights (they can run code when "
                          "loaded); convert them to .safetensors or pass --allow-pickle")
     if pickles:
-        from ..io.inputs import regular_file
-
         for file in pickles:
             regular_file(file, f"{what}: weights")
         return "pickle", pickles
@@ -55,8 +53,6 @@ def folder_format(folder: Path, what: str, allow_pickle: bool) -> tuple[str, lis
 
 def header_shapes(files: list[Path], what: str) -> dict[str, tuple[int, ...]]:
     """{key: shape} over every file; an unreadable or truncated one is one InputError line."""
-    from .common import safetensors_shapes
-
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
         shapes.update(safetensors_shapes(file, what))

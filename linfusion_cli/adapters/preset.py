@@ -13,7 +13,8 @@ import math
 from pathlib import Path
 
 from ..errors import InputError, PresetError
-from ..planning.bounds import shown
+from ..bounds import shown
+from ..inputs import expand
 
 # preset key -> Request field (the flag's name with dashes as underscores; --lora is repeatable)
 PRESET_KEYS = {"lora": "loras", "controlnet": "controlnet", "control_image": "control_image",
@@ -27,8 +28,6 @@ def _path(value: str, folder: Path | None) -> str:
     """A relative path that exists beside the preset (or starts with ./ ../) from its folder;
     anything else as written (absolute paths, ~, hub ids)."""
     if value.startswith("~"):
-        from ..io.inputs import expand
-
         return expand(value)
     if folder is None or value.startswith("/"):
         return value

@@ -15,6 +15,9 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointMismatchError, ModelNotFoundError
+from ..hub import download_command
+from ..inputs import regular_file
+from ..validate import json_object
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
@@ -63,8 +66,6 @@ def parse_modules_list(config: dict) -> list[ModuleSpec]:
 
 def _read_config(config: Path) -> dict:
     """A LinFusion config.json as a dict; unreadable or non-object files are one-line errors."""
-    from ..planning.validate import json_object
-
     return json_object(config, "LinFusion config", CheckpointMismatchError)
 
 
@@ -92,8 +93,6 @@ def _resolve_folder(source: str | os.PathLike) -> tuple[Path, Path | None]:
 
 def check_source(source: str) -> None:
     """At plan time: a local --linfusion path holds readable weights (a hub id: checked at load)."""
-    from ..io.inputs import regular_file
-
     path = Path(source).expanduser()
     if not path.exists() and str(source).count("/") == 1 and not str(source).startswith((".", "/", "~")):
         return
@@ -108,8 +107,6 @@ def check_source(source: str) -> None:
 def _download(repo_id: str) -> Path:
     """A hub repo from the local cache, or downloaded when the network is allowed."""
     from huggingface_hub import snapshot_download
-
-    from ..hub import download_command
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, "*.safetensors"]))

@@ -7,7 +7,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..runtime import parking  # parking.park is swapped by the memory trace: looked up per call
 from . import blocks
+from .unet import down_and_mid
 
 
 def check_controlnet(net: nn.Module) -> None:
@@ -58,9 +60,6 @@ def banded_controlnet_forward(net: nn.Module, band_rows: int, park: bool, sample
     """ControlNetModel.forward's arguments and result; residuals parked on the host if `park`."""
     from diffusers.models.controlnets.controlnet import ControlNetOutput
 
-    from ..pipeline import knobs  # park is replaced by the memory trace: look it up per call
-    from .unet import down_and_mid
-
     if attention_mask is not None:
         raise ValueError("band-wise ControlNet: attention masks are not supported")
     order = net.config.controlnet_conditioning_channel_order
@@ -80,7 +79,7 @@ def banded_controlnet_forward(net: nn.Module, band_rows: int, park: bool, sample
     def on_skip(skip):  # (B, C, h, w) -> its residual, made now so the skip need not be kept
         i = len(residuals)
         res = net.controlnet_down_blocks[i](skip) * scales[i]
-        residuals.append(knobs.park(res) if park else res)
+        residuals.append(parking.park(res) if park else res)
 
     def stem():
         return net.conv_in(sample) + net.controlnet_cond_embedding(controlnet_cond)

@@ -24,6 +24,8 @@ from .. import interrupts
 from ..errors import LinfusionError
 from . import _imported, batch, generate, info, presets_cmd, upscale
 from .console import error
+from .. import __version__
+from .console import last_error, one_line_of
 
 _EXITS = tuple(c for c in (getattr(click, "Exit", None), typer.Exit) if c is not None)
 _ABORTS = tuple(c for c in (getattr(click, "Abort", None), getattr(typer, "Abort", None)) if c is not None)
@@ -35,8 +37,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 def version_text() -> str:
     """The installed package's version (the source tree's when run uninstalled)."""
     from importlib import metadata
-
-    from .. import __version__
 
     try:
         return metadata.version("linfusion-cli")
@@ -83,8 +83,6 @@ def _tell_launcher() -> None:
     the failure's root cause at the end of its report, instead of a pointer to its docs."""
     import json
     import time
-
-    from .console import last_error
 
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path or not last_error:
@@ -138,8 +136,6 @@ def _run(argv: list[str] | None) -> int:
         if getattr(exc, "echo", True):  # False on ranks > 0 for an error every rank agreed on
             error(line)
         else:
-            from .console import last_error
-
             last_error[:] = [line]
         if verbose and exc.__cause__ is not None:
             error(f"caused by {type(exc.__cause__).__name__}: {exc.__cause__}")
@@ -153,7 +149,6 @@ def _run(argv: list[str] | None) -> int:
         if verbose:
             import traceback
             traceback.print_exc()
-        from .console import one_line_of
 
         error(one_line_of(exc))
         return 1

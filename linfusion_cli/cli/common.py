@@ -10,6 +10,12 @@ from pathlib import Path
 from .. import api
 from ..errors import InputError, OutputError, ResumeMismatchError
 from .console import ProgressView, info, quiet_libraries
+from ..adapters import describe
+from ..inputs import expand
+from ..io import checkpoints
+from ..io.naming import DEFAULT_TEMPLATE, render_name, format_of, resolve_output
+from ..io.targets import check_directory, check_free_space, check_target
+from ..models import loading
 
 
 def memory_line(stage) -> str:
@@ -35,7 +41,6 @@ def print_dry_run(plan, *, as_json: bool, extra: dict | None = None, resume: dic
     print(planned_for(plan))
     print(f"model {plan.model} ({plan.family}: {plan.extras.get('family_from', '')}), "
           f"preset {plan.extras.get('preset')}, LinFusion {plan.linfusion or 'off'}, seed {plan.seed}")
-    from ..adapters import describe
 
     for line in describe(plan.adapters):
         print(f"  {line}")
@@ -80,11 +85,9 @@ def planned_for(plan) -> str:
 
 def load(plan, *, verbose: bool, quiet: bool, allow_pickle: bool = False, config: str | None = None):
     """The model for a plan (memory knobs are applied per stage later, not here)."""
-    from ..models.loading import load_model
-
     info(f"loading {plan.model} ...", quiet=quiet)
     quiet_libraries(verbose)
-    return load_model(plan.model, dtype=plan.dtype, device=plan.device, linfusion=plan.linfusion,
+    return loading.load_model(plan.model, dtype=plan.dtype, device=plan.device, linfusion=plan.linfusion,
                       scheduler=plan.stages[0].scheduler, allow_pickle=allow_pickle, config=config,
                       family=plan.family, adapters=plan.adapters)
 
@@ -104,8 +107,6 @@ def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_
 
 def plan_and_run(req, opts, *, output, init_image=None) -> None:
     """generate/upscale after parsing: plan, then print it (--dry-run) or run it to a file."""
-    from ..io.inputs import expand
-
     output = expand(output)
     for flag, asked in (("--save-stages", req.save_stages), ("--resume", opts.resume)):
         if output == "-" and asked:
@@ -126,7 +127,6 @@ def plan_and_run(req, opts, *, output, init_image=None) -> None:
     loaded = load(plan, verbose=opts.verbose, quiet=opts.quiet, allow_pickle=opts.allow_pickle,
                   config=opts.config)
     if path is not None:  # made only now: a model that fails to load leaves no empty folder
-        from ..io.targets import check_directory
 
         check_directory(path.parent, create=True)
     if resume is not None:
@@ -138,8 +138,6 @@ def plan_and_run(req, opts, *, output, init_image=None) -> None:
 def recorded_seed(plan, output, *, fmt, template=None, index=0, init_image=None):
     """The plan with the seed an interrupted run of this output recorded in its checkpoints
     (its file name may depend on the seed), or the plan as it is when none fits."""
-    from ..io import checkpoints
-    from ..io.naming import DEFAULT_TEMPLATE, render_name, format_of
 
     is_dir = output is None or output.endswith(("/", os.sep)) or Path(output).is_dir()
     folder = (Path(output) if output is not None else Path.cwd()) if is_dir else Path(output).parent
@@ -199,8 +197,6 @@ def _isatty(stream) -> bool:
 def resolve_target(output, *, plan, fmt, overwrite, template=None, index=0,
                    create=True, resume: bool = False) -> tuple[Path | None, str]:
     """Output path (None for stdout) and format, checked before any heavy work."""
-    from ..io.naming import DEFAULT_TEMPLATE, format_of, resolve_output
-
     fields = dict(index=index, seed=plan.seed, prompt=plan.prompt, width=plan.width, height=plan.height)
     path = resolve_output(output, template=template or DEFAULT_TEMPLATE, fields=fields, fmt=fmt,
                           overwrite=overwrite, create=create)
@@ -212,9 +208,6 @@ def resolve_target(output, *, plan, fmt, overwrite, template=None, index=0,
 def check_outputs(plan, path, fmt, *, overwrite, resume: bool = False) -> None:
     """Before any model loads: stage checkpoints and --save-stages files free (or replaceable:
     --overwrite, or --resume for our own checkpoints), room on the disk."""
-    from ..io import checkpoints
-    from ..io.targets import check_free_space, check_target
-
     if path is not None:
         for stage in plan.stages[:-1]:
             hidden = checkpoints.hidden_path(path, stage.index, stage.width, stage.height)

@@ -7,6 +7,8 @@ import platform
 from importlib import metadata
 
 from .options import Json
+from .. import hostmem
+from ..models.loading import cache_dir
 
 
 def gather() -> dict:
@@ -14,8 +16,6 @@ def gather() -> dict:
 
     import torch
 
-    from ..hostmem import host_memory
-    from ..models.loading import cache_dir
 
     versions = {"python": platform.python_version()}
     for pkg in ("linfusion-cli", "torch", "diffusers", "transformers", "accelerate", "safetensors"):
@@ -23,7 +23,7 @@ def gather() -> dict:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
-    ram = host_memory()
+    ram = hostmem.host_memory()
     devices = [{"device": "cpu", "cores": os.cpu_count(), "total_gib": round(ram.total / 2**30, 1),
                 "free_gib": round(ram.available / 2**30, 1)}]
     if torch.cuda.is_available():

@@ -10,6 +10,7 @@ import typer
 from ..io.images import open_image
 from . import common
 from .options import GenerationOptions, Output, shared_options
+from ..inputs import expand
 
 
 @shared_options
@@ -19,8 +20,6 @@ def upscale(
     output: Output = None, *, opts: GenerationOptions,
 ) -> None:
     """Upscale an existing image by x2 img2img stages to --res (keeps its aspect by default)."""
-    from ..io.inputs import expand
-
     image = expand(image)
     picture = open_image(image)
     text = common.read_prompt_argument(prompt) if prompt is not None else "high detail"

@@ -15,12 +15,11 @@ from ..planning.plan import GenerationPlan, Stage
 from .events import EventHandler, StageFinished, StageStarted, Retrying, ignore
 from .memory import memory_plan_applied
 from .stages import StageContext, stage_function
+from ..models.loading import TORCH_DTYPES
 
 
 def dtype_name(dtype) -> str:
     """fp32 / fp16 / bf16: the names the flags, presets and the dry run use."""
-    from ..models.loading import TORCH_DTYPES
-
     return next((name for name, value in TORCH_DTYPES.items() if value == dtype), str(dtype).replace("torch.", ""))
 
 

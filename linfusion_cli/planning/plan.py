@@ -8,8 +8,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-from . import validate
+from .. import validate
 from ..errors import PlanError
+from .method import denoise_steps
 
 MULTIPLE = 8  # the VAE scale factor: image sizes must be multiples of it
 MAX_SIDE = 32768
@@ -34,8 +35,6 @@ class Stage:
     @property
     def denoise_steps(self) -> int:
         """Steps actually run (diffusers' img2img convention; DemoFusion rounds up)."""
-        from .method import denoise_steps
-
         return self.steps if self.strength is None else denoise_steps(self.steps, self.strength, self.method)
 
     def to_dict(self) -> dict:

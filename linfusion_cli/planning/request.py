@@ -10,10 +10,23 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, replace
 
-from . import validate
+from .. import validate
 from ..errors import InputError, PlanError
 from .plan import GenerationPlan, build_plan, check_size, size_from_res
 from .presets import Preset, load_preset
+from ..adapters import ADAPTER_FIELDS, check_adapters
+from ..adapters.preset import merged_request, name_preset_key
+from ..attention.checkpoint import check_source
+from .. import hostmem
+from ..hostmem import CPU_PLAN_SHARE_WORDS, cpu_plan_budget
+from ..inputs import expand
+from ..models.loading import resolve_device
+from ..models.resolve import resolve_model, TRAINED_SHORT_SIDE, resolve_linfusion, choose_dtypes, DTYPE_BYTES
+from .memory.adapters import controlnet_extra_bytes, ip_adapter_extra_bytes, controlnet_unet_extra
+from .memory.estimate import weight_bytes
+from .memory.host import host_bytes
+from .memory.planner import BudgetError, choose_knobs
+from .method import DemoFusion, trained_px, with_method
 
 DEFAULT_RES = 4096
 
@@ -83,8 +96,6 @@ PATH_FIELDS = ("preset", "model", "linfusion", "init_image", "config", "controln
 
 def expanded(req: Request) -> Request:
     """`~` expanded in every path the request names (flags, batch lines), as a shell would."""
-    from ..io.inputs import expand
-
     changes = {f: expand(getattr(req, f)) for f in PATH_FIELDS if isinstance(getattr(req, f), str)
                and getattr(req, f).startswith("~")}
     if any(x.startswith("~") for x in req.loras):
@@ -94,12 +105,8 @@ def expanded(req: Request) -> Request:
 
 def _preset_and_model(req: Request, info=None):
     """The preset (given, else the model's family's) and the resolved model."""
-    from .resolve import resolve_model
-
     given = load_preset(req.preset)  # None: the default preset, until the model's family is known
     if info is None:
-        from ..io.inputs import expand
-
         info = resolve_model(expand(req.model or given.model), config_dir=req.config,
                              fallback_family=given.family, allow_pickle=req.allow_pickle)
     if req.preset is None and info.family != given.family:
@@ -110,8 +117,6 @@ def _preset_and_model(req: Request, info=None):
 def _base_short_side(preset: Preset, family: str) -> int:
     """The base stage's short side: the preset's when it was written for this family, else the
     family's trained size."""
-    from .resolve import TRAINED_SHORT_SIDE
-
     if preset.native is not None and preset.family == family:
         return preset.native
     return TRAINED_SHORT_SIDE[family]
@@ -123,8 +128,6 @@ def make_plan(req: Request, model_info=None) -> GenerationPlan:
     model_info: the model as already known (a caller's open pipeline, resolve.info_of_pipeline);
     None resolves req.model.
     """
-    from .resolve import resolve_linfusion
-
     validate.request(req)
     if req.prompt is None or not req.prompt.strip():
         raise InputError("the prompt is empty")
@@ -138,8 +141,6 @@ def make_plan(req: Request, model_info=None) -> GenerationPlan:
         max_vram, budget_from = preset.max_vram, f"preset {preset.name}'s max_vram"
     linfusion = None if req.no_linfusion else resolve_linfusion(req.linfusion or preset.linfusion, info)
     if linfusion not in (None, "fresh"):
-        from ..attention.checkpoint import check_source
-
         check_source(linfusion)  # a local path must hold weights now, not after the model loaded
     device, dtype, vae_dtype, elsewhere = planned_device(req.device, req.dtype or preset.dtype,
                                                          max_vram, req.dry_run)
@@ -170,8 +171,6 @@ def _with_method(plan: GenerationPlan, req: Request, preset: Preset) -> Generati
     A ControlNet or IP-Adapter runs only in SDEdit stages: with one, an explicit
     --method demofusion is refused and a preset's demofusion gives way to sdedit (the plan says so).
     """
-    from .method import DemoFusion, trained_px, with_method
-
     method = req.method or preset.method
     needs_sdedit = [flag for key, flag in _SDEDIT_ONLY.items() if key in plan.adapters]
     img2img = any(s.strength is not None for s in plan.stages)
@@ -192,10 +191,6 @@ def _with_method(plan: GenerationPlan, req: Request, preset: Preset) -> Generati
 def _with_adapters(plan: GenerationPlan, req: Request, preset: Preset) -> GenerationPlan:
     """Adapters (flags, else the preset's keys) parsed and checked against the model's
     architecture, before any weights load."""
-    from ..adapters import ADAPTER_FIELDS, check_adapters
-    from ..adapters.preset import merged_request, name_preset_key
-    from ..errors import InputError
-
     req, taken = merged_request(req, preset)
     if not any(getattr(req, name) not in (None, ()) for name in ADAPTER_FIELDS):
         return plan
@@ -214,9 +209,6 @@ def planned_device(device: str | None, dtype: str, max_vram: float | None,
     every GPU since Ampere does), since that is what a budget in GiB of VRAM describes.
     """
     import torch
-
-    from ..models.loading import resolve_device
-    from .resolve import choose_dtypes
 
     name = device or "auto"
     cuda_here = torch.cuda.is_available()
@@ -242,8 +234,6 @@ def device_budget(plan: GenerationPlan) -> tuple[int | None, str]:
     """
     import torch
 
-    from ..hostmem import CPU_PLAN_SHARE_WORDS, cpu_plan_budget
-
     if plan.max_vram_gib is not None:
         return (int(plan.max_vram_gib * 2 ** 30),
                 f"{plan.budget_from} {plan.max_vram_gib:g} is too small")
@@ -265,10 +255,6 @@ def add_memory_plans(plan: GenerationPlan) -> GenerationPlan:
     estimate printed is the one of the plan that runs. Every stage is planned before a refusal,
     so the refusal names the smallest budget for the whole run, not for its first stage short.
     """
-    from .memory.planner import BudgetError
-    from .memory.planner import choose_knobs
-    from .resolve import DTYPE_BYTES
-
     budget, source = device_budget(plan)
     kind = "cuda" if plan.device.startswith("cuda") else "cpu"
     fixed = _fixed_knobs(plan)
@@ -297,10 +283,6 @@ def add_memory_plans(plan: GenerationPlan) -> GenerationPlan:
 
 def _host_bytes(plan: GenerationPlan, info, stage, memory) -> int:
     """Host RAM the stage needs under its memory plan (memory/host.py)."""
-    from .memory.estimate import weight_bytes
-    from .memory.host import host_bytes
-    from .resolve import DTYPE_BYTES
-
     db = DTYPE_BYTES[plan.dtype]
     weights = weight_bytes(info.unet_config, info.vae_config, db,
                            vae_bytes=DTYPE_BYTES[plan.vae_dtype])
@@ -312,12 +294,10 @@ def _host_bytes(plan: GenerationPlan, info, stage, memory) -> int:
 
 def _check_host(plan: GenerationPlan, plans) -> None:
     """Refuse, before anything loads, a plan whose host RAM this machine does not have."""
-    from ..hostmem import host_memory
-
     if plan.planned_elsewhere or not plans:
         return  # planned for another machine: its RAM is unknown here (the dry run shows it)
     need = max(p.estimated_host_gib for p in plans)
-    free = host_memory().available / 2 ** 30
+    free = hostmem.host_memory().available / 2 ** 30
     if need > free:
         worst = max(range(len(plans)), key=lambda i: plans[i].estimated_host_gib)
         raise PlanError(f"stage {worst + 1} needs {need:.1f} GiB of host memory (parked skips, "
@@ -353,10 +333,6 @@ def smallest_budget(plan: GenerationPlan, device: str | None = None, dtype: str 
                     vae_dtype: str | None = None) -> tuple[int, object]:
     """(bytes, stage): the smallest budget every stage of the run fits with its tightest plan,
     and the stage that sets it; for the plan's device and dtypes unless others are given."""
-    from .memory.planner import BudgetError
-    from .memory.planner import choose_knobs
-    from .resolve import DTYPE_BYTES
-
     kind = device or ("cuda" if plan.device.startswith("cuda") else "cpu")
     db, vb = DTYPE_BYTES[dtype or plan.dtype], DTYPE_BYTES[vae_dtype or plan.vae_dtype]
     fixed, needed = _fixed_knobs(plan), (0, plan.stages[0])
@@ -387,7 +363,6 @@ def _refusal(plan: GenerationPlan, short: list, kind: str, fixed: dict, source: 
             f"not fit); {source}")
     if kind == "cuda":
         return line + f"; `--dry-run --max-vram {_gib_up(needed)}` shows the plan that fits"
-    from .resolve import choose_dtypes
 
     unet, vae = choose_dtypes(plan.dtype if plan.dtype in ("fp16", "bf16") else "fp16", "cuda", True)
     gpu, _ = smallest_budget(plan, "cuda", unet, vae)
@@ -396,10 +371,9 @@ def _refusal(plan: GenerationPlan, short: list, kind: str, fixed: dict, source: 
 
 
 def _adapter_bytes(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: int) -> int:
-    """Weights and held inputs of the plan's ControlNets and IP-Adapter in this stage (adapters.memory)."""
+    """Weights and held inputs of the plan's ControlNets and IP-Adapter in this stage (planning.memory.adapters)."""
     if not plan.adapters:
         return 0
-    from ..adapters.memory import controlnet_extra_bytes, ip_adapter_extra_bytes
 
     return controlnet_extra_bytes(plan.adapters, unet_cfg, width=stage.width, height=stage.height,
                                   img2img=stage.strength is not None, guidance=stage.guidance > 1,
@@ -411,7 +385,6 @@ def _controlnet_step(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: i
     """knobs -> what a ControlNet step adds to the UNet's activations (None without one)."""
     if not plan.adapters:
         return None
-    from ..adapters.memory import controlnet_unet_extra
 
     return controlnet_unet_extra(plan.adapters, unet_cfg, width=stage.width, height=stage.height,
                                  img2img=stage.strength is not None, guidance=stage.guidance > 1,

@@ -127,7 +127,7 @@ def _resident(weights: dict[str, int], offload: str, device: str,
     if offload == "model":  # accelerate keeps only the running model on the device
         return weights["unet"], weights["vae"]
     # sequential: each UNet layer's weights arrive just before it runs; the VAE moves whole
-    # (memory.knobs._offload: the tiled VAE reads its GroupNorm weights directly)
+    # (pipeline.knobs._offload: the tiled VAE reads its GroupNorm weights directly)
     return layer_bytes, weights["vae"]
 
 

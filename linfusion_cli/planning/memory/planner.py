@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from ... import tuning
 from ...errors import PlanError
 from . import estimate as est
+from ...models.resolve import bundled_config
 
 GIB = est.GIB
 OFFLOADS = est.OFFLOADS
@@ -104,8 +105,6 @@ class MemoryPlan(est.Knobs):
 
 def load_family_configs(family: str) -> tuple[dict, dict]:
     """(unet_config, vae_config) of a bundled family, with no download."""
-    from ..resolve import bundled_config
-
     return bundled_config(family, "unet"), bundled_config(family, "vae")
 
 

@@ -10,7 +10,7 @@ import os
 import stat
 from pathlib import Path
 
-from ..errors import InputError, ModelNotFoundError
+from .errors import InputError, ModelNotFoundError
 
 MAX_CONFIG_BYTES = 4 << 20  # a diffusers/transformers config.json is a few KiB; YAML presets too
 

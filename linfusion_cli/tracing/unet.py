@@ -21,6 +21,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ..runtime import parking
+from ..attention import apply_linfusion
+from ..pipeline.knobs import apply_knobs
+from ..vae import attention
+from ..vae.blocks import decoder_whole, encoder_whole
+
 
 class LiveBytes(TorchDispatchMode):
     """Live bytes of the storages created inside the mode, and their peak."""
@@ -68,23 +74,19 @@ class LiveBytes(TorchDispatchMode):
 @contextmanager
 def _host_parking(mode: LiveBytes):
     """skips_on_cpu's park/fetch as host copies and counted device copies (meta has no host)."""
-    from ...pipeline import knobs
-
-    park, fetch = knobs.park, knobs.fetch
-    knobs.park = mode.to_host
-    knobs.fetch = lambda t, device: t.clone()
+    park, fetch = parking.park, parking.fetch
+    parking.park = mode.to_host
+    parking.fetch = lambda t, device: t.clone()
     try:
         yield
     finally:
-        knobs.park, knobs.fetch = park, fetch
+        parking.park, parking.fetch = park, fetch
 
 
 def meta_unet(unet_config: dict, *, linfusion: bool, dtype: torch.dtype = torch.float16,
               projection_mid_dim: int | None = None):
     """A diffusers UNet of this config on the meta device, with LinFusion layers when asked."""
     from diffusers import UNet2DConditionModel
-
-    from ...attention import apply_linfusion
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config).to(dtype).eval()
@@ -113,11 +115,9 @@ def trace_unet_bytes(unet_config: dict, *, width: int, height: int, knobs, batch
                      unet=None) -> int:
     """Peak live activation bytes of one UNet forward at (width, height) under `knobs`.
 
-    knobs: a MemoryPlan (its model-side fields are applied with memory.knobs.apply_knobs).
+    knobs: a MemoryPlan (its model-side fields are applied with pipeline.knobs.apply_knobs).
     The inputs (latents, text context) count, as the estimate counts them.
     """
-    from ...pipeline.knobs import apply_knobs
-
     unet = unet if unet is not None else meta_unet(unet_config, linfusion=linfusion, dtype=dtype)
     undo = apply_knobs(unet, None, knobs)
     try:
@@ -143,8 +143,6 @@ def meta_vae(vae_config: dict, dtype: torch.dtype = torch.bfloat16):
 def _sdpa_output_only():
     """The VAE attention's SDPA as what memory-efficient/flash kernels allocate: the output only
     (meta tensors take torch's math path, whose score matrix a GPU run never holds)."""
-    from ...vae import attention
-
     real = attention.F
     fake = type("F", (), {"scaled_dot_product_attention": staticmethod(
         lambda q, k, v, **kw: q.new_empty(*q.shape[:-1], v.shape[-1]))})
@@ -161,8 +159,6 @@ def trace_vae_whole_bytes(vae_config: dict, *, width: int, height: int, band_row
     """Peak live bytes of the tiled VAE's whole-latent part (vae/blocks.py decoder_whole or
     encoder_whole) at (width, height) px, band_rows latent rows per band (0: whole maps).
     Its input counts: the latent (decode) or the tiled path's latent-resolution map (encode)."""
-    from ...vae.blocks import decoder_whole, encoder_whole
-
     vae = vae if vae is not None else meta_vae(vae_config, dtype)
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     h, w = -(-height // f), -(-width // f)

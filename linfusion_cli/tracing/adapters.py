@@ -16,14 +16,16 @@ from contextlib import contextmanager
 
 import torch
 
-from ..planning.memory.trace import LiveBytes, _host_parking, _inputs, meta_unet
+from .unet import LiveBytes, _host_parking, _inputs, meta_unet
+from ..adapters import controlnet, residuals
+from ..adapters.controlnet import prepare_controlnet, _reset
+from ..pipeline.controlnet_knobs import controlnet_knobs
+from ..pipeline.knobs import apply_knobs
 
 
 def meta_controlnet(config: dict, unet, dtype: torch.dtype = torch.float16):
     """A ControlNetModel of this config on the meta device, prepared as a run prepares it."""
     from diffusers import ControlNetModel
-
-    from .controlnet import prepare_controlnet
 
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.device("meta"):
@@ -34,8 +36,6 @@ def meta_controlnet(config: dict, unet, dtype: torch.dtype = torch.float16):
 @contextmanager
 def _rows_repeat():
     """The pipeline's control batch is one image repeated for CFG (meta holds no values)."""
-    from . import controlnet
-
     equal = controlnet._equal
     controlnet._equal = lambda a, b: True
     try:
@@ -50,10 +50,6 @@ def trace_controlnet_step(unet_config: dict, controlnet_configs: list[dict], *, 
     """Peak live activation bytes of one denoising step with these ControlNets (first step:
     the conditioning embedding is computed there, then cached)."""
     from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
-
-    from ..pipeline.knobs import apply_knobs
-    from . import residuals
-    from .controlnet import _reset, controlnet_knobs
 
     unet = unet if unet is not None else meta_unet(unet_config, linfusion=True, dtype=dtype)
     nets = nets if nets is not None else [meta_controlnet(c, unet, dtype) for c in controlnet_configs]
@@ -121,8 +117,6 @@ def trace_ip_unet_bytes(unet, *, width: int, height: int, knobs, projection_dim:
                         batch: int = 2, dtype: torch.dtype = torch.float16) -> int:
     """Peak live activation bytes of one UNet forward with the IP-Adapter's image embeddings
     ((B, 1, P) per adapter, as the pipeline prepares them for CFG)."""
-    from ..pipeline.knobs import apply_knobs
-
     undo = apply_knobs(unet, None, knobs)
     try:
         mode = LiveBytes()

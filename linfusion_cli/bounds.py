@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import reprlib
 
-from ..errors import InputError
+from .errors import InputError
 
 # Far above every published SD/SD-XL UNet, ControlNet, VAE and CLIP vision encoder.
 CONFIG_LIMITS = {

@@ -16,6 +16,11 @@ from pathlib import Path
 
 from ..attention.matching import FAMILY_REPOS, KNOWN_BASES, require_linfusion_repo
 from ..errors import InputError, ModelNotFoundError
+from ..bounds import check_config
+from ..inputs import regular_file
+from ..io.weight_files import single_file_family, single_file_keys
+from ..validate import json_object
+from .tiny import DEMO_UNET_CONFIGS, DEMO_VAE_CONFIG
 
 DEMO_PREFIX = "demo"  # "demo", "demo-sd21", "demo-sdxl": tiny random pipelines, no download
 FAMILIES = ("sd15", "sd21", "sdxl")
@@ -68,15 +73,12 @@ def bundled_config(family: str, part: str) -> dict:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    from .validate import json_object
-
     return json_object(path, what, ModelNotFoundError)
 
 
 def _folder_configs(folder: Path) -> tuple[dict, dict]:
     """unet/config.json and vae/config.json of a local diffusers folder (malformed ones named)."""
     configs = {}
-    from .bounds import check_config
 
     for part in ("unet", "vae"):
         path = folder / part / "config.json"
@@ -114,8 +116,6 @@ def _cached_hub_configs(repo: str) -> tuple[dict, dict] | None:
 
 
 def _single_file(path: Path, config_dir: str | None, allow_pickle: bool) -> ModelInfo:
-    from ..models.loading import single_file_family, single_file_keys
-
     family = single_file_family(single_file_keys(path, allow_pickle))
     if config_dir:
         unet, vae = _folder_configs(Path(config_dir).expanduser())
@@ -131,8 +131,6 @@ def resolve_model(model: str, *, config_dir: str | None = None, fallback_family:
                   allow_pickle: bool = False) -> ModelInfo:
     """Family and configs of a model name, from the model itself wherever it can be read."""
     if is_demo(model):
-        from ..models.tiny import DEMO_UNET_CONFIGS, DEMO_VAE_CONFIG
-
         family = model.split("-", 1)[1] if "-" in model else "sd15"
         if family not in DEMO_UNET_CONFIGS:
             raise InputError(f"unknown demo model {model!r}; use demo, demo-sd21 or demo-sdxl")
@@ -145,7 +143,6 @@ def resolve_model(model: str, *, config_dir: str | None = None, fallback_family:
     if path.is_file():
         return _single_file(path, config_dir, allow_pickle)
     if path.exists():  # a FIFO or device: opening it would block
-        from ..io.inputs import regular_file
 
         regular_file(path, "--model")
     if model.startswith((".", "/", "~")) or model.endswith((".safetensors", ".ckpt")) \

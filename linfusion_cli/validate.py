@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..errors import InputError, PlanError
+from .errors import InputError, PlanError
+from .inputs import read_bounded
 
 SEED_MAX = 2 ** 32 - 1  # as AUTOMATIC1111: seeds are 0 .. 2**32-1 on every path
 MAX_SIDE = 32768
@@ -180,8 +181,6 @@ def request(req) -> None:
 def json_object(path, what: str, error=InputError) -> dict:
     """A JSON file that must hold an object (configs): anything else is one `error` line."""
     import json
-
-    from ..io.inputs import read_bounded
 
     text = read_bounded(path, what, error=error)  # a regular file of at most a few MiB
     try:

@@ -1,7 +1,7 @@
 """What ControlNets and an IP-Adapter add to a stage's device memory, for the planner.
 
 Per stage with ControlNets (checked against a live-bytes trace of one denoising step on the meta
-device, adapters/trace.py, within 5%):
+device, tracing/adapters.py, within 5%):
 * weights of each ControlNet active in the stage (parameters x dtype bytes), always resident
   (controlnet_extra_bytes);
 * the step's activation peak (controlnet_step_bytes), held inputs included: each control image
@@ -25,21 +25,23 @@ import json
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
+from ...adapters.common import safetensors_shapes
+from ...adapters.controlnet import folder_config
+from ...adapters.controlnet_file import from_unet_config, is_single_file, single_file_config
+from ...adapters.ip_adapter import _encoder_config
+from .host import skip_elements
+from .walk_bands import activation_bytes as unet_activation_bytes
 
 
 
 def controlnet_config(source: str, unet_config: dict) -> dict:
     """A local ControlNet's own config (a single file's: from its shapes, the one it loads with),
     else the ControlNet from_unet would make of this UNet."""
-    from .controlnet_file import from_unet_config, is_single_file, single_file_config
-
     path = Path(source).expanduser()
     if is_single_file(path):  # a pickle one: the plan's check read it (under --allow-pickle)
         return single_file_config(path, unet_config, "ControlNet")
     file = path / "config.json"
     if file.is_file():
-        from .controlnet import folder_config
-
         return folder_config(file, "ControlNet")  # bounded sizes, as checked at plan time
     return from_unet_config(unet_config)
 
@@ -61,8 +63,6 @@ def controlnet_params(config: dict) -> int:
 
 def residual_elements(unet_config: dict, latent_h: int, latent_w: int) -> int:
     """Values per batch item of the residuals a ControlNet returns (down skips + middle)."""
-    from ..planning.memory.host import skip_elements
-
     levels = len(unet_config["block_out_channels"]) - 1
     mid_h, mid_w = -(-latent_h // 2 ** levels), -(-latent_w // 2 ** levels)
     return skip_elements(unet_config, latent_h, latent_w) \
@@ -94,9 +94,7 @@ def controlnet_step_bytes(adapters: dict, unet_config: dict, *, width: int, heig
                           img2img: bool, guidance: bool, dtype_bytes: int, knobs,
                           linfusion: bool = True) -> int:
     """Peak activation bytes of one denoising step with the stage's ControlNets, their held
-    inputs included (what adapters.trace.trace_controlnet_step counts); 0 without any."""
-    from ..planning.memory.walk_bands import activation_bytes as unet_activation_bytes
-
+    inputs included (what tracing.adapters.trace_controlnet_step counts); 0 without any."""
     kinds = _kinds(adapters, img2img)
     if not kinds:
         return 0
@@ -128,8 +126,6 @@ def controlnet_unet_extra(adapters: dict, unet_config: dict, *, width: int, heig
                           img2img: bool, guidance: bool, dtype_bytes: int, linfusion: bool = True):
     """None without ControlNets, else knobs -> bytes the step adds to the plain UNet walk
     (controlnet_step_bytes less the walk)."""
-    from ..planning.memory.walk_bands import activation_bytes as unet_activation_bytes
-
     if not _kinds(adapters, img2img):
         return None
     batch = 2 if guidance else 1
@@ -190,8 +186,6 @@ def ip_adapter_extra_bytes(adapters: dict, family: str, dtype_bytes: int,
     config = Path(spec.get("encoder") or "/nonexistent") / "config.json"
     projection = _ENCODER_PROJECTION.get(family, _ENCODER_PROJECTION["sdxl"])
     if config.is_file():
-        from .ip_adapter import _encoder_config
-
         data = {k: v for k, v in _encoder_config(config.parent, "--ip-encoder").items() if not k.startswith("_")}
         data.pop("architectures", None)
         projection = data.get("projection_dim", projection)
@@ -200,7 +194,6 @@ def ip_adapter_extra_bytes(adapters: dict, family: str, dtype_bytes: int,
         total = _ENCODER_PARAMS.get(family, _ENCODER_PARAMS["sdxl"]) * dtype_bytes
     source = Path(spec["source"])
     if source.is_file():  # the file's own tensors
-        from .common import safetensors_shapes
 
         total += sum(_numel(s) for s in safetensors_shapes(source, "--ip-adapter").values()) * dtype_bytes
     elif unet_config is not None:
