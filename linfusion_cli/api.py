@@ -12,6 +12,7 @@ a thin layer over plan_request + load + generate_file.
 
 from __future__ import annotations
 
+from PIL import Image
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +70,6 @@ def _info(pipe, options: dict):
 
 def _run(made: GenerationPlan, pipe, options: dict, on_event, init_image=None):
     """Load (or prepare `pipe`) for the plan, run it; (PIL image, run record)."""
-    from PIL import Image
-
     model = load(made, pipe=pipe, allow_pickle=options.get("allow_pickle", False),
                  config=options.get("config"))
     image, record = run_plan(made, model, on_event=on_event or (lambda event: None),

@@ -6,6 +6,7 @@ planning build or walk gigabytes; these are refused with one line instead.
 
 from __future__ import annotations
 
+import yaml
 import reprlib
 
 from .errors import InputError
@@ -57,8 +58,6 @@ def check_config(config: dict, what: str, error=InputError) -> dict:
 def check_yaml(text: str, source: str, error) -> None:
     """A YAML text whose nesting and alias expansion are bounded, and whose mappings have no
     repeated keys; checked on the parser's events and composed nodes, never on built values."""
-    import yaml
-
     depth = 0
     try:
         for event in yaml.parse(text, Loader=yaml.SafeLoader):  # a generator: no recursion
@@ -94,8 +93,6 @@ def check_yaml(text: str, source: str, error) -> None:
 
 def _children(node, source: str, error) -> list:
     """The nodes under a collection node; a mapping's repeated scalar key is refused."""
-    import yaml
-
     if isinstance(node, yaml.SequenceNode):
         return list(node.value)
     if isinstance(node, yaml.MappingNode):

@@ -6,6 +6,9 @@ from (a flag name, `file: key 'x'`, `file:line:`) in front of the message.
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import re
 import math
 from typing import Any
 
@@ -136,8 +139,6 @@ def strengths_text(value: str, name: str = "--strengths") -> tuple[float, ...]:
 
 def scheduler_needs(name: str) -> None:
     """Optional packages a scheduler imports when it is built, checked before any weights load."""
-    import importlib.util
-
     if name == "lms" and importlib.util.find_spec("scipy") is None:
         raise InputError("--scheduler lms needs scipy (pip install scipy); or pick another scheduler")
 
@@ -180,8 +181,6 @@ def request(req) -> None:
 
 def json_object(path, what: str, error=InputError) -> dict:
     """A JSON file that must hold an object (configs): anything else is one `error` line."""
-    import json
-
     text = read_bounded(path, what, error=error)  # a regular file of at most a few MiB
     try:
         data = json.loads(text)
@@ -194,8 +193,6 @@ def json_object(path, what: str, error=InputError) -> dict:
 
 def device(value: str) -> str:
     """auto, cpu, mps, cuda or cuda:N; anything else (meta, xla, ...) refused."""
-    import re
-
     if value in ("auto", "cpu", "mps", "cuda") or re.fullmatch(r"cuda:\d{1,3}", value):
         return value
     raise ValueRuleError(f"--device must be auto, cpu, mps, cuda or cuda:N, got {value!r}")

@@ -13,6 +13,10 @@ CORE = ("__init__", "errors", "validate", "bounds", "inputs", "tuning", "hostmem
 LAYERS = (("__main__",), ("cli",), ("api",), ("tracing",), ("pipeline",), ("planning",), ("models",),
           ("adapters",), ("attention", "vae", "parallel"), ("bands",), ("runtime",), ("io",), CORE)
 LAYER_OF = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}
+# Imported inside functions, on purpose: each takes seconds or is optional/platform-bound, and
+# planning, --help and --dry-run never need them (diffusers alone adds ~5 s to every command).
+LATE = {"diffusers", "transformers", "accelerate", "peft", "huggingface_hub", "scipy", "psutil",
+        "fcntl", "pwd", "typer", "rich"}
 
 
 def _module(path: Path) -> str:
@@ -86,6 +90,27 @@ def test_imports_inside_functions_say_why():
     silent = [f"{path.relative_to(PACKAGE)}:{line}" for path, line, _, _, inside, commented in _imports()
               if inside and not commented]
     assert not silent, "imports inside functions without a comment saying why:\n" + "\n".join(silent)
+
+
+def test_only_late_packages_are_imported_inside_functions():
+    """Anything else belongs at the top of its module, where a reader looks for it."""
+    early = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        guarded = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) for b in t.body for n in ast.walk(b)}
+        for function in ast.walk(tree):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level:
+                    names = [node.module or ""]
+                else:
+                    continue
+                if id(node) not in guarded and any(n.split(".")[0] not in LATE for n in names):
+                    early.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {', '.join(names)}")
+    assert not early, "imports to move to the module's top:\n" + "\n".join(early)
 
 
 def _strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -16,6 +16,7 @@ field (exactly the untiled result), on one copy when classifier-free guidance re
 
 from __future__ import annotations
 
+from pathlib import Path
 import json
 
 import torch
@@ -117,8 +118,6 @@ def load_controlnet(source: str, unet: nn.Module, what: str, *, pickle_ok: bool 
 
     A single file loads with the config its shapes gave at plan time; a pickle one only with
     `pickle_ok` (the plan's format 'pickle', recorded only under --allow-pickle)."""
-    from pathlib import Path
-
     from diffusers import ControlNetModel
 
     try:

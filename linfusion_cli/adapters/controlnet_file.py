@@ -14,6 +14,7 @@ Pickle files (.ckpt/.pth/.pt/.bin) are read only with --allow-pickle.
 
 from __future__ import annotations
 
+import torch
 import inspect
 import json
 import tempfile
@@ -81,14 +82,11 @@ def convert(checkpoint: dict, layers_per_block: int) -> dict:
 
 def _converted(shapes: dict[str, tuple[int, ...]], layers_per_block: int) -> dict:
     """convert() on meta tensors (no weights read): {diffusers key: meta tensor}."""
-    import torch
-
     return convert({k: torch.empty(s, device="meta") for k, s in shapes.items()}, layers_per_block)
 
 
 def derive_config(shapes: dict[str, tuple[int, ...]], unet_config: dict, name: str, what: str) -> dict:
     """The ControlNet config a file's shapes describe, checked against this model's UNet."""
-    import torch
     from diffusers import ControlNetModel
 
     sd = _converted(shapes, unet_config.get("layers_per_block", 2))

@@ -8,6 +8,7 @@ hold `.safetensors` weights (or, only with --allow-pickle, `.bin` ones), every h
 
 from __future__ import annotations
 
+import torch
 import json
 from pathlib import Path
 
@@ -61,7 +62,6 @@ def header_shapes(files: list[Path], what: str) -> dict[str, tuple[int, ...]]:
 
 def check_folder_weights(folder: Path, config: dict, what: str, allow_pickle: bool) -> str:
     """A ControlNet folder's weights: present, readable, with the shapes its config gives."""
-    import torch
     from diffusers import ControlNetModel
 
     fmt, files = folder_format(folder, what, allow_pickle)

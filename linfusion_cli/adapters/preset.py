@@ -9,6 +9,7 @@ overrides the preset's key of the same name.
 
 from __future__ import annotations
 
+from dataclasses import replace
 import math
 from pathlib import Path
 
@@ -76,8 +77,6 @@ def preset_adapters(data: dict, source: str) -> tuple:
 def merged_request(req, preset):
     """The request with the preset's adapter keys where the flags left them unset, and the
     fields taken from the preset."""
-    from dataclasses import replace
-
     taken = {k: v for k, v in getattr(preset, "adapters", ()) if getattr(req, k) in (None, ())}
     return replace(req, **taken), set(taken)
 

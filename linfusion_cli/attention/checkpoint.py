@@ -6,6 +6,8 @@ A checkpoint is a folder with `config.json` ({"modules_list": [...]}) and
 
 from __future__ import annotations
 
+from safetensors.torch import load_file
+from safetensors.torch import save_file
 import json
 import os
 from dataclasses import dataclass
@@ -119,8 +121,6 @@ def _download(repo_id: str) -> Path:
 
 def load_checkpoint(source) -> tuple[list[ModuleSpec] | None, dict[str, torch.Tensor]]:
     """The listed modules (None when no config ships beside the file) and the raw tensors."""
-    from safetensors.torch import load_file
-
     weights, config = _resolve_folder(source)
     specs = parse_modules_list(_read_config(config)) if config else None
     return specs, load_file(str(weights))
@@ -161,8 +161,6 @@ def state_for_module(tensors: dict[str, torch.Tensor], index: int) -> dict[str, 
 def save_checkpoint(folder, specs: list[ModuleSpec], layers: list[nn.Module], *,
                     legacy_config: bool = False) -> Path:
     """Write layers in the official layout (tests, and exporting freshly initialised layers)."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     entries = ([[s.name, s.dim, s.heads] for s in specs] if legacy_config

@@ -6,6 +6,11 @@ Exit codes: 0 success, 2 bad usage or input, 1 failure at run time, 130 interrup
 
 from __future__ import annotations
 
+from importlib import metadata
+import json
+import signal
+import time
+import traceback
 import sys
 
 import logging
@@ -36,8 +41,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def version_text() -> str:
     """The installed package's version (the source tree's when run uninstalled)."""
-    from importlib import metadata
-
     try:
         return metadata.version("linfusion-cli")
     except metadata.PackageNotFoundError:
@@ -81,9 +84,6 @@ def run(argv: list[str] | None = None) -> int:
 def _tell_launcher() -> None:
     """Under torchrun, put the error line in the worker's error file: torchrun then shows it as
     the failure's root cause at the end of its report, instead of a pointer to its docs."""
-    import json
-    import time
-
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path or not last_error:
         return
@@ -96,8 +96,6 @@ def _tell_launcher() -> None:
 
 def _interrupted() -> int:
     """The one line and exit code for Ctrl-C (130), SIGTERM (143) or SIGHUP (129)."""
-    import signal
-
     signum = interrupts.received[0] if interrupts.received else signal.SIGINT
     error("interrupted" if signum == signal.SIGINT else f"interrupted ({signal.Signals(signum).name})")
     return 128 + signum
@@ -147,7 +145,6 @@ def _run(argv: list[str] | None) -> int:
         return 1
     except Exception as exc:  # an unexpected failure: still one line unless -v
         if verbose:
-            import traceback
             traceback.print_exc()
 
         error(one_line_of(exc))

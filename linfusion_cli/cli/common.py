@@ -178,8 +178,6 @@ def read_prompt_argument(prompt: str | None) -> str:
 
 def _open_stream(stream) -> bool:
     """The stream exists and its file descriptor is open."""
-    import os
-
     try:
         os.fstat(stream.fileno())
         return True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 import time
 
 from rich.console import Console
@@ -103,10 +105,6 @@ def quiet_libraries(verbose: bool = False) -> None:
     """
     import diffusers
     import transformers
-
-    import warnings
-
-    import logging
 
     level = "warning" if verbose else "error"
     for name in ("peft", "accelerate", "huggingface_hub", "safetensors"):  # peft logs LoRA misfits at length

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import torch
 import json as jsonlib
 import platform
 from importlib import metadata
@@ -12,10 +14,6 @@ from ..models.loading import cache_dir
 
 
 def gather() -> dict:
-    import os
-
-    import torch
-
 
     versions = {"python": platform.python_version()}
     for pkg in ("linfusion-cli", "torch", "diffusers", "transformers", "accelerate", "safetensors"):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from PIL import ImageOps
+import glob
+import numpy as np
+import socket
 import contextlib
 import errno
 import io
@@ -88,16 +92,12 @@ def save_image(
 
 def _owner() -> str:
     """host-pid of this process, in its temporary files' names (stale ones are found by it)."""
-    import socket
-
     return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
 
 
 def clean_stale_parts(path: Path) -> None:
     """Remove `.NAME.HOST-PID.*.part` files of `path` that a killed process (SIGKILL, power loss)
     left: only this host's, only of processes that are gone."""
-    import socket
-
     host = socket.gethostname().replace(".", "_")
     try:
         candidates = list(path.parent.glob(f".{glob_escape(path.name)}.{glob_escape(host)}-*.part"))
@@ -112,8 +112,6 @@ def clean_stale_parts(path: Path) -> None:
 
 
 def glob_escape(text: str) -> str:
-    import glob
-
     return glob.escape(text)
 
 
@@ -194,10 +192,6 @@ def open_image(path: str | os.PathLike) -> Image.Image:
 def to_rgb8(im: Image.Image) -> Image.Image:
     """Any mode Pillow opens as 8-bit RGB, upright: 16-bit and float values scaled (not clipped),
     alpha flattened on white, palettes and CMYK converted, the EXIF orientation applied."""
-    from PIL import ImageOps
-
-    import numpy as np
-
     im = ImageOps.exif_transpose(im)
     mode = im.mode
     if mode == "RGB":

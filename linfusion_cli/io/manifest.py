@@ -15,6 +15,7 @@ closed, so one descriptor is held open for the whole run and every read and appe
 
 from __future__ import annotations
 
+from dataclasses import asdict
 import errno
 import fcntl
 import hashlib
@@ -42,8 +43,6 @@ def _stage_key(width, height, strength, steps, guidance, scheduler, seed_offset,
 
 def fingerprint(plan) -> dict[str, Any]:
     """What defines an image besides its seed: memory knobs, device and budget are left out."""
-    from dataclasses import asdict
-
     return {
         "prompt": plan.prompt, "negative": plan.negative, "model": plan.model, "family": plan.family,
         "linfusion": plan.linfusion, "dtype": plan.dtype, "init_image": plan.init_image,

@@ -6,6 +6,8 @@ mounting LinFusion. Everything the user got wrong becomes one ModelNotFoundError
 
 from __future__ import annotations
 
+import errno
+import shutil
 import contextlib
 import os
 from dataclasses import dataclass, field
@@ -127,7 +129,6 @@ def _build_demo(folder: Path, family: str) -> None:
             try:
                 os.replace(tmp, folder)
             except OSError:  # another process built it first
-                import shutil
                 shutil.rmtree(tmp, ignore_errors=True)
         with contextlib.suppress(OSError):  # waiters re-check model_index.json and skip the build
             lock_path.unlink()
@@ -219,8 +220,6 @@ def open_pipeline(model: str, dtype: torch.dtype, *, allow_pickle: bool = False,
 
 def _not_writable(exc: BaseException) -> bool:
     """exc (or its cause) is a permission or read-only-filesystem error."""
-    import errno
-
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return True

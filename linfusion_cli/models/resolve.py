@@ -10,6 +10,7 @@ caller names, and says so (`family_from`).
 
 from __future__ import annotations
 
+from importlib import resources
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +64,6 @@ def detect_family(unet_config) -> str:
 
 def bundled_config(family: str, part: str) -> dict:
     """A shipped diffusers config of a family: part is "unet", "vae" or "scheduler"."""
-    from importlib import resources
-
     path = resources.files("linfusion_cli.models") / "configs" / f"{family}_{part}.json"
     if not path.is_file():
         raise InputError(f"no bundled {part} config for model family {family!r} "

@@ -7,6 +7,8 @@ Nothing here loads weights.
 
 from __future__ import annotations
 
+import math
+import torch
 import secrets
 from dataclasses import dataclass, replace
 
@@ -208,8 +210,6 @@ def planned_device(device: str | None, dtype: str, max_vram: float | None,
     GPU, a dry run with a budget plans for a CUDA GPU of that size (assumed to have bf16, as
     every GPU since Ampere does), since that is what a budget in GiB of VRAM describes.
     """
-    import torch
-
     name = device or "auto"
     cuda_here = torch.cuda.is_available()
     wants_cuda = name.startswith("cuda") or (name == "auto" and not cuda_here and dry_run
@@ -232,8 +232,6 @@ def device_budget(plan: GenerationPlan) -> tuple[int | None, str]:
     fastest plan is shown. The sentence quotes the budget as the user gave it, or says where it
     came from.
     """
-    import torch
-
     if plan.max_vram_gib is not None:
         return (int(plan.max_vram_gib * 2 ** 30),
                 f"{plan.budget_from} {plan.max_vram_gib:g} is too small")
@@ -347,8 +345,6 @@ def smallest_budget(plan: GenerationPlan, device: str | None = None, dtype: str 
 
 def _gib_up(n: int) -> str:
     """GiB rounded up to 0.1, so the figure quoted is a budget that works."""
-    import math
-
     return f"{math.ceil(n / 2 ** 30 * 10 - 1e-9) / 10:.1f}"
 
 

@@ -42,6 +42,7 @@ TileReport, passed to `on_report` when it is done.
 
 from __future__ import annotations
 
+from PIL import Image
 import logging
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -289,8 +290,6 @@ def _encode_tiled(vae, arr, tile_px, mode, on_tile, context, limit, stats_px,
 
 def _encoder_stats(vae, arr: np.ndarray, long_side: int, device, dtype):
     """GroupNorm stats of the tiled encoder path, from an untiled pass over a downscaled image."""
-    from PIL import Image
-
     f = _factor(vae)
     h, w = arr.shape[0] // f, arr.shape[1] // f
     sh, sw = downscaled_size(h, w, long_side)

@@ -21,6 +21,7 @@ margin) and the weights to the stage apart.
 
 from __future__ import annotations
 
+import torch
 import json
 from dataclasses import replace
 from functools import lru_cache
@@ -48,7 +49,6 @@ def controlnet_config(source: str, unet_config: dict) -> dict:
 
 @lru_cache(maxsize=8)
 def _params(config_json: str) -> int:
-    import torch
     from diffusers import ControlNetModel
 
     config = {k: v for k, v in json.loads(config_json).items() if not k.startswith("_")}
@@ -148,7 +148,6 @@ _ENCODER_PROJECTION = {"sd15": 1024, "sd21": 1024, "sdxl": 1280}
 
 @lru_cache(maxsize=8)
 def _encoder_params(config_json: str) -> int:
-    import torch
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     with torch.device("meta"):

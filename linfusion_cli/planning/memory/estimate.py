@@ -13,6 +13,7 @@ their total per stage (stage_peak, the one place a total is formed).
 
 from __future__ import annotations
 
+import torch
 import hashlib
 import json
 from functools import lru_cache
@@ -58,7 +59,6 @@ def _config_key(config: dict) -> str:
 @lru_cache(maxsize=32)
 def _param_count(kind: str, config_json: str) -> int:
     """Parameters of a diffusers model built on the meta device (no memory is allocated)."""
-    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     cls = UNet2DConditionModel if kind == "unet" else AutoencoderKL
