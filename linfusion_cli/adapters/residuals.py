@@ -14,7 +14,7 @@ them, and after the middle block add each residual to its skip in place (the val
 output (as diffusers does) and drop the residuals. With skips_on_cpu (pipeline/knobs.py parks the
 skips on the host) the residuals are parked as the ControlNet returns them and each is added to
 its skip's device copy when the up block brings that skip back (`unet.on_skip_fetch`). The images
-are bit-identical (tests/test_adapters_controlnet.py); the step's peak has one half's residuals,
+are bit-identical (tests/adapters/test_controlnet.py); the step's peak has one half's residuals,
 during the down path only (none with skips_on_cpu), and no second set of skips
 (planning/memory/adapters.py, checked by tracing/adapters.py).
 """

@@ -178,7 +178,7 @@ def ip_adapter_extra_bytes(adapters: dict, family: str, dtype_bytes: int,
     """The image encoder's and the adapter's weights. Activations: with the adapter's image
     tokens the UNet's peak stays within 5% of the plain estimate (2.5% at worst, 1024 px), and
     the encoder's 224 px forward (about 10 MiB for ViT-H, before the denoising loop) is far
-    below 5% of a stage (tests/test_memory_trace_adapters.py)."""
+    below 5% of a stage (tests/tracing/test_adapters.py)."""
     spec = (adapters or {}).get("ip_adapter")
     if spec is None:
         return 0
