@@ -100,7 +100,7 @@ def run_isolated(module: str, function: str, **kwargs) -> dict:
 
 def shipped_config(family: str, part: str) -> dict:
     """The package's shipped diffusers config ("unet", "vae", "scheduler") of a family."""
-    from linfusion_cli.planning.resolve import bundled_config
+    from linfusion_cli.models.resolve import bundled_config
 
     return bundled_config(family, part)
 

@@ -88,8 +88,8 @@ def traffic_16k() -> list[str]:
     """Payload per step of rank 1 (interior for N > 2) at 16384x8192, fp16, CFG batch 2."""
     from linfusion_cli.parallel.traffic import ring_bytes, step_traffic
     from linfusion_cli.planning.memory.planner import load_family_configs
-    from linfusion_cli.planning.memory.trace import _inputs as meta_inputs
-    from linfusion_cli.planning.memory.trace import meta_unet
+    from linfusion_cli.tracing.unet import _inputs as meta_inputs
+    from linfusion_cli.tracing.unet import meta_unet
 
     lines = []
     for family in ("sd15", "sdxl"):

@@ -3,13 +3,13 @@
 For each family (the shipped SD1.5 / SD2.1 / SD-XL configs) and stage size, the planner picks
 its plan for a 24 GiB GPU in fp16; the real diffusers UNet with LinFusion layers and that
 plan's knobs runs one forward (guidance batch of 2) on the meta device under a live-bytes
-counter (linfusion_cli.planning.memory.trace). Prints traced and estimated activation GiB, their ratio,
+counter (linfusion_cli.tracing.unet). Prints traced and estimated activation GiB, their ratio,
 and the planner's whole-stage estimate (weights, VAE phase, margin) for context.
 
 With --controlnet, one denoising step of an img2img stage with a tile ControlNet (built from
 the UNet's config, as ControlNetModel.from_unet makes it) is traced instead
-(linfusion_cli.adapters.trace: controlnet(...) then unet(..., residuals)), against the step
-estimate (adapters.memory.controlnet_step_bytes); the plan is the one the runner would choose
+(linfusion_cli.tracing.adapters: controlnet(...) then unet(..., residuals)), against the step
+estimate (planning.memory.adapters.controlnet_step_bytes); the plan is the one the runner would choose
 beside it (the ControlNet's weights out of the budget, its step in the UNet's activations), or,
 when none fits, the tightest plan. "stage est" then includes the ControlNet's weights.
 
@@ -23,7 +23,7 @@ import time
 
 from linfusion_cli.planning.memory import estimate as est
 from linfusion_cli.planning.memory.planner import BudgetError, choose_knobs, load_family_configs
-from linfusion_cli.planning.memory.trace import meta_unet, trace_unet_bytes
+from linfusion_cli.tracing.unet import meta_unet, trace_unet_bytes
 
 GIB = 2 ** 30
 SIZES = [(1024, 512), (2048, 1024), (4096, 2048), (8192, 4096), (16384, 8192)]
@@ -77,8 +77,8 @@ TIGHTEST = dict(offload="sequential", vae_tile_px=512, ff_chunk=4096, cfg_split=
 
 
 def _controlnet(unet_config, unet):
-    from linfusion_cli.adapters.memory import controlnet_config
-    from linfusion_cli.adapters.trace import meta_controlnet
+    from linfusion_cli.planning.memory.adapters import controlnet_config
+    from linfusion_cli.tracing.adapters import meta_controlnet
 
     return meta_controlnet(controlnet_config(ADAPTERS["tile_controlnet"]["source"], unet_config), unet)
 
@@ -88,9 +88,8 @@ def _controlnet_row(net, unet_config, vae_config, unet, width, height, budget):
     ControlNet, planned as the runner plans it."""
     from dataclasses import replace
 
-    from linfusion_cli.adapters.memory import (controlnet_config, controlnet_extra_bytes,
-                                               controlnet_step_bytes, controlnet_unet_extra)
-    from linfusion_cli.adapters.trace import trace_controlnet_step
+    from linfusion_cli.planning.memory.adapters import (controlnet_config, controlnet_extra_bytes, controlnet_step_bytes, controlnet_unet_extra)
+    from linfusion_cli.tracing.adapters import trace_controlnet_step
 
     where = dict(width=width, height=height, img2img=True, guidance=True, dtype_bytes=2)
     weights = controlnet_extra_bytes(ADAPTERS, unet_config, **where)

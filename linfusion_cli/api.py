@@ -12,6 +12,7 @@ a thin layer over plan_request + load + generate_file.
 
 from __future__ import annotations
 
+from PIL import Image
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,14 @@ import numpy as np
 from .errors import NonFiniteError
 from .planning.plan import GenerationPlan
 from .planning.request import Request, plan_request
+from .io import checkpoints
+from .io.checkpoints import stage_path, pixels_digest
+from .io import images
+from .io.images import to_rgb8
+from .models import loading
+from .models.loading import prepare_model
+from .models.resolve import info_of_pipeline
+from .pipeline import run_plan, StageFinished, finite
 
 __all__ = ["Request", "generate", "generate_file", "load", "plan", "plan_request", "resume_start", "upscale"]
 
@@ -31,13 +40,11 @@ def plan(prompt: str, *, pipe=None, **options) -> GenerationPlan:
 def load(plan: GenerationPlan, *, pipe=None, allow_pickle: bool = False, config: str | None = None):
     """The model a plan runs on: loaded from plan.model, or `pipe` made ready in place
     (dtypes, scheduler, LinFusion layers, adapters, device)."""
-    from .models.loading import load_model, prepare_model
-
     settings = dict(dtype=plan.dtype, device=plan.device, linfusion=plan.linfusion,
                     scheduler=plan.stages[0].scheduler, family=plan.family, adapters=plan.adapters)
     if pipe is not None:
         return prepare_model(pipe, model=plan.model, **settings)
-    return load_model(plan.model, allow_pickle=allow_pickle, config=config, **settings)
+    return loading.load_model(plan.model, allow_pickle=allow_pickle, config=config, **settings)
 
 
 def generate(prompt: str, *, pipe=None, on_event=None, **options):
@@ -47,9 +54,7 @@ def generate(prompt: str, *, pipe=None, on_event=None, **options):
 
 def upscale(image, prompt: str = "high detail", *, pipe=None, on_event=None, **options):
     """(PIL image, run record): the img2img ladder from an existing image (PIL or path)."""
-    from .io.images import open_image, to_rgb8
-
-    picture = open_image(image) if isinstance(image, (str, Path)) else to_rgb8(image)
+    picture = images.open_image(image) if isinstance(image, (str, Path)) else to_rgb8(image)
     options.setdefault("init_image", str(image) if isinstance(image, (str, Path)) else "<image>")
     made = plan(prompt, pipe=pipe, init_size=picture.size, **options)
     return _run(made, pipe, options, on_event, init_image=np.asarray(picture))
@@ -59,17 +64,12 @@ def _info(pipe, options: dict):
     """The model as planning sees it: from `pipe` when given, else resolved by name later."""
     if pipe is None:
         return None
-    from .planning.resolve import info_of_pipeline
 
     return info_of_pipeline(pipe, options.get("model"))
 
 
 def _run(made: GenerationPlan, pipe, options: dict, on_event, init_image=None):
     """Load (or prepare `pipe`) for the plan, run it; (PIL image, run record)."""
-    from PIL import Image
-
-    from .pipeline import run_plan
-
     model = load(made, pipe=pipe, allow_pickle=options.get("allow_pickle", False),
                  config=options.get("config"))
     image, record = run_plan(made, model, on_event=on_event or (lambda event: None),
@@ -91,8 +91,6 @@ def result_summary(path: Path | None, record: dict) -> dict:
 
 def stage_image_path(final: Path | None, index: int, width: int, height: int) -> Path:
     """Where --save-stages keeps stage `index`: beside the final file."""
-    from .io.checkpoints import stage_path
-
     return stage_path(final, index, width, height)
 
 
@@ -100,14 +98,10 @@ def resume_start(plan: GenerationPlan, path: Path, init_image=None):
     """Where generate_file(resume=True) would start: an io.checkpoints.Start after the last
     finished stage whose settings match, or None (from the beginning); ResumeMismatchError
     when this output's checkpoints were all made with other settings."""
-    from .io import checkpoints
-
     return checkpoints.find_start(plan, path, _digest(init_image))
 
 
 def _digest(init_image) -> str | None:
-    from .io.checkpoints import pixels_digest
-
     return pixels_digest(np.asarray(init_image)) if init_image is not None else None
 
 
@@ -120,10 +114,6 @@ def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, o
     after the last checkpoint whose settings match. The hidden checkpoints go once the image
     is written. write=False: run, write nothing (a band-parallel rank other than 0).
     """
-    from .io import checkpoints
-    from .io.images import save_image
-    from .pipeline import StageFinished, finite, run_plan
-
     digest = _digest(init_image)
     start = checkpoints.find_start(plan, path, digest, load=True) if resume and path is not None else None
     for part in start.found.float32 if start is not None else ():
@@ -136,7 +126,7 @@ def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, o
             if write and event.stage < event.stages - 1 and (path is not None or plan.save_stages):
                 stage = plan.stages[event.stage]
                 mark = checkpoints.mark(plan, event.stage, event.image, digest, finite.widened(model, plan))
-                save_image(event.image, checkpoints.checkpoint_path(path, stage, plan.save_stages),
+                images.save_image(event.image, checkpoints.checkpoint_path(path, stage, plan.save_stages),
                            record=event.record | {"checkpoint": mark}, fmt="png",
                            overwrite=overwrite or resume)
         if on_event is not None:
@@ -153,11 +143,11 @@ def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, o
         if kept is None:
             kept = stage_image_path(path, last.stage, stage.width, stage.height)
             if not kept.exists():
-                save_image(last.image, kept, record=last.record, fmt="png", overwrite=overwrite)
+                images.save_image(last.image, kept, record=last.record, fmt="png", overwrite=overwrite)
         raise NonFiniteError(exc.part, f"{exc}; stage {last.stage + 1}'s image is kept as {kept}") from None
     if not write:
         return result_summary(path, record)
-    written = save_image(image, path, record=record, fmt=fmt, overwrite=overwrite)
+    written = images.save_image(image, path, record=record, fmt=fmt, overwrite=overwrite)
     if path is not None:
         checkpoints.finish(plan, path, keep=plan.save_stages)
     return result_summary(written, record)

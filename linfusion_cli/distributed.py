@@ -10,6 +10,10 @@ seed, validation errors). After that ranks are independent, so one that dies can
 
 from __future__ import annotations
 
+import datetime
+import io
+import torch
+import torch.distributed as dist
 import contextlib
 import fcntl
 import functools
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 from .errors import InputError, LinfusionError
 
 from .testhooks import AFTER_IMAGES as ENV_TEST_HOOK  # noqa: F401 (tests name it from here)
+from . import testhooks, interrupts
 
 
 def _env_int(environ, name: str, default: int) -> int:
@@ -57,7 +62,6 @@ class World:
         """cuda:LOCAL_RANK for auto/cuda when one of several processes; the CPU without a GPU."""
         if not self.distributed or requested not in (None, "auto", "cuda"):
             return requested
-        import torch
 
         return f"cuda:{self.local_rank}" if torch.cuda.is_available() else requested
 
@@ -67,7 +71,6 @@ class World:
         """Rank 0's value on every rank."""
         if not self.distributed:
             return value
-        import torch.distributed as dist
 
         box = [value]
         dist.broadcast_object_list(box, src=0)
@@ -75,8 +78,6 @@ class World:
 
     def stdin(self):
         """Rank 0 reads stdin and shares the text: the launcher gives every rank the same pipe."""
-        import io
-
         if not self.distributed:
             return sys.stdin
         text, problem = None, None
@@ -101,7 +102,6 @@ class World:
             if failure is not None:
                 raise failure
             return
-        import torch.distributed as dist
 
         self.agreed = True
         mine = None
@@ -151,8 +151,6 @@ class World:
 
     def finished(self, count: int) -> None:
         """Test hook (testhooks.after_images; inert unless LINFUSION_TEST_HOOKS=1)."""
-        from . import testhooks
-
         testhooks.after_images(self.rank, count)
 
 
@@ -178,8 +176,6 @@ def current() -> World:
 
 def _stop_once(signum, frame):
     """Ctrl-C, or the launcher's SIGINT/SIGTERM when another rank failed: stop once, cleanly."""
-    from . import interrupts
-
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # the terminal and the launcher both send one
     interrupts.handle(signum, frame)  # exit 128 + signum, like a single process
@@ -196,9 +192,6 @@ def joined(world: World):
         finally:
             _current = World()
         return
-    import torch
-    import torch.distributed as dist
-
     handlers = {sig: signal.signal(sig, _stop_once) for sig in (signal.SIGINT, signal.SIGTERM)}
     if torch.cuda.is_available():
         torch.cuda.set_device(world.local_rank)
@@ -237,10 +230,6 @@ GROUP_TIMEOUT_S = 60.0
 def _start_group(world: World) -> None:
     """init_process_group with a timeout; launcher variables left without a launcher, or peers
     that never come, are one line (InputError / LinfusionError), never a hang or a traceback."""
-    import datetime
-
-    import torch.distributed as dist
-
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
     if missing:
         raise InputError(f"WORLD_SIZE={world.size} is set but {' and '.join(missing)} "

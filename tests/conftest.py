@@ -75,3 +75,22 @@ def cli(cli_env, capsys, monkeypatch):
         return Result(code, captured.out, captured.err)
 
     return invoke
+
+
+# ---------------------------------------------------------------- the full memory-knob grids
+
+def pytest_addoption(parser):
+    parser.addoption("--full-grid", action="store_true",
+                     help="also run the whole memory-knob grids (tests/grids.py); CI does, once")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without --full-grid, the grids run as their pairwise covering sets."""
+    if config.getoption("--full-grid"):
+        return
+    kept, dropped = [], []
+    for item in items:
+        (dropped if item.get_closest_marker("full_grid") else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept

@@ -8,6 +8,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..errors import CheckpointMismatchError, InputError, ModelNotFoundError
+from ..errors import LinfusionError
+from ..inputs import regular_file
+from ..io import images  # images.open_image: a seam tests watch
 
 # cross-attention width (text embedding dim) per family: what an adapter's shapes must match
 CROSS_DIM = {"sd15": 768, "sd21": 1024, "sdxl": 2048}
@@ -30,8 +33,6 @@ def require_file(source: str, what: str) -> Path:
 def safetensors_shapes(path: Path, what: str, dtypes: dict | None = None) -> dict[str, tuple[int, ...]]:
     """{key: shape} of a .safetensors file without reading the tensors (their dtype names into
     `dtypes` when given); InputError if unreadable, not a regular file, or truncated."""
-    from ..io.inputs import regular_file
-
     if path.suffix != ".safetensors":
         raise InputError(f"{what}: {path.name} must be a .safetensors file")
     regular_file(path, what)
@@ -93,9 +94,7 @@ def _version(file: Path) -> tuple[int, int]:
 @lru_cache(maxsize=64)
 def _image_size(path: str, size: int, mtime_ns: int) -> tuple[int, int]:
     """Decode an image once per file version (a batch of 100k lines shares its control image)."""
-    from ..io.images import open_image
-
-    return open_image(path).size
+    return images.open_image(path).size
 
 
 def reason(exc: BaseException) -> str:
@@ -114,8 +113,6 @@ def reason(exc: BaseException) -> str:
 @contextlib.contextmanager
 def loading_errors(flag: str, source: str):
     """diffusers'/peft's loader errors as one line: not found/offline (exit 2) or does not fit."""
-    from ..errors import LinfusionError
-
     try:
         yield
     except LinfusionError:

@@ -16,6 +16,7 @@ field (exactly the untiled result), on one copy when classifier-free guidance re
 
 from __future__ import annotations
 
+from pathlib import Path
 import json
 
 import torch
@@ -23,8 +24,15 @@ from PIL import Image
 from torch import nn
 
 from ..errors import CheckpointMismatchError, InputError, ModelNotFoundError
-from ..pipeline.knobs import split_batch
 from .common import family_of_cross_dim, is_local, require_file
+from . import residuals
+from ..attention.module import LinFusionAttention
+from ..bounds import check_config
+from ..inputs import read_bounded
+from ..io import images  # images.open_image: a seam tests watch
+from .common import reason
+from .controlnet_file import file_format, is_single_file, single_file_config, load_single_file
+from .folder_weights import check_folder_weights
 
 EMBED_TILE_PX = 1024  # conditioning-embedding tile side in input pixels (a multiple of 64)
 
@@ -34,8 +42,6 @@ EMBED_TILE_PX = 1024  # conditioning-embedding tile side in input pixels (a mult
 def check_controlnet(source: str, what: str, unet_config: dict, allow_pickle: bool = False) -> dict:
     """A local ControlNet folder must hold a config that fits the UNet, a single file tensors
     that do (adapters/controlnet_file.py); hub ids: at load."""
-    from .controlnet_file import file_format, is_single_file, single_file_config
-
     if not is_local(source):
         return {"source": source}
     path = require_file(source, what)
@@ -57,7 +63,6 @@ def check_controlnet(source: str, what: str, unet_config: dict, allow_pickle: bo
         raise CheckpointMismatchError(f"{what}: {path.name} has block channels "
                                       f"{config.get('block_out_channels')}, the UNet "
                                       f"{unet_config.get('block_out_channels')}")
-    from .folder_weights import check_folder_weights
 
     fmt = check_folder_weights(path, config, what, allow_pickle)
     return {"source": str(path)} | ({"format": "pickle"} if fmt == "pickle" else {})
@@ -65,8 +70,6 @@ def check_controlnet(source: str, what: str, unet_config: dict, allow_pickle: bo
 
 def folder_config(config_file, what: str) -> dict:
     """A ControlNet folder's config.json: a regular small JSON object with bounded sizes."""
-    from ..io.inputs import read_bounded
-    from ..planning.bounds import check_config
 
     text = read_bounded(config_file, f"{what}: config")
     try:
@@ -89,8 +92,6 @@ def check_scale(value: float | None, what: str, default: float = 1.0) -> float:
 
 def mount_linfusion(controlnet: nn.Module, unet: nn.Module) -> list[str]:
     """LinFusion on the ControlNet's attn1 modules named like the UNet's LinFusion layers."""
-    from ..attention.module import LinFusionAttention
-
     mounted = []
     for name, unet_layer in unet.named_modules():
         if not isinstance(unet_layer, LinFusionAttention):
@@ -117,11 +118,7 @@ def load_controlnet(source: str, unet: nn.Module, what: str, *, pickle_ok: bool 
 
     A single file loads with the config its shapes gave at plan time; a pickle one only with
     `pickle_ok` (the plan's format 'pickle', recorded only under --allow-pickle)."""
-    from pathlib import Path
-
     from diffusers import ControlNetModel
-
-    from .controlnet_file import is_single_file, load_single_file
 
     try:
         if is_single_file(Path(source).expanduser()):
@@ -131,14 +128,11 @@ def load_controlnet(source: str, unet: nn.Module, what: str, *, pickle_ok: bool 
             controlnet = ControlNetModel.from_pretrained(source, torch_dtype=unet.dtype,
                                                          use_safetensors=None if pickle_ok else True)
     except (OSError, EnvironmentError) as exc:
-        from .common import reason
-
         raise ModelNotFoundError(f"{what} {source}: could not be loaded (not in the local cache, "
                                  f"or offline): {reason(exc)}") from None
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 -- a folder whose weights do not load: one line
-        from .common import reason
 
         raise CheckpointMismatchError(f"{what} {source} does not load: {reason(exc)}") from None
     return prepare_controlnet(controlnet, unet)
@@ -228,46 +222,9 @@ class TiledConditioningEmbedding(nn.Module):
 
 # ---------------------------------------------------------------- memory knobs
 
-def _join_residuals(first, second):
-    """Two half-batch ControlNet outputs as one: residuals concatenated along the batch."""
-    down = tuple(torch.cat(pair) for pair in zip(first[0], second[0]))
-    mid = torch.cat([first[1], second[1]])
-    if isinstance(first, tuple):
-        return down, mid
-    return type(first)(down_block_res_samples=down, mid_block_res_sample=mid)
-
-
-def controlnet_knobs(nets, memory):
-    """The stage's memory knobs on the ControlNets too (ff/attention chunks, in-place SiLU,
-    CFG split, band-wise forward); offload does not apply, skips on CPU only banded (residuals
-    parked as they are made). Returns the undo."""
-    from dataclasses import replace
-
-    from ..pipeline.knobs import apply_knobs
-
-    undo = []
-    for net in nets:
-        # banded, skips_on_cpu parks each residual as it is made; unbanded it does not apply
-        park = bool(getattr(memory, "band_rows", 0)) and memory.skips_on_cpu
-        undo.append(apply_knobs(net, None, replace(memory, cfg_split=False, skips_on_cpu=park)))
-        if memory.cfg_split:
-            previous = net.__dict__.get("forward")
-            net.forward = split_batch(net.forward, _join_residuals)
-            undo.append(lambda n=net, p=previous: setattr(n, "forward", p) if p else n.__dict__.pop("forward"))
-
-    def undo_all():
-        while undo:
-            undo.pop()()
-    return undo_all
-
-
-# ---------------------------------------------------------------- stages
-
 def resized(path: str, width: int, height: int) -> Image.Image:
     """The control image at a stage's size (Lanczos), RGB."""
-    from ..io.images import open_image
-
-    image = open_image(path)
+    image = images.open_image(path)
     return image if image.size == (width, height) else image.resize((width, height), Image.LANCZOS)
 
 
@@ -308,19 +265,19 @@ def image_to_image_call(ctx, stage, upscaled: Image.Image):
     """(pipeline, extra kwargs, done) for an img2img stage: structure and/or tile ControlNet."""
     adapters = ctx.plan.adapters or {}
     loaded = getattr(ctx.model, "controlnets", {})
-    nets, images, scales = [], [], []
+    nets, control_images, scales = [], [], []
     if "controlnet" in loaded:
         nets.append(loaded["controlnet"])
-        images.append(resized(adapters["controlnet"]["image"], stage.width, stage.height))
+        control_images.append(resized(adapters["controlnet"]["image"], stage.width, stage.height))
         scales.append(adapters["controlnet"]["scale"])
     if "tile_controlnet" in loaded:  # the stage's own upscaled input is its control image
         nets.append(loaded["tile_controlnet"])
-        images.append(upscaled)
+        control_images.append(upscaled)
         scales.append(adapters["tile_controlnet"]["scale"])
     if not nets:
         return ctx.img2img, {}, lambda: None
     one = len(nets) == 1
-    extra = {"control_image": images[0] if one else images,
+    extra = {"control_image": control_images[0] if one else control_images,
              "controlnet_conditioning_scale": scales[0] if one else scales}
     return _installed(_pipeline(ctx, "img2img", nets), nets, extra)
 
@@ -328,8 +285,6 @@ def image_to_image_call(ctx, stage, upscaled: Image.Image):
 def _installed(pipe, nets, extra):
     """(pipe, extra, done): residuals made per UNet forward and added in place
     (adapters.residuals) for this call; done takes that off and forgets the cached embeddings."""
-    from . import residuals
-
     undo = residuals.residuals_in_place(pipe.controlnet, pipe.unet) if residuals.ENABLED else None
 
     def done():

@@ -14,6 +14,7 @@ Pickle files (.ckpt/.pth/.pt/.bin) are read only with --allow-pickle.
 
 from __future__ import annotations
 
+import torch
 import inspect
 import json
 import tempfile
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from ..errors import CheckpointMismatchError, InputError
 from .common import family_of_cross_dim
+from ..io.weight_files import single_file_keys
 
 PICKLE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
 SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
@@ -47,8 +49,6 @@ def from_unet_config(unet_config: dict) -> dict:
 
 def _shapes(path: Path, what: str, pickle_ok: bool) -> dict[str, tuple[int, ...]]:
     """{key: shape}: the safetensors header, or (with --allow-pickle) the unpickled state dict."""
-    from ..models.loading import single_file_keys
-
     if file_format(path) == "pickle" and not pickle_ok:
         raise InputError(f"{what}: {path.name} is a pickle file (arbitrary code on load); "
                          "use a .safetensors file or pass --allow-pickle")
@@ -82,14 +82,11 @@ def convert(checkpoint: dict, layers_per_block: int) -> dict:
 
 def _converted(shapes: dict[str, tuple[int, ...]], layers_per_block: int) -> dict:
     """convert() on meta tensors (no weights read): {diffusers key: meta tensor}."""
-    import torch
-
     return convert({k: torch.empty(s, device="meta") for k, s in shapes.items()}, layers_per_block)
 
 
 def derive_config(shapes: dict[str, tuple[int, ...]], unet_config: dict, name: str, what: str) -> dict:
     """The ControlNet config a file's shapes describe, checked against this model's UNet."""
-    import torch
     from diffusers import ControlNetModel
 
     sd = _converted(shapes, unet_config.get("layers_per_block", 2))

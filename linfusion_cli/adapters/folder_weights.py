@@ -8,10 +8,13 @@ hold `.safetensors` weights (or, only with --allow-pickle, `.bin` ones), every h
 
 from __future__ import annotations
 
+import torch
 import json
 from pathlib import Path
 
 from ..errors import CheckpointMismatchError, InputError, ModelNotFoundError
+from ..inputs import read_bounded, regular_file
+from .common import safetensors_shapes
 
 STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 
@@ -24,8 +27,6 @@ def weight_files(folder: Path, suffix: str) -> list[Path]:
             return [single]
         index = folder / f"{stem}{suffix}.index.json"
         if index.exists():
-            from ..io.inputs import read_bounded
-
             try:
                 shards = sorted(set(json.loads(read_bounded(index, "weights index"))["weight_map"].values()))
             except (ValueError, KeyError, TypeError, AttributeError):
@@ -44,8 +45,6 @@ def folder_format(folder: Path, what: str, allow_pickle: bool) -> tuple[str, lis
         raise InputError(f"{what}: {folder} holds pickled .bin weights (they can run code when "
                          "loaded); convert them to .safetensors or pass --allow-pickle")
     if pickles:
-        from ..io.inputs import regular_file
-
         for file in pickles:
             regular_file(file, f"{what}: weights")
         return "pickle", pickles
@@ -55,8 +54,6 @@ def folder_format(folder: Path, what: str, allow_pickle: bool) -> tuple[str, lis
 
 def header_shapes(files: list[Path], what: str) -> dict[str, tuple[int, ...]]:
     """{key: shape} over every file; an unreadable or truncated one is one InputError line."""
-    from .common import safetensors_shapes
-
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
         shapes.update(safetensors_shapes(file, what))
@@ -65,7 +62,6 @@ def header_shapes(files: list[Path], what: str) -> dict[str, tuple[int, ...]]:
 
 def check_folder_weights(folder: Path, config: dict, what: str, allow_pickle: bool) -> str:
     """A ControlNet folder's weights: present, readable, with the shapes its config gives."""
-    import torch
     from diffusers import ControlNetModel
 
     fmt, files = folder_format(folder, what, allow_pickle)

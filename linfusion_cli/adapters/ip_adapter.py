@@ -12,6 +12,10 @@ from pathlib import Path
 
 from ..errors import CheckpointMismatchError, InputError, ModelNotFoundError
 from .common import family_of_cross_dim, is_local, loading_errors, require_file, safetensors_shapes
+from ..bounds import check_config
+from ..inputs import read_bounded
+from ..io import images  # images.open_image: a seam tests watch
+from .folder_weights import check_encoder_weights
 
 # h94/IP-Adapter: the file per family, and its folder in the repo (image encoder beside it)
 HUB_FILES = {"sd15": ("models", "ip-adapter_sd15.safetensors"),
@@ -20,8 +24,6 @@ HUB_FILES = {"sd15": ("models", "ip-adapter_sd15.safetensors"),
 
 def _encoder_config(folder: Path, what: str) -> dict:
     """The encoder's config.json: regular, small, a JSON object of bounded sizes."""
-    from ..io.inputs import read_bounded
-    from ..planning.bounds import check_config
 
     config = folder / "config.json"
     if not config.exists():
@@ -71,7 +73,6 @@ def check_ip_adapter(source: str, encoder: str | None, family: str, unet_config:
     if proj is not None and cross and (proj[0] < cross or proj[0] % cross):
         raise CheckpointMismatchError(f"--ip-adapter: {path.name}: image_proj.proj.weight gives "
                                       f"{proj[0]} outputs, not a whole number of {cross}-wide tokens")
-    from .folder_weights import check_encoder_weights
 
     fmt = check_encoder_weights(encoder_dir, "--ip-encoder" if encoder else "--ip-adapter", allow_pickle)
     return {"source": str(path), "encoder": str(encoder_dir)} | ({"encoder_format": "pickle"} if fmt == "pickle" else {})
@@ -104,9 +105,8 @@ def stage_kwargs(ctx) -> dict:
     spec = (ctx.plan.adapters or {}).get("ip_adapter")
     if spec is None:
         return {}
-    from ..io.images import open_image
 
     image = ctx.notes.get("ip_image")
     if image is None:
-        image = ctx.notes["ip_image"] = open_image(spec["image"])
+        image = ctx.notes["ip_image"] = images.open_image(spec["image"])
     return {"ip_adapter_image": image}

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..errors import CheckpointMismatchError, InputError
 from .common import (family_of_cross_dim, is_local, loading_errors, require_file, safetensors_shapes,
                      short_hash)
+from .lora_shapes import check_lora_tensors
 
 _DOWN = re.compile(r"attn2[._]to_k.*(lora_down|lora_A|lora\.down|to_k_lora\.down)\.weight$")
 
@@ -83,7 +84,6 @@ def check_lora(spec: LoraSpec, cross_attention_dim: int | None, unet_config: dic
         raise CheckpointMismatchError(
             f"--lora: {path.name} is for {family_of_cross_dim(dim, cross_attention_dim)} "
             f"(cross-attention input {dim}); this model's is {cross_attention_dim}")
-    from .lora_shapes import check_lora_tensors
 
     check_lora_tensors(path.name, shapes, dtypes, unet_config)
     return LoraSpec(source=str(path), weight=spec.weight, name=spec.name, layout=layout,

@@ -9,6 +9,8 @@ diffusers at load) are checked for rank and dtype only.
 
 from __future__ import annotations
 
+from torch import nn
+import torch
 import json
 import re
 from functools import lru_cache
@@ -27,9 +29,7 @@ _PATTERNS = (
 @lru_cache(maxsize=4)
 def _layers(config_json: str) -> dict[str, tuple[int, int]]:
     """{module name: (in width, out width)} of the UNet a config describes (meta device)."""
-    import torch
     from diffusers import UNet2DConditionModel
-    from torch import nn
 
     config = {k: v for k, v in json.loads(config_json).items() if not k.startswith("_")}
     with torch.device("meta"):

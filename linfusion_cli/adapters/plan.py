@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from ..errors import PlanError
 from .lora import LoraSpec, check_lora, parse_lora, unique_names
+from .common import check_image
+from .controlnet import check_controlnet, check_scale, load_controlnet
+from .ip_adapter import check_ip_adapter, load_ip_adapter
+from .lora import load_loras
 
 
 def check_adapters(req, unet_config: dict, plan=None) -> dict:
     """{'loras': [...], 'controlnet': {...}, ...} (only the kinds asked for): JSON-safe."""
-    from .common import check_image
-    from .controlnet import check_controlnet, check_scale
-
     out: dict = {}
     pickle = bool(getattr(req, "allow_pickle", False))
     cross = unet_config.get("cross_attention_dim")
@@ -40,8 +41,6 @@ def check_adapters(req, unet_config: dict, plan=None) -> dict:
     if ip is None and (getattr(req, "ip_scale", None) is not None or getattr(req, "ip_encoder", None)):
         raise PlanError("--ip-scale and --ip-encoder need --ip-adapter")
     if ip is not None:
-        from .common import check_image
-        from .ip_adapter import check_ip_adapter
 
         family = plan.family if plan is not None else None
         out["ip_adapter"] = (check_ip_adapter(ip, req.ip_encoder, family, unet_config, pickle)
@@ -77,14 +76,10 @@ def mount_adapters(pipe, adapters: dict | None, device=None) -> dict:
 
     Returns the loaded ControlNets by kind ({'controlnet': ..., 'tile_controlnet': ...}).
     """
-    from .controlnet import load_controlnet
-    from .lora import load_loras
 
     adapters = adapters or {}
     load_loras(pipe, lora_specs(adapters))
     if "ip_adapter" in adapters:
-        from .ip_adapter import load_ip_adapter
-
         load_ip_adapter(pipe, adapters["ip_adapter"])
     nets = {}
     for kind in ("controlnet", "tile_controlnet"):

@@ -9,11 +9,13 @@ overrides the preset's key of the same name.
 
 from __future__ import annotations
 
+from dataclasses import replace
 import math
 from pathlib import Path
 
 from ..errors import InputError, PresetError
-from ..planning.bounds import shown
+from ..bounds import shown
+from ..inputs import expand
 
 # preset key -> Request field (the flag's name with dashes as underscores; --lora is repeatable)
 PRESET_KEYS = {"lora": "loras", "controlnet": "controlnet", "control_image": "control_image",
@@ -27,8 +29,6 @@ def _path(value: str, folder: Path | None) -> str:
     """A relative path that exists beside the preset (or starts with ./ ../) from its folder;
     anything else as written (absolute paths, ~, hub ids)."""
     if value.startswith("~"):
-        from ..io.inputs import expand
-
         return expand(value)
     if folder is None or value.startswith("/"):
         return value
@@ -77,8 +77,6 @@ def preset_adapters(data: dict, source: str) -> tuple:
 def merged_request(req, preset):
     """The request with the preset's adapter keys where the flags left them unset, and the
     fields taken from the preset."""
-    from dataclasses import replace
-
     taken = {k: v for k, v in getattr(preset, "adapters", ()) if getattr(req, k) in (None, ())}
     return replace(req, **taken), set(taken)
 

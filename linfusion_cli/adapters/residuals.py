@@ -11,17 +11,20 @@ for each UNet forward (one per CFG half under cfg_split), run the ControlNet on 
 batch rows just before the UNet's conv_in, collect the skips as conv_in and the down blocks return
 them, and after the middle block add each residual to its skip in place (the values diffusers'
 `skip + residual` gives: the same elementwise add), add the middle residual to the middle block's
-output (as diffusers does) and drop the residuals. With skips_on_cpu (memory/knobs.py parks the
+output (as diffusers does) and drop the residuals. With skips_on_cpu (pipeline/knobs.py parks the
 skips on the host) the residuals are parked as the ControlNet returns them and each is added to
 its skip's device copy when the up block brings that skip back (`unet.on_skip_fetch`). The images
-are bit-identical (tests/test_adapters_controlnet.py); the step's peak has one half's residuals,
+are bit-identical (tests/adapters/test_controlnet.py); the step's peak has one half's residuals,
 during the down path only (none with skips_on_cpu), and no second set of skips
-(adapters/memory.py, checked by adapters/trace.py).
+(planning/memory/adapters.py, checked by tracing/adapters.py).
 """
 
 from __future__ import annotations
 
 from torch import nn
+
+from ..runtime import parking  # parking.* is swapped by the memory trace: looked up per call
+from ..runtime.batching import batch_rows
 
 ENABLED = True  # tests switch it off to compare with diffusers' own order
 
@@ -34,8 +37,6 @@ class Deferred:
 
     def run(self, start: int, stop: int):
         """(down residuals, mid residual) for batch rows start:stop."""
-        from ..pipeline.knobs import batch_rows
-
         rows = lambda obj: batch_rows(obj, start, stop, self.batch)  # noqa: E731
         return self.forward(*rows(self.args), **rows(self.kwargs))
 
@@ -43,8 +44,6 @@ class Deferred:
 def residuals_in_place(control: nn.Module, unet: nn.Module):
     """Defer `control`'s forward (a ControlNetModel or MultiControlNetModel, as the pipeline calls
     it) and run it inside each UNet forward, residuals added in place. Returns the undo."""
-    from ..pipeline import knobs
-
     state: dict = {"deferred": None, "offset": 0, "down": None, "mid": None, "skips": [],
                    "pairs": {}}
     parked = any(getattr(h, "skips_on_cpu", False) for h in unet.conv_in._forward_hooks.values())
@@ -79,7 +78,7 @@ def residuals_in_place(control: nn.Module, unet: nn.Module):
         down = list(down)
         if parked:  # one by one, so each device residual is freed as its host copy is made
             for i, residual in enumerate(down):
-                down[i] = knobs.park(residual)
+                down[i] = parking.park(residual)
             del residual
         return down, mid
 
@@ -115,7 +114,7 @@ def residuals_in_place(control: nn.Module, unet: nn.Module):
         residual = state["pairs"].get(id(host))
         if residual is None:
             return out
-        residual = knobs.fetch(residual, out.device)
+        residual = parking.fetch(residual, out.device)
         return out.add_(residual) if out.data_ptr() != host.data_ptr() else out + residual
 
     control.forward = deferred_forward

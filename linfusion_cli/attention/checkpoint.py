@@ -6,6 +6,8 @@ A checkpoint is a folder with `config.json` ({"modules_list": [...]}) and
 
 from __future__ import annotations
 
+from safetensors.torch import load_file
+from safetensors.torch import save_file
 import json
 import os
 from dataclasses import dataclass
@@ -15,6 +17,9 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointMismatchError, ModelNotFoundError
+from ..hub import download_command
+from ..inputs import regular_file
+from ..validate import json_object
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
@@ -63,8 +68,6 @@ def parse_modules_list(config: dict) -> list[ModuleSpec]:
 
 def _read_config(config: Path) -> dict:
     """A LinFusion config.json as a dict; unreadable or non-object files are one-line errors."""
-    from ..planning.validate import json_object
-
     return json_object(config, "LinFusion config", CheckpointMismatchError)
 
 
@@ -92,8 +95,6 @@ def _resolve_folder(source: str | os.PathLike) -> tuple[Path, Path | None]:
 
 def check_source(source: str) -> None:
     """At plan time: a local --linfusion path holds readable weights (a hub id: checked at load)."""
-    from ..io.inputs import regular_file
-
     path = Path(source).expanduser()
     if not path.exists() and str(source).count("/") == 1 and not str(source).startswith((".", "/", "~")):
         return
@@ -109,8 +110,6 @@ def _download(repo_id: str) -> Path:
     """A hub repo from the local cache, or downloaded when the network is allowed."""
     from huggingface_hub import snapshot_download
 
-    from ..hub import download_command
-
     try:
         return Path(snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, "*.safetensors"]))
     except Exception as exc:  # offline, missing repo, network error: all one answer for the user
@@ -122,8 +121,6 @@ def _download(repo_id: str) -> Path:
 
 def load_checkpoint(source) -> tuple[list[ModuleSpec] | None, dict[str, torch.Tensor]]:
     """The listed modules (None when no config ships beside the file) and the raw tensors."""
-    from safetensors.torch import load_file
-
     weights, config = _resolve_folder(source)
     specs = parse_modules_list(_read_config(config)) if config else None
     return specs, load_file(str(weights))
@@ -164,8 +161,6 @@ def state_for_module(tensors: dict[str, torch.Tensor], index: int) -> dict[str, 
 def save_checkpoint(folder, specs: list[ModuleSpec], layers: list[nn.Module], *,
                     legacy_config: bool = False) -> Path:
     """Write layers in the official layout (tests, and exporting freshly initialised layers)."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     entries = ([[s.name, s.dim, s.heads] for s in specs] if legacy_config

@@ -7,8 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..runtime import parking  # parking.park is swapped by the memory trace: looked up per call
 from . import blocks
 from .rows import Full, conv_rows
+from .unet import comms, down_and_mid
 
 
 def check_controlnet(net: nn.Module) -> None:
@@ -63,9 +65,6 @@ def banded_controlnet_forward(net: nn.Module, band_rows: int, park: bool, sample
     """
     from diffusers.models.controlnets.controlnet import ControlNetOutput
 
-    from ..pipeline import knobs  # park is replaced by the memory trace: look it up per call
-    from .unet import comms, down_and_mid
-
     if attention_mask is not None:
         raise ValueError("band-wise ControlNet: attention masks are not supported")
     order = net.config.controlnet_conditioning_channel_order
@@ -85,7 +84,7 @@ def banded_controlnet_forward(net: nn.Module, band_rows: int, park: bool, sample
     def on_skip(skip):  # (B, C, h, w) -> its residual, made now so the skip need not be kept
         i = len(residuals)
         res = net.controlnet_down_blocks[i](skip) * scales[i]
-        residuals.append(knobs.park(res) if park else res)
+        residuals.append(parking.park(res) if park else res)
 
     comm, (r0, r1) = comms(group, net, sample.shape[2])
 

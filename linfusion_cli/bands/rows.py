@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime import parking  # parking.fetch is swapped by the memory trace: looked up per call
+
 
 def band_ranges(height: int, rows: int) -> list[tuple[int, int]]:
     """[(start, stop), ...] covering 0..height in bands of `rows` (the last may be shorter)."""
@@ -71,9 +73,7 @@ class Host(Rows):
     plus the rows of an optional parked ControlNet residual (diffusers' `skip + residual`)."""
 
     def __init__(self, t: torch.Tensor, device: torch.device, residual: torch.Tensor | None = None):
-        from ..pipeline import knobs  # fetch is replaced by the memory trace: look it up per call
-
-        self._knobs, self.t, self.device, self.residual = knobs, t, device, residual
+        self.t, self.device, self.residual = t, device, residual
         self.batch, self.channels, self.height, self.width = t.shape
 
     def add_residual(self, residual: torch.Tensor) -> None:
@@ -81,9 +81,9 @@ class Host(Rows):
         self.residual = residual
 
     def rows(self, lo, hi):
-        out = self._knobs.fetch(self.t[:, :, lo:hi], self.device)
+        out = parking.fetch(self.t[:, :, lo:hi], self.device)
         if self.residual is not None:
-            out = out + self._knobs.fetch(self.residual[:, :, lo:hi], self.device)
+            out = out + parking.fetch(self.residual[:, :, lo:hi], self.device)
         return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..runtime import parking  # parking.park is swapped by the memory trace: looked up per call
 from . import blocks
 from .rows import Cat, Full, Host, Rows, Upsampled, conv_rows, level_rows, low_halo
 
@@ -83,8 +84,6 @@ def banded_forward(unet: nn.Module, band_rows: int, park_skips: bool, sample: to
     """
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-    from ..pipeline import knobs  # park is replaced by the memory trace: look it up per call
-
     if attention_mask is not None or down_intrablock_additional_residuals is not None:
         raise ValueError("band-wise UNet: attention masks and T2I-Adapter residuals are not supported")
     if encoder_attention_mask is not None:
@@ -109,7 +108,7 @@ def banded_forward(unet: nn.Module, band_rows: int, park_skips: bool, sample: to
         return unet.conv_in(sample) if group is None else conv_rows(unet.conv_in, Full(sample), r0, r1)
 
     h, level = down_and_mid(unet, stem, emb, attn, band_rows,
-                            lambda t: skips.append(_keep(t, park_skips, device, knobs)), comm)
+                            lambda t: skips.append(_keep(t, park_skips, device)), comm)
     if mid_residual is not None:
         h.add_(mid_residual.to(device))  # diffusers: sample + mid residual
     for skip, residual in zip(skips, residuals if residuals is not None else ()):
@@ -177,6 +176,6 @@ def down_and_mid(model: nn.Module, stem, emb, attn, band_rows: int, on_skip,
     return h, level
 
 
-def _keep(t: torch.Tensor, park: bool, device, knobs) -> "Full | Host":
+def _keep(t: torch.Tensor, park: bool, device) -> "Full | Host":
     """A finished skip as the up path will read it: the device map, or a host copy of it."""
-    return Host(knobs.park(t), device) if park else Full(t)
+    return Host(parking.park(t), device) if park else Full(t)

@@ -6,6 +6,11 @@ Exit codes: 0 success, 2 bad usage or input, 1 failure at run time, 130 interrup
 
 from __future__ import annotations
 
+from importlib import metadata
+import json
+import signal
+import time
+import traceback
 import sys
 
 import logging
@@ -24,6 +29,8 @@ from .. import interrupts
 from ..errors import LinfusionError
 from . import _imported, batch, generate, info, presets_cmd, upscale
 from .console import error
+from .. import __version__
+from .console import last_error, one_line_of
 
 _EXITS = tuple(c for c in (getattr(click, "Exit", None), typer.Exit) if c is not None)
 _ABORTS = tuple(c for c in (getattr(click, "Abort", None), getattr(typer, "Abort", None)) if c is not None)
@@ -34,10 +41,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def version_text() -> str:
     """The installed package's version (the source tree's when run uninstalled)."""
-    from importlib import metadata
-
-    from .. import __version__
-
     try:
         return metadata.version("linfusion-cli")
     except metadata.PackageNotFoundError:
@@ -81,11 +84,6 @@ def run(argv: list[str] | None = None) -> int:
 def _tell_launcher() -> None:
     """Under torchrun, put the error line in the worker's error file: torchrun then shows it as
     the failure's root cause at the end of its report, instead of a pointer to its docs."""
-    import json
-    import time
-
-    from .console import last_error
-
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path or not last_error:
         return
@@ -98,8 +96,6 @@ def _tell_launcher() -> None:
 
 def _interrupted() -> int:
     """The one line and exit code for Ctrl-C (130), SIGTERM (143) or SIGHUP (129)."""
-    import signal
-
     signum = interrupts.received[0] if interrupts.received else signal.SIGINT
     error("interrupted" if signum == signal.SIGINT else f"interrupted ({signal.Signals(signum).name})")
     return 128 + signum
@@ -138,8 +134,6 @@ def _run(argv: list[str] | None) -> int:
         if getattr(exc, "echo", True):  # False on ranks > 0 for an error every rank agreed on
             error(line)
         else:
-            from .console import last_error
-
             last_error[:] = [line]
         if verbose and exc.__cause__ is not None:
             error(f"caused by {type(exc.__cause__).__name__}: {exc.__cause__}")
@@ -151,9 +145,7 @@ def _run(argv: list[str] | None) -> int:
         return 1
     except Exception as exc:  # an unexpected failure: still one line unless -v
         if verbose:
-            import traceback
             traceback.print_exc()
-        from .console import one_line_of
 
         error(one_line_of(exc))
         return 1

@@ -19,10 +19,14 @@ from ..io.metadata import read_metadata
 from ..io.prompts import read_prompt_file
 from ..io.targets import inside
 from ..planning.plan import stage_seed
-from ..planning.validate import SEED_MAX
+from ..validate import SEED_MAX
 from . import common
 from .console import ProgressView, error, info, one_line_of
 from .options import GenerationOptions, Template, shared_options
+from .. import testhooks
+from ..inputs import expand
+from ..io.checkpoints import any_in
+from ..io.targets import check_free_space, run_bound, make_directory, remove_if_empty
 
 BATCH_TEMPLATE = "{index:04d}-{slug}.{ext}"  # no seed: --resume finds the same names again
 
@@ -48,8 +52,6 @@ def _entry_plan(entry, index, base: api.Request, base_seed: int):
 def _checkpoint_base_seed(entries, base, drawn: int, folder: str, name, format) -> int:
     """--resume when no entry finished: the batch seed an interrupted entry's checkpoints recorded
     (entry i's seed is the batch seed + i), else `drawn`."""
-    from ..io.checkpoints import any_in
-
     if not any_in(Path(folder)):
         return drawn
     for index, entry in enumerate(entries):
@@ -66,8 +68,6 @@ def _checkpoint_base_seed(entries, base, drawn: int, folder: str, name, format) 
 def _made_elsewhere(manifest, index, plan, path, *, drawn: bool) -> str | None:
     """Claim entry `index` for this process; why not (another process holds it or has finished
     it since this run's check), or None once it is ours to make."""
-    from .. import testhooks
-
     if not manifest.claim(index):
         return "is being made by another process; left to it"
     record = manifest.refresh().records.get(index)
@@ -102,7 +102,6 @@ def batch(
     if parallel not in ("images", "bands"):
         raise InputError(f"--parallel must be images or bands, got {parallel!r}")
     together = parallel == "bands" and world.distributed  # every image over every rank
-    from ..io.inputs import expand
 
     file, output = (file if file == "-" else expand(file)), expand(output)
     entries = read_prompt_file(file, stdin=world.stdin() if file == "-" else sys.stdin)
@@ -129,7 +128,6 @@ def batch(
                          overwrite=overwrite, resume=resume, quiet=quiet or world.rank != 0)
     mine = jobs if together else [job for job in jobs if world.owns(job[0])]
     if mine:  # room for every image of this process's share, not just each one alone
-        from ..io.targets import check_free_space, run_bound
 
         check_free_space(mine[0][1], mine[0][2], mine[0][3], what=f"{len(mine)} images",
                          need=sum(run_bound(job[1], job[3]) for job in mine))
@@ -143,7 +141,6 @@ def batch(
             start = common.resume_plan(plan, path) if resume and done is None else None
             common.print_dry_run(plan, as_json=json, extra={"index": index, "path": str(path)}, resume=start)
         return
-    from ..io.targets import make_directory, remove_if_empty
 
     made = []
     try:

@@ -14,6 +14,12 @@ import torch
 from .. import api, distributed, parallel
 from ..errors import InputError, OutputError, ResumeMismatchError
 from .console import ProgressView, info, quiet_libraries
+from ..adapters import describe
+from ..inputs import expand
+from ..io import checkpoints
+from ..io.naming import DEFAULT_TEMPLATE, render_name, format_of, resolve_output
+from ..io.targets import check_directory, check_free_space, check_target
+from ..models import loading
 
 
 def memory_line(stage) -> str:
@@ -21,7 +27,7 @@ def memory_line(stage) -> str:
     if m is None:
         return ""
     knobs = [f"offload={m.offload}" if m.offload != "none" else "",
-             f"vae_tile={m.vae_tile_px}" if m.vae_tile_px else "vae untiled",
+             f"vae_tile={m.vae_tile_px}{_vae_modes(m)}" if m.vae_tile_px else "vae untiled",
              "cfg_split" if m.cfg_split else "", f"ff_chunk={m.ff_chunk}" if m.ff_chunk else "",
              f"attn_chunk={m.attn_chunk}" if m.attn_chunk else "", "inplace" if m.inplace else "",
              "skips_on_cpu" if m.skips_on_cpu else "",
@@ -39,6 +45,13 @@ def parallel_line(plan) -> str | None:
             f"{plan.group_timeout_s:g} s for a peer stops the run (LINFUSION_GROUP_TIMEOUT)")
 
 
+def _vae_modes(m) -> str:
+    """' (decode exact, encode estimated; host 5.2 GiB)': the tiled VAE's planned statistics."""
+    parts = [f"{part} {mode}" for part, mode in (("decode", m.vae_decode_mode), ("encode", m.vae_encode_mode))
+             if mode]
+    return f" ({', '.join(parts)}; host {m.vae_host_gib:.1f} GiB)" if parts else ""
+
+
 def print_dry_run(plan, *, as_json: bool, extra: dict | None = None, resume: dict | None = None) -> None:
     """The plan on stdout: one JSON object (with `extra` first: a batch line's index and path),
     or a readable table; `resume`: where --resume starts."""
@@ -50,7 +63,6 @@ def print_dry_run(plan, *, as_json: bool, extra: dict | None = None, resume: dic
         print(parallel_line(plan))
     print(f"model {plan.model} ({plan.family}: {plan.extras.get('family_from', '')}), "
           f"preset {plan.extras.get('preset')}, LinFusion {plan.linfusion or 'off'}, seed {plan.seed}")
-    from ..adapters import describe
 
     for line in describe(plan.adapters):
         print(f"  {line}")
@@ -87,7 +99,7 @@ def resume_text(resume: dict) -> str:
 
 def planned_for(plan) -> str:
     """The dry run's first line: the device, dtypes and budget the estimates are for."""
-    budget = (f"{plan.budget_gib:g} GiB" if plan.budget_gib is not None
+    budget = (plan.budget.describe() if plan.budget is not None
               else "no budget given (the fastest plan; pass --max-vram)")
     where = " (no GPU on this machine: planned for one)" if plan.planned_elsewhere else ""
     return (f"planned for {plan.device}{where}, {budget}, UNet {plan.dtype}, VAE {plan.vae_dtype}")
@@ -95,11 +107,9 @@ def planned_for(plan) -> str:
 
 def load(plan, *, verbose: bool, quiet: bool, allow_pickle: bool = False, config: str | None = None):
     """The model for a plan (memory knobs are applied per stage later, not here)."""
-    from ..models.loading import load_model
-
     info(f"loading {plan.model} ...", quiet=quiet)
     quiet_libraries(verbose)
-    return load_model(plan.model, dtype=plan.dtype, device=plan.device, linfusion=plan.linfusion,
+    return loading.load_model(plan.model, dtype=plan.dtype, device=plan.device, linfusion=plan.linfusion,
                       scheduler=plan.stages[0].scheduler, allow_pickle=allow_pickle, config=config,
                       family=plan.family, adapters=plan.adapters)
 
@@ -122,8 +132,6 @@ def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_
 
 def plan_and_run(req, opts, *, output, init_image=None) -> None:
     """generate/upscale after parsing: plan, then print it (--dry-run) or run it to a file."""
-    from ..io.inputs import expand
-
     output = expand(output)
     world = distributed.current()
     drawn = req.seed is None  # a launcher's ranks share rank 0's draw (for_world)
@@ -151,8 +159,6 @@ def plan_and_run(req, opts, *, output, init_image=None) -> None:
         loaded = rank0_first(lambda: load(plan, verbose=opts.verbose, quiet=opts.quiet or not lead,
                                           allow_pickle=opts.allow_pickle, config=opts.config))
         if path is not None and lead:  # made only now: a model that fails to load leaves no folder
-            from ..io.targets import check_directory
-
             check_directory(path.parent, create=True)
         if resume is not None:
             info(f"resume: {resume_text(resume)}", quiet=opts.quiet or not lead)
@@ -224,8 +230,6 @@ def shared_prompt(prompt: str | None) -> str:
 def recorded_seed(plan, output, *, fmt, template=None, index=0, init_image=None):
     """The plan with the seed an interrupted run of this output recorded in its checkpoints
     (its file name may depend on the seed), or the plan as it is when none fits."""
-    from ..io import checkpoints
-    from ..io.naming import DEFAULT_TEMPLATE, render_name, format_of
 
     is_dir = output is None or output.endswith(("/", os.sep)) or Path(output).is_dir()
     folder = (Path(output) if output is not None else Path.cwd()) if is_dir else Path(output).parent
@@ -266,8 +270,6 @@ def read_prompt_argument(prompt: str | None) -> str:
 
 def _open_stream(stream) -> bool:
     """The stream exists and its file descriptor is open."""
-    import os
-
     try:
         os.fstat(stream.fileno())
         return True
@@ -285,8 +287,6 @@ def _isatty(stream) -> bool:
 def resolve_target(output, *, plan, fmt, overwrite, template=None, index=0,
                    create=True, resume: bool = False) -> tuple[Path | None, str]:
     """Output path (None for stdout) and format, checked before any heavy work."""
-    from ..io.naming import DEFAULT_TEMPLATE, format_of, resolve_output
-
     fields = dict(index=index, seed=plan.seed, prompt=plan.prompt, width=plan.width, height=plan.height)
     path = resolve_output(output, template=template or DEFAULT_TEMPLATE, fields=fields, fmt=fmt,
                           overwrite=overwrite, create=create)
@@ -298,9 +298,6 @@ def resolve_target(output, *, plan, fmt, overwrite, template=None, index=0,
 def check_outputs(plan, path, fmt, *, overwrite, resume: bool = False) -> None:
     """Before any model loads: stage checkpoints and --save-stages files free (or replaceable:
     --overwrite, or --resume for our own checkpoints), room on the disk."""
-    from ..io import checkpoints
-    from ..io.targets import check_free_space, check_target
-
     if path is not None:
         for stage in plan.stages[:-1]:
             hidden = checkpoints.hidden_path(path, stage.index, stage.width, stage.height)

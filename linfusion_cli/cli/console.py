@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 import time
 
 from rich.console import Console
@@ -9,6 +11,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 
 from ..pipeline.events import PhaseProgress, Retrying, StageFinished, StageStarted
+from ..adapters.common import reason
+from ..errors import LinfusionError
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)  # "x:abc:" is not an emoji
 
@@ -27,8 +31,6 @@ def error(message: str) -> None:
 def one_line_of(exc: BaseException) -> str:
     """An exception as one line: our errors as they are, others with their kind in brackets
     (and never the advice to unpickle with weights_only=False)."""
-    from ..adapters.common import reason
-    from ..errors import LinfusionError
 
     if isinstance(exc, LinfusionError):
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -103,10 +105,6 @@ def quiet_libraries(verbose: bool = False) -> None:
     """
     import diffusers
     import transformers
-
-    import warnings
-
-    import logging
 
     level = "warning" if verbose else "error"
     for name in ("peft", "accelerate", "huggingface_hub", "safetensors"):  # peft logs LoRA misfits at length

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import torch
 import json as jsonlib
 import platform
 from importlib import metadata
 
 from .options import Json
+from .. import hostmem
+from ..models.loading import cache_dir
 
 
 def gather() -> dict:
-    import os
-
-    import torch
-
-    from ..hostmem import host_memory
-    from ..models.loading import cache_dir
 
     versions = {"python": platform.python_version()}
     for pkg in ("linfusion-cli", "torch", "diffusers", "transformers", "accelerate", "safetensors"):
@@ -23,7 +21,7 @@ def gather() -> dict:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
-    ram = host_memory()
+    ram = hostmem.host_memory()
     devices = [{"device": "cpu", "cores": os.cpu_count(), "total_gib": round(ram.total / 2**30, 1),
                 "free_gib": round(ram.available / 2**30, 1)}]
     if torch.cuda.is_available():

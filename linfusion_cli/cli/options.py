@@ -10,6 +10,12 @@ from dataclasses import dataclass, fields
 from typing import Annotated, Optional
 
 import typer
+from .. import validate
+from ..errors import InputError
+from ..planning.method import METHODS
+from ..planning.presets import SCHEDULERS
+from ..planning.request import Request
+from ..validate import strengths_text
 
 Res = Annotated[Optional[int], typer.Option("--res", help="Long side of the final image in px (default 4096); with --aspect.")]
 Aspect = Annotated[Optional[str], typer.Option("--aspect", help="Aspect W:H with --res (default: the preset's, 1:1).")]
@@ -103,11 +109,6 @@ class GenerationOptions:
 
     def request(self, prompt: str, **extra):
         """The Request these flags ask for, checked before any batch line or model."""
-        from ..planning.request import Request
-        from ..planning import validate
-        from ..errors import InputError
-        from ..planning.method import METHODS
-        from ..planning.presets import SCHEDULERS
 
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise InputError(f"unknown scheduler {self.scheduler!r}; use {', '.join(SCHEDULERS)}")
@@ -147,6 +148,4 @@ def shared_options(command):
 
 def parse_strengths(text: str | None) -> tuple[float, ...] | None:
     """'0.4,0.3' -> (0.4, 0.3); each in (0, 1], no empty item."""
-    from ..planning.validate import strengths_text
-
     return None if text is None else strengths_text(text)

@@ -4,6 +4,7 @@ tests/test_readme_tables.py fails when README.md's table differs.
 """
 
 from __future__ import annotations
+from .app import app
 
 COMMANDS = ("generate", "upscale", "batch")
 
@@ -19,8 +20,6 @@ def _metavar(param, ctx) -> str:
 def options_table() -> str:
     """One row per option (per help text): the flags, the commands that take it, its help."""
     import typer
-
-    from .app import app
 
     group = typer.main.get_command(app)
     rows: dict[tuple[str, str], list[str]] = {}

@@ -11,6 +11,7 @@ from ..io.images import open_image
 from .. import distributed
 from . import common
 from .options import GenerationOptions, Output, shared_options
+from ..inputs import expand
 
 
 @distributed.launched  # under torchrun: one image over every rank (band parallelism)
@@ -21,8 +22,6 @@ def upscale(
     output: Output = None, *, opts: GenerationOptions,
 ) -> None:
     """Upscale an existing image by x2 img2img stages to --res (keeps its aspect by default)."""
-    from ..io.inputs import expand
-
     image = expand(image)
     picture = open_image(image)
     text = common.shared_prompt(prompt) if prompt is not None else "high detail"

@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, ResumeMismatchError
+from .. import interrupts
+from . import images
+from .metadata import read_metadata
 
 _NAME = re.compile(r"^(?P<hidden>\.?)(?P<stem>.+)\.stage(?P<k>\d+)-(?P<w>\d+)x(?P<h>\d+)\.png$")
 
@@ -124,10 +127,8 @@ class Found:
 
     def image(self) -> np.ndarray | None:
         """The exact pixels, or None when the file no longer holds what was written."""
-        from .images import open_image
-
         try:
-            image = np.asarray(open_image(self.path))
+            image = np.asarray(images.open_image(self.path))
         except InputError:
             return None
         return image if pixels_digest(image) == self.pixels else None
@@ -136,8 +137,6 @@ class Found:
 def read(path: Path) -> Found | None:
     """The checkpoint at `path`; None for a missing, foreign or damaged file and for anything but
     a regular file (a link is never followed; the preflight refuses it as an output)."""
-    from .metadata import read_metadata
-
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode):
             return None
@@ -258,8 +257,6 @@ def mark(plan, index: int, image: np.ndarray, init_digest: str | None, float32=(
 
 def finish(plan, final: Path, keep: bool) -> None:
     """After the final image is written: hidden checkpoints go, or become the stage files (keep)."""
-    from .. import interrupts
-
     for stage in plan.stages[:-1]:
         hidden = hidden_path(final, stage.index, stage.width, stage.height)
         if not os.path.lexists(hidden):
@@ -278,8 +275,6 @@ def finish(plan, final: Path, keep: bool) -> None:
 def reveal(final: Path, stage) -> Path | None:
     """Give stage `stage`'s hidden checkpoint its --save-stages name (never over another file);
     the visible path, or None when there is no hidden checkpoint to move."""
-    from .. import interrupts
-
     hidden = hidden_path(final, stage.index, stage.width, stage.height)
     visible = stage_path(final, stage.index, stage.width, stage.height)
     with interrupts.critical():

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from PIL import ImageOps
+import glob
+import numpy as np
+import socket
 import contextlib
 import errno
 import io
@@ -15,13 +19,13 @@ from typing import Any, BinaryIO
 from PIL import Image
 
 from .. import interrupts
-from ..errors import InputError, ModelNotFoundError, OutputError, WriteError
+from ..errors import InputError, OutputError, WriteError
 from .metadata import save_kwargs
 from .naming import format_of
+from .opening import large_images_allowed, open_lazily
+from ..inputs import expand
 
 PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "tiff": "TIFF"}
-# Pillow refuses > 2 * MAX_IMAGE_PIXELS; our largest images are 16384 x 16384.
-MAX_PIXELS = int(16384 * 16384 * 1.1)
 
 
 # ---------------------------------------------------------------- writing
@@ -88,16 +92,12 @@ def save_image(
 
 def _owner() -> str:
     """host-pid of this process, in its temporary files' names (stale ones are found by it)."""
-    import socket
-
     return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
 
 
 def clean_stale_parts(path: Path) -> None:
     """Remove `.NAME.HOST-PID.*.part` files of `path` that a killed process (SIGKILL, power loss)
     left: only this host's, only of processes that are gone."""
-    import socket
-
     host = socket.gethostname().replace(".", "_")
     try:
         candidates = list(path.parent.glob(f".{glob_escape(path.name)}.{glob_escape(host)}-*.part"))
@@ -112,8 +112,6 @@ def clean_stale_parts(path: Path) -> None:
 
 
 def glob_escape(text: str) -> str:
-    import glob
-
     return glob.escape(text)
 
 
@@ -178,46 +176,12 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
 # ---------------------------------------------------------------- reading
 
 
-@contextlib.contextmanager
-def _large_images_allowed() -> Iterator[None]:
-    """Raise Pillow's decompression-bomb limit so 16K images open (it errs above 2x the limit)."""
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max(saved or 0, MAX_PIXELS) if saved is not None else None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
-
-
-def open_lazily(path: Path) -> Image.Image:
-    """Open an image lazily with one-line errors that name the path."""
-    from .inputs import expand, kind_of
-
-    path = Path(expand(path))
-    kind = kind_of(path)
-    if kind == "missing":
-        raise ModelNotFoundError(f"image not found: {path}")
-    if kind is not None:  # a FIFO or device would block the open
-        raise InputError(f"{path} is {kind}, not an image file")
-    with _large_images_allowed():
-        try:
-            return Image.open(path)
-        except Image.DecompressionBombError:
-            raise InputError(f"{path} is too large (over {MAX_PIXELS * 2} pixels)") from None
-        except Image.UnidentifiedImageError:
-            raise InputError(f"{path} is not an image Pillow can read") from None
-        except (OSError, ValueError, SyntaxError) as exc:  # ValueError: a PNG text bomb
-            raise InputError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-
-
 def open_image(path: str | os.PathLike) -> Image.Image:
     """Load a user's input image as RGB, allowing 16K sizes that Pillow refuses by default."""
-    from .inputs import expand
-
     path = Path(expand(path))
     im = open_lazily(path)
     try:
-        with _large_images_allowed():
+        with large_images_allowed():
             im.load()  # reads and closes the file; no copy for RGB inputs
             return to_rgb8(im)
     except (OSError, SyntaxError, ValueError) as exc:
@@ -228,10 +192,6 @@ def open_image(path: str | os.PathLike) -> Image.Image:
 def to_rgb8(im: Image.Image) -> Image.Image:
     """Any mode Pillow opens as 8-bit RGB, upright: 16-bit and float values scaled (not clipped),
     alpha flattened on white, palettes and CMYK converted, the EXIF orientation applied."""
-    from PIL import ImageOps
-
-    import numpy as np
-
     im = ImageOps.exif_transpose(im)
     mode = im.mode
     if mode == "RGB":

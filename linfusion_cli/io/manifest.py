@@ -15,6 +15,7 @@ closed, so one descriptor is held open for the whole run and every read and appe
 
 from __future__ import annotations
 
+from dataclasses import asdict
 import errno
 import fcntl
 import hashlib
@@ -25,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from ..errors import OutputError
+from ..inputs import kind_of
 
 MANIFEST_NAME = "linfusion-manifest.jsonl"
 DATA_SPAN = 1 << 40  # the append lock covers bytes [0, DATA_SPAN); claims live above it
@@ -40,8 +43,6 @@ def _stage_key(width, height, strength, steps, guidance, scheduler, seed_offset,
 
 def fingerprint(plan) -> dict[str, Any]:
     """What defines an image besides its seed: memory knobs, device and budget are left out."""
-    from dataclasses import asdict
-
     return {
         "prompt": plan.prompt, "negative": plan.negative, "model": plan.model, "family": plan.family,
         "linfusion": plan.linfusion, "dtype": plan.dtype, "init_image": plan.init_image,
@@ -122,8 +123,6 @@ def _record(row) -> Record:
 
 def check_manifest_path(path: Path) -> None:
     """The manifest is written like an image: never through a link, never into a folder or FIFO."""
-    from ..errors import OutputError
-
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -134,8 +133,6 @@ def check_manifest_path(path: Path) -> None:
         state = "a dangling symbolic link" if not path.exists() else "a symbolic link"
         raise OutputError(f"the batch manifest {path} is {state}; refusing to write through it")
     if not stat.S_ISREG(st.st_mode):
-        from .inputs import kind_of
-
         raise OutputError(f"the batch manifest {path} is {kind_of(path) or 'not a regular file'}, "
                           "not a file; remove it or pick another -o")
     if not os.access(path, os.R_OK | os.W_OK):
@@ -159,8 +156,6 @@ class Manifest:
     def load(self) -> "Manifest":
         """Read what earlier runs finished; a missing file is an empty manifest, damaged lines
         (torn, invalid UTF-8, wrong types) are skipped and counted in `ignored` (the CLI notes them)."""
-        from ..errors import OutputError
-
         check_manifest_path(self.path)
         try:
             if self._fd is not None:
@@ -205,8 +200,6 @@ class Manifest:
 
     def open(self) -> "Manifest":
         """Hold the manifest open (created if missing, never through a link) for claims and appends."""
-        from ..errors import OutputError
-
         if self._fd is None:
             check_manifest_path(self.path)
             try:

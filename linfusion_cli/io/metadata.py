@@ -14,6 +14,9 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin, TiffImagePlugin
 
+from .opening import open_lazily
+from .adapter_text import a1111_fields, prompt_tags
+
 _TIFF_RECORD_TAG = 65000  # private tag holding the JSON run record
 _EXIF_IFD, _USER_COMMENT, _MAKER_NOTE = 0x8769, 0x9286, 0x927C
 _UNICODE_PREFIX = b"UNICODE\0"
@@ -61,7 +64,6 @@ def a1111_parameters(record: dict[str, Any]) -> str:
         "LinFusion": record.get("linfusion"),
         "LinFusion stages": ";".join(_stage_label(s) for s in stages) if len(stages) > 1 else None,
     }
-    from ..adapters.metadata import a1111_fields, prompt_tags
 
     params.update(a1111_fields(record.get("adapters") or {}))
     for key, value in record.items():
@@ -195,8 +197,6 @@ def save_kwargs(fmt: str, record: dict[str, Any], png_compress_level: int) -> di
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """`parameters` text and JSON run record of one of our images (for tests and --resume)."""
-    from .images import open_lazily  # images imports this module to write
-
     with open_lazily(Path(path)) as im:
         reader = _READERS.get(im.format)
         parameters, raw_record = reader(im) if reader else (None, None)

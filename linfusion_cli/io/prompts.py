@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..planning import validate
+from .. import validate
 from ..errors import InputError, PromptFileError
+from ..inputs import expand, kind_of
 
 
 @dataclass(frozen=True)
@@ -194,8 +195,6 @@ def read_prompt_file(path_or_dash: str, stdin: TextIO | None = None) -> list[Pro
             raise PromptFileError(f"{source}: not UTF-8 text") from None
         text = text.removeprefix("\ufeff")  # a BOM, as utf-8-sig drops it from files
     else:
-        from .inputs import expand, kind_of
-
         source = path_or_dash
         path = Path(expand(path_or_dash))
         kind = kind_of(path)

@@ -11,7 +11,7 @@ import stat
 from pathlib import Path
 
 from ..errors import InputError, OutputError, WriteError
-from ..planning.validate import file_name
+from ..validate import file_name
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))

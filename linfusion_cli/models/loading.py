@@ -6,6 +6,8 @@ mounting LinFusion. Everything the user got wrong becomes one ModelNotFoundError
 
 from __future__ import annotations
 
+import errno
+import shutil
 import contextlib
 import os
 from dataclasses import dataclass, field
@@ -14,7 +16,15 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, ModelNotFoundError, PlanError
-from ..planning.resolve import DEMO_PREFIX, auto_linfusion, choose_dtypes, detect_family, is_demo  # noqa: F401 (re-exported)
+from ..io.weight_files import single_file_family, single_file_keys
+from .resolve import DEMO_PREFIX, auto_linfusion, choose_dtypes, detect_family, is_demo  # noqa: F401 (re-exported)
+from ..adapters import mount_adapters
+from ..adapters.common import reason
+from ..attention import apply_linfusion
+from ..hub import download_command
+from ..inputs import expand, home
+from . import tiny
+from .tiny import FAMILIES
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -57,8 +67,6 @@ class LoadedModel:
 
 def cache_dir() -> Path:
     """Where linfusion keeps its own files (the demo model)."""
-    from ..io.inputs import expand, home
-
     if os.environ.get("LINFUSION_CACHE"):
         return Path(expand(os.environ["LINFUSION_CACHE"]))
     xdg = os.environ.get("XDG_CACHE_HOME", "")
@@ -93,8 +101,6 @@ def resolve_dtypes(name: str, device: torch.device) -> tuple[torch.dtype, torch.
 
 def demo_folder(name: str = DEMO_PREFIX) -> Path:
     """The cached tiny demo pipeline, built deterministically on first use."""
-    from .tiny import FAMILIES
-
     family = name.split("-", 1)[1] if "-" in name else "sd15"
     if family not in FAMILIES:
         raise InputError(f"unknown demo model {name!r}; use demo, demo-sd21 or demo-sdxl")
@@ -110,8 +116,6 @@ def demo_folder(name: str = DEMO_PREFIX) -> Path:
 
 def _build_demo(folder: Path, family: str) -> None:
     """Build the demo pipeline into the cache once, whatever number of processes start at once."""
-    from .tiny import save_tiny_pipeline
-
     import fcntl
 
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -121,11 +125,10 @@ def _build_demo(folder: Path, family: str) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (folder / "model_index.json").is_file():
             tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-            save_tiny_pipeline(tmp, family, demo=True)
+            tiny.save_tiny_pipeline(tmp, family, demo=True)
             try:
                 os.replace(tmp, folder)
             except OSError:  # another process built it first
-                import shutil
                 shutil.rmtree(tmp, ignore_errors=True)
         with contextlib.suppress(OSError):  # waiters re-check model_index.json and skip the build
             lock_path.unlink()
@@ -146,34 +149,6 @@ def _from_pretrained(source: str, dtype: torch.dtype):
 _SINGLE_FILE_BASES = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
                       "sd21": "stabilityai/stable-diffusion-2-1",
                       "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
-
-
-def single_file_keys(path: Path, allow_pickle: bool) -> dict:
-    """{key: shape} of a single-file checkpoint; an unreadable file is an InputError."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-        if not allow_pickle:  # open_pipeline refuses these first; never unpickle by accident
-            raise InputError(f"{path.name}: single-file models must be .safetensors")
-        from diffusers.loaders.single_file_utils import load_single_file_checkpoint
-
-        checkpoint = load_single_file_checkpoint(str(path))  # torch.load(weights_only=True)
-        return {k: tuple(getattr(v, "shape", ())) for k, v in checkpoint.items()}
-    except InputError:
-        raise
-    except Exception as exc:  # noqa: BLE001 -- SafetensorError, UnpicklingError, zipfile errors
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path.name} is not a readable checkpoint: {why}") from None
-
-
-def single_file_family(keys: dict) -> str:
-    if any(k.startswith("conditioner.embedders.1") for k in keys):
-        return "sdxl"
-    v2 = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
-    return "sd21" if keys.get(v2, (0,))[-1] == 1024 else "sd15"
 
 
 def _from_single_file(path: Path, dtype: torch.dtype, config: str | None, allow_pickle: bool = False):
@@ -220,8 +195,6 @@ def open_pipeline(model: str, dtype: torch.dtype, *, allow_pickle: bool = False,
     except (InputError, ModelNotFoundError):
         raise
     except Exception as exc:
-        from ..adapters.common import reason
-
         detail = reason(exc)
         if _not_writable(exc):  # a read-only cache is not a missing download
             raise ModelNotFoundError(f"model {model}: a cache folder is not writable ({detail}); point "
@@ -230,7 +203,6 @@ def open_pipeline(model: str, dtype: torch.dtype, *, allow_pickle: bool = False,
             raise ModelNotFoundError(f"local model folder {path} is incomplete or corrupt: {detail}") from exc
         if not isinstance(exc, (OSError, ValueError)):
             raise
-        from ..hub import download_command
 
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         why = "offline mode (HF_HUB_OFFLINE=1)" if offline else "it could not be downloaded"
@@ -248,8 +220,6 @@ def open_pipeline(model: str, dtype: torch.dtype, *, allow_pickle: bool = False,
 
 def _not_writable(exc: BaseException) -> bool:
     """exc (or its cause) is a permission or read-only-filesystem error."""
-    import errno
-
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return True
@@ -294,8 +264,6 @@ def prepare_model(pipe, *, model: str, dtype: str = "auto", device: str = "auto"
                   adapters: dict | None = None) -> LoadedModel:
     """An open diffusers pipeline made ready for a plan, in place: dtypes, scheduler, LinFusion
     layers, adapters, device. load_model's second half, and the way in for a caller's own pipeline."""
-    from ..attention import apply_linfusion
-
     torch_device = resolve_device(device)
     unet_dtype, vae_dtype = resolve_dtypes(dtype, torch_device)
     found = detect_family(pipe.unet.config)
@@ -316,7 +284,6 @@ def prepare_model(pipe, *, model: str, dtype: str = "auto", device: str = "auto"
     if linfusion is not None:
         layers = apply_linfusion(pipe.unet, None if linfusion == "fresh" else linfusion)
     if adapters:  # after LinFusion, so LoRA reaches its projections too
-        from ..adapters import mount_adapters
 
         controlnets = mount_adapters(pipe, adapters, torch_device)
     pipe.to(torch_device)

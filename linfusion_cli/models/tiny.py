@@ -7,6 +7,8 @@ runs on a laptop CPU. They draw noise, not pictures.
 
 from __future__ import annotations
 
+from safetensors.torch import save_file
+import tempfile
 import json
 from pathlib import Path
 
@@ -111,8 +113,6 @@ def _text_config(projection: bool = False):
 def build_tiny_pipeline(family: str = "sd15", seed: int = 0, *, demo: bool = False,
                         tokenizer_dir: Path | None = None):
     """A tiny random diffusers pipeline of `family`, identical for the same seed."""
-    import tempfile
-
     from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
                            StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -172,8 +172,6 @@ def tiny_lora_tensors(unet, rank: int = 2, seed: int = 0, scale: float = 0.3) ->
 
 def save_tiny_lora(path: Path, unet, layout: str = "peft", rank: int = 2, seed: int = 0) -> Path:
     """The same random LoRA in kohya (lora_unet_*, alpha = rank) or peft (unet.*.lora_A/B) keys."""
-    from safetensors.torch import save_file
-
     tensors = {}
     for name, (down, up) in tiny_lora_tensors(unet, rank, seed).items():
         if layout == "kohya":
@@ -212,7 +210,6 @@ def save_tiny_ip_adapter(folder: Path, unet, seed: int = 0, tokens: int = 4, sca
     """An IP-Adapter in the h94 layout for `unet`: folder/ip-adapter.safetensors (image_proj.*,
     ip_adapter.{i}.to_k_ip/to_v_ip per cross-attention, i its index among all attention
     processors) and folder/image_encoder (a tiny CLIPVisionModelWithProjection)."""
-    from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     folder = Path(folder)

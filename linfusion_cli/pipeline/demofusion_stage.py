@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import parallel, vae as tiled_vae
+from .. import vae as tiled_vae
 from ..planning.plan import Stage
 from .demofusion import blurred_input, dilated_convs, match_stats, step_weights
 from .events import PhaseProgress
-from .stages import StageContext, _band_rows, _decode, _generator, _host_budget, _report_to, _tile_px
+from .context import StageContext, cpu_generator, decode, vae_plan
 
 
 @dataclass
@@ -136,12 +136,10 @@ def demofusion_image_to_image(ctx: StageContext, stage: Stage, previous: np.ndar
     pipe, plan = ctx.model.pipe, ctx.plan
     device = pipe._execution_device
     upscaled = resize(previous, stage.width, stage.height)
-    generator = _generator(stage.seed)  # VAE sample, then the noise, then the steps' draws
+    generator = cpu_generator(stage.seed)  # VAE sample, then the noise, then the steps' draws
     progress = lambda done, total: ctx.on_event(PhaseProgress(stage.index, "encode", done, total))  # noqa: E731
-    x0 = tiled_vae.encode(pipe.vae, upscaled, tile_px=_tile_px(ctx, stage), generator=generator,
-                          on_tile=progress, on_report=_report_to(ctx, stage, "encode"),
-                          host_budget=_host_budget(ctx), band_rows=_band_rows(stage),
-                          group=parallel.active())
+    x0 = tiled_vae.encode(pipe.vae, upscaled, generator=generator, on_tile=progress,
+                          **vae_plan(ctx, stage, "encode"))
     del upscaled
     x0 = x0.to(device=device, dtype=ctx.model.dtype)  # (1, 4, h, w)
     cond = conditioning(pipe, plan.prompt, plan.negative or None, stage.guidance, stage.width,
@@ -157,4 +155,4 @@ def demofusion_image_to_image(ctx: StageContext, stage: Stage, previous: np.ndar
     latents = denoise(pipe.unet, pipe.scheduler, x0, noise, timesteps, cond, stage.guidance,
                       stage.demofusion, generator, on_step)
     del x0, noise
-    return _decode(ctx, stage, latents)
+    return decode(ctx, stage, latents)

@@ -35,6 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import parallel
+from ..runtime import parking
+from ..runtime.batching import join_unet_outputs, split_batch
+from ..bands import controlnet as banded_controlnet, unet as banded_unet
 
 
 class KnobHandle:
@@ -87,46 +90,6 @@ def _chunked(chunk: int):
     return wrap
 
 
-def batch_rows(obj, start: int, stop: int, batch: int):
-    """Rows start:stop (views) of every tensor in obj (nested tuples, lists, dicts) whose first
-    dim is the batch; other values as they are. The CFG split's halves, the ControlNet's rows."""
-    if torch.is_tensor(obj):
-        return obj[start:stop] if obj.dim() and obj.shape[0] == batch else obj
-    if isinstance(obj, dict):
-        return {k: batch_rows(v, start, stop, batch) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(batch_rows(v, start, stop, batch) for v in obj)
-    return obj
-
-
-def batch_half(obj, index: int, batch: int):
-    """The index-th half of obj's batch (batch_rows)."""
-    half = batch // 2
-    return batch_rows(obj, index * half, (index + 1) * half, batch)
-
-
-def split_batch(forward, join):
-    """`forward` run on an even batch as two halves, `join(first, second)` merging the outputs.
-
-    The UNet's CFG split (join_unet_outputs) and the ControlNets' (their residuals) share it.
-    """
-    def split_forward(sample, *args, **kwargs):
-        batch = sample.shape[0]
-        if batch < 2 or batch % 2:
-            return forward(sample, *args, **kwargs)
-        return join(*(forward(*batch_half((sample, *args), i, batch), **batch_half(kwargs, i, batch))
-                      for i in (0, 1)))
-    split_forward.cfg_split = True  # read back by read_knobs
-    return split_forward
-
-
-def join_unet_outputs(first, second):
-    """Two half-batch UNet outputs as one (a tuple or UNet2DConditionOutput)."""
-    if isinstance(first, tuple):
-        return (torch.cat([first[0], second[0]]), *first[1:])
-    return type(first)(sample=torch.cat([first.sample, second.sample]))
-
-
 def _swap_silu(model: nn.Module, handle: KnobHandle) -> None:
     """Replace every plain nn.SiLU child of model by SpatialInplaceSiLU."""
     for parent in list(model.modules()):
@@ -158,28 +121,18 @@ class _FetchOnIndex(tuple):
         return (self._fetch(t) for t in tuple.__iter__(self))
 
 
-def park(t: torch.Tensor) -> torch.Tensor:
-    """Where skips_on_cpu keeps a skip (the memory trace replaces this to count it as host)."""
-    return t.to("cpu")
-
-
-def fetch(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A parked skip back on the device (the memory trace replaces this to count the copy)."""
-    return t.to(device)
-
-
 def _skips_to_cpu(unet: nn.Module, handle: KnobHandle) -> None:
     """Hooks that park skip tensors on the CPU and bring each up block's back before it runs."""
     state = {"device": None, "fetched": set()}  # ids of the skips brought back this forward
     def to_cpu(t):
         handle.stats["skips_to_cpu"] += 1
-        return park(t)
+        return parking.park(t)
 
     def to_device(t):  # counts each skip once, however often a hook reads the lazy tuple
         if id(t) not in state["fetched"]:
             state["fetched"].add(id(t))
             handle.stats["skips_to_device"] += 1
-        out = fetch(t, state["device"])
+        out = parking.fetch(t, state["device"])
         more = getattr(unet, "on_skip_fetch", None)  # ControlNet residuals (adapters/residuals.py)
         return out if more is None else more(t, out)
 
@@ -220,8 +173,6 @@ def _banded(model: nn.Module, band_rows: int, park_skips: bool, handle: KnobHand
     ControlNet (whose residuals are parked as they are made when park_skips), over `group`'s
     ranks when there is one (parallel.BandGroup); read back by read_knobs from the attributes
     set here."""
-    from ..bands import controlnet as banded_controlnet, unet as banded_unet
-
     if hasattr(model, "controlnet_down_blocks"):
         banded_controlnet.check_controlnet(model)
         forward = banded_controlnet.banded_controlnet_forward

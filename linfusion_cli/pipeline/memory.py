@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+from .controlnet_knobs import controlnet_knobs
+from .knobs import apply_memory_plan, read_knobs
 
 
 @contextlib.contextmanager
@@ -13,8 +15,6 @@ def memory_plan_applied(model, memory):
     run record says what ran rather than what was asked. ControlNets get the same chunking,
     in-place and guidance-split knobs (adapters.controlnet.controlnet_knobs).
     """
-    from .knobs import apply_memory_plan, read_knobs
-
     if memory is None:
         yield read_knobs(model.pipe)
         return
@@ -22,8 +22,6 @@ def memory_plan_applied(model, memory):
     nets = list(getattr(model, "controlnets", {}).values())
     undo_nets = None
     if nets:
-        from ..adapters.controlnet import controlnet_knobs
-
         undo_nets = controlnet_knobs(nets, memory)
     try:
         yield read_knobs(model.pipe)

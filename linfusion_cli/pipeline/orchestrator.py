@@ -15,12 +15,11 @@ from ..planning.plan import GenerationPlan, Stage
 from .events import EventHandler, StageFinished, StageStarted, Retrying, ignore
 from .memory import memory_plan_applied
 from .stages import StageContext, stage_function
+from ..models.loading import TORCH_DTYPES
 
 
 def dtype_name(dtype) -> str:
     """fp32 / fp16 / bf16: the names the flags, presets and the dry run use."""
-    from ..models.loading import TORCH_DTYPES
-
     return next((name for name, value in TORCH_DTYPES.items() if value == dtype), str(dtype).replace("torch.", ""))
 
 
@@ -34,7 +33,8 @@ def run_record(plan: GenerationPlan, model, stages: list[dict]) -> dict:
         "width": plan.width, "height": plan.height, "model": plan.model, "family": model.family,
         "linfusion": model.linfusion, "dtype": dtype_name(model.dtype),
         "vae_dtype": dtype_name(getattr(model, "vae_dtype", model.dtype)),
-        "device": str(model.device), "init_image": plan.init_image, "stages": stages,
+        "device": str(model.device), "init_image": plan.init_image,
+        "budget": plan.budget.to_dict() if plan.budget is not None else None, "stages": stages,
         "adapters": getattr(model, "adapters", None) or plan.adapters,
         "version": f"linfusion-cli {__version__}",
         **({"parallel": {"mode": "bands", "world_size": group.size}} if group is not None else {}),

@@ -8,8 +8,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-from . import validate
+from .. import validate
+from .budget import Budget
 from ..errors import PlanError
+from .method import denoise_steps
 
 MULTIPLE = 8  # the VAE scale factor: image sizes must be multiples of it
 MAX_SIDE = 32768
@@ -34,8 +36,6 @@ class Stage:
     @property
     def denoise_steps(self) -> int:
         """Steps actually run (diffusers' img2img convention; DemoFusion rounds up)."""
-        from .method import denoise_steps
-
         return self.steps if self.strength is None else denoise_steps(self.steps, self.strength, self.method)
 
     def to_dict(self) -> dict:
@@ -64,9 +64,7 @@ class GenerationPlan:
     save_stages: bool = False
     vae_tile_px: int | None = None  # forced VAE tile (--vae-tile); None: planned; 0: untiled
     memory_fixed: dict = field(default_factory=dict)  # other knobs a preset forces
-    max_vram_gib: float | None = None
-    budget_from: str | None = None  # "--max-vram" or "preset X's max_vram"
-    budget_gib: float | None = None  # the memory budget the stages were planned for
+    budget: Budget | None = None  # asked for (flag, preset), then what the stages were planned for
     extras: dict = field(default_factory=dict)
     model_info: object = field(default=None, compare=False, repr=False)  # models.resolve.ModelInfo
     adapters: dict = field(default_factory=dict)  # adapters.check_adapters: LoRA, ControlNet, ...
@@ -83,7 +81,8 @@ class GenerationPlan:
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items()
-             if k not in ("stages", "model_info", "world_size", "group_timeout_s")}
+             if k not in ("stages", "model_info", "budget", "world_size", "group_timeout_s")}
+        d["budget"] = self.budget.to_dict() if self.budget is not None else None
         if self.world_size > 1:
             d["parallel"] = {"mode": "bands", "world_size": self.world_size,
                              "group_timeout_s": self.group_timeout_s}

@@ -14,9 +14,14 @@ from pathlib import Path
 
 import yaml
 
-from . import validate
-from .bounds import shown
+from .. import validate
+from ..bounds import shown
 from ..errors import InputError, PresetError
+from ..adapters.preset import PRESET_KEYS, preset_adapters
+from ..bounds import check_yaml
+from ..errors import PlanError, ModelNotFoundError
+from ..inputs import expand, home, read_bounded
+from .method import DemoFusion, check_method
 
 FAMILIES = ("sd15", "sd21", "sdxl")
 SCHEDULERS = ("default", "ddim", "euler", "euler_a", "dpm++", "pndm", "lms")
@@ -106,8 +111,6 @@ def _checked(source: str, key: str, rule, value):
 
 def user_preset_dir() -> Path:
     """Where user presets live."""
-    from ..io.inputs import expand, home
-
     root = os.environ.get("LINFUSION_CONFIG_DIR")
     if root:
         return Path(expand(root)) / "presets"
@@ -117,8 +120,6 @@ def user_preset_dir() -> Path:
 
 def parse_preset(text: str, *, name: str, source: str) -> Preset:
     """Validate one preset's YAML; every error names the file and the key."""
-    from .bounds import check_yaml
-
     check_yaml(text, source, PresetError)  # nesting, alias expansion, repeated keys
     try:
         data = yaml.safe_load(text)
@@ -130,7 +131,6 @@ def parse_preset(text: str, *, name: str, source: str) -> Preset:
         data = {}
     if not isinstance(data, dict):
         raise PresetError(f"{source}: a preset must be a mapping of keys to values")
-    from ..adapters.preset import PRESET_KEYS, preset_adapters
 
     adapters = preset_adapters(data, source)  # the flags' keys (lora, controlnet, ...), popped
     for key, value in data.items():
@@ -161,9 +161,6 @@ def parse_preset(text: str, *, name: str, source: str) -> Preset:
 
 def _check_method_keys(data: dict, source: str) -> None:
     """method is a known one; the demofusion numbers are in range (PresetError naming the key)."""
-    from ..errors import PlanError
-    from .method import DemoFusion, check_method
-
     try:
         if "method" in data:
             check_method(data["method"], "key 'method'")
@@ -216,8 +213,6 @@ def load_preset(name_or_file: str | None) -> Preset:
 def _read(path: Path) -> str:
     """A preset file's text: a regular file (FIFOs and devices refused before opening), at most
     1 MiB of UTF-8; anything else is one PresetError line."""
-    from ..errors import ModelNotFoundError
-    from ..io.inputs import read_bounded
 
     try:
         return read_bounded(path, "preset", limit=1 << 20, error=PresetError)

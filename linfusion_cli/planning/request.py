@@ -7,13 +7,30 @@ Nothing here loads weights.
 
 from __future__ import annotations
 
+import math
+import torch
 import secrets
 from dataclasses import dataclass, replace
 
-from . import validate
+from .. import validate
 from ..errors import InputError, PlanError
 from .plan import GenerationPlan, build_plan, check_size, size_from_res
 from .presets import Preset, load_preset
+from ..adapters import ADAPTER_FIELDS, check_adapters
+from ..adapters.preset import merged_request, name_preset_key
+from ..attention.checkpoint import check_source
+from .. import hostmem, parallel
+from ..hostmem import CPU_PLAN_SHARE_WORDS, cpu_plan_budget, vae_park_budget
+from ..inputs import expand
+from ..models.loading import resolve_device
+from ..models.resolve import resolve_model, TRAINED_SHORT_SIDE, resolve_linfusion, choose_dtypes, DTYPE_BYTES
+from .memory.adapters import controlnet_extra_bytes, ip_adapter_extra_bytes, controlnet_unet_extra
+from .memory.estimate import weight_bytes
+from .memory.host import host_bytes
+from .budget import GIB, Budget
+from .memory.planner import BudgetError, choose_knobs
+from ..vae.working_set import exact_working_set
+from .method import DemoFusion, trained_px, with_method
 
 DEFAULT_RES = 4096
 
@@ -84,8 +101,6 @@ PATH_FIELDS = ("preset", "model", "linfusion", "init_image", "config", "controln
 
 def expanded(req: Request) -> Request:
     """`~` expanded in every path the request names (flags, batch lines), as a shell would."""
-    from ..io.inputs import expand
-
     changes = {f: expand(getattr(req, f)) for f in PATH_FIELDS if isinstance(getattr(req, f), str)
                and getattr(req, f).startswith("~")}
     if any(x.startswith("~") for x in req.loras):
@@ -95,12 +110,8 @@ def expanded(req: Request) -> Request:
 
 def _preset_and_model(req: Request, info=None):
     """The preset (given, else the model's family's) and the resolved model."""
-    from .resolve import resolve_model
-
     given = load_preset(req.preset)  # None: the default preset, until the model's family is known
     if info is None:
-        from ..io.inputs import expand
-
         info = resolve_model(expand(req.model or given.model), config_dir=req.config,
                              fallback_family=given.family, allow_pickle=req.allow_pickle)
     if req.preset is None and info.family != given.family:
@@ -111,8 +122,6 @@ def _preset_and_model(req: Request, info=None):
 def _base_short_side(preset: Preset, family: str) -> int:
     """The base stage's short side: the preset's when it was written for this family, else the
     family's trained size."""
-    from .resolve import TRAINED_SHORT_SIDE
-
     if preset.native is not None and preset.family == family:
         return preset.native
     return TRAINED_SHORT_SIDE[family]
@@ -124,8 +133,6 @@ def make_plan(req: Request, model_info=None) -> GenerationPlan:
     model_info: the model as already known (a caller's open pipeline, resolve.info_of_pipeline);
     None resolves req.model.
     """
-    from .resolve import resolve_linfusion
-
     validate.request(req)
     if req.prompt is None or not req.prompt.strip():
         raise InputError("the prompt is empty")
@@ -134,13 +141,11 @@ def make_plan(req: Request, model_info=None) -> GenerationPlan:
     width, height = target_size(req, preset)
     seed = req.seed if req.seed is not None else secrets.randbelow(validate.SEED_MAX + 1)
     vae_tile = req.vae_tile if req.vae_tile is not None else preset.vae_tile_px  # both validated
-    max_vram, budget_from = req.max_vram, "--max-vram"
-    if max_vram is None and preset.max_vram is not None:
-        max_vram, budget_from = preset.max_vram, f"preset {preset.name}'s max_vram"
+    budget = Budget.given(req.max_vram, "--max-vram") if req.max_vram is not None else (
+        Budget.given(preset.max_vram, f"preset {preset.name}'s max_vram") if preset.max_vram is not None else None)
+    max_vram = budget.gib if budget is not None else None
     linfusion = None if req.no_linfusion else resolve_linfusion(req.linfusion or preset.linfusion, info)
     if linfusion not in (None, "fresh"):
-        from ..attention.checkpoint import check_source
-
         check_source(linfusion)  # a local path must hold weights now, not after the model loaded
     device, dtype, vae_dtype, elsewhere = planned_device(req.device, req.dtype or preset.dtype,
                                                          max_vram, req.dry_run)
@@ -153,7 +158,7 @@ def make_plan(req: Request, model_info=None) -> GenerationPlan:
         scheduler=req.scheduler or preset.scheduler, model=info.model, family=info.family,
         linfusion=linfusion, init_size=req.init_size, init_image=req.init_image,
         save_stages=req.save_stages, vae_tile_px=vae_tile, memory_fixed=dict(preset.memory),
-        max_vram_gib=max_vram, budget_from=budget_from if max_vram is not None else None,
+        budget=budget,
         dtype=dtype, vae_dtype=vae_dtype, device=device, planned_elsewhere=elsewhere,
         model_info=info, extras={"preset": preset.name, "family_from": info.family_from})
     plan = _with_adapters(plan, req, preset)
@@ -164,8 +169,6 @@ def _with_parallel(plan: GenerationPlan, world_size: int) -> GenerationPlan:
     """The plan over `world_size` processes, each stage checked: every rank must own latent rows
     at the UNet's coarsest level, the band-wise forward needs LinFusion, and the group's timeout
     is read now (the dry run prints it)."""
-    from .. import parallel  # here, not at the top: parallel imports torch, a dry run need not
-
     if world_size == 1:
         return plan
     if plan.linfusion is None:
@@ -193,8 +196,6 @@ def _with_method(plan: GenerationPlan, req: Request, preset: Preset) -> Generati
     A ControlNet or IP-Adapter runs only in SDEdit stages: with one, an explicit
     --method demofusion is refused and a preset's demofusion gives way to sdedit (the plan says so).
     """
-    from .method import DemoFusion, trained_px, with_method
-
     method = req.method or preset.method
     needs_sdedit = [flag for key, flag in _SDEDIT_ONLY.items() if key in plan.adapters]
     img2img = any(s.strength is not None for s in plan.stages)
@@ -215,10 +216,6 @@ def _with_method(plan: GenerationPlan, req: Request, preset: Preset) -> Generati
 def _with_adapters(plan: GenerationPlan, req: Request, preset: Preset) -> GenerationPlan:
     """Adapters (flags, else the preset's keys) parsed and checked against the model's
     architecture, before any weights load."""
-    from ..adapters import ADAPTER_FIELDS, check_adapters
-    from ..adapters.preset import merged_request, name_preset_key
-    from ..errors import InputError
-
     req, taken = merged_request(req, preset)
     if not any(getattr(req, name) not in (None, ()) for name in ADAPTER_FIELDS):
         return plan
@@ -236,11 +233,6 @@ def planned_device(device: str | None, dtype: str, max_vram: float | None,
     GPU, a dry run with a budget plans for a CUDA GPU of that size (assumed to have bf16, as
     every GPU since Ampere does), since that is what a budget in GiB of VRAM describes.
     """
-    import torch
-
-    from ..models.loading import resolve_device
-    from .resolve import choose_dtypes
-
     name = device or "auto"
     cuda_here = torch.cuda.is_available()
     wants_cuda = name.startswith("cuda") or (name == "auto" and not cuda_here and dry_run
@@ -256,29 +248,18 @@ def planned_device(device: str | None, dtype: str, max_vram: float | None,
     return str(resolved), unet, vae, False
 
 
-def device_budget(plan: GenerationPlan) -> tuple[int | None, str]:
-    """(budget bytes, the sentence a refusal ends with) for the plan's device.
-
-    None: no budget to plan for (a dry run for a GPU absent here, without --max-vram): the
-    fastest plan is shown. The sentence quotes the budget as the user gave it, or says where it
-    came from.
-    """
-    import torch
-
-    from ..hostmem import CPU_PLAN_SHARE_WORDS, cpu_plan_budget
-
-    if plan.max_vram_gib is not None:
-        return (int(plan.max_vram_gib * 2 ** 30),
-                f"{plan.budget_from} {plan.max_vram_gib:g} is too small")
+def device_budget(plan: GenerationPlan) -> Budget:
+    """The budget the stages are planned for: the one asked for, else the GPU's free memory, else
+    the CPU's share of RAM; none (the fastest plan) for a dry run for a GPU absent here."""
+    if plan.budget is not None and plan.budget.asked:
+        return plan.budget
     if plan.planned_elsewhere:
-        return None, ""
+        return Budget(None, "none")
     if plan.device.startswith("cuda"):
         free = torch.cuda.mem_get_info(torch.device(plan.device))[0]
-        return free, (f"the free memory of {plan.device} ({free / 2 ** 30:.1f} GiB) is too "
-                      "small; free some, or lower the size")
-    budget = cpu_plan_budget()  # host memory, with room left for what the planner does not count
-    return budget, (f"no GPU found; on the CPU the budget is {CPU_PLAN_SHARE_WORDS}, "
-                    f"{budget / 2 ** 30:.1f} GiB; pass --max-vram to allow more")
+        return Budget(free / GIB, f"the free memory of {plan.device}")
+    # host memory, with room left for what the planner does not count
+    return Budget(cpu_plan_budget() / GIB, CPU_PLAN_SHARE_WORDS)
 
 
 def add_memory_plans(plan: GenerationPlan) -> GenerationPlan:
@@ -288,11 +269,8 @@ def add_memory_plans(plan: GenerationPlan) -> GenerationPlan:
     estimate printed is the one of the plan that runs. Every stage is planned before a refusal,
     so the refusal names the smallest budget for the whole run, not for its first stage short.
     """
-    from .memory.planner import BudgetError
-    from .memory.planner import choose_knobs
-    from .resolve import DTYPE_BYTES
-
-    budget, source = device_budget(plan)
+    resolved = device_budget(plan)
+    budget, source = resolved.bytes, resolved.too_small()
     kind = "cuda" if plan.device.startswith("cuda") else "cpu"
     fixed = _fixed_knobs(plan)
     plans, short = [], []  # short: (bytes the stage needs at least, stage)
@@ -309,21 +287,18 @@ def add_memory_plans(plan: GenerationPlan) -> GenerationPlan:
         if control:
             memory = replace(memory, estimated_peak_gib=round(memory.estimated_peak_gib + control / 2 ** 30, 2))
         host = _host_bytes(plan, plan.model_info, stage, memory)
-        memory = replace(memory, estimated_host_gib=round(host / 2 ** 30, 2))
+        memory = replace(memory, estimated_host_gib=round(host / 2 ** 30, 2),
+                         **_vae_modes(plan, stage, memory, budget if kind == "cpu" else None))
         plans.append(memory)
     if short:
         raise PlanError(_refusal(plan, short, kind, fixed, source))
     _check_host(plan, plans)
-    budget_gib = None if budget is None else round(budget / 2 ** 30, 2)
-    return replace(plan.with_memory(plans), budget_gib=budget_gib)
+    shown = resolved if resolved.gib is None else replace(resolved, gib=round(resolved.gib, 2))
+    return replace(plan.with_memory(plans), budget=shown)
 
 
 def _host_bytes(plan: GenerationPlan, info, stage, memory) -> int:
     """Host RAM the stage needs under its memory plan (memory/host.py)."""
-    from .memory.estimate import weight_bytes
-    from .memory.host import host_bytes
-    from .resolve import DTYPE_BYTES
-
     db = DTYPE_BYTES[plan.dtype]
     weights = weight_bytes(info.unet_config, info.vae_config, db,
                            vae_bytes=DTYPE_BYTES[plan.vae_dtype])
@@ -333,14 +308,30 @@ def _host_bytes(plan: GenerationPlan, info, stage, memory) -> int:
                       controlnets=nets)["total"]
 
 
+def _vae_modes(plan: GenerationPlan, stage, memory, cpu_budget: int | None) -> dict:
+    """The tiled VAE's statistics mode for the stage's decode (and img2img encode), decided here
+    so --dry-run shows what runs: exact when its host working set fits the share of host memory
+    the VAE may park in (hostmem.VAE_PARK_SHARE of the CPU plan's budget, else of free RAM)."""
+    host = vae_park_budget(cpu_budget)
+    config, itemsize = plan.model_info.vae_config, DTYPE_BYTES[plan.vae_dtype]
+
+    def mode(decoder: bool) -> str:
+        if not memory.vae_tile_px:
+            return "untiled"
+        need = exact_working_set(config, width=stage.width, height=stage.height,
+                                 tile_px=memory.vae_tile_px, decoder=decoder, itemsize=itemsize)
+        return "exact" if need <= host else "estimated"
+
+    return dict(vae_decode_mode=mode(True), vae_encode_mode=mode(False) if stage.strength is not None else "",
+                vae_host_gib=round(host / 2 ** 30, 2))
+
+
 def _check_host(plan: GenerationPlan, plans) -> None:
     """Refuse, before anything loads, a plan whose host RAM this machine does not have."""
-    from ..hostmem import host_memory
-
     if plan.planned_elsewhere or not plans:
         return  # planned for another machine: its RAM is unknown here (the dry run shows it)
     need = max(p.estimated_host_gib for p in plans)
-    free = host_memory().available / 2 ** 30
+    free = hostmem.host_memory().available / 2 ** 30
     if need > free:
         worst = max(range(len(plans)), key=lambda i: plans[i].estimated_host_gib)
         raise PlanError(f"stage {worst + 1} needs {need:.1f} GiB of host memory (parked skips, "
@@ -376,10 +367,6 @@ def smallest_budget(plan: GenerationPlan, device: str | None = None, dtype: str 
                     vae_dtype: str | None = None) -> tuple[int, object]:
     """(bytes, stage): the smallest budget every stage of the run fits with its tightest plan,
     and the stage that sets it; for the plan's device and dtypes unless others are given."""
-    from .memory.planner import BudgetError
-    from .memory.planner import choose_knobs
-    from .resolve import DTYPE_BYTES
-
     kind = device or ("cuda" if plan.device.startswith("cuda") else "cpu")
     db, vb = DTYPE_BYTES[dtype or plan.dtype], DTYPE_BYTES[vae_dtype or plan.vae_dtype]
     fixed, needed = _fixed_knobs(plan), (0, plan.stages[0])
@@ -394,8 +381,6 @@ def smallest_budget(plan: GenerationPlan, device: str | None = None, dtype: str 
 
 def _gib_up(n: int) -> str:
     """GiB rounded up to 0.1, so the figure quoted is a budget that works."""
-    import math
-
     return f"{math.ceil(n / 2 ** 30 * 10 - 1e-9) / 10:.1f}"
 
 
@@ -410,7 +395,6 @@ def _refusal(plan: GenerationPlan, short: list, kind: str, fixed: dict, source: 
             f"not fit); {source}")
     if kind == "cuda":
         return line + f"; `--dry-run --max-vram {_gib_up(needed)}` shows the plan that fits"
-    from .resolve import choose_dtypes
 
     unet, vae = choose_dtypes(plan.dtype if plan.dtype in ("fp16", "bf16") else "fp16", "cuda", True)
     gpu, _ = smallest_budget(plan, "cuda", unet, vae)
@@ -419,10 +403,9 @@ def _refusal(plan: GenerationPlan, short: list, kind: str, fixed: dict, source: 
 
 
 def _adapter_bytes(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: int) -> int:
-    """Weights and held inputs of the plan's ControlNets and IP-Adapter in this stage (adapters.memory)."""
+    """Weights and held inputs of the plan's ControlNets and IP-Adapter in this stage (planning.memory.adapters)."""
     if not plan.adapters:
         return 0
-    from ..adapters.memory import controlnet_extra_bytes, ip_adapter_extra_bytes
 
     return controlnet_extra_bytes(plan.adapters, unet_cfg, width=stage.width, height=stage.height,
                                   img2img=stage.strength is not None, guidance=stage.guidance > 1,
@@ -434,7 +417,6 @@ def _controlnet_step(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: i
     """knobs -> what a ControlNet step adds to the UNet's activations (None without one)."""
     if not plan.adapters:
         return None
-    from ..adapters.memory import controlnet_unet_extra
 
     return controlnet_unet_extra(plan.adapters, unet_cfg, width=stage.width, height=stage.height,
                                  img2img=stage.strength is not None, guidance=stage.guidance > 1,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from ..errors import NonFiniteError
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -11,8 +12,6 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
     NaN/inf (an fp16 overflow) raise NonFiniteError("vae") instead of turning black."""
     if not bool(torch.isfinite(x).all()):
-        from ..errors import NonFiniteError
-
         raise NonFiniteError("vae")
     x = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return x[0].permute(1, 2, 0).cpu().numpy()

@@ -13,10 +13,12 @@ their total per stage (stage_peak, the one place a total is formed).
 
 from __future__ import annotations
 
+import torch
 import hashlib
 import json
 from functools import lru_cache
 
+from ... import parallel
 from ...tuning import VAE_ATTN_TOKEN_LIMIT, device_kind
 from .walk import (  # noqa: F401 (the estimate's parts, re-exported for callers and tests)
     DECODE_PAD_PX, ENCODE_PAD_PX, OFFLOADS, STATS_PX, Knobs, _transformer, _transformer_phases,
@@ -58,7 +60,6 @@ def _config_key(config: dict) -> str:
 @lru_cache(maxsize=32)
 def _param_count(kind: str, config_json: str) -> int:
     """Parameters of a diffusers model built on the meta device (no memory is allocated)."""
-    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     cls = UNet2DConditionModel if kind == "unet" else AutoencoderKL
@@ -118,16 +119,12 @@ HALO_ROWS = 2  # rows a rank holds beyond its band at the widest layer (a 3x3 co
 
 def rank_latent_rows(unet_config: dict, latent_h: int, world_size: int) -> int:
     """Latent rows whose UNet activations one rank of `world_size` holds under band parallelism:
-    its band (the largest, cut at the coarsest level, parallel/layout.py) plus halo rows."""
+    the largest band of the layout (parallel/layout.py) plus halo rows."""
     if world_size <= 1:
         return latent_h
     levels = len(unet_config["down_block_types"]) - 1
-    coarse = latent_h
-    for _ in range(levels):
-        coarse = -(-coarse // 2)
-    largest = max(((i + 1) * coarse) // world_size - (i * coarse) // world_size
-                  for i in range(world_size))
-    return min(latent_h, (largest << levels) + HALO_ROWS)
+    largest = max(b - a for a, b in parallel.bands(latent_h, levels, world_size)[0])
+    return min(latent_h, largest + HALO_ROWS)
 
 
 def gathered_bytes(unet_config: dict, *, latent_h: int, latent_w: int, dtype_bytes: int,
@@ -151,7 +148,7 @@ def _resident(weights: dict[str, int], offload: str, device: str,
     if offload == "model":  # accelerate keeps only the running model on the device
         return weights["unet"], weights["vae"]
     # sequential: each UNet layer's weights arrive just before it runs; the VAE moves whole
-    # (memory.knobs._offload: the tiled VAE reads its GroupNorm weights directly)
+    # (pipeline.knobs._offload: the tiled VAE reads its GroupNorm weights directly)
     return layer_bytes, weights["vae"]
 
 

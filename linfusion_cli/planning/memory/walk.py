@@ -4,7 +4,7 @@ The model walks the diffusers UNet and VAE structure named by their `config.json
 running count of the tensors alive at each op: the skip tensors the UNet holds for its up path,
 the block input its caller keeps referenced, and the op's own temporaries. Counts are in
 "channels per token" and are multiplied by tokens x batch x bytes at the end. Assumptions
-(documented so they can be checked against measurements, see tests/test_memory_planner.py):
+(documented so they can be checked against measurements, see tests/planning/test_planner.py):
 
 * ResNet: GroupNorm and SiLU each produce a new tensor (SiLU in place with `inplace`); the block
   input stays alive until the block returns; the shortcut conv, the residual sum and its division

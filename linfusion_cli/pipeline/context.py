@@ -1,0 +1,80 @@
+"""What every stage shares: the context (plan, components, events) and the tiled-VAE calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .. import parallel, vae as tiled_vae
+from ..hostmem import vae_park_budget
+from ..planning.plan import GenerationPlan, Stage
+from .events import EventHandler, PhaseProgress
+from .knobs import vae_on_device
+
+
+@dataclass
+class StageContext:
+    """What every stage needs: the plan, the shared components, and where progress goes."""
+
+    plan: GenerationPlan
+    model: object  # models.loading.LoadedModel
+    on_event: EventHandler
+    txt2img: object = None  # diffusers pipelines sharing one set of components
+    img2img: object = None
+    notes: dict = field(default_factory=dict)  # stage index -> {"decode"/"encode": vae.TileReport}
+
+    def __post_init__(self):
+        from diffusers import AutoPipelineForImage2Image
+
+        self.txt2img = self.model.pipe
+        self.img2img = AutoPipelineForImage2Image.from_pipe(self.txt2img)
+        self.img2img.set_progress_bar_config(disable=True)
+
+
+def cpu_generator(seed: int) -> torch.Generator:
+    """Noise is drawn on the CPU so a seed gives the same image on every device."""
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def tile_px(ctx: StageContext, stage: Stage) -> int | None:
+    """The stage's planned VAE tile (which honours --vae-tile); unplanned: the forced one."""
+    return stage.memory.vae_tile_px if stage.memory is not None else ctx.plan.vae_tile_px
+
+
+def band_rows(stage: Stage) -> int:
+    """The stage's planned band rows for the tiled VAE's whole-latent part (0: whole maps)."""
+    return getattr(stage.memory, "band_rows", 0) or 0
+
+
+def vae_plan(ctx: StageContext, stage: Stage, part: str) -> dict:
+    """tiled_vae.decode/encode's memory arguments for the stage's `part` ("decode"/"encode"), as
+    the plan decided them: tile, bands, statistics mode and the host budget it was chosen for.
+    A stage without a memory plan (library callers) leaves the mode to the tiled VAE."""
+    memory = stage.memory
+    mode = getattr(memory, f"vae_{part}_mode", "") if memory is not None else ""
+    if mode in tiled_vae.MODES:
+        budget = int(memory.vae_host_gib * 2 ** 30)
+    else:
+        mode = None
+        planned = ctx.plan.budget.bytes if ctx.plan.budget is not None else None
+        budget = vae_park_budget(planned) if ctx.model.device.type == "cpu" and planned else None
+    return dict(tile_px=tile_px(ctx, stage), band_rows=band_rows(stage), mode=mode,
+                host_budget=budget, on_report=report_to(ctx, stage, part),
+                group=parallel.active())  # band parallelism: the tiles shared out among the ranks
+
+
+def report_to(ctx: StageContext, stage: Stage, part: str):
+    """on_report for the VAE's `part` ("decode"/"encode") of a stage: keeps it for the run record."""
+    def keep(report: tiled_vae.TileReport) -> None:
+        ctx.notes.setdefault(stage.index, {})[part] = report
+    return keep
+
+
+def decode(ctx: StageContext, stage: Stage, latents: torch.Tensor) -> np.ndarray:
+    """latents (1, 4, h, w) -> uint8 (8h, 8w, 3), tiled as planned."""
+    progress = lambda done, total: ctx.on_event(PhaseProgress(stage.index, "decode", done, total))  # noqa: E731
+    vae_on_device(ctx.model.pipe.vae)
+    return tiled_vae.decode(ctx.model.pipe.vae, latents.to(ctx.model.vae_dtype), on_tile=progress,
+                            **vae_plan(ctx, stage, "decode"))

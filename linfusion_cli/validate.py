@@ -1,0 +1,214 @@
+"""One rule and one message per value, whatever the path it came by (flag, preset, batch line).
+
+Every check runs when the plan is made, before any weights load; callers add where the value came
+from (a flag name, `file: key 'x'`, `file:line:`) in front of the message.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import math
+from typing import Any
+
+from .errors import InputError, PlanError
+from .inputs import read_bounded
+
+SEED_MAX = 2 ** 32 - 1  # as AUTOMATIC1111: seeds are 0 .. 2**32-1 on every path
+MAX_SIDE = 32768
+MAX_STEPS = 1000  # the SD schedulers' num_train_timesteps: no scheduler accepts more steps
+MAX_GUIDANCE = 100.0  # far above any useful scale; larger values only saturate the image
+MAX_VRAM_GIB = 4096.0
+MAX_ASPECT = 64.0  # W:H (or H:W) beyond this leaves a side of a few pixels at any --res
+MAX_TEXT = 100_000  # characters in a prompt (CLIP reads 77 tokens; this bounds the metadata)
+NAME_MAX = 255  # bytes in one file-name component (ext4, APFS, NTFS)
+
+
+class ValueRuleError(PlanError):
+    """A value breaking its rule; the message starts with the value's name."""
+
+
+def _number(name: str, value: Any, *, integer: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float) if not integer else int):
+        if integer and isinstance(value, float) and math.isfinite(value) and value == int(value):
+            return int(value)
+        kind = "an integer" if integer else "a number"
+        raise ValueRuleError(f"{name} must be {kind}, got {value!r}")
+    if not integer and not math.isfinite(value):
+        raise ValueRuleError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def in_range(name: str, value: Any, low: float, high: float, *, integer: bool = False,
+             low_open: bool = False) -> Any:
+    """`name` is a number within [low, high] (or (low, high]); zero, negatives, inf, nan refused."""
+    value = _number(name, value, integer=integer)
+    below = value <= low if low_open else value < low
+    if below or value > high:
+        left = "(" if low_open else "["
+        shown = lambda x: f"{x:g}" if isinstance(x, float) else str(x)  # noqa: E731
+        raise ValueRuleError(f"{name} must be in {left}{shown(low)}, {shown(high)}], got {value}")
+    return value
+
+
+def steps(value: Any, name: str = "steps") -> int:
+    return in_range(name, value, 1, MAX_STEPS, integer=True)
+
+
+def guidance(value: Any, name: str = "guidance") -> float:
+    return float(in_range(name, value, 0.0, MAX_GUIDANCE))
+
+
+def strength(value: Any, name: str = "strength") -> float:
+    return float(in_range(name, value, 0.0, 1.0, low_open=True))
+
+
+def seed(value: Any, name: str = "seed") -> int:
+    """0 .. 2**32-1 (callers turn -1, "random" as in AUTOMATIC1111, into None first)."""
+    value = _number(name, value, integer=True)
+    if not 0 <= value <= SEED_MAX:
+        raise ValueRuleError(f"{name} must be -1 (random) or in [0, {SEED_MAX}], got {value}")
+    return value
+
+
+def side(value: Any, name: str) -> int:
+    """A size in px: 8 .. 32768 (the multiple of 8 is checked with the plan's sizes)."""
+    return in_range(name, value, 8, MAX_SIDE, integer=True)
+
+
+def max_vram(value: Any, name: str = "max_vram") -> float:
+    return float(in_range(name, value, 0.0, MAX_VRAM_GIB, low_open=True))
+
+
+def vae_tile(value: Any, name: str = "vae_tile") -> int:
+    value = in_range(name, value, 0, MAX_SIDE, integer=True)
+    if value % 8:
+        raise ValueRuleError(f"{name} must be 0 (untiled) or a positive multiple of 8, got {value}")
+    return value
+
+
+def aspect(value: Any, name: str = "aspect") -> tuple[float, float]:
+    """'W:H' with both finite and positive, at most 64:1 either way."""
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        aw, ah = (float(x) for x in value.split(":"))
+        if not (math.isfinite(aw) and math.isfinite(ah)) or aw <= 0 or ah <= 0:
+            raise ValueError
+    except ValueError:
+        raise ValueRuleError(f"{name} must look like 16:9 (two positive numbers), got {value!r}") from None
+    if max(aw, ah) / min(aw, ah) > MAX_ASPECT:
+        raise ValueRuleError(f"{name} {value} is beyond {MAX_ASPECT:g}:1")
+    return aw, ah
+
+
+def text(value: Any, name: str = "prompt", *, empty_ok: bool = True) -> str:
+    """Text a tokenizer and the metadata can hold: valid UTF-8, no NUL bytes, bounded."""
+    if not isinstance(value, str):
+        raise ValueRuleError(f"{name} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes from argv or a file arrive as lone surrogates
+        raise ValueRuleError(f"{name} is not valid UTF-8 text") from None
+    if "\0" in value:
+        raise ValueRuleError(f"{name} contains a NUL byte")
+    if len(value) > MAX_TEXT:
+        raise ValueRuleError(f"{name} is {len(value)} characters; the limit is {MAX_TEXT}")
+    if not empty_ok and not value.strip():
+        raise ValueRuleError(f"{name} is empty")
+    return value
+
+
+def strengths_text(value: str, name: str = "--strengths") -> tuple[float, ...]:
+    """'0.4,0.3' -> (0.4, 0.3); an empty item ('0.4,,0.3') is refused, not skipped."""
+    items = value.split(",")
+    if not value.strip():
+        raise ValueRuleError(f"{name} is empty")
+    out = []
+    for item in items:
+        if not item.strip():
+            raise ValueRuleError(f"{name} has an empty item: {value!r}")
+        try:
+            number = float(item)
+        except ValueError:
+            raise ValueRuleError(f"{name} must be numbers separated by commas, got {value!r}") from None
+        out.append(strength(number))
+    return tuple(out)
+
+
+def scheduler_needs(name: str) -> None:
+    """Optional packages a scheduler imports when it is built, checked before any weights load."""
+    if name == "lms" and importlib.util.find_spec("scipy") is None:
+        raise InputError("--scheduler lms needs scipy (pip install scipy); or pick another scheduler")
+
+
+def request(req) -> None:
+    """Every user-given value of a request.Request, with the flag's name; conflicts refused."""
+    text(req.prompt, "the prompt")
+    for field in ("preset", "model", "linfusion", "scheduler", "device", "dtype", "init_image"):
+        value = getattr(req, field, None)
+        if isinstance(value, str):
+            text(value, f"--{field.replace('_', '-')}")
+    if req.negative is not None:
+        text(req.negative, "--negative")
+    for flag, value in (("--res", req.res), ("--width", req.width), ("--height", req.height)):
+        if value is not None:
+            side(value, flag)
+    if req.aspect is not None:
+        aspect(req.aspect, "--aspect")
+        if req.width is not None or req.height is not None:
+            raise PlanError("--aspect cannot be combined with --width/--height")
+    if req.linfusion is not None and req.no_linfusion:
+        raise PlanError("--linfusion and --no-linfusion contradict each other; pass one")
+    if req.seed is not None:
+        seed(req.seed, "--seed")
+    if req.steps is not None:
+        steps(req.steps, "--steps")
+    if req.guidance is not None:
+        guidance(req.guidance, "--guidance")
+    for s in req.strengths or ():
+        strength(s)
+    if req.max_vram is not None:
+        max_vram(req.max_vram, "--max-vram")
+    if req.vae_tile is not None:
+        vae_tile(req.vae_tile, "--vae-tile")
+    if req.scheduler is not None:
+        scheduler_needs(req.scheduler)
+    if req.device is not None:
+        device(req.device)
+    world = getattr(req, "world_size", None)
+    if world is not None and (isinstance(world, bool) or not isinstance(world, int) or not 1 <= world <= 1024):
+        raise PlanError(f"--world-size must be a whole number of processes 1 .. 1024, got {world!r}")
+
+
+def json_object(path, what: str, error=InputError) -> dict:
+    """A JSON file that must hold an object (configs): anything else is one `error` line."""
+    text = read_bounded(path, what, error=error)  # a regular file of at most a few MiB
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise error(f"{what} {path} is not readable JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise error(f"{what} {path} must be a JSON object")
+    return data
+
+
+def device(value: str) -> str:
+    """auto, cpu, mps, cuda or cuda:N; anything else (meta, xla, ...) refused."""
+    if value in ("auto", "cpu", "mps", "cuda") or re.fullmatch(r"cuda:\d{1,3}", value):
+        return value
+    raise ValueRuleError(f"--device must be auto, cpu, mps, cuda or cuda:N, got {value!r}")
+
+
+def file_name(name: str, what: str) -> str:
+    """One path component a filesystem accepts: no NUL, at most 255 bytes."""
+    if "\0" in name:
+        raise InputError(f"{what} contains a NUL byte")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InputError(f"{what} is not valid UTF-8") from None
+    if size > NAME_MAX:
+        raise InputError(f"{what}: file name {name[:40]!r}... is {size} bytes; the limit is {NAME_MAX}")
+    return name
