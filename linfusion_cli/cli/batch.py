@@ -146,7 +146,8 @@ def batch(
     try:
         for folder_path in dict.fromkeys([Path(folder)] + [job[2].parent for job in mine]):
             made += make_directory(folder_path)  # only once every check has passed
-        with common.band_group(world if together else distributed.World()):
+        device = jobs[0][1].device if jobs else "cpu"  # every entry plans the same device
+        with common.band_group(world if together else distributed.World(), device):
             failures = _run_share(world, mine, manifest, as_json=json, quiet=quiet, verbose=verbose,
                                   overwrite=overwrite or resume, allow_pickle=allow_pickle,
                                   config=config, resume=resume, together=together)

@@ -154,7 +154,7 @@ def plan_and_run(req, opts, *, output, init_image=None) -> None:
             print_dry_run(plan, as_json=opts.json,
                           extra={"path": str(path) if path is not None else "-"}, resume=resume)
         return
-    with band_group(world):
+    with band_group(world, plan.device):
         lead = world.rank == 0  # the one rank that writes files and prints
         loaded = rank0_first(lambda: load(plan, verbose=opts.verbose, quiet=opts.quiet or not lead,
                                           allow_pickle=opts.allow_pickle, config=opts.config))
@@ -184,13 +184,13 @@ def for_world(req, world):
 
 
 @contextlib.contextmanager
-def band_group(world):
-    """Under a launcher, the band-parallel group every rank computes the image with."""
+def band_group(world, device: str):
+    """Under a launcher, the band-parallel group every rank computes the image with, its tensors
+    on `device` (the plan's: this rank's GPU, or the CPU)."""
     if not world.distributed:
         yield None
         return
-    device = torch.device(world.device("auto") if torch.cuda.is_available() else "cpu")
-    with parallel.activated(parallel.make_group(world.rank, world.size, device)) as group:
+    with parallel.activated(parallel.make_group(world.rank, world.size, torch.device(device))) as group:
         yield group
 
 
