@@ -10,14 +10,15 @@ from __future__ import annotations
 import math
 import torch
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import field, make_dataclass, replace
 
 from .. import validate
+from ..schema import check_request, plan_options
 from ..errors import InputError, PlanError
 from .plan import GenerationPlan, build_plan, check_size, size_from_res
 from .presets import Preset, load_preset
-from ..adapters import ADAPTER_FIELDS, check_adapters
-from ..adapters.preset import merged_request, name_preset_key
+from ..adapters import check_adapters
+from .preset_keys import merged_request, name_preset_key
 from ..attention.checkpoint import check_source
 from .. import hostmem
 from ..hostmem import CPU_PLAN_SHARE_WORDS, cpu_plan_budget
@@ -33,46 +34,11 @@ from .method import DemoFusion, trained_px, with_method
 DEFAULT_RES = 4096
 
 
-@dataclass(frozen=True)
-class Request:
-    """What the user asked for; None means "the preset's value"."""
-
-    prompt: str
-    preset: str | None = None
-    res: int | None = None
-    aspect: str | None = None
-    width: int | None = None
-    height: int | None = None
-    model: str | None = None
-    linfusion: str | None = None  # "auto" / path / repo; see no_linfusion
-    no_linfusion: bool = False
-    seed: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    negative: str | None = None
-    strengths: tuple[float, ...] | None = None
-    scheduler: str | None = None
-    max_vram: float | None = None
-    vae_tile: int | None = None
-    device: str | None = None
-    dtype: str | None = None
-    save_stages: bool = False
-    init_image: str | None = None
-    init_size: tuple[int, int] | None = None
-    config: str | None = None  # a single-file model's diffusers configs (--config)
-    allow_pickle: bool = False
-    dry_run: bool = False  # a dry run may plan for a GPU this machine does not have
-    loras: tuple[str, ...] = ()  # --lora FILE|ID[:WEIGHT], repeatable
-    controlnet: str | None = None  # --controlnet ID|PATH with --control-image FILE
-    control_image: str | None = None
-    control_scale: float | None = None
-    tile_controlnet: str | None = None  # --tile-controlnet ID|PATH (img2img stages)
-    tile_scale: float | None = None
-    ip_adapter: str | None = None  # --ip-adapter FILE|ID with --ip-image FILE
-    ip_image: str | None = None
-    ip_scale: float | None = None
-    ip_encoder: str | None = None
-    method: str | None = None  # "sdedit" / "demofusion"; None: the preset's
+# What the user asked for: one field per declared option (schema.OPTIONS with plan=True), each
+# None by default, meaning "the preset's value". api.plan's keywords are these fields.
+Request = make_dataclass("Request", [(o.name, o.type, field(default=o.default)) for o in plan_options()],
+                         frozen=True, namespace={"__doc__": "What the user asked for; None: the preset's value."})
+Request.__module__ = __name__
 
 
 def target_size(req: Request, preset: Preset) -> tuple[int, int]:
@@ -92,8 +58,7 @@ def target_size(req: Request, preset: Preset) -> tuple[int, int]:
     return size_from_res(res, req.aspect or preset.aspect)
 
 
-PATH_FIELDS = ("preset", "model", "linfusion", "init_image", "config", "controlnet", "control_image",
-               "tile_controlnet", "ip_adapter", "ip_image", "ip_encoder")
+PATH_FIELDS = tuple(o.name for o in plan_options() if o.path and o.name != "loras")
 
 
 def expanded(req: Request) -> Request:
@@ -130,14 +95,14 @@ def make_plan(req: Request, model_info=None) -> GenerationPlan:
     model_info: the model as already known (a caller's open pipeline, resolve.info_of_pipeline);
     None resolves req.model.
     """
-    validate.request(req)
+    check_request(req)
     if req.prompt is None or not req.prompt.strip():
         raise InputError("the prompt is empty")
     req = expanded(req)
     preset, info = _preset_and_model(req, model_info)
     width, height = target_size(req, preset)
     seed = req.seed if req.seed is not None else secrets.randbelow(validate.SEED_MAX + 1)
-    vae_tile = req.vae_tile if req.vae_tile is not None else preset.vae_tile_px  # both validated
+    vae_tile = req.vae_tile if req.vae_tile is not None else preset.vae_tile  # both validated
     max_vram, budget_from = req.max_vram, "--max-vram"
     if max_vram is None and preset.max_vram is not None:
         max_vram, budget_from = preset.max_vram, f"preset {preset.name}'s max_vram"
@@ -194,7 +159,7 @@ def _with_adapters(plan: GenerationPlan, req: Request, preset: Preset) -> Genera
     """Adapters (flags, else the preset's keys) parsed and checked against the model's
     architecture, before any weights load."""
     req, taken = merged_request(req, preset)
-    if not any(getattr(req, name) not in (None, ()) for name in ADAPTER_FIELDS):
+    if not any(getattr(req, o.name) not in (None, ()) for o in plan_options() if o.adapter):
         return plan
     try:
         return replace(plan, adapters=check_adapters(req, plan.model_info.unet_config, plan))
