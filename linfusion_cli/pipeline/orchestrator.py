@@ -33,7 +33,7 @@ def run_record(plan: GenerationPlan, model, stages: list[dict]) -> dict:
         "linfusion": model.linfusion, "dtype": dtype_name(model.dtype),
         "vae_dtype": dtype_name(getattr(model, "vae_dtype", model.dtype)),
         "device": str(model.device), "init_image": plan.init_image, "stages": stages,
-        "adapters": getattr(model, "adapters", None) or plan.adapters,
+        "adapters": (getattr(model, "adapters", None) or plan.adapters).to_dict(),  # what was mounted
         "version": f"linfusion-cli {__version__}",
     }
 

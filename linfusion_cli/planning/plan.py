@@ -9,6 +9,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from .. import validate
+from ..adapters.specs import AdapterSpecs
 from ..errors import PlanError
 from .method import denoise_steps
 
@@ -31,6 +32,7 @@ class Stage:
     memory: object | None = None  # memory.planner.MemoryPlan, filled in by the planner
     method: str | None = None  # img2img stages: "sdedit" or "demofusion" (method.py)
     demofusion: object | None = None  # method.DemoFusion settings when method is "demofusion"
+    controlnets: tuple[str, ...] = ()  # the ControlNets this stage runs (AdapterSpecs fields): the planner's
 
     @property
     def denoise_steps(self) -> int:
@@ -68,7 +70,7 @@ class GenerationPlan:
     budget_gib: float | None = None  # the memory budget the stages were planned for
     extras: dict = field(default_factory=dict)
     model_info: object = field(default=None, compare=False, repr=False)  # models.resolve.ModelInfo
-    adapters: dict = field(default_factory=dict)  # adapters.check_adapters: LoRA, ControlNet, ...
+    adapters: AdapterSpecs = field(default_factory=AdapterSpecs)  # adapters.check_adapters: LoRA, ControlNet, ...
 
     @property
     def width(self) -> int:
@@ -80,6 +82,7 @@ class GenerationPlan:
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k not in ("stages", "model_info")}
+        d["adapters"] = self.adapters.to_dict()  # the record's form (no derived configs)
         d["width"], d["height"] = self.width, self.height
         d["stages"] = [s.to_dict() for s in self.stages]
         return d

@@ -18,6 +18,7 @@ from ..errors import InputError, PlanError
 from .plan import GenerationPlan, build_plan, check_size, size_from_res
 from .presets import Preset, load_preset
 from ..adapters import check_adapters
+from ..adapters.specs import CONTROLNET_KINDS, AdapterSpecs
 from .preset_keys import merged_request, name_preset_key
 from ..attention.checkpoint import check_source
 from .. import hostmem
@@ -139,7 +140,7 @@ def _with_method(plan: GenerationPlan, req: Request, preset: Preset) -> Generati
     --method demofusion is refused and a preset's demofusion gives way to sdedit (the plan says so).
     """
     method = req.method or preset.method
-    needs_sdedit = [flag for key, flag in _SDEDIT_ONLY.items() if key in plan.adapters]
+    needs_sdedit = [flag for key, flag in _SDEDIT_ONLY.items() if getattr(plan.adapters, key) is not None]
     img2img = any(s.strength is not None for s in plan.stages)
     if method == "demofusion" and needs_sdedit and img2img:
         if req.method == "demofusion":
@@ -157,14 +158,27 @@ def _with_method(plan: GenerationPlan, req: Request, preset: Preset) -> Generati
 
 def _with_adapters(plan: GenerationPlan, req: Request, preset: Preset) -> GenerationPlan:
     """Adapters (flags, else the preset's keys) parsed and checked against the model's
-    architecture, before any weights load."""
+    architecture before any weights load, and each stage's ControlNets decided."""
     req, taken = merged_request(req, preset)
     if not any(getattr(req, o.name) not in (None, ()) for o in plan_options() if o.adapter):
         return plan
     try:
-        return replace(plan, adapters=check_adapters(req, plan.model_info.unet_config, plan))
+        return with_adapters(plan, check_adapters(req, plan.model_info.unet_config, plan))
     except InputError as exc:
         raise name_preset_key(exc, taken, preset) from None
+
+
+def with_adapters(plan: GenerationPlan, adapters: AdapterSpecs) -> GenerationPlan:
+    """The plan with its checked adapters, and which ControlNets each stage runs, decided here
+    once (the pipeline and the memory estimate read Stage.controlnets): the ControlNet every
+    stage, the tile ControlNet the img2img stages, whose own input is its control image.
+    (DemoFusion stages run none: _with_method makes them SDEdit when a ControlNet is planned.)"""
+    stages = tuple(replace(s, controlnets=tuple(
+        kind for kind in CONTROLNET_KINDS if getattr(adapters, kind) is not None
+        and (kind != "tile_controlnet" or s.strength is not None))) for s in plan.stages)
+    if adapters.tile_controlnet is not None and not any("tile_controlnet" in s.controlnets for s in stages):
+        raise PlanError("--tile-controlnet acts on img2img stages; this plan has none")
+    return replace(plan, adapters=adapters, stages=stages)
 
 
 def planned_device(device: str | None, dtype: str, max_vram: float | None,
@@ -249,7 +263,7 @@ def _host_bytes(plan: GenerationPlan, info, stage, memory) -> int:
     db = DTYPE_BYTES[plan.dtype]
     weights = weight_bytes(info.unet_config, info.vae_config, db,
                            vae_bytes=DTYPE_BYTES[plan.vae_dtype])
-    nets = sum(1 for k in ("controlnet", "tile_controlnet") if k in (plan.adapters or {}))
+    nets = sum(1 for kind in CONTROLNET_KINDS if getattr(plan.adapters, kind) is not None)
     return host_bytes(info.unet_config, width=stage.width, height=stage.height, dtype_bytes=db,
                       guidance=stage.guidance > 1, knobs=memory, weights=weights,
                       controlnets=nets)["total"]
@@ -331,24 +345,21 @@ def _refusal(plan: GenerationPlan, short: list, kind: str, fixed: dict, source: 
             f"({unet}), and `--dry-run --max-vram {_gib_up(gpu)}` shows its plan")
 
 
-def _adapter_bytes(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: int) -> int:
-    """Weights and held inputs of the plan's ControlNets and IP-Adapter in this stage (planning.memory.adapters)."""
-    if not plan.adapters:
-        return 0
+def _controlnet_configs(plan: GenerationPlan, stage) -> list[dict]:
+    """The configs of the ControlNets the stage runs, as the plan derived them."""
+    return [spec.config for spec in plan.adapters.controlnets(stage.controlnets)]
 
-    return controlnet_extra_bytes(plan.adapters, unet_cfg, width=stage.width, height=stage.height,
-                                  img2img=stage.strength is not None, guidance=stage.guidance > 1,
-                                  dtype_bytes=dtype_bytes) \
-        + ip_adapter_extra_bytes(plan.adapters, plan.family, dtype_bytes, unet_cfg)
+
+def _adapter_bytes(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: int) -> int:
+    """Weights of the stage's ControlNets and of the IP-Adapter (planning.memory.adapters)."""
+    return controlnet_extra_bytes(_controlnet_configs(plan, stage), dtype_bytes) \
+        + ip_adapter_extra_bytes(plan.adapters.ip_adapter, plan.family, dtype_bytes, unet_cfg)
 
 
 def _controlnet_step(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: int):
     """knobs -> what a ControlNet step adds to the UNet's activations (None without one)."""
-    if not plan.adapters:
-        return None
-
-    return controlnet_unet_extra(plan.adapters, unet_cfg, width=stage.width, height=stage.height,
-                                 img2img=stage.strength is not None, guidance=stage.guidance > 1,
+    return controlnet_unet_extra(_controlnet_configs(plan, stage), unet_cfg, width=stage.width,
+                                 height=stage.height, guidance=stage.guidance > 1,
                                  dtype_bytes=dtype_bytes, linfusion=plan.linfusion is not None)
 
 
