@@ -19,6 +19,9 @@ from . import validate
 from .errors import PlanError
 
 
+COMMANDS = ("generate", "upscale", "batch")  # the commands that take generation options
+
+
 @dataclass(frozen=True)
 class Option:
     """One option of generate/upscale/batch (and of api.plan): what each surface needs of it."""
@@ -40,6 +43,7 @@ class Option:
     relative: bool = False  # in a preset, a relative path is taken from the preset's folder
     adapter: bool = False  # asks for an adapter (LoRA, ControlNet, IP-Adapter)
     label: str = ""  # the name messages use (default: the long flag)
+    commands: tuple[str, ...] = COMMANDS  # the commands whose flags include it
 
     @property
     def named(self) -> str:

@@ -28,7 +28,7 @@ OWN = {"generate": {"output"}, "upscale": {"output"}, "batch": {"output", "name"
 def test_flags_and_help_are_the_declarations(command):
     params = {p.name: p for p in typer.main.get_command(app).commands[command].params
               if p.param_type_name == "option" and p.name != "help"}
-    declared = {o.name: o for o in schema.flag_options()}
+    declared = {o.name: o for o in schema.flag_options() if command in o.commands}
     assert set(params) - OWN[command] == set(declared)
     for name, option in declared.items():
         assert tuple(params[name].opts + params[name].secondary_opts) == option.flags
@@ -69,7 +69,9 @@ NEW_OPTION = textwrap.dedent("""
     from linfusion_cli import schema, validate
     schema.OPTIONS += (schema.Option("sharpness", Optional[float], "Detail boost.", ("--sharpness",),
                                      rule=validate.guidance, preset="sharpness", preset_default=1.0,
-                                     line=("sharpness",)),)
+                                     line=("sharpness",)),
+                       schema.Option("lanes", Optional[int], "Batch only.", ("--lanes",),
+                                     rule=validate.steps, commands=("batch",), plan=False))
     import json, typer
     from linfusion_cli.cli.app import app
     from linfusion_cli.cli.options import GenerationOptions
@@ -82,7 +84,10 @@ NEW_OPTION = textwrap.dedent("""
            "line": parse_prompts('{"prompt": "x", "sharpness": 4}\\n', "p")[0].sharpness,
            "a1111": parse_prompts("--prompt x --sharpness 5\\n", "p")[0].sharpness,
            "help": [p.help for p in typer.main.get_command(app).commands["upscale"].params
-                    if p.name == "sharpness"]}
+                    if p.name == "sharpness"],
+           "lanes": [name for name, command in typer.main.get_command(app).commands.items()
+                     if "lanes" in {p.name for p in command.params}],
+           "lanes_request": "lanes" in vars(GenerationOptions(lanes=2).request("x"))}
     for where, call in (("flag_rule", lambda: GenerationOptions(sharpness=-1.0).request("x")),
                         ("preset_rule", lambda: parse_preset("sharpness: -1\\n", name="p", source="p.yaml")),
                         ("line_rule", lambda: parse_prompts('{"prompt": "x", "sharpness": -1}\\n', "f"))):
@@ -103,6 +108,7 @@ def test_a_new_option_is_one_declaration():
     out = json.loads(proc.stdout.splitlines()[-1])
     assert (out["flag"], out["default"], out["preset"], out["line"], out["a1111"]) == (2.0, 1.0, 3.0, 4.0, 5.0)
     assert out["help"] == ["Detail boost."]
+    assert out["lanes"] == ["batch"] and not out["lanes_request"]  # one command's, not the plan's
     assert out["flag_rule"] == "--sharpness must be in [0, 100], got -1.0"
     assert out["preset_rule"] == "p.yaml: key 'sharpness': sharpness must be in [0, 100], got -1"
     assert out["line_rule"] == "f:1: 'sharpness' must be in [0, 100], got -1"

@@ -70,12 +70,13 @@ def check_controlnet(source: str, what: str, unet_config: dict, allow_pickle: bo
     return ControlNetSpec(str(path), format="pickle" if fmt == "pickle" else None, config=config)
 
 
-def controlnet_config(source: str, unet_config: dict, what: str = "--controlnet") -> dict:
+def controlnet_config(source: str, unet_config: dict, what: str = "--controlnet",
+                      allow_pickle: bool = False) -> dict:
     """The config a ControlNet loads with (check_controlnet's, without its checks): a single
     file's from its shapes, a folder's config.json, else what from_unet makes of this UNet."""
     path = Path(source).expanduser()
     if is_single_file(path):
-        return single_file_config(path, unet_config, what, pickle_ok=True)  # the plan checked pickles
+        return single_file_config(path, unet_config, what, pickle_ok=allow_pickle)
     if (path / "config.json").is_file():
         return folder_config(path / "config.json", what)
     return from_unet_config(unet_config)

@@ -41,16 +41,17 @@ Json = {f.name: f.type for f in fields(GenerationOptions)}["json"]  # `linfusion
 
 
 def shared_options(command):
-    """Give a command every GenerationOptions field as its own option; it receives `opts`.
+    """Give a command its GenerationOptions fields (the options declared for the command of the
+    function's name) as its own options; it receives `opts`, the others at their defaults.
 
     Typer builds options from `inspect.signature`, so the dataclass's fields are spliced into
     the signature in place of the `opts` parameter, and gathered back on the way in.
     """
-    names = [f.name for f in fields(GenerationOptions)]
+    names = [o.name for o in flag_options() if command.__name__ in o.commands]
     signature = inspect.signature(command, eval_str=True)  # the command's own annotations as objects
     own = [p for p in signature.parameters.values() if p.name != "opts"]
     spliced = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
-                                 annotation=f.type) for f in fields(GenerationOptions)]
+                                 annotation=f.type) for f in fields(GenerationOptions) if f.name in names]
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):

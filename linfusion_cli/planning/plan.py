@@ -11,7 +11,9 @@ from dataclasses import asdict, dataclass, field, replace
 from .. import validate
 from ..adapters.specs import AdapterSpecs
 from ..errors import PlanError
-from .method import denoise_steps
+from ..models.resolve import ModelInfo
+from .memory.planner import MemoryPlan
+from .method import DemoFusion, denoise_steps
 
 MULTIPLE = 8  # the VAE scale factor: image sizes must be multiples of it
 MAX_SIDE = 32768
@@ -29,9 +31,9 @@ class Stage:
     seed: int
     guidance: float
     scheduler: str
-    memory: object | None = None  # memory.planner.MemoryPlan, filled in by the planner
+    memory: MemoryPlan | None = None  # filled in by the planner (request.add_memory_plans)
     method: str | None = None  # img2img stages: "sdedit" or "demofusion" (method.py)
-    demofusion: object | None = None  # method.DemoFusion settings when method is "demofusion"
+    demofusion: DemoFusion | None = None  # the settings when method is "demofusion"
     controlnets: tuple[str, ...] = ()  # the ControlNets this stage runs (AdapterSpecs fields): the planner's
 
     @property
@@ -40,7 +42,8 @@ class Stage:
         return self.steps if self.strength is None else denoise_steps(self.steps, self.strength, self.method)
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "memory"}
+        """The stage as the dry run's JSON and the record show it (controlnets: the plan's adapters say)."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("memory", "controlnets")}
         d["denoise_steps"] = self.denoise_steps
         d["memory"] = self.memory.to_dict() if self.memory is not None else None
         return d
@@ -69,7 +72,7 @@ class GenerationPlan:
     budget_from: str | None = None  # "--max-vram" or "preset X's max_vram"
     budget_gib: float | None = None  # the memory budget the stages were planned for
     extras: dict = field(default_factory=dict)
-    model_info: object = field(default=None, compare=False, repr=False)  # models.resolve.ModelInfo
+    model_info: ModelInfo | None = field(default=None, compare=False, repr=False)
     adapters: AdapterSpecs = field(default_factory=AdapterSpecs)  # adapters.check_adapters: LoRA, ControlNet, ...
 
     @property
