@@ -37,6 +37,7 @@ GenerationOptions = make_dataclass(
     [(o.name, Annotated[o.cli_type, typer.Option(*o.flags, help=o.help)], field(default=o.cli_default))
      for o in flag_options()],
     frozen=True, namespace={"request": _request, "__doc__": "The flags generate, upscale and batch share."})
+GenerationOptions.__module__ = __name__
 Json = {f.name: f.type for f in fields(GenerationOptions)}["json"]  # `linfusion info --json` too
 
 
