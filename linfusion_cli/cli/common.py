@@ -22,13 +22,20 @@ def memory_line(stage) -> str:
     if m is None:
         return ""
     knobs = [f"offload={m.offload}" if m.offload != "none" else "",
-             f"vae_tile={m.vae_tile_px}" if m.vae_tile_px else "vae untiled",
+             f"vae_tile={m.vae_tile_px}{_vae_modes(m)}" if m.vae_tile_px else "vae untiled",
              "cfg_split" if m.cfg_split else "", f"ff_chunk={m.ff_chunk}" if m.ff_chunk else "",
              f"attn_chunk={m.attn_chunk}" if m.attn_chunk else "", "inplace" if m.inplace else "",
              "skips_on_cpu" if m.skips_on_cpu else "",
              f"band_rows={m.band_rows}" if m.band_rows else ""]
     return (f"~{m.estimated_peak_gib:.1f} GiB, host ~{m.estimated_host_gib:.1f} GiB "
             f"({', '.join(k for k in knobs if k)})")
+
+
+def _vae_modes(m) -> str:
+    """' (decode exact, encode estimated; host 5.2 GiB)': the tiled VAE's planned statistics."""
+    parts = [f"{part} {mode}" for part, mode in (("decode", m.vae_decode_mode), ("encode", m.vae_encode_mode))
+             if mode]
+    return f" ({', '.join(parts)}; host {m.vae_host_gib:.1f} GiB)" if parts else ""
 
 
 def print_dry_run(plan, *, as_json: bool, extra: dict | None = None, resume: dict | None = None) -> None:
@@ -76,7 +83,7 @@ def resume_text(resume: dict) -> str:
 
 def planned_for(plan) -> str:
     """The dry run's first line: the device, dtypes and budget the estimates are for."""
-    budget = (f"{plan.budget_gib:g} GiB" if plan.budget_gib is not None
+    budget = (plan.budget.describe() if plan.budget is not None
               else "no budget given (the fastest plan; pass --max-vram)")
     where = " (no GPU on this machine: planned for one)" if plan.planned_elsewhere else ""
     return (f"planned for {plan.device}{where}, {budget}, UNet {plan.dtype}, VAE {plan.vae_dtype}")

@@ -48,12 +48,20 @@ def band_rows(stage: Stage) -> int:
     return getattr(stage.memory, "band_rows", 0) or 0
 
 
-def host_budget(ctx: StageContext) -> int | None:
-    """Host memory the VAE's exact mode may park tiles in: on the CPU, its share of the plan's
-    budget (hostmem.VAE_PARK_SHARE); on a GPU the host default (None)."""
-    if ctx.model.device.type != "cpu" or ctx.plan.budget_gib is None:
-        return None
-    return vae_park_budget(ctx.plan.budget_gib * 2 ** 30)
+def vae_plan(ctx: StageContext, stage: Stage, part: str) -> dict:
+    """tiled_vae.decode/encode's memory arguments for the stage's `part` ("decode"/"encode"), as
+    the plan decided them: tile, bands, statistics mode and the host budget it was chosen for.
+    A stage without a memory plan (library callers) leaves the mode to the tiled VAE."""
+    memory = stage.memory
+    mode = getattr(memory, f"vae_{part}_mode", "") if memory is not None else ""
+    if mode in tiled_vae.MODES:
+        budget = int(memory.vae_host_gib * 2 ** 30)
+    else:
+        mode = None
+        planned = ctx.plan.budget.bytes if ctx.plan.budget is not None else None
+        budget = vae_park_budget(planned) if ctx.model.device.type == "cpu" and planned else None
+    return dict(tile_px=tile_px(ctx, stage), band_rows=band_rows(stage), mode=mode,
+                host_budget=budget, on_report=report_to(ctx, stage, part))
 
 
 def report_to(ctx: StageContext, stage: Stage, part: str):
@@ -67,7 +75,5 @@ def decode(ctx: StageContext, stage: Stage, latents: torch.Tensor) -> np.ndarray
     """latents (1, 4, h, w) -> uint8 (8h, 8w, 3), tiled as planned."""
     progress = lambda done, total: ctx.on_event(PhaseProgress(stage.index, "decode", done, total))  # noqa: E731
     vae_on_device(ctx.model.pipe.vae)
-    return tiled_vae.decode(ctx.model.pipe.vae, latents.to(ctx.model.vae_dtype),
-                            tile_px=tile_px(ctx, stage), on_tile=progress,
-                            on_report=report_to(ctx, stage, "decode"), host_budget=host_budget(ctx),
-                            band_rows=band_rows(stage))
+    return tiled_vae.decode(ctx.model.pipe.vae, latents.to(ctx.model.vae_dtype), on_tile=progress,
+                            **vae_plan(ctx, stage, "decode"))

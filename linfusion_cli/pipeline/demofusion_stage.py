@@ -23,7 +23,7 @@ from .. import vae as tiled_vae
 from ..planning.plan import Stage
 from .demofusion import blurred_input, dilated_convs, match_stats, step_weights
 from .events import PhaseProgress
-from .context import StageContext, band_rows, cpu_generator, decode, host_budget, report_to, tile_px
+from .context import StageContext, cpu_generator, decode, vae_plan
 
 
 @dataclass
@@ -138,9 +138,8 @@ def demofusion_image_to_image(ctx: StageContext, stage: Stage, previous: np.ndar
     upscaled = resize(previous, stage.width, stage.height)
     generator = cpu_generator(stage.seed)  # VAE sample, then the noise, then the steps' draws
     progress = lambda done, total: ctx.on_event(PhaseProgress(stage.index, "encode", done, total))  # noqa: E731
-    x0 = tiled_vae.encode(pipe.vae, upscaled, tile_px=tile_px(ctx, stage), generator=generator,
-                          on_tile=progress, on_report=report_to(ctx, stage, "encode"),
-                          host_budget=host_budget(ctx), band_rows=band_rows(stage))
+    x0 = tiled_vae.encode(pipe.vae, upscaled, generator=generator, on_tile=progress,
+                          **vae_plan(ctx, stage, "encode"))
     del upscaled
     x0 = x0.to(device=device, dtype=ctx.model.dtype)  # (1, 4, h, w)
     cond = conditioning(pipe, plan.prompt, plan.negative or None, stage.guidance, stage.width,

@@ -32,7 +32,8 @@ def run_record(plan: GenerationPlan, model, stages: list[dict]) -> dict:
         "width": plan.width, "height": plan.height, "model": plan.model, "family": model.family,
         "linfusion": model.linfusion, "dtype": dtype_name(model.dtype),
         "vae_dtype": dtype_name(getattr(model, "vae_dtype", model.dtype)),
-        "device": str(model.device), "init_image": plan.init_image, "stages": stages,
+        "device": str(model.device), "init_image": plan.init_image,
+        "budget": plan.budget.to_dict() if plan.budget is not None else None, "stages": stages,
         "adapters": (getattr(model, "adapters", None) or plan.adapters).to_dict(),  # what was mounted
         "version": f"linfusion-cli {__version__}",
     }

@@ -12,7 +12,7 @@ from ..adapters import controlnet as control
 from ..adapters import ip_adapter
 from ..planning.plan import Stage
 from . import finite
-from .context import StageContext, band_rows, cpu_generator, decode, host_budget, report_to, tile_px
+from .context import StageContext, cpu_generator, decode, vae_plan
 from .demofusion_stage import demofusion_image_to_image
 from .events import PhaseProgress
 from .knobs import vae_on_device
@@ -52,10 +52,8 @@ def image_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None)
     generator = cpu_generator(stage.seed)  # one generator: VAE sample first, then the noise
     progress = lambda done, total: ctx.on_event(PhaseProgress(stage.index, "encode", done, total))  # noqa: E731
     vae_on_device(ctx.model.pipe.vae)
-    latents = tiled_vae.encode(ctx.model.pipe.vae, upscaled, tile_px=tile_px(ctx, stage),
-                               generator=generator, on_tile=progress,
-                               on_report=report_to(ctx, stage, "encode"), host_budget=host_budget(ctx),
-                               band_rows=band_rows(stage))
+    latents = tiled_vae.encode(ctx.model.pipe.vae, upscaled, generator=generator, on_tile=progress,
+                               **vae_plan(ctx, stage, "encode"))
     pipe, extra, done = control.image_to_image_call(ctx, stage, upscaled)  # plain without ControlNet
     del upscaled
     latents = finite.check(latents, "vae").to(device=ctx.model.device, dtype=ctx.model.dtype)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from .. import validate
 from ..adapters.specs import AdapterSpecs
+from .budget import Budget
 from ..errors import PlanError
 from ..models.resolve import ModelInfo
 from .memory.planner import MemoryPlan
@@ -68,9 +69,7 @@ class GenerationPlan:
     save_stages: bool = False
     vae_tile_px: int | None = None  # forced VAE tile (--vae-tile); None: planned; 0: untiled
     memory_fixed: dict = field(default_factory=dict)  # other knobs a preset forces
-    max_vram_gib: float | None = None
-    budget_from: str | None = None  # "--max-vram" or "preset X's max_vram"
-    budget_gib: float | None = None  # the memory budget the stages were planned for
+    budget: Budget | None = None  # asked for (flag, preset), then what the stages were planned for
     extras: dict = field(default_factory=dict)
     model_info: ModelInfo | None = field(default=None, compare=False, repr=False)
     adapters: AdapterSpecs = field(default_factory=AdapterSpecs)  # adapters.check_adapters: LoRA, ControlNet, ...
@@ -84,7 +83,8 @@ class GenerationPlan:
         return self.stages[-1].height
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("stages", "model_info")}
+        d = {k: v for k, v in asdict(self).items() if k not in ("stages", "model_info", "budget")}
+        d["budget"] = self.budget.to_dict() if self.budget is not None else None
         d["adapters"] = self.adapters.to_dict()  # the record's form (no derived configs)
         d["width"], d["height"] = self.width, self.height
         d["stages"] = [s.to_dict() for s in self.stages]

@@ -22,14 +22,16 @@ from ..adapters.specs import CONTROLNET_KINDS, AdapterSpecs
 from .preset_keys import merged_request, name_preset_key
 from ..attention.checkpoint import check_source
 from .. import hostmem
-from ..hostmem import CPU_PLAN_SHARE_WORDS, cpu_plan_budget
+from ..hostmem import CPU_PLAN_SHARE_WORDS, cpu_plan_budget, vae_park_budget
 from ..inputs import expand
 from ..models.loading import resolve_device
 from ..models.resolve import resolve_model, TRAINED_SHORT_SIDE, resolve_linfusion, choose_dtypes, DTYPE_BYTES
 from .memory.adapters import controlnet_extra_bytes, ip_adapter_extra_bytes, controlnet_unet_extra
 from .memory.estimate import weight_bytes
 from .memory.host import host_bytes
+from .budget import GIB, Budget
 from .memory.planner import BudgetError, choose_knobs
+from ..vae.working_set import exact_working_set
 from .method import DemoFusion, trained_px, with_method
 
 DEFAULT_RES = 4096
@@ -104,9 +106,9 @@ def make_plan(req: Request, model_info=None) -> GenerationPlan:
     width, height = target_size(req, preset)
     seed = req.seed if req.seed is not None else secrets.randbelow(validate.SEED_MAX + 1)
     vae_tile = req.vae_tile if req.vae_tile is not None else preset.vae_tile  # both validated
-    max_vram, budget_from = req.max_vram, "--max-vram"
-    if max_vram is None and preset.max_vram is not None:
-        max_vram, budget_from = preset.max_vram, f"preset {preset.name}'s max_vram"
+    budget = Budget.given(req.max_vram, "--max-vram") if req.max_vram is not None else (
+        Budget.given(preset.max_vram, f"preset {preset.name}'s max_vram") if preset.max_vram is not None else None)
+    max_vram = budget.gib if budget is not None else None
     linfusion = None if req.no_linfusion else resolve_linfusion(req.linfusion or preset.linfusion, info)
     if linfusion not in (None, "fresh"):
         check_source(linfusion)  # a local path must hold weights now, not after the model loaded
@@ -121,7 +123,7 @@ def make_plan(req: Request, model_info=None) -> GenerationPlan:
         scheduler=req.scheduler or preset.scheduler, model=info.model, family=info.family,
         linfusion=linfusion, init_size=req.init_size, init_image=req.init_image,
         save_stages=req.save_stages, vae_tile_px=vae_tile, memory_fixed=dict(preset.memory),
-        max_vram_gib=max_vram, budget_from=budget_from if max_vram is not None else None,
+        budget=budget,
         dtype=dtype, vae_dtype=vae_dtype, device=device, planned_elsewhere=elsewhere,
         model_info=info, extras={"preset": preset.name, "family_from": info.family_from})
     plan = _with_adapters(plan, req, preset)
@@ -204,25 +206,18 @@ def planned_device(device: str | None, dtype: str, max_vram: float | None,
     return str(resolved), unet, vae, False
 
 
-def device_budget(plan: GenerationPlan) -> tuple[int | None, str]:
-    """(budget bytes, the sentence a refusal ends with) for the plan's device.
-
-    None: no budget to plan for (a dry run for a GPU absent here, without --max-vram): the
-    fastest plan is shown. The sentence quotes the budget as the user gave it, or says where it
-    came from.
-    """
-    if plan.max_vram_gib is not None:
-        return (int(plan.max_vram_gib * 2 ** 30),
-                f"{plan.budget_from} {plan.max_vram_gib:g} is too small")
+def device_budget(plan: GenerationPlan) -> Budget:
+    """The budget the stages are planned for: the one asked for, else the GPU's free memory, else
+    the CPU's share of RAM; none (the fastest plan) for a dry run for a GPU absent here."""
+    if plan.budget is not None and plan.budget.asked:
+        return plan.budget
     if plan.planned_elsewhere:
-        return None, ""
+        return Budget(None, "none")
     if plan.device.startswith("cuda"):
         free = torch.cuda.mem_get_info(torch.device(plan.device))[0]
-        return free, (f"the free memory of {plan.device} ({free / 2 ** 30:.1f} GiB) is too "
-                      "small; free some, or lower the size")
-    budget = cpu_plan_budget()  # host memory, with room left for what the planner does not count
-    return budget, (f"no GPU found; on the CPU the budget is {CPU_PLAN_SHARE_WORDS}, "
-                    f"{budget / 2 ** 30:.1f} GiB; pass --max-vram to allow more")
+        return Budget(free / GIB, f"the free memory of {plan.device}")
+    # host memory, with room left for what the planner does not count
+    return Budget(cpu_plan_budget() / GIB, CPU_PLAN_SHARE_WORDS)
 
 
 def add_memory_plans(plan: GenerationPlan) -> GenerationPlan:
@@ -232,7 +227,8 @@ def add_memory_plans(plan: GenerationPlan) -> GenerationPlan:
     estimate printed is the one of the plan that runs. Every stage is planned before a refusal,
     so the refusal names the smallest budget for the whole run, not for its first stage short.
     """
-    budget, source = device_budget(plan)
+    resolved = device_budget(plan)
+    budget, source = resolved.bytes, resolved.too_small()
     kind = "cuda" if plan.device.startswith("cuda") else "cpu"
     fixed = _fixed_knobs(plan)
     plans, short = [], []  # short: (bytes the stage needs at least, stage)
@@ -249,13 +245,14 @@ def add_memory_plans(plan: GenerationPlan) -> GenerationPlan:
         if control:
             memory = replace(memory, estimated_peak_gib=round(memory.estimated_peak_gib + control / 2 ** 30, 2))
         host = _host_bytes(plan, plan.model_info, stage, memory)
-        memory = replace(memory, estimated_host_gib=round(host / 2 ** 30, 2))
+        memory = replace(memory, estimated_host_gib=round(host / 2 ** 30, 2),
+                         **_vae_modes(plan, stage, memory, budget if kind == "cpu" else None))
         plans.append(memory)
     if short:
         raise PlanError(_refusal(plan, short, kind, fixed, source))
     _check_host(plan, plans)
-    budget_gib = None if budget is None else round(budget / 2 ** 30, 2)
-    return replace(plan.with_memory(plans), budget_gib=budget_gib)
+    shown = resolved if resolved.gib is None else replace(resolved, gib=round(resolved.gib, 2))
+    return replace(plan.with_memory(plans), budget=shown)
 
 
 def _host_bytes(plan: GenerationPlan, info, stage, memory) -> int:
@@ -267,6 +264,24 @@ def _host_bytes(plan: GenerationPlan, info, stage, memory) -> int:
     return host_bytes(info.unet_config, width=stage.width, height=stage.height, dtype_bytes=db,
                       guidance=stage.guidance > 1, knobs=memory, weights=weights,
                       controlnets=nets)["total"]
+
+
+def _vae_modes(plan: GenerationPlan, stage, memory, cpu_budget: int | None) -> dict:
+    """The tiled VAE's statistics mode for the stage's decode (and img2img encode), decided here
+    so --dry-run shows what runs: exact when its host working set fits the share of host memory
+    the VAE may park in (hostmem.VAE_PARK_SHARE of the CPU plan's budget, else of free RAM)."""
+    host = vae_park_budget(cpu_budget)
+    config, itemsize = plan.model_info.vae_config, DTYPE_BYTES[plan.vae_dtype]
+
+    def mode(decoder: bool) -> str:
+        if not memory.vae_tile_px:
+            return "untiled"
+        need = exact_working_set(config, width=stage.width, height=stage.height,
+                                 tile_px=memory.vae_tile_px, decoder=decoder, itemsize=itemsize)
+        return "exact" if need <= host else "estimated"
+
+    return dict(vae_decode_mode=mode(True), vae_encode_mode=mode(False) if stage.strength is not None else "",
+                vae_host_gib=round(host / 2 ** 30, 2))
 
 
 def _check_host(plan: GenerationPlan, plans) -> None:

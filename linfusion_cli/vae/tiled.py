@@ -58,7 +58,8 @@ from .blocks import TileCtx, decoder_split, decoder_tile, decoder_whole, encoder
     encoder_tile, encoder_whole
 from .drive import run_recording, run_tiles
 from .pixels import as_uint8_image, preprocess, to_uint8
-from .tiles import choose_tile_px, downscaled_size, tile_grid, window_area_sum
+from .tiles import choose_tile_px, downscaled_size, tile_grid
+from .working_set import exact_working_set
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +100,6 @@ def _factor(vae) -> int:
 
 def _shift(vae):
     return getattr(vae.config, "shift_factor", None)
-
-
-def _working_set(blocks, resnet_scale: int, step, tiles, itemsize: int, tail: int = 0) -> int:
-    """Bytes parked at the worst GroupNorm of the tiled path: (C_in + C_out) x windows' area."""
-    area, s, best = window_area_sum(tiles), resnet_scale, 0
-    for blk in blocks:
-        for r in blk.resnets:
-            best = max(best, (r.conv1.in_channels + r.conv1.out_channels) * s * s * area)
-        if blk.upsamplers if hasattr(blk, "upsamplers") else blk.downsamplers:
-            s = step(s)
-    best = max(best, tail * s * s * area)
-    return best * itemsize
 
 
 def _pick_mode(mode, need: int, host_budget: int | None) -> tuple[str, int]:
@@ -185,9 +174,9 @@ def _decode_tiled(vae, z, tile_px, mode, on_tile, context, limit, stats_px,
     f = _factor(vae)
     h, w = z.shape[-2:]
     tiles = tile_grid(h, w, max(1, tile_px // f), context)
-    dec = vae.decoder
-    need = _working_set(dec.up_blocks[decoder_split(dec) + 1:], 2, lambda s: s * 2, tiles,
-                        torch.finfo(dtype).bits // 8, dec.conv_norm_out.num_channels)
+    decoder_split(vae.decoder)  # refuses decoders the tiled path cannot run
+    need = exact_working_set(dict(vae.config), width=w * f, height=h * f, tile_px=tile_px,
+                             decoder=True, itemsize=torch.finfo(dtype).bits // 8, context=context)
     mode, budget = _pick_mode(mode, need, host_budget)
     feat, exact = decoder_whole(vae, z, limit, band_rows)  # (1, C, h, w)
     attention = _attention(exact, limit)
@@ -263,9 +252,9 @@ def _encode_tiled(vae, arr, tile_px, mode, on_tile, context, limit, stats_px,
     f = _factor(vae)
     h, w = arr.shape[0] // f, arr.shape[1] // f
     tiles = tile_grid(h, w, max(1, tile_px // f), context)
-    enc = vae.encoder
-    need = _working_set(enc.down_blocks[:encoder_split(enc) + 1], f, lambda s: s // 2, tiles,
-                        torch.finfo(dtype).bits // 8)
+    encoder_split(vae.encoder)  # refuses encoders the tiled path cannot run
+    need = exact_working_set(dict(vae.config), width=w * f, height=h * f, tile_px=tile_px,
+                             decoder=False, itemsize=torch.finfo(dtype).bits // 8, context=context)
     mode, budget = _pick_mode(mode, need, host_budget)
     stats = _encoder_stats(vae, arr, stats_px, device, dtype) if mode == "estimated" else None
     held: dict[str, torch.Tensor] = {}  # "feat": (1, C, h, w), allocated by the first tile

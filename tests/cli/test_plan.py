@@ -44,13 +44,13 @@ def test_first_line_says_what_was_planned_for(cli, no_cuda):
     r = cli("generate", "x", "--res", "4096", "--max-vram", "24", "--dry-run")
     assert r.code == 0, r.err
     first = r.out_lines[0]
-    assert first.startswith("planned for cuda (no GPU on this machine") and "24 GiB" in first
+    assert first.startswith("planned for cuda (no GPU on this machine") and "24 GiB (--max-vram)" in first
     assert "UNet fp16" in first
 
 
 def test_device_cuda_dry_run_needs_no_cuda(cli, no_cuda):
     plan = _plan(cli("generate", "x", "--res", "4096", "--device", "cuda", "--dry-run", "--json"))
-    assert plan["device"] == "cuda" and plan["budget_gib"] is None
+    assert plan["device"] == "cuda" and plan["budget"] == {"gib": None, "source": "none"}
     r = cli("generate", "x", "--res", "512", "--device", "cuda", "--model", "demo")
     assert r.code == 2 and "no CUDA device" in r.err and len(r.err_lines) == 1
 

@@ -118,7 +118,7 @@ def test_stages_pass_the_plans_band_rows(monkeypatch):
     monkeypatch.setattr(stages.tiled_vae, "decode", lambda *a, **kw: seen.update(kw))
     ctx = SimpleNamespace(model=SimpleNamespace(pipe=SimpleNamespace(vae=None), vae_dtype=torch.float32,
                                                 device=torch.device("cpu")),
-                          plan=SimpleNamespace(vae_tile_px=None, budget_gib=None),
+                          plan=SimpleNamespace(vae_tile_px=None, budget=None),
                           on_event=lambda e: None, notes={})
     stage = SimpleNamespace(index=0, memory=MemoryPlan(vae_tile_px=512, band_rows=16))
     stages.decode(ctx, stage, torch.zeros(1, 4, 8, 8))
