@@ -45,13 +45,13 @@ def print_dry_run(plan, *, as_json: bool, extra: dict | None = None, resume: dic
         print(json.dumps({**(extra or {}), **plan.to_dict(), **({"resume": resume} if resume is not None else {})}))
         return
     print(planned_for(plan))
-    print(f"model {plan.model} ({plan.family}: {plan.extras.get('family_from', '')}), "
-          f"preset {plan.extras.get('preset')}, LinFusion {plan.linfusion or 'off'}, seed {plan.seed}")
+    print(f"model {plan.model} ({plan.family}: {plan.family_from}), "
+          f"preset {plan.preset}, LinFusion {plan.linfusion or 'off'}, seed {plan.seed}")
 
     for line in describe(plan.adapters):
         print(f"  {line}")
-    if plan.extras.get("method_from"):
-        print(f"  method: {plan.extras['method_from']}")
+    if plan.method_from:
+        print(f"  method: {plan.method_from}")
     for s in plan.stages:
         kind = "text-to-image" if s.strength is None else f"img2img @{s.strength}"
         if s.method == "sdedit":

@@ -70,7 +70,9 @@ class GenerationPlan:
     vae_tile_px: int | None = None  # forced VAE tile (--vae-tile); None: planned; 0: untiled
     memory_fixed: dict = field(default_factory=dict)  # other knobs a preset forces
     budget: Budget | None = None  # asked for (flag, preset), then what the stages were planned for
-    extras: dict = field(default_factory=dict)
+    preset: str | None = None  # the preset's name
+    family_from: str = ""  # where the model's family was read (models.resolve)
+    method_from: str | None = None  # why the img2img method is not the preset's, if it is not
     model_info: ModelInfo | None = field(default=None, compare=False, repr=False)
     adapters: AdapterSpecs = field(default_factory=AdapterSpecs)  # adapters.check_adapters: LoRA, ControlNet, ...
 
@@ -86,6 +88,9 @@ class GenerationPlan:
         d = {k: v for k, v in asdict(self).items() if k not in ("stages", "model_info", "budget")}
         d["budget"] = self.budget.to_dict() if self.budget is not None else None
         d["adapters"] = self.adapters.to_dict()  # the record's form (no derived configs)
+        notes = {"preset": d.pop("preset"), "family_from": d.pop("family_from")}
+        method_from = d.pop("method_from")
+        d["extras"] = notes | ({"method_from": method_from} if method_from else {})  # the dry run's JSON
         d["width"], d["height"] = self.width, self.height
         d["stages"] = [s.to_dict() for s in self.stages]
         return d

@@ -125,7 +125,7 @@ def make_plan(req: Request, model_info=None) -> GenerationPlan:
         save_stages=req.save_stages, vae_tile_px=vae_tile, memory_fixed=dict(preset.memory),
         budget=budget,
         dtype=dtype, vae_dtype=vae_dtype, device=device, planned_elsewhere=elsewhere,
-        model_info=info, extras={"preset": preset.name, "family_from": info.family_from})
+        model_info=info, preset=preset.name, family_from=info.family_from)
     plan = _with_adapters(plan, req, preset)
     return _with_method(plan, req, preset)
 
@@ -149,9 +149,9 @@ def _with_method(plan: GenerationPlan, req: Request, preset: Preset) -> Generati
             raise PlanError(f"--method demofusion does not run {', '.join(needs_sdedit)} in its "
                             "stages; use --method sdedit")
         method = "sdedit"
-        plan = replace(plan, extras={**plan.extras, "method_from": (
+        plan = replace(plan, method_from=(
             f"sdedit, not preset {preset.name}'s demofusion: {', '.join(needs_sdedit)} "
-            "run in SDEdit stages only")})
+            "run in SDEdit stages only"))
     settings = DemoFusion(preset.cosine_scale_1, preset.cosine_scale_2, preset.cosine_scale_3,
                           preset.gaussian_sigma)
     info = plan.model_info

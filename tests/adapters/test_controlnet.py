@@ -290,7 +290,7 @@ def test_demofusion_stages_give_way_to_sdedit_for_a_controlnet(tiny_pipeline_dir
     assert [s.method for s in plain.stages[1:]] == ["demofusion"] * (len(plain.stages) - 1)
     tiled = make_plan(Request(**base, tile_controlnet=str(cn_files["sdxl"])))
     assert [s.method for s in tiled.stages[1:]] == ["sdedit"] * (len(tiled.stages) - 1)
-    assert "--tile-controlnet" in tiled.extras["method_from"]
+    assert "--tile-controlnet" in tiled.method_from
     with pytest.raises(PlanError, match="--method demofusion does not run --tile-controlnet"):
         make_plan(Request(**base, tile_controlnet=str(cn_files["sdxl"]), method="demofusion"))
 
