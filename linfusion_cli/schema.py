@@ -84,6 +84,8 @@ def _strengths_text(value: Any, name: str) -> Any:
     return validate.strengths_text(value, name) if isinstance(value, str) else value
 
 
+# what several options share: a model-side path; an adapter's path (relative to a preset's
+# folder there); an adapter's scale
 _PATH = dict(path=True, rule=validate.text)
 _ADAPTER = dict(path=True, relative=True, adapter=True, rule=validate.source)
 _SCALE = dict(type=Optional[float], adapter=True, rule=validate.finite)
