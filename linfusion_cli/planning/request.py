@@ -232,12 +232,16 @@ def add_memory_plans(plan: GenerationPlan) -> GenerationPlan:
     kind = "cuda" if plan.device.startswith("cuda") else "cpu"
     fixed = _fixed_knobs(plan)
     plans, short = [], []  # short: (bytes the stage needs at least, stage)
+    free_host = None if plan.planned_elsewhere else hostmem.host_memory().available
     for stage in plan.stages:
         held = _held_bytes(plan, stage, kind, DTYPE_BYTES[plan.dtype])
+        host_fits = None if free_host is None else (  # prefer plans this machine's RAM can hold
+            lambda m, stage=stage: round(_host_bytes(plan, plan.model_info, stage, m) / GIB, 2) <= free_host / GIB)
         try:
             memory = choose_knobs(**_knob_args(plan, stage, kind, DTYPE_BYTES[plan.dtype],
                                                DTYPE_BYTES[plan.vae_dtype], fixed),
-                                  budget_bytes=1 << 62 if budget is None else max(budget - held, 1))
+                                  budget_bytes=1 << 62 if budget is None else max(budget - held, 1),
+                                  host_fits=host_fits)
         except BudgetError as exc:
             short.append((exc.needed_bytes + held, stage))
             continue
