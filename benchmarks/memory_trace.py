@@ -71,16 +71,16 @@ def main() -> None:
                   f"{'' if fits else '  (no plan fits: tightest shown)'}", flush=True)
 
 
-ADAPTERS = {"tile_controlnet": {"source": "from-unet"}}  # a ControlNet made from the UNet's config
+TILE_SOURCE = "from-unet"  # a hub id: the ControlNet from_unet makes of the UNet's config
 TIGHTEST = dict(offload="sequential", vae_tile_px=512, ff_chunk=4096, cfg_split=True,
                 attn_chunk=4096, inplace=True, skips_on_cpu=True)
 
 
 def _controlnet(unet_config, unet):
-    from linfusion_cli.planning.memory.adapters import controlnet_config
+    from linfusion_cli.adapters.controlnet import controlnet_config
     from linfusion_cli.tracing.adapters import meta_controlnet
 
-    return meta_controlnet(controlnet_config(ADAPTERS["tile_controlnet"]["source"], unet_config), unet)
+    return meta_controlnet(controlnet_config(TILE_SOURCE, unet_config), unet)
 
 
 def _controlnet_row(net, unet_config, vae_config, unet, width, height, budget):
@@ -88,12 +88,14 @@ def _controlnet_row(net, unet_config, vae_config, unet, width, height, budget):
     ControlNet, planned as the runner plans it."""
     from dataclasses import replace
 
-    from linfusion_cli.planning.memory.adapters import (controlnet_config, controlnet_extra_bytes, controlnet_step_bytes, controlnet_unet_extra)
+    from linfusion_cli.adapters.controlnet import controlnet_config
+    from linfusion_cli.planning.memory.adapters import controlnet_extra_bytes, controlnet_step_bytes, controlnet_unet_extra
     from linfusion_cli.tracing.adapters import trace_controlnet_step
 
-    where = dict(width=width, height=height, img2img=True, guidance=True, dtype_bytes=2)
-    weights = controlnet_extra_bytes(ADAPTERS, unet_config, **where)
-    extra = controlnet_unet_extra(ADAPTERS, unet_config, **where)
+    configs = [controlnet_config(TILE_SOURCE, unet_config)]  # the img2img stage runs the tile ControlNet
+    where = dict(width=width, height=height, guidance=True, dtype_bytes=2)
+    weights = controlnet_extra_bytes(configs, dtype_bytes=2)
+    extra = controlnet_unet_extra(configs, unet_config, **where)
     common = dict(width=width, height=height, dtype_bytes=2, device="cuda", unet_extra=extra)
     try:
         plan, fits = choose_knobs(unet_config, vae_config, budget_bytes=max(budget - weights, 1),
@@ -103,11 +105,10 @@ def _controlnet_row(net, unet_config, vae_config, unet, width, height, budget):
                                  **common), False
     plan = replace(plan, estimated_peak_gib=round(plan.estimated_peak_gib + weights / GIB, 2))
     start = time.perf_counter()
-    config = controlnet_config(ADAPTERS["tile_controlnet"]["source"], unet_config)
-    traced = trace_controlnet_step(unet_config, [config], width=width, height=height, knobs=plan,
+    traced = trace_controlnet_step(unet_config, configs, width=width, height=height, knobs=plan,
                                    unet=unet, nets=[net])
     seconds = time.perf_counter() - start
-    estimated = controlnet_step_bytes(ADAPTERS, unet_config, knobs=plan.knobs(), **where)
+    estimated = controlnet_step_bytes(configs, unet_config, knobs=plan.knobs(), **where)
     return plan, traced, estimated, seconds, fits
 
 

@@ -6,8 +6,8 @@
     image, record = api.generate("a lighthouse", res=4096, pipe=my_pipe)   # your own pipeline
     bigger, record = api.upscale(Image.open("in.png"), "a lighthouse", res=8192)
 
-Options are Request's fields (flags of `linfusion generate`, underscores for dashes). The CLI is
-a thin layer over plan_request + load + generate_file.
+Options are Request's fields (declared in schema.OPTIONS: the flags of `linfusion generate`,
+underscores for dashes). The CLI is a thin layer over plan_request + load + generate_file.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import re
 import math
 from typing import Any
 
+from .bounds import shown
 from .errors import InputError, PlanError
 from .inputs import read_bounded
 
@@ -23,6 +24,8 @@ MAX_VRAM_GIB = 4096.0
 MAX_ASPECT = 64.0  # W:H (or H:W) beyond this leaves a side of a few pixels at any --res
 MAX_TEXT = 100_000  # characters in a prompt (CLIP reads 77 tokens; this bounds the metadata)
 NAME_MAX = 255  # bytes in one file-name component (ext4, APFS, NTFS)
+SCHEDULERS = ("default", "ddim", "euler", "euler_a", "dpm++", "pndm", "lms")
+METHODS = ("sdedit", "demofusion")  # how the x2 stages denoise (planning/method.py)
 
 
 class ValueRuleError(PlanError):
@@ -143,43 +146,62 @@ def scheduler_needs(name: str) -> None:
         raise InputError("--scheduler lms needs scipy (pip install scipy); or pick another scheduler")
 
 
-def request(req) -> None:
-    """Every user-given value of a request.Request, with the flag's name; conflicts refused."""
-    text(req.prompt, "the prompt")
-    for field in ("preset", "model", "linfusion", "scheduler", "device", "dtype", "init_image"):
-        value = getattr(req, field, None)
-        if isinstance(value, str):
-            text(value, f"--{field.replace('_', '-')}")
-    if req.negative is not None:
-        text(req.negative, "--negative")
-    for flag, value in (("--res", req.res), ("--width", req.width), ("--height", req.height)):
-        if value is not None:
-            side(value, flag)
-    if req.aspect is not None:
-        aspect(req.aspect, "--aspect")
-        if req.width is not None or req.height is not None:
-            raise PlanError("--aspect cannot be combined with --width/--height")
-    if req.linfusion is not None and req.no_linfusion:
-        raise PlanError("--linfusion and --no-linfusion contradict each other; pass one")
-    if req.seed is not None:
-        seed(req.seed, "--seed")
-    if req.steps is not None:
-        steps(req.steps, "--steps")
-    if req.guidance is not None:
-        guidance(req.guidance, "--guidance")
-    for s in req.strengths or ():
-        strength(s)
-    if req.max_vram is not None:
-        max_vram(req.max_vram, "--max-vram")
-    if req.vae_tile is not None:
-        vae_tile(req.vae_tile, "--vae-tile")
-    if req.scheduler is not None:
-        scheduler_needs(req.scheduler)
-    if req.device is not None:
-        device(req.device)
-    world = getattr(req, "world_size", None)
-    if world is not None and (isinstance(world, bool) or not isinstance(world, int) or not 1 <= world <= 1024):
-        raise PlanError(f"--world-size must be a whole number of processes 1 .. 1024, got {world!r}")
+def aspect_text(value: Any, name: str = "aspect") -> str:
+    """The aspect as written ('16:9'), once aspect's rule accepts it."""
+    aspect(value, name)
+    return value
+
+
+def strengths(value: Any, name: str = "strengths") -> tuple[float, ...]:
+    """A non-empty list of img2img strengths, each in (0, 1]."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueRuleError(f"{name} must be a list of numbers in (0, 1], got {shown(value)}")
+    return tuple(strength(x, name) for x in value)
+
+
+def scheduler(value: Any, name: str = "scheduler") -> str:
+    """One of SCHEDULERS, whose optional packages are installed."""
+    if value not in SCHEDULERS:
+        raise ValueRuleError(f"unknown scheduler {value!r}; use {', '.join(SCHEDULERS)}")
+    scheduler_needs(value)
+    return value
+
+
+def method(value: Any, name: str = "method") -> str:
+    """One of METHODS."""
+    if value not in METHODS:
+        raise ValueRuleError(f"unknown method {value!r}; use {' or '.join(METHODS)}")
+    return value
+
+
+def finite(value: Any, name: str) -> float:
+    """Any finite number (adapter scales: negative ones invert the effect)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueRuleError(f"{name} must be a finite number, got {shown(value)}")
+    return float(value)
+
+
+def source(value: Any, name: str) -> str:
+    """A path or hub id: non-empty text."""
+    if not isinstance(value, str) or not value:
+        raise ValueRuleError(f"{name} must be a path or hub id, got {shown(value)}")
+    return text(value, name)
+
+
+def loras(value: Any, name: str = "lora") -> tuple[str, ...]:
+    """One FILE|ID[:WEIGHT] or a list of them (the weight is parsed with the plan)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items or \
+            not all(isinstance(v, str) and v for v in items):
+        raise ValueRuleError(f"{name} must be FILE|ID[:WEIGHT] or a list of them, got {shown(value)}")
+    return tuple(text(v, name) for v in items)
+
+
+def world_size(value: Any, name: str = "world_size") -> int:
+    """Processes one image runs over (band parallelism): a whole number 1 .. 1024."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024:
+        raise ValueRuleError(f"{name} must be a whole number of processes 1 .. 1024, got {shown(value)}")
+    return value
 
 
 def json_object(path, what: str, error=InputError) -> dict:
@@ -194,11 +216,12 @@ def json_object(path, what: str, error=InputError) -> dict:
     return data
 
 
-def device(value: str) -> str:
+def device(value: str, name: str = "--device") -> str:
     """auto, cpu, mps, cuda or cuda:N; anything else (meta, xla, ...) refused."""
+    text(value, name)
     if value in ("auto", "cpu", "mps", "cuda") or re.fullmatch(r"cuda:\d{1,3}", value):
         return value
-    raise ValueRuleError(f"--device must be auto, cpu, mps, cuda or cuda:N, got {value!r}")
+    raise ValueRuleError(f"{name} must be auto, cpu, mps, cuda or cuda:N, got {value!r}")
 
 
 def file_name(name: str, what: str) -> str:

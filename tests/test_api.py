@@ -40,7 +40,7 @@ def test_a_callers_open_pipeline_gives_the_loaded_models_image(cli_env, tiny_pre
     pipe = DiffusionPipeline.from_pretrained(str(demo_folder()), safety_checker=None,
                                              requires_safety_checker=False)
     plan = api.plan("a boat", res=128, preset=tiny_preset, pipe=pipe, **DEMO)
-    assert plan.extras["family_from"] == "the given pipeline's configs"
+    assert plan.family_from == "the given pipeline's configs"
     mine, record = api.generate("a boat", res=128, preset=tiny_preset, pipe=pipe, **DEMO)
     assert any(isinstance(m, LinFusionAttention) for m in pipe.unet.modules())
     assert record["linfusion"] == "fresh"

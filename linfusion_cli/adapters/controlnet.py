@@ -31,7 +31,8 @@ from ..bounds import check_config
 from ..inputs import read_bounded
 from ..io import images  # images.open_image: a seam tests watch
 from .common import reason
-from .controlnet_file import file_format, is_single_file, single_file_config, load_single_file
+from .controlnet_file import file_format, from_unet_config, is_single_file, single_file_config, load_single_file
+from .specs import ControlNetSpec
 from .folder_weights import check_folder_weights
 
 EMBED_TILE_PX = 1024  # conditioning-embedding tile side in input pixels (a multiple of 64)
@@ -39,15 +40,16 @@ EMBED_TILE_PX = 1024  # conditioning-embedding tile side in input pixels (a mult
 
 # ---------------------------------------------------------------- checks before loading
 
-def check_controlnet(source: str, what: str, unet_config: dict, allow_pickle: bool = False) -> dict:
+def check_controlnet(source: str, what: str, unet_config: dict, allow_pickle: bool = False) -> ControlNetSpec:
     """A local ControlNet folder must hold a config that fits the UNet, a single file tensors
-    that do (adapters/controlnet_file.py); hub ids: at load."""
+    that do (adapters/controlnet_file.py); hub ids: at load. The spec carries the config the
+    planner counts and the loader uses, derived here once."""
     if not is_local(source):
-        return {"source": source}
+        return ControlNetSpec(source, config=from_unet_config(unet_config))
     path = require_file(source, what)
     if is_single_file(path):
-        single_file_config(path, unet_config, what, pickle_ok=allow_pickle)
-        return {"source": str(path), "format": file_format(path)}
+        config = single_file_config(path, unet_config, what, pickle_ok=allow_pickle)
+        return ControlNetSpec(str(path), format=file_format(path), config=config)
     config_file = path / "config.json" if path.is_dir() else None
     if config_file is None or not config_file.exists():
         raise InputError(f"{what}: {path} is neither a diffusers ControlNet folder (config.json) nor "
@@ -65,7 +67,19 @@ def check_controlnet(source: str, what: str, unet_config: dict, allow_pickle: bo
                                       f"{unet_config.get('block_out_channels')}")
 
     fmt = check_folder_weights(path, config, what, allow_pickle)
-    return {"source": str(path)} | ({"format": "pickle"} if fmt == "pickle" else {})
+    return ControlNetSpec(str(path), format="pickle" if fmt == "pickle" else None, config=config)
+
+
+def controlnet_config(source: str, unet_config: dict, what: str = "--controlnet",
+                      allow_pickle: bool = False) -> dict:
+    """The config a ControlNet loads with (check_controlnet's, without its checks): a single
+    file's from its shapes, a folder's config.json, else what from_unet makes of this UNet."""
+    path = Path(source).expanduser()
+    if is_single_file(path):
+        return single_file_config(path, unet_config, what, pickle_ok=allow_pickle)
+    if (path / "config.json").is_file():
+        return folder_config(path / "config.json", what)
+    return from_unet_config(unet_config)
 
 
 def folder_config(config_file, what: str) -> dict:
@@ -113,16 +127,19 @@ def mount_linfusion(controlnet: nn.Module, unet: nn.Module) -> list[str]:
     return mounted
 
 
-def load_controlnet(source: str, unet: nn.Module, what: str, *, pickle_ok: bool = False):
+def load_controlnet(source: str, unet: nn.Module, what: str, *, pickle_ok: bool = False,
+                    config: dict | None = None):
     """The ControlNetModel in the UNet's dtype, with LinFusion where the UNet has it.
 
-    A single file loads with the config its shapes gave at plan time; a pickle one only with
-    `pickle_ok` (the plan's format 'pickle', recorded only under --allow-pickle)."""
+    A single file loads with `config`, the one its shapes gave at plan time (the spec's; derived
+    again when not given); a pickle one only with `pickle_ok` (the plan's format 'pickle',
+    recorded only under --allow-pickle)."""
     from diffusers import ControlNetModel
 
     try:
         if is_single_file(Path(source).expanduser()):
-            controlnet = load_single_file(Path(source).expanduser(), unet, what, pickle_ok=pickle_ok)
+            controlnet = load_single_file(Path(source).expanduser(), unet, what, pickle_ok=pickle_ok,
+                                          config=config)
         else:
             # pickled .bin weights only with --allow-pickle (then torch.load(weights_only=True))
             controlnet = ControlNetModel.from_pretrained(source, torch_dtype=unet.dtype,
@@ -249,31 +266,31 @@ def _pipeline(ctx, kind: str, nets: list):
     return cache[key]
 
 
+def _stage_controlnets(ctx, stage, upscaled: Image.Image | None):
+    """(nets, control images, scales) of the ControlNets the plan gives this stage (the planner
+    decides which: Stage.controlnets); the tile ControlNet's control image is the stage's input."""
+    loaded = getattr(ctx.model, "controlnets", {})
+    nets, control_images, scales = [], [], []
+    for kind, spec in zip(stage.controlnets, ctx.plan.adapters.controlnets(stage.controlnets)):
+        nets.append(loaded[kind])
+        control_images.append(upscaled if kind == "tile_controlnet"
+                              else resized(spec.image, stage.width, stage.height))
+        scales.append(spec.scale)
+    return nets, control_images, scales
+
+
 def text_to_image_call(ctx, stage):
-    """(pipeline, extra kwargs, done) for the base stage: the structure ControlNet, if any."""
-    adapters = ctx.plan.adapters or {}
-    net = getattr(ctx.model, "controlnets", {}).get("controlnet")
-    if net is None:
+    """(pipeline, extra kwargs, done) for the base stage: its ControlNet, if any."""
+    nets, control_images, scales = _stage_controlnets(ctx, stage, None)
+    if not nets:
         return ctx.txt2img, {}, lambda: None
-    spec = adapters["controlnet"]
-    extra = {"image": resized(spec["image"], stage.width, stage.height),
-             "controlnet_conditioning_scale": spec["scale"]}
-    return _installed(_pipeline(ctx, "txt2img", [net]), [net], extra)
+    extra = {"image": control_images[0], "controlnet_conditioning_scale": scales[0]}
+    return _installed(_pipeline(ctx, "txt2img", nets), nets, extra)
 
 
 def image_to_image_call(ctx, stage, upscaled: Image.Image):
     """(pipeline, extra kwargs, done) for an img2img stage: structure and/or tile ControlNet."""
-    adapters = ctx.plan.adapters or {}
-    loaded = getattr(ctx.model, "controlnets", {})
-    nets, control_images, scales = [], [], []
-    if "controlnet" in loaded:
-        nets.append(loaded["controlnet"])
-        control_images.append(resized(adapters["controlnet"]["image"], stage.width, stage.height))
-        scales.append(adapters["controlnet"]["scale"])
-    if "tile_controlnet" in loaded:  # the stage's own upscaled input is its control image
-        nets.append(loaded["tile_controlnet"])
-        control_images.append(upscaled)
-        scales.append(adapters["tile_controlnet"]["scale"])
+    nets, control_images, scales = _stage_controlnets(ctx, stage, upscaled)
     if not nets:
         return ctx.img2img, {}, lambda: None
     one = len(nets) == 1

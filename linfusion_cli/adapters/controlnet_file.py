@@ -27,9 +27,6 @@ from ..io.weight_files import single_file_keys
 PICKLE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
 SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
-_configs: dict[tuple, dict] = {}  # (path, size, mtime, UNet config) -> derived config
-
-
 def is_single_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in SUFFIXES
 
@@ -130,19 +127,16 @@ def derive_config(shapes: dict[str, tuple[int, ...]], unet_config: dict, name: s
 
 
 def single_file_config(path: Path, unet_config: dict, what: str, *, pickle_ok: bool = False) -> dict:
-    """derive_config for a file, once per file version and UNet (the plan, planner and loader share it)."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, json.dumps(unet_config, sort_keys=True, default=str))
-    if key not in _configs:
-        _configs[key] = derive_config(_shapes(path, what, pickle_ok), unet_config, path.name, what)
-    return dict(_configs[key])
+    """derive_config for a file (the plan derives it once, into its ControlNetSpec)."""
+    return derive_config(_shapes(path, what, pickle_ok), unet_config, path.name, what)
 
 
-def load_single_file(path: Path, unet, what: str, *, pickle_ok: bool = False):
-    """ControlNetModel.from_single_file with the derived config (a temporary config folder)."""
+def load_single_file(path: Path, unet, what: str, *, pickle_ok: bool = False, config: dict | None = None):
+    """ControlNetModel.from_single_file with the plan's derived config (a temporary config folder)."""
     from diffusers import ControlNetModel
 
-    config = single_file_config(path, dict(unet.config), what, pickle_ok=pickle_ok)
+    if config is None:  # loaded outside a plan
+        config = single_file_config(path, dict(unet.config), what, pickle_ok=pickle_ok)
     if file_format(path) == "pickle" and not pickle_ok:
         raise InputError(f"{what}: {path.name} is a pickle file; pass --allow-pickle")
     from diffusers.loaders.single_file_utils import load_single_file_checkpoint

@@ -78,35 +78,35 @@ def check_ip_adapter(source: str, encoder: str | None, family: str, unet_config:
     return {"source": str(path), "encoder": str(encoder_dir)} | ({"encoder_format": "pickle"} if fmt == "pickle" else {})
 
 
-def load_ip_adapter(pipe, spec: dict) -> None:
+def load_ip_adapter(pipe, spec) -> None:
     """Image encoder (if given locally) then the adapter; scale set on every attn2."""
     from transformers import CLIPVisionModelWithProjection
 
-    with loading_errors("--ip-adapter", spec["source"]):
+    with loading_errors("--ip-adapter", spec.source):
         encoder_folder = "image_encoder"
-        if spec.get("encoder"):
+        if spec.encoder:
             encoder = CLIPVisionModelWithProjection.from_pretrained(  # .bin only with --allow-pickle
-                spec["encoder"], dtype=pipe.unet.dtype,
-                use_safetensors=None if spec.get("encoder_format") == "pickle" else True)
+                spec.encoder, dtype=pipe.unet.dtype,
+                use_safetensors=None if spec.encoder_format == "pickle" else True)
             pipe.register_modules(image_encoder=encoder)
             encoder_folder = None  # registered: diffusers skips its own encoder load
-        source = Path(spec["source"])
+        source = Path(spec.source)
         if source.is_file():
             pipe.load_ip_adapter(str(source.parent), subfolder="", weight_name=source.name,
                                  image_encoder_folder=encoder_folder)
         else:
-            pipe.load_ip_adapter(spec["source"], subfolder=spec.get("subfolder") or "",
-                                 weight_name=spec.get("weight_name"), image_encoder_folder=encoder_folder)
-    pipe.set_ip_adapter_scale(spec["scale"])
+            pipe.load_ip_adapter(spec.source, subfolder=spec.subfolder or "",
+                                 weight_name=spec.weight_name, image_encoder_folder=encoder_folder)
+    pipe.set_ip_adapter_scale(spec.scale)
 
 
 def stage_kwargs(ctx) -> dict:
     """The IP-Adapter image for every stage's pipeline call (encoded there, at the encoder's size)."""
-    spec = (ctx.plan.adapters or {}).get("ip_adapter")
+    spec = ctx.plan.adapters.ip_adapter
     if spec is None:
         return {}
 
     image = ctx.notes.get("ip_image")
     if image is None:
-        image = ctx.notes["ip_image"] = images.open_image(spec["image"])
+        image = ctx.notes["ip_image"] = images.open_image(spec.image)
     return {"ip_adapter_image": image}

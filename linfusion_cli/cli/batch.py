@@ -19,6 +19,7 @@ from ..io.metadata import read_metadata
 from ..io.prompts import read_prompt_file
 from ..io.targets import inside
 from ..planning.plan import stage_seed
+from ..schema import line_options
 from ..validate import SEED_MAX
 from . import common
 from .console import ProgressView, error, info, one_line_of
@@ -33,16 +34,13 @@ BATCH_TEMPLATE = "{index:04d}-{slug}.{ext}"  # no seed: --resume finds the same 
 
 def _entry_plan(entry, index, base: api.Request, base_seed: int):
     """The entry's own values over the command's; errors name the file and line."""
-    res, width, height, aspect = base.res, base.width, base.height, base.aspect
+    given = {o.name: getattr(entry, o.name) for o in line_options() if getattr(entry, o.name) is not None}
     if entry.width is not None or entry.height is not None:  # the line's exact size wins over --aspect
-        res, width, height, aspect = None, entry.width, entry.height, None
+        given.update(res=None, width=entry.width, height=entry.height, aspect=None)
     elif entry.res is not None:
-        res, width, height = entry.res, None, None
-    req = replace(base, prompt=entry.prompt, res=res, width=width, height=height, aspect=aspect,
-                  negative=entry.negative if entry.negative is not None else base.negative,
-                  seed=entry.seed if entry.seed is not None else stage_seed(base_seed, index),
-                  steps=entry.steps if entry.steps is not None else base.steps,
-                  guidance=entry.guidance if entry.guidance is not None else base.guidance)
+        given.update(width=None, height=None)
+    given.setdefault("seed", stage_seed(base_seed, index))
+    req = replace(base, **given)
     try:
         return api.plan_request(req)
     except LinfusionError as exc:

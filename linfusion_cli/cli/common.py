@@ -19,7 +19,6 @@ from ..inputs import expand
 from ..io import checkpoints
 from ..io.naming import DEFAULT_TEMPLATE, render_name, format_of, resolve_output
 from ..io.targets import check_directory, check_free_space, check_target
-from ..models import loading
 
 
 def memory_line(stage) -> str:
@@ -61,13 +60,13 @@ def print_dry_run(plan, *, as_json: bool, extra: dict | None = None, resume: dic
     print(planned_for(plan))
     if parallel_line(plan):
         print(parallel_line(plan))
-    print(f"model {plan.model} ({plan.family}: {plan.extras.get('family_from', '')}), "
-          f"preset {plan.extras.get('preset')}, LinFusion {plan.linfusion or 'off'}, seed {plan.seed}")
+    print(f"model {plan.model} ({plan.family}: {plan.family_from}), "
+          f"preset {plan.preset}, LinFusion {plan.linfusion or 'off'}, seed {plan.seed}")
 
     for line in describe(plan.adapters):
         print(f"  {line}")
-    if plan.extras.get("method_from"):
-        print(f"  method: {plan.extras['method_from']}")
+    if plan.method_from:
+        print(f"  method: {plan.method_from}")
     for s in plan.stages:
         kind = "text-to-image" if s.strength is None else f"img2img @{s.strength}"
         if s.method == "sdedit":
@@ -106,12 +105,10 @@ def planned_for(plan) -> str:
 
 
 def load(plan, *, verbose: bool, quiet: bool, allow_pickle: bool = False, config: str | None = None):
-    """The model for a plan (memory knobs are applied per stage later, not here)."""
+    """The library's api.load, with the CLI's line on stderr and the libraries' notices quieted."""
     info(f"loading {plan.model} ...", quiet=quiet)
     quiet_libraries(verbose)
-    return loading.load_model(plan.model, dtype=plan.dtype, device=plan.device, linfusion=plan.linfusion,
-                      scheduler=plan.stages[0].scheduler, allow_pickle=allow_pickle, config=config,
-                      family=plan.family, adapters=plan.adapters)
+    return api.load(plan, allow_pickle=allow_pickle, config=config)
 
 
 def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_image=None,

@@ -77,9 +77,9 @@ def _file_digest(path: str) -> str | None:
     return digest.hexdigest()
 
 
-def _adapters(adapters: dict) -> dict:
+def _adapters(adapters) -> dict:
     """The plan's adapters (LoRAs carry their hashes) with the control/reference images' digests."""
-    out = json.loads(json.dumps(adapters or {}))
+    out = json.loads(json.dumps(adapters.to_dict()))
     for kind in ("controlnet", "ip_adapter"):
         if kind in out and out[kind].get("image"):
             out[kind]["image_sha256"] = _file_digest(out[kind]["image"])

@@ -46,7 +46,7 @@ def fingerprint(plan) -> dict[str, Any]:
     return {
         "prompt": plan.prompt, "negative": plan.negative, "model": plan.model, "family": plan.family,
         "linfusion": plan.linfusion, "dtype": plan.dtype, "init_image": plan.init_image,
-        "adapters": plan.adapters or {},
+        "adapters": plan.adapters.to_dict(),
         "stages": [_stage_key(s.width, s.height, s.strength, s.steps, s.guidance, s.scheduler,
                               s.seed - plan.seed, s.method,
                               asdict(s.demofusion) if s.demofusion is not None else None)

@@ -6,87 +6,65 @@ import json
 import shlex
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import field, make_dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Optional, TextIO
 
 from .. import validate
 from ..errors import InputError, PromptFileError
 from ..inputs import expand, kind_of
+from ..schema import line_options
 
 
-@dataclass(frozen=True)
-class PromptEntry:
-    """One image to generate; None fields fall back to the command line / preset."""
-
-    prompt: str
-    negative: str | None = None
-    seed: int | None = None
-    width: int | None = None
-    height: int | None = None
-    res: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    output: str | None = None
-    source: str = ""
-    line: int = 0
+# One image to generate: the prompt, each option a batch line may set (schema.OPTIONS' `line`
+# keys; None falls back to the command line / preset), its output and where it was read.
+PromptEntry = make_dataclass(
+    "PromptEntry", [(o.name, o.type, field(default=o.default)) for o in line_options()]
+    + [("output", Optional[str], field(default=None)), ("source", str, field(default="")),
+       ("line", int, field(default=0))],
+    frozen=True, namespace={"__doc__": "One image to generate; None fields fall back to the command line."})
+PromptEntry.__module__ = __name__
 
 
 class _LineError(ValueError):
     """A problem with one line; parse_prompts adds the file and line number."""
 
 
-def _rule(check: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
-    """A validate.py rule as a line check: the same rule and message as the flag's."""
-    def convert(value: Any, key: str) -> Any:
-        try:
-            return check(value, key)
-        except InputError as exc:
-            raise _LineError(str(exc)) from None
-    return convert
+def _output(value: Any, key: str) -> str:
+    """An entry's own output path (kept inside -o by the batch command)."""
+    return validate.text(value, key)
 
 
-_text = _rule(validate.text)
-_positive_int = _rule(validate.side)
-_steps = _rule(validate.steps)
-_guidance = _rule(validate.guidance)
+# key (as written in a file: a JSON key, or an A1111 `--key`) -> (PromptEntry field, its check)
+_KEYS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
+    **{key: (o.name, o.rule) for o in line_options() for key in o.line}, "output": ("output", _output)}
+_PARSE = {o.name: o.parse for o in line_options() if o.parse}
+_KINDS = {o.name: o.kind for o in line_options()}
 
 
-def _seed(value: Any, key: str) -> int | None:
-    """A seed is 0 .. 2**32-1 (validate.SEED_MAX); -1 means random, as in AUTOMATIC1111."""
-    if value == -1 and not isinstance(value, bool):
-        return None
-    return _rule(validate.seed)(value, key)
+def _checked(key: str, value: Any, spelled: str) -> Any:
+    """A line's value under its option's rule: the same rule and message as the flag's."""
+    name, check = _KEYS[key]
+    try:
+        if name in _PARSE:
+            value = _PARSE[name](value, spelled)
+        return None if value is None and name != "prompt" else check(value, spelled)
+    except InputError as exc:
+        raise _LineError(str(exc)) from None
 
 
 def _from_text(word: str, key: str) -> Any:
     """Command-line words are strings; turn numbers into numbers for the type checks."""
-    convert = _KEYS.get(key, ("", _text))[1]
+    kind = _KINDS.get(_KEYS.get(key, ("",))[0], str)
     try:
-        if convert is _guidance:
+        if kind is float:
             return float(word)
-        if convert in (_positive_int, _steps, _seed):
+        if kind is int:
             return int(word)
     except ValueError:
-        kind = "a number" if convert is _guidance else "an integer"
-        raise _LineError(f"--{key} must be {kind}, got {word!r}") from None
+        kind_text = "a number" if kind is float else "an integer"
+        raise _LineError(f"--{key} must be {kind_text}, got {word!r}") from None
     return word
-
-
-# key (as written in a file) -> (PromptEntry field, converter)
-_KEYS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
-    "prompt": ("prompt", _text),
-    "negative": ("negative", _text),
-    "negative_prompt": ("negative", _text),
-    "seed": ("seed", _seed),
-    "res": ("res", _positive_int),
-    "width": ("width", _positive_int),
-    "height": ("height", _positive_int),
-    "steps": ("steps", _steps),
-    "guidance": ("guidance", _guidance),
-    "cfg_scale": ("guidance", _guidance),
-    "output": ("output", _text),
-}
 
 
 def _entry(pairs: list[tuple[str, Any]], spell: Callable[[str], str], what: str) -> dict[str, Any]:
@@ -96,12 +74,12 @@ def _entry(pairs: list[tuple[str, Any]], spell: Callable[[str], str], what: str)
     for key, value in pairs:
         if key not in _KEYS:
             raise _LineError(f"unknown {what} {spell(key)}; use {', '.join(map(spell, _KEYS))}")
-        field, convert = _KEYS[key]
-        if field in seen:
-            raise _LineError(f"{spell(key)} given twice (also as {spell(seen[field])})")
-        seen[field] = key
-        if value is not None or field == "prompt":
-            fields[field] = convert(value, spell(key))
+        name = _KEYS[key][0]
+        if name in seen:
+            raise _LineError(f"{spell(key)} given twice (also as {spell(seen[name])})")
+        seen[name] = key
+        if value is not None or name == "prompt":
+            fields[name] = _checked(key, value, spell(key))
     if not fields.get("prompt", "").strip():
         raise _LineError(f"missing or empty {spell('prompt')}")
     return fields

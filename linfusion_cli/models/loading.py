@@ -19,6 +19,7 @@ from ..errors import InputError, ModelNotFoundError, PlanError
 from ..io.weight_files import single_file_family, single_file_keys
 from .resolve import DEMO_PREFIX, auto_linfusion, choose_dtypes, detect_family, is_demo  # noqa: F401 (re-exported)
 from ..adapters import mount_adapters
+from ..adapters.specs import AdapterSpecs
 from ..adapters.common import reason
 from ..attention import apply_linfusion
 from ..hub import download_command
@@ -56,7 +57,7 @@ class LoadedModel:
     vae_dtype: torch.dtype
     linfusion: str | None = None  # weights used: repo id, path, "fresh", or None
     linfusion_layers: list[str] = field(default_factory=list)
-    adapters: dict = field(default_factory=dict)  # what was mounted (adapters.check_adapters)
+    adapters: AdapterSpecs = field(default_factory=AdapterSpecs)  # what was mounted (adapters.check_adapters)
     controlnets: dict = field(default_factory=dict)  # kind -> ControlNetModel (adapters.controlnet)
 
     @property
@@ -243,7 +244,7 @@ def set_scheduler(pipe, name: str) -> None:
 
 def load_model(model: str, *, dtype: str = "auto", device: str = "auto", linfusion: str | None = "auto",
                scheduler: str = "default", allow_pickle: bool = False, config: str | None = None,
-               channels_last: bool | None = None, family: str | None = None, adapters: dict | None = None) -> LoadedModel:
+               channels_last: bool | None = None, family: str | None = None, adapters: AdapterSpecs | None = None) -> LoadedModel:
     """Open the pipeline, pick dtypes and device, mount LinFusion and adapters; one object for
     all stages.
 
@@ -261,7 +262,7 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", linfusi
 def prepare_model(pipe, *, model: str, dtype: str = "auto", device: str = "auto",
                   linfusion: str | None = "auto", scheduler: str = "default",
                   channels_last: bool | None = None, family: str | None = None,
-                  adapters: dict | None = None) -> LoadedModel:
+                  adapters: AdapterSpecs | None = None) -> LoadedModel:
     """An open diffusers pipeline made ready for a plan, in place: dtypes, scheduler, LinFusion
     layers, adapters, device. load_model's second half, and the way in for a caller's own pipeline."""
     torch_device = resolve_device(device)
@@ -298,4 +299,4 @@ def prepare_model(pipe, *, model: str, dtype: str = "auto", device: str = "auto"
             net.to(memory_format=torch.channels_last)
     return LoadedModel(pipe=pipe, model=model, family=found, device=torch_device, dtype=unet_dtype,
                        vae_dtype=vae_dtype, linfusion=linfusion, linfusion_layers=layers,
-                       adapters=dict(adapters or {}), controlnets=controlnets)
+                       adapters=adapters or AdapterSpecs(), controlnets=controlnets)

@@ -35,7 +35,7 @@ def run_record(plan: GenerationPlan, model, stages: list[dict]) -> dict:
         "vae_dtype": dtype_name(getattr(model, "vae_dtype", model.dtype)),
         "device": str(model.device), "init_image": plan.init_image,
         "budget": plan.budget.to_dict() if plan.budget is not None else None, "stages": stages,
-        "adapters": getattr(model, "adapters", None) or plan.adapters,
+        "adapters": (getattr(model, "adapters", None) or plan.adapters).to_dict(),  # what was mounted
         "version": f"linfusion-cli {__version__}",
         **({"parallel": {"mode": "bands", "world_size": group.size}} if group is not None else {}),
     }

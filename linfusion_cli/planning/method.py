@@ -10,8 +10,7 @@ import math
 from dataclasses import dataclass, replace
 
 from ..errors import PlanError
-
-METHODS = ("sdedit", "demofusion")
+from ..validate import METHODS
 
 
 @dataclass(frozen=True)

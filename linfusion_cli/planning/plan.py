@@ -9,9 +9,12 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from .. import validate
+from ..adapters.specs import AdapterSpecs
 from .budget import Budget
 from ..errors import PlanError
-from .method import denoise_steps
+from ..models.resolve import ModelInfo
+from .memory.planner import MemoryPlan
+from .method import DemoFusion, denoise_steps
 
 MULTIPLE = 8  # the VAE scale factor: image sizes must be multiples of it
 MAX_SIDE = 32768
@@ -29,9 +32,10 @@ class Stage:
     seed: int
     guidance: float
     scheduler: str
-    memory: object | None = None  # memory.planner.MemoryPlan, filled in by the planner
+    memory: MemoryPlan | None = None  # filled in by the planner (request.add_memory_plans)
     method: str | None = None  # img2img stages: "sdedit" or "demofusion" (method.py)
-    demofusion: object | None = None  # method.DemoFusion settings when method is "demofusion"
+    demofusion: DemoFusion | None = None  # the settings when method is "demofusion"
+    controlnets: tuple[str, ...] = ()  # the ControlNets this stage runs (AdapterSpecs fields): the planner's
 
     @property
     def denoise_steps(self) -> int:
@@ -39,7 +43,8 @@ class Stage:
         return self.steps if self.strength is None else denoise_steps(self.steps, self.strength, self.method)
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "memory"}
+        """The stage as the dry run's JSON and the record show it (controlnets: the plan's adapters say)."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("memory", "controlnets")}
         d["denoise_steps"] = self.denoise_steps
         d["memory"] = self.memory.to_dict() if self.memory is not None else None
         return d
@@ -65,9 +70,11 @@ class GenerationPlan:
     vae_tile_px: int | None = None  # forced VAE tile (--vae-tile); None: planned; 0: untiled
     memory_fixed: dict = field(default_factory=dict)  # other knobs a preset forces
     budget: Budget | None = None  # asked for (flag, preset), then what the stages were planned for
-    extras: dict = field(default_factory=dict)
-    model_info: object = field(default=None, compare=False, repr=False)  # models.resolve.ModelInfo
-    adapters: dict = field(default_factory=dict)  # adapters.check_adapters: LoRA, ControlNet, ...
+    preset: str | None = None  # the preset's name
+    family_from: str = ""  # where the model's family was read (models.resolve)
+    method_from: str | None = None  # why the img2img method is not the preset's, if it is not
+    model_info: ModelInfo | None = field(default=None, compare=False, repr=False)
+    adapters: AdapterSpecs = field(default_factory=AdapterSpecs)  # adapters.check_adapters: LoRA, ControlNet, ...
     world_size: int = 1  # processes one image runs over (band parallelism); memory is per rank
     group_timeout_s: float | None = None  # band parallelism: a rank waits this long for a peer
 
@@ -86,6 +93,10 @@ class GenerationPlan:
         if self.world_size > 1:
             d["parallel"] = {"mode": "bands", "world_size": self.world_size,
                              "group_timeout_s": self.group_timeout_s}
+        d["adapters"] = self.adapters.to_dict()  # the record's form (no derived configs)
+        notes = {"preset": d.pop("preset"), "family_from": d.pop("family_from")}
+        method_from = d.pop("method_from")
+        d["extras"] = notes | ({"method_from": method_from} if method_from else {})  # the dry run's JSON
         d["width"], d["height"] = self.width, self.height
         d["stages"] = [s.to_dict() for s in self.stages]
         return d

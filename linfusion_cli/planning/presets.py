@@ -8,7 +8,7 @@ Bundled presets live in the repository's top-level `presets/` folder (shipped in
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -17,50 +17,41 @@ import yaml
 from .. import validate
 from ..bounds import shown
 from ..errors import InputError, PresetError
-from ..adapters.preset import PRESET_KEYS, preset_adapters
 from ..bounds import check_yaml
 from ..errors import PlanError, ModelNotFoundError
 from ..inputs import expand, home, read_bounded
-from .method import DemoFusion, check_method
+from ..schema import preset_options
+from .method import DemoFusion
+from .preset_keys import read_option_keys
 
 FAMILIES = ("sd15", "sd21", "sdxl")
-SCHEDULERS = ("default", "ddim", "euler", "euler_a", "dpm++", "pndm", "lms")
 DEFAULT_PRESET = "sd15"
 
 
 @dataclass(frozen=True)
-class Preset:
-    """A validated preset; every field can be overridden by a CLI flag."""
+class PresetOwnKeys:
+    """The keys only a preset has (no flag sets them); Preset adds one field per option key."""
 
     name: str
     source: str
     description: str = ""
-    model: str = "Lykon/dreamshaper-8"
     family: str = "sd15"
-    linfusion: str | None = "auto"  # "auto", a repo id or path, or null for none
     native: int | None = None  # short side of the base stage, px (None: the family's trained size)
-    aspect: str = "1:1"
-    steps: int = 50
-    guidance: float = 7.5
-    scheduler: str = "ddim"
-    strengths: tuple[float, ...] = (0.4, 0.3, 0.2, 0.1)
-    negative: str = ""
-    vae_tile_px: int | None = None
-    max_vram: float | None = None
-    dtype: str = "auto"
     memory: tuple = ()  # forced memory knobs as (name, value) pairs, e.g. (("offload", "model"),)
-    method: str = "sdedit"  # img2img stages: "sdedit" or "demofusion" (linfusion_cli/method.py)
     cosine_scale_1: float = 3.0  # demofusion settings (the official pipeline's defaults)
     cosine_scale_2: float = 1.0
     cosine_scale_3: float = 1.0
     gaussian_sigma: float = 1.0
-    adapters: tuple = ()  # adapter keys as (Request field, value) pairs (adapters/preset.py)
 
 
-_TYPES = {"description": str, "model": str, "family": str, "linfusion": (str, type(None)),
-          "native": (int, type(None)), "aspect": str, "steps": int, "guidance": (int, float), "scheduler": str,
-          "strengths": list, "negative": str, "vae_tile_px": (int, type(None)),
-          "max_vram": (int, float, type(None)), "dtype": str, "memory": dict, "method": str,
+# A validated preset: its own keys, and every option a preset may set (schema.OPTIONS' `preset`
+# keys), as a field named like the Request's, defaulting to the option's `preset_default`.
+Preset = make_dataclass("Preset", [(o.name, o.type, field(default=o.preset_default)) for o in preset_options()],
+                        bases=(PresetOwnKeys,), frozen=True,
+                        namespace={"__doc__": "A validated preset; a flag overrides any option key."})
+Preset.__module__ = __name__
+
+_TYPES = {"description": str, "family": str, "native": (int, type(None)), "memory": dict,
           "cosine_scale_1": (int, float), "cosine_scale_2": (int, float),
           "cosine_scale_3": (int, float), "gaussian_sigma": (int, float)}
 # What each forced memory knob may be (memory.planner.MemoryPlan's fields).
@@ -94,19 +85,12 @@ def _check_memory(knobs: dict, source: str) -> tuple:
     return tuple(sorted(knobs.items()))
 
 
-# key -> the rule its value obeys (the same as the flag's, see validate.py)
-_RULES = {"native": lambda v, n: validate.side(v, n), "steps": validate.steps,
-          "guidance": validate.guidance, "max_vram": validate.max_vram, "vae_tile_px": validate.vae_tile,
-          "aspect": validate.aspect, "negative": validate.text}
-
-
-def _checked(source: str, key: str, rule, value):
-    """value under its rule; the message names the file and the key."""
+def _native(source: str, value):
+    """The base stage's short side, under the flags' size rule; the message names the key."""
     try:
-        result = rule(value, key)
+        return validate.side(value, "native")
     except InputError as exc:
-        raise PresetError(f"{source}: key {key!r}: {exc}") from None
-    return value if key == "aspect" else result
+        raise PresetError(f"{source}: key 'native': {exc}") from None
 
 
 def user_preset_dir() -> Path:
@@ -132,10 +116,10 @@ def parse_preset(text: str, *, name: str, source: str) -> Preset:
     if not isinstance(data, dict):
         raise PresetError(f"{source}: a preset must be a mapping of keys to values")
 
-    adapters = preset_adapters(data, source)  # the flags' keys (lora, controlnet, ...), popped
+    options = read_option_keys(data, source)  # the flags' keys (steps, lora, ...), popped and checked
     for key, value in data.items():
         if key not in _TYPES:
-            known = ", ".join(sorted([*_TYPES, *PRESET_KEYS]))
+            known = ", ".join(sorted([*_TYPES, *(o.preset for o in preset_options())]))
             raise PresetError(f"{source}: unknown key {shown(key)} (known: {known})")
         if isinstance(value, bool) or not isinstance(value, _TYPES[key]):
             raise PresetError(f"{source}: key {key!r} has the wrong type ({type(value).__name__})")
@@ -143,27 +127,17 @@ def parse_preset(text: str, *, name: str, source: str) -> Preset:
         raise PresetError(f"{source}: key 'memory' has {len(data['memory'])} knobs; known: {', '.join(_KNOB_RULES)}")
     if "family" in data and data["family"] not in FAMILIES:
         raise PresetError(f"{source}: key 'family' must be one of {', '.join(FAMILIES)}")
-    if "scheduler" in data and data["scheduler"] not in SCHEDULERS:
-        raise PresetError(f"{source}: key 'scheduler' must be one of {', '.join(SCHEDULERS)}")
-    if "strengths" in data:
-        s = data["strengths"]
-        if not s:
-            raise PresetError(f"{source}: key 'strengths' must be a list of numbers in (0, 1]")
-        data["strengths"] = tuple(_checked(source, "strengths", validate.strength, x) for x in s)
-    for key, rule in _RULES.items():
-        if data.get(key) is not None:
-            data[key] = _checked(source, key, rule, data[key])
-    _check_method_keys(data, source)
+    if data.get("native") is not None:
+        data["native"] = _native(source, data["native"])
+    _check_demofusion_keys(data, source)
     if "memory" in data:
         data["memory"] = _check_memory(data["memory"], source)
-    return Preset(name=name, source=source, adapters=adapters, **data)
+    return Preset(name=name, source=source, **data, **options)
 
 
-def _check_method_keys(data: dict, source: str) -> None:
-    """method is a known one; the demofusion numbers are in range (PresetError naming the key)."""
+def _check_demofusion_keys(data: dict, source: str) -> None:
+    """The demofusion numbers are in range (PresetError naming the key)."""
     try:
-        if "method" in data:
-            check_method(data["method"], "key 'method'")
         names = ("cosine_scale_1", "cosine_scale_2", "cosine_scale_3", "gaussian_sigma")
         DemoFusion(**{k: float(data[k]) for k in names if k in data}).check("key")
     except PlanError as exc:

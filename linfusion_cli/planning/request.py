@@ -10,14 +10,16 @@ from __future__ import annotations
 import math
 import torch
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import field, make_dataclass, replace
 
 from .. import validate
+from ..schema import check_request, plan_options
 from ..errors import InputError, PlanError
 from .plan import GenerationPlan, build_plan, check_size, size_from_res
 from .presets import Preset, load_preset
-from ..adapters import ADAPTER_FIELDS, check_adapters
-from ..adapters.preset import merged_request, name_preset_key
+from ..adapters import check_adapters
+from ..adapters.specs import CONTROLNET_KINDS, AdapterSpecs
+from .preset_keys import merged_request, name_preset_key
 from ..attention.checkpoint import check_source
 from .. import hostmem, parallel
 from ..hostmem import CPU_PLAN_SHARE_WORDS, cpu_plan_budget, vae_park_budget
@@ -35,47 +37,11 @@ from .method import DemoFusion, trained_px, with_method
 DEFAULT_RES = 4096
 
 
-@dataclass(frozen=True)
-class Request:
-    """What the user asked for; None means "the preset's value"."""
-
-    prompt: str
-    preset: str | None = None
-    res: int | None = None
-    aspect: str | None = None
-    width: int | None = None
-    height: int | None = None
-    model: str | None = None
-    linfusion: str | None = None  # "auto" / path / repo; see no_linfusion
-    no_linfusion: bool = False
-    seed: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    negative: str | None = None
-    strengths: tuple[float, ...] | None = None
-    scheduler: str | None = None
-    max_vram: float | None = None
-    vae_tile: int | None = None
-    device: str | None = None
-    dtype: str | None = None
-    save_stages: bool = False
-    init_image: str | None = None
-    init_size: tuple[int, int] | None = None
-    config: str | None = None  # a single-file model's diffusers configs (--config)
-    allow_pickle: bool = False
-    dry_run: bool = False  # a dry run may plan for a GPU this machine does not have
-    loras: tuple[str, ...] = ()  # --lora FILE|ID[:WEIGHT], repeatable
-    controlnet: str | None = None  # --controlnet ID|PATH with --control-image FILE
-    control_image: str | None = None
-    control_scale: float | None = None
-    tile_controlnet: str | None = None  # --tile-controlnet ID|PATH (img2img stages)
-    tile_scale: float | None = None
-    ip_adapter: str | None = None  # --ip-adapter FILE|ID with --ip-image FILE
-    ip_image: str | None = None
-    ip_scale: float | None = None
-    ip_encoder: str | None = None
-    method: str | None = None  # "sdedit" / "demofusion"; None: the preset's
-    world_size: int | None = None  # processes one image runs over (band parallelism); None: 1
+# What the user asked for: one field per declared option (schema.OPTIONS with plan=True), each
+# None by default, meaning "the preset's value". api.plan's keywords are these fields.
+Request = make_dataclass("Request", [(o.name, o.type, field(default=o.default)) for o in plan_options()],
+                         frozen=True, namespace={"__doc__": "What the user asked for; None: the preset's value."})
+Request.__module__ = __name__
 
 
 def target_size(req: Request, preset: Preset) -> tuple[int, int]:
@@ -95,8 +61,7 @@ def target_size(req: Request, preset: Preset) -> tuple[int, int]:
     return size_from_res(res, req.aspect or preset.aspect)
 
 
-PATH_FIELDS = ("preset", "model", "linfusion", "init_image", "config", "controlnet", "control_image",
-               "tile_controlnet", "ip_adapter", "ip_image", "ip_encoder")
+PATH_FIELDS = tuple(o.name for o in plan_options() if o.path and o.name != "loras")
 
 
 def expanded(req: Request) -> Request:
@@ -133,14 +98,14 @@ def make_plan(req: Request, model_info=None) -> GenerationPlan:
     model_info: the model as already known (a caller's open pipeline, resolve.info_of_pipeline);
     None resolves req.model.
     """
-    validate.request(req)
+    check_request(req)
     if req.prompt is None or not req.prompt.strip():
         raise InputError("the prompt is empty")
     req = expanded(req)
     preset, info = _preset_and_model(req, model_info)
     width, height = target_size(req, preset)
     seed = req.seed if req.seed is not None else secrets.randbelow(validate.SEED_MAX + 1)
-    vae_tile = req.vae_tile if req.vae_tile is not None else preset.vae_tile_px  # both validated
+    vae_tile = req.vae_tile if req.vae_tile is not None else preset.vae_tile  # both validated
     budget = Budget.given(req.max_vram, "--max-vram") if req.max_vram is not None else (
         Budget.given(preset.max_vram, f"preset {preset.name}'s max_vram") if preset.max_vram is not None else None)
     max_vram = budget.gib if budget is not None else None
@@ -160,7 +125,7 @@ def make_plan(req: Request, model_info=None) -> GenerationPlan:
         save_stages=req.save_stages, vae_tile_px=vae_tile, memory_fixed=dict(preset.memory),
         budget=budget,
         dtype=dtype, vae_dtype=vae_dtype, device=device, planned_elsewhere=elsewhere,
-        model_info=info, extras={"preset": preset.name, "family_from": info.family_from})
+        model_info=info, preset=preset.name, family_from=info.family_from)
     plan = _with_adapters(plan, req, preset)
     return _with_parallel(_with_method(plan, req, preset), req.world_size or 1)
 
@@ -197,16 +162,16 @@ def _with_method(plan: GenerationPlan, req: Request, preset: Preset) -> Generati
     --method demofusion is refused and a preset's demofusion gives way to sdedit (the plan says so).
     """
     method = req.method or preset.method
-    needs_sdedit = [flag for key, flag in _SDEDIT_ONLY.items() if key in plan.adapters]
+    needs_sdedit = [flag for key, flag in _SDEDIT_ONLY.items() if getattr(plan.adapters, key) is not None]
     img2img = any(s.strength is not None for s in plan.stages)
     if method == "demofusion" and needs_sdedit and img2img:
         if req.method == "demofusion":
             raise PlanError(f"--method demofusion does not run {', '.join(needs_sdedit)} in its "
                             "stages; use --method sdedit")
         method = "sdedit"
-        plan = replace(plan, extras={**plan.extras, "method_from": (
+        plan = replace(plan, method_from=(
             f"sdedit, not preset {preset.name}'s demofusion: {', '.join(needs_sdedit)} "
-            "run in SDEdit stages only")})
+            "run in SDEdit stages only"))
     settings = DemoFusion(preset.cosine_scale_1, preset.cosine_scale_2, preset.cosine_scale_3,
                           preset.gaussian_sigma)
     info = plan.model_info
@@ -215,14 +180,27 @@ def _with_method(plan: GenerationPlan, req: Request, preset: Preset) -> Generati
 
 def _with_adapters(plan: GenerationPlan, req: Request, preset: Preset) -> GenerationPlan:
     """Adapters (flags, else the preset's keys) parsed and checked against the model's
-    architecture, before any weights load."""
+    architecture before any weights load, and each stage's ControlNets decided."""
     req, taken = merged_request(req, preset)
-    if not any(getattr(req, name) not in (None, ()) for name in ADAPTER_FIELDS):
+    if not any(getattr(req, o.name) not in (None, ()) for o in plan_options() if o.adapter):
         return plan
     try:
-        return replace(plan, adapters=check_adapters(req, plan.model_info.unet_config, plan))
+        return with_adapters(plan, check_adapters(req, plan.model_info.unet_config, plan))
     except InputError as exc:
         raise name_preset_key(exc, taken, preset) from None
+
+
+def with_adapters(plan: GenerationPlan, adapters: AdapterSpecs) -> GenerationPlan:
+    """The plan with its checked adapters, and which ControlNets each stage runs, decided here
+    once (the pipeline and the memory estimate read Stage.controlnets): the ControlNet every
+    stage, the tile ControlNet the img2img stages, whose own input is its control image.
+    (DemoFusion stages run none: _with_method makes them SDEdit when a ControlNet is planned.)"""
+    stages = tuple(replace(s, controlnets=tuple(
+        kind for kind in CONTROLNET_KINDS if getattr(adapters, kind) is not None
+        and (kind != "tile_controlnet" or s.strength is not None))) for s in plan.stages)
+    if adapters.tile_controlnet is not None and not any("tile_controlnet" in s.controlnets for s in stages):
+        raise PlanError("--tile-controlnet acts on img2img stages; this plan has none")
+    return replace(plan, adapters=adapters, stages=stages)
 
 
 def planned_device(device: str | None, dtype: str, max_vram: float | None,
@@ -274,12 +252,16 @@ def add_memory_plans(plan: GenerationPlan) -> GenerationPlan:
     kind = "cuda" if plan.device.startswith("cuda") else "cpu"
     fixed = _fixed_knobs(plan)
     plans, short = [], []  # short: (bytes the stage needs at least, stage)
+    free_host = None if plan.planned_elsewhere else hostmem.host_memory().available
     for stage in plan.stages:
         held = _held_bytes(plan, stage, kind, DTYPE_BYTES[plan.dtype])
+        host_fits = None if free_host is None else (  # prefer plans this machine's RAM can hold
+            lambda m, stage=stage: round(_host_bytes(plan, plan.model_info, stage, m) / GIB, 2) <= free_host / GIB)
         try:
             memory = choose_knobs(**_knob_args(plan, stage, kind, DTYPE_BYTES[plan.dtype],
                                                DTYPE_BYTES[plan.vae_dtype], fixed),
-                                  budget_bytes=1 << 62 if budget is None else max(budget - held, 1))
+                                  budget_bytes=1 << 62 if budget is None else max(budget - held, 1),
+                                  host_fits=host_fits)
         except BudgetError as exc:
             short.append((exc.needed_bytes + held, stage))
             continue
@@ -302,7 +284,7 @@ def _host_bytes(plan: GenerationPlan, info, stage, memory) -> int:
     db = DTYPE_BYTES[plan.dtype]
     weights = weight_bytes(info.unet_config, info.vae_config, db,
                            vae_bytes=DTYPE_BYTES[plan.vae_dtype])
-    nets = sum(1 for k in ("controlnet", "tile_controlnet") if k in (plan.adapters or {}))
+    nets = sum(1 for kind in CONTROLNET_KINDS if getattr(plan.adapters, kind) is not None)
     return host_bytes(info.unet_config, width=stage.width, height=stage.height, dtype_bytes=db,
                       guidance=stage.guidance > 1, knobs=memory, weights=weights,
                       controlnets=nets)["total"]
@@ -402,24 +384,21 @@ def _refusal(plan: GenerationPlan, short: list, kind: str, fixed: dict, source: 
             f"({unet}), and `--dry-run --max-vram {_gib_up(gpu)}` shows its plan")
 
 
-def _adapter_bytes(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: int) -> int:
-    """Weights and held inputs of the plan's ControlNets and IP-Adapter in this stage (planning.memory.adapters)."""
-    if not plan.adapters:
-        return 0
+def _controlnet_configs(plan: GenerationPlan, stage) -> list[dict]:
+    """The configs of the ControlNets the stage runs, as the plan derived them."""
+    return [spec.config for spec in plan.adapters.controlnets(stage.controlnets)]
 
-    return controlnet_extra_bytes(plan.adapters, unet_cfg, width=stage.width, height=stage.height,
-                                  img2img=stage.strength is not None, guidance=stage.guidance > 1,
-                                  dtype_bytes=dtype_bytes) \
-        + ip_adapter_extra_bytes(plan.adapters, plan.family, dtype_bytes, unet_cfg)
+
+def _adapter_bytes(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: int) -> int:
+    """Weights of the stage's ControlNets and of the IP-Adapter (planning.memory.adapters)."""
+    return controlnet_extra_bytes(_controlnet_configs(plan, stage), dtype_bytes) \
+        + ip_adapter_extra_bytes(plan.adapters.ip_adapter, plan.family, dtype_bytes, unet_cfg)
 
 
 def _controlnet_step(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: int):
     """knobs -> what a ControlNet step adds to the UNet's activations (None without one)."""
-    if not plan.adapters:
-        return None
-
-    return controlnet_unet_extra(plan.adapters, unet_cfg, width=stage.width, height=stage.height,
-                                 img2img=stage.strength is not None, guidance=stage.guidance > 1,
+    return controlnet_unet_extra(_controlnet_configs(plan, stage), unet_cfg, width=stage.width,
+                                 height=stage.height, guidance=stage.guidance > 1,
                                  dtype_bytes=dtype_bytes, linfusion=plan.linfusion is not None)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import torch
 from PIL import Image
 
 from linfusion_cli.adapters import check_adapters
+from linfusion_cli.planning.request import with_adapters
 from linfusion_cli.adapters.controlnet import TiledConditioningEmbedding, load_controlnet
 from linfusion_cli.attention.module import LinFusionAttention
 from linfusion_cli.planning.memory.planner import MemoryPlan
@@ -43,7 +43,7 @@ def plan_for(folder, family, adapters, *, linfusion="fresh", **kw):
                 model=str(folder), family=family, linfusion=linfusion, vae_tile_px=0)
     args.update(kw)
     plan = build_plan(**args)
-    return replace(plan, adapters=check_adapters(Request(prompt="x", **adapters), dict(UNET_CONFIGS[family]), plan))
+    return with_adapters(plan, check_adapters(Request(prompt="x", **adapters), dict(UNET_CONFIGS[family]), plan))
 
 
 def run(folder, family, adapters, *, linfusion="fresh", memory=None, **kw):
@@ -240,7 +240,8 @@ def test_cli_controlnet_dry_run_metadata_and_bad_input(cli, tmp_path):
 
 
 def test_planner_counts_controlnets_on_the_stages_they_run(tiny_pipeline_dirs, cn_files):
-    from linfusion_cli.planning.memory.adapters import (controlnet_config, controlnet_extra_bytes, controlnet_params, controlnet_unet_extra)
+    from linfusion_cli.adapters.controlnet import controlnet_config
+    from linfusion_cli.planning.memory.adapters import controlnet_extra_bytes, controlnet_params, controlnet_unet_extra
     from linfusion_cli.planning.memory.walk import Knobs
     from linfusion_cli.planning.request import add_memory_plans, make_plan
 
@@ -249,14 +250,13 @@ def test_planner_counts_controlnets_on_the_stages_they_run(tiny_pipeline_dirs, c
     plain = add_memory_plans(make_plan(Request(**base)))
     tiled = add_memory_plans(make_plan(Request(**base, tile_controlnet=str(cn_files["sd15"]))))
     assert [s.strength is None for s in tiled.stages] == [True, False]
+    assert [s.controlnets for s in tiled.stages] == [(), ("tile_controlnet",)]  # the planner's decision
     cfg = dict(UNET_CONFIGS["sd15"])
-    extra = controlnet_extra_bytes(tiled.adapters, cfg, width=512, height=512, img2img=True,
-                                   guidance=True, dtype_bytes=2)
-    assert controlnet_extra_bytes(tiled.adapters, cfg, width=512, height=512, img2img=False,
-                                  guidance=True, dtype_bytes=2) == 0, "no tile ControlNet in the base stage"
-    assert extra == controlnet_params(controlnet_config(str(cn_files["sd15"]), cfg)) * 2  # weights
-    step = controlnet_unet_extra(tiled.adapters, cfg, width=512, height=512, img2img=True,
-                                 guidance=True, dtype_bytes=2)
+    configs = [tiled.adapters.tile_controlnet.config]
+    assert configs == [controlnet_config(str(cn_files["sd15"]), cfg)]  # derived once, at plan time
+    extra = controlnet_extra_bytes(configs, dtype_bytes=2)
+    assert extra == controlnet_params(configs[0]) * 2  # weights
+    step = controlnet_unet_extra(configs, cfg, width=512, height=512, guidance=True, dtype_bytes=2)
     held = (2 * 3 * 512 * 512 + cfg["block_out_channels"][0] * 64 * 64) * 2  # image, embedding
     assert step(Knobs()) >= held and step(Knobs(cfg_split=True)) >= held
     for a, b in zip(plain.stages, tiled.stages):
@@ -290,7 +290,7 @@ def test_demofusion_stages_give_way_to_sdedit_for_a_controlnet(tiny_pipeline_dir
     assert [s.method for s in plain.stages[1:]] == ["demofusion"] * (len(plain.stages) - 1)
     tiled = make_plan(Request(**base, tile_controlnet=str(cn_files["sdxl"])))
     assert [s.method for s in tiled.stages[1:]] == ["sdedit"] * (len(tiled.stages) - 1)
-    assert "--tile-controlnet" in tiled.extras["method_from"]
+    assert "--tile-controlnet" in tiled.method_from
     with pytest.raises(PlanError, match="--method demofusion does not run --tile-controlnet"):
         make_plan(Request(**base, tile_controlnet=str(cn_files["sdxl"]), method="demofusion"))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from linfusion_cli.adapters import check_adapters
+from linfusion_cli.planning.request import with_adapters
 from linfusion_cli.models.loading import load_model
 from linfusion_cli.models.tiny import UNET_CONFIGS, save_tiny_controlnet
 from linfusion_cli.pipeline import StageFinished, run_plan
@@ -50,7 +50,7 @@ def run(folder, family, adapters):
     plan = build_plan(prompt="a lighthouse", negative="fog", width=128, height=96, native=64,
                       strengths=[0.5], steps=3, guidance=6.0, seed=3, scheduler="default",
                       model=str(folder), family=family, linfusion="fresh", vae_tile_px=0)
-    plan = replace(plan, adapters=check_adapters(Request(prompt="x", **adapters), dict(UNET_CONFIGS[family]), plan))
+    plan = with_adapters(plan, check_adapters(Request(prompt="x", **adapters), dict(UNET_CONFIGS[family]), plan))
     model = load_model(str(folder), linfusion="fresh", channels_last=False, adapters=plan.adapters)
     stages = []
     run_plan(plan, model, on_event=lambda e: isinstance(e, StageFinished) and stages.append(e.image))
@@ -60,7 +60,7 @@ def run(folder, family, adapters):
 @pytest.mark.parametrize("family,layout", [("sd15", "ldm"), ("sdxl", "ldm"), ("sdxl", "flat")])
 def test_single_file_gives_the_image_of_its_folder(tiny_pipeline_dirs, files, family, layout):
     """The original layout, and one file with diffusers keys (as xinsir's SD-XL ControlNets)."""
-    from linfusion_cli.planning.memory.adapters import controlnet_config
+    from linfusion_cli.adapters.controlnet import controlnet_config
 
     f = files[family]
     image = str(files["image"])
@@ -68,7 +68,7 @@ def test_single_file_gives_the_image_of_its_folder(tiny_pipeline_dirs, files, fa
         controlnet=str(f[layout]), control_image=image, tile_controlnet=str(f[layout]), tile_scale=0.7))
     ref, _ = run(tiny_pipeline_dirs[family], family, dict(
         controlnet=str(f["folder"]), control_image=image, tile_controlnet=str(f["folder"]), tile_scale=0.7))
-    assert plan.adapters["controlnet"]["format"] == "safetensors"
+    assert plan.adapters.controlnet.format == "safetensors"
     assert len(ours) == 2
     for k, (a, b) in enumerate(zip(ours, ref)):
         assert np.array_equal(a, b), f"stage {k}"
@@ -165,4 +165,4 @@ def test_single_file_for_other_block_channels_is_refused(tmp_path):
     assert DEMO_UNET_CONFIGS["sd15"]["block_out_channels"] != UNET_CONFIGS["sd15"]["block_out_channels"]
     with pytest.raises(CheckpointMismatchError, match="block channels"):
         check_controlnet(str(demo), "--controlnet", dict(UNET_CONFIGS["sd15"]))
-    assert check_controlnet(str(demo), "--controlnet", dict(DEMO_UNET_CONFIGS["sd15"]))["format"] == "safetensors"
+    assert check_controlnet(str(demo), "--controlnet", dict(DEMO_UNET_CONFIGS["sd15"])).format == "safetensors"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import torch
 from PIL import Image
 
 from linfusion_cli.adapters import check_adapters
+from linfusion_cli.planning.request import with_adapters
 from linfusion_cli.attention.module import LinFusionAttention
 from linfusion_cli.models.loading import load_model
 from linfusion_cli.models.tiny import UNET_CONFIGS, save_tiny_ip_adapter
@@ -40,7 +40,7 @@ def run(folder, family, adapters, *, linfusion="fresh", **kw):
                 model=str(folder), family=family, linfusion=linfusion, vae_tile_px=0)
     args.update(kw)
     plan = build_plan(**args)
-    plan = replace(plan, adapters=check_adapters(Request(prompt="x", **adapters), dict(UNET_CONFIGS[family]), plan))
+    plan = with_adapters(plan, check_adapters(Request(prompt="x", **adapters), dict(UNET_CONFIGS[family]), plan))
     model = load_model(str(folder), linfusion=linfusion, channels_last=False, adapters=plan.adapters)
     stages = []
     run_plan(plan, model, on_event=lambda e: isinstance(e, StageFinished) and stages.append(e.image))
@@ -66,7 +66,7 @@ def test_ip_adapter_changes_the_image_scale_zero_is_plain_linfusion_kept(tiny_pi
     processors = unet.attn_processors
     assert processors and all(n.endswith("attn2.processor") for n in processors), "attn1 is LinFusion's"
     assert {type(p).__name__ for p in processors.values()} <= {"IPAdapterAttnProcessor2_0", "IPAdapterAttnProcessor"}
-    assert plan.adapters["ip_adapter"]["scale"] == 0.8
+    assert plan.adapters.ip_adapter.scale == 0.8
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])

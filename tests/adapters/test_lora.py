@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from linfusion_cli.adapters import check_adapters
+from linfusion_cli.adapters.specs import AdapterSpecs
 from linfusion_cli.attention.module import LinFusionAttention
 from linfusion_cli.models.loading import load_model
 from linfusion_cli.models.tiny import UNET_CONFIGS, save_tiny_lora
@@ -56,7 +57,7 @@ def run(folder, family, adapters, linfusion="fresh", **kw):
 
 def test_kohya_and_peft_agree_change_the_image_and_weight_zero_is_plain(tiny_pipeline_dirs, lora_files):
     folder = tiny_pipeline_dirs["sd15"]
-    plain, _, _, _ = run(folder, "sd15", {})
+    plain, _, _, _ = run(folder, "sd15", AdapterSpecs())
     kohya, record, model, _ = run(folder, "sd15", adapters_for("sd15", f"{lora_files['sd15', 'kohya']}:0.8"))
     peft, _, _, _ = run(folder, "sd15", adapters_for("sd15", f"{lora_files['sd15', 'peft']}:0.8"))
     zero, _, _, _ = run(folder, "sd15", adapters_for("sd15", f"{lora_files['sd15', 'kohya']}:0"))
@@ -109,9 +110,9 @@ def test_parse_and_check(lora_files, tmp_path):
     from linfusion_cli.errors import CheckpointMismatchError, InputError, ModelNotFoundError
 
     assert parse_lora("owner/repo:0.25").weight == 0.25 and parse_lora("owner/repo").source == "owner/repo"
-    spec = adapters_for("sd15", str(lora_files["sd15", "kohya"]), str(lora_files["sd15", "kohya"]))["loras"]
-    assert [s["name"] for s in spec] == ["sd15-kohya", "sd15-kohya-2"] and spec[0]["weight"] == 1.0
-    assert len(spec[0]["hash"]) == 10
+    spec = adapters_for("sd15", str(lora_files["sd15", "kohya"]), str(lora_files["sd15", "kohya"])).loras
+    assert [s.name for s in spec] == ["sd15-kohya", "sd15-kohya-2"] and spec[0].weight == 1.0
+    assert len(spec[0].hash) == 10
     with pytest.raises(InputError, match="not a number"):
         parse_lora(f"{lora_files['sd15', 'kohya']}:strong")
     with pytest.raises(ModelNotFoundError):

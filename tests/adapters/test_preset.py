@@ -7,6 +7,7 @@ import torch
 
 from linfusion_cli.errors import PresetError
 from linfusion_cli.models.tiny import save_tiny_lora
+from linfusion_cli.planning.preset_keys import adapter_keys
 from linfusion_cli.planning.presets import parse_preset
 
 from ..cli_helpers import TINY_PRESET, Result, pixels, write_preset
@@ -81,10 +82,10 @@ def test_preset_adapter_paths(tmp_path):
     (tmp_path / "cn").mkdir()
     text = "controlnet: cn\ncontrol_image: ./edges.png\ntile_controlnet: owner/tile\nip_scale: 1\n"
     preset = parse_preset(text, name="p", source=str(tmp_path / "p.yaml"))
-    assert dict(preset.adapters) == {"controlnet": str(tmp_path / "cn"),
-                                     "control_image": str(tmp_path / "edges.png"),
-                                     "tile_controlnet": "owner/tile", "ip_scale": 1.0}
-    assert dict(parse_preset("controlnet: cn\n", name="b", source="bundled:b").adapters) == \
+    assert adapter_keys(preset) == {"controlnet": str(tmp_path / "cn"),
+                                    "control_image": str(tmp_path / "edges.png"),
+                                    "tile_controlnet": "owner/tile", "ip_scale": 1.0}
+    assert adapter_keys(parse_preset("controlnet: cn\n", name="b", source="bundled:b")) == \
         {"controlnet": "cn"}
     with pytest.raises(PresetError, match="unknown key 'loras'"):
         parse_preset("loras: x\n", name="p", source="p.yaml")

@@ -98,14 +98,14 @@ def test_auto_linfusion_for_an_unknown_architecture_fails_at_plan_time(tiny_pipe
 ])
 def test_preset_follows_the_model_family(model, preset, strengths):
     plan = make_plan(Request(prompt="x", model=model, res=16384, dry_run=True))
-    assert plan.extras["preset"] == preset and plan.family == preset
+    assert plan.preset == preset and plan.family == preset
     assert tuple(s.strength for s in plan.stages[1:]) == strengths[:len(plan.stages) - 1]
 
 
 def test_given_preset_wins_over_the_family():
     plan = make_plan(Request(prompt="x", model="stabilityai/stable-diffusion-xl-base-1.0",
                              preset="sd15", res=4096))
-    assert plan.family == "sdxl" and plan.extras["preset"] == "sd15"
+    assert plan.family == "sdxl" and plan.preset == "sd15"
     assert plan.stages[1].strength == 0.4
     assert min(plan.stages[0].width, plan.stages[0].height) == 1024  # SD-XL's trained size
 

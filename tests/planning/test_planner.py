@@ -180,3 +180,17 @@ def test_plan_validates_its_knobs():
         MemoryPlan(offload="disk")
     with pytest.raises(PlanError, match="ff_chunk"):
         MemoryPlan(ff_chunk=-1)
+
+
+def test_the_fastest_plan_that_also_fits_the_host_wins():
+    """A plan whose host memory this machine lacks gives way to the next fastest that fits both;
+    when none does, the GPU's choice stands (and the request refuses it for the host)."""
+    from linfusion_cli.planning.memory.planner import choose_knobs, load_family_configs
+
+    unet, vae = load_family_configs("sd15")
+    args = dict(width=4096, height=4096, dtype_bytes=2, budget_bytes=8 * 2 ** 30, device="cuda")
+    first = choose_knobs(unet, vae, **args)
+    other = choose_knobs(unet, vae, **args, host_fits=lambda m: m.knobs() != first.knobs())
+    assert other.knobs() != first.knobs() and other.estimated_peak_gib <= 8
+    assert other.slowdown() >= first.slowdown()
+    assert choose_knobs(unet, vae, **args, host_fits=lambda m: False) == first

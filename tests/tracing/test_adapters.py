@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import pytest
 
-from linfusion_cli.planning.memory.adapters import controlnet_config, controlnet_step_bytes, ip_adapter_params
+from linfusion_cli.adapters.controlnet import controlnet_config
+from linfusion_cli.planning.memory.adapters import controlnet_step_bytes, ip_adapter_params
 from linfusion_cli.tracing.adapters import (h94_meta_state_dict, meta_controlnet, meta_ip_unet, trace_controlnet_step, trace_image_encoder_bytes, trace_ip_unet_bytes)
 from linfusion_cli.planning.memory import estimate as est
 from linfusion_cli.planning.memory.planner import MemoryPlan, load_family_configs
@@ -42,8 +43,7 @@ def _compare(family_models, knobs, kinds, size=SIZE):
     family, unet_config, unet, config, nets = family_models
     traced = trace_controlnet_step(unet_config, [config] * len(kinds), width=size, height=size,
                                    knobs=knobs, unet=unet, nets=nets[:len(kinds)])
-    adapters = {k: {"source": "from-unet"} for k in kinds}
-    estimated = controlnet_step_bytes(adapters, unet_config, width=size, height=size, img2img=True,
+    estimated = controlnet_step_bytes([config] * len(kinds), unet_config, width=size, height=size,
                                       guidance=True, dtype_bytes=2, knobs=knobs.knobs())
     return traced, estimated
 

@@ -27,24 +27,10 @@ from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from ...adapters.common import safetensors_shapes
-from ...adapters.controlnet import folder_config
-from ...adapters.controlnet_file import from_unet_config, is_single_file, single_file_config
 from ...adapters.ip_adapter import _encoder_config
 from .host import skip_elements
 from .walk_bands import activation_bytes as unet_activation_bytes
 
-
-
-def controlnet_config(source: str, unet_config: dict) -> dict:
-    """A local ControlNet's own config (a single file's: from its shapes, the one it loads with),
-    else the ControlNet from_unet would make of this UNet."""
-    path = Path(source).expanduser()
-    if is_single_file(path):  # a pickle one: the plan's check read it (under --allow-pickle)
-        return single_file_config(path, unet_config, "ControlNet")
-    file = path / "config.json"
-    if file.is_file():
-        return folder_config(file, "ControlNet")  # bounded sizes, as checked at plan time
-    return from_unet_config(unet_config)
 
 
 @lru_cache(maxsize=8)
@@ -69,18 +55,10 @@ def residual_elements(unet_config: dict, latent_h: int, latent_w: int) -> int:
         + unet_config["block_out_channels"][-1] * mid_h * mid_w  # the middle block
 
 
-def _kinds(adapters: dict, img2img: bool) -> list[str]:
-    """The ControlNets active in a stage (the tile ControlNet acts on img2img stages only)."""
-    return [k for k in ("controlnet", "tile_controlnet")
-            if k in (adapters or {}) and (img2img or k == "controlnet")]
-
-
-def controlnet_extra_bytes(adapters: dict, unet_config: dict, *, width: int, height: int,
-                           img2img: bool, guidance: bool, dtype_bytes: int) -> int:
-    """Weights of the stage's ControlNets (0 without any); the step's activations, held inputs
-    included, are controlnet_unet_extra's."""
-    return sum(controlnet_params(controlnet_config(adapters[kind]["source"], unet_config)) * dtype_bytes
-               for kind in _kinds(adapters, img2img))
+def controlnet_extra_bytes(configs: list[dict], dtype_bytes: int) -> int:
+    """Weights of the stage's ControlNets, by their configs (0 without any); the step's
+    activations, held inputs included, are controlnet_unet_extra's."""
+    return sum(controlnet_params(config) * dtype_bytes for config in configs)
 
 
 def _held_bytes(config: dict, unet_config: dict, width: int, height: int, batch: int,
@@ -90,15 +68,12 @@ def _held_bytes(config: dict, unet_config: dict, width: int, height: int, batch:
     return (batch * 3 * width * height + c0 * -(-height // 8) * -(-width // 8)) * dtype_bytes
 
 
-def controlnet_step_bytes(adapters: dict, unet_config: dict, *, width: int, height: int,
-                          img2img: bool, guidance: bool, dtype_bytes: int, knobs,
-                          linfusion: bool = True) -> int:
-    """Peak activation bytes of one denoising step with the stage's ControlNets, their held
-    inputs included (what tracing.adapters.trace_controlnet_step counts); 0 without any."""
-    kinds = _kinds(adapters, img2img)
-    if not kinds:
+def controlnet_step_bytes(configs: list[dict], unet_config: dict, *, width: int, height: int,
+                          guidance: bool, dtype_bytes: int, knobs, linfusion: bool = True) -> int:
+    """Peak activation bytes of one denoising step with the stage's ControlNets (their configs),
+    their held inputs included (what tracing.adapters.trace_controlnet_step counts); 0 without any."""
+    if not configs:
         return 0
-    configs = [controlnet_config(adapters[k]["source"], unet_config) for k in kinds]
     B, db = (2 if guidance else 1), dtype_bytes
     lh, lw = -(-height // 8), -(-width // 8)
     split = bool(knobs.cfg_split) and B == 2
@@ -111,29 +86,29 @@ def controlnet_step_bytes(adapters: dict, unet_config: dict, *, width: int, heig
     plain = unet_activation_bytes(unet_config, knobs=unet_knobs, **walk)
     down = unet_activation_bytes(unet_config, knobs=unet_knobs, through_mid=True, **walk)
     controlnet = unet_activation_bytes(unet_config, knobs=own, through_mid=True, **walk)
-    first = sets if len(kinds) > 1 else 0  # MultiControlNet: the first net's set
+    first = sets if len(configs) > 1 else 0  # MultiControlNet: the first net's set
     moments = [
         plain,  # the UNet's forward once the residuals are in its skips (or parked with them)
         down + (0 if knobs.skips_on_cpu else sets),  # down/middle path, residuals on the device
         controlnet + first,  # a ControlNet's down and middle path
         2 * sets + first,  # its zero convs and scaling: skips or zero-conv outputs + new set
-        3 * sets if len(kinds) > 1 else 0,  # MultiControlNet: set 1 + set 2 + their sum
+        3 * sets if len(configs) > 1 else 0,  # MultiControlNet: set 1 + set 2 + their sum
     ]
     return max(moments) + held
 
 
-def controlnet_unet_extra(adapters: dict, unet_config: dict, *, width: int, height: int,
-                          img2img: bool, guidance: bool, dtype_bytes: int, linfusion: bool = True):
+def controlnet_unet_extra(configs: list[dict], unet_config: dict, *, width: int, height: int,
+                          guidance: bool, dtype_bytes: int, linfusion: bool = True):
     """None without ControlNets, else knobs -> bytes the step adds to the plain UNet walk
     (controlnet_step_bytes less the walk)."""
-    if not _kinds(adapters, img2img):
+    if not configs:
         return None
     batch = 2 if guidance else 1
 
     def extra(knobs) -> int:
-        step = controlnet_step_bytes(adapters, unet_config, width=width, height=height,
-                                     img2img=img2img, guidance=guidance, dtype_bytes=dtype_bytes,
-                                     knobs=knobs, linfusion=linfusion)
+        step = controlnet_step_bytes(configs, unet_config, width=width, height=height,
+                                     guidance=guidance, dtype_bytes=dtype_bytes, knobs=knobs,
+                                     linfusion=linfusion)
         plain = unet_activation_bytes(unet_config, latent_h=-(-height // 8),
                                       latent_w=-(-width // 8), batch=batch,
                                       dtype_bytes=dtype_bytes, knobs=knobs, linfusion=linfusion)
@@ -173,16 +148,14 @@ def ip_adapter_params(unet_config: dict, projection_dim: int, tokens: int = 4) -
     return 2 * cross * hidden + tokens * cross * (projection_dim + 1) + 2 * cross
 
 
-def ip_adapter_extra_bytes(adapters: dict, family: str, dtype_bytes: int,
-                           unet_config: dict | None = None) -> int:
+def ip_adapter_extra_bytes(spec, family: str, dtype_bytes: int, unet_config: dict | None = None) -> int:
     """The image encoder's and the adapter's weights. Activations: with the adapter's image
     tokens the UNet's peak stays within 5% of the plain estimate (2.5% at worst, 1024 px), and
     the encoder's 224 px forward (about 10 MiB for ViT-H, before the denoising loop) is far
     below 5% of a stage (tests/tracing/test_adapters.py)."""
-    spec = (adapters or {}).get("ip_adapter")
-    if spec is None:
+    if spec is None:  # the plan's IpAdapterSpec, if any
         return 0
-    config = Path(spec.get("encoder") or "/nonexistent") / "config.json"
+    config = Path(spec.encoder or "/nonexistent") / "config.json"
     projection = _ENCODER_PROJECTION.get(family, _ENCODER_PROJECTION["sdxl"])
     if config.is_file():
         data = {k: v for k, v in _encoder_config(config.parent, "--ip-encoder").items() if not k.startswith("_")}
@@ -191,7 +164,7 @@ def ip_adapter_extra_bytes(adapters: dict, family: str, dtype_bytes: int,
         total = _encoder_params(json.dumps(data, sort_keys=True)) * dtype_bytes
     else:
         total = _ENCODER_PARAMS.get(family, _ENCODER_PARAMS["sdxl"]) * dtype_bytes
-    source = Path(spec["source"])
+    source = Path(spec.source)
     if source.is_file():  # the file's own tensors
 
         total += sum(_numel(s) for s in safetensors_shapes(source, "--ip-adapter").values()) * dtype_bytes

@@ -204,10 +204,12 @@ def choose_knobs(unet_config: dict, vae_config: dict, *, width: int, height: int
                 linfusion: bool = True, device: str = "cuda",
                 text_encoders_bytes: int | None = None, vae_bytes: int | None = None,
                 fixed: dict | None = None, dilated_pass: bool = False,
-                unet_extra=None, world_size: int = 1) -> MemoryPlan:
+                unet_extra=None, host_fits=None, world_size: int = 1) -> MemoryPlan:
     """The fastest plan whose estimated peak fits budget_bytes; BudgetError with the minimum if none.
     dilated_pass: the stage is a DemoFusion one (est.dilated_pass_bytes more while the UNet runs).
     unet_extra: knobs -> bytes added to the UNet's activations (a ControlNet step's excess).
+    host_fits: plan -> whether its host memory fits this machine; the fastest plan that fits both
+    wins, else the fastest that fits the GPU (whose host need the caller then refuses).
     world_size > 1: one rank's share under band parallelism (its rows of every UNet map; the
     VAE's tiles are shared out but each is as large), without sequential offload."""
     estimate = _Estimator(unet_config, vae_config, width=width, height=height,
@@ -215,15 +217,20 @@ def choose_knobs(unet_config: dict, vae_config: dict, *, width: int, height: int
                           device=device, text_encoders_bytes=text_encoders_bytes,
                           vae_bytes=vae_bytes, dilated_pass=dilated_pass, unet_extra=unet_extra,
                           world_size=world_size)
-    smallest = None
+    smallest, gpu_only = None, None
     for plan in candidate_plans(width, height, guidance=guidance, linfusion=linfusion,
                                 device=device, fixed=fixed):
         if world_size > 1 and plan.offload == "sequential":  # bands read the weights directly
             continue
         peak = estimate(plan)
         if peak <= budget_bytes:
-            return replace(plan, estimated_peak_gib=round(peak / GIB, 2))
+            fitted = replace(plan, estimated_peak_gib=round(peak / GIB, 2))
+            if host_fits is None or host_fits(fitted):
+                return fitted
+            gpu_only = gpu_only or fitted
         smallest = peak if smallest is None else min(smallest, peak)
+    if gpu_only is not None:
+        return gpu_only
     forced = f" with {', '.join(f'{k}={v}' for k, v in fixed.items())}" if fixed else ""
     raise BudgetError(
         f"needs at least {smallest / GIB:.1f} GiB for {width}x{height} with the tightest plan"
