@@ -266,16 +266,19 @@ def test_planner_counts_controlnets_on_the_stages_they_run(tiny_pipeline_dirs, c
             assert b.memory.estimated_peak_gib >= a.memory.estimated_peak_gib  # tiny: VAE-bound
 
 
-def test_16k_tile_controlnet_plans_within_24_gib():
-    """SD1.5 16384x8192 with a tile ControlNet: the last stage needs more than the CFG split
-    (bands or skips parked with their residuals) and fits a 24 GiB GPU by the estimate."""
+@pytest.mark.parametrize("budget", [24.0, 12.0])
+def test_16k_tile_controlnet_plans_within_a_12_gib_gpu(budget):
+    """SD1.5 16384x8192 with a tile ControlNet: the last stage runs band-wise (the ControlNet
+    too) and fits 24 GiB and 12 GiB GPUs by the estimate; at 12 GiB its residuals are parked as
+    they are made (skips on the CPU)."""
     from linfusion_cli.planning.request import add_memory_plans, make_plan
 
     plan = add_memory_plans(make_plan(Request(prompt="x", preset="sd15", width=16384, height=8192,
-                                         max_vram=24.0, device="cuda", dry_run=True,
+                                         max_vram=budget, device="cuda", dry_run=True,
                                          tile_controlnet="lllyasviel/control_v11f1e_sd15_tile")))
     last = plan.stages[-1].memory
-    assert last.cfg_split and (last.band_rows or last.skips_on_cpu) and last.estimated_peak_gib <= 24
+    assert last.band_rows and last.estimated_peak_gib <= budget
+    assert last.skips_on_cpu or budget > 12
 
 
 def test_demofusion_stages_give_way_to_sdedit_for_a_controlnet(tiny_pipeline_dirs, cn_files, cli):

@@ -128,3 +128,13 @@ def test_image_encoder_forward_is_below_5_percent_of_the_stage(family):
                        attn_chunk=4096, inplace=True, skips_on_cpu=True).knobs()
     stage = est.estimate_peak_bytes(unet_config, vae_config, width=SIZE, height=SIZE, knobs=knobs)
     assert 0 < encoder < 0.05 * stage, (family, encoder, stage)
+
+
+@pytest.mark.parametrize("parked", [False, True])
+def test_banded_controlnet_step_estimate_within_5_percent_of_the_trace(family_models, parked):
+    """Band-wise with the ControlNet (bands/controlnet.py): parked, each residual leaves the
+    device as it is made, so the step is the larger of the band-wise walks and the embedding's
+    tile, plus the held inputs."""
+    knobs = MemoryPlan(attn_chunk=4096, cfg_split=True, band_rows=8, skips_on_cpu=parked)
+    traced, estimated = _compare(family_models, knobs, ["controlnet"], size=768)
+    assert abs(estimated / traced - 1) <= 0.05, (family_models[0], parked, estimated, traced)

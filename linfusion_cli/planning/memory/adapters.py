@@ -15,6 +15,8 @@ device, tracing/adapters.py, within 5%):
   UNet walk's); its zero convolutions and scaling (skips or zero-conv outputs, and the new set:
   2 b sets); with two ControlNets, diffusers' MultiControlNetModel holding the first net's set
   while the second runs, then both sets and their sum (3 b sets).
+With band_rows and skips_on_cpu no whole residual set is on the device: the step is the larger
+of the band-wise walks (the UNet's, its down path) and the embedding's tile, plus the held inputs.
 The planner adds the step's excess over the plain UNet walk to the UNet activations (inside the
 margin) and the weights to the stage apart.
 """
@@ -27,6 +29,7 @@ from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from ...adapters.common import safetensors_shapes
+from ...adapters.controlnet import EMBED_TILE_PX
 from ...adapters.ip_adapter import _encoder_config
 from .host import skip_elements
 from .walk_bands import activation_bytes as unet_activation_bytes
@@ -68,6 +71,22 @@ def _held_bytes(config: dict, unet_config: dict, width: int, height: int, batch:
     return (batch * 3 * width * height + c0 * -(-height // 8) * -(-width // 8)) * dtype_bytes
 
 
+def _embedding_tile_bytes(config: dict, width: int, height: int, dtype_bytes: int) -> int:
+    """The conditioning embedding's peak on one tile (adapters.controlnet.TiledConditioningEmbedding:
+    EMBED_TILE_PX tiles with a halo wider than its receptive field, one CFG row): its first conv's
+    output and that output's activation, both at full pixel resolution."""
+    channels = config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))
+    radius, stride = 1, 1  # conv_in (3x3); each block: a 3x3 conv, then a 3x3 stride-2 conv
+    for _ in channels[1:]:
+        radius, stride = radius + 2 * stride, stride * 2
+    radius += stride  # conv_out (3x3)
+    halo = -(-radius // stride) * stride
+    tile = max(EMBED_TILE_PX // stride * stride, stride)
+    if height > tile or width > tile:
+        height, width = min(height, tile + 2 * halo), min(width, tile + 2 * halo)
+    return 2 * channels[0] * height * width * dtype_bytes
+
+
 def controlnet_step_bytes(configs: list[dict], unet_config: dict, *, width: int, height: int,
                           guidance: bool, dtype_bytes: int, knobs, linfusion: bool = True) -> int:
     """Peak activation bytes of one denoising step with the stage's ControlNets (their configs),
@@ -86,8 +105,14 @@ def controlnet_step_bytes(configs: list[dict], unet_config: dict, *, width: int,
     plain = unet_activation_bytes(unet_config, knobs=unet_knobs, **walk)
     down = unet_activation_bytes(unet_config, knobs=unet_knobs, through_mid=True, **walk)
     controlnet = unet_activation_bytes(unet_config, knobs=own, through_mid=True, **walk)
+    embedding = max(_embedding_tile_bytes(c, width, height, db) for c in configs)
+    if knobs.band_rows and knobs.skips_on_cpu:
+        # band-wise and parked: each residual goes to the host as its skip is made
+        # (bands/controlnet.py) and comes back band by band with that skip: no whole set on the device
+        return max(plain, down, embedding) + held
     first = sets if len(configs) > 1 else 0  # MultiControlNet: the first net's set
     moments = [
+        embedding,  # the first step embeds the control image, one tile at a time
         plain,  # the UNet's forward once the residuals are in its skips (or parked with them)
         down + (0 if knobs.skips_on_cpu else sets),  # down/middle path, residuals on the device
         controlnet + first,  # a ControlNet's down and middle path
