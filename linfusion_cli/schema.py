@@ -182,6 +182,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("world_size", Optional[int], "Plan for one image over N processes (band parallelism, as "
            "torchrun starts them; --max-vram is then per GPU). Under torchrun: the launcher's process "
            "count.", ("--world-size",), rule=validate.world_size),
+    Option("parallel", Optional[str], "Under torchrun: images (each rank makes whole images, the "
+           "default) or bands (every image over all ranks, band-parallel).", ("--parallel",),
+           rule=validate.parallel, plan=False, commands=("batch",)),
     # what upscale (and api.upscale) set: no flag, no preset key, no batch key
     Option("init_image", Optional[str], path=True, rule=validate.text),
     Option("init_size", Optional[tuple[int, int]]),

@@ -204,6 +204,16 @@ def world_size(value: Any, name: str = "world_size") -> int:
     return value
 
 
+PARALLEL_MODES = ("images", "bands")
+
+
+def parallel(value: Any, name: str = "--parallel") -> str:
+    """How a batch under torchrun uses its ranks: whole images each, or every image over all."""
+    if value not in PARALLEL_MODES:
+        raise ValueRuleError(f"{name} must be images or bands, got {shown(value)}")
+    return value
+
+
 def json_object(path, what: str, error=InputError) -> dict:
     """A JSON file that must hold an object (configs): anything else is one `error` line."""
     text = read_bounded(path, what, error=error)  # a regular file of at most a few MiB

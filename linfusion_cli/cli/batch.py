@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from .. import api, distributed
+from .. import api, distributed, validate
 from ..errors import InputError, LinfusionError, OutputError
 from ..parallel import GroupError
 from ..io.manifest import Manifest, check_manifest_path, same_settings
@@ -92,13 +92,11 @@ def batch(
     file: Annotated[str, typer.Argument(help="Prompt file (text, JSON Lines or A1111 lines), or - for stdin.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Output folder (default: the current one); file names from --name or a line's output; paths printed as given.")] = ".",
     name: Template = None,
-    parallel: Annotated[str, typer.Option("--parallel", help="Under torchrun: images (each rank makes whole images, the default) or bands (every image over all ranks, band-parallel).")] = "images",
     *, opts: GenerationOptions,
 ) -> None:
     """Generate every prompt of a file; the whole file is checked before anything runs."""
     world = distributed.current()
-    if parallel not in ("images", "bands"):
-        raise InputError(f"--parallel must be images or bands, got {parallel!r}")
+    parallel = validate.parallel(opts.parallel if opts.parallel is not None else "images")
     together = parallel == "bands" and world.distributed  # every image over every rank
 
     file, output = (file if file == "-" else expand(file)), expand(output)
