@@ -136,6 +136,7 @@ EXAMPLES = [
      lambda c: c.split(" && ")[-1] + AS_DRY_RUN, check_headline),
     ("python -m venv .venv && . .venv/bin/activate && pip install torch",
      None, "installs packages and runs this test suite itself"),
+    ("python -m pytest -q --full-grid -m full_grid", None, "runs the full memory-knob grids (CI does, once)"),
     ('linfusion generate "a lighthouse at dusk" --res 16384', str, check_plan_16k),
     ('linfusion generate "a lighthouse at dusk" --res 8192', str, check_plan_json),
     ('linfusion generate "a lighthouse at dusk" --model demo --res 2048', str, check_generate),
