@@ -15,6 +15,21 @@ def tiny_unet(family: str = "sd15", seed: int = 0):
     return UNet2DConditionModel(**UNET_CONFIGS[family]).eval()
 
 
+def linfusion_unet(family: str = "sd15"):
+    """A tiny UNet with LinFusion layers whose nonlinear projections are not zero."""
+    from linfusion_cli.attention import apply_linfusion
+
+    unet = tiny_unet(family)
+    apply_linfusion(unet)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in unet.modules():
+            if hasattr(m, "to_q_"):
+                for p in list(m.to_q_.parameters()) + list(m.to_k_.parameters()):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return unet
+
+
 def unet_inputs(unet, height: int = 16, width: int = 16, batch: int = 2, seed: int = 1):
     """Random (sample, timestep, context, added_cond_kwargs) for a UNet forward."""
     g = torch.Generator().manual_seed(seed)

@@ -9,13 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from linfusion_cli.attention import apply_linfusion
 from linfusion_cli.bands.rows import Full, Moments, band_ranges, conv_rows, normed
 from linfusion_cli.bands.unet import banded_forward
 from linfusion_cli.pipeline.knobs import apply_knobs, read_knobs
 from linfusion_cli.planning.memory.planner import MemoryPlan
 
-from ..model_helpers import tiny_unet, unet_inputs
+from ..model_helpers import linfusion_unet, tiny_unet, unet_inputs
 
 TOL = 1e-5
 
@@ -24,22 +23,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def _linfusion_unet(family: str):
-    """A tiny UNet with LinFusion layers whose nonlinear projections are not zero."""
-    unet = tiny_unet(family)
-    apply_linfusion(unet)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for m in unet.modules():
-            if hasattr(m, "to_q_"):
-                for p in list(m.to_q_.parameters()) + list(m.to_k_.parameters()):
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return unet
-
-
 @pytest.fixture(scope="module")
 def unets():
-    return {family: _linfusion_unet(family) for family in ("sd15", "sd21", "sdxl")}
+    return {family: linfusion_unet(family) for family in ("sd15", "sd21", "sdxl")}
 
 
 # ---------------------------------------------------------------- pure pieces
@@ -143,7 +129,7 @@ def test_lora_and_ip_adapter_tokens_go_through_the_bands(unets, tmp_path):
     from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
     from peft import LoraConfig, inject_adapter_in_model
 
-    unet = _linfusion_unet("sd15")
+    unet = linfusion_unet("sd15")
     config = LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
                         target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2",
                                         "proj_in", "ff.net.2"])

@@ -47,20 +47,12 @@ def _models():
     from diffusers import ControlNetModel
 
     from linfusion_cli.adapters.controlnet import prepare_controlnet
-    from linfusion_cli.attention import apply_linfusion
 
-    from ..model_helpers import tiny_unet
+    from ..model_helpers import linfusion_unet
 
     out = {}
     for family in ("sd15", "sdxl"):
-        unet = tiny_unet(family)
-        apply_linfusion(unet)
-        g = torch.Generator().manual_seed(5)
-        with torch.no_grad():
-            for m in unet.modules():
-                if hasattr(m, "to_q_"):
-                    for p in list(m.to_q_.parameters()) + list(m.to_k_.parameters()):
-                        p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        unet = linfusion_unet(family)
         torch.manual_seed(3)
         net = ControlNetModel.from_unet(type(unet).from_config(unet.config)).eval()
         with torch.no_grad():
