@@ -235,7 +235,7 @@ def _start_group(world: World) -> None:
         raise InputError(f"WORLD_SIZE={world.size} is set but {' and '.join(missing)} "
                          f"{'is' if len(missing) == 1 else 'are'} not: start the batch with torchrun "
                          "or accelerate launch, or unset WORLD_SIZE and RANK")
-    timeout = _env_float(GROUP_TIMEOUT_ENV, GROUP_TIMEOUT_S)
+    timeout = env_seconds(GROUP_TIMEOUT_ENV, GROUP_TIMEOUT_S)
     try:
         dist.init_process_group("gloo", rank=world.rank, world_size=world.size,
                                 timeout=datetime.timedelta(seconds=timeout))
@@ -247,7 +247,8 @@ def _start_group(world: World) -> None:
     world.owns_group = True
 
 
-def _env_float(name: str, default: float) -> float:
+def env_seconds(name: str, default: float) -> float:
+    """Seconds from an environment variable (default when unset); InputError unless in (0, 86400)."""
     value = os.environ.get(name)
     if value in (None, ""):
         return default

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
 
 import torch
 import torch.distributed as dist
 
-from ..errors import InputError
+from ..distributed import env_seconds
 from .comm import BandGroup
 
 TIMEOUT_ENV = "LINFUSION_GROUP_TIMEOUT"  # as at start-up (distributed.py): seconds a rank waits
@@ -24,19 +23,10 @@ def active() -> BandGroup | None:
     return _active
 
 
-def timeout_s(environ=None) -> float:
+def timeout_s() -> float:
     """Seconds a rank waits for its peers at any message before the run stops (InputError if the
     variable is not seconds in (0, 86400))."""
-    value = (os.environ if environ is None else environ).get(TIMEOUT_ENV)
-    if value in (None, ""):
-        return TIMEOUT_S
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not 0 < seconds < 86400:
-        raise InputError(f"{TIMEOUT_ENV}={value!r} in the environment must be seconds in (0, 86400)")
-    return seconds
+    return env_seconds(TIMEOUT_ENV, TIMEOUT_S)
 
 
 def make_group(rank: int, size: int, device: torch.device | str) -> BandGroup:
