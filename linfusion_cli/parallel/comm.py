@@ -72,6 +72,26 @@ class BandGroup:
                                                           self.rank))
         return self._layouts[key]
 
+    def split(self, parts) -> Level:
+        """The communicator of one map whose rows are split as parts[rank] = (a, b), contiguous in
+        rank order (the tiled VAE's latent-resolution bands, cut along its tile rows)."""
+        return Level(self, tuple(map(tuple, parts)))
+
+    def gather_rows(self, local: torch.Tensor, parts, kind: str) -> torch.Tensor:
+        """Every rank's rows (h_q, ...) of a map split along dim 0 as `parts`, as the whole map
+        (H, ...): received into one buffer, then closed up where bands are shorter than the
+        longest (no second whole copy)."""
+        most = max(b - a for a, b in parts)
+        buf = local.new_empty(self.size * most, *local.shape[1:])
+        mine = local
+        if local.shape[0] < most:
+            mine = local.new_zeros(most, *local.shape[1:])
+            mine[:local.shape[0]] = local
+        self.sent[kind] += mine.numel() * mine.element_size()
+        with _peers():
+            dist.all_gather(list(buf.split(most)), mine.contiguous(), group=self.pg)
+        return _close_up(buf, most, parts)
+
     def barrier(self) -> None:
         """Every rank has come this far (within the group's timeout)."""
         with _peers():
@@ -107,6 +127,16 @@ class BandGroup:
             with _peers():
                 for work in dist.batch_isend_irecv(ops):
                     work.wait()
+
+
+def _close_up(buf: torch.Tensor, most: int, parts) -> torch.Tensor:
+    """buf's rank-q piece (rows q * most ...) moved to the map's rows of q, in place: (H, ...)."""
+    at = 0
+    for q, (a, b) in enumerate(parts):
+        if at != q * most:  # moves up: the rows it overwrites are already in place or unused
+            buf[at:at + b - a] = buf[q * most:q * most + b - a].clone()
+        at += b - a
+    return buf[:at]
 
 
 class GroupLayout:
@@ -178,6 +208,10 @@ class Level:
         state.kv.copy_(flat[:n].view_as(state.kv))
         state.k_sum.copy_(flat[n:].view_as(state.k_sum))
         state.count = n_total
+
+    def gather(self, local: torch.Tensor, kind: str = "gather") -> torch.Tensor:
+        """Every rank's band (h_q, ...) (rows along dim 0) as the whole map (H, ...)."""
+        return self.group.gather_rows(local, self.parts, kind)
 
     def tokens(self, local: int) -> int:
         """The whole map's token count from this rank's (rows x width)."""

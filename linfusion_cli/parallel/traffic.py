@@ -30,6 +30,12 @@ class CountingGroup(BandGroup):
         return local.new_zeros(local.shape[0], local.shape[1], level.height, local.shape[3])
 
 
+    def gather_rows(self, local: torch.Tensor, parts, kind: str) -> torch.Tensor:
+        most = max(b - a for a, b in parts)
+        self.sent[kind] += most * local[:1].numel() * local.element_size()
+        return local.new_zeros(self.size * most, *local.shape[1:])[:parts[-1][1]]
+
+
 def ring_bytes(sent: dict, size: int) -> dict:
     """Payloads as bytes a rank puts on the wire with ring collectives (NCCL's): an all-reduce
     sends 2 (N - 1) / N of its buffer, an all-gather N - 1 copies of the rank's piece; point to

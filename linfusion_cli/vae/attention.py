@@ -39,16 +39,20 @@ def _check(attn) -> None:
 
 
 def mid_attention(attn, x: torch.Tensor, *, token_limit: int, window: int = 128,
-                  overlap: int = 32, band_rows: int = 0) -> tuple[torch.Tensor, bool]:
+                  overlap: int = 32, band_rows: int = 0, comm=None) -> tuple[torch.Tensor, bool]:
     """diffusers' AttnProcessor2_0 on x (1, C, H, W); returns (out, exact).
 
     Up to `token_limit` tokens it is the exact global attention (query-chunked). Beyond, each
     `window`^2 block (cores overlapping by `overlap`, cropped) attends only to itself, and its
     q/k/v are projected per window so no whole-map q/k/v ever exist. With band_rows > 0 the
     windows are normalised on demand (`_windowed_banded`): no whole normalised copy either.
+    With a band-parallel `comm` (linfusion_cli.parallel, handed in), x and the output are this
+    rank's rows [comm.a, comm.b) of a map comm.height rows tall: see `_shared`.
     """
     _check(attn)
     b, c, h, w = x.shape
+    if comm is not None:
+        return _shared(attn, x, token_limit, window, overlap, band_rows or h, comm)
     exact = h * w <= token_limit
     if band_rows > 0 and not exact:
         return _windowed_banded(attn, x, window, overlap, band_rows), False
@@ -64,19 +68,23 @@ def mid_attention(attn, x: torch.Tensor, *, token_limit: int, window: int = 128,
     return out / attn.rescale_output_factor, exact
 
 
+def _heads(attn, t: torch.Tensor) -> torch.Tensor:
+    """(B, N, inner) -> (B, heads, N, d), a view."""
+    return t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+
+
+def _merge(attn, o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """SDPA's (B, heads, N, d) through the output projection: (B, N, C)."""
+    o = o.transpose(1, 2).reshape(o.shape[0], -1, o.shape[1] * o.shape[3]).to(dtype)
+    return attn.to_out[1](attn.to_out[0](o))
+
+
 def _attend(attn, hs: torch.Tensor) -> torch.Tensor:
     """Projections, query-chunked SDPA and the output projection: (B, N, C) -> (B, N, C)."""
-    b = hs.shape[0]
     q, k, v = attn.to_q(hs), attn.to_k(hs), attn.to_v(hs)  # (B, N, inner)
-    d = k.shape[-1] // attn.heads
-
-    def split(t):  # (B, N, inner) -> (B, heads, N, d)
-        return t.view(b, -1, attn.heads, d).transpose(1, 2)
-
-    o = _sdpa_chunked(split(q), split(k), split(v))  # (B, heads, N, d)
+    o = _sdpa_chunked(_heads(attn, q), _heads(attn, k), _heads(attn, v))  # (B, heads, N, d)
     del q, k, v
-    o = o.transpose(1, 2).reshape(b, -1, attn.heads * d).to(hs.dtype)
-    return attn.to_out[1](attn.to_out[0](o))
+    return _merge(attn, o, hs.dtype)
 
 
 def _windowed(attn, hs, b, h, w, window, overlap):
@@ -93,25 +101,93 @@ def _windowed(attn, hs, b, h, w, window, overlap):
     return out.view(b, h * w, c)
 
 
-def _windowed_banded(attn, x: torch.Tensor, window: int, overlap: int, rows: int) -> torch.Tensor:
+def _affine(attn, x: torch.Tensor, rows: int, comm=None):
+    """The attention's GroupNorm as (scale, shift) from band moments (every rank's, with comm)."""
+    if attn.group_norm is None:
+        return None
+    return group_norm_affine(attn.group_norm, Full(x), band_ranges(x.shape[2], rows), comm)
+
+
+def _windowed_banded(attn, x: torch.Tensor, window: int, overlap: int, rows: int,
+                     comm=None) -> torch.Tensor:
     """`_windowed` plus the residual, holding only x, the output map and one window: GroupNorm
-    from band moments, each window normalised when it is attended. x: (B, C, H, W)."""
+    from band moments, each window normalised when it is attended. x: (B, C, H, W).
+    With comm, x is a rank's band: it runs the windows whose cores meet the band and writes
+    their cores' rows in it, reading the windows' other rows from the neighbours (one halo)."""
     b, c, h, w = x.shape
-    affine = None
-    if attn.group_norm is not None:
-        affine = group_norm_affine(attn.group_norm, Full(x), band_ranges(h, rows))
+    start, height = (0, h) if comm is None else (comm.a, comm.height)
+    windows = tile_grid(height, w, max(1, window - overlap), overlap // 2)
+    affine = _affine(attn, x, rows, comm)
+    mine = [t for t in windows if t.y.core0 < start + h and t.y.core1 > start]
+    src = Full(x)
+    if comm is not None:  # the same halo on every rank (each works out what the others need)
+        src = comm.halo(src, *window_halo(windows, comm.parts))
     out = torch.empty_like(x)  # (B, C, H, W), the residual sum in place
-    for tile in tile_grid(h, w, max(1, window - overlap), overlap // 2):
-        ys, xs = tile.window_slices()
+    for tile in mine:
+        xs = tile.window_slices()[1]
         hh, ww = tile.y.win_len, tile.x.win_len
-        hs = x[:, :, ys, xs] if affine is None else normed(x[:, :, ys, xs], affine)
+        hs = src.rows(tile.y.win0 - start, tile.y.win1 - start)[:, :, :, xs]
+        hs = hs if affine is None else normed(hs, affine)
         hs = hs.permute(0, 2, 3, 1).reshape(b, hh * ww, c)  # (B, n, C)
         o = _attend(attn, hs).view(b, hh, ww, c)
         del hs
-        (cy, cx), (oy, ox) = tile.crop_slices(), tile.core_slices()
-        o = o[:, cy, cx].permute(0, 3, 1, 2)  # (B, C, core h, core w)
+        y0, y1 = max(tile.y.core0, start), min(tile.y.core1, start + h)  # the core's rows in the band
+        oy, ox = slice(y0 - start, y1 - start), tile.core_slices()[1]
+        o = o[:, y0 - tile.y.win0:y1 - tile.y.win0, tile.crop_slices()[1]].permute(0, 3, 1, 2)
         if attn.residual_connection:
             o = o + x[:, :, oy, ox]
-        out[:, :, oy, ox] = o / attn.rescale_output_factor
+        out[:, :, oy, ox] = o / attn.rescale_output_factor  # (B, C, core rows, core w)
         del o
     return out
+
+
+def window_halo(windows, parts) -> tuple[int, int]:
+    """(rows above, rows below) a band that the windows meeting it read, the most over every
+    band in `parts`: each rank asks for the same halo, so all of them agree on what to send."""
+    top = bottom = 0
+    for a, b in parts:
+        mine = [t for t in windows if t.y.core0 < b and t.y.core1 > a]
+        top = max(top, a - min(t.y.win0 for t in mine))
+        bottom = max(bottom, max(t.y.win1 for t in mine) - b)
+    return top, bottom
+
+
+def _shared(attn, x: torch.Tensor, token_limit: int, window: int, overlap: int, rows: int,
+            comm) -> tuple[torch.Tensor, bool]:
+    """mid_attention over ranks on this rank's band x (1, C, h, W) of the map: the same windows
+    as one process (windowed), or the band's queries against the whole map's keys and values,
+    which each rank projects for its own rows and all-gathers (exact, 2 C per token)."""
+    if comm.height * x.shape[3] > token_limit:
+        return _windowed_banded(attn, x, window, overlap, rows, comm), False
+    b, c, h, w = x.shape
+    if b != 1:
+        raise ValueError(f"band-parallel VAE attention takes one map, got a batch of {b}")
+    affine = _affine(attn, x, rows, comm)
+    ranges = band_ranges(h, rows)
+
+    def tokens(lo, hi):  # (1, n, C) normalised tokens of band rows [lo, hi)
+        t = x[:, :, lo:hi] if affine is None else normed(x[:, :, lo:hi], affine)
+        return t.permute(0, 2, 3, 1).reshape(1, (hi - lo) * w, c)
+
+    kv = None  # (h, W, 2 inner): this rank's keys and values, then the whole map's
+    for lo, hi in ranges:
+        hs = tokens(lo, hi)
+        part = torch.cat([attn.to_k(hs), attn.to_v(hs)], dim=-1)  # (1, n, 2 inner)
+        if kv is None:
+            kv = part.new_empty(h, w, part.shape[-1])
+        kv[lo:hi] = part.view(hi - lo, w, -1)
+        del hs, part
+    kv = comm.gather(kv).flatten(0, 1)  # (H W, 2 inner)
+    inner = kv.shape[-1] // 2
+    k, v = _heads(attn, kv[None, :, :inner]), _heads(attn, kv[None, :, inner:])
+    out = torch.empty_like(x)
+    for lo, hi in ranges:
+        hs = tokens(lo, hi)
+        o = _merge(attn, _sdpa_chunked(_heads(attn, attn.to_q(hs)), k, v), hs.dtype)  # (1, n, C)
+        del hs
+        o = o.view(1, hi - lo, w, c).permute(0, 3, 1, 2)
+        if attn.residual_connection:
+            o = o + x[:, :, lo:hi]
+        out[:, :, lo:hi] = o / attn.rescale_output_factor
+        del o
+    return out, True

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..bands import blocks as bands
-from ..bands.rows import Full
+from ..bands.rows import Full, conv_rows
 from .attention import mid_attention
 from .norm import GroupStats, Moments, channel_moments, group_norm
 
@@ -88,24 +88,17 @@ def _mid_layers(mid) -> list[nn.Module]:
     return layers
 
 
-def _whole_layer(layer, x: torch.Tensor, token_limit: int, band_rows: int) -> tuple[torch.Tensor, bool]:
+def _whole_layer(layer, x: torch.Tensor, token_limit: int, band_rows: int,
+                 comm=None) -> tuple[torch.Tensor, bool]:
     """One latent-resolution layer (ResnetBlock2D with temb None, or the mid attention) on the
-    whole map: torch's forward, or band by band; returns (out, attention_was_exact)."""
+    whole map: torch's forward, or band by band (over ranks with a band-parallel comm, x then
+    being this rank's band); returns (out, attention_was_exact)."""
     if not hasattr(layer, "conv1"):
-        return mid_attention(layer, x, token_limit=token_limit, band_rows=band_rows)
-    if band_rows <= 0:
+        return mid_attention(layer, x, token_limit=token_limit, band_rows=band_rows, comm=comm)
+    if band_rows <= 0 and comm is None:
         return layer(x, None), True
     _check_resnet(layer)
-    return bands.resnet(layer, Full(x), None, band_rows), True
-
-
-def mid_block(mid, x: torch.Tensor, token_limit: int, band_rows: int = 0) -> tuple[torch.Tensor, bool]:
-    """UNetMidBlock2D.forward on the whole map; returns (out, attention_was_exact)."""
-    exact = True
-    for layer in _mid_layers(mid):  # the loop in the frame that owns x (see encoder_whole)
-        x, ok = _whole_layer(layer, x, token_limit, band_rows)
-        exact = exact and ok
-    return x, exact
+    return bands.resnet(layer, Full(x), None, band_rows or x.shape[2], comm), True
 
 
 # ---------------------------------------------------------------- decoder
@@ -121,18 +114,24 @@ def decoder_split(dec) -> int:
     raise ValueError("decoder never upsamples: nothing to tile")
 
 
-def decoder_whole(vae, z: torch.Tensor, token_limit: int,
-                  band_rows: int = 0) -> tuple[torch.Tensor, bool]:
+def decoder_whole(vae, z: torch.Tensor, token_limit: int, band_rows: int = 0,
+                  comm=None) -> tuple[torch.Tensor, bool]:
     """Latent-resolution part of the decode on the whole latent z (1, 4, h, w) -> (1, C, h, w);
-    band by band (band_rows latent rows) when band_rows > 0."""
+    band by band (band_rows latent rows) when band_rows > 0. With a band-parallel comm (handed
+    in by tiled.py) only this rank's rows [comm.a, comm.b) come out: (1, C, b - a, w)."""
     dec = vae.decoder
     if vae.post_quant_conv is not None:
         z = vae.post_quant_conv(z)  # 4 -> 4 channels, 1x1: as is
     layers = _mid_layers(dec.mid_block)
     layers += [r for blk in dec.up_blocks[:decoder_split(dec) + 1] for r in blk.resnets]
-    x, exact = dec.conv_in(z), True  # (1, C, h, w)
+    if comm is None:
+        x = dec.conv_in(z)  # (1, C, h, w)
+    else:  # every rank holds the whole (4-channel) latent: its band's conv rows need no message
+        x = conv_rows(dec.conv_in, Full(z), comm.a, comm.b)  # (1, C, b - a, w)
+    del z
+    exact = True
     for layer in layers:
-        x, ok = _whole_layer(layer, x, token_limit, band_rows)
+        x, ok = _whole_layer(layer, x, token_limit, band_rows, comm)
         exact = exact and ok
     return x, exact
 
@@ -181,20 +180,22 @@ def encoder_tile(vae, x: torch.Tensor, ctx: TileCtx):
     return t.pop("x")
 
 
-def encoder_whole(vae, x: torch.Tensor, token_limit: int,
-                  band_rows: int = 0) -> tuple[torch.Tensor, bool]:
+def encoder_whole(vae, x: torch.Tensor, token_limit: int, band_rows: int = 0,
+                  comm=None) -> tuple[torch.Tensor, bool]:
     """Latent-resolution rest of the encode on the whole map -> moments (1, 2*4, h, w); band by
-    band when band_rows > 0. Pass x without keeping a reference (tiled.py pops it from a dict):
+    band when band_rows > 0; with a band-parallel comm, x and the moments are this rank's rows.
+    Pass x without keeping a reference (tiled.py pops it from a dict):
     it can then be freed after the first layer. The layer loop runs here, in the one frame that
     holds the running map (a helper called with x would keep each input alive to its end)."""
     enc = vae.encoder
     layers = [r for blk in enc.down_blocks[encoder_split(enc) + 1:] for r in blk.resnets]
     exact = True
     for layer in layers + _mid_layers(enc.mid_block):
-        x, ok = _whole_layer(layer, x, token_limit, band_rows)
+        x, ok = _whole_layer(layer, x, token_limit, band_rows, comm)
         exact = exact and ok
-    if band_rows > 0:  # (1, 2*4, h, w): small beside the input map
-        x = bands.head(enc.conv_norm_out, enc.conv_act, enc.conv_out, x, band_rows)
+    if band_rows > 0 or comm is not None:  # (1, 2*4, h, w): small beside the input map
+        x = bands.head(enc.conv_norm_out, enc.conv_act, enc.conv_out, x, band_rows or x.shape[2],
+                       comm)
     else:
         x = enc.conv_out(enc.conv_act(enc.conv_norm_out(x)))
     if vae.quant_conv is not None:

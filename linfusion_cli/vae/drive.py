@@ -77,8 +77,6 @@ def run_recording(gen) -> tuple[object, list[GroupStats]]:
     return out, record
 
 
-
-
 def shared_pool(group):
     """pool() over every rank's tiles: each rank's moment sums, all-reduced through `group`
     (a parallel.BandGroup, handed in) before the group stats are formed."""
@@ -99,8 +97,8 @@ def run_tiles(tiles: list[Tile], start: Callable, write: Callable, *, stats: lis
     `start(tile, ctx)` returns the tile's generator (blocks.decoder_tile/encoder_tile on its
     window); `write(tile, result)` stores each finished tile's core; `on_tile(done, total)`
     counts them. Returns the GroupNorm rounds of the lock step (None with fixed stats).
-    group (parallel.BandGroup): this rank runs tiles rank, rank + N, ... and the lock step pools
-    the moments of every rank's tiles (each rank then holds only its tiles' results).
+    group (parallel.BandGroup, handed in): `tiles` are this rank's share, and the lock step pools
+    the moments of every rank's tiles (every rank has some, all with the same GroupNorms).
     """
     done = 0
 
@@ -114,12 +112,11 @@ def run_tiles(tiles: list[Tile], start: Callable, write: Callable, *, stats: lis
         write(tiles[i], result)
         done += 1
         if on_tile:
-            on_tile(done, len(mine))
+            on_tile(done, len(tiles))
 
-    mine = range(len(tiles)) if group is None else range(group.rank, len(tiles), group.size)
     if stats is None:
-        return run_lockstep(((i, job(i)) for i in mine), finish,
+        return run_lockstep(((i, job(i)) for i in range(len(tiles))), finish,
                             pool if group is None else shared_pool(group))
-    for i in mine:
+    for i in range(len(tiles)):
         finish(i, run_fixed(job(i), stats))
     return None

@@ -36,6 +36,13 @@ plan's band_rows knob): the same result (fp32 ~1e-6), but only a layer's input a
 plus one band of `band_rows` latent rows are alive, and windowed attention normalises each
 window on demand (exact global attention keeps its whole q/k/v).
 
+Over a band-parallel group (linfusion_cli.parallel, handed in as `group`) the ranks share one
+decode or encode: rank r takes a run of whole tile rows, runs the latent-resolution layers on
+the band of latent rows their cores cover (conv halos from its neighbours, GroupNorm moments
+and, for exact attention, keys and values gathered from every rank), then its tiles, pooling
+their moments with the other ranks'. So each rank holds about 1/N of the latent-resolution
+maps; one all-gather puts the image's rows (or the latent's) together on every rank.
+
 Decode and encode share one driver (drive.run_tiles); each reports what it did as one
 TileReport, passed to `on_report` when it is done.
 """
@@ -54,11 +61,12 @@ import torch.nn.functional as F
 from ..hostmem import vae_park_budget
 from ..tuning import DECODER_CONTEXT, ENCODER_CONTEXT, STATS_PX  # shared with the planner
 from .attention import default_token_limit
+from ..bands.rows import Full
 from .blocks import TileCtx, decoder_split, decoder_tile, decoder_whole, encoder_split, \
     encoder_tile, encoder_whole
 from .drive import run_recording, run_tiles
 from .pixels import as_uint8_image, preprocess, to_uint8
-from .tiles import choose_tile_px, downscaled_size, tile_grid
+from .tiles import Tile, band_of, choose_tile_px, downscaled_size, rank_tiles, tile_grid
 from .working_set import exact_working_set
 
 log = logging.getLogger(__name__)
@@ -78,6 +86,7 @@ class TileReport:
     budget_bytes: int | None = None  # tiled: the host budget it was compared with
     gn_rounds: int | None = None  # exact mode: GroupNorm rounds of the lock step
     band_rows: int | None = None  # tiled: latent rows per band of the whole-latent part (None: off)
+    ranks: int | None = None  # processes that shared it (band parallelism; None: one)
 
     def to_dict(self) -> dict:
         """The fields that apply (None ones left out), JSON-safe."""
@@ -133,10 +142,36 @@ def _untiled(result, on_tile) -> tuple[object, TileReport]:
     return result, TileReport(tile_px=0, mode="untiled", tiles=1, attention="exact")
 
 
-def _window(feat: torch.Tensor, t, device) -> torch.Tensor:
-    """The tile's window (1, C, wh, ww) of the whole latent-resolution map, on `device`."""
-    ys, xs = t.window_slices()
-    return feat[:, :, ys, xs].to(device).contiguous()
+def _window(feat: torch.Tensor, t, device, origin: int = 0) -> torch.Tensor:
+    """The tile's window (1, C, wh, ww) of the latent-resolution map (whose first row is the
+    map's row `origin`), on `device`."""
+    xs = t.window_slices()[1]
+    return feat[:, :, t.y.win0 - origin:t.y.win1 - origin, xs].to(device).contiguous()
+
+
+@dataclass(frozen=True)
+class _Share:
+    """This rank's part of a decode or encode that the ranks of a band-parallel group share."""
+
+    comm: object  # the latent-resolution bands' communicator (group.split; vae never imports parallel)
+    tiles: list[Tile]  # this rank's tiles: whole tile rows
+    band: tuple[int, int]  # its latent rows [a, b), the union of its tiles' cores
+    context: tuple[int, int]  # rows above / below any band that its tiles' windows read
+
+
+def _share(group, h: int, w: int, tile: int, context: int) -> _Share | None:
+    """How `group`'s ranks share an h x w latent map in tiles of `tile` latent px: each runs its
+    band of the latent-resolution part and the tiles over it (None: one process, or fewer latent
+    rows than ranks, when every rank runs everything)."""
+    if group is None or group.size <= 1:
+        return None
+    per_rank = rank_tiles(h, w, tile, context, group.size)
+    if len(per_rank) == 1:
+        return None
+    parts = [band_of(ts) for ts in per_rank]
+    top = max(a - min(t.y.win0 for t in ts) for (a, _), ts in zip(parts, per_rank))
+    bottom = max(max(t.y.win1 for t in ts) - b for (_, b), ts in zip(parts, per_rank))
+    return _Share(group.split(parts), per_rank[group.rank], parts[group.rank], (top, bottom))
 
 
 # ---------------------------------------------------------------- decode
@@ -145,8 +180,8 @@ def decode(vae, latents: torch.Tensor, *, tile_px: int | None = None, mode: str 
            stats_px: int = STATS_PX, host_budget: int | None = None,
            on_report: OnReport | None = None, band_rows: int = 0, group=None) -> np.ndarray:
     """Decode ONE scaled latent (1, 4, h, w) to uint8 (8h, 8w, 3), tiled with shared GN stats
-    (band_rows > 0: the whole-latent part band by band, tiled decodes only; group: the tiles
-    shared out among its ranks, see _shared)."""
+    (band_rows > 0: the whole-latent part band by band, tiled decodes only; group: a
+    parallel.BandGroup whose ranks share a tiled decode, see _share)."""
     if latents.ndim != 4 or latents.shape[0] != 1:
         raise ValueError(f"decode takes one latent (1, C, h, w), got {tuple(latents.shape)}")
     device, dtype, _ = _where(vae)
@@ -168,43 +203,49 @@ def decode(vae, latents: torch.Tensor, *, tile_px: int | None = None, mode: str 
     return out
 
 
-def _shared(group, tiles):
-    """The group that shares out these tiles: None (every rank runs them all) when there are
-    fewer tiles than ranks or no group. Ranks then hold only their tiles' cores, zeros elsewhere,
-    and one all-reduce (a sum with zeros: exact) gives every rank the whole result."""
-    return group if group is not None and group.size > 1 and len(tiles) >= group.size else None
-
-
 def _decode_tiled(vae, z, tile_px, mode, on_tile, context, limit, stats_px,
                   host_budget, band_rows=0, group=None) -> tuple[np.ndarray, TileReport]:
-    """The whole-map latent-resolution layers once, then the tiled up path into a uint8 image."""
+    """The whole-map latent-resolution layers once, then the tiled up path into a uint8 image;
+    over a group, each rank its band of both and one all-gather of the image's rows."""
     device, dtype, park = _where(vae)
     f = _factor(vae)
     h, w = z.shape[-2:]
-    tiles = tile_grid(h, w, max(1, tile_px // f), context)
+    tile = max(1, tile_px // f)
     decoder_split(vae.decoder)  # refuses decoders the tiled path cannot run
+    share = _share(group, h, w, tile, context)
+    tiles = tile_grid(h, w, tile, context) if share is None else share.tiles
     need = exact_working_set(dict(vae.config), width=w * f, height=h * f, tile_px=tile_px,
-                             decoder=True, itemsize=torch.finfo(dtype).bits // 8, context=context)
+                             decoder=True, itemsize=torch.finfo(dtype).bits // 8, context=context,
+                             ranks=group.size if share else 1)
     mode, budget = _pick_mode(mode, need, host_budget)
-    feat, exact = decoder_whole(vae, z, limit, band_rows)  # (1, C, h, w)
+    a, b = (0, h) if share is None else share.band
+    comm = None if share is None else share.comm
+    feat, exact = decoder_whole(vae, z, limit, band_rows, comm)  # (1, C, b - a, w)
+    origin = a
+    if comm is not None:  # with the rows above and below that its tiles' windows read
+        src = comm.halo(Full(feat), *share.context)
+        origin -= src.above
+        feat = torch.cat([t.to(park or device) for t in (src.top, feat, src.bottom)], dim=2)
+        del src
     attention = _attention(exact, limit)
     stats = _decoder_stats(vae, z, stats_px, limit) if mode == "estimated" else None
     if park is not None:
         feat = feat.to(park)
-    group = _shared(group, tiles)
-    out = (np.empty if group is None else np.zeros)((h * f, w * f, 3), dtype=np.uint8)
+    out = np.empty(((b - a) * f, w * f, 3), dtype=np.uint8)  # this rank's rows of the image
 
     def write(t, img):  # img: (1, 3, 8 win_h, 8 win_w)
         cy, cx = t.crop_slices(f)
         ys, xs = t.core_slices(f)
-        out[ys, xs] = to_uint8(img[:, :, cy, cx])
+        out[ys.start - a * f:ys.stop - a * f, xs] = to_uint8(img[:, :, cy, cx])
 
-    rounds = run_tiles(tiles, lambda t, ctx: decoder_tile(vae, _window(feat, t, device), ctx), write,
-                       stats=stats, park=park, on_tile=on_tile, group=group)
-    if group is not None:  # (8h, 8w, 3) uint8: each pixel from the one rank that decoded it
-        group.all_reduce(torch.from_numpy(out).view(-1), "vae")
+    rounds = run_tiles(tiles, lambda t, ctx: decoder_tile(vae, _window(feat, t, device, origin), ctx),
+                       write, stats=stats, park=park, on_tile=on_tile,
+                       group=None if comm is None else group)
+    if comm is not None:  # (8h, 8w, 3) uint8: every rank's rows, each decoded by one rank
+        rows = [(p * f, q * f) for p, q in comm.parts]
+        out = group.gather_rows(torch.from_numpy(out), rows, "vae").numpy()
     return out, TileReport(tile_px, mode, len(tiles), attention, need, budget, rounds,
-                           band_rows or None)
+                           band_rows or None, group.size if share else None)
 
 
 def _decoder_stats(vae, z: torch.Tensor, long_side: int, limit: int):
@@ -258,18 +299,23 @@ def encode(vae, image, *, tile_px: int | None = None, generator: torch.Generator
 
 def _encode_tiled(vae, arr, tile_px, mode, on_tile, context, limit, stats_px,
                   host_budget, band_rows=0, group=None) -> tuple[torch.Tensor, TileReport]:
-    """The tiled down path into a whole latent-resolution map, then the whole-map rest once."""
+    """The tiled down path into a latent-resolution map, then the whole-map rest once; over a
+    group, each rank its band of both and one all-gather of the (8-channel) moments."""
     device, dtype, park = _where(vae)
     f = _factor(vae)
     h, w = arr.shape[0] // f, arr.shape[1] // f
-    tiles = tile_grid(h, w, max(1, tile_px // f), context)
+    tile = max(1, tile_px // f)
     encoder_split(vae.encoder)  # refuses encoders the tiled path cannot run
+    share = _share(group, h, w, tile, context)
+    tiles = tile_grid(h, w, tile, context) if share is None else share.tiles
     need = exact_working_set(dict(vae.config), width=w * f, height=h * f, tile_px=tile_px,
-                             decoder=False, itemsize=torch.finfo(dtype).bits // 8, context=context)
+                             decoder=False, itemsize=torch.finfo(dtype).bits // 8, context=context,
+                             ranks=group.size if share else 1)
     mode, budget = _pick_mode(mode, need, host_budget)
     stats = _encoder_stats(vae, arr, stats_px, device, dtype) if mode == "estimated" else None
-    held: dict[str, torch.Tensor] = {}  # "feat": (1, C, h, w), allocated by the first tile
-    group = _shared(group, tiles)
+    a, b = (0, h) if share is None else share.band
+    comm = None if share is None else share.comm
+    held: dict[str, torch.Tensor] = {}  # "feat": (1, C, b - a, w), allocated by the first tile
 
     def start(t, ctx):
         ys, xs = t.window_slices(f)
@@ -277,19 +323,19 @@ def _encode_tiled(vae, arr, tile_px, mode, on_tile, context, limit, stats_px,
 
     def write(t, x):  # x: (1, C, win_h, win_w)
         if "feat" not in held:
-            held["feat"] = (torch.empty if group is None else torch.zeros)(
-                (1, x.shape[1], h, w), dtype=x.dtype, device=device)
+            held["feat"] = torch.empty((1, x.shape[1], b - a, w), dtype=x.dtype, device=device)
         cy, cx = t.crop_slices()
         ys, xs = t.core_slices()
-        held["feat"][:, :, ys, xs] = x[:, :, cy, cx]
+        held["feat"][:, :, ys.start - a:ys.stop - a, xs] = x[:, :, cy, cx]
 
-    rounds = run_tiles(tiles, start, write, stats=stats, park=park, on_tile=on_tile, group=group)
-    if group is not None:  # every rank wrote its tiles' cores: the sum is the whole map
-        group.all_reduce(held["feat"].view(-1), "vae")
+    rounds = run_tiles(tiles, start, write, stats=stats, park=park, on_tile=on_tile,
+                       group=None if comm is None else group)
     # popped: no reference here, so the banded path frees the map after its first layer
-    moments, exact = encoder_whole(vae, held.pop("feat"), limit, band_rows)  # (1, 8, h, w)
+    moments, exact = encoder_whole(vae, held.pop("feat"), limit, band_rows, comm)  # (1, 8, b - a, w)
+    if comm is not None:  # every rank's rows: the whole (1, 8, h, w)
+        moments = comm.gather(moments[0].transpose(0, 1)).transpose(0, 1)[None].contiguous()
     return moments, TileReport(tile_px, mode, len(tiles), _attention(exact, limit), need, budget,
-                               rounds, band_rows or None)
+                               rounds, band_rows or None, group.size if share else None)
 
 
 def _encoder_stats(vae, arr: np.ndarray, long_side: int, device, dtype):

@@ -65,7 +65,11 @@ def split_axis(length: int, tile: int, context: int) -> list[Span]:
     """Cut [0, length) into near-equal cores of at most `tile`, each padded by `context` (clipped)."""
     if length <= 0 or tile <= 0 or context < 0:
         raise ValueError(f"bad axis: length={length} tile={tile} context={context}")
-    n = math.ceil(length / tile)
+    return split_into(length, math.ceil(length / tile), context)
+
+
+def split_into(length: int, n: int, context: int) -> list[Span]:
+    """Cut [0, length) into n near-equal cores (n <= length), each padded by `context` (clipped)."""
     edges = [round(i * length / n) for i in range(n + 1)]
     return [Span(a, b, max(0, a - context), min(length, b + context))
             for a, b in zip(edges[:-1], edges[1:])]
@@ -75,6 +79,25 @@ def tile_grid(height: int, width: int, tile: int, context: int) -> list[Tile]:
     """Row-major tiles covering a height x width map; cores partition it exactly once."""
     return [Tile(y, x) for y in split_axis(height, tile, context)
             for x in split_axis(width, tile, context)]
+
+
+def rank_tiles(height: int, width: int, tile: int, context: int, ranks: int) -> list[list[Tile]]:
+    """Each rank's tiles when `ranks` processes share a map: contiguous runs of whole tile rows
+    (rank r owns a horizontal band, the union of its rows' cores), as many rows per rank: the
+    one-process grid's rows when their number divides evenly, else thinner rows (a multiple of
+    `ranks`). [every tile] (not shared) when ranks <= 1 or the map has fewer rows than ranks."""
+    rows, cols = split_axis(height, tile, context), split_axis(width, tile, context)
+    if ranks <= 1 or height < ranks:
+        return [[Tile(y, x) for y in rows for x in cols]]
+    if len(rows) % ranks:
+        rows = split_into(height, min(height, -(-len(rows) // ranks) * ranks), context)
+    cuts = [r * len(rows) // ranks for r in range(ranks + 1)]
+    return [[Tile(y, x) for y in rows[cuts[r]:cuts[r + 1]] for x in cols] for r in range(ranks)]
+
+
+def band_of(tiles: list[Tile]) -> tuple[int, int]:
+    """(first row, end row) of the band that a rank's tiles' cores cover."""
+    return min(t.y.core0 for t in tiles), max(t.y.core1 for t in tiles)
 
 
 def single_tile(height: int, width: int) -> Tile:

@@ -5,7 +5,7 @@ figure against the modules it runs (tests hold the two equal)."""
 from __future__ import annotations
 
 from ..tuning import DECODER_CONTEXT, ENCODER_CONTEXT
-from .tiles import tile_grid, window_area_sum
+from .tiles import rank_tiles, window_area_sum
 
 
 def _blocks(config: dict, decoder: bool) -> list[tuple[list[tuple[int, int]], bool]]:
@@ -22,15 +22,16 @@ def _blocks(config: dict, decoder: bool) -> list[tuple[list[tuple[int, int]], bo
 
 
 def exact_working_set(config: dict, *, width: int, height: int, tile_px: int, decoder: bool,
-                      itemsize: int, context: int | None = None) -> int:
+                      itemsize: int, context: int | None = None, ranks: int = 1) -> int:
     """Bytes parked at the worst GroupNorm of the tiled path over a width x height image
-    (tiled._working_set's figure): (C_in + C_out) x the windows' area at that resolution."""
+    (tiled._working_set's figure): (C_in + C_out) x the windows' area at that resolution; with
+    `ranks` processes sharing the tiles (vae/tiles.py rank_tiles), the busiest rank's."""
     f = 2 ** (len(config["block_out_channels"]) - 1)  # image px per latent px
     lh, lw = height // f, width // f
     if context is None:
         context = DECODER_CONTEXT if decoder else ENCODER_CONTEXT
-    tiles = tile_grid(lh, lw, max(1, tile_px // f), context)
-    area, blocks = window_area_sum(tiles), _blocks(config, decoder)
+    shares = rank_tiles(lh, lw, max(1, tile_px // f), context, ranks)
+    area, blocks = max(map(window_area_sum, shares)), _blocks(config, decoder)
     if decoder:  # the first upsampling block's resnets run whole; the tiled path starts after it
         split = next(i for i, (_, up) in enumerate(blocks) if up)
         tiled, scale, step, tail = blocks[split + 1:], 2, (lambda s: s * 2), config["block_out_channels"][0]
