@@ -13,6 +13,9 @@ ENCODER_CONTEXT = 6
 STATS_PX = 128
 # VAE mid-block attention runs exactly (globally) up to this many latent tokens, windowed beyond.
 VAE_ATTN_TOKEN_LIMIT = {"cuda": 1024 * 1024, "cpu": 128 * 128}
+# Beyond it, windows of this many latent px a side whose cores overlap by ATTENTION_OVERLAP.
+ATTENTION_WINDOW = 128
+ATTENTION_OVERLAP = 32
 # VAE tile size on the CPU: big tiles buy a GPU fewer launches, a CPU nothing but memory use.
 CPU_VAE_TILE = 1024
 

@@ -18,8 +18,10 @@ class CountingGroup(BandGroup):
         return flat
 
     def exchange(self, sends: dict, recvs: dict) -> None:
-        for t in sends.values():
+        copies = [t.contiguous() for t in sends.values()]  # what BandGroup.exchange hands over
+        for t in copies:
             self.sent["halo"] += t.numel() * t.element_size()
+        del copies
         for t in recvs.values():
             t.zero_()
 

@@ -23,6 +23,7 @@ from .preset_keys import merged_request, name_preset_key
 from ..attention.checkpoint import check_source
 from .. import hostmem, parallel
 from ..hostmem import CPU_PLAN_SHARE_WORDS, cpu_plan_budget, vae_park_budget
+from ..distributed import processes_here
 from ..inputs import expand
 from ..models.loading import resolve_device
 from ..models.resolve import resolve_model, TRAINED_SHORT_SIDE, resolve_linfusion, choose_dtypes, DTYPE_BYTES
@@ -293,15 +294,18 @@ def _host_bytes(plan: GenerationPlan, info, stage, memory) -> int:
 def _vae_modes(plan: GenerationPlan, stage, memory, cpu_budget: int | None) -> dict:
     """The tiled VAE's statistics mode for the stage's decode (and img2img encode), decided here
     so --dry-run shows what runs: exact when its host working set fits the share of host memory
-    the VAE may park in (hostmem.VAE_PARK_SHARE of the CPU plan's budget, else of free RAM)."""
-    host = vae_park_budget(cpu_budget)
+    the VAE may park in (hostmem.VAE_PARK_SHARE of the CPU plan's budget, else of free RAM).
+    Under band parallelism: the busiest rank's tiles against this process's part of that share
+    (the other ranks on this machine park theirs beside it)."""
+    host = vae_park_budget(cpu_budget) // processes_here(plan.world_size)
     config, itemsize = plan.model_info.vae_config, DTYPE_BYTES[plan.vae_dtype]
 
     def mode(decoder: bool) -> str:
         if not memory.vae_tile_px:
             return "untiled"
         need = exact_working_set(config, width=stage.width, height=stage.height,
-                                 tile_px=memory.vae_tile_px, decoder=decoder, itemsize=itemsize)
+                                 tile_px=memory.vae_tile_px, decoder=decoder, itemsize=itemsize,
+                                 ranks=plan.world_size)
         return "exact" if need <= host else "estimated"
 
     return dict(vae_decode_mode=mode(True), vae_encode_mode=mode(False) if stage.strength is not None else "",

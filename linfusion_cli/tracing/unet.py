@@ -25,7 +25,9 @@ from ..runtime import parking
 from ..attention import apply_linfusion
 from ..pipeline.knobs import apply_knobs
 from ..vae import attention
+from ..tuning import DECODER_CONTEXT, ENCODER_CONTEXT
 from ..vae.blocks import decoder_whole, encoder_whole
+from ..vae.tiles import rank_bands
 
 
 class LiveBytes(TorchDispatchMode):
@@ -155,21 +157,30 @@ def _sdpa_output_only():
 
 def trace_vae_whole_bytes(vae_config: dict, *, width: int, height: int, band_rows: int,
                           token_limit: int, encode: bool = False,
-                          dtype: torch.dtype = torch.bfloat16, vae=None) -> int:
+                          dtype: torch.dtype = torch.bfloat16, vae=None, group=None,
+                          tile_px: int = 2048) -> int:
     """Peak live bytes of the tiled VAE's whole-latent part (vae/blocks.py decoder_whole or
     encoder_whole) at (width, height) px, band_rows latent rows per band (0: whole maps).
-    Its input counts: the latent (decode) or the tiled path's latent-resolution map (encode)."""
+    Its input counts: the latent (decode) or the tiled path's latent-resolution map (encode).
+    group (a parallel.traffic.CountingGroup on the meta device): that rank's share, with the
+    bands vae/tiled.py cuts along tiles of `tile_px` (received rows and gathers are real here)."""
     vae = vae if vae is not None else meta_vae(vae_config, dtype)
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     h, w = -(-height // f), -(-width // f)
+    comm, rows = None, h
+    if group is not None:
+        context = ENCODER_CONTEXT if encode else DECODER_CONTEXT
+        parts = rank_bands(h, w, max(1, tile_px // f), context, group.size)
+        comm = group.split(parts)
+        rows = parts[group.rank][1] - parts[group.rank][0]
     mode = LiveBytes()
     with torch.inference_mode(), _sdpa_output_only(), mode:
         if encode:
-            held = {"feat": torch.empty(1, max(vae.config.block_out_channels), h, w,
+            held = {"feat": torch.empty(1, max(vae.config.block_out_channels), rows, w,
                                         dtype=dtype, device="meta")}
-            out, _ = encoder_whole(vae, held.pop("feat"), token_limit, band_rows)
+            out, _ = encoder_whole(vae, held.pop("feat"), token_limit, band_rows, comm)
         else:
             z = torch.empty(1, vae.config.latent_channels, h, w, dtype=dtype, device="meta")
-            out, _ = decoder_whole(vae, z, token_limit, band_rows)
+            out, _ = decoder_whole(vae, z, token_limit, band_rows, comm)
         del out
     return mode.peak

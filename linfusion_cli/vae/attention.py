@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from ..bands.rows import Full, band_ranges, group_norm_affine, normed
-from ..tuning import VAE_ATTN_TOKEN_LIMIT, device_kind
-from .tiles import tile_grid
+from ..tuning import ATTENTION_OVERLAP, ATTENTION_WINDOW, VAE_ATTN_TOKEN_LIMIT, device_kind
+from .tiles import tile_grid, window_halo
 
 _SCORE_BYTES = 256 << 20  # query chunk so that one chunk's scores stay under this
 
@@ -38,8 +38,8 @@ def _check(attn) -> None:
             raise ValueError(f"VAE attention with {name} is not supported by the tiled VAE")
 
 
-def mid_attention(attn, x: torch.Tensor, *, token_limit: int, window: int = 128,
-                  overlap: int = 32, band_rows: int = 0, comm=None) -> tuple[torch.Tensor, bool]:
+def mid_attention(attn, x: torch.Tensor, *, token_limit: int, window: int = ATTENTION_WINDOW,
+                  overlap: int = ATTENTION_OVERLAP, band_rows: int = 0, comm=None) -> tuple[torch.Tensor, bool]:
     """diffusers' AttnProcessor2_0 on x (1, C, H, W); returns (out, exact).
 
     Up to `token_limit` tokens it is the exact global attention (query-chunked). Beyond, each
@@ -139,17 +139,6 @@ def _windowed_banded(attn, x: torch.Tensor, window: int, overlap: int, rows: int
         out[:, :, oy, ox] = o / attn.rescale_output_factor  # (B, C, core rows, core w)
         del o
     return out
-
-
-def window_halo(windows, parts) -> tuple[int, int]:
-    """(rows above, rows below) a band that the windows meeting it read, the most over every
-    band in `parts`: each rank asks for the same halo, so all of them agree on what to send."""
-    top = bottom = 0
-    for a, b in parts:
-        mine = [t for t in windows if t.y.core0 < b and t.y.core1 > a]
-        top = max(top, a - min(t.y.win0 for t in mine))
-        bottom = max(bottom, max(t.y.win1 for t in mine) - b)
-    return top, bottom
 
 
 def _shared(attn, x: torch.Tensor, token_limit: int, window: int, overlap: int, rows: int,

@@ -66,7 +66,8 @@ from .blocks import TileCtx, decoder_split, decoder_tile, decoder_whole, encoder
     encoder_tile, encoder_whole
 from .drive import run_recording, run_tiles
 from .pixels import as_uint8_image, preprocess, to_uint8
-from .tiles import Tile, band_of, choose_tile_px, downscaled_size, rank_tiles, tile_grid
+from .tiles import Tile, band_of, choose_tile_px, downscaled_size, rank_tiles, tile_grid, \
+    window_halo
 from .working_set import exact_working_set
 
 log = logging.getLogger(__name__)
@@ -169,9 +170,8 @@ def _share(group, h: int, w: int, tile: int, context: int) -> _Share | None:
     if len(per_rank) == 1:
         return None
     parts = [band_of(ts) for ts in per_rank]
-    top = max(a - min(t.y.win0 for t in ts) for (a, _), ts in zip(parts, per_rank))
-    bottom = max(max(t.y.win1 for t in ts) - b for (_, b), ts in zip(parts, per_rank))
-    return _Share(group.split(parts), per_rank[group.rank], parts[group.rank], (top, bottom))
+    context_rows = window_halo([t for ts in per_rank for t in ts], parts)  # the tiles' windows
+    return _Share(group.split(parts), per_rank[group.rank], parts[group.rank], context_rows)
 
 
 # ---------------------------------------------------------------- decode

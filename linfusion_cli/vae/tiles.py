@@ -100,6 +100,22 @@ def band_of(tiles: list[Tile]) -> tuple[int, int]:
     return min(t.y.core0 for t in tiles), max(t.y.core1 for t in tiles)
 
 
+def rank_bands(height: int, width: int, tile: int, context: int, ranks: int) -> list[tuple[int, int]]:
+    """Each rank's band of latent rows under rank_tiles ([(0, height)]: not shared)."""
+    return [band_of(ts) for ts in rank_tiles(height, width, tile, context, ranks)]
+
+
+def window_halo(windows: list[Tile], parts) -> tuple[int, int]:
+    """(rows above, rows below) a band that the windows whose cores meet it read, the most over
+    every band in `parts` (so that every rank asks its neighbours for the same halo)."""
+    top = bottom = 0
+    for a, b in parts:
+        mine = [t for t in windows if t.y.core0 < b and t.y.core1 > a]
+        top = max(top, a - min(t.y.win0 for t in mine))
+        bottom = max(bottom, max(t.y.win1 for t in mine) - b)
+    return top, bottom
+
+
 def single_tile(height: int, width: int) -> Tile:
     """The whole map as one tile (core = window)."""
     return Tile(Span(0, height, 0, height), Span(0, width, 0, width))

@@ -170,7 +170,7 @@ class _Estimator:
         self.extra = (est.dilated_pass_bytes(unet_config, latent_h=-(-height // 8),
                                              latent_w=-(-width // 8)) if dilated_pass else 0)
         self.unet_extra = unet_extra  # knobs -> bytes more while the UNet runs (ControlNets)
-        self.w, self.h, self.db = width, height, dtype_bytes
+        self.w, self.h, self.db, self.ranks = width, height, dtype_bytes, world_size
         self.batch = 2 if guidance else 1
         self.linfusion, self.device = linfusion, device
         self.weights = est.weight_bytes(unet_config, vae_config, dtype_bytes, text_encoders_bytes,
@@ -194,7 +194,8 @@ class _Estimator:
             self._vae[vkey] = est.vae_activation_bytes(
                 self.v, height=self.h, width=self.w, tile_px=k.vae_tile_px,
                 dtype_bytes=self.vae_bytes, band_rows=k.band_rows,
-                token_limit=tuning.VAE_ATTN_TOKEN_LIMIT[tuning.device_kind(self.device)])
+                token_limit=tuning.VAE_ATTN_TOKEN_LIMIT[tuning.device_kind(self.device)],
+                ranks=self.ranks)
         return est.stage_peak(self.weights, self._unet[ukey], self._vae[vkey],
                               offload=k.offload, device=self.device, layer_bytes=self.layer)
 
@@ -210,8 +211,9 @@ def choose_knobs(unet_config: dict, vae_config: dict, *, width: int, height: int
     unet_extra: knobs -> bytes added to the UNet's activations (a ControlNet step's excess).
     host_fits: plan -> whether its host memory fits this machine; the fastest plan that fits both
     wins, else the fastest that fits the GPU (whose host need the caller then refuses).
-    world_size > 1: one rank's share under band parallelism (its rows of every UNet map; the
-    VAE's tiles are shared out but each is as large), without sequential offload."""
+    world_size > 1: one rank's share under band parallelism (its rows of every UNet map and of
+    the tiled VAE's latent-resolution maps; its tiles are as large or thinner), without
+    sequential offload."""
     estimate = _Estimator(unet_config, vae_config, width=width, height=height,
                           dtype_bytes=dtype_bytes, guidance=guidance, linfusion=linfusion,
                           device=device, text_encoders_bytes=text_encoders_bytes,

@@ -41,6 +41,7 @@ import itertools
 from dataclasses import dataclass
 
 from ... import tuning
+from ...vae.tiles import rank_bands, tile_grid, window_halo
 from ...errors import PlanError
 
 DECODE_PAD_PX = tuning.DECODER_CONTEXT * 8  # context around a decoder tile, image px a side
@@ -312,11 +313,14 @@ def _stats_pixels(cfg: dict, height: int, width: int) -> int:
 
 def vae_activation_bytes(cfg: dict, *, height: int, width: int, tile_px: int, dtype_bytes: int,
                          encode: bool = True, band_rows: int = 0,
-                         token_limit: int = tuning.VAE_ATTN_TOKEN_LIMIT["cuda"]) -> int:
+                         token_limit: int = tuning.VAE_ATTN_TOKEN_LIMIT["cuda"],
+                         ranks: int = 1) -> int:
     """Peak activation bytes of a VAE decode (and encode): untiled at tile_px 0, else the largest
     of one padded tile, the stats pass and the whole-latent part (linfusion_cli.vae), that last
     one band by band with band_rows > 0 (whole_latent_elements_banded; token_limit: the mid
-    attention's exact limit, the device's tuning.VAE_ATTN_TOKEN_LIMIT)."""
+    attention's exact limit, the device's tuning.VAE_ATTN_TOKEN_LIMIT). ranks > 1: one rank's
+    share of a tiled pass under band parallelism (its band of the latent part; a tile is as
+    large or thinner)."""
     chans = list(cfg["block_out_channels"])
 
     def pixels(pad):
@@ -327,9 +331,13 @@ def vae_activation_bytes(cfg: dict, *, height: int, width: int, tile_px: int, dt
     peak = _decoder_walk(cfg, pixels(DECODE_PAD_PX))
     f = 2 ** (len(chans) - 1)
     lh, lw = -(-height // f), -(-width // f)
-    if tile_px and band_rows > 0:  # the whole-latent part band by band
+    parts = rank_bands(lh, lw, max(1, tile_px // f), tuning.DECODER_CONTEXT, ranks) if tile_px else []
+    parts = parts if len(parts) > 1 else None  # shared among ranks (cores: the same for encode)
+    banded = tile_px and (band_rows > 0 or parts)
+    if banded:  # the whole-latent part band by band
         whole = whole_latent_elements_banded(cfg, latent_h=lh, latent_w=lw, band_rows=band_rows,
-                                             dtype_bytes=dtype_bytes, token_limit=token_limit)
+                                             dtype_bytes=dtype_bytes, token_limit=token_limit,
+                                             parts=parts)
         peak = max(peak, whole, _decoder_walk(cfg, _stats_pixels(cfg, height, width)))
     elif tile_px:  # linfusion_cli.vae runs the latent-resolution layers ONCE on the whole latent
         peak = max(peak, whole_latent_channels(cfg) * latent_tokens(cfg, height, width),
@@ -338,7 +346,7 @@ def vae_activation_bytes(cfg: dict, *, height: int, width: int, tile_px: int, dt
         for p in [pixels(ENCODE_PAD_PX)] + ([_stats_pixels(cfg, height, width)] if tile_px else []):
             tile = 3 * p + _resnet(chans[0], chans[0], False) * p
             # banded: beside the tiles, the latent-resolution map they fill (vae/tiled.py)
-            held = max(chans) * lh * lw if tile_px and band_rows > 0 else 0
+            held = max(chans) * lw * (max(b - a for a, b in parts) if parts else lh) if banded else 0
             peak = max(peak, held + tile)
     return int(peak * dtype_bytes)
 
@@ -358,7 +366,8 @@ def whole_latent_channels(cfg: dict) -> int:
     return 6 * max(cfg["block_out_channels"])
 
 
-def _attention_window(length: int, window: int = 128, overlap: int = 32) -> int:
+def _attention_window(length: int, window: int = tuning.ATTENTION_WINDOW,
+                      overlap: int = tuning.ATTENTION_OVERLAP) -> int:
     """The longest attention window along an axis (vae/attention.py mid_attention's defaults
     through vae/tiles.py split_axis: near-equal cores of <= window - overlap, overlap/2 context)."""
     tile, ctx = window - overlap, overlap // 2
@@ -368,7 +377,7 @@ def _attention_window(length: int, window: int = 128, overlap: int = 32) -> int:
 
 
 def whole_latent_elements_banded(cfg: dict, *, latent_h: int, latent_w: int, band_rows: int,
-                                 dtype_bytes: int, token_limit: int) -> float:
+                                 dtype_bytes: int, token_limit: int, parts=None) -> float:
     """Peak elements (in the VAE dtype) of the tiled VAE's whole-latent part run band by band
     (vae/blocks.py decoder_whole/encoder_whole with band_rows > 0), C = the widest level.
 
@@ -382,16 +391,32 @@ def whole_latent_elements_banded(cfg: dict, *, latent_h: int, latent_w: int, ban
       float32 temp and its cast (3T in 16-bit).
     Within token_limit the attention is exact and global as before (6C per token: input,
     normalised copy, q, k, v, output). The decoder also holds its latent and post_quant_conv's
-    output (2 x latent channels per token); the encoder's head makes 2 x 8 channels."""
-    c, n = max(cfg["block_out_channels"]), latent_h * latent_w
-    rows = min(band_rows, latent_h)
+    output (2 x latent channels per token); the encoder's head makes 2 x 8 channels.
+
+    parts (band parallelism, vae/tiles.py rank_bands): one rank's share, whose "whole maps" are
+    its largest band (band_rows 0: one band). Windowed attention adds the windows' rows from the
+    neighbours and this rank's rows sent to them (window_halo, received and sent copies); exact
+    attention adds the gathered keys and values (2C per row of N equal bands) beside the
+    rank's own and one band's queries (4C)."""
+    c = max(cfg["block_out_channels"])
+    height = latent_h if not parts else max(b - a for a, b in parts)
+    n = height * latent_w  # this rank's tokens (all of them in one process)
+    rows = min(band_rows or height, height)
     f32 = 4 / dtype_bytes  # a float32 tensor in dtype units
     normed = (rows + 2) * (1 + f32 + (1 if dtype_bytes < 4 else 0))
     band = max(normed, 3 * rows + 2) * latent_w * c
     t = _attention_window(latent_h) * _attention_window(latent_w)
     step = max(1024, (256 << 20) // (4 * t))  # attention._sdpa_chunked's query step
     window = max(5 * t + (step if t > step else 0), (2 + f32) * t) * c
+    exact = latent_h * latent_w <= token_limit
+    if parts and not exact:
+        windows = tile_grid(latent_h, latent_w, tuning.ATTENTION_WINDOW - tuning.ATTENTION_OVERLAP,
+                            tuning.ATTENTION_OVERLAP // 2)
+        window += 2 * sum(window_halo(windows, parts)) * latent_w * c
     peak = 2 * c * n + max(band, window)
-    if n <= token_limit:
+    if exact and parts:
+        gathered = 2 * c * len(parts) * height * latent_w
+        peak = max(peak, 2 * c * n + gathered + max(2 * c * n, 4 * c * rows * latent_w))
+    elif exact:
         peak = max(peak, 6 * c * n)
     return peak + 2 * cfg.get("latent_channels", 4) * n
