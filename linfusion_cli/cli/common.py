@@ -40,7 +40,7 @@ def parallel_line(plan) -> str | None:
     if plan.world_size <= 1:
         return None
     return (f"parallel: bands, world_size {plan.world_size}: every rank holds its band of rows "
-            f"(memory below is per rank; --max-vram is per GPU); a rank that waits "
+            f"(GPU and host memory below are per rank; --max-vram is per GPU); a rank that waits "
             f"{plan.group_timeout_s:g} s for a peer stops the run (LINFUSION_GROUP_TIMEOUT)")
 
 

@@ -28,7 +28,7 @@ from ..inputs import expand
 from ..models.loading import resolve_device
 from ..models.resolve import resolve_model, TRAINED_SHORT_SIDE, resolve_linfusion, choose_dtypes, DTYPE_BYTES
 from .memory.adapters import controlnet_extra_bytes, ip_adapter_extra_bytes, controlnet_unet_extra
-from .memory.estimate import weight_bytes
+from .memory.estimate import rank_latent_rows, weight_bytes
 from .memory.host import host_bytes
 from .budget import GIB, Budget
 from .memory.planner import BudgetError, choose_knobs
@@ -257,7 +257,8 @@ def add_memory_plans(plan: GenerationPlan) -> GenerationPlan:
     for stage in plan.stages:
         held = _held_bytes(plan, stage, kind, DTYPE_BYTES[plan.dtype])
         host_fits = None if free_host is None else (  # prefer plans this machine's RAM can hold
-            lambda m, stage=stage: round(_host_bytes(plan, plan.model_info, stage, m) / GIB, 2) <= free_host / GIB)
+            lambda m, stage=stage: round(_host_bytes(plan, plan.model_info, stage, m) / GIB, 2)
+            * processes_here(plan.world_size) <= free_host / GIB)
         try:
             memory = choose_knobs(**_knob_args(plan, stage, kind, DTYPE_BYTES[plan.dtype],
                                                DTYPE_BYTES[plan.vae_dtype], fixed),
@@ -281,14 +282,16 @@ def add_memory_plans(plan: GenerationPlan) -> GenerationPlan:
 
 
 def _host_bytes(plan: GenerationPlan, info, stage, memory) -> int:
-    """Host RAM the stage needs under its memory plan (memory/host.py)."""
+    """Host RAM the stage needs under its memory plan (memory/host.py), per process: under band
+    parallelism a rank parks the skips of its own rows."""
     db = DTYPE_BYTES[plan.dtype]
     weights = weight_bytes(info.unet_config, info.vae_config, db,
                            vae_bytes=DTYPE_BYTES[plan.vae_dtype])
     nets = sum(1 for kind in CONTROLNET_KINDS if getattr(plan.adapters, kind) is not None)
+    rows = rank_latent_rows(info.unet_config, -(-stage.height // 8), plan.world_size)
     return host_bytes(info.unet_config, width=stage.width, height=stage.height, dtype_bytes=db,
                       guidance=stage.guidance > 1, knobs=memory, weights=weights,
-                      controlnets=nets)["total"]
+                      controlnets=nets, latent_rows=rows)["total"]
 
 
 def _vae_modes(plan: GenerationPlan, stage, memory, cpu_budget: int | None) -> dict:
@@ -316,12 +319,14 @@ def _check_host(plan: GenerationPlan, plans) -> None:
     """Refuse, before anything loads, a plan whose host RAM this machine does not have."""
     if plan.planned_elsewhere or not plans:
         return  # planned for another machine: its RAM is unknown here (the dry run shows it)
-    need = max(p.estimated_host_gib for p in plans)
+    here = processes_here(plan.world_size)  # each rank on this machine needs as much
+    need = max(p.estimated_host_gib for p in plans) * here
     free = hostmem.host_memory().available / 2 ** 30
     if need > free:
         worst = max(range(len(plans)), key=lambda i: plans[i].estimated_host_gib)
-        raise PlanError(f"stage {worst + 1} needs {need:.1f} GiB of host memory (parked skips, "
-                        f"offloaded weights, images); this machine has {free:.1f} GiB free")
+        each = f" ({here} processes here)" if here > 1 else ""
+        raise PlanError(f"stage {worst + 1} needs {need:.1f} GiB of host memory{each} (parked "
+                        f"skips, offloaded weights, images); this machine has {free:.1f} GiB free")
 
 
 def _fixed_knobs(plan: GenerationPlan) -> dict:

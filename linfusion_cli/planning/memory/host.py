@@ -28,9 +28,11 @@ def skip_elements(unet_config: dict, latent_h: int, latent_w: int) -> int:
 
 
 def host_bytes(unet_config: dict, *, width: int, height: int, dtype_bytes: int, guidance: bool,
-               knobs, weights: dict[str, int], controlnets: int = 0) -> dict[str, int]:
-    """Host bytes of one stage by kind (skips, weights, images) and their `total`."""
-    lh, lw = -(-height // 8), -(-width // 8)
+               knobs, weights: dict[str, int], controlnets: int = 0,
+               latent_rows: int | None = None) -> dict[str, int]:
+    """Host bytes of one stage by kind (skips, weights, images) and their `total`; latent_rows:
+    the rows whose skips one process parks (a rank's band under band parallelism; all of them)."""
+    lh, lw = -(-height // 8) if latent_rows is None else latent_rows, -(-width // 8)
     rows = 1 if knobs.cfg_split or not guidance else 2  # batch rows of one UNet forward
     parked = skip_elements(unet_config, lh, lw)
     out = {"parked skips": parked * rows * dtype_bytes * (1 + controlnets) if knobs.skips_on_cpu else 0,
