@@ -81,7 +81,7 @@ class TileReport:
 
     tile_px: int  # 0: untiled
     mode: str  # "untiled", "exact" or "estimated"
-    tiles: int
+    tiles: int  # the whole pass's (over ranks: every rank's tiles together)
     attention: str  # the mid-block attention: "exact" or "windowed"
     working_set_bytes: int | None = None  # tiled: what exact mode parks on the host
     budget_bytes: int | None = None  # tiled: the host budget it was compared with
@@ -156,6 +156,7 @@ class _Share:
 
     comm: object  # the latent-resolution bands' communicator (group.split; vae never imports parallel)
     tiles: list[Tile]  # this rank's tiles: whole tile rows
+    total: int  # every rank's tiles
     band: tuple[int, int]  # its latent rows [a, b), the union of its tiles' cores
     context: tuple[int, int]  # rows above / below any band that its tiles' windows read
 
@@ -171,7 +172,8 @@ def _share(group, h: int, w: int, tile: int, context: int) -> _Share | None:
         return None
     parts = [band_of(ts) for ts in per_rank]
     context_rows = window_halo([t for ts in per_rank for t in ts], parts)  # the tiles' windows
-    return _Share(group.split(parts), per_rank[group.rank], parts[group.rank], context_rows)
+    return _Share(group.split(parts), per_rank[group.rank], sum(map(len, per_rank)),
+                  parts[group.rank], context_rows)
 
 
 # ---------------------------------------------------------------- decode
@@ -244,7 +246,7 @@ def _decode_tiled(vae, z, tile_px, mode, on_tile, context, limit, stats_px,
     if comm is not None:  # (8h, 8w, 3) uint8: every rank's rows, each decoded by one rank
         rows = [(p * f, q * f) for p, q in comm.parts]
         out = group.gather_rows(torch.from_numpy(out), rows, "vae").numpy()
-    return out, TileReport(tile_px, mode, len(tiles), attention, need, budget, rounds,
+    return out, TileReport(tile_px, mode, len(tiles) if share is None else share.total, attention, need, budget, rounds,
                            band_rows or None, group.size if share else None)
 
 
@@ -334,7 +336,7 @@ def _encode_tiled(vae, arr, tile_px, mode, on_tile, context, limit, stats_px,
     moments, exact = encoder_whole(vae, held.pop("feat"), limit, band_rows, comm)  # (1, 8, b - a, w)
     if comm is not None:  # every rank's rows: the whole (1, 8, h, w)
         moments = comm.gather(moments[0].transpose(0, 1)).transpose(0, 1)[None].contiguous()
-    return moments, TileReport(tile_px, mode, len(tiles), _attention(exact, limit), need, budget,
+    return moments, TileReport(tile_px, mode, len(tiles) if share is None else share.total, _attention(exact, limit), need, budget,
                                rounds, band_rows or None, group.size if share else None)
 
 

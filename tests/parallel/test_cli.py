@@ -81,8 +81,9 @@ def test_sd15_sdedit_with_controlnet_over_2_ranks_equals_one_process(cli_env, tm
     record = read_metadata(tmp_path / "two.png")["record"]
     assert record["parallel"] == {"mode": "bands", "world_size": 2}
     assert "parallel" not in read_metadata(tmp_path / "one.png")["record"]
-    assert record["stages"][1]["vae"]["decode"]["tiles"] >= 2  # tiles shared out, exact mode
-    assert record["stages"][1]["vae"]["decode"]["mode"] == "exact"
+    decoded = record["stages"][1]["vae"]["decode"]
+    assert decoded["tiles"] >= 2 and decoded["ranks"] == 2 and decoded["mode"] == "exact"  # shared
+    assert "ranks" not in read_metadata(tmp_path / "one.png")["record"]["stages"][1]["vae"]["decode"]
     assert sorted(p.name for p in files_under(tmp_path) if p.suffix == ".png") == ["edges.png", "one.png", "two.png"]
 
 
@@ -99,6 +100,7 @@ def test_sdxl_demofusion_over_3_ranks_equals_one_process(cli_env, tmp_path):
     record = read_metadata(tmp_path / "three.png")["record"]
     assert record["parallel"] == {"mode": "bands", "world_size": 3}
     assert [s["method"] for s in record["stages"]] == [None, "demofusion"]
+    assert record["stages"][1]["vae"]["decode"]["ranks"] == 3
 
 
 def test_upscale_over_2_ranks_equals_one_process(cli_env, tmp_path):
