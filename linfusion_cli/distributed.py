@@ -167,10 +167,11 @@ def from_env(environ=None) -> World:
 
 
 def processes_here(world_size: int, environ=None) -> int:
-    """Processes of a `world_size` group on this machine, which share its RAM: the launcher's
-    LOCAL_WORLD_SIZE (torchrun sets it), else all of them (a dry run's --world-size)."""
+    """Processes on this machine, which share its RAM: the launcher's LOCAL_WORLD_SIZE (torchrun
+    sets it; a batch sharing out images counts too), else `world_size` (a dry run's
+    --world-size N plans N processes here)."""
     environ = os.environ if environ is None else environ
-    return max(1, min(world_size, _env_int(environ, "LOCAL_WORLD_SIZE", world_size)))
+    return max(1, _env_int(environ, "LOCAL_WORLD_SIZE", world_size))
 
 
 _current = World()

@@ -428,7 +428,6 @@ def _dead_pid() -> int:
 
 
 def test_smaller_cases(cli, tmp_path, monkeypatch):
-    import shutil
     import socket
 
     from linfusion_cli.io.metadata import read_metadata

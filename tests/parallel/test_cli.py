@@ -201,3 +201,40 @@ def test_under_torchrun_a_dead_rank_stops_the_run_with_no_file(cli_env, tmp_path
     assert len(ours) == 1, err[-3000:]
     assert "band-parallel run stopped" in ours[0] or ours[0] == "error: interrupted (SIGTERM)"
     assert not (tmp_path / "out.png").exists()
+
+
+def test_host_memory_is_planned_per_rank_for_every_rank_on_the_machine(cli, monkeypatch):
+    """A rank parks only its rows' skips; every process on the machine (LOCAL_WORLD_SIZE, else
+    all N) needs its own share of RAM and of the VAE's parking budget."""
+    from linfusion_cli import hostmem
+    from linfusion_cli.distributed import processes_here
+    from linfusion_cli.errors import InputError
+
+    assert processes_here(8, {}) == 8 and processes_here(8, {"LOCAL_WORLD_SIZE": "2"}) == 2
+    assert processes_here(1, {"LOCAL_WORLD_SIZE": "4"}) == 4  # a batch sharing out images
+    with pytest.raises(InputError):
+        processes_here(2, {"LOCAL_WORLD_SIZE": "two"})
+    gib = 2 ** 30
+    monkeypatch.setattr(hostmem, "host_memory", lambda: hostmem.HostMemory(64 * gib, 48 * gib))
+    base = ("generate", "a lighthouse", "--model", "runwayml/stable-diffusion-v1-5", "--res", "16384",
+            "--dry-run", "--max-vram", "4", "--device", "cuda", "--json")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    alone = json.loads(cli(*base, "--max-vram", "12").out)["stages"][-1]["memory"]
+    wide = json.loads(cli(*base, "--world-size", "8").out)["stages"][-1]["memory"]
+    assert alone["skips_on_cpu"] and wide["skips_on_cpu"]
+    assert wide["estimated_host_gib"] < alone["estimated_host_gib"] - 5  # 1/8 of the skips
+    assert wide["vae_host_gib"] == alone["vae_host_gib"]  # one process on this machine
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    eight_here = json.loads(cli(*base, "--world-size", "8").out)["stages"][-1]["memory"]
+    assert eight_here["vae_host_gib"] == pytest.approx(alone["vae_host_gib"] / 8, abs=0.01)
+    # on the CPU the host check itself counts every rank here
+    small = ("generate", "a lighthouse", "--model", "demo", "--res", "1024", "--device", "cpu",
+             "--world-size", "2", "--max-vram", "8", "--dry-run", "--json")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    need = max(s["memory"]["estimated_host_gib"] for s in json.loads(cli(*small).out)["stages"])
+    monkeypatch.setattr(hostmem, "host_memory", lambda: hostmem.HostMemory(64 * gib, int(1.5 * need * gib)))
+    assert cli(*small).code == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    refused = cli(*small)
+    assert refused.code == 2 and "(2 processes here)" in refused.err, refused.err
+    assert len(refused.err.strip().splitlines()) == 1
