@@ -58,10 +58,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..bands.rows import Full
 from ..hostmem import vae_park_budget
 from ..tuning import DECODER_CONTEXT, ENCODER_CONTEXT, STATS_PX  # shared with the planner
 from .attention import default_token_limit
-from ..bands.rows import Full
 from .blocks import TileCtx, decoder_split, decoder_tile, decoder_whole, encoder_split, \
     encoder_tile, encoder_whole
 from .drive import run_recording, run_tiles
