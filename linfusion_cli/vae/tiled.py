@@ -66,8 +66,7 @@ from .blocks import TileCtx, decoder_split, decoder_tile, decoder_whole, encoder
     encoder_tile, encoder_whole
 from .drive import run_recording, run_tiles
 from .pixels import as_uint8_image, preprocess, to_uint8
-from .tiles import Tile, band_of, choose_tile_px, downscaled_size, rank_tiles, tile_grid, \
-    window_halo
+from .tiles import Tile, band_of, choose_tile_px, downscaled_size, rank_tiles, window_halo
 from .working_set import exact_working_set
 
 log = logging.getLogger(__name__)
@@ -152,28 +151,44 @@ def _window(feat: torch.Tensor, t, device, origin: int = 0) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Share:
-    """This rank's part of a decode or encode that the ranks of a band-parallel group share."""
+    """This process's part of a tiled decode or encode: all of it in one process; over a
+    band-parallel group, a run of whole tile rows and the band of latent rows their cores cover."""
 
-    comm: object  # the latent-resolution bands' communicator (group.split; vae never imports parallel)
-    tiles: list[Tile]  # this rank's tiles: whole tile rows
-    total: int  # every rank's tiles
-    band: tuple[int, int]  # its latent rows [a, b), the union of its tiles' cores
-    context: tuple[int, int]  # rows above / below any band that its tiles' windows read
+    tiles: list[Tile]  # this process's tiles
+    total: int  # every process's tiles
+    band: tuple[int, int]  # its latent rows [a, b)
+    group: object = None  # the parallel.BandGroup sharing it (None: alone; vae never imports parallel)
+    comm: object = None  # the communicator of the latent-resolution bands (group.split)
+    context: tuple[int, int] = (0, 0)  # rows above / below any band that its tiles' windows read
+
+    @property
+    def ranks(self) -> int | None:
+        return None if self.group is None else self.group.size
 
 
-def _share(group, h: int, w: int, tile: int, context: int) -> _Share | None:
-    """How `group`'s ranks share an h x w latent map in tiles of `tile` latent px: each runs its
-    band of the latent-resolution part and the tiles over it (None: one process, or fewer latent
-    rows than ranks, when every rank runs everything)."""
-    if group is None or group.size <= 1:
-        return None
-    per_rank = rank_tiles(h, w, tile, context, group.size)
-    if len(per_rank) == 1:
-        return None
+def _share(group, h: int, w: int, tile: int, context: int) -> _Share:
+    """This process's share of an h x w latent map in tiles of `tile` latent px: with a group,
+    each rank runs its band of the latent-resolution part and the tiles over it."""
+    per_rank = rank_tiles(h, w, tile, context, 1 if group is None else group.size)
+    if len(per_rank) == 1:  # one process, or fewer latent rows than ranks: every rank runs it all
+        return _Share(per_rank[0], len(per_rank[0]), (0, h))
     parts = [band_of(ts) for ts in per_rank]
     context_rows = window_halo([t for ts in per_rank for t in ts], parts)  # the tiles' windows
-    return _Share(group.split(parts), per_rank[group.rank], sum(map(len, per_rank)),
-                  parts[group.rank], context_rows)
+    return _Share(per_rank[group.rank], sum(map(len, per_rank)), parts[group.rank], group,
+                  group.split(parts), context_rows)
+
+
+def _tiling(vae, h: int, w: int, tile_px: int, mode, context: int, host_budget, group,
+            decoder: bool) -> tuple[_Share, str, int, int]:
+    """(share, mode, working set, budget): this process's share of a tiled pass over an h x w
+    latent, and the statistics mode chosen from its exact working set and the host budget."""
+    f, dtype = _factor(vae), _where(vae)[1]
+    share = _share(group, h, w, max(1, tile_px // f), context)
+    need = exact_working_set(dict(vae.config), width=w * f, height=h * f, tile_px=tile_px,
+                             decoder=decoder, itemsize=torch.finfo(dtype).bits // 8,
+                             context=context, ranks=share.ranks or 1)
+    mode, budget = _pick_mode(mode, need, host_budget)
+    return share, mode, need, budget
 
 
 # ---------------------------------------------------------------- decode
@@ -212,16 +227,9 @@ def _decode_tiled(vae, z, tile_px, mode, on_tile, context, limit, stats_px,
     device, dtype, park = _where(vae)
     f = _factor(vae)
     h, w = z.shape[-2:]
-    tile = max(1, tile_px // f)
     decoder_split(vae.decoder)  # refuses decoders the tiled path cannot run
-    share = _share(group, h, w, tile, context)
-    tiles = tile_grid(h, w, tile, context) if share is None else share.tiles
-    need = exact_working_set(dict(vae.config), width=w * f, height=h * f, tile_px=tile_px,
-                             decoder=True, itemsize=torch.finfo(dtype).bits // 8, context=context,
-                             ranks=group.size if share else 1)
-    mode, budget = _pick_mode(mode, need, host_budget)
-    a, b = (0, h) if share is None else share.band
-    comm = None if share is None else share.comm
+    share, mode, need, budget = _tiling(vae, h, w, tile_px, mode, context, host_budget, group, True)
+    (a, b), comm = share.band, share.comm
     feat, exact = decoder_whole(vae, z, limit, band_rows, comm)  # (1, C, b - a, w)
     origin = a
     if comm is not None:  # with the rows above and below that its tiles' windows read
@@ -240,14 +248,16 @@ def _decode_tiled(vae, z, tile_px, mode, on_tile, context, limit, stats_px,
         ys, xs = t.core_slices(f)
         out[ys.start - a * f:ys.stop - a * f, xs] = to_uint8(img[:, :, cy, cx])
 
-    rounds = run_tiles(tiles, lambda t, ctx: decoder_tile(vae, _window(feat, t, device, origin), ctx),
-                       write, stats=stats, park=park, on_tile=on_tile,
-                       group=None if comm is None else group)
+    def start(t, ctx):
+        return decoder_tile(vae, _window(feat, t, device, origin), ctx)
+
+    rounds = run_tiles(share.tiles, start, write, stats=stats, park=park, on_tile=on_tile,
+                       group=share.group)
     if comm is not None:  # (8h, 8w, 3) uint8: every rank's rows, each decoded by one rank
         rows = [(p * f, q * f) for p, q in comm.parts]
-        out = group.gather_rows(torch.from_numpy(out), rows, "vae").numpy()
-    return out, TileReport(tile_px, mode, len(tiles) if share is None else share.total, attention, need, budget, rounds,
-                           band_rows or None, group.size if share else None)
+        out = share.group.gather_rows(torch.from_numpy(out), rows, "vae").numpy()
+    return out, TileReport(tile_px, mode, share.total, attention, need, budget, rounds,
+                           band_rows or None, share.ranks)
 
 
 def _decoder_stats(vae, z: torch.Tensor, long_side: int, limit: int):
@@ -306,17 +316,10 @@ def _encode_tiled(vae, arr, tile_px, mode, on_tile, context, limit, stats_px,
     device, dtype, park = _where(vae)
     f = _factor(vae)
     h, w = arr.shape[0] // f, arr.shape[1] // f
-    tile = max(1, tile_px // f)
     encoder_split(vae.encoder)  # refuses encoders the tiled path cannot run
-    share = _share(group, h, w, tile, context)
-    tiles = tile_grid(h, w, tile, context) if share is None else share.tiles
-    need = exact_working_set(dict(vae.config), width=w * f, height=h * f, tile_px=tile_px,
-                             decoder=False, itemsize=torch.finfo(dtype).bits // 8, context=context,
-                             ranks=group.size if share else 1)
-    mode, budget = _pick_mode(mode, need, host_budget)
+    share, mode, need, budget = _tiling(vae, h, w, tile_px, mode, context, host_budget, group, False)
     stats = _encoder_stats(vae, arr, stats_px, device, dtype) if mode == "estimated" else None
-    a, b = (0, h) if share is None else share.band
-    comm = None if share is None else share.comm
+    (a, b), comm = share.band, share.comm
     held: dict[str, torch.Tensor] = {}  # "feat": (1, C, b - a, w), allocated by the first tile
 
     def start(t, ctx):
@@ -330,14 +333,14 @@ def _encode_tiled(vae, arr, tile_px, mode, on_tile, context, limit, stats_px,
         ys, xs = t.core_slices()
         held["feat"][:, :, ys.start - a:ys.stop - a, xs] = x[:, :, cy, cx]
 
-    rounds = run_tiles(tiles, start, write, stats=stats, park=park, on_tile=on_tile,
-                       group=None if comm is None else group)
+    rounds = run_tiles(share.tiles, start, write, stats=stats, park=park, on_tile=on_tile,
+                       group=share.group)
     # popped: no reference here, so the banded path frees the map after its first layer
     moments, exact = encoder_whole(vae, held.pop("feat"), limit, band_rows, comm)  # (1, 8, b - a, w)
     if comm is not None:  # every rank's rows: the whole (1, 8, h, w)
         moments = comm.gather(moments[0].transpose(0, 1)).transpose(0, 1)[None].contiguous()
-    return moments, TileReport(tile_px, mode, len(tiles) if share is None else share.total, _attention(exact, limit), need, budget,
-                               rounds, band_rows or None, group.size if share else None)
+    return moments, TileReport(tile_px, mode, share.total, _attention(exact, limit), need, budget,
+                               rounds, band_rows or None, share.ranks)
 
 
 def _encoder_stats(vae, arr: np.ndarray, long_side: int, device, dtype):
