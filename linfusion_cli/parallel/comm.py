@@ -106,16 +106,10 @@ class BandGroup:
 
     def gather(self, local: torch.Tensor, level: Level) -> torch.Tensor:
         """Every rank's band (B, C, h_q, W) of a level-0 map, as the whole map (B, C, H, W)."""
-        most = max(b - a for a, b in level.parts)
-        pad = local.new_zeros(local.shape[0], local.shape[1], most, local.shape[3])
-        pad[:, :, :local.shape[2]] = local
-        got = [torch.empty_like(pad) for _ in range(self.size)]
-        self.sent["gather"] += pad.numel() * pad.element_size()
-        with _peers():
-            dist.all_gather(got, pad, group=self.pg)
+        rows = self.gather_rows(local.movedim(2, 0).contiguous(), level.parts, "gather")  # (H, B, C, W)
         self.forwards += 1
         testhooks.band_forwards(self.rank, self.forwards)  # inert unless LINFUSION_TEST_HOOKS=1
-        return torch.cat([g[:, :, :b - a] for g, (a, b) in zip(got, level.parts)], dim=2)
+        return rows.movedim(0, 2).contiguous()
 
     def exchange(self, sends: dict, recvs: dict) -> None:
         """Point-to-point: sends {rank: tensor}, recvs {rank: buffer}, all at once."""

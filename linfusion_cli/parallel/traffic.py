@@ -25,13 +25,6 @@ class CountingGroup(BandGroup):
         for t in recvs.values():
             t.zero_()
 
-    def gather(self, local: torch.Tensor, level) -> torch.Tensor:
-        most = max(b - a for a, b in level.parts)
-        self.sent["gather"] += local.shape[0] * local.shape[1] * most * local.shape[3] * local.element_size()
-        self.forwards += 1
-        return local.new_zeros(local.shape[0], local.shape[1], level.height, local.shape[3])
-
-
     def gather_rows(self, local: torch.Tensor, parts, kind: str) -> torch.Tensor:
         most = max(b - a for a, b in parts)
         self.sent[kind] += most * local[:1].numel() * local.element_size()
