@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
-import time
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from benchmarks.ranks import add_arguments, each_count, speed
 
 
 def _unet(width_div: int):
@@ -44,40 +42,22 @@ def _inputs(size: int):
             torch.randn(2, 77, 768, generator=g))
 
 
-def _rank(rank: int, nprocs: int, store: str, args, out: str) -> None:
-    """One rank: a warm-up step, then `repeat` timed steps between barriers."""
+def _setup(rank: int, nprocs: int, args):
+    """This rank's step: the same random UNet and inputs on every rank; counts what it sent."""
     from linfusion_cli.bands.unet import banded_forward
     from linfusion_cli.parallel import BandGroup
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=nprocs)
     unet = _unet(args.width_div)
     sample, t, context = _inputs(args.size)
     group = BandGroup(rank, nprocs) if nprocs > 1 else None
-    times, cpu = [], []
-    with torch.inference_mode():
-        for i in range(args.repeat + 1):
-            if group is not None:
-                group.sent.clear()
-            dist.barrier()
-            start, start_cpu = time.perf_counter(), time.process_time()
-            result = banded_forward(unet, 1 << 20, False, sample, t, context, group=group).sample
-            used = time.process_time() - start_cpu
-            dist.barrier()
-            if i:
-                times.append(time.perf_counter() - start)
-                cpu.append(used)
-    torch.save({"seconds": min(times), "cpu": min(cpu), "sent": dict(group.sent) if group else {},
-                "out": result}, f"{out}/{nprocs}-{rank}.pt")
-    dist.destroy_process_group()
 
-
-def _timed(nprocs: int, args, out: str) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_rank, args=(nprocs, os.path.join(tmp, "store"), args, out), nprocs=nprocs, join=True)
-    ranks = [torch.load(f"{out}/{nprocs}-{r}.pt") for r in range(nprocs)]
-    return {"seconds": max(r["seconds"] for r in ranks), "cpu": max(r["cpu"] for r in ranks),
-            "sent": [r["sent"] for r in ranks], "out": ranks[0]["out"]}
+    def step() -> dict:
+        if group is not None:
+            group.sent.clear()
+        with torch.inference_mode():
+            out = banded_forward(unet, 1 << 20, False, sample, t, context, group=group).sample
+        return {"out": out, "sent": dict(group.sent) if group is not None else {}}
+    return step
 
 
 def _mib(n: float) -> str:
@@ -109,29 +89,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512, help="image side in px (latent = size / 8)")
     parser.add_argument("--width-div", type=int, default=2, help="SD1.5's channel widths divided by this")
-    parser.add_argument("--procs", default="1,2,3", help="process counts to time")
-    parser.add_argument("--repeat", type=int, default=2, help="timed steps per count (the fastest is kept)")
+    add_arguments(parser, repeat=2)
     parser.add_argument("--no-16k", action="store_true", help="skip the 16384x8192 traffic count")
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    procs = [int(p) for p in args.procs.split(",")]
     print(f"one UNet step, SD1.5 widths / {args.width_div}, {args.size}x{args.size} px, CFG batch 2, "
           f"fp32, one thread per process, {os.cpu_count()} CPU cores, load average "
           f"{os.getloadavg()[0]:.1f} before the run")
-    results = {}
-    with tempfile.TemporaryDirectory() as out:
-        for n in procs:
-            results[n] = _timed(n, args, out)
-    base = results[procs[0]]
+    results = each_count(_setup, args)
+    first = next(iter(results))
+    base = results[first]
     for n, r in results.items():
-        rel = ((r["out"] - base["out"]).abs().max() / base["out"].abs().max()).item()
-        sent = max((sum(s.values()) for s in r["sent"]), default=0)
-        kinds = json.dumps({k: v for k, v in r["sent"][min(1, n - 1)].items()}) if n > 1 else "{}"
-        print(f"  {n} process{'es' if n > 1 else ''}: {r['seconds']:.2f} s/step, speed-up "
-              f"{base['seconds'] / r['seconds']:.2f}x; CPU time of the busiest rank "
-              f"{r['cpu']:.2f} s ({base['cpu'] / r['cpu']:.2f}x less); max rel. diff vs "
-              f"{procs[0]}: {rel:.1e}; most sent by a rank {_mib(sent)} (rank {min(1, n - 1)}: "
-              f"{kinds} bytes)")
+        out, want = r["ranks"][0]["out"], base["ranks"][0]["out"]
+        rel = ((out - want).abs().max() / want.abs().max()).item()
+        sent = [rank["sent"] for rank in r["ranks"]]
+        most = max((sum(s.values()) for s in sent), default=0)
+        kinds = json.dumps(sent[min(1, n - 1)]) if n > 1 else "{}"
+        print(f"{speed(n, r, base, 'step')}; max rel. diff vs {first}: {rel:.1e}; most sent by a "
+              f"rank {_mib(most)} (rank {min(1, n - 1)}: {kinds} bytes)")
     if not args.no_16k:
         print("payload per UNet step of rank 1 at 16384x8192 (latent 1024 rows x 2048), fp16, CFG batch 2:")
         for line in traffic_16k():

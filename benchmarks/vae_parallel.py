@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
-import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from benchmarks.ranks import add_arguments, each_count, speed
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "linfusion_cli", "models", "configs", "sd15_vae.json")
 GIB = 2 ** 30
@@ -31,40 +29,19 @@ def _config() -> dict:
         return json.load(f)
 
 
-def _rank(rank: int, nprocs: int, store: str, args, out: str) -> None:
-    """One rank: a warm-up decode, then `repeat` timed decodes between barriers."""
+def _setup(rank: int, nprocs: int, args):
+    """This rank's decode: the same random VAE and latent on every rank."""
     from diffusers import AutoencoderKL
 
     from benchmarks.synthetic import structured_latent
     from linfusion_cli.parallel import BandGroup
     from linfusion_cli.vae import decode
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=nprocs)
     torch.manual_seed(0)
     vae = AutoencoderKL.from_config(_config()).eval()
     latent = structured_latent(args.size // 8, args.size // 8, seed=1)
     group = BandGroup(rank, nprocs) if nprocs > 1 else None
-    times, cpu = [], []
-    for i in range(args.repeat + 1):
-        dist.barrier()
-        start, start_cpu = time.perf_counter(), time.process_time()
-        image = decode(vae, latent, tile_px=args.tile, mode="exact", group=group)
-        used = time.process_time() - start_cpu
-        dist.barrier()
-        if i:
-            times.append(time.perf_counter() - start)
-            cpu.append(used)
-    torch.save({"seconds": min(times), "cpu": min(cpu), "image": image}, f"{out}/{nprocs}-{rank}.pt")
-    dist.destroy_process_group()
-
-
-def _timed(nprocs: int, args, out: str) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_rank, args=(nprocs, os.path.join(tmp, "store"), args, out), nprocs=nprocs, join=True)
-    ranks = [torch.load(f"{out}/{nprocs}-{r}.pt", weights_only=False) for r in range(nprocs)]
-    return {"seconds": max(r["seconds"] for r in ranks), "cpu": max(r["cpu"] for r in ranks),
-            "image": ranks[0]["image"]}
+    return lambda: {"image": decode(vae, latent, tile_px=args.tile, mode="exact", group=group)}
 
 
 def memory_16k() -> list[str]:
@@ -90,25 +67,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512, help="image side in px")
     parser.add_argument("--tile", type=int, default=256, help="VAE tile in px")
-    parser.add_argument("--procs", default="1,2,3", help="process counts to time")
-    parser.add_argument("--repeat", type=int, default=1, help="timed decodes per count (the fastest is kept)")
+    add_arguments(parser, repeat=1)
     parser.add_argument("--no-16k", action="store_true", help="skip the 16384x16384 memory trace")
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    procs = [int(p) for p in args.procs.split(",")]
     print(f"tiled VAE decode, SD VAE (random weights), {args.size}x{args.size} px, tiles of "
           f"{args.tile} px, exact statistics, fp32, one thread per process, {os.cpu_count()} CPU "
           f"cores, load average {os.getloadavg()[0]:.1f} before the run")
-    results = {}
-    with tempfile.TemporaryDirectory() as out:
-        for n in procs:
-            results[n] = _timed(n, args, out)
-    base = results[procs[0]]
+    results = each_count(_setup, args)
+    first = next(iter(results))
+    base = results[first]
     for n, r in results.items():
-        diff = np.abs(r["image"].astype(int) - base["image"].astype(int)).max()
-        print(f"  {n} process{'es' if n > 1 else ''}: {r['seconds']:.2f} s/decode, speed-up "
-              f"{base['seconds'] / r['seconds']:.2f}x; CPU time of the busiest rank {r['cpu']:.2f} s "
-              f"({base['cpu'] / r['cpu']:.2f}x less); max difference vs {procs[0]}: {diff} levels")
+        image, want = r["ranks"][0]["image"], base["ranks"][0]["image"]
+        diff = np.abs(image.astype(int) - want.astype(int)).max()
+        print(f"{speed(n, r, base, 'decode')}; max difference vs {first}: {diff} levels")
     if not args.no_16k:
         print("latent-resolution part of a 16384x16384 decode (bf16, band_rows 64), traced peak:")
         for line in memory_16k():
