@@ -331,8 +331,10 @@ def vae_activation_bytes(cfg: dict, *, height: int, width: int, tile_px: int, dt
     peak = _decoder_walk(cfg, pixels(DECODE_PAD_PX))
     f = 2 ** (len(chans) - 1)
     lh, lw = -(-height // f), -(-width // f)
-    parts = rank_bands(lh, lw, max(1, tile_px // f), tuning.DECODER_CONTEXT, ranks) if tile_px else []
-    parts = parts if len(parts) > 1 else None  # shared among ranks (cores: the same for encode)
+    parts = None  # the ranks' bands when they share the tiled pass (cores: the same for encode)
+    if tile_px and ranks > 1:
+        parts = rank_bands(lh, lw, max(1, tile_px // f), tuning.DECODER_CONTEXT, ranks)
+        parts = parts if len(parts) > 1 else None
     banded = tile_px and (band_rows > 0 or parts)
     if banded:  # the whole-latent part band by band
         whole = whole_latent_elements_banded(cfg, latent_h=lh, latent_w=lw, band_rows=band_rows,
