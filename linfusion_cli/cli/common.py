@@ -187,7 +187,7 @@ def band_group(world, device: str):
     if not world.distributed:
         yield None
         return
-    with parallel.activated(parallel.make_group(world.rank, world.size, torch.device(device))) as group:
+    with parallel.band_parallel(world.rank, world.size, torch.device(device)) as group:
         yield group
 
 

@@ -63,6 +63,7 @@ class BandGroup:
         self.sent: Counter = Counter()
         self.forwards = 0  # UNet forwards gathered so far (the test hook counts them)
         self._layouts: dict = {}
+        self.closed = False
 
     def layout(self, height: int, levels: int) -> GroupLayout:
         """The bands of a map `height` rows tall through `levels` halvings (cached)."""
@@ -91,6 +92,12 @@ class BandGroup:
         with _peers():
             dist.all_gather(list(buf.split(most)), mine.contiguous(), group=self.pg)
         return _close_up(buf, most, parts)
+
+    def close(self) -> None:
+        """Shut the group's connections down now, not whenever the interpreter frees it."""
+        if self.pg is not None and not self.closed and dist.is_initialized():
+            dist.destroy_process_group(self.pg)
+        self.closed = True  # (a closed group is not reopened: a later message fails, loudly)
 
     def barrier(self) -> None:
         """Every rank has come this far (within the group's timeout)."""

@@ -39,6 +39,20 @@ def make_group(rank: int, size: int, device: torch.device | str) -> BandGroup:
 
 
 @contextlib.contextmanager
+def band_parallel(rank: int, size: int, device: torch.device | str):
+    """make_group's group, active inside the block and then ended in step: after a run every rank
+    waits for the others (rank 0 may still be writing the file) before any tears its sockets down,
+    so none is left reading from a peer that has gone; after a failure, at once."""
+    group = make_group(rank, size, device)
+    try:
+        with activated(group):
+            yield group
+        group.barrier()
+    finally:
+        group.close()
+
+
+@contextlib.contextmanager
 def activated(group: BandGroup | None):
     """`group` is active() inside the block."""
     global _active

@@ -171,3 +171,44 @@ def test_per_rank_estimate_against_a_trace_of_one_rank(family, rows, knobs, size
         dtype_bytes=2, knobs=plan) + est.gathered_bytes(unet_cfg, latent_h=256, latent_w=256,
                                                         dtype_bytes=2, batch=2)
     assert 0.95 <= estimated / traced <= 1.3, (estimated, traced)
+
+
+# ---------------------------------------------------------------- the group's ending
+
+def _ending_worker(rank: int, size: int, out: str, fail_rank: int) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from linfusion_cli.parallel import GroupError, active, band_parallel
+
+    os.environ["LINFUSION_GROUP_TIMEOUT"] = "120"
+    what, seen = "finished", None
+    try:
+        with band_parallel(rank, size, "cpu") as group:
+            seen = group
+            assert active() is group
+            group.all_reduce(torch.ones(3), "moments")
+            if rank == fail_rank:
+                raise ValueError("this rank's entry failed")
+    except ValueError:
+        what = "raised"
+    except GroupError:
+        what = "group error"
+    registered = seen.pg in dist.distributed_c10d._world.pg_map
+    with open(f"{out}/rank{rank}", "w") as f:
+        f.write(f"{what} closed={seen.closed} registered={registered} active={active() is not None}")
+
+
+@pytest.mark.parametrize("fail_rank", [-1, 1])
+def test_the_group_is_shut_down_when_the_run_ends_and_a_failed_rank_stops_the_others(tmp_path, fail_rank):
+    """A finished run meets at a barrier, then shuts the group down (not left to the interpreter's
+    exit); a rank that fails shuts its side down at once, and its peer, waiting at the barrier,
+    stops with a GroupError instead of waiting out the group's timeout."""
+    run_ranks(2, _ending_worker, str(tmp_path), fail_rank)
+    got = [(tmp_path / f"rank{r}").read_text() for r in range(2)]
+    after = "closed=True registered=False active=False"
+    if fail_rank < 0:
+        assert got == [f"finished {after}"] * 2
+    else:
+        assert got == [f"group error {after}", f"raised {after}"]
