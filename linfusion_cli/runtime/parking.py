@@ -1,15 +1,18 @@
-"""Where parked skips live: host memory (the memory trace swaps these two to count them)."""
+"""Where parked skips live: host memory, through the one copy door (runtime/transfer.py).
+The memory trace swaps these two to count parked skips as host memory."""
 
 from __future__ import annotations
 
 import torch
 
+from . import transfer
+
 
 def park(t: torch.Tensor) -> torch.Tensor:
     """Where skips_on_cpu keeps a skip (the memory trace replaces this to count it as host)."""
-    return t.to("cpu")
+    return transfer.to_host(t)
 
 
 def fetch(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A parked skip back on the device (the memory trace replaces this to count the copy)."""
-    return t.to(device)
+    return transfer.to_device(t, device)
