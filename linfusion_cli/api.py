@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import NonFiniteError
 from .planning.plan import GenerationPlan
-from .planning.request import Request, plan_request
+from .planning.request import Request, plan_request as _plan_request
 from .io import checkpoints
 from .io.checkpoints import stage_path, pixels_digest
 from .io import images
@@ -28,8 +28,15 @@ from .models import loading
 from .models.loading import prepare_model
 from .models.resolve import info_of_pipeline
 from .pipeline import run_plan, StageFinished, finite
+from .tracing.ledger import ledger_for
 
 __all__ = ["Request", "generate", "generate_file", "load", "plan", "plan_request", "resume_start", "upscale"]
+
+
+def plan_request(req: Request, model_info=None) -> GenerationPlan:
+    """The plan a run follows and a dry run prints; a CUDA plan's knobs ranked by predicted
+    seconds from the cost ledger (tracing/ledger.py), each stage carrying its cost."""
+    return _plan_request(req, model_info, ledger_for)
 
 
 def plan(prompt: str, *, pipe=None, **options) -> GenerationPlan:

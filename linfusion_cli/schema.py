@@ -147,6 +147,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("dry_run", bool, "Print the plan and memory estimates, create nothing, load nothing (--dry-run "
            "--device cuda needs no GPU).", ("--dry-run",), default=False),
     Option("device", Optional[str], "auto, cuda, cuda:N, mps or cpu.", ("--device",), rule=validate.device),
+    Option("gpu", Optional[str], "GPU to plan and price for: h100, h100-pcie, a100, l40s, rtx4090, rtx3090, "
+           "rtx3060, t4 (default: the one detected); without a GPU here, --dry-run --gpu NAME plans for it, "
+           "its memory the default --max-vram.", ("--gpu",), rule=validate.gpu),
     Option("dtype", Optional[str], "auto, fp16, bf16 or fp32.", ("--dtype",), rule=validate.text,
            preset="dtype", preset_default="auto"),
     Option("allow_pickle", bool, "Allow pickle checkpoints (.ckpt/.pt/.pth/.bin; loading one can run code).",

@@ -84,6 +84,18 @@ def max_vram(value: Any, name: str = "max_vram") -> float:
     return float(in_range(name, value, 0.0, MAX_VRAM_GIB, low_open=True))
 
 
+def gpu(value: Any, name: str = "gpu") -> str:
+    """A GPU of the table in gpus.py, by name (h100, rtx4090, ...): its canonical name."""
+    from .gpus import gpu_named  # core module beside this one; imported here to keep gpus optional for rules
+
+    if not isinstance(value, str) or not value.strip():
+        raise ValueRuleError(f"{name} must be a GPU name, got {value!r}")
+    try:
+        return gpu_named(value).name
+    except PlanError as exc:
+        raise ValueRuleError(str(exc).replace("--gpu", name, 1)) from None
+
+
 def vae_tile(value: Any, name: str = "vae_tile") -> int:
     value = in_range(name, value, 0, MAX_SIDE, integer=True)
     if value % 8:

@@ -31,8 +31,16 @@ def memory_line(stage) -> str:
              f"attn_chunk={m.attn_chunk}" if m.attn_chunk else "", "inplace" if m.inplace else "",
              "skips_on_cpu" if m.skips_on_cpu else "",
              f"band_rows={m.band_rows}" if m.band_rows else ""]
-    return (f"~{m.estimated_peak_gib:.1f} GiB, host ~{m.estimated_host_gib:.1f} GiB "
+    line = (f"~{m.estimated_peak_gib:.1f} GiB, host ~{m.estimated_host_gib:.1f} GiB "
             f"({', '.join(k for k in knobs if k)})")
+    return line + (f", {cost_words(stage.cost)}" if stage.cost else "")
+
+
+def cost_words(cost: dict) -> str:
+    """A stage's predicted seconds and what crosses PCIe, for the dry run's stage line."""
+    pcie = (cost["host_to_device_bytes"] + cost["device_to_host_bytes"]) / 1e9
+    return (f"predicted {cost['predicted_s']:.1f} s (compute {cost['compute_s']:.1f} s, "
+            f"PCIe {pcie:.1f} GB, {cost['launches']} launches)")
 
 
 def parallel_line(plan) -> str | None:
@@ -101,7 +109,10 @@ def planned_for(plan) -> str:
     budget = (plan.budget.describe() if plan.budget is not None
               else "no budget given (the fastest plan; pass --max-vram)")
     where = " (no GPU on this machine: planned for one)" if plan.planned_elsewhere else ""
-    return (f"planned for {plan.device}{where}, {budget}, UNet {plan.dtype}, VAE {plan.vae_dtype}")
+    priced = (f"; priced for {plan.gpu}: predicted {plan.predicted_s:.1f} s in all (not measured)"
+              if plan.predicted_s is not None else "")
+    return (f"planned for {plan.device}{where}, {budget}, UNet {plan.dtype}, VAE {plan.vae_dtype}"
+            f"{priced}")
 
 
 def load(plan, *, verbose: bool, quiet: bool, allow_pickle: bool = False, config: str | None = None):

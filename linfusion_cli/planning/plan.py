@@ -36,6 +36,7 @@ class Stage:
     method: str | None = None  # img2img stages: "sdedit" or "demofusion" (method.py)
     demofusion: DemoFusion | None = None  # the settings when method is "demofusion"
     controlnets: tuple[str, ...] = ()  # the ControlNets this stage runs (AdapterSpecs fields): the planner's
+    cost: dict | None = None  # planning.cost.StageCost.to_dict() of the plan that runs (priced plans)
 
     @property
     def denoise_steps(self) -> int:
@@ -77,6 +78,8 @@ class GenerationPlan:
     adapters: AdapterSpecs = field(default_factory=AdapterSpecs)  # adapters.check_adapters: LoRA, ControlNet, ...
     world_size: int = 1  # processes one image runs over (band parallelism); memory is per rank
     group_timeout_s: float | None = None  # band parallelism: a rank waits this long for a peer
+    gpu: str | None = None  # the GPU the plan is priced for (gpus.GPUS name, or a detected one)
+    predicted_s: float | None = None  # the whole run on that GPU, from the stages' costs
 
     @property
     def width(self) -> int:

@@ -32,6 +32,8 @@ from .memory.estimate import rank_latent_rows, weight_bytes
 from .memory.host import host_bytes
 from .budget import GIB, Budget
 from .memory.planner import BudgetError, choose_knobs
+from .cost import stage_cost
+from ..gpus import DEFAULT_GPU, GPUS, detected_gpu
 from ..vae.working_set import exact_working_set
 from .method import DemoFusion, trained_px, with_method
 
@@ -109,6 +111,9 @@ def make_plan(req: Request, model_info=None) -> GenerationPlan:
     vae_tile = req.vae_tile if req.vae_tile is not None else preset.vae_tile  # both validated
     budget = Budget.given(req.max_vram, "--max-vram") if req.max_vram is not None else (
         Budget.given(preset.max_vram, f"preset {preset.name}'s max_vram") if preset.max_vram is not None else None)
+    gpu = GPUS[req.gpu] if req.gpu is not None else None  # validated: a table name
+    if budget is None and gpu is not None and req.dry_run and not torch.cuda.is_available():
+        budget = Budget.given(gpu.memory_gib, f"--gpu {gpu.name}'s memory")  # planning for it
     max_vram = budget.gib if budget is not None else None
     linfusion = None if req.no_linfusion else resolve_linfusion(req.linfusion or preset.linfusion, info)
     if linfusion not in (None, "fresh"):
@@ -126,7 +131,8 @@ def make_plan(req: Request, model_info=None) -> GenerationPlan:
         save_stages=req.save_stages, vae_tile_px=vae_tile, memory_fixed=dict(preset.memory),
         budget=budget,
         dtype=dtype, vae_dtype=vae_dtype, device=device, planned_elsewhere=elsewhere,
-        model_info=info, preset=preset.name, family_from=info.family_from)
+        model_info=info, preset=preset.name, family_from=info.family_from,
+        gpu=gpu.name if gpu is not None else None)
     plan = _with_adapters(plan, req, preset)
     return _with_parallel(_with_method(plan, req, preset), req.world_size or 1)
 
@@ -241,8 +247,32 @@ def device_budget(plan: GenerationPlan) -> Budget:
     return Budget(cpu_plan_budget() / GIB, CPU_PLAN_SHARE_WORDS)
 
 
-def add_memory_plans(plan: GenerationPlan) -> GenerationPlan:
+def pricing_gpu(plan: GenerationPlan):
+    """The GPU a CUDA plan is priced for: --gpu, else the one here, else gpus.DEFAULT_GPU."""
+    if plan.gpu is not None:
+        return GPUS[plan.gpu]
+    if not plan.planned_elsewhere and plan.device.startswith("cuda"):
+        dev = torch.device(plan.device)
+        props = torch.cuda.get_device_properties(dev)
+        return detected_gpu(props.name, props.total_memory / GIB)
+    return GPUS[DEFAULT_GPU]
+
+
+def _pricer(plan: GenerationPlan, ledger, gpu, stage):
+    """MemoryPlan -> the stage's predicted seconds on `gpu` (planning/cost.py)."""
+    info = plan.model_info
+    weights = weight_bytes(info.unet_config, info.vae_config, DTYPE_BYTES[plan.dtype],
+                           vae_bytes=DTYPE_BYTES[plan.vae_dtype])
+    return lambda memory: stage_cost(ledger, gpu, stage, memory, weights)
+
+
+def add_memory_plans(plan: GenerationPlan, ledger_for=None) -> GenerationPlan:
     """Give every stage the fastest memory plan that fits the budget (PlanError if none does).
+
+    ledger_for: plan -> a planning.cost.Ledger (tracing.ledger builds one; handed in from above):
+    a CUDA plan's fitting plans are then ranked by their predicted seconds on the plan's GPU
+    (pricing_gpu) and every stage carries the cost of the plan that runs; without it, or on the
+    CPU, the first fitting plan in the planner's candidate order.
 
     Forced knobs (--vae-tile, a preset's `memory:`) are constraints of the search, so the
     estimate printed is the one of the plan that runs. Every stage is planned before a refusal,
@@ -254,7 +284,11 @@ def add_memory_plans(plan: GenerationPlan) -> GenerationPlan:
     fixed = _fixed_knobs(plan)
     plans, short = [], []  # short: (bytes the stage needs at least, stage)
     free_host = None if plan.planned_elsewhere else hostmem.host_memory().available
+    priced = kind == "cuda" and ledger_for is not None
+    ledger, gpu = (ledger_for(plan), pricing_gpu(plan)) if priced else (None, None)
+    costs = []
     for stage in plan.stages:
+        cost_of = _pricer(plan, ledger, gpu, stage) if priced else None
         held = _held_bytes(plan, stage, kind, DTYPE_BYTES[plan.dtype])
         host_fits = None if free_host is None else (  # prefer plans this machine's RAM can hold
             lambda m, stage=stage: round(_host_bytes(plan, plan.model_info, stage, m) / GIB, 2)
@@ -263,7 +297,8 @@ def add_memory_plans(plan: GenerationPlan) -> GenerationPlan:
             memory = choose_knobs(**_knob_args(plan, stage, kind, DTYPE_BYTES[plan.dtype],
                                                DTYPE_BYTES[plan.vae_dtype], fixed),
                                   budget_bytes=1 << 62 if budget is None else max(budget - held, 1),
-                                  host_fits=host_fits)
+                                  host_fits=host_fits,
+                                  price=None if cost_of is None else lambda m: cost_of(m).seconds())
         except BudgetError as exc:
             short.append((exc.needed_bytes + held, stage))
             continue
@@ -274,11 +309,16 @@ def add_memory_plans(plan: GenerationPlan) -> GenerationPlan:
         memory = replace(memory, estimated_host_gib=round(host / 2 ** 30, 2),
                          **_vae_modes(plan, stage, memory, budget if kind == "cpu" else None))
         plans.append(memory)
+        costs.append(cost_of(memory) if cost_of is not None else None)
     if short:
         raise PlanError(_refusal(plan, short, kind, fixed, source))
     _check_host(plan, plans)
     shown = resolved if resolved.gib is None else replace(resolved, gib=round(resolved.gib, 2))
-    return replace(plan.with_memory(plans), budget=shown)
+    plan = replace(plan.with_memory(plans), budget=shown, gpu=gpu.name if priced else None)
+    if not priced:
+        return replace(plan, predicted_s=None)
+    stages = tuple(replace(s, cost=c.to_dict()) for s, c in zip(plan.stages, costs))
+    return replace(plan, stages=stages, predicted_s=round(sum(c.seconds() for c in costs), 2))
 
 
 def _host_bytes(plan: GenerationPlan, info, stage, memory) -> int:
@@ -411,6 +451,7 @@ def _controlnet_step(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: i
                                  dtype_bytes=dtype_bytes, linfusion=plan.linfusion is not None)
 
 
-def plan_request(req: Request, model_info=None) -> GenerationPlan:
-    """make_plan then add_memory_plans: the plan a run follows and a dry run prints."""
-    return add_memory_plans(make_plan(req, model_info))
+def plan_request(req: Request, model_info=None, ledger_for=None) -> GenerationPlan:
+    """make_plan then add_memory_plans: the plan a run follows and a dry run prints
+    (ledger_for: see add_memory_plans)."""
+    return add_memory_plans(make_plan(req, model_info), ledger_for)

@@ -200,13 +200,44 @@ class _Estimator:
                               offload=k.offload, device=self.device, layer_bytes=self.layer)
 
 
+# Each knob's values, loosest (most memory, least work) first: a plan one step looser in any
+# knob needs at least as much memory and at most as much time (the frontier below rests on it).
+LOOSEST_FIRST = {"offload": OFFLOADS, "vae_tile_px": TILE_CHOICES + (tuning.CPU_VAE_TILE,),
+                 "ff_chunk": FF_CHOICES, "cfg_split": (False, True),
+                 "attn_chunk": (0,) + ATTN_CHOICES["cuda"] + ATTN_CHOICES["cpu"][-1:],
+                 "inplace": (False, True), "skips_on_cpu": (False, True), "band_rows": BAND_CHOICES}
+
+
+def _looser(plan: MemoryPlan):
+    """The plans one step looser than `plan` in one knob (as knob tuples)."""
+    k = plan.knobs()
+    for name in KNOB_NAMES:
+        order = LOOSEST_FIRST[name]
+        value = getattr(k, name)
+        i = order.index(value) if value in order else 0
+        for looser in order[:i][::-1]:  # the nearest looser value that is a real choice
+            yield replace(k, **{name: looser})
+            break
+
+
+def frontier(fitting: list[MemoryPlan]) -> list[MemoryPlan]:
+    """The fitting plans no single knob of which can be loosened and still fit: every faster
+    fitting plan is one of them or looser than one (memory is monotone in each knob)."""
+    fits = {p.knobs() for p in fitting}
+    return [p for p in fitting if not any(q in fits for q in _looser(p))]
+
+
 def choose_knobs(unet_config: dict, vae_config: dict, *, width: int, height: int,
                 dtype_bytes: int, budget_bytes: int, guidance: bool = True,
                 linfusion: bool = True, device: str = "cuda",
                 text_encoders_bytes: int | None = None, vae_bytes: int | None = None,
                 fixed: dict | None = None, dilated_pass: bool = False,
-                unet_extra=None, host_fits=None, world_size: int = 1) -> MemoryPlan:
+                unet_extra=None, host_fits=None, world_size: int = 1,
+                price=None) -> MemoryPlan:
     """The fastest plan whose estimated peak fits budget_bytes; BudgetError with the minimum if none.
+    price: plan -> predicted seconds of the stage (planning/cost.py through a ledger); with it,
+    the fitting plans of the frontier are priced and the fastest wins (ties: candidate order);
+    without it (plans for the CPU, no GPU model), the first fitting plan in candidate order.
     dilated_pass: the stage is a DemoFusion one (est.dilated_pass_bytes more while the UNet runs).
     unet_extra: knobs -> bytes added to the UNet's activations (a ControlNet step's excess).
     host_fits: plan -> whether its host memory fits this machine; the fastest plan that fits both
@@ -219,20 +250,23 @@ def choose_knobs(unet_config: dict, vae_config: dict, *, width: int, height: int
                           device=device, text_encoders_bytes=text_encoders_bytes,
                           vae_bytes=vae_bytes, dilated_pass=dilated_pass, unet_extra=unet_extra,
                           world_size=world_size)
-    smallest, gpu_only = None, None
+    smallest, fitting = None, []
     for plan in candidate_plans(width, height, guidance=guidance, linfusion=linfusion,
                                 device=device, fixed=fixed):
         if world_size > 1 and plan.offload == "sequential":  # bands read the weights directly
             continue
         peak = estimate(plan)
         if peak <= budget_bytes:
-            fitted = replace(plan, estimated_peak_gib=round(peak / GIB, 2))
-            if host_fits is None or host_fits(fitted):
-                return fitted
-            gpu_only = gpu_only or fitted
+            fitting.append(replace(plan, estimated_peak_gib=round(peak / GIB, 2)))
+            if price is None and host_fits is None:
+                break  # the first fitting plan wins: no need to estimate the rest
         smallest = peak if smallest is None else min(smallest, peak)
-    if gpu_only is not None:
-        return gpu_only
+    if fitting:
+        on_host = [p for p in fitting if host_fits is None or host_fits(p)] or fitting
+        if price is None:
+            return on_host[0]
+        ranked = frontier(on_host)
+        return min(ranked, key=lambda p: (price(p), ranked.index(p)))
     forced = f" with {', '.join(f'{k}={v}' for k, v in fixed.items())}" if fixed else ""
     raise BudgetError(
         f"needs at least {smallest / GIB:.1f} GiB for {width}x{height} with the tightest plan"
