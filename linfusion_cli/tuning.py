@@ -16,6 +16,12 @@ VAE_ATTN_TOKEN_LIMIT = {"cuda": 1024 * 1024, "cpu": 128 * 128}
 # Beyond it, windows of this many latent px a side whose cores overlap by ATTENTION_OVERLAP.
 ATTENTION_WINDOW = 128
 ATTENTION_OVERLAP = 32
+# Its SDPA: a fused CUDA kernel (flash / memory-efficient, no N x N scores) takes every query in
+# one call; otherwise (the CPU's math path) queries go in chunks whose fp32 scores stay under this.
+VAE_ATTN_SCORE_BYTES = {"cuda": 2 << 30, "cpu": 256 << 20}
+# Exact mode's paused tiles may hold this share of the GPU memory free when the tiled pass starts,
+# when no device budget is given (the running tile needs the rest); beyond, they park in host RAM.
+VAE_DEVICE_PARK_SHARE = 0.5
 # VAE tile size on the CPU: big tiles buy a GPU fewer launches, a CPU nothing but memory use.
 CPU_VAE_TILE = 1024
 

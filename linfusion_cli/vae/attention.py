@@ -6,10 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from ..bands.rows import Full, band_ranges, group_norm_affine, normed
-from ..tuning import ATTENTION_OVERLAP, ATTENTION_WINDOW, VAE_ATTN_TOKEN_LIMIT, device_kind
+from ..tuning import ATTENTION_OVERLAP, ATTENTION_WINDOW, VAE_ATTN_SCORE_BYTES, \
+    VAE_ATTN_TOKEN_LIMIT, device_kind
 from .tiles import tile_grid, window_halo
-
-_SCORE_BYTES = 256 << 20  # query chunk so that one chunk's scores stay under this
 
 
 def default_token_limit(device: torch.device) -> int:
@@ -17,11 +16,40 @@ def default_token_limit(device: torch.device) -> int:
     return VAE_ATTN_TOKEN_LIMIT[device_kind(torch.device(device))]
 
 
-def _sdpa_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """SDPA split over queries: same rows as one call, scores never (N x N) at once."""
+def query_chunk(kind: str, n_q: int, n_k: int, heads: int, fused: bool,
+                score_bytes: int | None = None) -> int:
+    """Queries per SDPA call on a `kind` ("cuda"/"cpu") device: all of them where a fused
+    kernel never holds the scores (CUDA's flash / memory-efficient: one launch, K and V read
+    once per query block, not once per chunk), else as many as keep one call's fp32 scores
+    (heads x chunk x n_k) under score_bytes (tuning.VAE_ATTN_SCORE_BYTES: the math path)."""
+    if kind == "cuda" and fused:
+        return max(1, n_q)
+    budget = VAE_ATTN_SCORE_BYTES[kind] if score_bytes is None else score_bytes
+    return max(1, min(n_q, budget // (4 * heads * max(1, n_k))))
+
+
+def fused_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether torch would run SDPA on these CUDA tensors with a kernel that holds no N x N
+    scores (flash or memory-efficient); False off CUDA or when torch cannot say."""
+    if q.device.type != "cuda":
+        return False
+    try:
+        from torch.backends import cuda as sdp
+
+        params = sdp.SDPAParams(q, k, v, None, 0.0, False, False)
+        return bool(sdp.can_use_flash_attention(params) or sdp.can_use_efficient_attention(params))
+    except (AttributeError, TypeError, RuntimeError):  # an older torch's signature: chunk safely
+        return False
+
+
+def _sdpa_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  score_bytes: int | None = None) -> torch.Tensor:
+    """SDPA in as few calls as the device allows (query_chunk): the same rows as one call,
+    scores never (N x N) at once on a path that materialises them."""
     # q: (B, heads, Nq, d); k, v: (B, heads, Nk, d)
     n_q, n_k = q.shape[2], k.shape[2]
-    step = max(1024, _SCORE_BYTES // (4 * n_k * q.shape[1]))
+    step = query_chunk(device_kind(q.device), n_q, n_k, q.shape[1], fused_sdpa(q, k, v),
+                       score_bytes)
     if n_q <= step:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
     out = torch.empty_like(q)

@@ -30,13 +30,14 @@ class StatsRequest:
 
 
 class TileCtx:
-    """Where a tile's core lies in its window, and where it parks tensors while paused."""
+    """Where a tile's core lies in its window, and where its tensors wait while it is paused."""
 
     def __init__(self, crop: tuple[int, int, int, int], win_hw: tuple[int, int],
-                 park: torch.device | None = None):
+                 lot=None, key: int = 0):
         self.crop = crop  # (y0, y1, x0, x1) core inside the window, latent px
         self.win_hw = win_hw  # window (h, w) in latent px
-        self.park = park  # None: leave tensors where they are
+        self.lot = lot  # a parking.Lot (exact mode over its device budget); None: stay put
+        self.key = key  # this tile's name in the lot
 
     def core(self, x: torch.Tensor) -> tuple[slice, slice]:
         """The core of x (1, C, H, W), whose size is an integer multiple of the window's."""
@@ -46,16 +47,13 @@ class TileCtx:
         return slice(y0 * sy, y1 * sy), slice(x0 * sx, x1 * sx)
 
     def norm(self, norm: nn.GroupNorm, t: dict, src: str, dst: str):
-        """Generator: t[dst] = norm(t[src]) with stats sent by the driver; parks t meanwhile."""
+        """Generator: t[dst] = norm(t[src]) with stats sent by the driver; t waits in the lot."""
         req = StatsRequest(norm, channel_moments(t[src], self.core(t[src])))
-        home = t[src].device
-        if self.park is not None:
-            for k in t:
-                t[k] = t[k].to(self.park)
+        if self.lot is not None:
+            self.lot.pause(self.key, t)
         stats: GroupStats = yield req
-        if self.park is not None:
-            for k in t:
-                t[k] = t[k].to(home)
+        if self.lot is not None:
+            self.lot.resume(self.key, t)
         t[dst] = group_norm(t[src], norm, stats)
 
 

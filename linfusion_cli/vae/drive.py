@@ -7,7 +7,7 @@ from typing import Callable, Iterable
 import torch
 
 from .blocks import TileCtx
-from .norm import GroupStats, Moments, pool
+from .norm import GroupStats, group_stats, pool
 from .tiles import Tile
 
 # A tile job: (tile index, generator). `finish(index, result)` receives each finished tile.
@@ -79,19 +79,22 @@ def run_recording(gen) -> tuple[object, list[GroupStats]]:
 
 def shared_pool(group):
     """pool() over every rank's tiles: each rank's moment sums, all-reduced through `group`
-    (a parallel.BandGroup, handed in) before the group stats are formed."""
+    (a parallel.BandGroup, handed in) before the group stats are formed. The buffer stays on the
+    moments' device: a CUDA run's goes through NCCL, a CPU run's through gloo (the group's
+    backend follows the tensor's device), and nothing is read back to the host."""
     def pooled(parts: list, groups: int) -> GroupStats:
-        c = parts[0].mean.shape[0]
-        flat = torch.cat([sum(p.mean * p.count for p in parts), sum(p.sq * p.count for p in parts),
-                          torch.tensor([float(sum(p.count for p in parts))], dtype=torch.float64)])
-        flat = group.all_reduce(flat, "vae")  # (2 C + 1,) float64
-        total = round(flat[-1].item())
-        return pool([Moments(total, flat[:c] / total, flat[c:2 * c] / total)], groups)
+        c, like = parts[0].mean.shape[0], parts[0].mean
+        count = torch.full((1,), float(sum(p.count for p in parts)), dtype=like.dtype,
+                           device=like.device)  # a fill, not a host copy
+        flat = torch.cat([torch.stack([p.mean * p.count for p in parts]).sum(0),
+                          torch.stack([p.sq * p.count for p in parts]).sum(0), count])
+        flat = group.all_reduce(flat, "vae")  # (2 C + 1,) sums over every rank's cores
+        return group_stats(flat[:c] / flat[-1], flat[c:2 * c] / flat[-1], groups)
     return pooled
 
 
 def run_tiles(tiles: list[Tile], start: Callable, write: Callable, *, stats: list[GroupStats] | None,
-              park=None, on_tile=None, group=None) -> int | None:
+              lot=None, on_tile=None, group=None) -> int | None:
     """Every tile's path to its end: in lock step (stats None, exact) or alone on fixed `stats`.
 
     `start(tile, ctx)` returns the tile's generator (blocks.decoder_tile/encoder_tile on its
@@ -99,12 +102,15 @@ def run_tiles(tiles: list[Tile], start: Callable, write: Callable, *, stats: lis
     counts them. Returns the GroupNorm rounds of the lock step (None with fixed stats).
     group (parallel.BandGroup, handed in): `tiles` are this rank's share, and the lock step pools
     the moments of every rank's tiles (every rank has some, all with the same GroupNorms).
+    lot (parking.Lot, exact mode only): where paused tiles wait, keyed by their index in `tiles`;
+    with fixed stats a tile never waits for another, so nothing is parked.
     """
     done = 0
 
     def job(i: int):
         t = tiles[i]
-        ctx = TileCtx((*t.y.core_in_window, *t.x.core_in_window), (t.y.win_len, t.x.win_len), park)
+        ctx = TileCtx((*t.y.core_in_window, *t.x.core_in_window), (t.y.win_len, t.x.win_len),
+                      lot if stats is None else None, i)
         return start(t, ctx)
 
     def finish(i: int, result) -> None:

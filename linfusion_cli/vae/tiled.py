@@ -14,22 +14,35 @@ goes tile by tile into a preallocated uint8 CPU buffer; the float image never ex
 Modes (`mode=`):
 - "exact": all tiles advance in lock step from GroupNorm to GroupNorm; the driver pools the
   tiles' per-channel moments over their cores (cores partition the image, each pixel counted
-  once; var = E[x^2] - E[x]^2 in float64) and every tile normalises with the result. Tiles
-  park their activations on the CPU while paused, so host memory ~ the largest activation of the
-  tiled path over the whole image (plus padding). Measured (benchmarks/vae_tiling.py, SD VAE
-  architecture, random weights, fp32 CPU, 384 and 512 px, 256 px tiles): PSNR ~90 dB vs
-  untiled, max error 1 uint8 level, seam score identical to the untiled image's.
+  once; var = E[x^2] - E[x]^2 in float64, on the device: no host read) and every tile
+  normalises with the result. Paused tiles wait where they are, on the device, while their
+  tensors together fit `device_budget` (bytes; the working set, vae/working_set.py, is all
+  tiles' tensors at the worst GroupNorm, ~ the largest activation of the tiled path over the
+  whole image plus padding); the tiles that do not fit park in host buffers, one per tile,
+  allocated once per pass and reused every round, pinned within the host budget (pageable
+  beyond), through runtime.transfer with non-blocking copies (vae/parking.py). device_budget None: on CUDA half the GPU memory free when
+  the tiles start (tuning.VAE_DEVICE_PARK_SHARE), elsewhere no limit (a CPU's tiles are in host
+  memory already); 0 parks every tile at every GroupNorm (tests force it on the CPU). The
+  report says what moved (TileReport.parked, parked_bytes: each way, counted as copied).
+  Measured (benchmarks/vae_tiling.py, SD VAE architecture, random weights, fp32 CPU, 384 and
+  512 px, 256 px tiles): PSNR ~90 dB vs untiled, max error 1 uint8 level, seam score identical
+  to the untiled image's.
 - "estimated": stats recorded once from an untiled pass over a downscaled latent/image (long
   side `stats_px` latent px, default 128); tiles then run one by one with those fixed stats, flat
-  memory (one tile's working set). Measured 32-37 dB, max error 43-63 levels, seam score within
-  2% of the untiled image's (stats from a 32 latent px pass, 1.5-2x downscale); ~29 dB reported
-  by the team for a 64 px pass. Per-tile stats (naive) measured 22-26 dB with visible seams.
+  memory (one tile's working set), and nothing parks: no tile waits for another. Measured
+  32-37 dB, max error 43-63 levels, seam score within 2% of the untiled image's (stats from a
+  32 latent px pass, 1.5-2x downscale); ~29 dB reported by the team for a 64 px pass. Per-tile stats (naive) measured 22-26 dB with visible seams.
 - None (default): "exact" when its working set fits the host budget (hostmem.vae_park_budget:
   half of the RAM free now, or `host_budget`), else "estimated".
 
-The mid-block attention is global: exact (query-chunked SDPA, never an N x N tensor) up to
-`attn_token_limit` tokens (128^2 on CPU, 1024^2 on CUDA by default); beyond, it runs in
-overlapping 128^2 windows, an approximation reported (TileReport.attention) and logged.
+The mid-block attention is global: exact (never an N x N tensor: on CUDA one fused flash /
+memory-efficient SDPA call, on the CPU query chunks whose scores stay bounded; attention.py
+query_chunk) up to `attn_token_limit` tokens (128^2 on CPU, 1024^2 on CUDA by default); beyond,
+it runs in overlapping 128^2 windows, an approximation reported (TileReport.attention) and logged.
+
+The decoder's latent-resolution map (C x h x w, the tiles' windows are cut from it) stays on the
+device through the tiled path, as the encoder's does (its tiles fill it there): beside the running
+tile, outside device_budget.
 
 With `band_rows` > 0 those latent-resolution layers run band by band (linfusion_cli.bands, the
 plan's band_rows knob): the same result (fp32 ~1e-6), but only a layer's input and output map
@@ -61,13 +74,15 @@ import torch.nn.functional as F
 from ..bands.rows import Full
 from ..hostmem import vae_park_budget
 from ..tuning import DECODER_CONTEXT, ENCODER_CONTEXT, STATS_PX  # shared with the planner
+from ..tuning import VAE_DEVICE_PARK_SHARE
 from .attention import default_token_limit
 from .blocks import TileCtx, decoder_split, decoder_tile, decoder_whole, encoder_split, \
     encoder_tile, encoder_whole
 from .drive import run_recording, run_tiles
+from .parking import Lot
 from .pixels import as_uint8_image, preprocess, to_uint8
 from .tiles import Tile, band_of, choose_tile_px, downscaled_size, rank_tiles, window_halo
-from .working_set import exact_working_set
+from .working_set import exact_working_set, peak_elements_per_px
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +97,14 @@ class TileReport:
     mode: str  # "untiled", "exact" or "estimated"
     tiles: int  # the whole pass's (over ranks: every rank's tiles together)
     attention: str  # the mid-block attention: "exact" or "windowed"
-    working_set_bytes: int | None = None  # tiled: what exact mode parks on the host
+    working_set_bytes: int | None = None  # tiled: what exact mode holds paused (all tiles)
     budget_bytes: int | None = None  # tiled: the host budget it was compared with
     gn_rounds: int | None = None  # exact mode: GroupNorm rounds of the lock step
     band_rows: int | None = None  # tiled: latent rows per band of the whole-latent part (None: off)
     ranks: int | None = None  # processes that shared it (band parallelism; None: one)
+    device_budget_bytes: int | None = None  # tiled: device bytes for paused tiles (None: no limit)
+    parked: bool | None = None  # tiled: some paused tiles left the device (exact mode only)
+    parked_bytes: int | None = None  # tiled: bytes copied to the host, and back, by this process
 
     def to_dict(self) -> dict:
         """The fields that apply (None ones left out), JSON-safe."""
@@ -96,10 +114,42 @@ class TileReport:
 OnReport = Callable[[TileReport], None]
 
 
-def _where(vae) -> tuple[torch.device, torch.dtype, torch.device | None]:
-    """The VAE's device and dtype, and where paused tiles park (CPU unless already there)."""
+def _where(vae) -> tuple[torch.device, torch.dtype]:
+    """The VAE's device and dtype (where every tile runs, and waits unless it must park)."""
     p = next(vae.parameters())
-    return p.device, p.dtype, (None if p.device.type == "cpu" else torch.device("cpu"))
+    return p.device, p.dtype
+
+
+def _device_budget(device: torch.device, given: int | None) -> int | None:
+    """Bytes of paused tiles the device may hold: as given; else on CUDA a share
+    (tuning.VAE_DEVICE_PARK_SHARE) of its memory free now, the running tile needing the rest;
+    elsewhere None, no limit (a CPU's tiles are in host memory already: parking moves nothing)."""
+    if given is not None or device.type != "cuda":
+        return given
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int((free + cached) * VAE_DEVICE_PARK_SHARE)
+
+
+def _lot(vae, tiles: list[Tile], mode: str, need: int, budget: int | None, host_budget: int,
+         decoder: bool) -> Lot | None:
+    """Where exact mode's paused tiles wait when its working set exceeds the device budget:
+    a parking.Lot whose host buffers fit each tile's largest GroupNorm, pinned within the host
+    budget. None: every paused tile stays on the device (fits, or no limit), or estimated mode
+    (no tile ever waits)."""
+    if mode != "exact" or budget is None or need <= budget:
+        return None
+    device, dtype = _where(vae)
+    per_px = peak_elements_per_px(dict(vae.config), decoder) * torch.finfo(dtype).bits // 8
+    return Lot(device, budget, lambda i: per_px * tiles[i].window_area, pin_limit=host_budget)
+
+
+def _parking(lot: Lot | None, budget: int | None) -> dict:
+    """The report's parking fields: the budget, whether tiles left the device, bytes each way."""
+    if lot is not None:
+        lot.close()
+    moved = 0 if lot is None else lot.moved
+    return dict(device_budget_bytes=budget, parked=moved > 0, parked_bytes=moved)
 
 
 def _factor(vae) -> int:
@@ -142,11 +192,11 @@ def _untiled(result, on_tile) -> tuple[object, TileReport]:
     return result, TileReport(tile_px=0, mode="untiled", tiles=1, attention="exact")
 
 
-def _window(feat: torch.Tensor, t, device, origin: int = 0) -> torch.Tensor:
+def _window(feat: torch.Tensor, t, origin: int = 0) -> torch.Tensor:
     """The tile's window (1, C, wh, ww) of the latent-resolution map (whose first row is the
-    map's row `origin`), on `device`."""
+    map's row `origin`), contiguous, on the map's device."""
     xs = t.window_slices()[1]
-    return feat[:, :, t.y.win0 - origin:t.y.win1 - origin, xs].to(device).contiguous()
+    return feat[:, :, t.y.win0 - origin:t.y.win1 - origin, xs].contiguous()
 
 
 @dataclass(frozen=True)
@@ -195,13 +245,15 @@ def _tiling(vae, h: int, w: int, tile_px: int, mode, context: int, host_budget, 
 def decode(vae, latents: torch.Tensor, *, tile_px: int | None = None, mode: str | None = None,
            on_tile=None, context: int = DECODER_CONTEXT, attn_token_limit: int | None = None,
            stats_px: int = STATS_PX, host_budget: int | None = None,
-           on_report: OnReport | None = None, band_rows: int = 0, group=None) -> np.ndarray:
+           on_report: OnReport | None = None, band_rows: int = 0, group=None,
+           device_budget: int | None = None) -> np.ndarray:
     """Decode ONE scaled latent (1, 4, h, w) to uint8 (8h, 8w, 3), tiled with shared GN stats
     (band_rows > 0: the whole-latent part band by band, tiled decodes only; group: a
-    parallel.BandGroup whose ranks share a tiled decode, see _share)."""
+    parallel.BandGroup whose ranks share a tiled decode, see _share; device_budget: device
+    bytes exact mode's paused tiles may hold, see _device_budget)."""
     if latents.ndim != 4 or latents.shape[0] != 1:
         raise ValueError(f"decode takes one latent (1, C, h, w), got {tuple(latents.shape)}")
-    device, dtype, _ = _where(vae)
+    device, dtype = _where(vae)
     f = _factor(vae)
     z = latents.to(device=device, dtype=dtype) / vae.config.scaling_factor  # (1, 4, h, w)
     if _shift(vae) is not None:
@@ -214,17 +266,19 @@ def decode(vae, latents: torch.Tensor, *, tile_px: int | None = None, mode: str 
             out, report = _untiled(to_uint8(vae.decoder(zz)), on_tile)
         else:
             out, report = _decode_tiled(vae, z, tile_px, mode, on_tile, context, limit, stats_px,
-                                        host_budget, band_rows, group)
+                                        host_budget, band_rows, group, device_budget)
     if on_report:
         on_report(report)
     return out
 
 
 def _decode_tiled(vae, z, tile_px, mode, on_tile, context, limit, stats_px,
-                  host_budget, band_rows=0, group=None) -> tuple[np.ndarray, TileReport]:
+                  host_budget, band_rows=0, group=None,
+                  device_budget=None) -> tuple[np.ndarray, TileReport]:
     """The whole-map latent-resolution layers once, then the tiled up path into a uint8 image;
-    over a group, each rank its band of both and one all-gather of the image's rows."""
-    device, dtype, park = _where(vae)
+    over a group, each rank its band of both and one all-gather of the image's rows. The
+    latent-resolution map stays on the device (windows are cut from it there)."""
+    device, dtype = _where(vae)
     f = _factor(vae)
     h, w = z.shape[-2:]
     decoder_split(vae.decoder)  # refuses decoders the tiled path cannot run
@@ -235,12 +289,12 @@ def _decode_tiled(vae, z, tile_px, mode, on_tile, context, limit, stats_px,
     if comm is not None:  # with the rows above and below that its tiles' windows read
         src = comm.halo(Full(feat), *share.context)
         origin -= src.above
-        feat = torch.cat([t.to(park or device) for t in (src.top, feat, src.bottom)], dim=2)
+        feat = torch.cat([src.top, feat, src.bottom], dim=2)  # on the device, like the halo rows
         del src
     attention = _attention(exact, limit)
     stats = _decoder_stats(vae, z, stats_px, limit) if mode == "estimated" else None
-    if park is not None:
-        feat = feat.to(park)
+    budget_d = _device_budget(device, device_budget)
+    lot = _lot(vae, share.tiles, mode, need, budget_d, budget, True)
     out = np.empty(((b - a) * f, w * f, 3), dtype=np.uint8)  # this rank's rows of the image
 
     def write(t, img):  # img: (1, 3, 8 win_h, 8 win_w)
@@ -249,15 +303,15 @@ def _decode_tiled(vae, z, tile_px, mode, on_tile, context, limit, stats_px,
         out[ys.start - a * f:ys.stop - a * f, xs] = to_uint8(img[:, :, cy, cx])
 
     def start(t, ctx):
-        return decoder_tile(vae, _window(feat, t, device, origin), ctx)
+        return decoder_tile(vae, _window(feat, t, origin), ctx)
 
-    rounds = run_tiles(share.tiles, start, write, stats=stats, park=park, on_tile=on_tile,
+    rounds = run_tiles(share.tiles, start, write, stats=stats, lot=lot, on_tile=on_tile,
                        group=share.group)
     if comm is not None:  # (8h, 8w, 3) uint8: every rank's rows, each decoded by one rank
         rows = [(p * f, q * f) for p, q in comm.parts]
         out = share.group.gather_rows(torch.from_numpy(out), rows, "vae").numpy()
     return out, TileReport(tile_px, mode, share.total, attention, need, budget, rounds,
-                           band_rows or None, share.ranks)
+                           band_rows or None, share.ranks, **_parking(lot, budget_d))
 
 
 def _decoder_stats(vae, z: torch.Tensor, long_side: int, limit: int):
@@ -275,9 +329,10 @@ def encode(vae, image, *, tile_px: int | None = None, generator: torch.Generator
            mode: str | None = None, on_tile=None, context: int = ENCODER_CONTEXT,
            attn_token_limit: int | None = None, stats_px: int = STATS_PX,
            host_budget: int | None = None, on_report: OnReport | None = None,
-           band_rows: int = 0, group=None) -> torch.Tensor:
+           band_rows: int = 0, group=None, device_budget: int | None = None) -> torch.Tensor:
     """Encode an image (PIL or uint8 (H, W, 3)) to scaled latents (1, 4, H/8, W/8)
-    (band_rows > 0: the whole-latent part band by band, tiled encodes only).
+    (band_rows > 0: the whole-latent part band by band, tiled encodes only; device_budget: as
+    for decode).
 
     With a generator, samples the posterior like diffusers' img2img (one noise tensor of the
     full latent shape, so tiled and untiled agree); without one, returns its mean.
@@ -285,7 +340,7 @@ def encode(vae, image, *, tile_px: int | None = None, generator: torch.Generator
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     arr = as_uint8_image(image)
-    device, dtype, _ = _where(vae)
+    device, dtype = _where(vae)
     f = _factor(vae)
     if arr.shape[0] % f or arr.shape[1] % f:
         raise ValueError(f"image size {arr.shape[1]}x{arr.shape[0]} is not a multiple of {f}")
@@ -298,7 +353,7 @@ def encode(vae, image, *, tile_px: int | None = None, generator: torch.Generator
             moments, report = _untiled(moments, on_tile)
         else:
             moments, report = _encode_tiled(vae, arr, tile_px, mode, on_tile, context, limit,
-                                            stats_px, host_budget, band_rows, group)
+                                            stats_px, host_budget, band_rows, group, device_budget)
         dist = DiagonalGaussianDistribution(moments)
         lat = dist.sample(generator) if generator is not None else dist.mode()  # (1, 4, h, w)
         if _shift(vae) is not None:
@@ -310,15 +365,18 @@ def encode(vae, image, *, tile_px: int | None = None, generator: torch.Generator
 
 
 def _encode_tiled(vae, arr, tile_px, mode, on_tile, context, limit, stats_px,
-                  host_budget, band_rows=0, group=None) -> tuple[torch.Tensor, TileReport]:
+                  host_budget, band_rows=0, group=None,
+                  device_budget=None) -> tuple[torch.Tensor, TileReport]:
     """The tiled down path into a latent-resolution map, then the whole-map rest once; over a
     group, each rank its band of both and one all-gather of the (8-channel) moments."""
-    device, dtype, park = _where(vae)
+    device, dtype = _where(vae)
     f = _factor(vae)
     h, w = arr.shape[0] // f, arr.shape[1] // f
     encoder_split(vae.encoder)  # refuses encoders the tiled path cannot run
     share, mode, need, budget = _tiling(vae, h, w, tile_px, mode, context, host_budget, group, False)
     stats = _encoder_stats(vae, arr, stats_px, device, dtype) if mode == "estimated" else None
+    budget_d = _device_budget(device, device_budget)
+    lot = _lot(vae, share.tiles, mode, need, budget_d, budget, False)
     (a, b), comm = share.band, share.comm
     held: dict[str, torch.Tensor] = {}  # "feat": (1, C, b - a, w), allocated by the first tile
 
@@ -333,14 +391,15 @@ def _encode_tiled(vae, arr, tile_px, mode, on_tile, context, limit, stats_px,
         ys, xs = t.core_slices()
         held["feat"][:, :, ys.start - a:ys.stop - a, xs] = x[:, :, cy, cx]
 
-    rounds = run_tiles(share.tiles, start, write, stats=stats, park=park, on_tile=on_tile,
+    rounds = run_tiles(share.tiles, start, write, stats=stats, lot=lot, on_tile=on_tile,
                        group=share.group)
+    parking = _parking(lot, budget_d)
     # popped: no reference here, so the banded path frees the map after its first layer
     moments, exact = encoder_whole(vae, held.pop("feat"), limit, band_rows, comm)  # (1, 8, b - a, w)
     if comm is not None:  # every rank's rows: the whole (1, 8, h, w)
         moments = comm.gather(moments[0].transpose(0, 1)).transpose(0, 1)[None].contiguous()
     return moments, TileReport(tile_px, mode, share.total, _attention(exact, limit), need, budget,
-                               rounds, band_rows or None, share.ranks)
+                               rounds, band_rows or None, share.ranks, **parking)
 
 
 def _encoder_stats(vae, arr: np.ndarray, long_side: int, device, dtype):

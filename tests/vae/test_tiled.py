@@ -222,15 +222,18 @@ def test_encode_rejects_sizes_off_the_grid(vae):
 
 
 # ---------------------------------------------------------------- mid-block attention
-def test_chunked_attention_equals_diffusers_and_windows_are_reported(vae, latent, monkeypatch):
+def test_chunked_attention_equals_diffusers_and_windows_are_reported(vae, latent):
     attn = vae.decoder.mid_block.attentions[0]
     torch.manual_seed(1)
     x = torch.randn(1, attn.to_q.in_features, 24, 40)
     with torch.no_grad():
         want = attn(x)
-        monkeypatch.setattr(attn_mod, "_SCORE_BYTES", 4 * 960 * 100)  # force query chunks
         got, exact = attn_mod.mid_attention(attn, x, token_limit=10_000)
         assert exact and torch.allclose(got, want, atol=1e-5)
+        q, k, v = torch.randn(3, 1, 2, 960, 16).unbind(0)
+        chunked = attn_mod._sdpa_chunked(q, k, v, score_bytes=4 * 2 * 960 * 100)  # 100 queries a call
+        whole = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        assert torch.allclose(chunked, whole, atol=1e-6)
         win, exact = attn_mod.mid_attention(attn, x, token_limit=100, window=16, overlap=4)
     assert not exact and win.shape == want.shape
     reports = []
