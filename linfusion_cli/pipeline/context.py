@@ -9,6 +9,7 @@ import torch
 
 from .. import parallel, vae as tiled_vae
 from ..hostmem import vae_park_budget
+from ..planning.budget import vae_device_budget
 from ..planning.plan import GenerationPlan, Stage
 from .events import EventHandler, PhaseProgress
 from .knobs import vae_on_device
@@ -60,8 +61,11 @@ def vae_plan(ctx: StageContext, stage: Stage, part: str) -> dict:
         mode = None
         planned = ctx.plan.budget.bytes if ctx.plan.budget is not None else None
         budget = vae_park_budget(planned) if ctx.model.device.type == "cpu" and planned else None
+    device = None
+    if memory is not None and ctx.plan.budget is not None and ctx.model.device.type == "cuda":
+        device = vae_device_budget(ctx.plan.budget.bytes, memory.estimated_peak_gib)
     return dict(tile_px=tile_px(ctx, stage), band_rows=band_rows(stage), mode=mode,
-                host_budget=budget, on_report=report_to(ctx, stage, part),
+                host_budget=budget, device_budget=device, on_report=report_to(ctx, stage, part),
                 group=parallel.active())  # band parallelism: the tiles shared out among the ranks
 
 

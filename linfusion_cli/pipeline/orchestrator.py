@@ -16,6 +16,7 @@ from .events import EventHandler, StageFinished, StageStarted, Retrying, ignore
 from .memory import memory_plan_applied
 from .stages import StageContext, stage_function
 from ..models.loading import TORCH_DTYPES
+from ..runtime import transfer
 
 
 def dtype_name(dtype) -> str:
@@ -88,6 +89,13 @@ def _run_stage(ctx: StageContext, stage: Stage,
             stage, tightened = replace(stage, memory=tighter), True
 
 
+def _count(moved: dict, direction: str, n: int, blocking: bool) -> None:
+    """Add one copy through runtime/transfer.py to a stage's measured PCIe bytes."""
+    moved[f"{direction}_bytes"] += n
+    if blocking:
+        moved["blocking_bytes"] += n
+
+
 def run_plan(plan: GenerationPlan, model, *, on_event: EventHandler = ignore,
              init_image: np.ndarray | None = None, resume_from=None) -> tuple[np.ndarray, dict]:
     """Every stage in order; returns the final uint8 (H, W, 3) image and the run record.
@@ -101,13 +109,15 @@ def run_plan(plan: GenerationPlan, model, *, on_event: EventHandler = ignore,
     done: list[dict] = [] if resume_from is None else resume_from.stage_records
     for stage in plan.stages[0 if resume_from is None else resume_from.stage + 1:]:
         on_event(StageStarted(stage.index, len(plan.stages), stage.width, stage.height, stage.denoise_steps))
+        moved = {"h2d_bytes": 0, "d2h_bytes": 0, "blocking_bytes": 0}  # counted by transfer.py
         start = time.perf_counter()
-        image, ran, knobs = _run_stage(ctx, stage, image)
+        with transfer.observed(lambda direction, n, blocking: _count(moved, direction, n, blocking)):
+            image, ran, knobs = _run_stage(ctx, stage, image)
         seconds = time.perf_counter() - start
         vae = _vae_notes(ctx.notes.get(stage.index, {}))
         knobs["vae_tile_px"] = vae.get("decode", {}).get("tile_px", 0)
         stage_record = ran.to_dict() | {"seconds": round(seconds, 3), "peak_gib": _peak_gib(model.device),
-                                        "vae": vae, "memory_in_effect": knobs}
+                                        "vae": vae, "memory_in_effect": knobs, "pcie_moved": moved}
         done.append(stage_record)
         on_event(StageFinished(stage.index, len(plan.stages), seconds, stage_record["peak_gib"], image,
                                run_record(plan, model, done)))

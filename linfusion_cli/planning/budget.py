@@ -43,3 +43,12 @@ class Budget:
 
     def to_dict(self) -> dict:
         return {"gib": self.gib, "source": self.source}
+
+
+def vae_device_budget(budget_bytes: int | None, estimated_peak_gib: float) -> int | None:
+    """Device bytes the exact tiled VAE's paused tiles may hold: what the stage's plan leaves of
+    the budget (its estimate counts one running tile; paused ones beyond this park on the host).
+    None without a budget (the tiled VAE then takes a share of the memory free when it starts)."""
+    if budget_bytes is None:
+        return None
+    return max(0, budget_bytes - int(estimated_peak_gib * GIB))

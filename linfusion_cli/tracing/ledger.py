@@ -24,8 +24,10 @@ import json
 import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -33,9 +35,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from .. import __version__
 from ..models.loading import cache_dir
 from ..pipeline.knobs import apply_knobs
+from .. import vae as tiled_vae
+from ..planning.budget import GIB, vae_device_budget
 from ..planning.cost import Cost
+from ..tuning import VAE_ATTN_TOKEN_LIMIT
 from ..runtime import transfer
-from .unet import _inputs, meta_unet
+from .unet import _inputs, meta_unet, meta_vae
 
 UNET_KNOBS = ("ff_chunk", "cfg_split", "attn_chunk", "band_rows", "skips_on_cpu")
 
@@ -136,33 +141,28 @@ def extrapolated(count, height_rows: int, period: int) -> Cost:
     return lo + Cost(*(round((getattr(hi, f) - getattr(lo, f)) * k) for f in Cost.__dataclass_fields__))
 
 
+@lru_cache(maxsize=4)
+def _meta_unet(config_json: str, linfusion: bool, dtype: torch.dtype):
+    """One meta UNet per config in a process (building one takes seconds; it holds no memory)."""
+    return meta_unet(json.loads(config_json), linfusion=linfusion, dtype=dtype)
+
+
 class UnetLedger:
     """Costs of one UNet config's calls, memoised (process and disk): a Ledger's UNet phase."""
 
     def __init__(self, unet_config: dict, *, linfusion: bool, dtype: torch.dtype = torch.float16,
                  cache: Path | None = None):
         self.config, self.linfusion, self.dtype = unet_config, linfusion, dtype
-        self.cache = cache
-        self._unet = None
-        self._memo: dict = {}
+        self.store = _Store(cache)
 
     def _model(self):
-        if self._unet is None:
-            self._unet = meta_unet(self.config, linfusion=self.linfusion, dtype=self.dtype)
-        return self._unet
-
-    def key(self, width: int, height: int, knobs, batch: int) -> str:
-        parts = {"v": __version__, "config": self.config, "linfusion": self.linfusion,
-                 "dtype": str(self.dtype), "w": -(-width // 8), "h": -(-height // 8), "batch": batch,
-                 "knobs": {k: getattr(knobs, k) for k in UNET_KNOBS}}
-        return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+        return _meta_unet(json.dumps(self.config, sort_keys=True), self.linfusion, self.dtype)
 
     def __call__(self, width: int, height: int, knobs, batch: int) -> Cost:
-        key = self.key(width, height, knobs, batch)
-        if key not in self._memo:
-            self._memo[key] = self._load(key) or self._count(width, height, knobs, batch)
-            self._store(key, self._memo[key])
-        return self._memo[key]
+        key = _digest({"v": __version__, "config": self.config, "linfusion": self.linfusion,
+                       "dtype": str(self.dtype), "w": -(-width // 8), "h": -(-height // 8),
+                       "batch": batch, "knobs": {k: getattr(knobs, k) for k in UNET_KNOBS}})
+        return self.store.get(key, lambda: self._count(width, height, knobs, batch))
 
     def _count(self, width: int, height: int, knobs, batch: int) -> Cost:
         def count(rows: int) -> Cost:
@@ -170,21 +170,84 @@ class UnetLedger:
                                   batch=batch, dtype=self.dtype)
         return extrapolated(count, -(-height // 8), band_period(self.config, knobs, width))
 
+
+class VaeLedger:
+    """Costs of one VAE config's tiled decode and encode: the real vae.decode / vae.encode run
+    on the meta device at full size under the plan's tile, bands, statistics mode and budgets
+    (what pipeline/context.vae_plan hands them), memoised like UnetLedger."""
+
+    def __init__(self, vae_config: dict, *, dtype: torch.dtype = torch.bfloat16,
+                 cache: Path | None = None, budget_bytes: int | None = None):
+        self.config, self.dtype = vae_config, dtype
+        self.budget_bytes = budget_bytes  # the plan's device budget (paused tiles' share of it)
+        self.store = _Store(cache)
+
+    def __call__(self, width: int, height: int, plan, *, decoder: bool) -> Cost:
+        mode = getattr(plan, f"vae_{'decode' if decoder else 'encode'}_mode", "") or "estimated"
+        device = None if mode != "exact" else vae_device_budget(self.budget_bytes, plan.estimated_peak_gib)
+        args = {"tile_px": plan.vae_tile_px, "band_rows": plan.band_rows,
+                "mode": mode if plan.vae_tile_px else None, "device_budget": device,
+                "host_budget": int(plan.vae_host_gib * GIB) or None}
+        key = _digest({"v": __version__, "vae": self.config, "dtype": str(self.dtype), "w": width,
+                       "h": height, "decoder": decoder, **args})
+        return self.store.get(key, lambda: vae_pass_cost(self.config, width, height, decoder=decoder,
+                                                         dtype=self.dtype, **args))
+
+
+def vae_pass_cost(vae_config: dict, width: int, height: int, *, decoder: bool,
+                  dtype: torch.dtype = torch.bfloat16, **plan) -> Cost:
+    """One decode of a (width, height) image's latent, or one encode of the image, counted."""
+    vae = _meta_vae(json.dumps(vae_config, sort_keys=True), dtype)
+    f = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    token_limit = VAE_ATTN_TOKEN_LIMIT["cuda"]
+    with counting() as tally:
+        if decoder:
+            latent = torch.empty(1, vae_config.get("latent_channels", 4), height // f, width // f,
+                                 device="meta")
+            tiled_vae.decode(vae, latent, attn_token_limit=token_limit, **plan)
+        else:
+            image = np.zeros((height, width, 3), dtype=np.uint8)  # untouched pages: no memory
+            tiled_vae.encode(vae, image, attn_token_limit=token_limit, **plan)
+    return tally.cost()
+
+
+@lru_cache(maxsize=4)
+def _meta_vae(config_json: str, dtype: torch.dtype):
+    return meta_vae(json.loads(config_json), dtype)
+
+
+def _digest(parts: dict) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class _Store:
+    """Counts memoised in the process and, with a folder, on disk (one small JSON file each)."""
+
+    def __init__(self, folder: Path | None):
+        self.folder, self.memo = folder, {}
+
+    def get(self, key: str, count) -> Cost:
+        if key not in self.memo:
+            self.memo[key] = self._load(key) or count()
+            self._save(key, self.memo[key])
+        return self.memo[key]
+
     def _load(self, key: str) -> Cost | None:
-        path = None if self.cache is None else self.cache / f"{key}.json"
+        if self.folder is None:
+            return None
         try:
-            return Cost(**json.loads(path.read_text())) if path is not None else None
+            return Cost(**json.loads((self.folder / f"{key}.json").read_text()))
         except (OSError, ValueError, TypeError):
             return None
 
-    def _store(self, key: str, cost: Cost) -> None:
-        if self.cache is None:
+    def _save(self, key: str, cost: Cost) -> None:
+        if self.folder is None:
             return
         try:
-            self.cache.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache / f".{key}.{os.getpid()}.tmp"
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = self.folder / f".{key}.{os.getpid()}.tmp"
             tmp.write_text(json.dumps(cost.to_dict()))
-            os.replace(tmp, self.cache / f"{key}.json")
+            os.replace(tmp, self.folder / f"{key}.json")
         except OSError:
             pass  # a cache that cannot be written only costs a recount
 
@@ -199,7 +262,7 @@ class PlanLedger:
         self.unet = UnetLedger(info.unet_config, linfusion=plan.linfusion is not None,
                                dtype=dtype.get(plan.dtype, torch.float16), cache=cache)
         self.vae = VaeLedger(info.vae_config, dtype=dtype.get(plan.vae_dtype, torch.bfloat16),
-                             cache=cache)
+                             cache=cache, budget_bytes=plan.budget.bytes if plan.budget else None)
         self.world_size = plan.world_size
 
     def __call__(self, phase: str, width: int, height: int, plan, guidance: bool) -> Cost:
@@ -212,13 +275,3 @@ def ledger_for(plan) -> PlanLedger:
     """The ledger a plan is priced with, its counts cached beside the demo model."""
     return PlanLedger(plan, cache_dir() / "ledger")
 
-
-class VaeLedger:
-    """Costs of one VAE config's tiled decode and encode (filled in below)."""
-
-    def __init__(self, vae_config: dict, *, dtype: torch.dtype = torch.bfloat16,
-                 cache: Path | None = None):
-        self.config, self.dtype, self.cache = vae_config, dtype, cache
-
-    def __call__(self, width: int, height: int, plan, *, decoder: bool) -> Cost:
-        return Cost()

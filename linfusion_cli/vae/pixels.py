@@ -5,16 +5,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 from ..errors import NonFiniteError
+from ..runtime import transfer
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(1, 3, H, W) in [-1, 1] -> (H, W, 3) uint8, like diffusers' image processor, in float32.
 
-    NaN/inf (an fp16 overflow) raise NonFiniteError("vae") instead of turning black."""
-    if not bool(torch.isfinite(x).all()):
+    NaN/inf (an fp16 overflow) raise NonFiniteError("vae") instead of turning black. A meta x
+    (the cost ledger's full-size count) gives a zero image of its shape, the copy counted."""
+    if not x.is_meta and not bool(torch.isfinite(x).all()):
         raise NonFiniteError("vae")
-    x = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-    return x[0].permute(1, 2, 0).cpu().numpy()
+    x = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)  # (1, 3, H, W)
+    if not transfer.is_host(x):  # the uint8 pixels cross to the host once
+        x = transfer.to_host(x)
+    if x.is_meta:
+        return np.zeros((x.shape[2], x.shape[3], 3), dtype=np.uint8)
+    return x[0].permute(1, 2, 0).numpy()
 
 
 def preprocess(arr: np.ndarray, device, dtype) -> torch.Tensor:
@@ -25,7 +31,8 @@ def preprocess(arr: np.ndarray, device, dtype) -> torch.Tensor:
     """
     arr = np.ascontiguousarray(arr)  # (H, W, 3) C-order, as np.array(PIL image) is
     x = torch.from_numpy((arr.astype(np.float32) / 255.0)[None].transpose(0, 3, 1, 2))
-    return (2.0 * x - 1.0).to(device=device, dtype=dtype)
+    x = (2.0 * x - 1.0).to(dtype)  # (1, 3, H, W) on the host, in the VAE's dtype
+    return x if torch.device(device).type == "cpu" else transfer.to_device(x, device)
 
 
 def as_uint8_image(image) -> np.ndarray:

@@ -73,6 +73,7 @@ import torch.nn.functional as F
 
 from ..bands.rows import Full
 from ..hostmem import vae_park_budget
+from ..runtime import transfer
 from ..tuning import DECODER_CONTEXT, ENCODER_CONTEXT, STATS_PX  # shared with the planner
 from ..tuning import VAE_DEVICE_PARK_SHARE
 from .attention import default_token_limit
@@ -277,7 +278,8 @@ def _decode_tiled(vae, z, tile_px, mode, on_tile, context, limit, stats_px,
                   device_budget=None) -> tuple[np.ndarray, TileReport]:
     """The whole-map latent-resolution layers once, then the tiled up path into a uint8 image;
     over a group, each rank its band of both and one all-gather of the image's rows. The
-    latent-resolution map stays on the device (windows are cut from it there)."""
+    latent-resolution map waits in host memory during the tiled pass (the planner's estimate
+    counts it there: 4 GiB at 16384^2), each window crossing once through runtime.transfer."""
     device, dtype = _where(vae)
     f = _factor(vae)
     h, w = z.shape[-2:]
@@ -293,6 +295,9 @@ def _decode_tiled(vae, z, tile_px, mode, on_tile, context, limit, stats_px,
         del src
     attention = _attention(exact, limit)
     stats = _decoder_stats(vae, z, stats_px, limit) if mode == "estimated" else None
+    parked = device.type != "cpu"  # (1, C, rows, w): off the device while the tiles run
+    if parked:
+        feat = transfer.to_host(feat)
     budget_d = _device_budget(device, device_budget)
     lot = _lot(vae, share.tiles, mode, need, budget_d, budget, True)
     out = np.empty(((b - a) * f, w * f, 3), dtype=np.uint8)  # this rank's rows of the image
@@ -303,7 +308,8 @@ def _decode_tiled(vae, z, tile_px, mode, on_tile, context, limit, stats_px,
         out[ys.start - a * f:ys.stop - a * f, xs] = to_uint8(img[:, :, cy, cx])
 
     def start(t, ctx):
-        return decoder_tile(vae, _window(feat, t, origin), ctx)
+        window = _window(feat, t, origin)  # (1, C, win_h, win_w)
+        return decoder_tile(vae, transfer.to_device(window, device) if parked else window, ctx)
 
     rounds = run_tiles(share.tiles, start, write, stats=stats, lot=lot, on_tile=on_tile,
                        group=share.group)
