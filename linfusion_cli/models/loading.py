@@ -259,6 +259,21 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", linfusi
                          adapters=adapters)
 
 
+ALLOC_CONF_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+
+
+def gpu_defaults() -> None:
+    """CUDA settings that help this workload, set before the first allocation: expandable
+    segments (bands and tiles of changing sizes fragment a caching allocator; kept if the user
+    set the allocator's variable), cuDNN autotuning (the same conv shapes run every step) and
+    TF32 for the float32 fallbacks (a VAE or UNet widened after NaNs)."""
+    if not any(os.environ.get(v) for v in ALLOC_CONF_VARS):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def prepare_model(pipe, *, model: str, dtype: str = "auto", device: str = "auto",
                   linfusion: str | None = "auto", scheduler: str = "default",
                   channels_last: bool | None = None, family: str | None = None,
@@ -287,12 +302,16 @@ def prepare_model(pipe, *, model: str, dtype: str = "auto", device: str = "auto"
     if adapters:  # after LinFusion, so LoRA reaches its projections too
 
         controlnets = mount_adapters(pipe, adapters, torch_device)
+    if torch_device.type == "cuda":
+        gpu_defaults()
     pipe.to(torch_device)
     if channels_last is None:
-        channels_last = torch_device.type == "cpu"
+        channels_last = torch_device.type in ("cpu", "cuda")
     if channels_last:
         # oneDNN's convolutions run about 2x faster on channels-last tensors at the small channel
-        # counts of the up-sampling path; the result is the same up to float summation order.
+        # counts of the up-sampling path, and cuDNN's fp16/bf16 tensor-core convolutions take
+        # NHWC natively (NCHW costs a transpose per conv); the result is the same up to float
+        # summation order. Band buffers (bands/) are allocated in the layout of what they hold.
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
         for net in controlnets.values():

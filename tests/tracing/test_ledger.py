@@ -91,3 +91,38 @@ def test_parked_bytes_of_a_cpu_run_equal_the_ledger_on_meta():
         finally:
             undo()
     assert tally.cost().conv_flops == meta.conv_flops  # (its text context is shorter: conv only)
+
+
+@pytest.mark.parametrize("decoder", [True, False], ids=["decode", "encode"])
+def test_vae_bytes_of_a_cpu_run_that_parks_equal_the_ledger_on_meta(decoder):
+    """The tiled VAE with every paused tile parked (device_budget 0) on the CPU: the bytes
+    runtime/transfer.py moved equal the ledger's count on meta, less what only a GPU moves (the
+    decoder's latent-resolution map and its windows, the pixels), computed from shapes here."""
+    from diffusers import AutoencoderKL
+
+    from linfusion_cli import vae as tiled
+    from linfusion_cli.models.tiny import VAE_CONFIG
+    from linfusion_cli.tracing.ledger import vae_pass_cost
+    from linfusion_cli.vae.tiles import tile_grid
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**VAE_CONFIG).eval()
+    h, w, tile_px, f = 40, 56, 128, 8  # latent px; 3 x 4 tiles of 16 latent px
+    plan = dict(tile_px=tile_px, mode="exact", band_rows=0, device_budget=0, host_budget=1 << 40)
+    moved = {"d2h": 0, "h2d": 0}
+    with transfer.observed(lambda d, n, b: moved.__setitem__(d, moved[d] + n)):
+        if decoder:
+            tiled.decode(vae, torch.randn(1, 4, h, w), **plan)
+        else:
+            tiled.encode(vae, (torch.rand(h * f, w * f, 3) * 255).to(torch.uint8).numpy(), **plan)
+    assert moved["d2h"] == moved["h2d"] > 0  # each parked tile comes back
+    meta = vae_pass_cost(VAE_CONFIG, w * f, h * f, decoder=decoder, dtype=torch.float32, **plan)
+    if decoder:
+        c = VAE_CONFIG["block_out_channels"][-1]  # the latent-resolution map's channels
+        windows = sum(t.window_area for t in tile_grid(h, w, tile_px // f, 11))
+        gpu_only_d2h, gpu_only_h2d = c * h * w * 4 + 3 * h * w * f * f, c * windows * 4
+    else:
+        windows = sum(t.window_area for t in tile_grid(h, w, tile_px // f, 6))
+        gpu_only_d2h, gpu_only_h2d = 0, 3 * windows * f * f * 4  # image windows in, float32
+    assert meta.d2h_bytes == moved["d2h"] + gpu_only_d2h
+    assert meta.h2d_bytes == moved["h2d"] + gpu_only_h2d
