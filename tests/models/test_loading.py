@@ -271,20 +271,24 @@ def test_demo_built_once_and_mounts_linfusion(tmp_path, monkeypatch):
 
 def test_gpu_defaults_set_the_allocator_unless_the_user_did(monkeypatch):
     """The CUDA settings, forced on the CPU: expandable segments unless either allocator
-    variable is set, cuDNN autotuning and TF32 for float32 fallbacks."""
+    variable is set, cuDNN autotuning and TF32 for float32 fallbacks (CUDA-only switches)."""
+    import os
+
     import torch
 
     from linfusion_cli.models.loading import gpu_defaults
 
     for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    gpu_defaults()
-    import os
-    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
-    assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
-    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:512")
-    gpu_defaults()
-    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    saved = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        gpu_defaults()
+        assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+        assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+        monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:512")
+        gpu_defaults()
+        assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = saved
