@@ -59,11 +59,20 @@ class World:
         return index % self.size == self.rank
 
     def device(self, requested: str | None) -> str | None:
-        """cuda:LOCAL_RANK for auto/cuda when one of several processes; the CPU without a GPU."""
-        if not self.distributed or requested not in (None, "auto", "cuda"):
+        """This rank's GPU when one of several processes: cuda:(LOCAL_RANK % GPUs visible), so a
+        launcher that gives each process one visible GPU works too; a --device naming one GPU
+        would put every rank on it: refused. The CPU without a GPU."""
+        if not self.distributed:
             return requested
-
-        return f"cuda:{self.local_rank}" if torch.cuda.is_available() else requested
+        if requested not in (None, "auto", "cuda"):
+            if str(requested).startswith("cuda:"):
+                raise InputError(f"--device {requested} names one GPU, but {self.size} processes were "
+                                 "launched: every rank would use it; pass --device cuda (rank r "
+                                 "takes GPU LOCAL_RANK % visible GPUs) or set CUDA_VISIBLE_DEVICES")
+            return requested
+        if not torch.cuda.is_available():
+            return requested
+        return f"cuda:{self.local_rank % max(1, torch.cuda.device_count())}"
 
     # ------------------------------------------------------------ start-up agreement (collectives)
 

@@ -102,6 +102,31 @@ def test_world_from_env_and_shares():
             from_env(bad)
 
 
+def test_a_rank_takes_its_local_rank_modulo_the_visible_gpus(monkeypatch):
+    """Forced on the CPU: 4 processes on a machine whose launcher shows each 1 (or 2) GPUs."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert World(rank=3, size=4, local_rank=3).device("cuda") == "cuda:0"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert World(rank=3, size=4, local_rank=3).device(None) == "cuda:1"
+    with pytest.raises(InputError, match="names one GPU"):
+        World(rank=1, size=2, local_rank=1).device("cuda:0")
+    assert World(rank=0, size=1).device("cuda:0") == "cuda:0"  # one process: as asked
+
+
+def test_bf16_is_native_only_from_compute_capability_8(monkeypatch):
+    import torch
+
+    from linfusion_cli.models.loading import native_bf16
+
+    for capability, native in (((7, 5), False), ((7, 0), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
+        assert native_bf16(torch.device("cuda", 0)) is native
+    assert not native_bf16(torch.device("cpu"))
+
+
 # ---------------------------------------------------------------- torchrun
 
 

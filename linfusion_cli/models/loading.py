@@ -93,9 +93,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def native_bf16(device: torch.device) -> bool:
+    """bf16 in hardware: CUDA compute capability 8.0 (Ampere) and above. torch's
+    is_bf16_supported() also says yes where it is emulated (T4, V100: cuDNN's slow fallback)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_dtypes(name: str, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
     """(UNet/text dtype, VAE dtype) on a real device (resolve.choose_dtypes picks the names)."""
-    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16_ok = native_bf16(device)
     unet, vae = choose_dtypes(name, device.type, bf16_ok)
     return TORCH_DTYPES[unet], TORCH_DTYPES[vae]
 

@@ -25,7 +25,7 @@ from .. import hostmem, parallel
 from ..hostmem import CPU_PLAN_SHARE_WORDS, cpu_plan_budget, vae_park_budget
 from ..distributed import processes_here
 from ..inputs import expand
-from ..models.loading import resolve_device
+from ..models.loading import native_bf16, resolve_device
 from ..models.resolve import resolve_model, TRAINED_SHORT_SIDE, resolve_linfusion, choose_dtypes, DTYPE_BYTES
 from .memory.adapters import controlnet_extra_bytes, ip_adapter_extra_bytes, controlnet_unet_extra
 from .memory.estimate import rank_latent_rows, weight_bytes
@@ -228,7 +228,7 @@ def planned_device(device: str | None, dtype: str, max_vram: float | None,
         unet, vae = choose_dtypes(dtype, "cuda", bf16_ok=True)
         return (name if name != "auto" else "cuda"), unet, vae, True
     resolved = resolve_device(name)
-    bf16_ok = resolved.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16_ok = native_bf16(resolved)
     unet, vae = choose_dtypes(dtype, resolved.type, bf16_ok)
     return str(resolved), unet, vae, False
 

@@ -63,6 +63,7 @@ TileReport, passed to `on_report` when it is done.
 from __future__ import annotations
 
 from PIL import Image
+import functools
 import logging
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -242,7 +243,25 @@ def _tiling(vae, h: int, w: int, tile_px: int, mode, context: int, host_budget, 
     return share, mode, need, budget
 
 
+def _honours_force_upcast(fn):
+    """decode/encode of an fp16 VAE whose config sets force_upcast (SD-XL's: its fp16 activations
+    overflow at large sizes) run in float32, as diffusers' pipelines do, and the VAE goes back
+    to fp16 after; any other VAE runs in its own dtype."""
+    @functools.wraps(fn)
+    def run(vae, *args, **kwargs):
+        upcast = _where(vae)[1] == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+        if not upcast:
+            return fn(vae, *args, **kwargs)
+        vae.to(torch.float32)
+        try:
+            return fn(vae, *args, **kwargs)
+        finally:
+            vae.to(torch.float16)
+    return run
+
+
 # ---------------------------------------------------------------- decode
+@_honours_force_upcast
 def decode(vae, latents: torch.Tensor, *, tile_px: int | None = None, mode: str | None = None,
            on_tile=None, context: int = DECODER_CONTEXT, attn_token_limit: int | None = None,
            stats_px: int = STATS_PX, host_budget: int | None = None,
@@ -331,6 +350,7 @@ def _decoder_stats(vae, z: torch.Tensor, long_side: int, limit: int):
 
 
 # ---------------------------------------------------------------- encode
+@_honours_force_upcast
 def encode(vae, image, *, tile_px: int | None = None, generator: torch.Generator | None = None,
            mode: str | None = None, on_tile=None, context: int = ENCODER_CONTEXT,
            attn_token_limit: int | None = None, stats_px: int = STATS_PX,

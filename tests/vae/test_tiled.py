@@ -261,3 +261,21 @@ def test_windowed_mid_attention_is_exact_when_one_window_covers_the_map():
     torch.testing.assert_close(exact, reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(one_window, reference, rtol=1e-5, atol=1e-5)
     assert small.shape == x.shape and not torch.allclose(small, reference, atol=1e-4)
+
+
+def test_an_fp16_vae_with_force_upcast_decodes_and_encodes_in_float32():
+    """SD-XL's VAE config sets force_upcast: its fp16 weights run in float32 (and stay fp16)."""
+    from diffusers import AutoencoderKL
+
+    from linfusion_cli.models.tiny import VAE_CONFIG
+    from linfusion_cli.vae import decode, encode
+
+    torch.manual_seed(0)
+    half = AutoencoderKL(**{**VAE_CONFIG, "force_upcast": True}).eval().half()
+    full = AutoencoderKL(**{**VAE_CONFIG, "force_upcast": True}).eval()
+    full.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    latent = torch.randn(1, 4, 24, 24) * 40  # large values: fp16 activations would overflow
+    assert np.array_equal(decode(half, latent, tile_px=0), decode(full, latent, tile_px=0))
+    assert next(half.parameters()).dtype == torch.float16
+    image = (torch.rand(96, 96, 3) * 255).to(torch.uint8).numpy()
+    assert torch.equal(encode(half, image, tile_px=0), encode(full, image, tile_px=0))
