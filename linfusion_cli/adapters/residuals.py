@@ -24,6 +24,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..runtime import parking  # parking.* is swapped by the memory trace: looked up per call
+from ..runtime import transfer
 from ..runtime.batching import batch_rows
 
 ENABLED = True  # tests switch it off to compare with diffusers' own order
@@ -78,7 +79,8 @@ def residuals_in_place(control: nn.Module, unet: nn.Module):
         down = list(down)
         if parked:  # one by one, so each device residual is freed as its host copy is made
             for i, residual in enumerate(down):
-                down[i] = parking.park(residual)
+                if not transfer.is_host(residual):  # a banded ControlNet parked its own
+                    down[i] = parking.park(residual)
             del residual
         return down, mid
 

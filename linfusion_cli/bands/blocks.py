@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .rows import (Computed, Full, Moments, Rows, band_ranges, conv_rows, group_norm_affine,
-                   mapped, normed, reduced)
+from .rows import (Computed, Full, Moments, Rows, Upsampled, band_ranges, conv_rows,
+                   conv_window, group_norm_affine, mapped, normed, reduced)
 
 # `comm` arguments: None in one process; under band parallelism (linfusion_cli/parallel) the
 # level's communicator, whose halo(src, top, bottom) adds the neighbours' rows to this rank's
@@ -39,13 +39,21 @@ def check_resnet(r: nn.Module) -> None:
         raise ValueError("band-wise UNet: resnet convs must have stride 1")
 
 
-def resnet(r: nn.Module, x: Rows, temb: torch.Tensor | None, rows: int, comm=None) -> torch.Tensor:
+def resnet(r: nn.Module, x: Rows, temb: torch.Tensor | None, rows: int, comm=None,
+           spare: torch.Tensor | None = None) -> torch.Tensor:
     """ResnetBlock2D.forward(x, temb) -> (B, C_out, H, W), holding x, one output map and a band.
 
-    Pass 1: GroupNorm-1 moments of x. Pass 2: conv1 band by band into the output map, with the
-    time embedding added and GroupNorm-2 moments taken. Pass 3: conv2 + shortcut, written over
-    the output map in place; the rows above each band that conv2 still needs are kept aside
-    (`carry`) before they are overwritten.
+    Pass 1: GroupNorm-1 moments of x (a parked skip's were taken before it left). Pass 2: conv1
+    band by band into the output map, with the time embedding added and GroupNorm-2 moments
+    taken; each band of x is read once with conv1's halo, and the next band's parked rows are
+    asked for before this one computes. Pass 3: conv2 + shortcut, written over the output map
+    in place; the rows above each band that conv2 still needs are kept aside (`carry`) before
+    they are overwritten.
+
+    spare: a whole map (B, >= C_out, H, W) of the shortcut's dtype that the caller is done with
+    once x has been read (x's own left part, under skips_on_cpu). The shortcut is then taken in
+    pass 2 from the band conv1 read, and kept in spare's rows that no later band reads, so that
+    pass 3 reads no row of x: a parked skip crosses PCIe once per resnet, not twice.
     """
     check_resnet(r)
     ranges = band_ranges(x.height, rows)
@@ -57,17 +65,35 @@ def resnet(r: nn.Module, x: Rows, temb: torch.Tensor | None, rows: int, comm=Non
     else:
         temb = None
     xh = x if comm is None else comm.halo(x, *halo_rows(r.conv1, x.height))
-    pre1 = mapped(xh, lambda t: act(normed(t, affine1)))
-    out, moments = None, Moments()
-    for a, b in ranges:
-        h = conv_rows(r.conv1, pre1, a, b)
+    first, last = -xh.above, x.height + xh.below  # rows xh has (zeros beyond them)
+    windows = [conv_window(r.conv1, a, b) for a, b in ranges]  # rows each band's conv1 reads
+    early = _early_shortcut(r, spare, x)
+    out, moments, waiting = None, Moments(), []  # waiting: (a, b, shortcut rows) not yet in spare
+    xh.prefetch(*windows[0])
+    for k, ((a, b), (lo, hi)) in enumerate(zip(ranges, windows)):
+        lo, hi = max(lo, first), min(hi, last)
+        xb = xh.rows(lo, hi)  # (B, C_in, hi - lo, W): the band and conv1's halo, read once
+        later = windows[k + 1] if k + 1 < len(ranges) else None
+        if later is not None:
+            xh.prefetch(*later)  # the next band's parked rows cross while this band computes
+        if early:  # rows above the next window are read no more: the shortcuts waiting go there
+            waiting = _into_spare(spare, waiting, later[0] if later is not None else x.height)
+        band = Computed(x.batch, x.channels, x.height, x.width,
+                        lambda p, q, xb=xb, lo=lo: xb[:, :, p - lo:q - lo], xh.above, xh.below)
+        h = conv_rows(r.conv1, mapped(band, lambda t: act(normed(t, affine1))), a, b)
         if temb is not None:
             h = h + temb
         if out is None:  # (B, C_out, H, W), the only whole map this block makes
             out = torch.empty(*h.shape[:2], x.height, x.width, dtype=h.dtype, device=h.device)
         out[:, :, a:b] = h
         moments.add(h)
-        del h
+        del h, band
+        if early:  # (B, C_out, b - a, W) from the band's own rows
+            waiting.append((a, b, r.conv_shortcut(xb[:, :, a - lo:b - lo].contiguous())))
+        del xb
+    if early:
+        _into_spare(spare, waiting, x.height)
+    del waiting
     affine2 = reduced(moments, comm).affine(r.norm2)
     conv2 = getattr(r.conv2, "base_layer", r.conv2)
     above = conv2.padding[0]  # rows above a band that conv2 reads (stride 1)
@@ -88,14 +114,19 @@ def resnet(r: nn.Module, x: Rows, temb: torch.Tensor | None, rows: int, comm=Non
             parts.append(bottom[:, :, max(lo, x.height) - x.height:hi - x.height])
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
-    for a, b in ranges:
+    for k, (a, b) in enumerate(ranges):
+        if early:
+            shortcut = spare[:, :out.shape[1], a:b]
+        else:
+            shortcut = x.rows(a, b)
+            if k + 1 < len(ranges):
+                x.prefetch(*ranges[k + 1])  # the next band's parked rows cross meanwhile
+            if r.conv_shortcut is not None:
+                shortcut = r.conv_shortcut(shortcut.contiguous())
         pre2 = Computed(out.shape[0], out.shape[1], x.height, x.width, lambda lo, hi, a=a:
                         r.dropout(act(normed(original(lo, hi, a), affine2))),
                         top.shape[2], bottom.shape[2])
         h = conv_rows(r.conv2, pre2, a, b)
-        shortcut = x.rows(a, b)
-        if r.conv_shortcut is not None:
-            shortcut = r.conv_shortcut(shortcut.contiguous())
         result = (shortcut + h) / r.output_scale_factor
         del h, shortcut
         keep = max(b - above, 0)
@@ -103,6 +134,28 @@ def resnet(r: nn.Module, x: Rows, temb: torch.Tensor | None, rows: int, comm=Non
         out[:, :, a:b] = result
         del result
     return out
+
+
+def _early_shortcut(r: nn.Module, spare: torch.Tensor | None, x: Rows) -> bool:
+    """Whether resnet can keep r's shortcut (a conv) in `spare` (see resnet)."""
+    conv = r.conv_shortcut
+    if spare is None or conv is None:
+        return False
+    base = getattr(conv, "base_layer", conv)
+    return (spare.shape[1] >= base.out_channels and spare.dtype == base.weight.dtype
+            and (spare.shape[0], spare.shape[2], spare.shape[3]) == (x.batch, x.height, x.width))
+
+
+def _into_spare(spare: torch.Tensor, waiting: list, below: int) -> list:
+    """Write the waiting shortcut bands (a, b, (B, C_out, b - a, W)) that end at or above row
+    `below` into spare's first C_out channels; the others still wait."""
+    left = []
+    for a, b, s in waiting:
+        if b <= below:
+            spare[:, :s.shape[1], a:b] = s
+        else:
+            left.append((a, b, s))
+    return left
 
 
 def downsample(down: nn.Module, x: torch.Tensor, rows: int, comm=None) -> torch.Tensor:
@@ -118,12 +171,35 @@ def downsample(down: nn.Module, x: torch.Tensor, rows: int, comm=None) -> torch.
     if comm is not None:  # a rank's band: its output rows are the next level's band (aligned)
         h_out = -(-x.shape[2] // s)
         src = comm.halo(src, *halo_rows(conv, x.shape[2]))
-    first = conv_rows(conv, src, 0, min(rows, h_out))
-    out = torch.empty(*first.shape[:2], h_out, first.shape[3], dtype=first.dtype, device=first.device)
-    out[:, :, :first.shape[2]] = first
-    del first
-    for a, b in band_ranges(h_out, rows)[1:]:
-        out[:, :, a:b] = conv_rows(conv, src, a, b)
+    return made_whole(lambda a, b: conv_rows(conv, src, a, b), h_out, rows)
+
+
+def upsample(up: nn.Module, x: "torch.Tensor | Rows", rows: int,
+             size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Upsample2D.forward (nearest to `size`, default 2x, then its conv) -> (B, C, H', W'),
+    made whole band by band, so that its conv runs once per output row.
+
+    The next up block's first resnet reads this map three times (GroupNorm-1's moments, conv1
+    with its halo rows, the shortcut): rows upsampled on request (rows.Upsampled) would rerun
+    the conv on every read, +31% of the UNet's convolution FLOPs. Whole, it is one layer's
+    output and the next one's input, as every other layer's is; x (a quarter of its size) is
+    held beside it only while it is made. x may carry halo rows (a rank's band with its
+    neighbours' rows, low_halo): only the band's own upsampled rows are made.
+    """
+    src = Upsampled(x, up, size)
+    return made_whole(src.rows, src.height, rows)
+
+
+def made_whole(band, height: int, rows: int) -> torch.Tensor:
+    """band(a, b) (B, C, b - a, W) for every band of `rows` rows, written into one
+    (B, C, height, W) map: the bands never all exist at once, as they would before a cat."""
+    out = None
+    for a, b in band_ranges(height, rows):
+        h = band(a, b)
+        if out is None:
+            out = h.new_empty(*h.shape[:2], height, h.shape[3])
+        out[:, :, a:b] = h
+        del h
     return out
 
 

@@ -1,15 +1,16 @@
 """ControlNetModel.forward band by band: the UNet's down and middle path (unet.down_and_mid) with
 each residual made from its skip as soon as the skip is finished, so the skips are never kept,
-and each residual parked on the host at once under skips_on_cpu."""
+and each residual parked on the host at once under skips_on_cpu (rows laid out so that the
+UNet, which adds it to its skip as it parks that, reads each band in one copy)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..runtime import parking  # parking.park is swapped by the memory trace: looked up per call
+from ..runtime.staging import Staging
 from . import blocks
-from .rows import Full, conv_rows
+from .rows import Full, band_ranges, conv_rows
 from .unet import comms, down_and_mid
 
 
@@ -57,8 +58,10 @@ def banded_controlnet_forward(net: nn.Module, band_rows: int, park: bool, sample
                               controlnet_cond: torch.Tensor, conditioning_scale: float = 1.0,
                               class_labels=None, timestep_cond=None, attention_mask=None,
                               added_cond_kwargs=None, cross_attention_kwargs=None,
-                              guess_mode: bool = False, return_dict: bool = True, group=None):
-    """ControlNetModel.forward's arguments and result; residuals parked on the host if `park`.
+                              guess_mode: bool = False, return_dict: bool = True, group=None,
+                              staging: Staging | None = None):
+    """ControlNetModel.forward's arguments and result; residuals parked on the host if `park`
+    (into `staging`'s buffers, which must not be pooled: the residuals leave this forward).
 
     group (linfusion_cli/parallel.BandGroup): this rank's rows of every residual, for the UNet
     run over the same group (the conditioning embedding runs whole on every rank, then sliced).
@@ -80,11 +83,14 @@ def banded_controlnet_forward(net: nn.Module, band_rows: int, park: bool, sample
     else:
         scales = [conditioning_scale] * (n_res + 1)
     residuals = []
+    staging = staging if staging is not None else Staging(pooled=False)
+    staging.begin()
 
-    def on_skip(skip):  # (B, C, h, w) -> its residual, made now so the skip need not be kept
+    def on_skip(skip, rows):  # (B, C, h, w) -> its residual, made now so the skip need not be kept
         i = len(residuals)
         res = net.controlnet_down_blocks[i](skip) * scales[i]
-        residuals.append(parking.park(res) if park else res)
+        residuals.append(_parked(res, staging, rows) if park else res)
+        del res
 
     comm, (r0, r1) = comms(group, net, sample.shape[2])
 
@@ -98,6 +104,17 @@ def banded_controlnet_forward(net: nn.Module, band_rows: int, park: bool, sample
     h, _ = down_and_mid(net, stem, emb, attn, band_rows, on_skip, comm)
     mid = net.controlnet_mid_block(h) * scales[-1]
     del h
+    staging.settle()  # the caller may read the residuals on the host
     if not return_dict:
         return residuals, mid
     return ControlNetOutput(down_block_res_samples=residuals, mid_block_res_sample=mid)
+
+
+def _parked(res: torch.Tensor, staging: Staging, rows: int) -> torch.Tensor:
+    """res (B, C, H, W) in host memory, copied out band by band (no whole copy of it on the
+    device); a (B, C, H, W) view of its (H, B, C, W) buffer."""
+    assert not staging.pooled, "residuals leave the forward: their buffers cannot be pooled"
+    out = staging.park(res.shape, res.dtype, res.device, like=res)
+    for a, b in band_ranges(res.shape[2], rows):
+        out.put(a, res[:, :, a:b])
+    return out.view

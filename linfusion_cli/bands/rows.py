@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import parking  # parking.fetch is swapped by the memory trace: looked up per call
+from ..runtime import staging, transfer
 
 
 def band_ranges(height: int, rows: int) -> list[tuple[int, int]]:
@@ -52,6 +52,18 @@ class Rows:
         x = self.rows(max(lo, first), min(hi, last))
         return F.pad(x, (0, 0, top, bottom)) if top or bottom else x
 
+    def prefetch(self, lo: int, hi: int) -> None:
+        """Rows [lo, hi) will be asked next: a parked source starts bringing them (others have
+        them at hand)."""
+
+    def moments(self, ranges) -> "Moments":
+        """The whole map's per-channel moments, from its bands (a source that knows them
+        without reading its rows says so)."""
+        m = Moments()
+        for a, b in ranges:
+            m.add(self.rows(a, b))
+        return m
+
 
 class Full(Rows):
     """A map held whole on the device."""
@@ -69,22 +81,50 @@ class Full(Rows):
 
 
 class Host(Rows):
-    """A map parked in host memory (skips_on_cpu); rows come back to the device on request,
-    plus the rows of an optional parked ControlNet residual (diffusers' `skip + residual`)."""
+    """A map parked in host memory (skips_on_cpu, runtime/staging.py): rows come back to the
+    device on request, those asked next already on their way (`prefetch`); `known`: its
+    GroupNorm moments, taken on the device before it left, so that no pass fetches it for them."""
 
-    def __init__(self, t: torch.Tensor, device: torch.device, residual: torch.Tensor | None = None):
-        self.t, self.device, self.residual = t, device, residual
-        self.batch, self.channels, self.height, self.width = t.shape
-
-    def add_residual(self, residual: torch.Tensor) -> None:
-        """Added to each band as it is fetched (the residual is parked too, or on the device)."""
-        self.residual = residual
+    def __init__(self, parked: staging.Parked, known: "Moments | None" = None):
+        self.parked, self.known = parked, known
+        self.batch, self.channels = parked.batch, parked.channels
+        self.height, self.width = parked.height, parked.width
 
     def rows(self, lo, hi):
-        out = parking.fetch(self.t[:, :, lo:hi], self.device)
-        if self.residual is not None:
-            out = out + parking.fetch(self.residual[:, :, lo:hi], self.device)
-        return out
+        return self.parked.rows(lo, hi)  # (B, C, hi - lo, W)
+
+    def prefetch(self, lo, hi):
+        self.parked.prefetch(max(lo, 0), min(hi, self.height))
+
+    def moments(self, ranges):
+        return self.known if self.known is not None else super().moments(ranges)
+
+
+def park(t: torch.Tensor, stage: staging.Staging, rows: int,
+         residual: torch.Tensor | None = None) -> Host:
+    """t (B, C, H, W) parked band by band, `residual` (a ControlNet's, on the device or parked)
+    added as diffusers adds it: each band's moments are taken on the device and the band copied
+    out without blocking; the residual's next band comes in while this one is added."""
+    ranges = band_ranges(t.shape[2], rows)
+    out = stage.park(t.shape, t.dtype, t.device, like=t)
+    more: Rows | None = None
+    if residual is not None:  # a host residual (meta: the trace's host) is fetched band by band
+        parked = transfer.is_host(residual) or residual.is_meta
+        more = Host(stage.hold(residual, t.device)) if parked else Full(residual)
+        more.prefetch(*ranges[0])
+    m = Moments()
+    for k, (a, b) in enumerate(ranges):
+        band = t[:, :, a:b]  # (B, C, b - a, W)
+        if more is not None:
+            res = more.rows(a, b)
+            if k + 1 < len(ranges):
+                more.prefetch(*ranges[k + 1])
+            band = band + res  # diffusers' skip + residual
+            del res
+        m.add(band)
+        out.put(a, band)
+        del band
+    return Host(out, m)
 
 
 class Cat(Rows):
@@ -99,11 +139,19 @@ class Cat(Rows):
     def rows(self, lo, hi):
         return torch.cat([self.a.rows(lo, hi), self.b.rows(lo, hi)], dim=1)
 
+    def prefetch(self, lo, hi):
+        self.a.prefetch(lo, hi)
+        self.b.prefetch(lo, hi)
+
+    def moments(self, ranges):
+        return Moments.cat(self.a.moments(ranges), self.b.moments(ranges))
+
 
 class Upsampled(Rows):
     """diffusers' Upsample2D (nearest to `size`, then its conv) of a low-resolution map, computed
-    for the rows asked: the upsampled map itself never exists whole. `low` may carry halo rows
-    (a rank's band of the map): the upsampled rows next to the band can then be computed too."""
+    for the rows asked, on every read (blocks.upsample reads each row once, into a whole map).
+    `low` may carry halo rows (a rank's band of the map): the upsampled rows at the band's
+    edges, whose conv reads nearest rows beyond it, can then be computed too."""
 
     def __init__(self, low: "torch.Tensor | Rows", upsampler: nn.Module,
                  size: tuple[int, int] | None = None):
@@ -164,6 +212,10 @@ class Halo(Rows):
             parts.append(self.bottom[:, :, max(lo, h) - h:hi - h])
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
+    def prefetch(self, lo, hi):
+        if hi > 0 and lo < self.height:
+            self.src.prefetch(max(lo, 0), min(hi, self.height))
+
 
 def low_halo(up: nn.Module) -> tuple[int, int]:
     """(rows above, rows below) of the low-resolution band that Upsampled needs to compute the
@@ -192,17 +244,26 @@ def conv_rows(conv: nn.Module, src: Rows, a: int, b: int) -> torch.Tensor:
     and the surplus output rows are cropped.
     """
     base = getattr(conv, "base_layer", conv)
-    (k, _), (s, _), (p, pw), (d, _) = base.kernel_size, base.stride, base.padding, base.dilation
+    (s, _), (p, pw) = base.stride, base.padding
     if base.padding_mode != "zeros":
         raise ValueError("band-wise convolution needs zero padding")
-    lo, hi = a * s - p, (b - 1) * s - p + (k - 1) * d + 1
+    lo, hi = conv_window(conv, a, b)
     if type(conv) is nn.Conv2d:
         x = src.padded(lo, hi)
         return F.conv2d(x, conv.weight, conv.bias, conv.stride, (0, pw), conv.dilation, conv.groups)
-    e = (-p) % s  # extra rows on top so that the module's own padding lands on a stride step
-    out = conv(src.padded(lo - e, hi))
-    first = (p + e) // s
+    out = conv(src.padded(lo, hi))
+    first = (a * s - lo) // s  # the module's own padding rows, and the extra ones on top
     return out[:, :, first:first + (b - a)]
+
+
+def conv_window(conv: nn.Module, a: int, b: int) -> tuple[int, int]:
+    """Input rows [lo, hi) that conv_rows reads for output rows [a, b) (zeros beyond the map).
+    A module that wraps the conv gets e extra rows on top, so that its own padding lands on a
+    stride step."""
+    base = getattr(conv, "base_layer", conv)
+    (k, _), (s, _), (p, _), (d, _) = base.kernel_size, base.stride, base.padding, base.dilation
+    lo, hi = a * s - p, (b - 1) * s - p + (k - 1) * d + 1
+    return (lo, hi) if type(conv) is nn.Conv2d else (lo - (-p) % s, hi)
 
 
 # ---------------------------------------------------------------- GroupNorm by bands
@@ -216,8 +277,12 @@ class Moments:
         self.sq: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
-        """Fold in a band x (B, C, h, w)."""
-        var, mean = torch.var_mean(x.float(), dim=(2, 3), correction=0)  # (B, C) each
+        """Fold in a band x (B, C, h, w): float32 var_mean per channel, on an eighth of the
+        channels at a time below float32, so that the band is never copied whole to float32."""
+        step = x.shape[1] if x.dtype == torch.float32 else max(1, -(-x.shape[1] // 8))
+        parts = [torch.var_mean(c.float(), dim=(2, 3), correction=0) for c in x.split(step, dim=1)]
+        var, mean = (torch.cat(p, dim=1) for p in zip(*parts))  # (B, C) each
+        del parts
         n = x.shape[2] * x.shape[3]
         mean = mean.double()
         s, sq = mean * n, (var.double() + mean * mean) * n
@@ -226,6 +291,14 @@ class Moments:
         else:
             self.sum, self.sq = self.sum + s, self.sq + sq
         self.count += n
+
+    @staticmethod
+    def cat(a: "Moments", b: "Moments") -> "Moments":
+        """The moments of torch.cat([x, y], dim=1) from x's and y's (the same rows)."""
+        assert a.count == b.count, (a.count, b.count)
+        m = Moments()
+        m.count, m.sum, m.sq = a.count, torch.cat([a.sum, b.sum], 1), torch.cat([a.sq, b.sq], 1)
+        return m
 
     def affine(self, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, shift), each (B, C, 1, 1) float32, with norm(x) == x * scale + shift."""
@@ -245,14 +318,12 @@ class Moments:
 
 def group_norm_affine(norm: nn.GroupNorm, src: Rows, ranges,
                       comm=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole map's GroupNorm as (scale, shift), from one pass over src's bands (and, with
-    a band-parallel `comm`, the other ranks' bands: their moments summed in)."""
+    """The whole map's GroupNorm as (scale, shift), from one pass over src's bands or the
+    moments src already knows (and, with a band-parallel `comm`, the other ranks' bands: their
+    moments summed in)."""
     if not isinstance(norm, nn.GroupNorm):
         raise ValueError(f"band-wise execution needs GroupNorm, not {type(norm).__name__}")
-    m = Moments()
-    for a, b in ranges:
-        m.add(src.rows(a, b))
-    return reduced(m, comm).affine(norm)
+    return reduced(src.moments(ranges), comm).affine(norm)
 
 
 def reduced(m: Moments, comm) -> Moments:

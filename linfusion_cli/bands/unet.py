@@ -4,7 +4,8 @@ The same computation as diffusers' forward (equal up to float summation order, s
 tests/bands/), with every layer run band by band (blocks.py): at any moment the device holds
 the layer's input, its output, a band's working set and the skips (or none of them, parked on
 the host with skips_on_cpu, coming back one band of rows at a time). An up block's input is
-never concatenated or upsampled whole: `Cat` and `Upsampled` hand its resnet the rows it asks.
+never concatenated whole: `Cat` hands its resnet the rows it asks. The upsampler's output is
+made whole, band by band (blocks.upsample), so that its conv runs once per row.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..runtime import parking  # parking.park is swapped by the memory trace: looked up per call
+from ..runtime.staging import Staging
 from . import blocks
-from .rows import Cat, Full, Host, Rows, Upsampled, conv_rows, level_rows, low_halo
+from .rows import Cat, Full, Host, Rows, conv_rows, level_rows, low_halo, park
 
 
 def levels(model: nn.Module) -> int:
@@ -72,11 +73,13 @@ def banded_forward(unet: nn.Module, band_rows: int, park_skips: bool, sample: to
                    added_cond_kwargs=None, down_block_additional_residuals=None,
                    mid_block_additional_residual=None, down_intrablock_additional_residuals=None,
                    encoder_attention_mask=None, return_dict: bool = True, control=None,
-                   group=None):
+                   group=None, staging: Staging | None = None):
     """UNet2DConditionModel.forward's arguments and result; sample (B, 4, H, W).
 
     band_rows: latent rows per band at full resolution (halved per level, rounded up).
-    park_skips: skips (and ControlNet residuals) wait in host memory (skips_on_cpu).
+    park_skips: skips (each with its ControlNet residual added) wait in host memory
+    (skips_on_cpu), in `staging`'s buffers (runtime/staging.py: kept by the caller, reused by
+    every forward; None: fresh ones for this forward).
     control: a callable (batch) -> (down residuals, mid residual) run once this forward's
     skips are needed (adapters/residuals.py), instead of residuals passed in.
     group: band parallelism (linfusion_cli/parallel.BandGroup): this rank computes its band of
@@ -107,12 +110,21 @@ def banded_forward(unet: nn.Module, band_rows: int, park_skips: bool, sample: to
     def stem():  # conv_in's output, this rank's rows (B, C0, r1 - r0, W): the sample is whole
         return unet.conv_in(sample) if group is None else conv_rows(unet.conv_in, Full(sample), r0, r1)
 
-    h, level = down_and_mid(unet, stem, emb, attn, band_rows,
-                            lambda t: skips.append(_keep(t, park_skips, device)), comm)
+    if park_skips:
+        staging = staging if staging is not None else Staging()
+        staging.begin()  # the last forward's skips are all consumed
+
+    def on_skip(t, rows):  # parked with its residual added: the moments must be of the sum
+        i = len(skips)
+        residual = residuals[i] if park_skips and i < len(residuals or ()) else None
+        skips.append(_keep(t, park_skips, staging, rows, residual))
+
+    h, level = down_and_mid(unet, stem, emb, attn, band_rows, on_skip, comm)
     if mid_residual is not None:
         h.add_(mid_residual.to(device))  # diffusers: sample + mid residual
-    for skip, residual in zip(skips, residuals if residuals is not None else ()):
-        skip.add_residual(residual)  # the down path is done with the skips: in place is safe
+    if not park_skips:  # parked skips have theirs already
+        for skip, residual in zip(skips, residuals if residuals is not None else ()):
+            skip.add_residual(residual)  # the down path is done with the skips: in place is safe
     del residuals, mid_residual
     sources, skips = skips, None  # the up path consumes them: no other reference may stay
 
@@ -124,17 +136,22 @@ def banded_forward(unet: nn.Module, band_rows: int, park_skips: bool, sample: to
         mine, sources = sources[-n:], sources[:-n]
         for j, r in enumerate(blk.resnets):
             x = Cat(src, mine.pop())
+            # a parked skip crosses once: the resnet keeps its shortcut in h, read by x alone
+            spare = src.t if park_skips and isinstance(src, Full) else None
             del src  # held by x until the resnet is done with it
-            h = blocks.resnet(r, x, emb, rows, comm(level))
-            del x
+            h = blocks.resnet(r, x, emb, rows, comm(level), spare)
+            del x, spare
             if getattr(blk, "attentions", None):
                 h = blocks.transformer(blk.attentions[j], h, rows, *attn, comm(level))
             src = Full(h)
             del h
         if blk.upsamplers:
             size = (sources[-1].height, sources[-1].width) if odd_size and sources else None
-            up = blk.upsamplers[0]  # with a halo, the rows next to the band can be computed too
-            src = Upsampled(src.t if group is None else comm(level).halo(src, *low_halo(up)), up, size)
+            up = blk.upsamplers[0]  # with a halo, the rows at the band's edges can be made too
+            low = src.t if group is None else comm(level).halo(src, *low_halo(up))
+            del src  # the low-resolution map goes as soon as the upsampled one is made
+            src = Full(blocks.upsample(up, low, level_rows(band_rows, level - 1), size))
+            del low
             level -= 1
     out = blocks.head(unet.conv_norm_out, unet.conv_act, unet.conv_out, src.t,
                       level_rows(band_rows, 0), comm(0))
@@ -147,12 +164,12 @@ def down_and_mid(model: nn.Module, stem, emb, attn, band_rows: int, on_skip,
                  comm=lambda level: None):
     """The down blocks and the middle block band by band (a UNet's or a ControlNet's).
 
-    stem() makes conv_in's output (B, C0, H, W) (called here so no caller holds it); on_skip(t)
-    is called with every skip as it is finished, conv_in's first; comm(level) is the level's
-    band-parallel communicator (None in one process). Returns (the middle block's output, its
-    level)."""
+    stem() makes conv_in's output (B, C0, H, W) (called here so no caller holds it);
+    on_skip(t, rows) is called with every skip as it is finished, conv_in's first, and the band
+    rows of its level; comm(level) is the level's band-parallel communicator (None in one
+    process). Returns (the middle block's output, its level)."""
     h = stem()
-    on_skip(h)
+    on_skip(h, level_rows(band_rows, 0))
     level = 0
     for blk in model.down_blocks:
         rows = level_rows(band_rows, level)
@@ -160,11 +177,11 @@ def down_and_mid(model: nn.Module, stem, emb, attn, band_rows: int, on_skip,
             h = blocks.resnet(r, Full(h), emb, rows, comm(level))
             if getattr(blk, "attentions", None):
                 h = blocks.transformer(blk.attentions[i], h, rows, *attn, comm(level))
-            on_skip(h)
+            on_skip(h, rows)
         for down in blk.downsamplers or ():
             level += 1
             h = blocks.downsample(down, h, level_rows(band_rows, level), comm(level - 1))
-            on_skip(h)
+            on_skip(h, level_rows(band_rows, level))
     rows = level_rows(band_rows, level)
     mid, c = model.mid_block, comm(level)
     h = blocks.resnet(mid.resnets[0], Full(h), emb, rows, c)
@@ -176,6 +193,8 @@ def down_and_mid(model: nn.Module, stem, emb, attn, band_rows: int, on_skip,
     return h, level
 
 
-def _keep(t: torch.Tensor, park: bool, device) -> "Full | Host":
-    """A finished skip as the up path will read it: the device map, or a host copy of it."""
-    return Host(parking.park(t), device) if park else Full(t)
+def _keep(t: torch.Tensor, parked: bool, staging: Staging | None, rows: int,
+          residual: torch.Tensor | None) -> "Full | Host":
+    """A finished skip as the up path will read it: the device map, or (+ its residual) parked
+    in host memory band by band, with its GroupNorm moments."""
+    return park(t, staging, rows, residual) if parked else Full(t)

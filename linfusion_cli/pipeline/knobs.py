@@ -37,6 +37,7 @@ from torch import nn
 from .. import parallel
 from ..runtime import parking
 from ..runtime.batching import join_unet_outputs, split_batch
+from ..runtime.staging import Staging
 from ..bands import controlnet as banded_controlnet, unet as banded_unet
 
 
@@ -172,17 +173,22 @@ def _banded(model: nn.Module, band_rows: int, park_skips: bool, handle: KnobHand
     """model.forward replaced by the band-wise forward (linfusion_cli/bands) of a UNet or a
     ControlNet (whose residuals are parked as they are made when park_skips), over `group`'s
     ranks when there is one (parallel.BandGroup); read back by read_knobs from the attributes
-    set here."""
-    if hasattr(model, "controlnet_down_blocks"):
+    set here. Parked maps go into host buffers (runtime/staging.py) that live as long as this
+    apply: a UNet's skips reuse theirs every forward; a ControlNet's residuals, which leave its
+    forward, get fresh ones."""
+    controlnet = hasattr(model, "controlnet_down_blocks")
+    if controlnet:
         banded_controlnet.check_controlnet(model)
         forward = banded_controlnet.banded_controlnet_forward
     else:
         banded_unet.check_unet(model)
         forward = banded_unet.banded_forward
+    staging = Staging(pooled=not controlnet)
 
     def wrap(previous):
         def banded(*args, **kwargs):
-            return forward(model, band_rows, park_skips, *args, group=group, **kwargs)
+            return forward(model, band_rows, park_skips, *args, group=group, staging=staging,
+                           **kwargs)
         return banded
     handle.add(_patch_forward(model, wrap))
     model.band_rows, model.band_park_skips, model.band_group = band_rows, park_skips, group

@@ -58,8 +58,12 @@ class LiveBytes(TorchDispatchMode):
 
     def to_host(self, t: torch.Tensor) -> torch.Tensor:
         """A copy of t that stands for host memory: created here, never counted."""
+        return self.host_buffer(t.shape, t.dtype)
+
+    def host_buffer(self, shape, dtype: torch.dtype, **_) -> torch.Tensor:
+        """An empty meta tensor that stands for host memory (a staged buffer): never counted."""
         with torch.utils._python_dispatch._disable_current_modes():
-            out = torch.empty_like(t)
+            out = torch.empty(shape, dtype=dtype, device="meta")
         storage = out.untyped_storage()
         self.host.add(storage._cdata)
         weakref.finalize(storage, self.host.discard, storage._cdata)  # its address may be reused
@@ -75,14 +79,16 @@ class LiveBytes(TorchDispatchMode):
 
 @contextmanager
 def _host_parking(mode: LiveBytes):
-    """skips_on_cpu's park/fetch as host copies and counted device copies (meta has no host)."""
-    park, fetch = parking.park, parking.fetch
+    """skips_on_cpu's park/fetch as host copies and counted device copies, its staged buffers
+    as host memory (meta has no host)."""
+    park, fetch, buffer = parking.park, parking.fetch, parking.host_buffer
     parking.park = mode.to_host
     parking.fetch = lambda t, device: t.clone()
+    parking.host_buffer = mode.host_buffer
     try:
         yield
     finally:
-        parking.park, parking.fetch = park, fetch
+        parking.park, parking.fetch, parking.host_buffer = park, fetch, buffer
 
 
 def meta_unet(unet_config: dict, *, linfusion: bool, dtype: torch.dtype = torch.float16,

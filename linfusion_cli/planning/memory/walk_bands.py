@@ -6,11 +6,13 @@ are applied by the caller, as in walk.py):
 * every layer holds its whole input and its whole output map, nothing else whole: a resnet
   its input and output (conv2 is written over conv1's output), a transformer its input and the
   (B, N, inner) token map, a downsampler its input and the half-size output;
-* an up block's resnet reads cat([h, skip]) and the upsampler's output band by band: h whole
-  (or, right after an upsampler, the low-resolution map), the skip whole only while skips stay
+* an up block's resnet reads cat([h, skip]) band by band: h whole (right after an upsampler,
+  its output, made whole band by band beside its input), the skip whole only while skips stay
   on the device (all skips not yet consumed are held then);
 * one band's working set on top: the layer's per-token moments (walk.py's _resnet and
-  _transformer_phases) on `rows` latent rows (halved per level) plus the conv halo rows.
+  _transformer_phases) on `rows` latent rows (halved per level) plus the conv halo rows; with
+  parked skips, an up resnet's conv1 pass also holds the next band's skip rows, fetched ahead
+  (runtime/staging.py), and keeps its shortcut in h's spent rows (no extra map).
 """
 
 from __future__ import annotations
@@ -42,12 +44,11 @@ def walk_banded(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfus
     def band(level: int, halo: int = 0) -> int:  # tokens of one band (+ conv halo rows)
         return (_band_rows(k.band_rows, level, heights[level]) + halo) * widths[level]
 
-    def resnet(where, held, cin, cout, lvl, source_extra=0.0):
+    def resnet(where, held, cin, cout, lvl):
         # pass 2's moment: the input band (with one halo row a side), GroupNorm's float32
-        # result, its cast back and conv1's output band; an upsampled source's rows first
-        # need the nearest rows and the upsampler's conv output beside the band
+        # result, its cast back and conv1's output band
         b = band(lvl, 2)
-        work = max((2 + 4 / dtype_bytes) * cin + cout, cin + source_extra) * b
+        work = ((2 + 4 / dtype_bytes) * cin + cout) * b
         peak.at(where, {**held, f"resnet output map ({cout} ch)": cout * n_tok[lvl],
                         "resnet band": work})
 
@@ -98,19 +99,19 @@ def walk_banded(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfus
             skip = skips.pop()
             skip_ch = round(skip / n_tok[lvl])
             h_in = h_ch if r == 0 else rchans[j]
-            if r == 0 and upsampled:  # Upsampled: the low-res map, its conv run per band
-                held = {"low-resolution map (upsampler input)": h_in * n_tok[lvl + 1]}
-                extra = 2 * h_in  # nearest rows and the conv output, per band token
-            else:
-                held = {f"h ({h_in} ch)": h_in * n_tok[lvl]}
-                extra = 0.0
+            held = {f"h ({h_in} ch)": h_in * n_tok[lvl]}  # the upsampler's output after one
             if not parked:
                 held["skips held"] = sum(skips) + skip
-            resnet(f"up{j}.resnet{r}", held, h_in + skip_ch, rchans[j], lvl, extra)
+            else:  # conv1's pass fetches the next band's skip rows (+ halo) ahead
+                held["next skip band (fetched ahead)"] = skip_ch * band(lvl, 2)
+            resnet(f"up{j}.resnet{r}", held, h_in + skip_ch, rchans[j], lvl)
             if "CrossAttn" in btype:
                 transformer(f"up{j}.attn{r}", held_skips(False), rchans[j], lvl)
-        upsampled = lvl > 0
         h_ch = rchans[j]
+        if lvl > 0:  # blocks.upsample: its input, its output made whole, nearest rows and conv band
+            peak.at(f"up{j}.upsample", {**held_skips(False), "input": h_ch * n_tok[lvl],
+                                         "output": h_ch * n_tok[lvl - 1],
+                                         "upsample band": 3 * h_ch * band(lvl - 1, 2)})
     peak.at("conv_norm_out/conv_out", {"up output": h_ch * n_tok[0],
                                        "head band": 3 * h_ch * band(0, 2)})
     return peak
