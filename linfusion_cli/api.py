@@ -13,6 +13,7 @@ underscores for dashes). The CLI is a thin layer over plan_request + load + gene
 from __future__ import annotations
 
 from PIL import Image
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from .io import images
 from .io.images import to_rgb8
 from .models import loading
 from .models.loading import prepare_model
+from .models import taesd
 from .models.resolve import info_of_pipeline
 from .pipeline import run_plan, StageFinished, finite
 from .tracing.ledger import ledger_for
@@ -50,8 +52,13 @@ def load(plan: GenerationPlan, *, pipe=None, allow_pickle: bool = False, config:
     settings = dict(dtype=plan.dtype, device=plan.device, linfusion=plan.linfusion,
                     scheduler=plan.stages[0].scheduler, family=plan.family, adapters=plan.adapters)
     if pipe is not None:
-        return prepare_model(pipe, model=plan.model, **settings)
-    return loading.load_model(plan.model, allow_pickle=allow_pickle, config=config, **settings)
+        model = prepare_model(pipe, model=plan.model, **settings)
+    else:
+        model = loading.load_model(plan.model, allow_pickle=allow_pickle, config=config, **settings)
+    if plan.preview is not None and plan.preview.method == "taesd":  # checked when planned
+        model.preview_decoder = taesd.load_decoder(plan.preview.taesd, cache=loading.cache_dir(),
+                                                   device=model.device, dtype=model.vae_dtype)
+    return model
 
 
 def generate(prompt: str, *, pipe=None, on_event=None, **options):
@@ -133,14 +140,18 @@ def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, o
             if write and event.stage < event.stages - 1 and (path is not None or plan.save_stages):
                 stage = plan.stages[event.stage]
                 mark = checkpoints.mark(plan, event.stage, event.image, digest, finite.widened(model, plan))
-                images.save_image(event.image, checkpoints.checkpoint_path(path, stage, plan.save_stages),
+                kept = checkpoints.checkpoint_path(path, stage, plan.save_stages)
+                images.save_image(event.image, kept,
                            record=event.record | {"checkpoint": mark}, fmt="png",
                            overwrite=overwrite or resume)
+                if plan.save_stages:  # the visible stage file (a hidden checkpoint goes at the end)
+                    event = replace(event, path=str(kept))
         if on_event is not None:
             on_event(event)
 
     try:
-        image, record = run_plan(plan, model, on_event=handle, init_image=init_image, resume_from=start)
+        image, record = run_plan(plan, model, on_event=handle, init_image=init_image, resume_from=start,
+                                 previews=write)
     except NonFiniteError as exc:
         if not finished or not write:
             raise

@@ -159,6 +159,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("quiet", bool, "No progress or messages on stderr.", ("-q", "--quiet"), default=False, plan=False),
     Option("verbose", bool, "More detail; progress even when stderr is not a terminal.", ("-v", "--verbose"),
            default=False, plan=False),
+    Option("progress", Optional[str], "Progress on stderr: bar (default), json (one JSON object per line, "
+           "nothing else: docs/progress.md) or none.", ("--progress",), rule=validate.progress, plan=False),
+    Option("preview", Optional[str], "Keep a live preview image (.png/.jpg) of the denoised estimate at this "
+           "path, rewritten atomically as the run goes; batch: {index} or {name} in it, else -INDEX is "
+           "added before the suffix.", ("--preview",), path=True, rule=validate.text),
+    Option("preview_every", Optional[int], "Rewrite the preview every N denoising steps, and at each "
+           "stage's end (default: about 10 per stage).", ("--preview-every",), rule=validate.preview_every),
+    Option("preview_size", Optional[int], "The preview's long side at most N px (default 1024).",
+           ("--preview-size",), rule=validate.preview_size),
+    Option("preview_method", Optional[str], "latent2rgb (linear map of the latents), taesd (tiny VAE "
+           "decoder) or auto (default: taesd when its weights are local).", ("--preview-method",),
+           rule=validate.preview_method),
+    Option("preview_taesd", Optional[str], "TAESD weights for the preview: hub id or folder (default "
+           "madebyollin/taesd; madebyollin/taesdxl for SD-XL).", ("--preview-taesd",), **_PATH),
     Option("loras", tuple[str, ...], "LoRA .safetensors file or hub id, optionally :WEIGHT (default 1); "
            "repeatable.", ("--lora",), default=(), rule=validate.loras, flag_type=Optional[list[str]],
            parse=_text_list, preset="lora", preset_default=(), path=True, relative=True, adapter=True),

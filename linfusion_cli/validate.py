@@ -257,3 +257,31 @@ def file_name(name: str, what: str) -> str:
     if size > NAME_MAX:
         raise InputError(f"{what}: file name {name[:40]!r}... is {size} bytes; the limit is {NAME_MAX}")
     return name
+
+
+PREVIEW_METHODS = ("auto", "latent2rgb", "taesd")  # how --preview draws the latents (pipeline/preview.py)
+PROGRESS_MODES = ("bar", "json", "none")  # what the CLI writes on stderr while it runs
+MAX_PREVIEW_PX = 8192  # a preview's long side: a screen's worth, never a stage's 16K
+
+
+def preview_method(value: Any, name: str = "--preview-method") -> str:
+    if value not in PREVIEW_METHODS:
+        raise ValueRuleError(f"{name} must be {', '.join(PREVIEW_METHODS[:-1])} or "
+                             f"{PREVIEW_METHODS[-1]}, got {shown(value)}")
+    return value
+
+
+def preview_size(value: Any, name: str = "--preview-size") -> int:
+    """The preview's long side in px: 64 .. MAX_PREVIEW_PX."""
+    return in_range(name, value, 64, MAX_PREVIEW_PX, integer=True)
+
+
+def preview_every(value: Any, name: str = "--preview-every") -> int:
+    """Denoising steps between previews: 1 .. MAX_STEPS."""
+    return in_range(name, value, 1, MAX_STEPS, integer=True)
+
+
+def progress(value: Any, name: str = "--progress") -> str:
+    if value not in PROGRESS_MODES:
+        raise ValueRuleError(f"{name} must be bar, json or none, got {shown(value)}")
+    return value

@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 bad usage or input, 1 failure at run time, 130 interrup
 
 from __future__ import annotations
 
+import contextlib
 from importlib import metadata
 import json
 import signal
@@ -28,7 +29,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 from .. import interrupts
 from ..errors import LinfusionError
 from . import _imported, batch, generate, info, presets_cmd, upscale
-from .console import error
+from .console import error, json_stderr
 from .. import __version__
 from .console import last_error, one_line_of
 
@@ -67,18 +68,35 @@ app.add_typer(presets_cmd.app, name="presets")
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code; every error is one line on stderr."""
-    try:
-        with interrupts.installed():
-            try:
-                code = _run(argv)
-            except KeyboardInterrupt:
-                code = _interrupted()
-    except KeyboardInterrupt:  # a signal in the last instant, as the handlers were put back
-        code = _interrupted()
+    """Run the CLI and return its exit code; every error is one line on stderr (with
+    --progress json, every line on stderr is a JSON object, errors included)."""
+    args = argv if argv is not None else sys.argv[1:]
+    with json_stderr(_rank()) if _json_progress(args) else contextlib.nullcontext():
+        try:
+            with interrupts.installed():
+                try:
+                    code = _run(argv)
+                except KeyboardInterrupt:
+                    code = _interrupted()
+        except KeyboardInterrupt:  # a signal in the last instant, as the handlers were put back
+            code = _interrupted()
     if code:
         _tell_launcher()
     return code
+
+
+def _json_progress(args: list[str]) -> bool:
+    """--progress json is on the command line (read before Typer, so its usage errors are JSON too)."""
+    args = [str(a) for a in args]
+    return "--progress=json" in args or any(a == "--progress" and b == "json" for a, b in zip(args, args[1:]))
+
+
+def _rank() -> int:
+    """This process's rank under a launcher (only rank 0 reports progress)."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
 
 
 def _tell_launcher() -> None:
@@ -110,6 +128,7 @@ def _run(argv: list[str] | None) -> int:
     # Library notices (e.g. "VAE attention ran in windows") are details: shown with -v only; the
     # run record keeps them either way.
     logging.basicConfig(format="%(message)s", level=logging.INFO if verbose else logging.ERROR)
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.ERROR)  # also when configured before
     logging.getLogger("linfusion_cli").setLevel(logging.INFO if verbose else logging.ERROR)
     if not verbose:  # diffusers/transformers/hub bars and notices would crowd our stderr
         for name, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),

@@ -22,11 +22,12 @@ from ..planning.plan import stage_seed
 from ..schema import line_options
 from ..validate import SEED_MAX
 from . import common
-from .console import ProgressView, error, info, one_line_of
+from .console import error, event, info, one_line_of, progress_view
 from .options import GenerationOptions, Template, shared_options
 from .. import testhooks
 from ..inputs import expand
 from ..io.checkpoints import any_in
+from ..io import previews
 from ..io.targets import check_free_space, run_bound, make_directory, remove_if_empty
 
 BATCH_TEMPLATE = "{index:04d}-{slug}.{ext}"  # no seed: --resume finds the same names again
@@ -139,12 +140,16 @@ def batch(
         return
 
     made = []
+    progress = opts.progress
+    if progress == "json" and world.rank == 0 and not quiet:
+        event("batch_start", entries=len(jobs), here=len(mine) if not together else len(jobs))
     try:
         for folder_path in dict.fromkeys([Path(folder)] + [job[2].parent for job in mine]):
             made += make_directory(folder_path)  # only once every check has passed
         device = jobs[0][1].device if jobs else "cpu"  # every entry plans the same device
         with common.band_group(world if together else distributed.World(), device):
             failures = _run_share(world, mine, manifest, as_json=json, quiet=quiet, verbose=verbose,
+                                  progress=progress,
                                   overwrite=overwrite or resume, allow_pickle=allow_pickle,
                                   config=config, resume=resume, together=together)
     except BaseException:
@@ -153,6 +158,8 @@ def batch(
         raise
     finally:
         manifest.close()
+    if progress == "json" and world.rank == 0 and not quiet:
+        event("batch_end", failures=failures)
     if failures:
         raise typer.Exit(1)
 
@@ -184,11 +191,22 @@ def _checked_jobs(entries, base, base_seed, manifest, folder, *, name, format, o
             raise type(exc)(f"{entry.source}:{entry.line}: {exc}") from None
         written = [path] + ([api.stage_image_path(path, s.index, s.width, s.height) for s in plan.stages[:-1]]
                             if plan.save_stages else [])
+        if plan.preview is not None:  # the entry's own preview file: {index}/{name}, else -INDEX
+            try:
+                plan = replace(plan, preview=replace(plan.preview, path=previews.entry_path(
+                    plan.preview.path, index=index, name=Path(path).stem)))
+                common.check_preview(plan, path, overwrite=overwrite)
+            except LinfusionError as exc:
+                raise type(exc)(f"{entry.source}:{entry.line}: {exc}") from None
+            written.append(Path(plan.preview.path))
         for file in written:  # x.png and sub/../x.png are one file; so is a stage file of another line
             key = os.path.realpath(file)
             if key in seen:
                 other = "the batch manifest" if seen[key] is None else f"line {seen[key]}'s output"
                 what = "output" if file == path else "--save-stages file"
+                if plan.preview is not None and file == Path(plan.preview.path):
+                    what = "--preview file"
+                    other = other if seen[key] is None else f"a file of line {seen[key]}"
                 raise OutputError(f"{entry.source}:{entry.line}: {what} {file} is also {other}")
             seen[key] = entry.line
         record = manifest.records.get(index)
@@ -232,7 +250,7 @@ def _skip(world, manifest, index, plan, path, done, base_seed, together: bool):
 
 
 def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, allow_pickle, config,
-               resume=False, together=False) -> int:
+               resume=False, together=False, progress=None) -> int:
     """This rank's entries: skip what the manifest proves done, make the rest, record each at once.
     together: every entry over every rank (band parallelism); rank 0 alone writes and prints.
 
@@ -241,18 +259,21 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
     loaded = None
     who = f"rank {world.rank}: " if world.distributed and not together else ""
     lead = world.rank == 0 or not together
-    quiet = quiet or not lead
+    quiet = quiet or not lead or (progress == "json" and world.rank != 0)  # JSON: rank 0 reports
     made = failures = 0
     for k, (index, plan, path, fmt, done, base_seed, entry) in enumerate(jobs, 1):
         why = _skip(world, manifest, index, plan, path, done, base_seed, together)
-        if why == "done":
+        if why is not None and progress == "json" and not quiet:
+            event("skip", index=index, path=str(path), reason="done" if why == "done" else why)
+        elif why == "done":
             info(f"{who}[{k}/{len(jobs)}] {path} already done", quiet=quiet)
             if lead:
                 world.emit(jsonlib.dumps({"path": str(path), "index": index, "skipped": True})
                            if as_json else str(path))
             continue
         if why is not None:
-            info(f"{who}[{k}/{len(jobs)}] {path} {why}", quiet=quiet)
+            if progress != "json":
+                info(f"{who}[{k}/{len(jobs)}] {path} {why}", quiet=quiet)
             if lead:
                 world.emit(jsonlib.dumps({"path": str(path), "index": index, "skipped": True,
                                           "by": "another process"}) if as_json else str(path))
@@ -260,13 +281,22 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
         try:
             if loaded is None:  # one model load serves every entry
                 loaded = common.rank0_first(lambda: common.load(
-                    plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle, config=config))
-            info(f"{who}[{k}/{len(jobs)}] {plan.prompt[:60]}", quiet=quiet)
-            view = ProgressView(quiet=quiet, verbose=verbose)
-            view.live = view.live and not world.distributed  # ranks sharing a terminal: no live bars
+                    plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle, config=config,
+                    progress=progress))
+            if progress != "json":
+                info(f"{who}[{k}/{len(jobs)}] {plan.prompt[:60]}", quiet=quiet)
+            view = progress_view(progress, quiet=quiet, verbose=verbose)
+            if progress != "json":
+                view.live = view.live and not world.distributed  # ranks sharing a terminal: no live bars
             with view:
-                result = api.generate_file(plan, loaded, path=path, fmt=fmt, overwrite=overwrite,
-                                           on_event=view, resume=resume, write=lead)
+                view.run_started(plan, path, index)
+                try:
+                    result = api.generate_file(plan, loaded, path=path, fmt=fmt, overwrite=overwrite,
+                                               on_event=view, resume=resume, write=lead)
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    view.run_finished(index=index, error=one_line_of(exc))
+                    raise
+                view.run_finished(result, index=index)
         except Exception as exc:  # noqa: BLE001 - every failure is one line; the exit code says it
             if lead:
                 manifest.release(index)

@@ -13,10 +13,12 @@ import torch
 
 from .. import api, distributed, parallel
 from ..errors import InputError, OutputError, ResumeMismatchError
-from .console import ProgressView, info, quiet_libraries
+from .console import info, one_line_of, progress_view, quiet_libraries
 from ..adapters import describe
 from ..inputs import expand
-from ..io import checkpoints
+from ..io import checkpoints, previews
+from ..models.taesd import describe as taesd_words
+from ..planning.preview import shrink_note
 from ..io.naming import DEFAULT_TEMPLATE, render_name, format_of, resolve_output
 from ..io.targets import check_directory, check_free_space, check_target
 
@@ -85,8 +87,38 @@ def print_dry_run(plan, *, as_json: bool, extra: dict | None = None, resume: dic
                      f"{d.cosine_scale_2:g}/{d.cosine_scale_3:g}, sigma {d.gaussian_sigma:g})")
         print(f"  stage {s.index + 1}: {s.width}x{s.height} {kind}, {s.denoise_steps} steps, "
               f"seed {s.seed}, {memory_line(s)}")
+    if plan.preview is not None:
+        print(preview_line(plan))
     if resume is not None:
         print(f"resume: {resume_text(resume)}")
+
+
+def preview_line(plan) -> str:
+    """The dry run's line about --preview: file, method, interval, size and bytes (in the stages'
+    estimates above), and what the budget made smaller."""
+    p = plan.preview
+    method = p.method + (f" {taesd_words(p.taesd)}" if p.taesd is not None else "")
+    if p.why:
+        method += f" ({p.why})"
+    every = f"every {p.every} steps" if p.every else "about 10 per stage"
+    most = max((s.bytes for s in p.stages if s is not None), default=0)
+    line = (f"preview: {p.path}, {method}, {every} and at each stage's end, long side <= {p.size} px, "
+            f"~{most / 2 ** 20:.1f} MiB (in each stage's estimate)")
+    note = shrink_note(p, plan.stages)
+    return line + (f"; {note}" if note else "")
+
+
+def check_preview(plan, path, *, overwrite: bool) -> None:
+    """The preview file is none of the run's own images; another image under its name is
+    replaced only with --overwrite."""
+    if plan.preview is None:
+        return
+    taken = []
+    if path is not None:
+        taken = [path] + [p for s in plan.stages[:-1] for p in (
+            checkpoints.hidden_path(path, s.index, s.width, s.height),
+            checkpoints.stage_path(path, s.index, s.width, s.height))]
+    previews.check_target(plan.preview.path, overwrite=overwrite, taken=taken)
 
 
 def resume_plan(plan, path, init_image=None) -> dict:
@@ -115,20 +147,31 @@ def planned_for(plan) -> str:
             f"{priced}")
 
 
-def load(plan, *, verbose: bool, quiet: bool, allow_pickle: bool = False, config: str | None = None):
-    """The library's api.load, with the CLI's line on stderr and the libraries' notices quieted."""
-    info(f"loading {plan.model} ...", quiet=quiet)
+def load(plan, *, verbose: bool, quiet: bool, allow_pickle: bool = False, config: str | None = None,
+         progress: str | None = None):
+    """The library's api.load, with the CLI's line (or JSON events) on stderr and the libraries'
+    notices quieted."""
+    view = progress_view(progress, quiet=quiet, verbose=verbose)
+    view.loading(plan.model)
     quiet_libraries(verbose)
-    return api.load(plan, allow_pickle=allow_pickle, config=config)
+    model = api.load(plan, allow_pickle=allow_pickle, config=config)
+    view.loaded()
+    return model
 
 
 def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_image=None,
-            resume: bool = False, write: bool = True) -> dict:
+            resume: bool = False, write: bool = True, progress: str | None = None) -> dict:
     """Generate one image, write it, print its path (or JSON) on stdout (write=False: a band-
     parallel rank other than 0, which computes its share and writes and prints nothing)."""
-    with ProgressView(quiet=quiet or not write, verbose=verbose) as view:
-        result = api.generate_file(plan, model, path=path, fmt=fmt, overwrite=overwrite,
-                                   on_event=view, init_image=init_image, resume=resume, write=write)
+    with progress_view(progress, quiet=quiet or not write, verbose=verbose) as view:
+        view.run_started(plan, path)
+        try:
+            result = api.generate_file(plan, model, path=path, fmt=fmt, overwrite=overwrite,
+                                       on_event=view, init_image=init_image, resume=resume, write=write)
+        except BaseException as exc:
+            view.run_finished(error="interrupted" if isinstance(exc, KeyboardInterrupt) else one_line_of(exc))
+            raise
+        view.run_finished(result)
     if not write:
         return result
     if path is not None:
@@ -155,6 +198,7 @@ def plan_and_run(req, opts, *, output, init_image=None) -> None:
     # the output is checked as for a run; nothing is created before the model has loaded
     path, fmt = resolve_target(output, plan=plan, fmt=opts.format, overwrite=opts.overwrite,
                                resume=opts.resume, create=False)
+    check_preview(plan, path, overwrite=opts.overwrite)
     resume = resume_plan(plan, path, init_image) if opts.resume else None
     world.agree(keep=True)  # every rank planned alike: all go, or all stop with one line
     if opts.dry_run:
@@ -165,14 +209,15 @@ def plan_and_run(req, opts, *, output, init_image=None) -> None:
     with band_group(world, plan.device):
         lead = world.rank == 0  # the one rank that writes files and prints
         loaded = rank0_first(lambda: load(plan, verbose=opts.verbose, quiet=opts.quiet or not lead,
-                                          allow_pickle=opts.allow_pickle, config=opts.config))
+                                          allow_pickle=opts.allow_pickle, config=opts.config,
+                                          progress=opts.progress))
         if path is not None and lead:  # made only now: a model that fails to load leaves no folder
             check_directory(path.parent, create=True)
         if resume is not None:
             info(f"resume: {resume_text(resume)}", quiet=opts.quiet or not lead)
         run_one(plan, loaded, path=path, fmt=fmt, overwrite=opts.overwrite, as_json=opts.json,
                 quiet=opts.quiet, verbose=opts.verbose, init_image=init_image, resume=opts.resume,
-                write=lead)
+                write=lead, progress=opts.progress)
 
 
 def for_world(req, world):

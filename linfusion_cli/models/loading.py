@@ -59,6 +59,7 @@ class LoadedModel:
     linfusion_layers: list[str] = field(default_factory=list)
     adapters: AdapterSpecs = field(default_factory=AdapterSpecs)  # what was mounted (adapters.check_adapters)
     controlnets: dict = field(default_factory=dict)  # kind -> ControlNetModel (adapters.controlnet)
+    preview_decoder: object = None  # --preview-method taesd: the TAESD decoder (models/taesd.py)
 
     @property
     def sampler(self) -> str:

@@ -152,6 +152,21 @@ def save_tiny_pipeline(folder: Path, family: str = "sd15", seed: int = 0, *, dem
     return folder
 
 
+# `--preview-method taesd` with a demo model: a TAESD (diffusers' AutoencoderTiny) of the real one's
+# structure (4 blocks, x8 upsampling, 4 latent channels) with 8 channels instead of 64.
+DEMO_TAESD_CONFIG = dict(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                         num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4)
+
+
+def save_tiny_taesd(folder: Path, seed: int = 0, config: dict | None = None) -> Path:
+    """A random AutoencoderTiny from `config` (default: the demo's), saved with save_pretrained."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    AutoencoderTiny(**(config or DEMO_TAESD_CONFIG)).save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
 # ---------------------------------------------------------------- adapters for the tiny models
 
 LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",

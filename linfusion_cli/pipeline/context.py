@@ -25,6 +25,7 @@ class StageContext:
     txt2img: object = None  # diffusers pipelines sharing one set of components
     img2img: object = None
     notes: dict = field(default_factory=dict)  # stage index -> {"decode"/"encode": vae.TileReport}
+    preview: object = None  # preview.Previewer (--preview), or None
 
     def __post_init__(self):
         from diffusers import AutoPipelineForImage2Image

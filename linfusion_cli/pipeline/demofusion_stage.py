@@ -24,6 +24,7 @@ from ..planning.plan import Stage
 from .demofusion import blurred_input, dilated_convs, match_stats, step_weights
 from .events import PhaseProgress
 from .context import StageContext, cpu_generator, decode, vae_plan
+from .preview import watching
 
 
 @dataclass
@@ -149,10 +150,12 @@ def demofusion_image_to_image(ctx: StageContext, stage: Stage, previous: np.ndar
     timesteps = truncated_timesteps(pipe.scheduler, stage.steps, stage.denoise_steps, device)
     noise = randn_tensor(x0.shape, generator=generator, device=device, dtype=x0.dtype)
 
-    def on_step(i):
-        ctx.on_event(PhaseProgress(stage.index, "denoise", i + 1, stage.denoise_steps))
+    with watching(ctx.preview, stage, pipe.scheduler) as watch:  # --preview: x0 of the first pass
+        def on_step(i):
+            ctx.on_event(PhaseProgress(stage.index, "denoise", i + 1, stage.denoise_steps))
+            watch.step_done(i)
 
-    latents = denoise(pipe.unet, pipe.scheduler, x0, noise, timesteps, cond, stage.guidance,
-                      stage.demofusion, generator, on_step)
+        latents = denoise(pipe.unet, pipe.scheduler, x0, noise, timesteps, cond, stage.guidance,
+                          stage.demofusion, generator, on_step)
     del x0, noise
     return decode(ctx, stage, latents)

@@ -33,6 +33,7 @@ class StageFinished:
     peak_gib: float | None
     image: object  # numpy uint8 (H, W, 3): kept by the caller when stages are saved
     record: dict
+    path: str | None = None  # where the caller kept the stage's image (--save-stages), if it did
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,29 @@ class Retrying:
     reason: str
 
 
-Event = StageStarted | PhaseProgress | StageFinished | Retrying
+@dataclass(frozen=True)
+class PreviewWritten:
+    """--preview rewrote its file: after a denoising step, or (step None) from the stage's image."""
+
+    stage: int
+    step: int | None  # denoising steps done when it was drawn; None: the finished stage's image
+    steps: int  # the stage's denoising steps
+    path: str
+    width: int
+    height: int
+    method: str  # latent2rgb | taesd | image
+    seconds: float  # what it took: pooling, drawing and the atomic write
+
+
+@dataclass(frozen=True)
+class PreviewFailed:
+    """The preview could not be written (a full disk ...): the run goes on without previews."""
+
+    stage: int
+    reason: str
+
+
+Event = StageStarted | PhaseProgress | StageFinished | Retrying | PreviewWritten | PreviewFailed
 EventHandler = Callable[[Event], None]
 
 

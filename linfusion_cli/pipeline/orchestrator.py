@@ -14,6 +14,7 @@ from . import finite
 from ..planning.plan import GenerationPlan, Stage
 from .events import EventHandler, StageFinished, StageStarted, Retrying, ignore
 from .memory import memory_plan_applied
+from .preview import Previewer
 from .stages import StageContext, stage_function
 from ..models.loading import TORCH_DTYPES
 from ..runtime import transfer
@@ -97,14 +98,20 @@ def _count(moved: dict, direction: str, n: int, blocking: bool) -> None:
 
 
 def run_plan(plan: GenerationPlan, model, *, on_event: EventHandler = ignore,
-             init_image: np.ndarray | None = None, resume_from=None) -> tuple[np.ndarray, dict]:
+             init_image: np.ndarray | None = None, resume_from=None,
+             previews: bool = True) -> tuple[np.ndarray, dict]:
     """Every stage in order; returns the final uint8 (H, W, 3) image and the run record.
 
     Each finished stage is reported (with its image) through a StageFinished event, so the
     caller can keep it before the next stage starts. `resume_from` (io.checkpoints.Start): go on
     after its stage from its image, exactly the uint8 image that stage handed on.
+    previews: write plan.preview's file (False: a band-parallel rank other than 0).
     """
-    ctx = StageContext(plan=plan, model=model, on_event=on_event)
+    preview = None
+    if previews and plan.preview is not None:
+        preview = Previewer(plan.preview, family=plan.family, on_event=on_event,
+                            decoder=getattr(model, "preview_decoder", None))
+    ctx = StageContext(plan=plan, model=model, on_event=on_event, preview=preview)
     image = init_image if resume_from is None else resume_from.image
     done: list[dict] = [] if resume_from is None else resume_from.stage_records
     for stage in plan.stages[0 if resume_from is None else resume_from.stage + 1:]:
@@ -114,6 +121,8 @@ def run_plan(plan: GenerationPlan, model, *, on_event: EventHandler = ignore,
         with transfer.observed(lambda direction, n, blocking: _count(moved, direction, n, blocking)):
             image, ran, knobs = _run_stage(ctx, stage, image)
         seconds = time.perf_counter() - start
+        if preview is not None:
+            preview.finished(stage, image)
         vae = _vae_notes(ctx.notes.get(stage.index, {}))
         knobs["vae_tile_px"] = vae.get("decode", {}).get("tile_px", 0)
         stage_record = ran.to_dict() | {"seconds": round(seconds, 3), "peak_gib": _peak_gib(model.device),

@@ -16,13 +16,15 @@ from .context import StageContext, cpu_generator, decode, vae_plan
 from .demofusion_stage import demofusion_image_to_image
 from .events import PhaseProgress
 from .knobs import vae_on_device
+from .preview import watching
 
 
-def _denoise_kwargs(ctx: StageContext, stage: Stage) -> dict:
+def _denoise_kwargs(ctx: StageContext, stage: Stage, watch) -> dict:
     plan = ctx.plan
 
     def on_step(pipe, step, timestep, tensors):
         ctx.on_event(PhaseProgress(stage.index, "denoise", step + 1, stage.denoise_steps))
+        watch.step_done(step)  # --preview: this step's x0, when one is due
         return tensors
 
     return dict(prompt=plan.prompt, negative_prompt=plan.negative or None,
@@ -34,8 +36,9 @@ def text_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None) 
     """The base stage at the model's native size."""
     pipe, extra, done = control.text_to_image_call(ctx, stage)  # plain txt2img without ControlNet
     try:
-        out = pipe(height=stage.height, width=stage.width, generator=cpu_generator(stage.seed),
-                   **extra, **ip_adapter.stage_kwargs(ctx), **_denoise_kwargs(ctx, stage))
+        with watching(ctx.preview, stage, pipe.scheduler) as watch:
+            out = pipe(height=stage.height, width=stage.width, generator=cpu_generator(stage.seed),
+                       **extra, **ip_adapter.stage_kwargs(ctx), **_denoise_kwargs(ctx, stage, watch))
     finally:
         done()
     return decode(ctx, stage, finite.check(out.images, "unet"))
@@ -58,8 +61,9 @@ def image_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None)
     del upscaled
     latents = finite.check(latents, "vae").to(device=ctx.model.device, dtype=ctx.model.dtype)
     try:
-        out = pipe(image=latents, strength=stage.strength, generator=generator,
-                   **extra, **ip_adapter.stage_kwargs(ctx), **_denoise_kwargs(ctx, stage))
+        with watching(ctx.preview, stage, pipe.scheduler) as watch:
+            out = pipe(image=latents, strength=stage.strength, generator=generator,
+                       **extra, **ip_adapter.stage_kwargs(ctx), **_denoise_kwargs(ctx, stage, watch))
     finally:
         done()
     return decode(ctx, stage, finite.check(out.images, "unet"))

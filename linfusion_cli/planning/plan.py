@@ -15,6 +15,7 @@ from ..errors import PlanError
 from ..models.resolve import ModelInfo
 from .memory.planner import MemoryPlan
 from .method import DemoFusion, denoise_steps
+from .preview import PreviewPlan
 
 MULTIPLE = 8  # the VAE scale factor: image sizes must be multiples of it
 MAX_SIDE = 32768
@@ -80,6 +81,7 @@ class GenerationPlan:
     group_timeout_s: float | None = None  # band parallelism: a rank waits this long for a peer
     gpu: str | None = None  # the GPU the plan is priced for (gpus.GPUS name, or a detected one)
     predicted_s: float | None = None  # the whole run on that GPU, from the stages' costs
+    preview: PreviewPlan | None = None  # --preview: method, file, size and bytes per stage (preview.py)
 
     @property
     def width(self) -> int:
@@ -91,7 +93,8 @@ class GenerationPlan:
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items()
-             if k not in ("stages", "model_info", "budget", "world_size", "group_timeout_s")}
+             if k not in ("stages", "model_info", "budget", "world_size", "group_timeout_s", "preview")}
+        d["preview"] = self.preview.to_dict() if self.preview is not None else None
         d["budget"] = self.budget.to_dict() if self.budget is not None else None
         if self.world_size > 1:
             d["parallel"] = {"mode": "bands", "world_size": self.world_size,

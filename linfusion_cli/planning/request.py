@@ -36,6 +36,7 @@ from .cost import stage_cost
 from ..gpus import DEFAULT_GPU, GPUS, detected_gpu
 from ..vae.working_set import exact_working_set
 from .method import DemoFusion, trained_px, with_method
+from .preview import fit as fit_preview, plan_preview
 
 DEFAULT_RES = 4096
 
@@ -134,6 +135,8 @@ def make_plan(req: Request, model_info=None) -> GenerationPlan:
         model_info=info, preset=preset.name, family_from=info.family_from,
         gpu=gpu.name if gpu is not None else None)
     plan = _with_adapters(plan, req, preset)
+    plan = replace(plan, preview=plan_preview(req, family=info.family, model=info.model,
+                                              latent_channels=info.vae_config.get("latent_channels", 4)))
     return _with_parallel(_with_method(plan, req, preset), req.world_size or 1)
 
 
@@ -286,7 +289,7 @@ def add_memory_plans(plan: GenerationPlan, ledger_for=None) -> GenerationPlan:
     free_host = None if plan.planned_elsewhere else hostmem.host_memory().available
     priced = kind == "cuda" and ledger_for is not None
     ledger, gpu = (ledger_for(plan), pricing_gpu(plan)) if priced else (None, None)
-    costs = []
+    costs, previews = [], []
     for stage in plan.stages:
         cost_of = _pricer(plan, ledger, gpu, stage) if priced else None
         held = _held_bytes(plan, stage, kind, DTYPE_BYTES[plan.dtype])
@@ -303,8 +306,12 @@ def add_memory_plans(plan: GenerationPlan, ledger_for=None) -> GenerationPlan:
             short.append((exc.needed_bytes + held, stage))
             continue
         control = _adapter_bytes(plan, plan.model_info.unet_config, stage, DTYPE_BYTES[plan.dtype])
-        if control:
-            memory = replace(memory, estimated_peak_gib=round(memory.estimated_peak_gib + control / 2 ** 30, 2))
+        preview = _stage_preview(plan, stage, None if budget is None else
+                                 budget - held - int(memory.estimated_peak_gib * GIB))
+        previews.append(preview)
+        extra = control + (preview.bytes if preview is not None else 0)
+        if extra:
+            memory = replace(memory, estimated_peak_gib=round(memory.estimated_peak_gib + extra / 2 ** 30, 2))
         host = _host_bytes(plan, plan.model_info, stage, memory)
         memory = replace(memory, estimated_host_gib=round(host / 2 ** 30, 2),
                          **_vae_modes(plan, stage, memory, budget if kind == "cpu" else None))
@@ -315,10 +322,21 @@ def add_memory_plans(plan: GenerationPlan, ledger_for=None) -> GenerationPlan:
     _check_host(plan, plans)
     shown = resolved if resolved.gib is None else replace(resolved, gib=round(resolved.gib, 2))
     plan = replace(plan.with_memory(plans), budget=shown, gpu=gpu.name if priced else None)
+    if plan.preview is not None:
+        plan = replace(plan, preview=replace(plan.preview, stages=tuple(previews)))
     if not priced:
         return replace(plan, predicted_s=None)
     stages = tuple(replace(s, cost=c.to_dict()) for s, c in zip(plan.stages, costs))
     return replace(plan, stages=stages, predicted_s=round(sum(c.seconds() for c in costs), 2))
+
+
+def _stage_preview(plan: GenerationPlan, stage, room: int | None):
+    """The stage's --preview within the room its memory plan leaves under the budget (it never
+    changes the knobs, so never the image); None without a preview or room for one."""
+    if plan.preview is None:
+        return None
+    return fit_preview(plan.preview, stage, room, dtype_bytes=DTYPE_BYTES[plan.dtype],
+                       vae_bytes=DTYPE_BYTES[plan.vae_dtype])
 
 
 def _host_bytes(plan: GenerationPlan, info, stage, memory) -> int:
