@@ -835,14 +835,14 @@ def run_case(bench: Bench, name: str, what: str, fn) -> None:
 
 
 def choose_gpu(bench: Bench):
-    """The gpus.GPUS entry of the device found (detected_gpu), or the default one off CUDA."""
+    """The gpus.GPUS entry of the device found (detected_gpu), or the H100 off CUDA."""
     from linfusion_cli import gpus
 
     if bench.cuda:
         import torch
 
         return gpus.detected_gpu(torch.cuda.get_device_name(), torch.cuda.mem_get_info()[1] / GIB)
-    return gpus.GPUS[gpus.DEFAULT_GPU]
+    return gpus.GPUS["h100"]  # off CUDA: priced for the GPU the check is written for
 
 
 def summary(data: dict) -> str:

@@ -77,7 +77,6 @@ GPUS = {g.name: g for g in (
     # NVIDIA T4 datasheet: 65 TFLOPS fp16 mixed precision, 16 GB, PCIe Gen3; no bf16 (sm_75)
     Gpu("t4", 16, 65.0, 3, False),
 )}
-DEFAULT_GPU = "h100"  # planning for a GPU absent here, with no --gpu and no budget to match
 
 
 def gpu_named(name: str) -> Gpu:

@@ -142,7 +142,8 @@ def planned_for(plan) -> str:
               else "no budget given (the fastest plan; pass --max-vram)")
     where = " (no GPU on this machine: planned for one)" if plan.planned_elsewhere else ""
     priced = (f"; priced for {plan.gpu}: predicted {plan.predicted_s:.1f} s in all (not measured)"
-              if plan.predicted_s is not None else "")
+              if plan.predicted_s is not None else
+              "; not priced (--gpu NAME gives predicted seconds)" if plan.planned_elsewhere else "")
     return (f"planned for {plan.device}{where}, {budget}, UNet {plan.dtype}, VAE {plan.vae_dtype}"
             f"{priced}")
 

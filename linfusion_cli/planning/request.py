@@ -33,7 +33,7 @@ from .memory.host import host_bytes
 from .budget import GIB, Budget
 from .memory.planner import BudgetError, choose_knobs
 from .cost import stage_cost
-from ..gpus import DEFAULT_GPU, GPUS, detected_gpu
+from ..gpus import GPUS, detected_gpu
 from ..vae.working_set import exact_working_set
 from .method import DemoFusion, trained_px, with_method
 from .preview import fit as fit_preview, plan_preview
@@ -251,14 +251,15 @@ def device_budget(plan: GenerationPlan) -> Budget:
 
 
 def pricing_gpu(plan: GenerationPlan):
-    """The GPU a CUDA plan is priced for: --gpu, else the one here, else gpus.DEFAULT_GPU."""
+    """The GPU a CUDA plan is priced for: --gpu, else the one here; None when planning for a GPU
+    absent here that no --gpu names (its speed is unknown: the plan is not priced)."""
     if plan.gpu is not None:
         return GPUS[plan.gpu]
     if not plan.planned_elsewhere and plan.device.startswith("cuda"):
         dev = torch.device(plan.device)
         props = torch.cuda.get_device_properties(dev)
         return detected_gpu(props.name, props.total_memory / GIB)
-    return GPUS[DEFAULT_GPU]
+    return None
 
 
 def _pricer(plan: GenerationPlan, ledger, gpu, stage):
@@ -274,8 +275,9 @@ def add_memory_plans(plan: GenerationPlan, ledger_for=None) -> GenerationPlan:
 
     ledger_for: plan -> a planning.cost.Ledger (tracing.ledger builds one; handed in from above):
     a CUDA plan's fitting plans are then ranked by their predicted seconds on the plan's GPU
-    (pricing_gpu) and every stage carries the cost of the plan that runs; without it, or on the
-    CPU, the first fitting plan in the planner's candidate order.
+    (pricing_gpu: --gpu or the one here) and every stage carries the cost of the plan that runs;
+    without it, on the CPU, or for an unnamed GPU absent here, the first fitting plan in the
+    planner's candidate order.
 
     Forced knobs (--vae-tile, a preset's `memory:`) are constraints of the search, so the
     estimate printed is the one of the plan that runs. Every stage is planned before a refusal,
@@ -287,8 +289,9 @@ def add_memory_plans(plan: GenerationPlan, ledger_for=None) -> GenerationPlan:
     fixed = _fixed_knobs(plan)
     plans, short = [], []  # short: (bytes the stage needs at least, stage)
     free_host = None if plan.planned_elsewhere else hostmem.host_memory().available
-    priced = kind == "cuda" and ledger_for is not None
-    ledger, gpu = (ledger_for(plan), pricing_gpu(plan)) if priced else (None, None)
+    gpu = pricing_gpu(plan) if kind == "cuda" and ledger_for is not None else None
+    priced = gpu is not None
+    ledger = ledger_for(plan) if priced else None
     costs, previews = [], []
     for stage in plan.stages:
         cost_of = _pricer(plan, ledger, gpu, stage) if priced else None
