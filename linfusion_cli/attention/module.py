@@ -117,13 +117,17 @@ class LinFusionAttention(nn.Module):
         """Pass 2: the attention output for the tokens x (B, n, C) from the whole image's state."""
         chunk = self.chunk_size or _default_chunk(x)
         k_mean = state.k_sum / state.count
+        if out is None and x.shape[1] <= chunk:  # one chunk (a band): its output, not a copy
+            return self._read_chunk(state, x, k_mean)
         out = torch.empty_like(x) if out is None else out
         for start in range(0, x.shape[1], chunk):
-            x_c = x[:, start:start + chunk]
-            q_c = split_heads(self.to_q(x_c + self.to_q_(x_c)), self.heads)  # (B, h, c, d)
-            o_c = merge_heads(read_out(q_c, state.kv, k_mean, EPS))
-            out[:, start:start + chunk] = self.to_out[1](self.to_out[0](o_c))
+            out[:, start:start + chunk] = self._read_chunk(state, x[:, start:start + chunk], k_mean)
         return out
+
+    def _read_chunk(self, state: KeyState, x_c: torch.Tensor, k_mean: torch.Tensor) -> torch.Tensor:
+        """read for one chunk of tokens x_c (B, c, C) -> (B, c, C)."""
+        q_c = split_heads(self.to_q(x_c + self.to_q_(x_c)), self.heads)  # (B, h, c, d)
+        return self.to_out[1](self.to_out[0](merge_heads(read_out(q_c, state.kv, k_mean, EPS))))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.heads}, projection_mid_dim={self.projection_mid_dim}"

@@ -229,13 +229,12 @@ def transformer(tr: nn.Module, x: torch.Tensor, rows: int, context, context_mask
     for a, b in ranges:
         h = normed(x[:, :, a:b], affine)  # (B, C, h, W)
         if not linear:
-            h = tr.proj_in(h)
-        h = h.permute(0, 2, 3, 1).reshape(B, (b - a) * W, h.shape[1])  # (B, n, inner)
-        if linear:
-            h = tr.proj_in(h)
+            h = tr.proj_in(h).permute(0, 2, 3, 1)  # (B, h, W, inner), a view
+        else:
+            h = tr.proj_in(h.permute(0, 2, 3, 1).reshape(B, (b - a) * W, C))  # (B, n, inner)
         if tokens is None:
-            tokens = torch.empty(B, H * W, h.shape[2], dtype=h.dtype, device=h.device)
-        tokens[:, a * W:b * W] = h
+            tokens = torch.empty(B, H * W, h.shape[-1], dtype=h.dtype, device=h.device)
+        tokens[:, a * W:b * W].view(h.shape).copy_(h)  # one copy, however h is laid out
         del h
     spans = [(a * W, b * W) for a, b in ranges]
     kwargs = dict(kwargs or {})
@@ -246,12 +245,10 @@ def transformer(tr: nn.Module, x: torch.Tensor, rows: int, context, context_mask
     for (a, b), (s, e) in zip(ranges, spans):
         h = tokens[:, s:e]
         if not linear:
-            h = h.reshape(B, b - a, W, inner).permute(0, 3, 1, 2).contiguous()
-            h = tr.proj_out(h)
-        else:
-            h = tr.proj_out(h)
-            h = h.reshape(B, b - a, W, inner).permute(0, 3, 1, 2).contiguous()
-        x[:, :, a:b] = h + x[:, :, a:b]
+            h = tr.proj_out(h.reshape(B, b - a, W, inner).permute(0, 3, 1, 2).contiguous())
+        else:  # the projection per token, read back channel-first by the sum (no copy)
+            h = tr.proj_out(h).view(B, b - a, W, -1).permute(0, 3, 1, 2)
+        x[:, :, a:b].add_(h)  # (B, C, b - a, W): the residual, summed in place
         del h
     return x
 
@@ -278,10 +275,8 @@ def transformer_block(blk: nn.Module, tokens: torch.Tensor, spans, context, cont
         if blk._chunk_size is not None:
             raise ValueError("band-wise UNet: diffusers' feed-forward chunking is not supported "
                              "(use the ff_chunk knob)")
-        h = blk.ff(n) + h
-        del n
-        tokens[:, s:e] = h
-        del h
+        torch.add(blk.ff(n), h, out=tokens[:, s:e])  # the sum straight into the token map
+        del n, h
 
 
 def head(norm: nn.Module | None, act: nn.Module | None, conv: nn.Module, x: torch.Tensor,

@@ -5,7 +5,8 @@ tests/bands/), with every layer run band by band (blocks.py): at any moment the 
 the layer's input, its output, a band's working set and the skips (or none of them, parked on
 the host with skips_on_cpu, coming back one band of rows at a time). An up block's input is
 never concatenated whole: `Cat` hands its resnet the rows it asks. The upsampler's output is
-made whole, band by band (blocks.upsample), so that its conv runs once per row.
+made whole, band by band (blocks.upsample), so that its conv runs once per row, except at full
+resolution with parked skips (`upsampled`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import nn
 
 from ..runtime.staging import Staging
 from . import blocks
-from .rows import Cat, Full, Host, Rows, conv_rows, level_rows, low_halo, park
+from .rows import Cat, Full, Host, Rows, Upsampled, conv_rows, level_rows, low_halo, park
 
 
 def levels(model: nn.Module) -> int:
@@ -150,14 +151,30 @@ def banded_forward(unet: nn.Module, band_rows: int, park_skips: bool, sample: to
             up = blk.upsamplers[0]  # with a halo, the rows at the band's edges can be made too
             low = src.t if group is None else comm(level).halo(src, *low_halo(up))
             del src  # the low-resolution map goes as soon as the upsampled one is made
-            src = Full(blocks.upsample(up, low, level_rows(band_rows, level - 1), size))
-            del low
             level -= 1
+            src = upsampled(up, low, size, level_rows(band_rows, level),
+                            whole=not (park_skips and level == 0))
+            del low
     out = blocks.head(unet.conv_norm_out, unet.conv_act, unet.conv_out, src.t,
                       level_rows(band_rows, 0), comm(0))
     if group is not None:  # (B, 4, H, W) on every rank: the scheduler and the caller see one map
         out = group.gather(out, comm(0))
     return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+
+def upsampled(up: nn.Module, low: "torch.Tensor | Rows", size, rows: int, whole: bool) -> Rows:
+    """The upsampler's output as the next up block's first resnet reads it (three times: for
+    GroupNorm-1's moments, conv1 with its halo, the shortcut).
+
+    whole: made whole band by band (blocks.upsample), its conv run once per row; the resnet
+    then holds it beside its output. Otherwise its rows are computed on every read
+    (rows.Upsampled): the conv runs three times, but only the low-resolution map (a quarter)
+    is held. The caller asks for that with parked skips at full resolution only: there the
+    upsampled map (2 C0 channels) and the resnet's output (C0) would be the largest pair of
+    maps of the forward, above the two C0 maps every other full-resolution layer holds, and
+    parked skips are the plan for a device that cannot take more (SD1.5 at 16384^2 in 12 GiB).
+    """
+    return Full(blocks.upsample(up, low, rows, size)) if whole else Upsampled(low, up, size)
 
 
 def down_and_mid(model: nn.Module, stem, emb, attn, band_rows: int, on_skip,

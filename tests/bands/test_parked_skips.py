@@ -1,7 +1,8 @@
 """Parked skips (skips_on_cpu under band_rows) through runtime/staging.py, on the CPU with the
 stand-in streams and events: the band-wise UNet still equals diffusers' forward; each skip
 crosses to the host once and back once per resnet that reads it (its conv1 halo rows included,
-its GroupNorm moments never fetched); the pool hands the same buffers to the next forward and
+its GroupNorm moments never fetched; the one read right after the full-resolution upsampler
+comes back once more, for the shortcut: see bands.unet.upsampled); the pool hands the same buffers to the next forward and
 never writes or reads one before the copies it waits on; ControlNet residuals are folded in
 before the moments are taken."""
 
@@ -62,12 +63,15 @@ def window_rows(height: int, rows: int) -> int:
 
 def expected_bytes(cfg, batch: int, itemsize: int) -> tuple[int, int]:
     """(d2h, h2d) of one parked forward: every skip out once; back once per consuming resnet
-    (the up resnets read one skip each, at its own level), with conv1's halo rows."""
+    (the up resnets read one skip each, at its own level), with conv1's halo rows, and the skip
+    read right after the full-resolution upsampler (the last one at level 0) once more, without
+    a halo: that upsampler's output is not made whole, so its resnet's shortcut reads x again."""
     shapes = skip_shapes(cfg, H, W)
     d2h = sum(batch * c * h * w * itemsize for _, c, h, w in shapes)
     h2d = sum(batch * c * w * itemsize * window_rows(h, -(-ROWS // 2 ** level))
               for level, c, h, w in shapes)
-    return d2h, h2d
+    _, c, h, w = shapes[cfg.layers_per_block]
+    return d2h, h2d + batch * c * h * w * itemsize
 
 
 def test_parked_unet_equals_diffusers_and_each_skip_crosses_once(unet):
@@ -146,7 +150,10 @@ def test_pool_reuses_its_buffers_and_waits_before_each_copy(unet):
                 assert nxt[1] == entry[1] and nxt[2] >= entry[2]
                 ahead += 1
     windows = sum(-(-h // -(-ROWS // 2 ** lvl)) for lvl, _, h, _ in skip_shapes(unet.config, H, W))
-    assert ahead == windows - len(skip_shapes(unet.config, H, W))  # all but each skip's last band
+    # all but each skip's last band, and the shortcut pass of the resnet after the last upsampler
+    lvl, _, h, _ = skip_shapes(unet.config, H, W)[unet.config.layers_per_block]
+    again = -(-h // -(-ROWS // 2 ** lvl)) - 1
+    assert ahead == windows - len(skip_shapes(unet.config, H, W)) + again
 
 
 def test_controlnet_residuals_are_in_the_parked_skips_and_their_moments(unet):

@@ -73,7 +73,8 @@ class MemoryPlan(est.Knobs):
         cost *= 1.06 if self.cfg_split else 1.0  # two half batches use the GPU less well
         cost *= 1.08 if self.skips_on_cpu else 1.0  # skips cross PCIe twice per step
         cost *= 1.001 if self.inplace else 1.0  # free, but only used when needed
-        # band-wise: GroupNorm moments, halo rows and the upsampler's output recomputed per band
+        # band-wise: GroupNorm moments, halo rows, smaller kernels (with parked skips, the
+        # full-resolution upsampler's conv rerun per read)
         cost *= 1.05 + 1 / self.band_rows if self.band_rows else 1.0
         return cost
 

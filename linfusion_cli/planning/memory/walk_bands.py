@@ -7,7 +7,8 @@ are applied by the caller, as in walk.py):
   its input and output (conv2 is written over conv1's output), a transformer its input and the
   (B, N, inner) token map, a downsampler its input and the half-size output;
 * an up block's resnet reads cat([h, skip]) band by band: h whole (right after an upsampler,
-  its output, made whole band by band beside its input), the skip whole only while skips stay
+  its output, made whole band by band beside its input; with parked skips at full resolution
+  the low-resolution map instead, upsampled per read), the skip whole only while skips stay
   on the device (all skips not yet consumed are held then);
 * one band's working set on top: the layer's per-token moments (walk.py's _resnet and
   _transformer_phases) on `rows` latent rows (halved per level) plus the conv halo rows; with
@@ -44,11 +45,12 @@ def walk_banded(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfus
     def band(level: int, halo: int = 0) -> int:  # tokens of one band (+ conv halo rows)
         return (_band_rows(k.band_rows, level, heights[level]) + halo) * widths[level]
 
-    def resnet(where, held, cin, cout, lvl):
+    def resnet(where, held, cin, cout, lvl, source_extra=0.0):
         # pass 2's moment: the input band (with one halo row a side), GroupNorm's float32
-        # result, its cast back and conv1's output band
+        # result, its cast back and conv1's output band; an upsampled source's rows first
+        # need the nearest rows and the upsampler's conv output beside the band
         b = band(lvl, 2)
-        work = ((2 + 4 / dtype_bytes) * cin + cout) * b
+        work = max((2 + 4 / dtype_bytes) * cin + cout, cin + source_extra) * b
         peak.at(where, {**held, f"resnet output map ({cout} ch)": cout * n_tok[lvl],
                         "resnet band": work})
 
@@ -92,23 +94,29 @@ def walk_banded(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfus
     if through_mid:
         return peak
     rchans = chans[::-1]
-    h_ch, upsampled = c, False
+    h_ch, virtual = c, False
     for j, btype in enumerate(up_types):
         lvl = depth - 1 - j
         for r in range(layers + 1):
             skip = skips.pop()
             skip_ch = round(skip / n_tok[lvl])
             h_in = h_ch if r == 0 else rchans[j]
-            held = {f"h ({h_in} ch)": h_in * n_tok[lvl]}  # the upsampler's output after one
+            extra = 0.0
+            if r == 0 and virtual:  # rows.Upsampled: the low-res map, its conv run per band
+                held = {"low-resolution map (upsampler input)": h_in * n_tok[lvl + 1]}
+                extra = 2 * h_in  # nearest rows and the conv output, per band token
+            else:  # h, or the upsampler's output made whole
+                held = {f"h ({h_in} ch)": h_in * n_tok[lvl]}
             if not parked:
                 held["skips held"] = sum(skips) + skip
             else:  # conv1's pass fetches the next band's skip rows (+ halo) ahead
                 held["next skip band (fetched ahead)"] = skip_ch * band(lvl, 2)
-            resnet(f"up{j}.resnet{r}", held, h_in + skip_ch, rchans[j], lvl)
+            resnet(f"up{j}.resnet{r}", held, h_in + skip_ch, rchans[j], lvl, extra)
             if "CrossAttn" in btype:
                 transformer(f"up{j}.attn{r}", held_skips(False), rchans[j], lvl)
         h_ch = rchans[j]
-        if lvl > 0:  # blocks.upsample: its input, its output made whole, nearest rows and conv band
+        virtual = parked and lvl == 1  # bands.unet.upsampled: not made whole
+        if lvl > 0 and not virtual:  # blocks.upsample: its input, its output, a band's rows
             peak.at(f"up{j}.upsample", {**held_skips(False), "input": h_ch * n_tok[lvl],
                                          "output": h_ch * n_tok[lvl - 1],
                                          "upsample band": 3 * h_ch * band(lvl - 1, 2)})

@@ -1,0 +1,40 @@
+"""The band-wise UNet does the whole-map forward's work: SD1.5's UNet (its shipped config, on the
+meta device, LinFusion mounted) counted by torch's FlopCounterMode through tracing.work."""
+
+from __future__ import annotations
+
+import pytest
+
+from linfusion_cli.planning.memory.planner import MemoryPlan, load_family_configs
+from linfusion_cli.tracing.unet import meta_unet
+from linfusion_cli.tracing.work import unet_work
+
+PX = 1024  # latent 128 x 128, batch 2
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    unet = meta_unet(load_family_configs("sd15")[0], linfusion=True)
+    return unet, unet_work(unet, width=PX, height=PX, knobs=MemoryPlan())
+
+
+@pytest.mark.parametrize("rows", [32, 64])
+def test_banded_flops_within_5_percent_of_the_whole_forward(sd15, rows):
+    """Each upsampler's conv runs once per output row (blocks.upsample), not once per read."""
+    unet, whole = sd15
+    banded = unet_work(unet, width=PX, height=PX, knobs=MemoryPlan(band_rows=rows))
+    assert 0 < whole.conv_flops < whole.flops
+    assert banded.conv_flops <= 1.05 * whole.conv_flops, banded.conv_flops / whole.conv_flops
+    assert banded.flops <= 1.05 * whole.flops, banded.flops / whole.flops
+
+
+def test_parked_skips_recompute_only_the_full_resolution_upsampler(sd15):
+    """With parked skips the last upsampler's output is not made whole (bands.unet.upsampled):
+    its conv runs for GroupNorm-1's moments, conv1 and the shortcut; the others' once."""
+    unet, whole = sd15
+    banded = unet_work(unet, width=PX, height=PX, knobs=MemoryPlan(band_rows=32, skips_on_cpu=True))
+    conv = unet.up_blocks[-2].upsamplers[0].conv  # 640 -> 640, 3 x 3, at the latent's size
+    (k, _), n = conv.kernel_size, PX // 8
+    last = 2 * 2 * conv.in_channels * conv.out_channels * k * k * n * n  # FLOPs, batch 2
+    extra = banded.conv_flops - whole.conv_flops
+    assert extra <= 2.1 * last, extra / last  # two more passes, plus their halo rows
