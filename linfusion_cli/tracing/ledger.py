@@ -14,7 +14,7 @@ short heights whose band structure repeats (2P and 4P latent rows, P the band pe
 extrapolated linearly in the height: every count is affine in the number of bands, exact for
 heights that are multiples of P (tests/tracing/test_ledger.py holds extrapolated == direct).
 Counts are memoised per process and on disk (the cache folder's ledger/), keyed by the config's
-digest, the geometry, the knobs that change the count and this package's version.
+digest, the geometry, the knobs that change the count and a digest of this package's source.
 """
 
 from __future__ import annotations
@@ -216,7 +216,17 @@ def _meta_vae(config_json: str, dtype: torch.dtype):
     return meta_vae(json.loads(config_json), dtype)
 
 
+@lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """A digest of this package's source: a cached count is dropped when the code it counted changes."""
+    h = hashlib.sha1()
+    for path in sorted(Path(__file__).resolve().parents[1].rglob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def _digest(parts: dict) -> str:
+    parts = {**parts, "code": _code_digest()}
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
