@@ -152,7 +152,7 @@ def banded_forward(unet: nn.Module, band_rows: int, park_skips: bool, sample: to
             low = src.t if group is None else comm(level).halo(src, *low_halo(up))
             del src  # the low-resolution map goes as soon as the upsampled one is made
             level -= 1
-            src = upsampled(up, low, size, level_rows(band_rows, level),
+            src = upsampled(up, low, size, min(level_rows(band_rows, level), UPSAMPLE_ROWS),
                             whole=not (park_skips and level == 0))
             del low
     out = blocks.head(unet.conv_norm_out, unet.conv_act, unet.conv_out, src.t,
@@ -160,6 +160,12 @@ def banded_forward(unet: nn.Module, band_rows: int, park_skips: bool, sample: to
     if group is not None:  # (B, 4, H, W) on every rank: the scheduler and the caller see one map
         out = group.gather(out, comm(0))
     return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+
+# At most this many rows per band while an upsampler's output is made: the planner's largest
+# band, so planned bands are as they are, and a rank's whole map under band parallelism with no
+# band_rows (which would hold three such maps at once) is made in bands too
+UPSAMPLE_ROWS = 256
 
 
 def upsampled(up: nn.Module, low: "torch.Tensor | Rows", size, rows: int, whole: bool) -> Rows:
