@@ -42,3 +42,13 @@ def unet_inputs(unet, height: int = 16, width: int = 16, batch: int = 2, seed: i
         kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, text_dim, generator=g),
                                        "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch)}
     return sample, torch.tensor(500), context, kwargs
+
+
+def tiny_vae():
+    """The demo model's VAE architecture, random weights (seed 0), for the tiled-VAE tests."""
+    from diffusers import AutoencoderKL
+
+    from linfusion_cli.models.tiny import VAE_CONFIG
+
+    torch.manual_seed(0)
+    return AutoencoderKL(**VAE_CONFIG).eval()

@@ -13,7 +13,7 @@ from linfusion_cli.tracing.ledger import (UnetLedger, band_period, counting, ext
                                           unet_call_cost)
 from linfusion_cli.pipeline.knobs import apply_knobs
 
-from ..model_helpers import linfusion_unet, unet_inputs
+from ..model_helpers import linfusion_unet, tiny_vae, unet_inputs
 
 
 @pytest.fixture(scope="module")
@@ -98,15 +98,12 @@ def test_vae_bytes_of_a_cpu_run_that_parks_equal_the_ledger_on_meta(decoder):
     """The tiled VAE with every paused tile parked (device_budget 0) on the CPU: the bytes
     runtime/transfer.py moved equal the ledger's count on meta, less what only a GPU moves (the
     decoder's latent-resolution map and its windows, the pixels), computed from shapes here."""
-    from diffusers import AutoencoderKL
-
     from linfusion_cli import vae as tiled
     from linfusion_cli.models.tiny import VAE_CONFIG
     from linfusion_cli.tracing.ledger import vae_pass_cost
     from linfusion_cli.vae.tiles import tile_grid
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(**VAE_CONFIG).eval()
+    vae = tiny_vae()
     h, w, tile_px, f = 40, 56, 128, 8  # latent px; 3 x 4 tiles of 16 latent px
     plan = dict(tile_px=tile_px, mode="exact", band_rows=0, device_budget=0, host_budget=1 << 40)
     moved = {"d2h": 0, "h2d": 0}

@@ -17,18 +17,15 @@ from linfusion_cli.vae.drive import shared_pool
 from linfusion_cli.vae.norm import channel_moments, group_norm, pool, torch_group_stats
 from linfusion_cli.vae.parking import Lot
 
+from ..model_helpers import tiny_vae
+
 H, W, TILE_PX = 40, 56, 128  # latent px; 16 latent px tiles: 3 x 4 of them
 FP32 = 4
 
 
 @pytest.fixture(scope="module")
 def vae():
-    from diffusers import AutoencoderKL
-
-    from linfusion_cli.models.tiny import VAE_CONFIG
-
-    torch.manual_seed(0)
-    return AutoencoderKL(**VAE_CONFIG).eval()
+    return tiny_vae()
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from linfusion_cli.vae import attention as attn_mod
 from linfusion_cli.vae.norm import channel_moments, group_norm, pool, torch_group_stats
 from benchmarks.synthetic import structured_image, structured_latent
 from linfusion_cli.vae.tiles import downscaled_size, single_tile
+from ..model_helpers import tiny_vae
 
 H, W = 73, 97  # odd latent size -> 584 x 776 image
 
@@ -85,12 +86,7 @@ def test_pooled_core_moments_equal_whole_image_groupnorm():
 # ---------------------------------------------------------------- tiny VAE fixtures
 @pytest.fixture(scope="module")
 def vae():
-    from diffusers import AutoencoderKL
-
-    from linfusion_cli.models.tiny import VAE_CONFIG
-
-    torch.manual_seed(0)
-    return AutoencoderKL(**VAE_CONFIG).eval()
+    return tiny_vae()
 
 
 @pytest.fixture(scope="module")
