@@ -20,7 +20,7 @@ def main() -> None:
     args = parser.parse_args()
     from linfusion_cli.planning.memory.planner import MemoryPlan, load_family_configs
     from linfusion_cli.tracing.unet import meta_unet
-    from linfusion_cli.tracing.work import unet_work
+    from linfusion_cli.tracing.ledger import unet_call_cost as unet_work
 
     unet = meta_unet(load_family_configs(args.family)[0], linfusion=True)
     plans = {"whole": MemoryPlan(), "banded": MemoryPlan(band_rows=args.rows),
@@ -33,7 +33,7 @@ def main() -> None:
     for name, w in work.items():
         print(f"  {name:21s} total {w.flops / 1e12:6.2f} TFLOP ({w.flops / whole.flops:.3f})  "
               f"conv {w.conv_flops / 1e12:6.2f} TFLOP ({w.conv_flops / whole.conv_flops:.3f})  "
-              f"aten ops {w.ops:6d} ({w.ops / whole.ops:.2f})")
+              f"aten ops {w.launches:6d} ({w.launches / whole.launches:.2f})")
 
 
 if __name__ == "__main__":

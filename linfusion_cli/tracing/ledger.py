@@ -101,7 +101,7 @@ def counting():
         yield tally
 
 
-def unet_call_cost(unet, *, width: int, height: int, knobs, batch: int,
+def unet_call_cost(unet, *, width: int, height: int, knobs, batch: int = 2,
                    dtype: torch.dtype = torch.float16) -> Cost:
     """One UNet forward at (width, height) px under `knobs` (a MemoryPlan), counted directly."""
     undo = apply_knobs(unet, None, knobs)

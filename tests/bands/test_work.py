@@ -1,5 +1,5 @@
 """The band-wise UNet does the whole-map forward's work: SD1.5's UNet (its shipped config, on the
-meta device, LinFusion mounted) counted by torch's FlopCounterMode through tracing.work."""
+meta device, LinFusion mounted) counted by torch's FlopCounterMode through tracing.ledger (the cost ledger)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from linfusion_cli.planning.memory.planner import MemoryPlan, load_family_configs
 from linfusion_cli.tracing.unet import meta_unet
-from linfusion_cli.tracing.work import unet_work
+from linfusion_cli.tracing.ledger import unet_call_cost as unet_work
 
 PX = 1024  # latent 128 x 128, batch 2
 
