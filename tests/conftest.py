@@ -23,6 +23,23 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _quick_tier_starts_no_process(request, monkeypatch):
+    """`-m "not slow"` is the quick tier: a test that starts a process (a CLI subprocess,
+    torchrun, multiprocessing workers) must be marked slow, or it fails here and says so."""
+    if request.node.get_closest_marker("slow"):
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts a process: mark it @pytest.mark.slow")
+
+    import multiprocessing.process
+    import subprocess
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_dirs(tmp_path_factory):
     """The three tiny families saved with save_pretrained, built once per test session."""

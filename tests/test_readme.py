@@ -205,6 +205,7 @@ def test_readme_examples_do_what_they_say(cli_env, tmp_path):
 
 
 @pytest.mark.parametrize("command", [c for c in usage_commands() if "--dry-run" in c])
+@pytest.mark.slow
 def test_readme_dry_runs_download_nothing(cli_env, tmp_path, command):
     """The dry runs plan the real sd15 preset offline: no model files appear anywhere."""
     cli_env = dict(cli_env, HF_HOME=str(tmp_path / "hf"))

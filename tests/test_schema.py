@@ -99,6 +99,7 @@ NEW_OPTION = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_new_option_is_one_declaration():
     """Declared before the package loads, an option is a flag, a Request field, a preset key and
     a batch key at once, checked by its rule on each path."""

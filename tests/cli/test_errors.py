@@ -231,6 +231,7 @@ def test_ctrl_c_keeps_finished_stages_and_no_partial_file(cli_env, tmp_path, sig
 
 
 @pytest.mark.parametrize("signum,code,line", SIGNALS, ids=[s.name for s, _, _ in SIGNALS])
+@pytest.mark.slow
 def test_signal_while_importing_is_one_line(cli_env, tmp_path, signum, code, line):
     returncode, stdout, lines = signal_child(cli_env, tmp_path / "blocked", "import",
                                              ["generate", "x", "--model", "demo", "-o", "out/"], signum)
@@ -239,6 +240,7 @@ def test_signal_while_importing_is_one_line(cli_env, tmp_path, signum, code, lin
     assert stdout == b"" and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_subprocess_bad_input_exit_code_and_one_line(cli_env, tmp_path):
     """The same contract through the console script (rich markup must not leak on a pipe)."""
     proc = run_subprocess(["linfusion", "generate", "x", "--model", "demo", "--res", "1004",

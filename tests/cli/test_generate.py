@@ -314,6 +314,7 @@ def test_python_m_stdin_prompt_to_stdout_png_quiet(cli_env, tmp_path):
     assert files_under(tmp_path) == [tmp_path / "x.png"], "-o - writes no file"
 
 
+@pytest.mark.slow
 def test_console_script_presets_and_usage_error(cli_env, tmp_path):
     write_preset(tmp_path / "config" / "presets" / "mine.yaml")
     proc = run_subprocess(["linfusion", "presets", "list"], cli_env)

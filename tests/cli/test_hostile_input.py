@@ -160,6 +160,7 @@ def test_bad_prompt_text_refused_before_loading(cli, tmp_path, monkeypatch, how,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_non_utf8_prompt_bytes_through_the_console_script(cli_env, tmp_path):
     proc = run_subprocess([b"linfusion", b"generate", b"caf\xe9 au lait", b"--model", b"demo",
                            b"--res", b"64", b"-o", str(tmp_path / "out/").encode()], cli_env)

@@ -102,6 +102,7 @@ def test_every_written_path_is_checked_before_anything_runs(cli, tmp_path, monke
 # ---------------------------------------------------------------- 2. concurrent runs on one folder
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_folder_lose_no_image(cli_env, tmp_path):
     """A holds entry 0 (paused right after claiming it, by files); B runs whole meanwhile; then A
     goes on. Each image is made once, by one process, and recorded once; both exit 0."""
@@ -285,6 +286,7 @@ def test_batch_validation_decodes_a_shared_image_once_and_shows_progress(cli, tm
     ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "LINFUSION_GROUP_TIMEOUT": "2"}, 1,
      "did not start within 2 s"),
 ], ids=["no-master", "no-peer"])
+@pytest.mark.slow
 def test_launcher_variables_left_behind_are_one_line(cli_env, tmp_path, env, code, needle):
     import socket
 
@@ -427,6 +429,7 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+@pytest.mark.slow
 def test_smaller_cases(cli, tmp_path, monkeypatch):
     import socket
 

@@ -141,6 +141,7 @@ def test_preview_is_rewritten_atomically_during_every_stage(cli, tmp_path, monke
 # ---------------------------------------------------------------- JSON progress; nothing changes
 
 
+@pytest.mark.slow
 def test_json_progress_is_all_of_stderr_and_the_image_is_unchanged(cli, cli_env, tmp_path):
     """A real process with -v: every stderr line is one JSON object (libraries' notices too),
     every stage and step is there in order, stdout is the path; the pixels equal a plain run's."""

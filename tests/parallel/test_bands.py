@@ -122,6 +122,7 @@ def _worker(rank: int, size: int, folder: str) -> None:
 
 
 @pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.slow
 def test_unet_over_ranks_equals_one_process(tmp_path, size):
     run_ranks(size, _worker, str(tmp_path))
     single = torch.load(tmp_path / "single.pt")
@@ -201,6 +202,7 @@ def _ending_worker(rank: int, size: int, out: str, fail_rank: int) -> None:
 
 
 @pytest.mark.parametrize("fail_rank", [-1, 1])
+@pytest.mark.slow
 def test_the_group_is_shut_down_when_the_run_ends_and_a_failed_rank_stops_the_others(tmp_path, fail_rank):
     """A finished run meets at a barrier, then shuts the group down (not left to the interpreter's
     exit); a rank that fails shuts its side down at once, and its peer, waiting at the barrier,

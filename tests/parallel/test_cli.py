@@ -68,6 +68,7 @@ def controlnet(tmp_path):
     return ("--controlnet", str(folder), "--control-image", str(image))
 
 
+@pytest.mark.slow
 def test_sd15_sdedit_with_controlnet_over_2_ranks_equals_one_process(cli_env, tmp_path, controlnet):
     args = ["generate", "a lighthouse", "--model", "demo", "--preset", _preset(tmp_path, "sd15", "sdedit"),
             "--width", "128", "--height", "128", "--seed", "7", "--vae-tile", "64", *controlnet, "--json"]
@@ -87,6 +88,7 @@ def test_sd15_sdedit_with_controlnet_over_2_ranks_equals_one_process(cli_env, tm
     assert sorted(p.name for p in files_under(tmp_path) if p.suffix == ".png") == ["edges.png", "one.png", "two.png"]
 
 
+@pytest.mark.slow
 def test_sdxl_demofusion_over_3_ranks_equals_one_process(cli_env, tmp_path):
     """Unequal bands (3 ranks), the dilated pass's wider halos, SD-XL's two downsamplers."""
     args = ["generate", "a lighthouse", "--model", "demo-sdxl", "--preset", _preset(tmp_path, "sdxl", "demofusion"),
@@ -103,6 +105,7 @@ def test_sdxl_demofusion_over_3_ranks_equals_one_process(cli_env, tmp_path):
     assert record["stages"][1]["vae"]["decode"]["ranks"] == 3
 
 
+@pytest.mark.slow
 def test_upscale_over_2_ranks_equals_one_process(cli_env, tmp_path):
     source = tmp_path / "in.png"
     Image.fromarray((np.random.default_rng(1).random((64, 48, 3)) * 255).astype(np.uint8)).save(source)
@@ -115,6 +118,7 @@ def test_upscale_over_2_ranks_equals_one_process(cli_env, tmp_path):
 
 
 @pytest.mark.parametrize("hook", ["die", "hang"])
+@pytest.mark.slow
 def test_a_rank_that_dies_or_hangs_stops_the_other_with_one_line(cli_env, tmp_path, hook):
     """Rank 1 exits (3) or hangs after its first UNet forward: rank 0 stops with one line, exit 1,
     and no image (a hung peer after LINFUSION_GROUP_TIMEOUT seconds: 30, room for a slow model
@@ -169,6 +173,7 @@ def test_dry_run_plans_per_rank(cli, tmp_path):
     assert refused.code == 2 and "pass --parallel bands" in refused.err
 
 
+@pytest.mark.slow
 def test_batch_parallel_bands_makes_each_image_over_both_ranks(cli_env, tmp_path):
     """--parallel bands: every entry over all ranks, rank 0 writes, records and prints; the images
     are the one-process batch's (the default still shares out whole images)."""
@@ -189,6 +194,7 @@ def test_batch_parallel_bands_makes_each_image_over_both_ranks(cli_env, tmp_path
     assert bad.returncode == 2 and bad.stderr.decode().strip() == "error: --parallel must be images or bands, got 'rows'"
 
 
+@pytest.mark.slow
 def test_under_torchrun_a_dead_rank_stops_the_run_with_no_file(cli_env, tmp_path):
     """torchrun's agent ends the group when rank 1 dies mid-image: rank 0 stops with one line
     (its peer gone, or torchrun's SIGTERM), nothing is written, stdout stays empty."""

@@ -102,6 +102,7 @@ def _worker(rank: int, size: int, folder: str) -> None:
 
 
 @pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.slow
 def test_vae_over_ranks_equals_one_process(tmp_path, size):
     run_ranks(size, _worker, str(tmp_path))
     single = torch.load(tmp_path / "single.pt", weights_only=False)
