@@ -39,10 +39,12 @@ def memory_line(stage) -> str:
 
 
 def cost_words(cost: dict) -> str:
-    """A stage's predicted seconds and what crosses PCIe, for the dry run's stage line."""
+    """A stage's predicted seconds and what crosses PCIe (and, over ranks, what one rank sends to
+    its peers), for the dry run's stage line."""
     pcie = (cost["host_to_device_bytes"] + cost["device_to_host_bytes"]) / 1e9
+    peers = f", to peers {cost['peer_bytes'] / 1e9:.1f} GB" if cost.get("peer_bytes") else ""
     return (f"predicted {cost['predicted_s']:.1f} s (compute {cost['compute_s']:.1f} s, "
-            f"PCIe {pcie:.1f} GB, {cost['launches']} launches)")
+            f"PCIe {pcie:.1f} GB{peers}, {cost['launches']} launches)")
 
 
 def parallel_line(plan) -> str | None:

@@ -11,13 +11,18 @@ from .comm import BandGroup
 
 class CountingGroup(BandGroup):
     """Rank `rank` of `size` with every message counted and none sent: received rows, sums and
-    the gathered output are zeros (the maths is wrong, the sizes are exact)."""
+    the gathered output are zeros (the maths is wrong, the sizes are exact). `messages`: the
+    collectives and halo exchanges this rank waited on."""
+
+    messages = 0
 
     def all_reduce(self, flat: torch.Tensor, kind: str) -> torch.Tensor:
         self.sent[kind] += flat.numel() * flat.element_size()
+        self.messages += 1
         return flat
 
     def exchange(self, sends: dict, recvs: dict) -> None:
+        self.messages += bool(sends or recvs)
         copies = [t.contiguous() for t in sends.values()]  # what BandGroup.exchange hands over
         for t in copies:
             self.sent["halo"] += t.numel() * t.element_size()
@@ -27,6 +32,7 @@ class CountingGroup(BandGroup):
 
     def gather_rows(self, local: torch.Tensor, parts, kind: str) -> torch.Tensor:
         most = max(b - a for a, b in parts)
+        self.messages += 1
         self.sent[kind] += most * local[:1].numel() * local.element_size()
         return local.new_zeros(self.size * most, *local.shape[1:])[:parts[-1][1]]
 

@@ -17,8 +17,9 @@ from ..gpus import Gpu, predict
 class Cost:
     """Counts for one phase: FLOPs (torch's FlopCounterMode), bytes across PCIe each way (the
     copies made through runtime/transfer.py, plus offloaded weights), the part of those bytes
-    that blocks the host (pageable or synchronous), kernel launches (non-view aten ops) and
-    host synchronisations."""
+    that blocks the host (pageable or synchronous), kernel launches (non-view aten ops), host
+    synchronisations and, under band parallelism, the bytes a rank puts on the wire to its
+    peers (ring collectives: parallel/traffic.ring_bytes) and its messages."""
 
     flops: int = 0
     conv_flops: int = 0
@@ -27,6 +28,8 @@ class Cost:
     blocking_bytes: int = 0
     launches: int = 0
     syncs: int = 0
+    link_bytes: int = 0
+    messages: int = 0
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
@@ -71,6 +74,7 @@ class StageCost:
         return {"flops": total.flops, "host_to_device_bytes": total.h2d_bytes,
                 "device_to_host_bytes": total.d2h_bytes, "blocking_bytes": total.blocking_bytes,
                 "launches": total.launches, "syncs": total.syncs,
+                "peer_bytes": total.link_bytes, "peer_messages": total.messages,
                 "compute_s": round(sum(p.compute_s for p in parts.values()), 3),
                 "predicted_s": round(self.seconds(), 3),
                 "phases": {n: {**c.to_dict(), "predicted_s": round(parts[n].predicted_s, 3)}

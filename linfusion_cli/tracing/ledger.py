@@ -32,13 +32,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from .. import __version__
+from .. import __version__, parallel
 from ..models.loading import cache_dir
 from ..pipeline.knobs import apply_knobs
 from .. import vae as tiled_vae
 from ..planning.budget import GIB, vae_device_budget
 from ..planning.cost import Cost
 from ..tuning import VAE_ATTN_TOKEN_LIMIT
+from ..parallel.traffic import CountingGroup, ring_bytes
 from ..runtime import transfer
 from .unet import _inputs, meta_unet, meta_vae
 
@@ -101,15 +102,39 @@ def counting():
         yield tally
 
 
+def busiest_rank(latent_h: int, levels: int, world_size: int) -> int:
+    """The rank with the most full-resolution rows (ties: an inner one, with two neighbours)."""
+    rows = [b - a for a, b in parallel.bands(latent_h, levels, world_size)[0]]
+    inner = lambda r: 0 < r < world_size - 1
+    return max(range(world_size), key=lambda r: (rows[r], inner(r), -r))
+
+
+def _peers(group) -> Cost:
+    """What a counting group saw: the bytes a rank puts on the wire (ring collectives) and its
+    messages."""
+    if group is None:
+        return Cost()
+    return Cost(link_bytes=sum(ring_bytes(group.sent, group.size).values()), messages=group.messages)
+
+
 def unet_call_cost(unet, *, width: int, height: int, knobs, batch: int = 2,
-                   dtype: torch.dtype = torch.float16) -> Cost:
-    """One UNet forward at (width, height) px under `knobs` (a MemoryPlan), counted directly."""
-    undo = apply_knobs(unet, None, knobs)
+                   dtype: torch.dtype = torch.float16, world_size: int = 1,
+                   rank: int | None = None) -> Cost:
+    """One UNet forward at (width, height) px under `knobs` (a MemoryPlan), counted directly;
+    world_size > 1: the forward of one rank (default: the busiest) of a band-parallel group,
+    every message counted and none sent (parallel/traffic.CountingGroup)."""
+    group = None
+    if world_size > 1:
+        levels = len(unet.config.block_out_channels) - 1
+        rank = busiest_rank(-(-height // 8), levels, world_size) if rank is None else rank
+        group = CountingGroup(rank, world_size, "meta")
+    with parallel.activated(group):  # apply_knobs makes a group's UNet band-wise
+        undo = apply_knobs(unet, None, knobs)
     try:
         with counting() as tally:
             sample, t, context, kwargs = _inputs(unet, batch, -(-height // 8), -(-width // 8), dtype)
             unet(sample, t, encoder_hidden_states=context, **kwargs)
-        return tally.cost()
+        return tally.cost() + _peers(group)
     finally:
         undo()
 
@@ -158,16 +183,19 @@ class UnetLedger:
     def _model(self):
         return _meta_unet(json.dumps(self.config, sort_keys=True), self.linfusion, self.dtype)
 
-    def __call__(self, width: int, height: int, knobs, batch: int) -> Cost:
+    def __call__(self, width: int, height: int, knobs, batch: int, world_size: int = 1) -> Cost:
         key = _digest({"v": __version__, "config": self.config, "linfusion": self.linfusion,
                        "dtype": str(self.dtype), "w": -(-width // 8), "h": -(-height // 8),
-                       "batch": batch, "knobs": {k: getattr(knobs, k) for k in UNET_KNOBS}})
-        return self.store.get(key, lambda: self._count(width, height, knobs, batch))
+                       "batch": batch, "knobs": {k: getattr(knobs, k) for k in UNET_KNOBS},
+                       "ranks": world_size})
+        return self.store.get(key, lambda: self._count(width, height, knobs, batch, world_size))
 
-    def _count(self, width: int, height: int, knobs, batch: int) -> Cost:
+    def _count(self, width: int, height: int, knobs, batch: int, world_size: int) -> Cost:
         def count(rows: int) -> Cost:
             return unet_call_cost(self._model(), width=width, height=rows * 8, knobs=knobs,
-                                  batch=batch, dtype=self.dtype)
+                                  batch=batch, dtype=self.dtype, world_size=world_size)
+        if world_size > 1:  # a rank's band: a few bands per level, counted directly
+            return count(-(-height // 8))
         return extrapolated(count, -(-height // 8), band_period(self.config, knobs, width))
 
 
@@ -177,8 +205,8 @@ class VaeLedger:
     (what pipeline/context.vae_plan hands them), memoised like UnetLedger."""
 
     def __init__(self, vae_config: dict, *, dtype: torch.dtype = torch.bfloat16,
-                 cache: Path | None = None, budget_bytes: int | None = None):
-        self.config, self.dtype = vae_config, dtype
+                 cache: Path | None = None, budget_bytes: int | None = None, world_size: int = 1):
+        self.config, self.dtype, self.world_size = vae_config, dtype, world_size
         self.budget_bytes = budget_bytes  # the plan's device budget (paused tiles' share of it)
         self.store = _Store(cache)
 
@@ -189,17 +217,21 @@ class VaeLedger:
                 "mode": mode if plan.vae_tile_px else None, "device_budget": device,
                 "host_budget": int(plan.vae_host_gib * GIB) or None}
         key = _digest({"v": __version__, "vae": self.config, "dtype": str(self.dtype), "w": width,
-                       "h": height, "decoder": decoder, **args})
+                       "h": height, "decoder": decoder, "ranks": self.world_size, **args})
         return self.store.get(key, lambda: vae_pass_cost(self.config, width, height, decoder=decoder,
-                                                         dtype=self.dtype, **args))
+                                                         dtype=self.dtype, world_size=self.world_size,
+                                                         **args))
 
 
 def vae_pass_cost(vae_config: dict, width: int, height: int, *, decoder: bool,
-                  dtype: torch.dtype = torch.bfloat16, **plan) -> Cost:
-    """One decode of a (width, height) image's latent, or one encode of the image, counted."""
+                  dtype: torch.dtype = torch.bfloat16, world_size: int = 1, **plan) -> Cost:
+    """One decode of a (width, height) image's latent, or one encode of the image, counted;
+    world_size > 1: an inner rank's share of it (two neighbours: the most halo rows)."""
     vae = _meta_vae(json.dumps(vae_config, sort_keys=True), dtype)
     f = 2 ** (len(vae_config["block_out_channels"]) - 1)
     token_limit = VAE_ATTN_TOKEN_LIMIT["cuda"]
+    group = CountingGroup(world_size // 2, world_size, "meta") if world_size > 1 else None
+    plan["group"] = group
     with counting() as tally:
         if decoder:
             latent = torch.empty(1, vae_config.get("latent_channels", 4), height // f, width // f,
@@ -208,7 +240,7 @@ def vae_pass_cost(vae_config: dict, width: int, height: int, *, decoder: bool,
         else:
             image = np.zeros((height, width, 3), dtype=np.uint8)  # untouched pages: no memory
             tiled_vae.encode(vae, image, attn_token_limit=token_limit, **plan)
-    return tally.cost()
+    return tally.cost() + _peers(group)
 
 
 @lru_cache(maxsize=4)
@@ -272,12 +304,13 @@ class PlanLedger:
         self.unet = UnetLedger(info.unet_config, linfusion=plan.linfusion is not None,
                                dtype=dtype.get(plan.dtype, torch.float16), cache=cache)
         self.vae = VaeLedger(info.vae_config, dtype=dtype.get(plan.vae_dtype, torch.bfloat16),
-                             cache=cache, budget_bytes=plan.budget.bytes if plan.budget else None)
+                             cache=cache, budget_bytes=plan.budget.bytes if plan.budget else None,
+                             world_size=plan.world_size)
         self.world_size = plan.world_size
 
     def __call__(self, phase: str, width: int, height: int, plan, guidance: bool) -> Cost:
         if phase == "unet":
-            return self.unet(width, height, plan, 2 if guidance else 1)
+            return self.unet(width, height, plan, 2 if guidance else 1, self.world_size)
         return self.vae(width, height, plan, decoder=phase == "vae_decode")
 
 

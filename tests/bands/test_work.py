@@ -38,3 +38,16 @@ def test_parked_skips_recompute_only_the_full_resolution_upsampler(sd15):
     last = 2 * 2 * conv.in_channels * conv.out_channels * k * k * n * n  # FLOPs, batch 2
     extra = banded.conv_flops - whole.conv_flops
     assert extra <= 2.1 * last, extra / last  # two more passes, plus their halo rows
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_band_parallel_ranks_share_the_whole_forwards_work(sd15, ranks):
+    """Over a group every rank computes its own rows once (halos are sent, not recomputed):
+    the ranks' FLOPs add up to within 5% of one process's, convolutions included."""
+    unet, whole = sd15
+    parts = [unet_work(unet, width=PX, height=PX, knobs=MemoryPlan(), world_size=ranks, rank=r)
+             for r in range(ranks)]
+    assert sum(p.conv_flops for p in parts) <= 1.05 * whole.conv_flops
+    assert sum(p.flops for p in parts) <= 1.05 * whole.flops
+    assert all(p.flops < 1.05 * whole.flops / ranks + 0.01 * whole.flops for p in parts)
+    assert all(p.link_bytes > 0 and p.messages > 0 for p in parts)  # what they send is counted

@@ -112,11 +112,10 @@ CASES = {  # id: (stage interrupted after, signal, command, output, extra flags)
     "save-stages-SIGKILL-after-2": (2, signal.SIGKILL, "generate", "out/final.png",
                                     ["--seed", "12", "--save-stages"]),
 }
-QUICK = {"save-stages-SIGKILL-after-2"}  # the rest run with the slow tests
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=() if c in QUICK else pytest.mark.slow)
-                                  for c in CASES])
+@pytest.mark.slow  # a child process is interrupted
+@pytest.mark.parametrize("case", CASES)
 def test_resume_after_a_signal_is_bit_identical(cli, cli_env, tmp_path, preset, source, case):
     stage, signum, command, output, extra = CASES[case]
     head = [command, str(source), PROMPT] if command == "upscale" else [command, PROMPT]

@@ -116,3 +116,23 @@ def test_dry_run_prices_the_plan_for_the_named_gpu(cli):
 def test_an_unknown_gpu_is_one_line(cli):
     r = cli("generate", "a boat", "--gpu", "voodoo2", "--dry-run")
     assert r.code == 2 and len(r.err_lines) == 1 and "voodoo2" in r.err
+
+
+def test_a_rank_waits_for_its_peers_messages():
+    """Band parallelism: halos, sums and states a rank waits on add to its time (not overlapped)."""
+    gpu = GPUS["h100"]
+    compute = Cost(flops=int(gpu.sustained_flops))  # 1 s
+    wire = Cost(link_bytes=int(gpu.link_bps / 4), messages=4000)  # 0.25 s + 4000 messages
+    assert predict(compute + wire, gpu).predicted_s == pytest.approx(1.25 + 4000 * 25e-6)
+    assert GPUS["h100"].link_bps > 5 * GPUS["rtx4090"].link_bps  # NVLink against PCIe
+
+
+def test_a_band_parallel_plan_is_priced_per_rank(cli):
+    """--world-size 2: each stage is one rank's half of the UNet's work plus its messages."""
+    base = ("generate", "a boat", "--res", "1024", "--gpu", "h100", "--dry-run", "--json")
+    one, two = (json.loads(cli(*base, *extra).out) for extra in ((), ("--world-size", "2")))
+    for alone, rank in zip(one["stages"], two["stages"]):
+        a, r = alone["cost"]["phases"]["unet"], rank["cost"]["phases"]["unet"]
+        assert a["link_bytes"] == 0 < r["link_bytes"] and r["messages"] > 0
+        assert 0.45 < r["flops"] / a["flops"] < 0.56, (alone["width"], r["flops"] / a["flops"])
+    assert two["stages"][-1]["cost"]["peer_bytes"] > 0
