@@ -11,9 +11,9 @@ from .knobs import apply_memory_plan, read_knobs
 def memory_plan_applied(model, memory):
     """Every model-side knob of `memory` on the shared components for one stage, then undone.
 
-    Yields the knobs in effect, read back from the modules (memory.knobs.read_knobs), so the
+    Yields the knobs in effect, read back from the modules (pipeline.knobs.read_knobs), so the
     run record says what ran rather than what was asked. ControlNets get the same chunking,
-    in-place and guidance-split knobs (adapters.controlnet.controlnet_knobs).
+    in-place and guidance-split knobs (pipeline.controlnet_knobs).
     """
     if memory is None:
         yield read_knobs(model.pipe)
