@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import NonFiniteError
+from .errors import NonFiniteError, OutOfMemoryError
 from .planning.plan import GenerationPlan
 from .planning.request import Request, plan_request as _plan_request
 from .io import checkpoints
@@ -120,13 +120,15 @@ def _digest(init_image) -> str | None:
 
 
 def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, overwrite: bool = False,
-                  on_event=None, init_image=None, resume: bool = False, write: bool = True) -> dict:
+                  on_event=None, init_image=None, resume: bool = False, write: bool = True,
+                  faults=None) -> dict:
     """Run a plan and write its image atomically (stdout when path is None).
 
     Every finished stage but the last is checkpointed beside `path` (io/checkpoints.py: hidden,
     or the --save-stages file), so a killed run loses at most one stage: resume=True starts
     after the last checkpoint whose settings match. The hidden checkpoints go once the image
     is written. write=False: run, write nothing (a band-parallel rank other than 0).
+    faults: testhooks.OomFaults, the test hook's out-of-memory faults (counted across calls).
     """
     digest = _digest(init_image)
     start = checkpoints.find_start(plan, path, digest, load=True) if resume and path is not None else None
@@ -151,8 +153,8 @@ def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, o
 
     try:
         image, record = run_plan(plan, model, on_event=handle, init_image=init_image, resume_from=start,
-                                 previews=write)
-    except NonFiniteError as exc:
+                                 previews=write, faults=faults)
+    except (NonFiniteError, OutOfMemoryError) as exc:  # a later stage failed: keep the last finished
         if not finished or not write:
             raise
         last = finished[0]
@@ -162,7 +164,10 @@ def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, o
             kept = stage_image_path(path, last.stage, stage.width, stage.height)
             if not kept.exists():
                 images.save_image(last.image, kept, record=last.record, fmt="png", overwrite=overwrite)
-        raise NonFiniteError(exc.part, f"{exc}; stage {last.stage + 1}'s image is kept as {kept}") from None
+        message = f"{exc}; stage {last.stage + 1}'s image is kept as {kept}"
+        if isinstance(exc, NonFiniteError):
+            raise NonFiniteError(exc.part, message) from None
+        raise OutOfMemoryError(message) from None
     if not write:
         return result_summary(path, record)
     written = images.save_image(image, path, record=record, fmt=fmt, overwrite=overwrite)

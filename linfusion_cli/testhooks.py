@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import InputError
+
 ENABLE = "LINFUSION_TEST_HOOKS"  # must be "1" for any hook below to act
 AFTER_IMAGES = "LINFUSION_TEST_AFTER_IMAGES"  # "RANK:N" exit 3 after the N-th image; "RANK:N:hold"
 BAND_FORWARDS = "LINFUSION_TEST_BAND_FORWARDS"  # "RANK:N" exit 3 after N band-parallel UNet forwards; "RANK:N:hold"
@@ -56,3 +58,39 @@ def claimed(index: int) -> None:
     Path(ready).touch()
     while not Path(go).exists():
         time.sleep(0.05)  # polls for the test's file; the order of events is the files'
+
+
+OOM = "LINFUSION_TEST_OOM"  # "RANK:PHASE:N": out of memory at the N-th call of PHASE ("*": every)
+OOM_PHASES = ("unet", "vae_decode", "vae_encode")
+
+
+class OomFaults:
+    """Where LINFUSION_TEST_OOM strikes in this process: counts each phase's calls (state handed
+    down by the caller through the run, so a batch's later entries count on)."""
+
+    def __init__(self, phase: str, nth: int | None):
+        self.phase, self.nth = phase, nth  # nth None: every call
+        self.calls = 0
+
+    def strike(self, phase: str) -> bool:
+        """Count one call of `phase`; True where this one runs out of memory."""
+        if phase != self.phase:
+            return False
+        self.calls += 1
+        return self.nth is None or self.calls == self.nth
+
+
+def oom_faults(rank: int) -> OomFaults | None:
+    """The LINFUSION_TEST_OOM faults of this rank, or None (unset, another rank, hooks off)."""
+    spec = _spec(OOM)
+    if not spec:
+        return None
+    try:
+        who, phase, n = spec.split(":")
+        nth = None if n == "*" else int(n)
+        if phase not in OOM_PHASES or (nth is not None and nth < 1) or (who != "*" and int(who) < 0):
+            raise ValueError
+    except ValueError:
+        raise InputError(f"{OOM}={spec!r}: expected RANK:PHASE:N, PHASE one of "
+                         f"{', '.join(OOM_PHASES)}, RANK and N a number or *") from None
+    return OomFaults(phase, nth) if who in ("*", str(rank)) else None

@@ -261,6 +261,7 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
     lead = world.rank == 0 or not together
     quiet = quiet or not lead or (progress == "json" and world.rank != 0)  # JSON: rank 0 reports
     made = failures = 0
+    faults = common.oom_faults(world.rank)  # LINFUSION_TEST_OOM counts across the entries
     for k, (index, plan, path, fmt, done, base_seed, entry) in enumerate(jobs, 1):
         why = _skip(world, manifest, index, plan, path, done, base_seed, together)
         if why is not None and progress == "json" and not quiet:
@@ -292,7 +293,8 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
                 view.run_started(plan, path, index)
                 try:
                     result = api.generate_file(plan, loaded, path=path, fmt=fmt, overwrite=overwrite,
-                                               on_event=view, resume=resume, write=lead)
+                                               on_event=view, resume=resume, write=lead,
+                                               faults=faults)
                 except Exception as exc:  # noqa: BLE001 - reported below
                     view.run_finished(index=index, error=one_line_of(exc))
                     raise

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .. import api, distributed, parallel
+from .. import api, distributed, parallel, testhooks
 from ..errors import InputError, OutputError, ResumeMismatchError
 from .console import info, one_line_of, progress_view, quiet_libraries
 from ..adapters import describe
@@ -162,6 +162,15 @@ def load(plan, *, verbose: bool, quiet: bool, allow_pickle: bool = False, config
     return model
 
 
+def oom_faults(rank: int | None = None):
+    """LINFUSION_TEST_OOM's faults for this process (None unless LINFUSION_TEST_HOOKS=1): `rank`,
+    else the band-parallel group's rank, else 0."""
+    if rank is None:
+        group = parallel.active()
+        rank = group.rank if group is not None else 0
+    return testhooks.oom_faults(rank)
+
+
 def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_image=None,
             resume: bool = False, write: bool = True, progress: str | None = None) -> dict:
     """Generate one image, write it, print its path (or JSON) on stdout (write=False: a band-
@@ -170,7 +179,8 @@ def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_
         view.run_started(plan, path)
         try:
             result = api.generate_file(plan, model, path=path, fmt=fmt, overwrite=overwrite,
-                                       on_event=view, init_image=init_image, resume=resume, write=write)
+                                       on_event=view, init_image=init_image, resume=resume, write=write,
+                                       faults=oom_faults())
         except BaseException as exc:
             view.run_finished(error="interrupted" if isinstance(exc, KeyboardInterrupt) else one_line_of(exc))
             raise

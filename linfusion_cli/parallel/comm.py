@@ -111,6 +111,14 @@ class BandGroup:
             dist.all_reduce(flat, group=self.pg)
         return flat
 
+    def agree(self, code: int) -> int:
+        """The highest of every rank's status code (pipeline/recovery.py): one int64, all-reduced
+        with MAX, on this group's device (NCCL carries CUDA tensors only)."""
+        flat = torch.tensor([code], dtype=torch.int64, device=self.device)
+        with _peers():
+            dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.pg)
+        return int(flat.item())
+
     def gather(self, local: torch.Tensor, level: Level) -> torch.Tensor:
         """Every rank's band (B, C, h_q, W) of a level-0 map, as the whole map (B, C, H, W)."""
         rows = self.gather_rows(local.movedim(2, 0).contiguous(), level.parts, "gather")  # (H, B, C, W)

@@ -13,6 +13,7 @@ from ..planning.budget import vae_device_budget
 from ..planning.plan import GenerationPlan, Stage
 from .events import EventHandler, PhaseProgress
 from .knobs import vae_on_device
+from .recovery import Phases
 
 
 @dataclass
@@ -26,6 +27,7 @@ class StageContext:
     img2img: object = None
     notes: dict = field(default_factory=dict)  # stage index -> {"decode"/"encode": vae.TileReport}
     preview: object = None  # preview.Previewer (--preview), or None
+    phases: Phases = field(default_factory=Phases)  # the phase running, test faults, rank agreement
 
     def __post_init__(self):
         from diffusers import AutoPipelineForImage2Image
@@ -80,6 +82,7 @@ def report_to(ctx: StageContext, stage: Stage, part: str):
 def decode(ctx: StageContext, stage: Stage, latents: torch.Tensor) -> np.ndarray:
     """latents (1, 4, h, w) -> uint8 (8h, 8w, 3), tiled as planned."""
     progress = lambda done, total: ctx.on_event(PhaseProgress(stage.index, "decode", done, total))  # noqa: E731
+    ctx.phases.enter("vae_decode")
     vae_on_device(ctx.model.pipe.vae)
     return tiled_vae.decode(ctx.model.pipe.vae, latents.to(ctx.model.vae_dtype), on_tile=progress,
                             **vae_plan(ctx, stage, "decode"))

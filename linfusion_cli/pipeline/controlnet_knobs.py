@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 
 from ..runtime.batching import split_batch
-from .knobs import apply_knobs
+from .knobs import KnobHandle, apply_knobs
 
 
 def _join_residuals(first, second):
@@ -23,20 +23,20 @@ def controlnet_knobs(nets, memory):
     """The stage's memory knobs on the ControlNets too (ff/attention chunks, in-place SiLU,
     CFG split, band-wise forward); offload does not apply, skips on CPU only banded (residuals
     parked as they are made). Returns the undo."""
-    undo = []
-    for net in nets:
-        # banded, skips_on_cpu parks each residual as it is made; unbanded it does not apply
-        park = bool(getattr(memory, "band_rows", 0)) and memory.skips_on_cpu
-        undo.append(apply_knobs(net, None, replace(memory, cfg_split=False, skips_on_cpu=park)))
-        if memory.cfg_split:
-            previous = net.__dict__.get("forward")
-            net.forward = split_batch(net.forward, _join_residuals)
-            undo.append(lambda n=net, p=previous: setattr(n, "forward", p) if p else n.__dict__.pop("forward"))
-
-    def undo_all():
-        while undo:
-            undo.pop()()
-    return undo_all
+    handle = KnobHandle()  # every undo runs even where one fails
+    try:
+        for net in nets:
+            # banded, skips_on_cpu parks each residual as it is made; unbanded it does not apply
+            park = bool(getattr(memory, "band_rows", 0)) and memory.skips_on_cpu
+            handle.add(apply_knobs(net, None, replace(memory, cfg_split=False, skips_on_cpu=park)))
+            if memory.cfg_split:
+                previous = net.__dict__.get("forward")
+                net.forward = split_batch(net.forward, _join_residuals)
+                handle.add(lambda n=net, p=previous: setattr(n, "forward", p) if p else n.__dict__.pop("forward"))
+    except BaseException:
+        handle()  # what was applied before the failure comes off again
+        raise
+    return handle
 
 
 # ---------------------------------------------------------------- stages

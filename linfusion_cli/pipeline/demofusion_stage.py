@@ -139,6 +139,7 @@ def demofusion_image_to_image(ctx: StageContext, stage: Stage, previous: np.ndar
     upscaled = resize(previous, stage.width, stage.height)
     generator = cpu_generator(stage.seed)  # VAE sample, then the noise, then the steps' draws
     progress = lambda done, total: ctx.on_event(PhaseProgress(stage.index, "encode", done, total))  # noqa: E731
+    ctx.phases.enter("vae_encode")
     x0 = tiled_vae.encode(pipe.vae, upscaled, generator=generator, on_tile=progress,
                           **vae_plan(ctx, stage, "encode"))
     del upscaled

@@ -52,8 +52,18 @@ class KnobHandle:
         self._undo.append(undo)
 
     def __call__(self) -> None:
+        """Every undo, last first, even where one fails (a patch left on a module would stay for
+        the retry and every later batch entry); then the first failure, the others noted on it."""
+        errors = []
         while self._undo:
-            self._undo.pop()()
+            try:
+                self._undo.pop()()
+            except Exception as exc:  # noqa: BLE001 - collected, raised below
+                errors.append(exc)
+        if errors:
+            for other in errors[1:]:
+                errors[0].add_note(f"another undo failed too: {type(other).__name__}: {other}")
+            raise errors[0]
 
 
 class SpatialInplaceSiLU(nn.SiLU):
@@ -225,6 +235,13 @@ def _offload(pipe, mode: str, device: torch.device, handle: KnobHandle) -> None:
     from accelerate.hooks import remove_hook_from_module
 
     chain = [m for m in (getattr(pipe, n, None) for n in OFFLOAD_ORDER) if isinstance(m, nn.Module)]
+    homes = [next(m.parameters(), torch.empty(0, device=device)).device for m in chain]  # before
+
+    def undo():  # each model back where it was before this plan (not all onto the device)
+        for module, home in zip(chain, homes):
+            remove_hook_from_module(module, recurse=True)
+            module.to(home)
+    handle.add(undo)  # before the hooks go on: a failure half way is undone too
     previous = None
     for module in chain:
         module.to("cpu")
@@ -233,12 +250,6 @@ def _offload(pipe, mode: str, device: torch.device, handle: KnobHandle) -> None:
         else:
             _, previous = cpu_offload_with_hook(module, execution_device=device,
                                                 prev_module_hook=previous)
-
-    def undo():
-        for module in chain:
-            remove_hook_from_module(module, recurse=True)
-            module.to(device)
-    handle.add(undo)
 
 
 def vae_on_device(vae: nn.Module) -> None:
@@ -252,6 +263,15 @@ def vae_on_device(vae: nn.Module) -> None:
 def apply_knobs(unet: nn.Module, vae: nn.Module | None, plan) -> KnobHandle:
     """Apply plan's module-level knobs to unet (and in-place SiLU to vae); call the result to undo."""
     handle = KnobHandle()
+    try:
+        _apply_knobs(unet, vae, plan, handle)
+    except BaseException:
+        handle()  # a knob that could not go on: the ones before it come off again
+        raise
+    return handle
+
+
+def _apply_knobs(unet: nn.Module, vae: nn.Module | None, plan, handle: KnobHandle) -> None:
     if plan.ff_chunk:
         for module in unet.modules():
             ff = getattr(module, "ff", None)
@@ -271,7 +291,6 @@ def apply_knobs(unet: nn.Module, vae: nn.Module | None, plan) -> KnobHandle:
         _skips_to_cpu(unet, handle)
     if plan.cfg_split:
         handle.add(_patch_forward(unet, lambda forward: split_batch(forward, join_unet_outputs)))
-    return handle
 
 
 def apply_memory_plan(pipe, plan, device: str | torch.device) -> KnobHandle:
@@ -279,11 +298,15 @@ def apply_memory_plan(pipe, plan, device: str | torch.device) -> KnobHandle:
 
     The VAE tile size is the one field not set on a module: stages pass it to the tiled VAE.
     """
+    if plan.offload not in ("none", "model", "sequential"):
+        raise ValueError(f"unknown offload mode {plan.offload!r}: none, model or sequential")
     handle = apply_knobs(pipe.unet, pipe.vae, plan)
     if plan.offload != "none":
-        if plan.offload not in ("model", "sequential"):
-            raise ValueError(f"unknown offload mode {plan.offload!r}: none, model or sequential")
-        _offload(pipe, plan.offload, torch.device(device), handle)
+        try:
+            _offload(pipe, plan.offload, torch.device(device), handle)
+        except BaseException:
+            handle()
+            raise
     return handle
 
 

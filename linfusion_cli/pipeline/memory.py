@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+
+import torch
+
 from .controlnet_knobs import controlnet_knobs
-from .knobs import apply_memory_plan, read_knobs
+from .knobs import KnobHandle, apply_memory_plan, read_knobs
 
 
 @contextlib.contextmanager
@@ -18,14 +21,42 @@ def memory_plan_applied(model, memory):
     if memory is None:
         yield read_knobs(model.pipe)
         return
-    undo = apply_memory_plan(model.pipe, memory, model.device)
-    nets = list(getattr(model, "controlnets", {}).values())
-    undo_nets = None
-    if nets:
-        undo_nets = controlnet_knobs(nets, memory)
+    handle = KnobHandle()  # every undo below runs, even where one fails or an apply does
     try:
+        handle.add(apply_memory_plan(model.pipe, memory, model.device))
+        nets = list(getattr(model, "controlnets", {}).values())
+        if nets:
+            handle.add(controlnet_knobs(nets, memory))
         yield read_knobs(model.pipe)
     finally:
-        if undo_nets is not None:
-            undo_nets()
-        undo()
+        handle()
+
+
+GIB = 2 ** 30
+
+
+def cap_allocator(device: torch.device, budget) -> None:
+    """On CUDA, a budget the user gave (--max-vram, a preset's max_vram) becomes the caching
+    allocator's limit for this process, so the plan's figure is one the run cannot exceed."""
+    if device.type != "cuda" or budget is None or not budget.asked or not budget.gib:
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget.bytes / total), device)
+
+
+def reset_peaks(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def device_memory(device: torch.device) -> dict | None:
+    """A stage's device memory on CUDA (None elsewhere): the allocator's allocated and reserved
+    peaks, and what others hold on the device outside PyTorch's allocator (cuDNN/cuBLAS
+    workspaces, NCCL buffers, other processes), read from the driver's free figure now."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    outside = max(0, total - free - torch.cuda.memory_reserved(device))
+    return {"allocated_peak_gib": round(torch.cuda.max_memory_allocated(device) / GIB, 3),
+            "reserved_peak_gib": round(torch.cuda.max_memory_reserved(device) / GIB, 3),
+            "outside_torch_gib": round(outside / GIB, 3)}

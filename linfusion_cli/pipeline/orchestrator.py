@@ -13,7 +13,8 @@ from ..errors import NonFiniteError, OutOfMemoryError
 from . import finite
 from ..planning.plan import GenerationPlan, Stage
 from .events import EventHandler, StageFinished, StageStarted, Retrying, ignore
-from .memory import memory_plan_applied
+from . import recovery
+from .memory import cap_allocator, device_memory, memory_plan_applied, reset_peaks
 from .preview import Previewer
 from .stages import StageContext, stage_function
 from ..models.loading import TORCH_DTYPES
@@ -54,40 +55,121 @@ def _vae_notes(notes: dict) -> dict:
     return {part: report.to_dict() for part, report in notes.items()}
 
 
-def _run_stage(ctx: StageContext, stage: Stage,
-               previous: np.ndarray | None) -> tuple[np.ndarray, Stage, dict]:
-    """One stage under its memory plan; on CUDA out-of-memory, once more with a tighter plan; on
-    NaN/inf from the UNet or VAE, once more with that part in float32.
+MAX_OOM_ATTEMPTS = 3  # runs of a stage that may end out of memory: the planned one, two re-plans
+PHASE_WORDS = {"unet": "UNet", "vae_decode": "VAE decode", "vae_encode": "VAE encode"}
 
-    Returns the image, the stage as it ran (its memory plan may be the tighter one) and the
-    knobs read back from the modules while it ran.
+
+def _attempt(ctx: StageContext, stage: Stage, previous: np.ndarray | None):
+    """One run of the stage under its memory plan: (status code, image or None, knobs read back).
+
+    A failure is caught inside the plan's block, so its exception (whose traceback holds the
+    stage's activations) is gone before memory is freed and before the plan's undo moves any
+    model; under band parallelism every rank then agrees on one status (recovery.py).
+    """
+    phases, device = ctx.phases, ctx.model.device
+    rank = phases.group.rank if phases.group is not None else 0
+    image, agreed = None, False
+    with torch.inference_mode(), memory_plan_applied(ctx.model, stage.memory) as knobs:
+        hook = phases.unet_hook(ctx.model.pipe.unet)
+        try:
+            image, code = stage_function(stage)(ctx, stage, previous), recovery.OK
+        except recovery.Agreed as exc:  # a rank failed at a phase entry: every rank knows it
+            code, agreed = exc.code, True
+        except NonFiniteError as exc:
+            code = recovery.code_of(f"nan:{exc.part}", rank)
+        except Exception as exc:  # noqa: BLE001 - out of memory in any form; anything else goes on up
+            if not recovery.is_oom(exc):
+                raise
+            code = recovery.code_of(f"oom:{phases.current}", rank)
+        finally:
+            hook.remove()
+        if code != recovery.OK:
+            recovery.release(device)  # the activations, before the undo moves models about
+        if not agreed:
+            code = phases.agree(code)  # the stage's end: every rank's status (alone: its own)
+    if code != recovery.OK:
+        image = None
+        recovery.release(device)  # and what the undo took off the device
+    return code, image, knobs
+
+
+def _oom_plan(ctx: StageContext, stage: Stage, phase: str, tries: int) -> Stage | None:
+    """The stage re-planned after its tries-th out-of-memory in `phase`: the next tighter plan
+    aimed at that phase (two steps after the first, every step left after the second)."""
+    if stage.memory is None or tries >= MAX_OOM_ATTEMPTS:
+        return None
+    memory, steps = stage.memory, 0
+    while (tighter := memory.tighter(ctx.model.device.type, phase, max(stage.width, stage.height))):
+        memory, steps = tighter, steps + 1
+        if tries == 1 and steps == 2:
+            break
+    return replace(stage, memory=memory) if steps else None
+
+
+def _smallest_budget(ctx: StageContext, attempts: list[dict]) -> str:
+    """The smallest budget a failed stage was tried at: the lowest reserved peak measured on CUDA,
+    else the plan's budget."""
+    measured = [a["reserved_peak_gib"] for a in attempts if a.get("reserved_peak_gib") is not None]
+    if measured:
+        return f"{min(measured):.2f} GiB (reserved peak)"
+    budget = ctx.plan.budget
+    return f"{budget.gib:.2f} GiB ({budget.source})" if budget is not None and budget.gib else "no budget set"
+
+
+def _knob_text(memory) -> str:
+    if memory is None:
+        return "no memory plan"
+    return ", ".join(f"{k}={v}" for k, v in memory.knobs().__dict__.items())
+
+
+def _run_stage(ctx: StageContext, stage: Stage,
+               previous: np.ndarray | None) -> tuple[np.ndarray, Stage, dict, list, dict | None]:
+    """One stage under its memory plan; on out-of-memory, again with the plan re-planned tighter
+    for the phase that failed (up to MAX_OOM_ATTEMPTS runs); on NaN/inf from the UNet or VAE,
+    again with that part in bf16 where the device has it natively, else in float32 under a plan
+    tightened for four-byte values.
+
+    Returns the image, the stage as it ran (its memory plan may be a tighter one), the knobs
+    read back from the modules while it ran, the failed attempts and the device's memory figures.
     """
     device = ctx.model.device
-    widened, tightened = set(), False  # parts moved to float32; memory plan tightened once
+    attempts: list[dict] = []
     while True:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        try:
-            with torch.inference_mode(), memory_plan_applied(ctx.model, stage.memory) as knobs:
-                return stage_function(stage)(ctx, stage, previous), stage, knobs
-        except NonFiniteError as exc:  # fp16 overflow: once more with that part in float32
-            if exc.part in widened or not finite.widen(ctx.model, exc.part):
-                raise NonFiniteError(exc.part, f"stage {stage.index + 1} ({stage.width}x{stage.height}): "
-                                     f"the {exc.part.upper()} produced NaN/inf values even in float32") from None
-            widened.add(exc.part)
-            ctx.on_event(Retrying(stage.index, f"NaN/inf from the {exc.part.upper()}; retrying it in float32"))
+        reset_peaks(device)
+        code, image, knobs = _attempt(ctx, stage, previous)
+        measured = device_memory(device)
+        if code == recovery.OK:
+            return image, stage, knobs, attempts, measured
+        failure = recovery.Failure.of(code, ctx.phases.group)
+        attempts.append({"phase": failure.where, "reason": failure.reason(),
+                         "memory": stage.memory.to_dict() if stage.memory is not None else None,
+                         "reserved_peak_gib": measured["reserved_peak_gib"] if measured else None})
+        where = f"stage {stage.index + 1} ({stage.width}x{stage.height})"
+        if failure.kind == "nan":
+            dtype = finite.retry_dtype(ctx.model, failure.where)
+            if dtype is None:
+                raise NonFiniteError(failure.where, f"{where}: the {failure.where.upper()} produced "
+                                     "NaN/inf values even in float32")
+            finite.widen(ctx.model, failure.where, dtype)
+            note = f"retrying it in {dtype_name(dtype)}"
+            if dtype == finite.WIDE and stage.memory is not None:  # 4 bytes a value: a tighter plan
+                phase = "unet" if failure.where == "unet" else "vae_decode"
+                stage = _oom_plan(ctx, stage, phase, 1) or stage
+                note += f" under a plan tightened for 4-byte values ({_knob_text(stage.memory)})"
+            attempts[-1]["retry"] = {"dtype": dtype_name(dtype)}
+            ctx.on_event(Retrying(stage.index, f"{failure.reason()}; {note}"))
             continue
-        except torch.OutOfMemoryError as exc:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            tighter = stage.memory.tighter(device.type) if not tightened and stage.memory else None
-            if tighter is None:
-                raise OutOfMemoryError(
-                    f"stage {stage.index + 1} ({stage.width}x{stage.height}) ran out of device "
-                    "memory even with the tightest plan; lower --max-vram or --vae-tile") from exc
-            knobs = ", ".join(f"{k}={v}" for k, v in tighter.to_dict().items() if k != "estimated_peak_gib")
-            ctx.on_event(Retrying(stage.index, f"out of memory; retrying with {knobs}"))
-            stage, tightened = replace(stage, memory=tighter), True
+        tries = sum(a["reason"].startswith("out of memory") for a in attempts)
+        retry = _oom_plan(ctx, stage, failure.where, tries)
+        if retry is None:
+            raise OutOfMemoryError(
+                f"{where} ran out of device memory in the {PHASE_WORDS[failure.where]} {tries} "
+                f"time(s), the last with {_knob_text(stage.memory)}; smallest budget tried: "
+                f"{_smallest_budget(ctx, attempts)}")
+        stage = retry
+        attempts[-1]["retry"] = {"memory": stage.memory.to_dict()}
+        ctx.on_event(Retrying(stage.index, f"{failure.reason()}; retrying with "
+                              f"{_knob_text(stage.memory)}"))
 
 
 def _count(moved: dict, direction: str, n: int, blocking: bool) -> None:
@@ -99,19 +181,22 @@ def _count(moved: dict, direction: str, n: int, blocking: bool) -> None:
 
 def run_plan(plan: GenerationPlan, model, *, on_event: EventHandler = ignore,
              init_image: np.ndarray | None = None, resume_from=None,
-             previews: bool = True) -> tuple[np.ndarray, dict]:
+             previews: bool = True, faults=None) -> tuple[np.ndarray, dict]:
     """Every stage in order; returns the final uint8 (H, W, 3) image and the run record.
 
     Each finished stage is reported (with its image) through a StageFinished event, so the
     caller can keep it before the next stage starts. `resume_from` (io.checkpoints.Start): go on
     after its stage from its image, exactly the uint8 image that stage handed on.
     previews: write plan.preview's file (False: a band-parallel rank other than 0).
+    faults: testhooks.OomFaults (LINFUSION_TEST_OOM), counted over every run the caller makes.
     """
     preview = None
     if previews and plan.preview is not None:
         preview = Previewer(plan.preview, family=plan.family, on_event=on_event,
                             decoder=getattr(model, "preview_decoder", None))
-    ctx = StageContext(plan=plan, model=model, on_event=on_event, preview=preview)
+    ctx = StageContext(plan=plan, model=model, on_event=on_event, preview=preview,
+                       phases=recovery.Phases(faults, parallel.active()))
+    cap_allocator(model.device, plan.budget)  # --max-vram on CUDA: the allocator's limit
     image = init_image if resume_from is None else resume_from.image
     done: list[dict] = [] if resume_from is None else resume_from.stage_records
     for stage in plan.stages[0 if resume_from is None else resume_from.stage + 1:]:
@@ -119,14 +204,15 @@ def run_plan(plan: GenerationPlan, model, *, on_event: EventHandler = ignore,
         moved = {"h2d_bytes": 0, "d2h_bytes": 0, "blocking_bytes": 0}  # counted by transfer.py
         start = time.perf_counter()
         with transfer.observed(lambda direction, n, blocking: _count(moved, direction, n, blocking)):
-            image, ran, knobs = _run_stage(ctx, stage, image)
+            image, ran, knobs, attempts, measured = _run_stage(ctx, stage, image)
         seconds = time.perf_counter() - start
         if preview is not None:
             preview.finished(stage, image)
         vae = _vae_notes(ctx.notes.get(stage.index, {}))
         knobs["vae_tile_px"] = vae.get("decode", {}).get("tile_px", 0)
         stage_record = ran.to_dict() | {"seconds": round(seconds, 3), "peak_gib": _peak_gib(model.device),
-                                        "vae": vae, "memory_in_effect": knobs, "pcie_moved": moved}
+                                        "vae": vae, "memory_in_effect": knobs, "pcie_moved": moved,
+                                        "device_memory": measured, "attempts": attempts}
         done.append(stage_record)
         on_event(StageFinished(stage.index, len(plan.stages), seconds, stage_record["peak_gib"], image,
                                run_record(plan, model, done)))

@@ -54,6 +54,7 @@ def image_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None)
     upscaled = resize(previous, stage.width, stage.height)
     generator = cpu_generator(stage.seed)  # one generator: VAE sample first, then the noise
     progress = lambda done, total: ctx.on_event(PhaseProgress(stage.index, "encode", done, total))  # noqa: E731
+    ctx.phases.enter("vae_encode")
     vae_on_device(ctx.model.pipe.vae)
     latents = tiled_vae.encode(ctx.model.pipe.vae, upscaled, generator=generator, on_tile=progress,
                                **vae_plan(ctx, stage, "encode"))

@@ -1,4 +1,5 @@
-"""Out-of-memory in a stage: one retry with the next tighter plan, then a clear error."""
+"""Out-of-memory in a stage (a stand-in stage): a retry with a tighter plan, then a clear error
+(tests/pipeline/test_recovery.py runs the real stages)."""
 
 from types import SimpleNamespace
 
@@ -18,6 +19,7 @@ def fake_model(monkeypatch):
     monkeypatch.setattr(orchestrator.StageContext, "__post_init__", lambda self: None)
     monkeypatch.setattr(orchestrator, "memory_plan_applied", lambda model, memory: _nullcontext({}))
     return SimpleNamespace(device=torch.device("cpu"), sampler="DDIM", family="sd15",
+                           pipe=SimpleNamespace(unet=torch.nn.Identity()),
                            linfusion=None, dtype=torch.float32)
 
 

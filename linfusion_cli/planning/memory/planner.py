@@ -26,6 +26,8 @@ ATTN_CHOICES = {"cuda": (tuning.LINFUSION_DEFAULT_CHUNK["cuda"], 16384, 4096),
 KNOB_NAMES = tuple(f.name for f in fields(est.Knobs))
 # band-wise UNet: latent rows per band at full resolution, 0 = off (loosest first)
 BAND_CHOICES = (0, 256, 128, 64, 32, 16)
+RETRY_TILE_FLOOR = 64  # px: an out-of-memory retry aimed at the VAE halves its tile down to this
+RETRY_TILES = (2048, 1024, 512, 256, 128, 64)  # an untiled VAE's first retry tile: below the image
 
 
 class BudgetError(PlanError):
@@ -78,36 +80,55 @@ class MemoryPlan(est.Knobs):
         cost *= 1.05 + 1 / self.band_rows if self.band_rows else 1.0
         return cost
 
-    def tighter(self, device: str = "cuda") -> MemoryPlan | None:
+    def tighter(self, device: str = "cuda", phase: str | None = None,
+                long_side: int | None = None) -> MemoryPlan | None:
         """The next tighter plan for an out-of-memory retry, or None when all knobs are on.
 
-        The estimate is carried over as an upper bound (the new plan needs at most as much).
+        phase: aim at the part that ran out ("unet", "vae_decode", "vae_encode"): only the
+        knobs that lower that part's peak; None: any knob. long_side: the stage's longest
+        side in px (an untiled VAE then gets its first tile below it). The estimate is carried
+        over as an upper bound (the new plan needs at most as much).
         """
+        unet = phase in (None, "unet")
         steps = []
-        if self.ff_chunk != FF_CHOICES[-1]:
+        if unet and self.ff_chunk != FF_CHOICES[-1]:
             steps.append({"ff_chunk": FF_CHOICES[FF_CHOICES.index(self.ff_chunk) + 1]
                           if self.ff_chunk in FF_CHOICES else FF_CHOICES[-1]})
-        if not self.inplace:
+        if not self.inplace:  # SiLU in place: the UNet's and the VAE's
             steps.append({"inplace": True})
-        if self.vae_tile_px != TILE_CHOICES[-1]:
+        if phase is None and self.vae_tile_px != TILE_CHOICES[-1]:
             steps.append({"vae_tile_px": 2048 if not self.vae_tile_px
                           else max(TILE_CHOICES[-1], self.vae_tile_px // 2)})
-        if not self.cfg_split:
+        elif phase is not None and not unet:
+            tile = self._smaller_tile(long_side)
+            if tile is not None:  # first: the tile is what the VAE's peak scales with
+                steps.insert(0, {"vae_tile_px": tile})
+        if unet and not self.cfg_split:
             steps.append({"cfg_split": True})
         smallest_chunk = ATTN_CHOICES[tuning.device_kind(device)][-1]
-        if self.attn_chunk and self.attn_chunk > smallest_chunk:
+        if unet and self.attn_chunk and self.attn_chunk > smallest_chunk:
             steps.append({"attn_chunk": smallest_chunk})
-        if self.attn_chunk and self.offload != "sequential":  # LinFusion on: bands possible
+        if unet and self.attn_chunk and self.offload != "sequential":  # LinFusion on: bands possible
             if not self.band_rows:
                 steps.append({"band_rows": 64})
             elif self.band_rows > BAND_CHOICES[-1]:
                 steps.append({"band_rows": max(BAND_CHOICES[-1], self.band_rows // 2)})
         if device == "cuda":
-            if not self.skips_on_cpu:
+            if unet and not self.skips_on_cpu:
                 steps.append({"skips_on_cpu": True})
-            if self.offload == "none" or (self.offload == "model" and not self.band_rows):
+            if self.offload == "none" or (unet and self.offload == "model" and not self.band_rows):
+                # the VAE's retry: the other models' weights off the device while it runs
                 steps.append({"offload": OFFLOADS[OFFLOADS.index(self.offload) + 1]})
         return replace(self, **steps[0]) if steps else None
+
+    def _smaller_tile(self, long_side: int | None) -> int | None:
+        """The VAE tile of a retry aimed at the VAE: an untiled VAE's first tile below the
+        image's longest side, else half the tile, down to RETRY_TILE_FLOOR px; None at the floor."""
+        if not self.vae_tile_px:
+            below = [t for t in RETRY_TILES if long_side is None or t < long_side]
+            return below[0] if below else None
+        half = self.vae_tile_px // 2 // 8 * 8
+        return half if half >= RETRY_TILE_FLOOR else None
 
 
 def load_family_configs(family: str) -> tuple[dict, dict]:
