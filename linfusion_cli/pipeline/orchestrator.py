@@ -151,12 +151,17 @@ def _run_stage(ctx: StageContext, stage: Stage,
                 raise NonFiniteError(failure.where, f"{where}: the {failure.where.upper()} produced "
                                      "NaN/inf values even in float32")
             finite.widen(ctx.model, failure.where, dtype)
-            note = f"retrying it in {dtype_name(dtype)}"
+            note = f"retrying it in {'float32' if dtype == finite.WIDE else 'bf16'}"
+            retry = {"dtype": dtype_name(dtype)}
             if dtype == finite.WIDE and stage.memory is not None:  # 4 bytes a value: a tighter plan
-                phase = "unet" if failure.where == "unet" else "vae_decode"
-                stage = _oom_plan(ctx, stage, phase, 1) or stage
-                note += f" under a plan tightened for 4-byte values ({_knob_text(stage.memory)})"
-            attempts[-1]["retry"] = {"dtype": dtype_name(dtype)}
+                tighter = _oom_plan(ctx, stage, "unet" if failure.where == "unet" else "vae_decode", 1)
+                if tighter is None:
+                    note += " (the plan has no tighter step left for it)"
+                else:
+                    stage = tighter
+                    note += f" under a plan tightened for 4-byte values ({_knob_text(stage.memory)})"
+                    retry["memory"] = stage.memory.to_dict()
+            attempts[-1]["retry"] = retry
             ctx.on_event(Retrying(stage.index, f"{failure.reason()}; {note}"))
             continue
         tries = sum(a["reason"].startswith("out of memory") for a in attempts)

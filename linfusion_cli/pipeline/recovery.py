@@ -56,8 +56,9 @@ class Failure:
         return cls(kind, where, code % _RANKS if group is not None else None)
 
     def reason(self) -> str:
-        what = "out of memory" if self.kind == "oom" else "NaN/inf values"
-        return f"{what} in the {self.where}" + (f" on rank {self.rank}" if self.rank is not None else "")
+        what = f"out of memory in the {self.where}" if self.kind == "oom" else \
+            f"NaN/inf from the {self.where.upper()}"
+        return what + (f" on rank {self.rank}" if self.rank is not None else "")
 
 
 class Agreed(Exception):

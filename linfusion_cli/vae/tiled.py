@@ -73,6 +73,7 @@ import torch
 import torch.nn.functional as F
 
 from ..bands.rows import Full
+from ..errors import NonFiniteError
 from ..hostmem import vae_park_budget
 from ..runtime import transfer
 from ..tuning import DECODER_CONTEXT, ENCODER_CONTEXT, STATS_PX  # shared with the planner
@@ -321,10 +322,18 @@ def _decode_tiled(vae, z, tile_px, mode, on_tile, context, limit, stats_px,
     lot = _lot(vae, share.tiles, mode, need, budget_d, budget, True)
     out = np.empty(((b - a) * f, w * f, 3), dtype=np.uint8)  # this rank's rows of the image
 
+    nonfinite = []  # over a group, a NaN/inf tile is reported after the gather: never between
+    # two of the group's messages, where the other ranks would wait for this one
+
     def write(t, img):  # img: (1, 3, 8 win_h, 8 win_w)
         cy, cx = t.crop_slices(f)
         ys, xs = t.core_slices(f)
-        out[ys.start - a * f:ys.stop - a * f, xs] = to_uint8(img[:, :, cy, cx])
+        try:
+            out[ys.start - a * f:ys.stop - a * f, xs] = to_uint8(img[:, :, cy, cx])
+        except NonFiniteError:
+            if share.group is None:
+                raise
+            nonfinite.append(t)
 
     def start(t, ctx):
         window = _window(feat, t, origin)  # (1, C, win_h, win_w)
@@ -335,6 +344,8 @@ def _decode_tiled(vae, z, tile_px, mode, on_tile, context, limit, stats_px,
     if comm is not None:  # (8h, 8w, 3) uint8: every rank's rows, each decoded by one rank
         rows = [(p * f, q * f) for p, q in comm.parts]
         out = share.group.gather_rows(torch.from_numpy(out), rows, "vae").numpy()
+    if nonfinite:
+        raise NonFiniteError("vae")
     return out, TileReport(tile_px, mode, share.total, attention, need, budget, rounds,
                            band_rows or None, share.ranks, **_parking(lot, budget_d))
 

@@ -131,3 +131,40 @@ def test_the_hook_is_inert_without_the_switch_and_refuses_a_bad_spec(monkeypatch
     monkeypatch.setenv(testhooks.OOM, "0:vae:1")
     with pytest.raises(InputError, match="RANK:PHASE:N"):
         testhooks.oom_faults(0)
+
+
+def test_nan_is_retried_in_native_bf16_else_in_float32_else_not_at_all(monkeypatch):
+    from types import SimpleNamespace
+
+    from linfusion_cli.pipeline import finite
+
+    model = SimpleNamespace(dtype=torch.float16, vae_dtype=torch.bfloat16, device=torch.device("cuda"))
+    monkeypatch.setattr(finite, "native_bf16", lambda device: True)  # an Ampere or later GPU
+    assert finite.retry_dtype(model, "unet") == torch.bfloat16  # fp16's bytes, fp32's range
+    assert finite.retry_dtype(model, "vae") == torch.float32
+    monkeypatch.setattr(finite, "native_bf16", lambda device: False)  # a T4: bf16 only emulated
+    assert finite.retry_dtype(model, "unet") == torch.float32
+    model.dtype = torch.float32
+    assert finite.retry_dtype(model, "unet") is None
+
+
+def test_nan_in_bf16_is_retried_in_float32_under_a_plan_tightened_for_four_bytes(tiny_pipeline_dirs):
+    model = load_model(str(tiny_pipeline_dirs["sd15"]), linfusion="fresh", family="sd15", dtype="bf16")
+    conv = model.pipe.vae.decoder.conv_out  # NaN in stage 2's decode while the VAE is not float32
+
+    def poison(m, i, o):
+        return o * float("nan") if m.weight.dtype != torch.float32 and o.shape[-1] == 128 else o
+    hook = conv.register_forward_hook(poison)
+    try:
+        events = []
+        image, record = run_plan(_plan(model, [PLANNED] * 2), model, on_event=events.append)
+    finally:
+        hook.remove()
+    attempts = record["stages"][1]["attempts"]
+    assert [(a["phase"], a["reason"], a["retry"]["dtype"]) for a in attempts] == \
+        [("vae", "NaN/inf from the VAE", "fp32")]
+    assert attempts[0]["retry"]["memory"] == record["stages"][1]["memory"]
+    assert record["stages"][1]["memory"]["vae_tile_px"] == 64  # the VAE's values twice as large
+    assert record["vae_dtype"] == "fp32" and image.max() > 0
+    assert "retrying it in float32 under a plan tightened for 4-byte values" in \
+        next(e.reason for e in events if isinstance(e, Retrying))
