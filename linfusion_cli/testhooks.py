@@ -1,4 +1,5 @@
-"""Test-only hooks (die or hold after N images, pause at a claimed entry), inert in production.
+"""Test-only hooks (die or hold after N images, pause at a claimed entry, out of memory at a
+stage's phase), inert in production.
 
 Each is read from its own variable but honoured only when LINFUSION_TEST_HOOKS=1 is set too, so a
 variable left in a user's environment cannot change a real run.

@@ -38,7 +38,8 @@ class StageFinished:
 
 @dataclass(frozen=True)
 class Retrying:
-    """A stage ran out of memory and is retried with a tighter plan."""
+    """A stage failed (out of memory: retried with a plan tighter for the phase; NaN/inf: in bf16
+    or float32) and runs again."""
 
     stage: int
     reason: str

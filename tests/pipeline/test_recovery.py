@@ -168,3 +168,20 @@ def test_nan_in_bf16_is_retried_in_float32_under_a_plan_tightened_for_four_bytes
     assert record["vae_dtype"] == "fp32" and image.max() > 0
     assert "retrying it in float32 under a plan tightened for 4-byte values" in \
         next(e.reason for e in events if isinstance(e, Retrying))
+
+
+def test_the_failed_attempts_activations_are_gone_before_memory_is_freed(loaded, monkeypatch):
+    import weakref
+
+    from linfusion_cli.pipeline import orchestrator, recovery
+
+    seen, alive = [], []  # the UNet inputs the pipeline's frame held when the fault struck
+    take = loaded.pipe.unet.register_forward_pre_hook(lambda m, args: seen.append(weakref.ref(args[0])))
+    real = recovery.release
+    monkeypatch.setattr(orchestrator.recovery, "release", lambda device: (
+        alive.append(seen[-1]() is not None), real(device)))
+    try:
+        run_plan(_plan(loaded, [PLANNED] * 2), loaded, faults=testhooks.OomFaults("unet", 2))
+    finally:
+        take.remove()
+    assert alive == [False, False]  # before the undo and after it: the traceback let go first
