@@ -99,7 +99,9 @@ def _oom_plan(ctx: StageContext, stage: Stage, phase: str, tries: int) -> Stage 
     if stage.memory is None or tries >= MAX_OOM_ATTEMPTS:
         return None
     memory, steps = stage.memory, 0
-    while (tighter := memory.tighter(ctx.model.device.type, phase, max(stage.width, stage.height))):
+    banded = ctx.phases.group is not None  # band parallelism: the UNet is always band-wise
+    while (tighter := memory.tighter(ctx.model.device.type, phase, max(stage.width, stage.height),
+                                     banded)):
         memory, steps = tighter, steps + 1
         if tries == 1 and steps == 2:
             break

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from linfusion_cli.errors import InputError, PlanError
@@ -167,6 +169,25 @@ def test_tighter_ladder_ends_at_sequential_and_never_raises_the_estimate(configs
     while (nxt := cpu_last.tighter(device="cpu")) is not None:
         cpu_last = nxt
     assert cpu_last.offload == "none" and not cpu_last.skips_on_cpu
+
+
+def _ladder(plan, **kw):
+    steps = [plan]
+    while (plan := plan.tighter(**kw)) is not None:
+        steps.append(plan)
+    return steps
+
+
+def test_a_retry_aimed_at_a_phase_tightens_only_that_phases_knobs():
+    unet = _ladder(MemoryPlan(attn_chunk=16384), device="cuda", phase="unet", long_side=8192)
+    assert {p.vae_tile_px for p in unet} == {0}
+    assert unet[-1].ff_chunk == 4096 and unet[-1].cfg_split and unet[-1].band_rows == 16
+    vae = _ladder(MemoryPlan(attn_chunk=16384), device="cuda", phase="vae_decode", long_side=3000)
+    assert [p.vae_tile_px for p in vae][:3] == [0, 2048, 1024] and vae[-1].vae_tile_px == 64
+    assert vae[-1].offload == "model" and vae[-1].knobs() == replace(
+        MemoryPlan(attn_chunk=16384), vae_tile_px=64, inplace=True, offload="model").knobs()
+    banded = _ladder(MemoryPlan(attn_chunk=16384), device="cuda", phase="unet", banded=True)
+    assert all(p.offload != "sequential" for p in banded)  # the bands read weights directly
 
 
 def test_plan_dict_round_trip():

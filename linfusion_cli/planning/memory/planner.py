@@ -81,12 +81,14 @@ class MemoryPlan(est.Knobs):
         return cost
 
     def tighter(self, device: str = "cuda", phase: str | None = None,
-                long_side: int | None = None) -> MemoryPlan | None:
+                long_side: int | None = None, banded: bool = False) -> MemoryPlan | None:
         """The next tighter plan for an out-of-memory retry, or None when all knobs are on.
 
         phase: aim at the part that ran out ("unet", "vae_decode", "vae_encode"): only the
         knobs that lower that part's peak; None: any knob. long_side: the stage's longest
-        side in px (an untiled VAE then gets its first tile below it). The estimate is carried
+        side in px (an untiled VAE then gets its first tile below it). banded: the UNet runs
+        band-wise whatever band_rows says (band parallelism), so never sequential offload, whose
+        per-layer hooks the bands would bypass. The estimate is carried
         over as an upper bound (the new plan needs at most as much).
         """
         unet = phase in (None, "unet")
@@ -116,7 +118,8 @@ class MemoryPlan(est.Knobs):
         if device == "cuda":
             if unet and not self.skips_on_cpu:
                 steps.append({"skips_on_cpu": True})
-            if self.offload == "none" or (unet and self.offload == "model" and not self.band_rows):
+            if self.offload == "none" or (unet and self.offload == "model" and not self.band_rows
+                                          and not banded):
                 # the VAE's retry: the other models' weights off the device while it runs
                 steps.append({"offload": OFFLOADS[OFFLOADS.index(self.offload) + 1]})
         return replace(self, **steps[0]) if steps else None
