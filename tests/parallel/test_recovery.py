@@ -5,10 +5,13 @@ single-process one; where no plan is left, both stop with the same one line, and
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from linfusion_cli.io.metadata import read_metadata
 
 from .test_cli import HOOKS, _by_hand, _pixels, _single, _torchrun
+
+pytestmark = pytest.mark.slow  # torchrun and by-hand ranks: processes
 
 ARGS = ("generate", "a lighthouse", "--model", "demo", "--res", "128", "--steps", "3", "--seed", "7")
 
