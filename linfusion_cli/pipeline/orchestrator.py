@@ -69,6 +69,7 @@ def _attempt(ctx: StageContext, stage: Stage, previous: np.ndarray | None):
     phases, device = ctx.phases, ctx.model.device
     rank = phases.group.rank if phases.group is not None else 0
     image, agreed = None, False
+    phases.current = "unet"  # the text encoders and the first forwards: the denoising part
     with torch.inference_mode(), memory_plan_applied(ctx.model, stage.memory) as knobs:
         hook = phases.unet_hook(ctx.model.pipe.unet)
         try:
@@ -138,7 +139,19 @@ def _run_stage(ctx: StageContext, stage: Stage,
     attempts: list[dict] = []
     while True:
         reset_peaks(device)
-        code, image, knobs = _attempt(ctx, stage, previous)
+        where = f"stage {stage.index + 1} ({stage.width}x{stage.height})"
+        try:
+            code, image, knobs = _attempt(ctx, stage, previous)
+        except Exception as exc:  # noqa: BLE001 - out of memory putting the plan on or taking it off
+            if not recovery.is_oom(exc):
+                raise
+            fatal = f"{where} ran out of device memory while its memory plan was put on or taken off"
+        else:
+            fatal = None
+        # raised outside the except, its traceback gone; not retried: the undo runs after the
+        # ranks' agreement, so a retry here would leave this rank a stage behind its peers
+        if fatal is not None:
+            raise OutOfMemoryError(fatal)
         measured = device_memory(device)
         if code == recovery.OK:
             return image, stage, knobs, attempts, measured
@@ -146,7 +159,6 @@ def _run_stage(ctx: StageContext, stage: Stage,
         attempts.append({"phase": failure.where, "reason": failure.reason(),
                          "memory": stage.memory.to_dict() if stage.memory is not None else None,
                          "reserved_peak_gib": measured["reserved_peak_gib"] if measured else None})
-        where = f"stage {stage.index + 1} ({stage.width}x{stage.height})"
         if failure.kind == "nan":
             dtype = finite.retry_dtype(ctx.model, failure.where)
             if dtype is None:

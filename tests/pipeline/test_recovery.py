@@ -185,3 +185,17 @@ def test_the_failed_attempts_activations_are_gone_before_memory_is_freed(loaded,
     finally:
         take.remove()
     assert alive == [False, False]  # before the undo and after it: the traceback let go first
+
+
+def test_out_of_memory_while_the_plan_is_taken_off_is_one_error(loaded, monkeypatch):
+    from linfusion_cli.pipeline import knobs
+
+    real = knobs.KnobHandle.__call__
+
+    def undo(handle):
+        real(handle)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+    monkeypatch.setattr(knobs.KnobHandle, "__call__", undo)
+    with pytest.raises(OutOfMemoryError, match=r"^stage 1 \(64x64\) ran out of device memory while its "
+                                               r"memory plan was put on or taken off$"):
+        run_plan(_plan(loaded, [PLANNED] * 2), loaded)
