@@ -48,17 +48,24 @@ def plan(prompt: str, *, pipe=None, **options) -> GenerationPlan:
 
 def load(plan: GenerationPlan, *, pipe=None, allow_pickle: bool = False, config: str | None = None):
     """The model a plan runs on: loaded from plan.model, or `pipe` made ready in place
-    (dtypes, scheduler, LinFusion layers, adapters, device)."""
+    (dtypes, scheduler, LinFusion layers, adapters, device). Loaded weights go where the plan
+    puts them: in host memory when every stage offloads them (loading_on_host)."""
     settings = dict(dtype=plan.dtype, device=plan.device, linfusion=plan.linfusion,
                     scheduler=plan.stages[0].scheduler, family=plan.family, adapters=plan.adapters)
     if pipe is not None:
         model = prepare_model(pipe, model=plan.model, **settings)
     else:
-        model = loading.load_model(plan.model, allow_pickle=allow_pickle, config=config, **settings)
+        model = loading.load_model(plan.model, allow_pickle=allow_pickle, config=config,
+                                   on_host=loading_on_host(plan), **settings)
     if plan.preview is not None and plan.preview.method == "taesd":  # checked when planned
         model.preview_decoder = taesd.load_decoder(plan.preview.taesd, cache=loading.cache_dir(),
                                                    device=model.device, dtype=model.vae_dtype)
     return model
+
+
+def loading_on_host(plan: GenerationPlan) -> bool:
+    """Every stage's memory plan offloads the models: they need not go to the device at load."""
+    return all(s.memory is not None and s.memory.offload != "none" for s in plan.stages)
 
 
 def generate(prompt: str, *, pipe=None, on_event=None, **options):

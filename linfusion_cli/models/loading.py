@@ -251,9 +251,11 @@ def set_scheduler(pipe, name: str) -> None:
 
 def load_model(model: str, *, dtype: str = "auto", device: str = "auto", linfusion: str | None = "auto",
                scheduler: str = "default", allow_pickle: bool = False, config: str | None = None,
-               channels_last: bool | None = None, family: str | None = None, adapters: AdapterSpecs | None = None) -> LoadedModel:
+               channels_last: bool | None = None, family: str | None = None, adapters: AdapterSpecs | None = None,
+               on_host: bool = False) -> LoadedModel:
     """Open the pipeline, pick dtypes and device, mount LinFusion and adapters; one object for
-    all stages.
+    all stages. on_host: every stage's plan offloads, so the offloadable models stay in host
+    memory (each plan brings what it needs to the device when it needs it).
 
     `family` is what the plan was made for: a model that turns out to be another family is
     refused here, before any stage runs, rather than run under a plan made for something else.
@@ -263,10 +265,12 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", linfusi
     pipe = open_pipeline(model, unet_dtype, allow_pickle=allow_pickle, config=config)
     return prepare_model(pipe, model=model, dtype=dtype, device=device, linfusion=linfusion,
                          scheduler=scheduler, channels_last=channels_last, family=family,
-                         adapters=adapters)
+                         adapters=adapters, on_host=on_host)
 
 
 ALLOC_CONF_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+# the models a memory plan may offload, in the order a stage runs them (pipeline/knobs.py)
+OFFLOADABLE = ("text_encoder", "text_encoder_2", "image_encoder", "unet", "vae")
 
 
 def gpu_defaults() -> None:
@@ -284,7 +288,7 @@ def gpu_defaults() -> None:
 def prepare_model(pipe, *, model: str, dtype: str = "auto", device: str = "auto",
                   linfusion: str | None = "auto", scheduler: str = "default",
                   channels_last: bool | None = None, family: str | None = None,
-                  adapters: AdapterSpecs | None = None) -> LoadedModel:
+                  adapters: AdapterSpecs | None = None, on_host: bool = False) -> LoadedModel:
     """An open diffusers pipeline made ready for a plan, in place: dtypes, scheduler, LinFusion
     layers, adapters, device. load_model's second half, and the way in for a caller's own pipeline."""
     torch_device = resolve_device(device)
@@ -311,7 +315,12 @@ def prepare_model(pipe, *, model: str, dtype: str = "auto", device: str = "auto"
         controlnets = mount_adapters(pipe, adapters, torch_device)
     if torch_device.type == "cuda":
         gpu_defaults()
-    pipe.to(torch_device)
+    if on_host:  # the plan offloads them: never first moved to the device (and back)
+        for name, module in pipe.components.items():
+            if isinstance(module, torch.nn.Module) and name not in OFFLOADABLE:
+                module.to(torch_device)
+    else:
+        pipe.to(torch_device)
     if channels_last is None:
         channels_last = torch_device.type in ("cpu", "cuda")
     if channels_last:

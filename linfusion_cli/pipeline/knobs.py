@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import parallel
+from ..models.loading import OFFLOADABLE
 from ..runtime import parking
 from ..runtime.batching import join_unet_outputs, split_batch
 from ..runtime.staging import Staging
@@ -217,7 +218,7 @@ def _set_chunk_size(model: nn.Module, chunk: int, handle: KnobHandle) -> None:
             handle.add(lambda m=module, o=old: setattr(m, "chunk_size", o))
 
 
-OFFLOAD_ORDER = ("text_encoder", "text_encoder_2", "image_encoder", "unet", "vae")  # run order
+OFFLOAD_ORDER = OFFLOADABLE  # run order
 
 
 def _offload(pipe, mode: str, device: torch.device, handle: KnobHandle) -> None:
@@ -235,7 +236,7 @@ def _offload(pipe, mode: str, device: torch.device, handle: KnobHandle) -> None:
     from accelerate.hooks import remove_hook_from_module
 
     chain = [m for m in (getattr(pipe, n, None) for n in OFFLOAD_ORDER) if isinstance(m, nn.Module)]
-    homes = [next(m.parameters(), torch.empty(0, device=device)).device for m in chain]  # before
+    homes = [_home(m, device) for m in chain]  # where each is before the plan
 
     def undo():  # each model back where it was before this plan (not all onto the device)
         for module, home in zip(chain, homes):
@@ -301,13 +302,39 @@ def apply_memory_plan(pipe, plan, device: str | torch.device) -> KnobHandle:
     if plan.offload not in ("none", "model", "sequential"):
         raise ValueError(f"unknown offload mode {plan.offload!r}: none, model or sequential")
     handle = apply_knobs(pipe.unet, pipe.vae, plan)
-    if plan.offload != "none":
-        try:
+    try:
+        if plan.offload != "none":
             _offload(pipe, plan.offload, torch.device(device), handle)
-        except BaseException:
-            handle()
-            raise
+        else:
+            _on_device(pipe, torch.device(device), handle)
+    except BaseException:
+        handle()
+        raise
     return handle
+
+
+def _home(module: nn.Module, device: torch.device) -> torch.device:
+    """Where a model's weights are now (an empty model: `device`)."""
+    return next(module.parameters(), torch.empty(0, device=device)).device
+
+
+def _on_device(pipe, device: torch.device, handle: KnobHandle) -> None:
+    """A plan without offload: models left in host memory at load (every plan then offloaded
+    them, models.loading's on_host) come to the device for the stage and go back after it."""
+    models = [m for m in (getattr(pipe, n, None) for n in OFFLOAD_ORDER) if isinstance(m, nn.Module)]
+    away = [(m, _home(m, device)) for m in models if not _on(m, device)]
+
+    def undo():
+        for module, home in away:
+            module.to(home)
+    handle.add(undo)
+    for module, _ in away:
+        module.to(device)
+
+
+def _on(module: nn.Module, device: torch.device) -> bool:
+    at = _home(module, device)
+    return at.type == device.type and (device.index is None or at.index == device.index)
 
 
 def read_knobs(pipe) -> dict:

@@ -199,3 +199,17 @@ def test_out_of_memory_while_the_plan_is_taken_off_is_one_error(loaded, monkeypa
     with pytest.raises(OutOfMemoryError, match=r"^stage 1 \(64x64\) ran out of device memory while its "
                                                r"memory plan was put on or taken off$"):
         run_plan(_plan(loaded, [PLANNED] * 2), loaded)
+
+
+def test_weights_load_where_the_plan_puts_them(loaded, tiny_pipeline_dirs):
+    from dataclasses import replace
+
+    from linfusion_cli import api
+
+    offloaded = _plan(loaded, [replace(PLANNED, offload="model")] * 2)
+    assert api.loading_on_host(offloaded)
+    assert not api.loading_on_host(_plan(loaded, [PLANNED, replace(PLANNED, offload="model")]))
+    model = load_model(str(tiny_pipeline_dirs["sd15"]), linfusion="fresh", family="sd15", on_host=True)
+    image, _ = run_plan(offloaded, model)  # the plans bring the models to the device and back
+    reference, _ = run_plan(_plan(loaded, [PLANNED] * 2), loaded)
+    assert np.array_equal(image, reference)
