@@ -14,6 +14,8 @@ from . import finite
 from ..planning.plan import GenerationPlan, Stage
 from .events import EventHandler, StageFinished, StageStarted, Retrying, ignore
 from . import recovery
+from ..planning import replan
+from ..planning.budget import GIB
 from .memory import cap_allocator, device_memory, memory_plan_applied, reset_peaks
 from .preview import Previewer
 from .stages import StageContext, stage_function
@@ -94,29 +96,69 @@ def _attempt(ctx: StageContext, stage: Stage, previous: np.ndarray | None):
     return code, image, knobs
 
 
-def _oom_plan(ctx: StageContext, stage: Stage, phase: str, tries: int) -> Stage | None:
-    """The stage re-planned after its tries-th out-of-memory in `phase`: the next tighter plan
-    aimed at that phase (two steps after the first, every step left after the second)."""
+def _oom_plan(ctx: StageContext, stage: Stage, phase: str, tries: int,
+              reserved_peak_gib: float | None) -> tuple[Stage | None, dict]:
+    """The stage re-planned after its tries-th out-of-memory in `phase`, and how: by the planner
+    at a lower budget with only that phase's knobs free (planning/replan.py), else the next
+    tighter plans aimed at that phase (two steps after the first, every step left after the
+    second)."""
     if stage.memory is None or tries >= MAX_OOM_ATTEMPTS:
-        return None
+        return None, {}
+    part = "unet" if phase == "unet" else "vae"
+    budget = replan.lower_budget(stage, reserved_peak_gib)
+    memory = replan.replan(ctx.plan, stage, part, budget, **_dtypes(ctx.model))
+    if memory is not None and memory.knobs() != stage.memory.knobs():
+        return replace(stage, memory=memory), {"planned_for_gib": round(budget / GIB, 2)}
+    memory, steps = _ladder(ctx, stage, phase, 2 if tries == 1 else None)
+    return (replace(stage, memory=memory) if steps else None), {"tighter_steps": steps}
+
+
+def _dtypes(model) -> dict:
+    """The parts' dtypes now (a NaN/inf retry may have widened one), as the planner names them."""
+    return {"dtype": dtype_name(model.dtype),
+            "vae_dtype": dtype_name(getattr(model, "vae_dtype", model.dtype))}
+
+
+def _ladder(ctx: StageContext, stage: Stage, phase: str, most: int | None):
+    """(plan, steps): up to `most` steps (None: all) of MemoryPlan.tighter aimed at `phase`."""
     memory, steps = stage.memory, 0
     banded = ctx.phases.group is not None  # band parallelism: the UNet is always band-wise
-    while (tighter := memory.tighter(ctx.model.device.type, phase, max(stage.width, stage.height),
-                                     banded)):
+    while (most is None or steps < most) and (tighter := memory.tighter(
+            ctx.model.device.type, phase, max(stage.width, stage.height), banded)):
         memory, steps = tighter, steps + 1
-        if tries == 1 and steps == 2:
-            break
-    return replace(stage, memory=memory) if steps else None
+    return memory, steps
+
+
+def _wide_plan(ctx: StageContext, stage: Stage, part: str) -> tuple[Stage, str, dict]:
+    """After `part` went to float32: the stage planned for its four-byte values at the stage's
+    budget (the planner prices them), else two tighter steps for that part; (stage, words, how)."""
+    budget = replan.planned_budget(ctx.plan, stage, dtype_name(ctx.model.dtype))
+    memory = replan.replan(ctx.plan, stage, part, budget, **_dtypes(ctx.model))
+    if memory is not None:
+        how = {"memory": memory.to_dict(), "planned_for_gib": round(budget / GIB, 2)}
+        return replace(stage, memory=memory), f" under a plan for 4-byte values ({_knob_text(memory)})", how
+    memory, steps = _ladder(ctx, stage, "unet" if part == "unet" else "vae_decode", 2)
+    if not steps:
+        return stage, " (the plan has no tighter step left for it)", {}
+    return (replace(stage, memory=memory), f" under a plan tightened for 4-byte values "
+            f"({_knob_text(memory)})", {"memory": memory.to_dict(), "tighter_steps": steps})
 
 
 def _smallest_budget(ctx: StageContext, attempts: list[dict]) -> str:
-    """The smallest budget a failed stage was tried at: the lowest reserved peak measured on CUDA,
-    else the plan's budget."""
-    measured = [a["reserved_peak_gib"] for a in attempts if a.get("reserved_peak_gib") is not None]
-    if measured:
-        return f"{min(measured):.2f} GiB (reserved peak)"
-    budget = ctx.plan.budget
-    return f"{budget.gib:.2f} GiB ({budget.source})" if budget is not None and budget.gib else "no budget set"
+    """The smallest budget a failed stage was tried at: the plan's, a re-plan's, or the lowest
+    reserved peak measured on CUDA."""
+    figures = []
+    if ctx.plan.budget is not None and ctx.plan.budget.gib:
+        figures.append((ctx.plan.budget.gib, ctx.plan.budget.source))
+    for attempt in attempts:
+        if attempt.get("reserved_peak_gib") is not None:
+            figures.append((attempt["reserved_peak_gib"], "reserved peak"))
+        if attempt.get("retry", {}).get("planned_for_gib"):
+            figures.append((attempt["retry"]["planned_for_gib"], "re-planned"))
+    if not figures:
+        return "no budget set"
+    gib, what = min(figures)
+    return f"{gib:.2f} GiB ({what})"
 
 
 def _knob_text(memory) -> str:
@@ -167,26 +209,21 @@ def _run_stage(ctx: StageContext, stage: Stage,
             finite.widen(ctx.model, failure.where, dtype)
             note = f"retrying it in {'float32' if dtype == finite.WIDE else 'bf16'}"
             retry = {"dtype": dtype_name(dtype)}
-            if dtype == finite.WIDE and stage.memory is not None:  # 4 bytes a value: a tighter plan
-                tighter = _oom_plan(ctx, stage, "unet" if failure.where == "unet" else "vae_decode", 1)
-                if tighter is None:
-                    note += " (the plan has no tighter step left for it)"
-                else:
-                    stage = tighter
-                    note += f" under a plan tightened for 4-byte values ({_knob_text(stage.memory)})"
-                    retry["memory"] = stage.memory.to_dict()
+            if dtype == finite.WIDE and stage.memory is not None:  # 4 bytes a value: re-planned
+                stage, words, how = _wide_plan(ctx, stage, failure.where)
+                note, retry = note + words, retry | how
             attempts[-1]["retry"] = retry
             ctx.on_event(Retrying(stage.index, f"{failure.reason()}; {note}"))
             continue
         tries = sum(a["reason"].startswith("out of memory") for a in attempts)
-        retry = _oom_plan(ctx, stage, failure.where, tries)
+        retry, how = _oom_plan(ctx, stage, failure.where, tries, attempts[-1]["reserved_peak_gib"])
         if retry is None:
             raise OutOfMemoryError(
                 f"{where} ran out of device memory in the {PHASE_WORDS[failure.where]} {tries} "
                 f"time(s), the last with {_knob_text(stage.memory)}; smallest budget tried: "
                 f"{_smallest_budget(ctx, attempts)}")
         stage = retry
-        attempts[-1]["retry"] = {"memory": stage.memory.to_dict()}
+        attempts[-1]["retry"] = {"memory": stage.memory.to_dict(), **how}
         ctx.on_event(Retrying(stage.index, f"{failure.reason()}; retrying with "
                               f"{_knob_text(stage.memory)}"))
 
