@@ -27,7 +27,7 @@ from .options import GenerationOptions, Template, shared_options
 from .. import testhooks
 from ..inputs import expand
 from ..io.checkpoints import any_in
-from ..io import previews
+from ..io import checkpoints, previews
 from ..io.targets import check_free_space, run_bound, make_directory, remove_if_empty
 
 BATCH_TEMPLATE = "{index:04d}-{slug}.{ext}"  # no seed: --resume finds the same names again
@@ -135,7 +135,7 @@ def batch(
         for index, plan, path, _, done, *_ in jobs:
             if not json:
                 print(f"{path}:")
-            start = common.resume_plan(plan, path) if resume and done is None else None
+            start = common.resume_plan(plan, path)[0] if resume and done is None else None
             common.print_dry_run(plan, as_json=json, extra={"index": index, "path": str(path)}, resume=start)
         return
 
@@ -189,8 +189,9 @@ def _checked_jobs(entries, base, base_seed, manifest, folder, *, name, format, o
                 api.resume_start(plan, path)
         except LinfusionError as exc:
             raise type(exc)(f"{entry.source}:{entry.line}: {exc}") from None
-        written = [path] + ([api.stage_image_path(path, s.index, s.width, s.height) for s in plan.stages[:-1]]
-                            if plan.save_stages else [])
+        written = [(path, "output")] + [  # stage files, and the hidden checkpoints a run leaves
+            (p, "--save-stages file" if p.name[0] != "." else "stage checkpoint")
+            for _, p in checkpoints.paths_of(plan, path) if plan.save_stages or p.name[0] == "."]
         if plan.preview is not None:  # the entry's own preview file: {index}/{name}, else -INDEX
             try:
                 plan = replace(plan, preview=replace(plan.preview, path=previews.entry_path(
@@ -198,17 +199,13 @@ def _checked_jobs(entries, base, base_seed, manifest, folder, *, name, format, o
                 common.check_preview(plan, path, overwrite=overwrite)
             except LinfusionError as exc:
                 raise type(exc)(f"{entry.source}:{entry.line}: {exc}") from None
-            written.append(Path(plan.preview.path))
-        for file in written:  # x.png and sub/../x.png are one file; so is a stage file of another line
+            written.append((Path(plan.preview.path), "--preview file"))
+        for file, what in written:  # x.png and sub/../x.png are one file; so is a stage file of another line
             key = os.path.realpath(file)
             if key in seen:
-                other = "the batch manifest" if seen[key] is None else f"line {seen[key]}'s output"
-                what = "output" if file == path else "--save-stages file"
-                if plan.preview is not None and file == Path(plan.preview.path):
-                    what = "--preview file"
-                    other = other if seen[key] is None else f"a file of line {seen[key]}"
+                other = "the batch manifest" if seen[key] is None else f"line {seen[key][0]}'s {seen[key][1]}"
                 raise OutputError(f"{entry.source}:{entry.line}: {what} {file} is also {other}")
-            seen[key] = entry.line
+            seen[key] = (entry.line, what)
         record = manifest.records.get(index)
         done = record if record is not None and record.matches(plan, manifest.relative(path)) else None
         if path.exists() and not overwrite and done is None and not (resume and _matches(path, plan)):

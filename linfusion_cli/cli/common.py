@@ -16,7 +16,10 @@ from ..errors import InputError, OutputError, ResumeMismatchError
 from .console import info, one_line_of, progress_view, quiet_libraries
 from ..adapters import describe
 from ..inputs import expand
-from ..io import checkpoints, previews
+from ..io import checkpoints, locks, previews
+from ..io.manifest import same_settings
+from ..io.metadata import read_metadata
+from ..validate import SEED_MAX
 from ..models.taesd import describe as taesd_words
 from ..planning.preview import shrink_note
 from ..io.naming import DEFAULT_TEMPLATE, render_name, format_of, resolve_output
@@ -92,6 +95,8 @@ def print_dry_run(plan, *, as_json: bool, extra: dict | None = None, resume: dic
     if plan.preview is not None:
         print(preview_line(plan))
     if resume is not None:
+        for note in resume.get("notes", ()):
+            print(f"resume: {note}")
         print(f"resume: {resume_text(resume)}")
 
 
@@ -123,11 +128,15 @@ def check_preview(plan, path, *, overwrite: bool) -> None:
     previews.check_target(plan.preview.path, overwrite=overwrite, taken=taken)
 
 
-def resume_plan(plan, path, init_image=None) -> dict:
-    """Where --resume starts (JSON-safe): the stage to run first and the checkpoint it starts from."""
-    start = api.resume_start(plan, path, init_image)
+def resume_plan(plan, path, init_image=None) -> tuple[dict, object]:
+    """Where --resume starts (JSON-safe) and the checked io.checkpoints.Start the run then uses
+    (its pixels read now, so the point announced is the point used); the checkpoints passed
+    over are noted in the dict's `notes`."""
+    notes: list[str] = []
+    start = api.resume_start(plan, path, init_image, notes=notes)
     return {"start_stage": 1 if start is None else start.stage + 2, "stages": len(plan.stages),
-            "checkpoint": None if start is None else str(start.found.path)}
+            "checkpoint": None if start is None else str(start.found.path),
+            **({"notes": notes} if notes else {})}, start
 
 
 def resume_text(resume: dict) -> str:
@@ -163,14 +172,15 @@ def load(plan, *, verbose: bool, quiet: bool, allow_pickle: bool = False, config
 
 
 def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_image=None,
-            resume: bool = False, write: bool = True, progress: str | None = None) -> dict:
+            resume: bool = False, write: bool = True, progress: str | None = None, start=None) -> dict:
     """Generate one image, write it, print its path (or JSON) on stdout (write=False: a band-
     parallel rank other than 0, which computes its share and writes and prints nothing)."""
     with progress_view(progress, quiet=quiet or not write, verbose=verbose) as view:
         view.run_started(plan, path)
         try:
             result = api.generate_file(plan, model, path=path, fmt=fmt, overwrite=overwrite,
-                                       on_event=view, init_image=init_image, resume=resume, write=write)
+                                       on_event=view, init_image=init_image, resume=resume, write=write,
+                                       start=start)
         except BaseException as exc:
             view.run_finished(error="interrupted" if isinstance(exc, KeyboardInterrupt) else one_line_of(exc))
             raise
@@ -199,28 +209,35 @@ def plan_and_run(req, opts, *, output, init_image=None) -> None:
     if not opts.dry_run:
         not_both_json_and_stdout(output, opts.json)
     # the output is checked as for a run; nothing is created before the model has loaded
+    if opts.resume and finished(output, plan, fmt=opts.format, opts=opts, world=world, drawn=drawn):
+        return
     path, fmt = resolve_target(output, plan=plan, fmt=opts.format, overwrite=opts.overwrite,
                                resume=opts.resume, create=False)
     check_preview(plan, path, overwrite=opts.overwrite)
-    resume = resume_plan(plan, path, init_image) if opts.resume else None
+    resume, start = resume_plan(plan, path, init_image) if opts.resume else (None, None)
     world.agree(keep=True)  # every rank planned alike: all go, or all stop with one line
     if opts.dry_run:
         if world.rank == 0:
             print_dry_run(plan, as_json=opts.json,
                           extra={"path": str(path) if path is not None else "-"}, resume=resume)
         return
-    with band_group(world, plan.device):
-        lead = world.rank == 0  # the one rank that writes files and prints
+    lead = world.rank == 0  # the one rank that writes files and prints
+    # one run per output: the lock is taken before the model loads where the folder exists
+    early = lead and path is not None and path.parent.is_dir()
+    with locks.output_lock(path if early else None), band_group(world, plan.device):
         loaded = rank0_first(lambda: load(plan, verbose=opts.verbose, quiet=opts.quiet or not lead,
                                           allow_pickle=opts.allow_pickle, config=opts.config,
                                           progress=opts.progress))
         if path is not None and lead:  # made only now: a model that fails to load leaves no folder
             check_directory(path.parent, create=True)
-        if resume is not None:
-            info(f"resume: {resume_text(resume)}", quiet=opts.quiet or not lead)
-        run_one(plan, loaded, path=path, fmt=fmt, overwrite=opts.overwrite, as_json=opts.json,
-                quiet=opts.quiet, verbose=opts.verbose, init_image=init_image, resume=opts.resume,
-                write=lead, progress=opts.progress)
+        with locks.output_lock(path if lead and not early else None):
+            if resume is not None:
+                for note in resume.get("notes", ()):
+                    info(f"resume: {note}", quiet=opts.quiet or not lead)
+                info(f"resume: {resume_text(resume)}", quiet=opts.quiet or not lead)
+            run_one(plan, loaded, path=path, fmt=fmt, overwrite=opts.overwrite, as_json=opts.json,
+                    quiet=opts.quiet, verbose=opts.verbose, init_image=init_image, resume=opts.resume,
+                    write=lead, progress=opts.progress, start=start)
 
 
 def for_world(req, world):
@@ -353,22 +370,67 @@ def resolve_target(output, *, plan, fmt, overwrite, template=None, index=0,
 
 def check_outputs(plan, path, fmt, *, overwrite, resume: bool = False) -> None:
     """Before any model loads: stage checkpoints and --save-stages files free (or replaceable:
-    --overwrite, or --resume for our own checkpoints), room on the disk."""
+    --overwrite, or --resume for this run's own checkpoints), room on the disk."""
     if path is not None:
         for stage in plan.stages[:-1]:
             hidden = checkpoints.hidden_path(path, stage.index, stage.width, stage.height)
             check_target(hidden, overwrite=True)  # links, folders, FIFOs: never
-            if hidden.exists() and not overwrite:
-                ours = checkpoints.read(hidden) is not None
-                if ours and not resume:
-                    raise OutputError(f"{hidden} is a checkpoint of an unfinished run of {path.name}; "
-                                      "pass --resume to continue it, or --overwrite to start over")
-                check_target(hidden, overwrite=ours)  # not ours: replaced only with --overwrite
+            found = checkpoints.examine(hidden)
+            if found is not None and not overwrite:
+                if not isinstance(found, checkpoints.Unusable):
+                    if not resume:
+                        raise OutputError(f"{hidden} is a checkpoint of an unfinished run of {path.name}; "
+                                          "pass --resume to continue it, or --overwrite to start over")
+                elif found.ours:  # --resume goes on from the last valid stage and remakes this one
+                    if not resume:
+                        raise OutputError(f"{hidden} is a checkpoint of an unfinished run of {path.name}, "
+                                          f"but {found.why}; pass --resume to go on from the last valid "
+                                          "stage, or --overwrite to start over")
+                else:
+                    raise OutputError(_in_the_way(hidden, path, stage, found.why))
             if plan.save_stages:
                 visible = checkpoints.stage_path(path, stage.index, stage.width, stage.height)
-                ours = resume and checkpoints.read(visible) is not None  # a checkpoint --resume uses
-                check_target(visible, overwrite=overwrite or ours)
+                check_target(visible, overwrite=True)
+                found = checkpoints.examine(visible)
+                mine = resume and (isinstance(found, checkpoints.Unusable) and found.ours or (
+                    isinstance(found, checkpoints.Found)  # another run's stage file is never replaced
+                    and found.settings == checkpoints.settings(plan, stage.index, found.settings.get("init_image"))))
+                if found is not None and not (overwrite or mine):
+                    what = found.why if isinstance(found, checkpoints.Unusable) else "it was made with other settings"
+                    raise OutputError(_in_the_way(visible, path, stage, what))
     check_free_space(plan, path, fmt)
+
+
+def _in_the_way(where: Path, path: Path, stage, why: str) -> str:
+    """The refusal for a file at the name a stage of `path` is kept under."""
+    return (f"{where} is where stage {stage.index + 1} of {path.name} is kept, and {why}; move it "
+            "away, or pass --overwrite to replace it")
+
+
+def finished(output, plan, *, fmt, opts, world, drawn: bool) -> bool:
+    """generate --resume of an image already made with these settings (and the seed it drew,
+    when none was given): "already done" on stderr, its path (or JSON) on stdout, as batch
+    --resume says of a finished entry."""
+    if output == "-":
+        return False
+    try:
+        path = resolve_output(output, template=DEFAULT_TEMPLATE, fmt=fmt, overwrite=True, create=False,
+                              fields=dict(index=0, seed=plan.seed, prompt=plan.prompt, width=plan.width,
+                                          height=plan.height))
+        record = read_metadata(path).get("record") if path is not None and path.is_file() else None
+    except Exception:  # noqa: BLE001 -- no readable image there: not finished (the checks below say why)
+        return False
+    if drawn and isinstance(record, dict) and isinstance(record.get("seed"), int) \
+            and not isinstance(record["seed"], bool) and 0 <= record["seed"] <= SEED_MAX:
+        plan = plan.with_seed(record["seed"])
+    if not isinstance(record, dict) or not same_settings(record, plan) \
+            or any(isinstance(checkpoints.examine(p), checkpoints.Found) for _, p in checkpoints.paths_of(plan, path)
+                   if p.name.startswith(".")):
+        return False
+    if world.rank == 0:
+        info(f"{path} already done", quiet=opts.quiet)
+        print(json.dumps({"path": str(path), "skipped": True}) if opts.json else str(path), flush=True)
+    return True
 
 
 def not_both_json_and_stdout(output, as_json) -> None:
