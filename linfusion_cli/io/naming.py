@@ -87,6 +87,19 @@ def format_of(path: Path | None, fmt: str | None = None) -> str:
     return "png"
 
 
+def _suffix_agrees(template: str, path: Path, ext: str, fmt: str | None) -> None:
+    """A name's suffix decides the format: {ext} and --format must say the same, never another."""
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in FORMATS or FORMATS[suffix] == ext:
+        return
+    if fmt is not None:
+        raise OutputError(f"--name {template!r} gives {path.name}, whose suffix {path.suffix} is not "
+                          f"the format {ext}; end the name with .{{ext}} or drop --format")
+    if "{ext" in template:
+        raise OutputError(f"--name {template!r} gives {path.name}: {{ext}} is {ext} but the suffix "
+                          f"{path.suffix} decides the format; drop one, or pass --format {FORMATS[suffix]}")
+
+
 def resolve_output(
     output: str | None,
     *,
@@ -112,6 +125,7 @@ def resolve_output(
         # paths are shown as given: -o's folder as written, else the current one (".")
         directory = Path(output) if output is not None else Path()
         path = directory / render_name(template, ext=ext, **fields)
+        _suffix_agrees(template, path, ext, fmt)
     else:
         path = Path(output)
         fmt_name = format_of(path, fmt)
