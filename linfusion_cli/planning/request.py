@@ -383,6 +383,12 @@ def _check_host(plan: GenerationPlan, plans) -> None:
         return  # planned for another machine: its RAM is unknown here (the dry run shows it)
     here = processes_here(plan.world_size)  # each rank on this machine needs as much
     free = hostmem.host_memory().available / 2 ** 30
+    need = max(p.estimated_host_gib for p in plans) * here
+    if need > free:
+        worst = max(range(len(plans)), key=lambda i: plans[i].estimated_host_gib)
+        each = f" ({here} processes here)" if here > 1 else ""
+        raise PlanError(f"stage {worst + 1} needs {need:.1f} GiB of host memory{each} (parked "
+                        f"skips, offloaded weights, images); this machine has {free:.1f} GiB free")
     if not plan.device.startswith("cuda"):
         needs = [(p.estimated_peak_gib + p.estimated_host_gib) * here for p in plans]
         worst = max(range(len(plans)), key=lambda i: needs[i])
@@ -392,12 +398,6 @@ def _check_host(plan: GenerationPlan, plans) -> None:
             raise PlanError(f"on the CPU the device is this machine's RAM: stage {worst + 1} needs "
                             f"~{needs[worst]:.1f} GiB{why}, and {free:.1f} GiB is free; pass a "
                             f"--max-vram of at most {free:.1f} for a tighter plan, or a smaller size")
-    need = max(p.estimated_host_gib for p in plans) * here
-    if need > free:
-        worst = max(range(len(plans)), key=lambda i: plans[i].estimated_host_gib)
-        each = f" ({here} processes here)" if here > 1 else ""
-        raise PlanError(f"stage {worst + 1} needs {need:.1f} GiB of host memory{each} (parked "
-                        f"skips, offloaded weights, images); this machine has {free:.1f} GiB free")
 
 
 def _fixed_knobs(plan: GenerationPlan) -> dict:
