@@ -452,8 +452,9 @@ def _refusal(plan: GenerationPlan, short: list, kind: str, fixed: dict, source: 
     the CPU never a --max-vram beyond the RAM free)."""
     needed, stage = max(short, key=lambda s: s[0])
     if kind == "cpu" and free_host is not None and needed * processes_here(plan.world_size) > free_host:
-        source = (f"this machine has {free_host / GIB:.1f} GiB of RAM free, less than that: no "
-                  "--max-vram makes it fit on the CPU")
+        source = (f"{source.removesuffix('; pass --max-vram to allow more')}; this machine has "
+                  f"{free_host / GIB:.1f} GiB of RAM free, less than that: no --max-vram makes it "
+                  "fit on the CPU")
     forced = f" with {', '.join(f'{k}={v}' for k, v in fixed.items())}" if fixed else ""
     where = "GPU memory" if kind == "cuda" else "host memory (running on the CPU)"
     line = (f"this run needs at least {_gib_up(needed)} GiB of {where} with the tightest plan{forced} "
