@@ -22,7 +22,7 @@ from ..planning.plan import stage_seed
 from ..schema import line_options
 from ..validate import SEED_MAX
 from . import common
-from .console import error, event, info, one_line_of, progress_view
+from .console import error, event, info, one_line_of, progress_view, terminal_safe
 from .options import GenerationOptions, Template, shared_options
 from .. import testhooks
 from ..inputs import expand
@@ -134,7 +134,7 @@ def batch(
             return
         for index, plan, path, _, done, *_ in jobs:
             if not json:
-                print(f"{path}:")
+                print(terminal_safe(f"{path}:"))
             start = common.resume_plan(plan, path)[0] if resume and done is None else None
             common.print_dry_run(plan, as_json=json, extra={"index": index, "path": str(path)}, resume=start)
         return

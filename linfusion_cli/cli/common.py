@@ -13,7 +13,7 @@ import torch
 
 from .. import api, distributed, parallel
 from ..errors import InputError, OutputError, ResumeMismatchError
-from .console import info, one_line_of, progress_view, quiet_libraries
+from .console import info, one_line_of, progress_view, quiet_libraries, terminal_safe
 from ..adapters import describe
 from ..inputs import expand
 from ..io import checkpoints, locks, previews
@@ -66,22 +66,27 @@ def _vae_modes(m) -> str:
     return f" ({', '.join(parts)}; host {m.vae_host_gib:.1f} GiB)" if parts else ""
 
 
+def _safe_print(text: str = "") -> None:
+    print(terminal_safe(text))
+
+
 def print_dry_run(plan, *, as_json: bool, extra: dict | None = None, resume: dict | None = None) -> None:
     """The plan on stdout: one JSON object (with `extra` first: a batch line's index and path),
     or a readable table; `resume`: where --resume starts."""
     if as_json:
         print(json.dumps({**(extra or {}), **plan.to_dict(), **({"resume": resume} if resume is not None else {})}))
         return
-    print(planned_for(plan))
+    # the table echoes names and paths a user chose: no control characters reach the terminal
+    _safe_print(planned_for(plan))
     if parallel_line(plan):
-        print(parallel_line(plan))
-    print(f"model {plan.model} ({plan.family}: {plan.family_from}), "
-          f"preset {plan.preset}, LinFusion {plan.linfusion or 'off'}, seed {plan.seed}")
+        _safe_print(parallel_line(plan))
+    _safe_print(f"model {plan.model} ({plan.family}: {plan.family_from}), "
+                f"preset {plan.preset}, LinFusion {plan.linfusion or 'off'}, seed {plan.seed}")
 
     for line in describe(plan.adapters):
-        print(f"  {line}")
+        _safe_print(f"  {line}")
     if plan.method_from:
-        print(f"  method: {plan.method_from}")
+        _safe_print(f"  method: {plan.method_from}")
     for s in plan.stages:
         kind = "text-to-image" if s.strength is None else f"img2img @{s.strength}"
         if s.method == "sdedit":
@@ -90,14 +95,14 @@ def print_dry_run(plan, *, as_json: bool, extra: dict | None = None, resume: dic
             d = s.demofusion
             kind += (f" demofusion (dilation x{d.dilation}, cosine {d.cosine_scale_1:g}/"
                      f"{d.cosine_scale_2:g}/{d.cosine_scale_3:g}, sigma {d.gaussian_sigma:g})")
-        print(f"  stage {s.index + 1}: {s.width}x{s.height} {kind}, {s.denoise_steps} steps, "
-              f"seed {s.seed}, {memory_line(s)}")
+        _safe_print(f"  stage {s.index + 1}: {s.width}x{s.height} {kind}, {s.denoise_steps} steps, "
+                    f"seed {s.seed}, {memory_line(s)}")
     if plan.preview is not None:
-        print(preview_line(plan))
+        _safe_print(preview_line(plan))
     if resume is not None:
         for note in resume.get("notes", ()):
-            print(f"resume: {note}")
-        print(f"resume: {resume_text(resume)}")
+            _safe_print(f"resume: {note}")
+        _safe_print(f"resume: {resume_text(resume)}")
 
 
 def preview_line(plan) -> str:

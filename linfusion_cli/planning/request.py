@@ -134,6 +134,11 @@ def make_plan(req: Request, model_info=None) -> GenerationPlan:
         dtype=dtype, vae_dtype=vae_dtype, device=device, planned_elsewhere=elsewhere,
         model_info=info, preset=preset.name, family_from=info.family_from,
         gpu=gpu.name if gpu is not None else None)
+    tiles = ((vae_tile, "--vae-tile" if req.vae_tile is not None else f"preset {preset.name}'s vae_tile"),
+             (plan.memory_fixed.get("vae_tile_px"), f"preset {preset.name}'s memory.vae_tile_px"))
+    for tile, name in tiles:  # millions of tiles at 16K would run for days
+        if tile:
+            validate.vae_tile_count(tile, plan.width, plan.height, name)
     plan = _with_adapters(plan, req, preset)
     plan = replace(plan, preview=plan_preview(req, family=info.family, model=info.model,
                                               latent_channels=info.vae_config.get("latent_channels", 4)))

@@ -3,6 +3,7 @@ are refused (one line naming them), for stage checkpoints and batch manifests; o
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -143,3 +144,19 @@ def test_two_resumes_of_one_output_the_second_fails_before_loading(cli, cli_env,
     resumed = cli(*args, "--resume")
     assert resumed.code == 0, resumed.err
     assert read_metadata(tmp_path / "out" / "x.png")["record"]["resumed"] == {"after_stage": 1}
+
+
+def test_resume_of_a_finished_output_says_already_done(cli, tmp_path):
+    """As batch --resume does: stderr says so, stdout has the path (or JSON), exit 0; a drawn seed
+    is the one the image recorded; other settings are still refused."""
+    preset = str(write_preset(tmp_path / "tiny.yaml"))
+    args = ["generate", PROMPT, "--preset", preset, "--res", "128", "-o", "out/y.png"]
+    assert cli(*args).code == 0  # a drawn seed
+    before = (tmp_path / "out" / "y.png").stat().st_mtime_ns
+    done = cli(*args, "--resume")
+    assert done.code == 0 and done.out_lines == ["out/y.png"] and "out/y.png already done" in done.err, done.err
+    as_json = cli(*args, "--resume", "--json")
+    assert json.loads(as_json.out) == {"path": "out/y.png", "skipped": True}
+    assert (tmp_path / "out" / "y.png").stat().st_mtime_ns == before, "nothing was made again"
+    other = cli(*args, "--resume", "--steps", "3")
+    assert other.code == 2 and "already done" not in other.err and "exists" in other.err, other.err
