@@ -108,12 +108,14 @@ def stage_image_path(final: Path | None, index: int, width: int, height: int) ->
     return stage_path(final, index, width, height)
 
 
-def resume_start(plan: GenerationPlan, path: Path, init_image=None, notes: list | None = None):
+def resume_start(plan: GenerationPlan, path: Path, init_image=None, notes: list | None = None,
+                 load: bool = True):
     """Where generate_file(resume=True) would start: an io.checkpoints.Start after the last
     finished stage whose settings match and whose file is intact (pixels read and checked), or
     None (from the beginning); ResumeMismatchError when this output's checkpoints were all made
-    with other settings. `notes` gets a line per checkpoint passed over."""
-    return checkpoints.find_start(plan, path, _digest(init_image), notes=notes)
+    with other settings. `notes` gets a line per checkpoint passed over; load=False reads the
+    records only (a cheap check of whose checkpoints these are)."""
+    return checkpoints.find_start(plan, path, _digest(init_image), notes=notes, load=load)
 
 
 def _digest(init_image) -> str | None:

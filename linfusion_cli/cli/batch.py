@@ -186,7 +186,7 @@ def _checked_jobs(entries, base, base_seed, manifest, folder, *, name, format, o
             path, fmt = common.resolve_target(target, plan=plan, fmt=format, template=name or BATCH_TEMPLATE,
                                               overwrite=overwrite or resume, index=index, create=False)
             if resume:  # checkpoints made with other settings: refused now, not halfway through
-                api.resume_start(plan, path)
+                api.resume_start(plan, path, load=False)
         except LinfusionError as exc:
             raise type(exc)(f"{entry.source}:{entry.line}: {exc}") from None
         written = [(path, "output")] + [  # stage files, and the hidden checkpoints a run leaves

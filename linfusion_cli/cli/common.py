@@ -16,7 +16,7 @@ from ..errors import InputError, OutputError, ResumeMismatchError
 from .console import info, one_line_of, progress_view, quiet_libraries, terminal_safe
 from ..adapters import describe
 from ..inputs import expand
-from ..io import checkpoints, locks, previews
+from ..io import checkpoints, locks, previews, weights_id
 from ..io.manifest import same_settings
 from ..io.metadata import read_metadata
 from ..validate import SEED_MAX
@@ -318,7 +318,7 @@ def recorded_seed(plan, output, *, fmt, template=None, index=0, init_image=None)
             template or DEFAULT_TEMPLATE, index=index, seed=seed, prompt=plan.prompt, width=plan.width,
             height=plan.height, ext=format_of(None, fmt))
         try:
-            if checkpoints.find_start(candidate, path, digest) is not None:
+            if checkpoints.find_start(candidate, path, digest, load=False) is not None:
                 return candidate
         except ResumeMismatchError:
             continue
@@ -399,7 +399,8 @@ def check_outputs(plan, path, fmt, *, overwrite, resume: bool = False) -> None:
                 found = checkpoints.examine(visible)
                 mine = resume and (isinstance(found, checkpoints.Unusable) and found.ours or (
                     isinstance(found, checkpoints.Found)  # another run's stage file is never replaced
-                    and found.settings == checkpoints.settings(plan, stage.index, found.settings.get("init_image"))))
+                    and weights_id.same(checkpoints.settings(plan, stage.index, found.settings.get("init_image")),
+                                        found.settings)))
                 if found is not None and not (overwrite or mine):
                     what = found.why if isinstance(found, checkpoints.Unusable) else "it was made with other settings"
                     raise OutputError(_in_the_way(visible, path, stage, what))

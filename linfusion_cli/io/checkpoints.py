@@ -26,7 +26,7 @@ from ..errors import InputError, ResumeMismatchError
 from .. import interrupts
 from . import checkpoint_records, images
 from .metadata import read_metadata
-from .weights_id import changed, identity
+from .weights_id import changed, identity, same
 
 _NAME = re.compile(r"^(?P<hidden>\.?)(?P<stem>.+)\.stage(?P<k>\d+)-(?P<w>\d+)x(?P<h>\d+)\.png$")
 
@@ -118,7 +118,8 @@ def settings(plan, index: int, init_digest: str | None = None) -> dict:
 def differences(want: dict, got: dict) -> list[str]:
     """The names of the settings that differ (stage settings as 'stage N strength')."""
     names = [key for key in want if key not in ("stages", "weights") and want.get(key) != got.get(key)]
-    names += changed(want.get("weights") or {}, got.get("weights"))
+    if "weights" in got:  # files written before weights were recorded: see weights_id.same
+        names += changed(want.get("weights") or {}, got.get("weights"))
     theirs = got.get("stages") if isinstance(got.get("stages"), list) else []
     for n, stage in enumerate(want["stages"]):
         other = theirs[n] if n < len(theirs) and isinstance(theirs[n], dict) else {}
@@ -258,7 +259,7 @@ def find_start(plan, final: Path, init_digest: str | None = None, *, load: bool 
     notes += [f"{u.path}: {u.why}; not used" for u in damaged(plan, final)]
     matching = [f for f in existing(plan, final)
                 if f.stage < len(plan.stages) - 1 and f.path.name in _names(plan, final, f.stage)
-                and f.settings == settings(plan, f.stage, init_digest)]
+                and same(settings(plan, f.stage, init_digest), f.settings)]
     for f in matching:
         if not load:
             return Start(f)
@@ -304,7 +305,7 @@ def recorded_seeds(plan, folder: Path, init_digest: str | None = None) -> list[i
         if not _NAME.match(name) or (f := read(folder / name)) is None or f.stage >= len(plan.stages):
             continue
         seed = f.settings.get("seed")
-        if isinstance(seed, int) and f.settings == settings(plan.with_seed(seed), f.stage, init_digest):
+        if isinstance(seed, int) and same(settings(plan.with_seed(seed), f.stage, init_digest), f.settings):
             seeds.append((f.stage, seed))
     return [seed for _, seed in sorted(set(seeds), key=lambda t: -t[0])]
 
@@ -327,7 +328,7 @@ def finish(plan, final: Path, keep: bool, init_digest: str | None = None) -> Non
         old = legacy_paths(final, stage.index, stage.width, stage.height)[0]
         with interrupts.critical():
             found = read(old)
-            if found is not None and found.settings == settings(plan, stage.index, init_digest):
+            if found is not None and same(settings(plan, stage.index, init_digest), found.settings):
                 with contextlib.suppress(OSError):
                     os.unlink(old)
             if not os.path.lexists(hidden):

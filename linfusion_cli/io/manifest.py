@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from ..errors import OutputError
 from ..inputs import kind_of
-from .weights_id import identity
+from .weights_id import identity, same
 
 MANIFEST_NAME = "linfusion-manifest.jsonl"
 DATA_SPAN = 1 << 40  # the append lock covers bytes [0, DATA_SPAN); claims live above it
@@ -60,14 +60,16 @@ def same_settings(record: dict, plan) -> bool:
     want = fingerprint(plan)
     del want["dtype"]  # the record holds the resolved dtype, the plan may say "auto"
     try:
-        got = {key: record[key] for key in want if key not in ("stages", "adapters")}
+        got = {key: record[key] for key in want if key not in ("stages", "adapters", "weights")}
+        if "weights" in record:
+            got["weights"] = record["weights"]
         got["adapters"] = record.get("adapters") or {}
         got["stages"] = [_stage_key(s["width"], s["height"], s["strength"], s["steps"], s["guidance"],
                                     s["scheduler"], s["seed"] - record["seed"], s.get("method"),
                                     s.get("demofusion")) for s in record["stages"]]
     except (KeyError, TypeError):
         return False
-    return got == want and record.get("seed") == plan.seed
+    return same(want, got) and record.get("seed") == plan.seed
 
 
 def file_digest(path: Path) -> tuple[int, str]:
@@ -96,7 +98,7 @@ class Record:
     def matches(self, plan, rel_path: str, *, any_seed: bool = False) -> bool:
         """Made with these settings, this seed (any seed: the entry's was drawn), at this path."""
         return self.path == rel_path and (any_seed or self.seed == plan.seed) \
-            and self.params == fingerprint(plan)
+            and same(fingerprint(plan), self.params)
 
     def intact(self, folder: Path) -> bool:
         """The file is still the one that was recorded (not truncated, replaced or gone)."""
@@ -190,7 +192,7 @@ class Manifest:
     def seed_for(self, index: int, plan) -> int | None:
         """The seed an earlier run drew for this entry, if it was made with the same settings."""
         record = self.records.get(index)
-        if record is not None and record.params == fingerprint(plan):
+        if record is not None and same(fingerprint(plan), record.params):
             return record.seed
         return None
 

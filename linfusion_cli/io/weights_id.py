@@ -90,3 +90,14 @@ def changed(want: dict, got) -> list[str]:
     got = got if isinstance(got, dict) else {}
     return [f"the {ROLES.get(role, role)} weights (changed on disk since)" for role in sorted(set(want) | set(got))
             if want.get(role) != got.get(role)]
+
+
+def same(want: dict, recorded) -> bool:
+    """`recorded` (a checkpoint's settings, a manifest line's params, an image's record) shows
+    what `want` defines. Files written before weights were recorded carry no `weights`: they are
+    trusted as they were then (by path), so a run interrupted before an upgrade still resumes."""
+    if not isinstance(recorded, dict):
+        return False
+    if "weights" not in recorded:
+        want = {k: v for k, v in want.items() if k != "weights"}
+    return want == recorded

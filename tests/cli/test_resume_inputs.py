@@ -12,7 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from linfusion_cli.io import weights_id
 from linfusion_cli.io.locks import lock_path
@@ -160,3 +162,17 @@ def test_resume_of_a_finished_output_says_already_done(cli, tmp_path):
     assert (tmp_path / "out" / "y.png").stat().st_mtime_ns == before, "nothing was made again"
     other = cli(*args, "--resume", "--steps", "3")
     assert other.code == 2 and "already done" not in other.err and "exists" in other.err, other.err
+
+
+def test_checkpoints_from_before_weights_were_recorded_still_resume(cli, tmp_path, args, monkeypatch):
+    from linfusion_cli.io import images
+
+    interrupt_in_process(monkeypatch, 1)
+    assert cli(*args).code == 130
+    ckpt = tmp_path / "out" / ".x.png.stage1-64x64.png"
+    record = read_metadata(ckpt)["record"]
+    del record["checkpoint"]["settings"]["weights"]  # as an earlier version wrote it
+    images.save_image(np.asarray(Image.open(ckpt).convert("RGB")), ckpt, record=record, fmt="png", overwrite=True)
+    resumed = cli(*args, "--resume")
+    assert resumed.code == 0, resumed.err
+    assert read_metadata(tmp_path / "out" / "x.png")["record"]["resumed"] == {"after_stage": 1}
