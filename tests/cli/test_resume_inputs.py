@@ -176,3 +176,23 @@ def test_checkpoints_from_before_weights_were_recorded_still_resume(cli, tmp_pat
     resumed = cli(*args, "--resume")
     assert resumed.code == 0, resumed.err
     assert read_metadata(tmp_path / "out" / "x.png")["record"]["resumed"] == {"after_stage": 1}
+
+
+def test_a_replaced_controlnet_refuses_the_resume(cli, tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    from linfusion_cli.models.tiny import DEMO_UNET_CONFIGS, save_tiny_controlnet
+
+    cn = save_tiny_controlnet(tmp_path / "canny", UNet2DConditionModel(**DEMO_UNET_CONFIGS["sd15"]))
+    control = tmp_path / "edges.png"
+    Image.new("RGB", (40, 40), (255, 255, 255)).save(control)
+    preset = str(write_preset(tmp_path / "tiny.yaml"))
+    args = ["generate", PROMPT, "--preset", preset, "--res", "256", "--seed", "2", "--controlnet", str(cn),
+            "--control-image", str(control), "-o", "out/c.png"]
+    interrupt_in_process(monkeypatch, 1)
+    assert cli(*args).code == 130
+    weights = next(p for p in Path(cn).rglob("*.safetensors"))
+    touch(weights)
+    r = cli(*args, "--resume")
+    assert r.code == 2 and len(r.err_lines) == 1, r.err
+    assert "the ControlNet weights" in r.err and "the model weights" not in r.err
