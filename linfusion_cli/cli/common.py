@@ -220,22 +220,27 @@ def plan_and_run(req, opts, *, output, init_image=None) -> None:
                                resume=opts.resume, create=False)
     check_preview(plan, path, overwrite=opts.overwrite)
     resume, start = resume_plan(plan, path, init_image) if opts.resume else (None, None)
-    world.agree(keep=True)  # every rank planned alike: all go, or all stop with one line
-    if opts.dry_run:
-        if world.rank == 0:
-            print_dry_run(plan, as_json=opts.json,
-                          extra={"path": str(path) if path is not None else "-"}, resume=resume)
-        return
     lead = world.rank == 0  # the one rank that writes files and prints
-    # one run per output: the lock is taken before the model loads where the folder exists
-    early = lead and path is not None and path.parent.is_dir()
-    with locks.output_lock(path if early else None), band_group(world, plan.device):
-        loaded = rank0_first(lambda: load(plan, verbose=opts.verbose, quiet=opts.quiet or not lead,
-                                          allow_pickle=opts.allow_pickle, config=opts.config,
-                                          progress=opts.progress))
-        if path is not None and lead:  # made only now: a model that fails to load leaves no folder
-            check_directory(path.parent, create=True)
-        with locks.output_lock(path if lead and not early else None):
+    # one run per output: where the folder exists the lock is taken now, before the ranks agree
+    # (a held lock stops every rank with one line) and before the model loads
+    early = lead and not opts.dry_run and path is not None and path.parent.is_dir()
+    with contextlib.ExitStack() as held:
+        if early:
+            held.enter_context(locks.output_lock(path))
+        world.agree(keep=True)  # every rank planned alike: all go, or all stop with one line
+        if opts.dry_run:
+            if lead:
+                print_dry_run(plan, as_json=opts.json,
+                              extra={"path": str(path) if path is not None else "-"}, resume=resume)
+            return
+        with band_group(world, plan.device):
+            loaded = rank0_first(lambda: load(plan, verbose=opts.verbose, quiet=opts.quiet or not lead,
+                                              allow_pickle=opts.allow_pickle, config=opts.config,
+                                              progress=opts.progress))
+            if path is not None and lead:  # made only now: a model that fails to load leaves no folder
+                check_directory(path.parent, create=True)
+                if not early:
+                    held.enter_context(locks.output_lock(path))
             if resume is not None:
                 for note in resume.get("notes", ()):
                     info(f"resume: {note}", quiet=opts.quiet or not lead)

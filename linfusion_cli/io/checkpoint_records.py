@@ -41,8 +41,8 @@ def check(record) -> str | None:
     if not isinstance(mark.get("pixels_sha256"), str) or not _SHA256.match(mark["pixels_sha256"]):
         return "checkpoint.pixels_sha256 is not a SHA-256"
     float32 = mark.get("float32", [])
-    if not isinstance(float32, list) or not all(isinstance(p, str) for p in float32):
-        return "checkpoint.float32 is not a list of names"
+    if not isinstance(float32, list) or not all(p in ("unet", "vae") for p in float32):
+        return "checkpoint.float32 is not a list of the parts unet, vae"
     stages = record.get("stages")
     if not isinstance(stages, list) or len(stages) < stage:
         return f"its record does not hold {stage} stage record(s)"

@@ -13,9 +13,11 @@ import contextlib
 import errno
 import os
 import socket
+import stat
 from pathlib import Path
 
 from ..errors import OutputError
+from ..inputs import kind_of
 
 
 def lock_path(final: Path) -> Path:
@@ -23,12 +25,21 @@ def lock_path(final: Path) -> Path:
 
 
 def _holder(path: Path) -> tuple[int, str] | None:
-    """(pid, host) written in a lock file; None when unreadable or not ours in form."""
+    """(pid, host) written in a lock file; None when unreadable or not a lock (a link, a FIFO:
+    never followed or waited on)."""
     try:
-        pid, host = path.read_text(encoding="utf-8").split(maxsplit=1)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        pid, host = os.read(fd, 512).decode("utf-8").split(maxsplit=1)
         return int(pid), host.strip()
     except (OSError, ValueError, UnicodeDecodeError):
         return None
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:
@@ -60,8 +71,12 @@ def output_lock(final: Path | None):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)  # stale: its run died without removing it
                 continue
+            if os.path.islink(path) or kind_of(path) not in (None, "missing"):
+                what = "a symbolic link" if os.path.islink(path) else kind_of(path)
+                raise OutputError(f"{path}, where {final.name}'s run lock goes, is {what}, not a "
+                                  "lock; remove it") from None
             who = (f"process {holder[0]} on {holder[1]}" if holder is not None
-                   else "another run (unreadable lock)")
+                   else "another run (its lock file is unreadable)")
             raise OutputError(f"{final} is being made by {who} (lock {path}); wait for it, or "
                               "remove the lock if that run is gone") from None
         except OSError as exc:

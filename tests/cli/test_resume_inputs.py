@@ -121,6 +121,12 @@ def test_a_held_lock_refuses_at_once_and_a_stale_one_is_taken_over(cli, tmp_path
     taken = cli(*args)
     assert taken.code == 0, taken.err
     assert not lock.exists(), "the lock goes with the run"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    lock.symlink_to(victim)  # never followed, read or removed
+    linked = cli(*args, "--overwrite")
+    assert linked.code == 2 and "is a symbolic link, not a lock" in linked.err, linked.err
+    assert victim.read_text() == "precious" and lock.is_symlink()
 
 
 def test_two_resumes_of_one_output_the_second_fails_before_loading(cli, cli_env, tmp_path, args):

@@ -121,6 +121,7 @@ GOOD_STAGE = {"width": 64, "height": 64, "denoise_steps": 2, "seconds": 0.5, "st
     (lambda r: r["checkpoint"].pop("settings"), "checkpoint.settings"),
     (lambda r: r["checkpoint"].update(pixels_sha256=7), "checkpoint.pixels_sha256"),
     (lambda r: r["checkpoint"].update(float32=[1]), "checkpoint.float32"),
+    (lambda r: r["checkpoint"].update(float32=["text"]), "checkpoint.float32"),
     (lambda r: r.update(stages=[]), "does not hold 1 stage"),
     (lambda r: r["stages"][0].pop("peak_gib"), "stages[1].peak_gib"),
     (lambda r: r["stages"][0].update(width=True), "stages[1].width"),
