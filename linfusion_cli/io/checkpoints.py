@@ -1,12 +1,14 @@
 """Stage checkpoints: every finished stage's image beside the output, so a killed run can resume.
 
-Stage k of `out/x.png` is kept as `out/.x.stageK-WxH.png` (hidden), or as the `--save-stages`
-file `out/x.stageK-WxH.png` when stages are kept: one file serves both. It is a PNG (exact
-uint8 pixels: what the next stage starts from) whose run record carries a `checkpoint` entry:
-the stage, a SHA-256 of its pixels and `settings`, everything that decides the image up to that
-stage. Memory knobs, device and budget are left out: the same flags on the same machine plan
-the same knobs, and other knobs (another GPU or budget) change the pixels by float rounding, not
-what they show; such a resumed run goes on from the stage image as it is.
+Stage k of `out/x.png` is kept as `out/.x.png.stageK-WxH.png` (hidden), or as the
+`--save-stages` file `out/x.png.stageK-WxH.png` when stages are kept: one file serves both
+(checkpoint_names.py). It is a PNG (exact uint8 pixels: what the next stage starts from) whose
+run record carries a `checkpoint` entry: the stage, a SHA-256 of its pixels and `settings`,
+everything that decides the image up to that stage, the weights included (weights_id.py); the
+record is checked when read (checkpoint_records.py). Memory knobs, device and budget are left
+out: the same flags on the same machine plan the same knobs, and other knobs (another GPU or
+budget) change the pixels by float rounding, not what they show; such a resumed run goes on
+from the stage image as it is.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,52 +26,11 @@ import numpy as np
 from ..errors import InputError, ResumeMismatchError
 from .. import interrupts
 from . import checkpoint_records, images
+from .checkpoint_names import (NAME as _NAME, candidates as _candidates, checkpoint_path,  # noqa: F401
+                               hidden_path, legacy_paths, paths_of, stage_path)
 from .metadata import read_metadata
 from .weights_id import changed, identity, same
 
-_NAME = re.compile(r"^(?P<hidden>\.?)(?P<stem>.+)\.stage(?P<k>\d+)-(?P<w>\d+)x(?P<h>\d+)\.png$")
-
-
-# ---------------------------------------------------------------- names
-
-
-def stage_path(final: Path | None, index: int, width: int, height: int) -> Path:
-    """Where --save-stages keeps stage `index`: beside the final file, named after all of its
-    name (x.png and x.jpg never share a checkpoint)."""
-    base = final if final is not None else Path.cwd() / "stdout"
-    return base.with_name(f"{base.name}.stage{index + 1}-{width}x{height}.png")
-
-
-def hidden_path(final: Path, index: int, width: int, height: int) -> Path:
-    """The hidden twin of the --save-stages file: the checkpoint when stages are not kept."""
-    visible = stage_path(final, index, width, height)
-    return visible.with_name("." + visible.name)
-
-
-def legacy_paths(final: Path, index: int, width: int, height: int) -> list[Path]:
-    """The names of earlier versions (the output's stem, not its name: `.x.stage1-64x64.png`):
-    read by --resume when their settings match, removed once the image is made; never written."""
-    name = f"{final.stem}.stage{index + 1}-{width}x{height}.png"
-    return [final.with_name("." + name), final.with_name(name)]
-
-
-def checkpoint_path(final: Path, stage, keep: bool) -> Path:
-    """Where a run writes stage `stage`'s checkpoint: the stage file when kept, else hidden."""
-    where = stage_path if keep else hidden_path
-    return where(final, stage.index, stage.width, stage.height)
-
-
-def paths_of(plan, final: Path) -> list[tuple[object, Path]]:
-    """(stage, path) for both names of every stage but the last (the last is the output)."""
-    return [(s, where(final, s.index, s.width, s.height)) for s in plan.stages[:-1]
-            for where in (hidden_path, stage_path)]
-
-
-def _candidates(plan, final: Path) -> list[tuple[object, Path, bool]]:
-    """(stage, path, legacy) for every name --resume reads."""
-    current = [(s, p, False) for s, p in paths_of(plan, final)]
-    return current + [(s, p, True) for s in plan.stages[:-1]
-                      for p in legacy_paths(final, s.index, s.width, s.height)]
 
 
 # ---------------------------------------------------------------- settings
