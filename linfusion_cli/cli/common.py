@@ -402,11 +402,14 @@ def check_outputs(plan, path, fmt, *, overwrite, resume: bool = False) -> None:
                 visible = checkpoints.stage_path(path, stage.index, stage.width, stage.height)
                 check_target(visible, overwrite=True)
                 found = checkpoints.examine(visible)
-                mine = resume and (isinstance(found, checkpoints.Unusable) and found.ours or (
+                ours = isinstance(found, checkpoints.Unusable) and found.ours or (
                     isinstance(found, checkpoints.Found)  # another run's stage file is never replaced
                     and weights_id.same(checkpoints.settings(plan, stage.index, found.settings.get("init_image")),
-                                        found.settings)))
-                if found is not None and not (overwrite or mine):
+                                        found.settings))
+                if found is not None and not overwrite and not (resume and ours):
+                    if ours:
+                        raise OutputError(f"{visible} is a stage file of an unfinished run of {path.name}; "
+                                          "pass --resume to continue it, or --overwrite to start over")
                     what = found.why if isinstance(found, checkpoints.Unusable) else "it was made with other settings"
                     raise OutputError(_in_the_way(visible, path, stage, what))
     check_free_space(plan, path, fmt)
