@@ -400,8 +400,9 @@ def _check_host(plan: GenerationPlan, plans) -> None:
         if needs[worst] > free:
             asked = plan.budget is not None and plan.budget.asked and plan.budget.gib > free
             why = f" ({plan.budget.source} {plan.budget.gib:g} is more than the RAM)" if asked else ""
+            each = f" ({here} processes here)" if here > 1 else ""
             raise PlanError(f"on the CPU the device is this machine's RAM: stage {worst + 1} needs "
-                            f"~{needs[worst]:.1f} GiB{why}, and {free:.1f} GiB is free; pass a "
+                            f"~{needs[worst]:.1f} GiB{each}{why}, and {free:.1f} GiB is free; pass a "
                             f"--max-vram of at most {free:.1f} for a tighter plan, or a smaller size")
 
 
