@@ -17,6 +17,7 @@ FIELDS = ("index", "seed", "slug", "width", "height", "ext")
 FIELDS_HELP = ", ".join("{" + f + "}" for f in FIELDS)
 FORMATS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "tiff": "tiff", "tif": "tiff"}
 SLUG_MAX = 48
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0 (newline and tab too), DEL, C1
 
 
 def slugify(prompt: str, limit: int = SLUG_MAX) -> str:
@@ -133,6 +134,8 @@ def resolve_output(
         if fmt is not None and suffix in FORMATS and FORMATS[suffix] != fmt_name:
             raise OutputError(f"{path} has suffix {path.suffix} but the format is {fmt_name}")
         directory = path.parent
+    if _CONTROLS.search(str(path)):  # it would be echoed on the terminal and on stdout
+        raise OutputError(f"output path {ascii(str(path))} has control characters; pick another name")
     check_directory(directory, create=create)
     check_target(path, overwrite=overwrite)
     return path

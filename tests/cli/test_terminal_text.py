@@ -73,3 +73,13 @@ def test_contradictory_vae_tile_keys_are_refused_at_load(cli, tmp_path, memory, 
     else:
         assert r.code == 2 and len(r.err_lines) == 1 and "both.yaml" in r.err, r.err
         assert "keep one" in r.err or "at least 64" in r.err or "from 64" in r.err
+
+
+def test_output_names_with_control_characters_are_refused(cli, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a", "output": "\\u001b[2Jx.png"}\n')
+    preset = str(write_preset(tmp_path / "tiny.yaml"))
+    for args in (["batch", str(prompts)], ["generate", "a boat", "-o", "\x1b]0;t\x07.png"]):
+        r = cli(*args, "--preset", preset, "--res", "64", "--dry-run")
+        assert r.code == 2 and len(r.err_lines) == 1 and "control characters" in r.err, r.err
+        assert not CONTROL.search(r.err.rstrip("\n"))
