@@ -29,7 +29,7 @@ from . import checkpoint_records, images
 from .checkpoint_names import (NAME as _NAME, candidates as _candidates, checkpoint_path,  # noqa: F401
                                hidden_path, legacy_paths, paths_of, stage_path)
 from .metadata import read_metadata
-from .weights_id import changed, identity, same
+from .weights_id import changed, defining, same
 
 
 
@@ -68,10 +68,8 @@ def settings(plan, index: int, init_digest: str | None = None) -> dict:
                "guidance": s.guidance, "scheduler": s.scheduler, "seed": s.seed,
                "method": s.method, "demofusion": asdict(s.demofusion) if s.demofusion else None}
               for s in plan.stages[:index + 1]]
-    made = {"prompt": plan.prompt, "negative": plan.negative, "model": plan.model,
-            "family": plan.family, "linfusion": plan.linfusion, "dtype": plan.dtype,
-            "vae_dtype": plan.vae_dtype, "seed": plan.seed, "init_image": init_digest,
-            "adapters": _adapters(plan.adapters), "weights": identity(plan), "stages": stages}
+    made = defining(plan) | {"vae_dtype": plan.vae_dtype, "seed": plan.seed, "init_image": init_digest,
+                             "adapters": _adapters(plan.adapters), "stages": stages}
     return json.loads(json.dumps(made))  # as it reads back from a file: lists, not tuples
 
 

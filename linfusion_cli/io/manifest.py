@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from ..errors import OutputError
 from ..inputs import kind_of
-from .weights_id import identity, same
+from .weights_id import defining, same
 
 MANIFEST_NAME = "linfusion-manifest.jsonl"
 DATA_SPAN = 1 << 40  # the append lock covers bytes [0, DATA_SPAN); claims live above it
@@ -44,10 +44,8 @@ def _stage_key(width, height, strength, steps, guidance, scheduler, seed_offset,
 
 def fingerprint(plan) -> dict[str, Any]:
     """What defines an image besides its seed: memory knobs, device and budget are left out."""
-    return {
-        "prompt": plan.prompt, "negative": plan.negative, "model": plan.model, "family": plan.family,
-        "linfusion": plan.linfusion, "dtype": plan.dtype, "init_image": plan.init_image,
-        "adapters": plan.adapters.to_dict(), "weights": identity(plan),
+    return defining(plan) | {
+        "init_image": plan.init_image, "adapters": plan.adapters.to_dict(),
         "stages": [_stage_key(s.width, s.height, s.strength, s.steps, s.guidance, s.scheduler,
                               s.seed - plan.seed, s.method,
                               asdict(s.demofusion) if s.demofusion is not None else None)
