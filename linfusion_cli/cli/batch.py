@@ -282,6 +282,10 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
                     progress=progress))
             if progress != "json":
                 info(f"{who}[{k}/{len(jobs)}] {plan.prompt[:60]}", quiet=quiet)
+            notes: list[str] = []  # checkpoints passed over: said, and the start used is this one
+            start = api.resume_start(plan, path, notes=notes) if resume else None
+            for note in notes if progress != "json" else ():
+                info(f"{who}[{k}/{len(jobs)}] resume: {note}", quiet=quiet)
             view = progress_view(progress, quiet=quiet, verbose=verbose)
             if progress != "json":
                 view.live = view.live and not world.distributed  # ranks sharing a terminal: no live bars
@@ -289,7 +293,7 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
                 view.run_started(plan, path, index)
                 try:
                     result = api.generate_file(plan, loaded, path=path, fmt=fmt, overwrite=overwrite,
-                                               on_event=view, resume=resume, write=lead)
+                                               on_event=view, resume=resume, write=lead, start=start)
                 except Exception as exc:  # noqa: BLE001 - reported below
                     view.run_finished(index=index, error=one_line_of(exc))
                     raise

@@ -132,3 +132,19 @@ def test_record_check_names_the_first_bad_field(change, why):
     assert checkpoint_records.check(copy.deepcopy(record)) is None
     change(record)
     assert why in checkpoint_records.check(record)
+
+
+def test_batch_resume_says_which_checkpoint_it_passes_over(cli, tmp_path, monkeypatch):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red boat\n")
+    args = ["batch", str(prompts), "--preset", str(write_preset(tmp_path / "tiny.yaml")), "--res", "256",
+            "--seed", "8", "-o", "out/"]
+    interrupt_in_process(monkeypatch, 2)
+    assert cli(*args).code == 130
+    stage2 = next((tmp_path / "out").glob(".*.stage2-128x128.png"))
+    rewrite(stage2, record=damaged_record(stage2))
+    resumed = cli(*args, "--resume")
+    assert resumed.code == 0, resumed.err
+    assert f"resume: out/{stage2.name}: its checkpoint record is damaged" in resumed.err
+    final = next(p for p in (tmp_path / "out").glob("*.png") if ".stage" not in p.name)
+    assert read_metadata(final)["record"]["resumed"] == {"after_stage": 1}
