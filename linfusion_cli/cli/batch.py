@@ -27,7 +27,7 @@ from .options import GenerationOptions, Template, shared_options
 from .. import testhooks
 from ..inputs import expand
 from ..io.checkpoints import any_in
-from ..io import checkpoints, previews
+from ..io import checkpoints, previews, weights_id
 from ..io.targets import check_free_space, run_bound, make_directory, remove_if_empty
 
 BATCH_TEMPLATE = "{index:04d}-{slug}.{ext}"  # no seed: --resume finds the same names again
@@ -76,6 +76,16 @@ def _made_elsewhere(manifest, index, plan, path, *, drawn: bool) -> str | None:
         return "was made by another process meanwhile"
     testhooks.claimed(index)
     return None
+
+
+def _what_differs(path: Path, plan) -> str:
+    """'weights (the model weights ...)' when the image's record names other weights, else 'parameters'."""
+    try:
+        recorded = (read_metadata(path).get("record") or {}).get("weights")
+    except Exception:  # noqa: BLE001 -- unreadable: its parameters are unknown
+        return "parameters"
+    names = weights_id.changed(weights_id.identity(plan), recorded) if isinstance(recorded, dict) else []
+    return f"weights ({', '.join(names)})" if names else "parameters"
 
 
 def _matches(path: Path, plan) -> bool:
@@ -209,8 +219,8 @@ def _checked_jobs(entries, base, base_seed, manifest, folder, *, name, format, o
         record = manifest.records.get(index)
         done = record if record is not None and record.matches(plan, manifest.relative(path)) else None
         if path.exists() and not overwrite and done is None and not (resume and _matches(path, plan)):
-            raise OutputError(f"{entry.source}:{entry.line}: {path} exists with other parameters; "
-                              "pass --overwrite")
+            raise OutputError(f"{entry.source}:{entry.line}: {path} exists with other "
+                              f"{_what_differs(path, plan) if resume else 'parameters'}; pass --overwrite")
         jobs.append((index, plan, path, fmt, done, base_seed if drawn else None, entry))
     return jobs
 

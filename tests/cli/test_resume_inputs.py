@@ -102,7 +102,7 @@ def test_batch_resume_does_not_skip_an_image_of_other_weights(cli, tmp_path, mod
     touch(model / "vae" / "diffusion_pytorch_model.safetensors")
     changed = cli(*args, "--resume")
     assert changed.code == 2 and len(changed.err_lines) == 1 and "already done" not in changed.err, changed.err
-    assert "other parameters" in changed.err
+    assert "exists with other weights (the model weights (changed on disk since))" in changed.err
 
 
 # ---------------------------------------------------------------- one run per output
