@@ -219,14 +219,14 @@ def plan_and_run(req, opts, *, output, init_image=None) -> None:
     path, fmt = resolve_target(output, plan=plan, fmt=opts.format, overwrite=opts.overwrite,
                                resume=opts.resume, create=False)
     check_preview(plan, path, overwrite=opts.overwrite)
-    resume, start = resume_plan(plan, path, init_image) if opts.resume else (None, None)
     lead = world.rank == 0  # the one rank that writes files and prints
-    # one run per output: where the folder exists the lock is taken now, before the ranks agree
-    # (a held lock stops every rank with one line) and before the model loads
+    # one run per output: where the folder exists the lock is taken now, before the resume point
+    # is read, before the ranks agree (a held lock stops every rank with one line) and the load
     early = lead and not opts.dry_run and path is not None and path.parent.is_dir()
     with contextlib.ExitStack() as held:
         if early:
             held.enter_context(locks.output_lock(path))
+        resume, start = resume_plan(plan, path, init_image) if opts.resume else (None, None)
         world.agree(keep=True)  # every rank planned alike: all go, or all stop with one line
         if opts.dry_run:
             if lead:
