@@ -115,11 +115,14 @@ def stage_image_path(final: Path | None, index: int, width: int, height: int) ->
     return stage_path(final, index, width, height)
 
 
-def resume_start(plan: GenerationPlan, path: Path, init_image=None):
+def resume_start(plan: GenerationPlan, path: Path, init_image=None, notes: list | None = None,
+                 load: bool = True):
     """Where generate_file(resume=True) would start: an io.checkpoints.Start after the last
-    finished stage whose settings match, or None (from the beginning); ResumeMismatchError
-    when this output's checkpoints were all made with other settings."""
-    return checkpoints.find_start(plan, path, _digest(init_image))
+    finished stage whose settings match and whose file is intact (pixels read and checked), or
+    None (from the beginning); ResumeMismatchError when this output's checkpoints were all made
+    with other settings. `notes` gets a line per checkpoint passed over; load=False reads the
+    records only (a cheap check of whose checkpoints these are)."""
+    return checkpoints.find_start(plan, path, _digest(init_image), notes=notes, load=load)
 
 
 def _digest(init_image) -> str | None:
@@ -128,7 +131,7 @@ def _digest(init_image) -> str | None:
 
 def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, overwrite: bool = False,
                   on_event=None, init_image=None, resume: bool = False, write: bool = True,
-                  faults=None) -> dict:
+                  faults=None, start=None) -> dict:
     """Run a plan and write its image atomically (stdout when path is None).
 
     Every finished stage but the last is checkpointed beside `path` (io/checkpoints.py: hidden,
@@ -136,9 +139,11 @@ def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, o
     after the last checkpoint whose settings match. The hidden checkpoints go once the image
     is written. write=False: run, write nothing (a band-parallel rank other than 0).
     faults: testhooks.OomFaults, the test hook's out-of-memory faults (counted across calls).
+    start: the resume_start() a caller announced (resume=True): the run starts exactly there.
     """
     digest = _digest(init_image)
-    start = checkpoints.find_start(plan, path, digest, load=True) if resume and path is not None else None
+    if start is None and resume and path is not None:
+        start = checkpoints.find_start(plan, path, digest)
     for part in start.found.float32 if start is not None else ():
         finite.widen(model, part)  # as the interrupted run had it after its NaN retry
     finished = []  # the last finished stage: kept if a later stage fails with NaN/inf
@@ -179,5 +184,5 @@ def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, o
         return result_summary(path, record)
     written = images.save_image(image, path, record=record, fmt=fmt, overwrite=overwrite)
     if path is not None:
-        checkpoints.finish(plan, path, keep=plan.save_stages)
+        checkpoints.finish(plan, path, keep=plan.save_stages, init_digest=digest)
     return result_summary(written, record)

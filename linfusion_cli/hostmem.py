@@ -38,7 +38,8 @@ def cpu_plan_budget() -> int:
 
 
 def vae_park_budget(plan_budget: float | None = None) -> int:
-    """Bytes the tiled VAE's exact mode may park on the host: a share of the plan's budget when
-    given (CPU device), else of the RAM free now."""
-    base = host_memory().available if plan_budget is None else plan_budget
+    """Bytes the tiled VAE's exact mode may park on the host: a share of the RAM free now, or of
+    the plan's budget when given (CPU device) and smaller: a --max-vram above the RAM is no RAM."""
+    free = host_memory().available
+    base = free if plan_budget is None else min(plan_budget, free)
     return int(base * VAE_PARK_SHARE)

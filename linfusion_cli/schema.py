@@ -131,11 +131,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_vram", Optional[float], "Memory budget in GiB (default: the GPU's free memory); without a "
            "GPU here, --dry-run --max-vram N plans for an N GiB CUDA GPU.", ("--max-vram",),
            rule=validate.max_vram, preset="max_vram", preset_null=True),
-    Option("vae_tile", Optional[int], "VAE tile size in px, 0 = untiled (default: planned); the planner "
+    Option("vae_tile", Optional[int], "VAE tile size in px, 0 = untiled, else at least 64 (default: planned); the planner "
            "plans the rest around it.", ("--vae-tile",), rule=validate.vae_tile, preset="vae_tile_px",
            preset_null=True),
     Option("save_stages", bool, "Also keep every intermediate stage image beside the output "
-           "(NAME.stageK-WxH.png).", ("--save-stages",), default=False),
+           "(NAME.stageK-WxH.png, NAME its file name).", ("--save-stages",), default=False),
     Option("resume", bool, "Start from the last finished stage's checkpoint (same settings); batch: also "
            "skip finished entries.", ("--resume",), default=False, plan=False),
     Option("format", Optional[str], "Image format: png, jpg or tiff (default: from -o's suffix, else png).",

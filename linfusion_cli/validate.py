@@ -96,11 +96,32 @@ def gpu(value: Any, name: str = "gpu") -> str:
         raise ValueRuleError(str(exc).replace("--gpu", name, 1)) from None
 
 
+MIN_VAE_TILE = 64  # px: smaller tiles are 8 latent pixels or fewer, all seam and overhead
+MAX_VAE_TILES = 16384  # tiles per decode: a 16K image in 128 px tiles; more is hours of overhead
+
+
 def vae_tile(value: Any, name: str = "vae_tile") -> int:
     value = in_range(name, value, 0, MAX_SIDE, integer=True)
-    if value % 8:
-        raise ValueRuleError(f"{name} must be 0 (untiled) or a positive multiple of 8, got {value}")
+    if value % 8 or 0 < value < MIN_VAE_TILE:
+        raise ValueRuleError(f"{name} must be 0 (untiled) or a multiple of 8 of at least "
+                             f"{MIN_VAE_TILE}, got {value}")
     return value
+
+
+def vae_tile_count(tile: int, width: int, height: int, name: str = "--vae-tile") -> None:
+    """At plan time: a tile that cuts the image into more than MAX_VAE_TILES pieces is refused."""
+    count = -(-width // tile) * -(-height // tile) if tile else 1
+    if count > MAX_VAE_TILES:
+        raise ValueRuleError(f"{name} {tile} cuts {width}x{height} into {count} tiles (at most "
+                             f"{MAX_VAE_TILES}); use a tile of at least "
+                             f"{_smallest_tile(width, height)} px, or leave it to the planner")
+
+
+def _smallest_tile(width: int, height: int) -> int:
+    tile = MIN_VAE_TILE
+    while -(-width // tile) * -(-height // tile) > MAX_VAE_TILES:
+        tile += 8
+    return tile
 
 
 def aspect(value: Any, name: str = "aspect") -> tuple[float, float]:

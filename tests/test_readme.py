@@ -81,10 +81,10 @@ def check_generate(proc, cwd):  # "a 512x512 base, then x2 stages to 1024 and 20
     assert _image(path) == (2048, 2048) and _stages(path) == 3
 
 
-def check_save_stages(proc, cwd):  # "base 1024x512 kept as out/wide.stage1-1024x512.png, then out/wide.png"
+def check_save_stages(proc, cwd):  # "base 1024x512 kept as out/wide.png.stage1-1024x512.png, then out/wide.png"
     result = json.loads(proc.stdout)
     assert [(s["width"], s["height"]) for s in result["stages"]] == [(1024, 512), (2048, 1024)]
-    assert _image(cwd / "out/wide.stage1-1024x512.png") == (1024, 512)
+    assert _image(cwd / "out/wide.png.stage1-1024x512.png") == (1024, 512)
     assert _image(cwd / "out/wide.png") == (2048, 1024)
 
 

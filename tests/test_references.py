@@ -41,9 +41,9 @@ def _file_exists(name: str, folder: Path) -> bool:
     bases = [ROOT, PACKAGE, folder, folder.parent, ROOT / "docs"]
     if any((base / name).exists() for base in bases):
         return True
-    if "/" not in name:  # a bare file name: somewhere in the project, once is enough
-        return any(ROOT.glob(f"**/{name}"))
-    return any(ROOT.glob(f"**/{name}"))  # a path inside a sub-package named from above
+    # a bare file name, or a path inside a sub-package named from above: somewhere in the
+    # project's own folders (not a virtual environment's packages)
+    return any(p for top in (ROOT / t for t in TOP if not t.startswith(".")) for p in top.glob(f"**/{name}"))
 
 
 def _resolves(dotted: str) -> bool:

@@ -22,7 +22,9 @@ ACCEPTED = [
     (lambda v: V.side(v, "width"), 8, 8), (lambda v: V.side(v, "width"), V.MAX_SIDE, V.MAX_SIDE),
     (V.max_vram, 0.5, 0.5), (V.max_vram, V.MAX_VRAM_GIB, V.MAX_VRAM_GIB),
     (V.gpu, " RTX 4090", "rtx4090"), (V.gpu, "h100-sxm", "h100"),
-    (V.vae_tile, 0, 0), (V.vae_tile, 512, 512),
+    (V.vae_tile, 0, 0), (V.vae_tile, 512, 512), (V.vae_tile, V.MIN_VAE_TILE, V.MIN_VAE_TILE),
+    (lambda v: V.vae_tile_count(v, 16384, 16384), 128, None),  # 16384 tiles: the most
+    (lambda v: V.vae_tile_count(v, 16384, 16384), 0, None),
     (V.aspect, "16:9", (16.0, 9.0)), (V.aspect, "1:64", (1.0, 64.0)),
     (V.text, "", ""), (V.text, "é" * 10, "é" * 10),
     (V.strengths_text, "0.4, 0.3", (0.4, 0.3)),
@@ -51,6 +53,8 @@ REFUSED = [
     (V.max_vram, 0, "max_vram must be in (0, 4096]"), (V.max_vram, -1, "max_vram"),
     (V.gpu, "voodoo2", "unknown gpu 'voodoo2'"), (V.gpu, "", "gpu must be a GPU name"),
     (V.vae_tile, 12, "multiple of 8"), (V.vae_tile, -8, "vae_tile must be in"),
+    (V.vae_tile, 56, "of at least 64, got 56"),
+    (lambda v: V.vae_tile_count(v, 16384, 16384), 120, "--vae-tile 120 cuts 16384x16384 into 18769 tiles"),
     (V.aspect, "16x9", "aspect must look like 16:9"), (V.aspect, "0:1", "two positive numbers"),
     (V.aspect, "nan:1", "two positive numbers"), (V.aspect, "65:1", "beyond 64:1"),
     (V.text, 5, "prompt must be a string"), (V.text, "a\0b", "NUL byte"),
@@ -92,7 +96,7 @@ def test_a_value_outside_its_rule_is_one_line_naming_it(rule, value, words):
 def test_every_rule_of_validate_is_in_the_table():
     """A new rule in validate.py comes with its rows here."""
     tested = {getattr(r, "__name__", "") for r, *_ in ACCEPTED + REFUSED}
-    tested |= {"side", "finite", "source", "text"}  # through the lambdas above (they name the value)
+    tested |= {"side", "finite", "source", "text", "vae_tile_count"}  # through the lambdas above
     helpers = {"in_range", "scheduler_needs", "aspect_text", "json_object", "file_name", "shown",
                "read_bounded", "import_module"}
     rules = {name for name, obj in vars(V).items() if callable(obj) and not name.startswith("_")

@@ -22,12 +22,12 @@ from ..planning.plan import stage_seed
 from ..schema import line_options
 from ..validate import SEED_MAX
 from . import common
-from .console import error, event, info, one_line_of, progress_view
+from .console import error, event, info, one_line_of, progress_view, terminal_safe
 from .options import GenerationOptions, Template, shared_options
 from .. import testhooks
 from ..inputs import expand
 from ..io.checkpoints import any_in
-from ..io import previews
+from ..io import checkpoints, previews, weights_id
 from ..io.targets import check_free_space, run_bound, make_directory, remove_if_empty
 
 BATCH_TEMPLATE = "{index:04d}-{slug}.{ext}"  # no seed: --resume finds the same names again
@@ -76,6 +76,16 @@ def _made_elsewhere(manifest, index, plan, path, *, drawn: bool) -> str | None:
         return "was made by another process meanwhile"
     testhooks.claimed(index)
     return None
+
+
+def _what_differs(path: Path, plan) -> str:
+    """'weights (the model weights ...)' when the image's record names other weights, else 'parameters'."""
+    try:
+        recorded = (read_metadata(path).get("record") or {}).get("weights")
+    except Exception:  # noqa: BLE001 -- unreadable: its parameters are unknown
+        return "parameters"
+    names = weights_id.changed(weights_id.identity(plan), recorded) if isinstance(recorded, dict) else []
+    return f"weights ({', '.join(names)})" if names else "parameters"
 
 
 def _matches(path: Path, plan) -> bool:
@@ -134,8 +144,8 @@ def batch(
             return
         for index, plan, path, _, done, *_ in jobs:
             if not json:
-                print(f"{path}:")
-            start = common.resume_plan(plan, path) if resume and done is None else None
+                print(terminal_safe(f"{path}:"))
+            start = common.resume_plan(plan, path)[0] if resume and done is None else None
             common.print_dry_run(plan, as_json=json, extra={"index": index, "path": str(path)}, resume=start)
         return
 
@@ -186,11 +196,12 @@ def _checked_jobs(entries, base, base_seed, manifest, folder, *, name, format, o
             path, fmt = common.resolve_target(target, plan=plan, fmt=format, template=name or BATCH_TEMPLATE,
                                               overwrite=overwrite or resume, index=index, create=False)
             if resume:  # checkpoints made with other settings: refused now, not halfway through
-                api.resume_start(plan, path)
+                api.resume_start(plan, path, load=False)
         except LinfusionError as exc:
             raise type(exc)(f"{entry.source}:{entry.line}: {exc}") from None
-        written = [path] + ([api.stage_image_path(path, s.index, s.width, s.height) for s in plan.stages[:-1]]
-                            if plan.save_stages else [])
+        written = [(path, "output")] + [  # stage files, and the hidden checkpoints a run leaves
+            (p, "--save-stages file" if p.name[0] != "." else "stage checkpoint")
+            for _, p in checkpoints.paths_of(plan, path) if plan.save_stages or p.name[0] == "."]
         if plan.preview is not None:  # the entry's own preview file: {index}/{name}, else -INDEX
             try:
                 plan = replace(plan, preview=replace(plan.preview, path=previews.entry_path(
@@ -198,22 +209,18 @@ def _checked_jobs(entries, base, base_seed, manifest, folder, *, name, format, o
                 common.check_preview(plan, path, overwrite=overwrite)
             except LinfusionError as exc:
                 raise type(exc)(f"{entry.source}:{entry.line}: {exc}") from None
-            written.append(Path(plan.preview.path))
-        for file in written:  # x.png and sub/../x.png are one file; so is a stage file of another line
+            written.append((Path(plan.preview.path), "--preview file"))
+        for file, what in written:  # x.png and sub/../x.png are one file; so is a stage file of another line
             key = os.path.realpath(file)
             if key in seen:
-                other = "the batch manifest" if seen[key] is None else f"line {seen[key]}'s output"
-                what = "output" if file == path else "--save-stages file"
-                if plan.preview is not None and file == Path(plan.preview.path):
-                    what = "--preview file"
-                    other = other if seen[key] is None else f"a file of line {seen[key]}"
+                other = "the batch manifest" if seen[key] is None else f"line {seen[key][0]}'s {seen[key][1]}"
                 raise OutputError(f"{entry.source}:{entry.line}: {what} {file} is also {other}")
-            seen[key] = entry.line
+            seen[key] = (entry.line, what)
         record = manifest.records.get(index)
         done = record if record is not None and record.matches(plan, manifest.relative(path)) else None
         if path.exists() and not overwrite and done is None and not (resume and _matches(path, plan)):
-            raise OutputError(f"{entry.source}:{entry.line}: {path} exists with other parameters; "
-                              "pass --overwrite")
+            raise OutputError(f"{entry.source}:{entry.line}: {path} exists with other "
+                              f"{_what_differs(path, plan) if resume else 'parameters'}; pass --overwrite")
         jobs.append((index, plan, path, fmt, done, base_seed if drawn else None, entry))
     return jobs
 
@@ -286,6 +293,10 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
                     progress=progress))
             if progress != "json":
                 info(f"{who}[{k}/{len(jobs)}] {plan.prompt[:60]}", quiet=quiet)
+            notes: list[str] = []  # checkpoints passed over: said, and the start used is this one
+            start = api.resume_start(plan, path, notes=notes) if resume else None
+            for note in notes if progress != "json" else ():
+                info(f"{who}[{k}/{len(jobs)}] resume: {note}", quiet=quiet)
             view = progress_view(progress, quiet=quiet, verbose=verbose)
             if progress != "json":
                 view.live = view.live and not world.distributed  # ranks sharing a terminal: no live bars
@@ -294,7 +305,7 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
                 try:
                     result = api.generate_file(plan, loaded, path=path, fmt=fmt, overwrite=overwrite,
                                                on_event=view, resume=resume, write=lead,
-                                               faults=faults)
+                                               faults=faults, start=start)
                 except Exception as exc:  # noqa: BLE001 - reported below
                     view.run_finished(index=index, error=one_line_of(exc))
                     raise

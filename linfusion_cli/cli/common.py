@@ -13,10 +13,13 @@ import torch
 
 from .. import api, distributed, parallel, testhooks
 from ..errors import InputError, OutputError, ResumeMismatchError
-from .console import info, one_line_of, progress_view, quiet_libraries
+from .console import info, one_line_of, progress_view, quiet_libraries, terminal_safe
 from ..adapters import describe
 from ..inputs import expand
-from ..io import checkpoints, previews
+from ..io import checkpoints, locks, previews, weights_id
+from ..io.manifest import same_settings
+from ..io.metadata import read_metadata
+from ..validate import SEED_MAX
 from ..models.taesd import describe as taesd_words
 from ..planning.preview import shrink_note
 from ..io.naming import DEFAULT_TEMPLATE, render_name, format_of, resolve_output
@@ -63,22 +66,27 @@ def _vae_modes(m) -> str:
     return f" ({', '.join(parts)}; host {m.vae_host_gib:.1f} GiB)" if parts else ""
 
 
+def _safe_print(text: str = "") -> None:
+    print(terminal_safe(text))
+
+
 def print_dry_run(plan, *, as_json: bool, extra: dict | None = None, resume: dict | None = None) -> None:
     """The plan on stdout: one JSON object (with `extra` first: a batch line's index and path),
     or a readable table; `resume`: where --resume starts."""
     if as_json:
         print(json.dumps({**(extra or {}), **plan.to_dict(), **({"resume": resume} if resume is not None else {})}))
         return
-    print(planned_for(plan))
+    # the table echoes names and paths a user chose: no control characters reach the terminal
+    _safe_print(planned_for(plan))
     if parallel_line(plan):
-        print(parallel_line(plan))
-    print(f"model {plan.model} ({plan.family}: {plan.family_from}), "
-          f"preset {plan.preset}, LinFusion {plan.linfusion or 'off'}, seed {plan.seed}")
+        _safe_print(parallel_line(plan))
+    _safe_print(f"model {plan.model} ({plan.family}: {plan.family_from}), "
+                f"preset {plan.preset}, LinFusion {plan.linfusion or 'off'}, seed {plan.seed}")
 
     for line in describe(plan.adapters):
-        print(f"  {line}")
+        _safe_print(f"  {line}")
     if plan.method_from:
-        print(f"  method: {plan.method_from}")
+        _safe_print(f"  method: {plan.method_from}")
     for s in plan.stages:
         kind = "text-to-image" if s.strength is None else f"img2img @{s.strength}"
         if s.method == "sdedit":
@@ -87,12 +95,14 @@ def print_dry_run(plan, *, as_json: bool, extra: dict | None = None, resume: dic
             d = s.demofusion
             kind += (f" demofusion (dilation x{d.dilation}, cosine {d.cosine_scale_1:g}/"
                      f"{d.cosine_scale_2:g}/{d.cosine_scale_3:g}, sigma {d.gaussian_sigma:g})")
-        print(f"  stage {s.index + 1}: {s.width}x{s.height} {kind}, {s.denoise_steps} steps, "
-              f"seed {s.seed}, {memory_line(s)}")
+        _safe_print(f"  stage {s.index + 1}: {s.width}x{s.height} {kind}, {s.denoise_steps} steps, "
+                    f"seed {s.seed}, {memory_line(s)}")
     if plan.preview is not None:
-        print(preview_line(plan))
+        _safe_print(preview_line(plan))
     if resume is not None:
-        print(f"resume: {resume_text(resume)}")
+        for note in resume.get("notes", ()):
+            _safe_print(f"resume: {note}")
+        _safe_print(f"resume: {resume_text(resume)}")
 
 
 def preview_line(plan) -> str:
@@ -123,11 +133,15 @@ def check_preview(plan, path, *, overwrite: bool) -> None:
     previews.check_target(plan.preview.path, overwrite=overwrite, taken=taken)
 
 
-def resume_plan(plan, path, init_image=None) -> dict:
-    """Where --resume starts (JSON-safe): the stage to run first and the checkpoint it starts from."""
-    start = api.resume_start(plan, path, init_image)
+def resume_plan(plan, path, init_image=None) -> tuple[dict, object]:
+    """Where --resume starts (JSON-safe) and the checked io.checkpoints.Start the run then uses
+    (its pixels read now, so the point announced is the point used); the checkpoints passed
+    over are noted in the dict's `notes`."""
+    notes: list[str] = []
+    start = api.resume_start(plan, path, init_image, notes=notes)
     return {"start_stage": 1 if start is None else start.stage + 2, "stages": len(plan.stages),
-            "checkpoint": None if start is None else str(start.found.path)}
+            "checkpoint": None if start is None else str(start.found.path),
+            **({"notes": notes} if notes else {})}, start
 
 
 def resume_text(resume: dict) -> str:
@@ -172,7 +186,7 @@ def oom_faults(rank: int | None = None):
 
 
 def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_image=None,
-            resume: bool = False, write: bool = True, progress: str | None = None) -> dict:
+            resume: bool = False, write: bool = True, progress: str | None = None, start=None) -> dict:
     """Generate one image, write it, print its path (or JSON) on stdout (write=False: a band-
     parallel rank other than 0, which computes its share and writes and prints nothing)."""
     with progress_view(progress, quiet=quiet or not write, verbose=verbose) as view:
@@ -180,7 +194,7 @@ def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_
         try:
             result = api.generate_file(plan, model, path=path, fmt=fmt, overwrite=overwrite,
                                        on_event=view, init_image=init_image, resume=resume, write=write,
-                                       faults=oom_faults())
+                                       faults=oom_faults(), start=start)
         except BaseException as exc:
             view.run_finished(error="interrupted" if isinstance(exc, KeyboardInterrupt) else one_line_of(exc))
             raise
@@ -209,28 +223,40 @@ def plan_and_run(req, opts, *, output, init_image=None) -> None:
     if not opts.dry_run:
         not_both_json_and_stdout(output, opts.json)
     # the output is checked as for a run; nothing is created before the model has loaded
+    if opts.resume and finished(output, plan, fmt=opts.format, opts=opts, world=world, drawn=drawn):
+        return
     path, fmt = resolve_target(output, plan=plan, fmt=opts.format, overwrite=opts.overwrite,
                                resume=opts.resume, create=False)
     check_preview(plan, path, overwrite=opts.overwrite)
-    resume = resume_plan(plan, path, init_image) if opts.resume else None
-    world.agree(keep=True)  # every rank planned alike: all go, or all stop with one line
-    if opts.dry_run:
-        if world.rank == 0:
-            print_dry_run(plan, as_json=opts.json,
-                          extra={"path": str(path) if path is not None else "-"}, resume=resume)
-        return
-    with band_group(world, plan.device):
-        lead = world.rank == 0  # the one rank that writes files and prints
-        loaded = rank0_first(lambda: load(plan, verbose=opts.verbose, quiet=opts.quiet or not lead,
-                                          allow_pickle=opts.allow_pickle, config=opts.config,
-                                          progress=opts.progress))
-        if path is not None and lead:  # made only now: a model that fails to load leaves no folder
-            check_directory(path.parent, create=True)
-        if resume is not None:
-            info(f"resume: {resume_text(resume)}", quiet=opts.quiet or not lead)
-        run_one(plan, loaded, path=path, fmt=fmt, overwrite=opts.overwrite, as_json=opts.json,
-                quiet=opts.quiet, verbose=opts.verbose, init_image=init_image, resume=opts.resume,
-                write=lead, progress=opts.progress)
+    lead = world.rank == 0  # the one rank that writes files and prints
+    # one run per output: where the folder exists the lock is taken now, before the resume point
+    # is read, before the ranks agree (a held lock stops every rank with one line) and the load
+    early = lead and not opts.dry_run and path is not None and path.parent.is_dir()
+    with contextlib.ExitStack() as held:
+        if early:
+            held.enter_context(locks.output_lock(path))
+        resume, start = resume_plan(plan, path, init_image) if opts.resume else (None, None)
+        world.agree(keep=True)  # every rank planned alike: all go, or all stop with one line
+        if opts.dry_run:
+            if lead:
+                print_dry_run(plan, as_json=opts.json,
+                              extra={"path": str(path) if path is not None else "-"}, resume=resume)
+            return
+        with band_group(world, plan.device):
+            loaded = rank0_first(lambda: load(plan, verbose=opts.verbose, quiet=opts.quiet or not lead,
+                                              allow_pickle=opts.allow_pickle, config=opts.config,
+                                              progress=opts.progress))
+            if path is not None and lead:  # made only now: a model that fails to load leaves no folder
+                check_directory(path.parent, create=True)
+                if not early:
+                    held.enter_context(locks.output_lock(path))
+            if resume is not None:
+                for note in resume.get("notes", ()):
+                    info(f"resume: {note}", quiet=opts.quiet or not lead)
+                info(f"resume: {resume_text(resume)}", quiet=opts.quiet or not lead)
+            run_one(plan, loaded, path=path, fmt=fmt, overwrite=opts.overwrite, as_json=opts.json,
+                    quiet=opts.quiet, verbose=opts.verbose, init_image=init_image, resume=opts.resume,
+                    write=lead, progress=opts.progress, start=start)
 
 
 def for_world(req, world):
@@ -306,7 +332,7 @@ def recorded_seed(plan, output, *, fmt, template=None, index=0, init_image=None)
             template or DEFAULT_TEMPLATE, index=index, seed=seed, prompt=plan.prompt, width=plan.width,
             height=plan.height, ext=format_of(None, fmt))
         try:
-            if checkpoints.find_start(candidate, path, digest) is not None:
+            if checkpoints.find_start(candidate, path, digest, load=False) is not None:
                 return candidate
         except ResumeMismatchError:
             continue
@@ -363,22 +389,71 @@ def resolve_target(output, *, plan, fmt, overwrite, template=None, index=0,
 
 def check_outputs(plan, path, fmt, *, overwrite, resume: bool = False) -> None:
     """Before any model loads: stage checkpoints and --save-stages files free (or replaceable:
-    --overwrite, or --resume for our own checkpoints), room on the disk."""
+    --overwrite, or --resume for this run's own checkpoints), room on the disk."""
     if path is not None:
         for stage in plan.stages[:-1]:
             hidden = checkpoints.hidden_path(path, stage.index, stage.width, stage.height)
             check_target(hidden, overwrite=True)  # links, folders, FIFOs: never
-            if hidden.exists() and not overwrite:
-                ours = checkpoints.read(hidden) is not None
-                if ours and not resume:
-                    raise OutputError(f"{hidden} is a checkpoint of an unfinished run of {path.name}; "
-                                      "pass --resume to continue it, or --overwrite to start over")
-                check_target(hidden, overwrite=ours)  # not ours: replaced only with --overwrite
+            found = checkpoints.examine(hidden)
+            if found is not None and not overwrite:
+                if not isinstance(found, checkpoints.Unusable):
+                    if not resume:
+                        raise OutputError(f"{hidden} is a checkpoint of an unfinished run of {path.name}; "
+                                          "pass --resume to continue it, or --overwrite to start over")
+                elif found.ours:  # --resume goes on from the last valid stage and remakes this one
+                    if not resume:
+                        raise OutputError(f"{hidden} is a checkpoint of an unfinished run of {path.name}, "
+                                          f"but {found.why}; pass --resume to go on from the last valid "
+                                          "stage, or --overwrite to start over")
+                else:
+                    raise OutputError(_in_the_way(hidden, path, stage, found.why))
             if plan.save_stages:
                 visible = checkpoints.stage_path(path, stage.index, stage.width, stage.height)
-                ours = resume and checkpoints.read(visible) is not None  # a checkpoint --resume uses
-                check_target(visible, overwrite=overwrite or ours)
+                check_target(visible, overwrite=True)
+                found = checkpoints.examine(visible)
+                ours = isinstance(found, checkpoints.Unusable) and found.ours or (
+                    isinstance(found, checkpoints.Found)  # another run's stage file is never replaced
+                    and weights_id.same(checkpoints.settings(plan, stage.index, found.settings.get("init_image")),
+                                        found.settings))
+                if found is not None and not overwrite and not (resume and ours):
+                    if ours:
+                        raise OutputError(f"{visible} is a stage file of an unfinished run of {path.name}; "
+                                          "pass --resume to continue it, or --overwrite to start over")
+                    what = found.why if isinstance(found, checkpoints.Unusable) else "it was made with other settings"
+                    raise OutputError(_in_the_way(visible, path, stage, what))
     check_free_space(plan, path, fmt)
+
+
+def _in_the_way(where: Path, path: Path, stage, why: str) -> str:
+    """The refusal for a file at the name a stage of `path` is kept under."""
+    return (f"{where} is where stage {stage.index + 1} of {path.name} is kept, and {why}; move it "
+            "away, or pass --overwrite to replace it")
+
+
+def finished(output, plan, *, fmt, opts, world, drawn: bool) -> bool:
+    """generate --resume of an image already made with these settings (and the seed it drew,
+    when none was given): "already done" on stderr, its path (or JSON) on stdout, as batch
+    --resume says of a finished entry."""
+    if output == "-":
+        return False
+    try:
+        path = resolve_output(output, template=DEFAULT_TEMPLATE, fmt=fmt, overwrite=True, create=False,
+                              fields=dict(index=0, seed=plan.seed, prompt=plan.prompt, width=plan.width,
+                                          height=plan.height))
+        record = read_metadata(path).get("record") if path is not None and path.is_file() else None
+    except Exception:  # noqa: BLE001 -- no readable image there: not finished (the checks below say why)
+        return False
+    if drawn and isinstance(record, dict) and isinstance(record.get("seed"), int) \
+            and not isinstance(record["seed"], bool) and 0 <= record["seed"] <= SEED_MAX:
+        plan = plan.with_seed(record["seed"])
+    if not isinstance(record, dict) or not same_settings(record, plan) \
+            or any(isinstance(checkpoints.examine(p), checkpoints.Found) for _, p in checkpoints.paths_of(plan, path)
+                   if p.name.startswith(".")):
+        return False
+    if world.rank == 0:
+        info(f"{path} already done", quiet=opts.quiet)
+        print(json.dumps({"path": str(path), "skipped": True}) if opts.json else str(path), flush=True)
+    return True
 
 
 def not_both_json_and_stdout(output, as_json) -> None:

@@ -25,14 +25,24 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)  # "
 
 
 last_error: list[str] = []  # the last error line, for a launcher's error file (app.run)
+# C0 controls but tab and newline, DEL and C1 controls: ESC starts the sequences that clear the
+# screen or set the title, U+009B is an 8-bit CSI, CR lets a line overwrite the one it follows
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    """Text that echoes user input (prompts, preset names and descriptions, paths) without the
+    control characters a terminal would obey: a file name never clears the screen."""
+    return _CONTROLS.sub("", text)
 
 
 def error(message: str) -> None:
     """One short line on stderr (the message is never read as rich markup)."""
     from rich.markup import escape
 
-    last_error[:] = [" ".join(message.splitlines())]
-    stderr.print(f"[bold red]error:[/] {escape(' '.join(message.splitlines()))}", markup=True)
+    line = terminal_safe(" ".join(message.splitlines()))
+    last_error[:] = [line]
+    stderr.print(f"[bold red]error:[/] {escape(line)}", markup=True)
 
 
 def one_line_of(exc: BaseException) -> str:
@@ -46,7 +56,7 @@ def one_line_of(exc: BaseException) -> str:
 
 def info(message: str, *, quiet: bool = False) -> None:
     if not quiet:
-        stderr.print(message, markup=False)
+        stderr.print(terminal_safe(message), markup=False)
 
 
 class ProgressView:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import PresetError
+from .console import terminal_safe
 from ..planning.presets import available_presets, bundled_presets, load_preset, user_preset_dir
 
 app = typer.Typer(no_args_is_help=True, help="List and show presets (bundled and user).")
@@ -22,7 +23,7 @@ def list_presets() -> None:
             description = load_preset(name).description
         except PresetError as exc:  # one broken user file must not hide the others
             description = f"(unusable: {exc})"
-        print(f"{name:<14} {description}{where}")
+        print(terminal_safe(f"{name:<14} {description}{where}"))
 
 
 @app.command("show")
@@ -32,7 +33,7 @@ def show(name: Annotated[str, typer.Argument(help="Preset name or YAML file.")])
     if preset.source.startswith("bundled:"):
         print(bundled_presets()[preset.name], end="")
     else:
-        print(Path(preset.source).read_text(), end="")
+        print(terminal_safe(Path(preset.source).read_text()), end="")
 
 
 @app.command("path")

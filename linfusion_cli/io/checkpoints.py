@@ -1,12 +1,14 @@
 """Stage checkpoints: every finished stage's image beside the output, so a killed run can resume.
 
-Stage k of `out/x.png` is kept as `out/.x.stageK-WxH.png` (hidden), or as the `--save-stages`
-file `out/x.stageK-WxH.png` when stages are kept: one file serves both. It is a PNG (exact
-uint8 pixels: what the next stage starts from) whose run record carries a `checkpoint` entry:
-the stage, a SHA-256 of its pixels and `settings`, everything that decides the image up to that
-stage. Memory knobs, device and budget are left out: the same flags on the same machine plan
-the same knobs, and other knobs (another GPU or budget) change the pixels by float rounding, not
-what they show; such a resumed run goes on from the stage image as it is.
+Stage k of `out/x.png` is kept as `out/.x.png.stageK-WxH.png` (hidden), or as the
+`--save-stages` file `out/x.png.stageK-WxH.png` when stages are kept: one file serves both
+(checkpoint_names.py). It is a PNG (exact uint8 pixels: what the next stage starts from) whose
+run record carries a `checkpoint` entry: the stage, a SHA-256 of its pixels and `settings`,
+everything that decides the image up to that stage, the weights included (weights_id.py); the
+record is checked when read (checkpoint_records.py). Memory knobs, device and budget are left
+out: the same flags on the same machine plan the same knobs, and other knobs (another GPU or
+budget) change the pixels by float rounding, not what they show; such a resumed run goes on
+from the stage image as it is.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,37 +25,12 @@ import numpy as np
 
 from ..errors import InputError, ResumeMismatchError
 from .. import interrupts
-from . import images
+from . import checkpoint_records, images
+from .checkpoint_names import (NAME as _NAME, candidates as _candidates, checkpoint_path,  # noqa: F401
+                               hidden_path, legacy_paths, paths_of, stage_path)
 from .metadata import read_metadata
+from .weights_id import changed, defining, same
 
-_NAME = re.compile(r"^(?P<hidden>\.?)(?P<stem>.+)\.stage(?P<k>\d+)-(?P<w>\d+)x(?P<h>\d+)\.png$")
-
-
-# ---------------------------------------------------------------- names
-
-
-def stage_path(final: Path | None, index: int, width: int, height: int) -> Path:
-    """Where --save-stages keeps stage `index`: beside the final file."""
-    base = final if final is not None else Path.cwd() / "stdout"
-    return base.with_name(f"{base.stem}.stage{index + 1}-{width}x{height}.png")
-
-
-def hidden_path(final: Path, index: int, width: int, height: int) -> Path:
-    """The hidden twin of the --save-stages file: the checkpoint when stages are not kept."""
-    visible = stage_path(final, index, width, height)
-    return visible.with_name("." + visible.name)
-
-
-def checkpoint_path(final: Path, stage, keep: bool) -> Path:
-    """Where a run writes stage `stage`'s checkpoint: the stage file when kept, else hidden."""
-    where = stage_path if keep else hidden_path
-    return where(final, stage.index, stage.width, stage.height)
-
-
-def paths_of(plan, final: Path) -> list[tuple[object, Path]]:
-    """(stage, path) for both names of every stage but the last (the last is the output)."""
-    return [(s, where(final, s.index, s.width, s.height)) for s in plan.stages[:-1]
-            for where in (hidden_path, stage_path)]
 
 
 # ---------------------------------------------------------------- settings
@@ -92,16 +68,16 @@ def settings(plan, index: int, init_digest: str | None = None) -> dict:
                "guidance": s.guidance, "scheduler": s.scheduler, "seed": s.seed,
                "method": s.method, "demofusion": asdict(s.demofusion) if s.demofusion else None}
               for s in plan.stages[:index + 1]]
-    made = {"prompt": plan.prompt, "negative": plan.negative, "model": plan.model,
-            "family": plan.family, "linfusion": plan.linfusion, "dtype": plan.dtype,
-            "vae_dtype": plan.vae_dtype, "seed": plan.seed, "init_image": init_digest,
-            "adapters": _adapters(plan.adapters), "stages": stages}
+    made = defining(plan) | {"vae_dtype": plan.vae_dtype, "seed": plan.seed, "init_image": init_digest,
+                             "adapters": _adapters(plan.adapters), "stages": stages}
     return json.loads(json.dumps(made))  # as it reads back from a file: lists, not tuples
 
 
 def differences(want: dict, got: dict) -> list[str]:
     """The names of the settings that differ (stage settings as 'stage N strength')."""
-    names = [key for key in want if key != "stages" and want.get(key) != got.get(key)]
+    names = [key for key in want if key not in ("stages", "weights") and want.get(key) != got.get(key)]
+    if "weights" in got:  # files written before weights were recorded: see weights_id.same
+        names += changed(want.get("weights") or {}, got.get("weights"))
     theirs = got.get("stages") if isinstance(got.get("stages"), list) else []
     for n, stage in enumerate(want["stages"]):
         other = theirs[n] if n < len(theirs) and isinstance(theirs[n], dict) else {}
@@ -116,7 +92,7 @@ def differences(want: dict, got: dict) -> list[str]:
 
 @dataclass(frozen=True)
 class Found:
-    """A checkpoint file as its record tells it."""
+    """A checkpoint file as its record tells it (the record checked: checkpoint_records.check)."""
 
     path: Path
     stage: int  # 0-based
@@ -124,38 +100,78 @@ class Found:
     pixels: str  # SHA-256 of the pixels written
     record: dict  # the run record up to this stage
     float32: tuple[str, ...] = ()  # parts the run had moved to float32 (NaN retry) by then
+    legacy: bool = False  # under an earlier version's name
 
-    def image(self) -> np.ndarray | None:
-        """The exact pixels, or None when the file no longer holds what was written."""
+    def load(self) -> tuple[np.ndarray | None, str]:
+        """(the exact pixels, "") or (None, why they cannot be used)."""
         try:
             image = np.asarray(images.open_image(self.path))
         except InputError:
-            return None
-        return image if pixels_digest(image) == self.pixels else None
+            return None, "it is no longer a readable image"
+        width, height = checkpoint_records.stage_size(self.record)
+        if image.shape[:2] != (height, width):
+            return None, (f"its image is {image.shape[1]}x{image.shape[0]}, not the "
+                          f"{width}x{height} of stage {self.stage + 1}")
+        if pixels_digest(image) != self.pixels:
+            return None, "its pixels are not the ones it recorded (changed since it was written)"
+        return image, ""
+
+    def image(self) -> np.ndarray | None:
+        """The exact pixels, or None when the file no longer holds what was written."""
+        return self.load()[0]
+
+
+@dataclass(frozen=True)
+class Unusable:
+    """A file at a checkpoint's name that cannot be resumed from, and why."""
+
+    path: Path
+    why: str
+    ours: bool  # a damaged checkpoint of this program (a resumed run may replace it)
+
+
+def examine(path: Path, legacy: bool = False) -> Found | Unusable | None:
+    """What is at `path`: a checkpoint, a damaged or foreign file (Unusable), or None (nothing
+    there). A link, folder or FIFO is foreign: never followed (the preflight refuses it)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    if not stat.S_ISREG(mode):
+        return Unusable(path, "it is not a regular file", ours=False)
+    try:
+        record = read_metadata(path).get("record")
+    except Exception:  # noqa: BLE001 -- not an image this program can read
+        return Unusable(path, "it is not an image this program wrote", ours=False)
+    if not isinstance(record, dict) or "checkpoint" not in record:
+        return Unusable(path, "it is an image without a checkpoint record", ours=False)
+    why = checkpoint_records.check(record)
+    if why is not None:
+        return Unusable(path, f"its checkpoint record is damaged ({why})", ours=True)
+    mark = record["checkpoint"]
+    return Found(path=path, stage=mark["stage"] - 1, settings=dict(mark["settings"]),
+                 pixels=mark["pixels_sha256"], record=record,
+                 float32=tuple(mark.get("float32") or ()), legacy=legacy)
 
 
 def read(path: Path) -> Found | None:
-    """The checkpoint at `path`; None for a missing, foreign or damaged file and for anything but
-    a regular file (a link is never followed; the preflight refuses it as an output)."""
-    try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return None
-    except OSError:
-        return None
-    try:
-        record = read_metadata(path).get("record") or {}
-        mark = record["checkpoint"]
-        return Found(path=path, stage=int(mark["stage"]) - 1, settings=dict(mark["settings"]),
-                     pixels=str(mark["pixels_sha256"]), record=record,
-                     float32=tuple(str(p) for p in mark.get("float32") or ()))
-    except Exception:  # noqa: BLE001 -- not ours, or damaged: not a checkpoint
-        return None
+    """The checkpoint at `path`; None for a missing, foreign or damaged file."""
+    found = examine(path)
+    return found if isinstance(found, Found) else None
 
 
 def existing(plan, final: Path) -> list[Found]:
-    """This output's checkpoints for the plan's stage names, highest stage first."""
-    found = [f for _, path in paths_of(plan, final) if (f := read(path)) is not None]
-    return sorted(found, key=lambda f: -f.stage)
+    """This output's checkpoints for the plan's stage names, highest stage first (earlier
+    versions' names too: only a match of their settings is used)."""
+    found = [f for _, path, legacy in _candidates(plan, final)
+             if isinstance(f := examine(path, legacy), Found)]
+    return sorted(found, key=lambda f: (-f.stage, f.legacy))
+
+
+def damaged(plan, final: Path) -> list[Unusable]:
+    """This output's checkpoints (current names) whose records are damaged."""
+    return [u for _, path in paths_of(plan, final)
+            if isinstance(u := examine(path), Unusable) and u.ours]
 
 
 def others(final: Path) -> list[Found]:
@@ -167,7 +183,7 @@ def others(final: Path) -> list[Found]:
     found = []
     for name in names:
         m = _NAME.match(name)
-        if m and m["stem"] == final.stem and (f := read(final.parent / name)) is not None:
+        if m and m["stem"] == final.name and (f := read(final.parent / name)) is not None:
             found.append(f)
     return sorted(found, key=lambda f: -f.stage)
 
@@ -188,26 +204,30 @@ class Start:
         return list(self.found.record.get("stages") or [])[:self.stage + 1]
 
 
-def find_start(plan, final: Path, init_digest: str | None = None, *, load: bool = False) -> Start | None:
-    """The last finished stage whose settings match; None when this output has no checkpoint.
+def find_start(plan, final: Path, init_digest: str | None = None, *, load: bool = True,
+               notes: list[str] | None = None) -> Start | None:
+    """The last finished stage whose settings match and whose file holds what it recorded;
+    None when this output has none (start over). `notes` gets one line per checkpoint passed
+    over (damaged record, changed pixels, another size), so a caller can say what happens.
 
-    ResumeMismatchError when checkpoints exist but none matches. load=True reads the pixels
-    too and passes over a file that no longer holds what was written.
+    ResumeMismatchError when checkpoints exist but none matches. load=False trusts the files
+    without reading their pixels (a cheap test of whose checkpoints these are).
     """
-    matching = []
-    for f in existing(plan, final):
-        if f.stage < len(plan.stages) - 1 and f.path.name in _names(plan, final, f.stage) \
-                and f.settings == settings(plan, f.stage, init_digest):
-            matching.append(f)
+    notes = notes if notes is not None else []
+    notes += [f"{u.path}: {u.why}; not used" for u in damaged(plan, final)]
+    matching = [f for f in existing(plan, final)
+                if f.stage < len(plan.stages) - 1 and f.path.name in _names(plan, final, f.stage)
+                and same(settings(plan, f.stage, init_digest), f.settings)]
     for f in matching:
         if not load:
             return Start(f)
-        image = f.image()
+        image, why = f.load()
         if image is not None:
             return Start(f, image)
+        notes.append(f"{f.path}: {why}; not used")
     if matching:
-        return None  # every match was damaged: start over
-    stale = existing(plan, final) or others(final)
+        return None  # every match was unusable: start over (the notes say why)
+    stale = [f for f in existing(plan, final) if not f.legacy] or others(final)
     if stale:
         f = stale[0]
         want = settings(plan, min(f.stage, len(plan.stages) - 1), init_digest)
@@ -219,7 +239,9 @@ def find_start(plan, final: Path, init_digest: str | None = None, *, load: bool 
 
 def _names(plan, final: Path, index: int) -> set[str]:
     s = plan.stages[index]
-    return {hidden_path(final, index, s.width, s.height).name, stage_path(final, index, s.width, s.height).name}
+    return {p.name for p in (hidden_path(final, index, s.width, s.height),
+                             stage_path(final, index, s.width, s.height),
+                             *legacy_paths(final, index, s.width, s.height))}
 
 
 def any_in(folder: Path) -> bool:
@@ -241,7 +263,7 @@ def recorded_seeds(plan, folder: Path, init_digest: str | None = None) -> list[i
         if not _NAME.match(name) or (f := read(folder / name)) is None or f.stage >= len(plan.stages):
             continue
         seed = f.settings.get("seed")
-        if isinstance(seed, int) and f.settings == settings(plan.with_seed(seed), f.stage, init_digest):
+        if isinstance(seed, int) and same(settings(plan.with_seed(seed), f.stage, init_digest), f.settings):
             seeds.append((f.stage, seed))
     return [seed for _, seed in sorted(set(seeds), key=lambda t: -t[0])]
 
@@ -255,19 +277,25 @@ def mark(plan, index: int, image: np.ndarray, init_digest: str | None, float32=(
             "pixels_sha256": pixels_digest(image), "float32": list(float32)}
 
 
-def finish(plan, final: Path, keep: bool) -> None:
-    """After the final image is written: hidden checkpoints go, or become the stage files (keep)."""
+def finish(plan, final: Path, keep: bool, init_digest: str | None = None) -> None:
+    """After the final image is written: hidden checkpoints go, or become the stage files (keep:
+    over a stage file the preflight let this run replace), and matching checkpoints under an
+    earlier version's hidden names go."""
     for stage in plan.stages[:-1]:
         hidden = hidden_path(final, stage.index, stage.width, stage.height)
-        if not os.path.lexists(hidden):
-            continue
-        visible = stage_path(final, stage.index, stage.width, stage.height)
+        old = legacy_paths(final, stage.index, stage.width, stage.height)[0]
         with interrupts.critical():
+            found = read(old)
+            if found is not None and same(settings(plan, stage.index, init_digest), found.settings):
+                with contextlib.suppress(OSError):
+                    os.unlink(old)
+            if not os.path.lexists(hidden):
+                continue
             try:
                 if keep:
-                    with contextlib.suppress(FileExistsError):
-                        os.link(hidden, visible)  # no-clobber: an existing stage file stays
-                os.unlink(hidden)
+                    os.replace(hidden, stage_path(final, stage.index, stage.width, stage.height))
+                else:
+                    os.unlink(hidden)
             except OSError:
                 pass  # left behind: a later run with --overwrite or --resume replaces it
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 from ..errors import OutputError
 from ..inputs import kind_of
+from .weights_id import defining, same
 
 MANIFEST_NAME = "linfusion-manifest.jsonl"
 DATA_SPAN = 1 << 40  # the append lock covers bytes [0, DATA_SPAN); claims live above it
@@ -43,10 +44,8 @@ def _stage_key(width, height, strength, steps, guidance, scheduler, seed_offset,
 
 def fingerprint(plan) -> dict[str, Any]:
     """What defines an image besides its seed: memory knobs, device and budget are left out."""
-    return {
-        "prompt": plan.prompt, "negative": plan.negative, "model": plan.model, "family": plan.family,
-        "linfusion": plan.linfusion, "dtype": plan.dtype, "init_image": plan.init_image,
-        "adapters": plan.adapters.to_dict(),
+    return defining(plan) | {
+        "init_image": plan.init_image, "adapters": plan.adapters.to_dict(),
         "stages": [_stage_key(s.width, s.height, s.strength, s.steps, s.guidance, s.scheduler,
                               s.seed - plan.seed, s.method,
                               asdict(s.demofusion) if s.demofusion is not None else None)
@@ -59,14 +58,16 @@ def same_settings(record: dict, plan) -> bool:
     want = fingerprint(plan)
     del want["dtype"]  # the record holds the resolved dtype, the plan may say "auto"
     try:
-        got = {key: record[key] for key in want if key not in ("stages", "adapters")}
+        got = {key: record[key] for key in want if key not in ("stages", "adapters", "weights")}
+        if "weights" in record:
+            got["weights"] = record["weights"]
         got["adapters"] = record.get("adapters") or {}
         got["stages"] = [_stage_key(s["width"], s["height"], s["strength"], s["steps"], s["guidance"],
                                     s["scheduler"], s["seed"] - record["seed"], s.get("method"),
                                     s.get("demofusion")) for s in record["stages"]]
     except (KeyError, TypeError):
         return False
-    return got == want and record.get("seed") == plan.seed
+    return same(want, got) and record.get("seed") == plan.seed
 
 
 def file_digest(path: Path) -> tuple[int, str]:
@@ -95,7 +96,7 @@ class Record:
     def matches(self, plan, rel_path: str, *, any_seed: bool = False) -> bool:
         """Made with these settings, this seed (any seed: the entry's was drawn), at this path."""
         return self.path == rel_path and (any_seed or self.seed == plan.seed) \
-            and self.params == fingerprint(plan)
+            and same(fingerprint(plan), self.params)
 
     def intact(self, folder: Path) -> bool:
         """The file is still the one that was recorded (not truncated, replaced or gone)."""
@@ -189,7 +190,7 @@ class Manifest:
     def seed_for(self, index: int, plan) -> int | None:
         """The seed an earlier run drew for this entry, if it was made with the same settings."""
         record = self.records.get(index)
-        if record is not None and record.params == fingerprint(plan):
+        if record is not None and same(fingerprint(plan), record.params):
             return record.seed
         return None
 

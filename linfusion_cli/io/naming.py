@@ -17,6 +17,7 @@ FIELDS = ("index", "seed", "slug", "width", "height", "ext")
 FIELDS_HELP = ", ".join("{" + f + "}" for f in FIELDS)
 FORMATS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "tiff": "tiff", "tif": "tiff"}
 SLUG_MAX = 48
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0 (newline and tab too), DEL, C1
 
 
 def slugify(prompt: str, limit: int = SLUG_MAX) -> str:
@@ -87,6 +88,19 @@ def format_of(path: Path | None, fmt: str | None = None) -> str:
     return "png"
 
 
+def _suffix_agrees(template: str, path: Path, ext: str, fmt: str | None) -> None:
+    """A name's suffix decides the format: {ext} and --format must say the same, never another."""
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in FORMATS or FORMATS[suffix] == ext:
+        return
+    if fmt is not None:
+        raise OutputError(f"--name {template!r} gives {path.name}, whose suffix {path.suffix} is not "
+                          f"the format {ext}; end the name with .{{ext}} or drop --format")
+    if "{ext" in template:
+        raise OutputError(f"--name {template!r} gives {path.name}: {{ext}} is {ext} but the suffix "
+                          f"{path.suffix} decides the format; drop one, or pass --format {FORMATS[suffix]}")
+
+
 def resolve_output(
     output: str | None,
     *,
@@ -112,6 +126,7 @@ def resolve_output(
         # paths are shown as given: -o's folder as written, else the current one (".")
         directory = Path(output) if output is not None else Path()
         path = directory / render_name(template, ext=ext, **fields)
+        _suffix_agrees(template, path, ext, fmt)
     else:
         path = Path(output)
         fmt_name = format_of(path, fmt)
@@ -119,6 +134,8 @@ def resolve_output(
         if fmt is not None and suffix in FORMATS and FORMATS[suffix] != fmt_name:
             raise OutputError(f"{path} has suffix {path.suffix} but the format is {fmt_name}")
         directory = path.parent
+    if _CONTROLS.search(str(path)):  # it would be echoed on the terminal and on stdout
+        raise OutputError(f"output path {ascii(str(path))} has control characters; pick another name")
     check_directory(directory, create=create)
     check_target(path, overwrite=overwrite)
     return path

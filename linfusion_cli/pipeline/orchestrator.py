@@ -21,6 +21,7 @@ from .preview import Previewer
 from .stages import StageContext, stage_function
 from ..models.loading import TORCH_DTYPES
 from ..runtime import transfer
+from ..io import weights_id
 
 
 def dtype_name(dtype) -> str:
@@ -41,6 +42,7 @@ def run_record(plan: GenerationPlan, model, stages: list[dict]) -> dict:
         "device": str(model.device), "init_image": plan.init_image,
         "budget": plan.budget.to_dict() if plan.budget is not None else None, "stages": stages,
         "adapters": (getattr(model, "adapters", None) or plan.adapters).to_dict(),  # what was mounted
+        "weights": weights_id.identity(plan),  # which files: resume and batch --resume compare them
         "version": f"linfusion-cli {__version__}",
         **({"parallel": {"mode": "bands", "world_size": group.size}} if group is not None else {}),
     }

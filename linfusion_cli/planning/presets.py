@@ -59,7 +59,7 @@ _TOKENS_MAX = (validate.MAX_SIDE // 8) ** 2  # latent tokens of the largest imag
 _KNOB_MAX = {"vae_tile_px": validate.MAX_SIDE, "ff_chunk": _TOKENS_MAX, "attn_chunk": _TOKENS_MAX,
              "band_rows": 4096}
 _KNOB_RULES = {"offload": (str, "none, model or sequential"),
-               "vae_tile_px": (int, f"0 or a multiple of 8 up to {validate.MAX_SIDE}"),
+               "vae_tile_px": (int, f"0 or a multiple of 8 from {validate.MIN_VAE_TILE} up to {validate.MAX_SIDE}"),
                "ff_chunk": (int, f"tokens in [0, {_TOKENS_MAX}]"),
                "attn_chunk": (int, f"tokens in [1, {_TOKENS_MAX}]"),
                "cfg_split": (bool, "true or false"), "inplace": (bool, "true or false"),
@@ -79,7 +79,7 @@ def _check_memory(knobs: dict, source: str) -> tuple:
             ok = value in ("none", "model", "sequential")
         elif ok and kind is int:  # the flags' bounds: --vae-tile's rule, chunks up to 32768^2 / 64 tokens
             ok = 0 <= value <= _KNOB_MAX.get(name, validate.MAX_SIDE) \
-                and not (name == "vae_tile_px" and value % 8) and not (name == "attn_chunk" and value == 0)
+                and not (name == "vae_tile_px" and (value % 8 or 0 < value < validate.MIN_VAE_TILE)) and not (name == "attn_chunk" and value == 0)
         if not ok:
             raise PresetError(f"{source}: memory knob {name!r} must be {rule}, got {shown(value)}")
     return tuple(sorted(knobs.items()))
@@ -132,6 +132,10 @@ def parse_preset(text: str, *, name: str, source: str) -> Preset:
     _check_demofusion_keys(data, source)
     if "memory" in data:
         data["memory"] = _check_memory(data["memory"], source)
+        under = dict(data["memory"]).get("vae_tile_px")
+        if options.get("vae_tile") is not None and under is not None and under != options["vae_tile"]:
+            raise PresetError(f"{source}: vae_tile_px is {options['vae_tile']} at the top and {under} "
+                              "under memory:; keep one")
     return Preset(name=name, source=source, **data, **options)
 
 

@@ -134,6 +134,11 @@ def make_plan(req: Request, model_info=None) -> GenerationPlan:
         dtype=dtype, vae_dtype=vae_dtype, device=device, planned_elsewhere=elsewhere,
         model_info=info, preset=preset.name, family_from=info.family_from,
         gpu=gpu.name if gpu is not None else None)
+    tiles = ((vae_tile, "--vae-tile" if req.vae_tile is not None else f"preset {preset.name}'s vae_tile"),
+             (plan.memory_fixed.get("vae_tile_px"), f"preset {preset.name}'s memory.vae_tile_px"))
+    for tile, name in tiles:  # millions of tiles at 16K would run for days
+        if tile:
+            validate.vae_tile_count(tile, plan.width, plan.height, name)
     plan = _with_adapters(plan, req, preset)
     plan = replace(plan, preview=plan_preview(req, family=info.family, model=info.model,
                                               latent_channels=info.vae_config.get("latent_channels", 4)))
@@ -321,7 +326,7 @@ def add_memory_plans(plan: GenerationPlan, ledger_for=None) -> GenerationPlan:
         plans.append(memory)
         costs.append(cost_of(memory) if cost_of is not None else None)
     if short:
-        raise PlanError(_refusal(plan, short, kind, fixed, source))
+        raise PlanError(_refusal(plan, short, kind, fixed, source, free_host))
     _check_host(plan, plans)
     shown = resolved if resolved.gib is None else replace(resolved, gib=round(resolved.gib, 2))
     plan = replace(plan.with_memory(plans), budget=shown, gpu=gpu.name if priced else None)
@@ -377,17 +382,28 @@ def _vae_modes(plan: GenerationPlan, stage, memory, cpu_budget: int | None) -> d
 
 
 def _check_host(plan: GenerationPlan, plans) -> None:
-    """Refuse, before anything loads, a plan whose host RAM this machine does not have."""
+    """Refuse, before anything loads, a plan whose host RAM this machine does not have; on the
+    CPU the device is that RAM too, so a --max-vram above it plans what cannot run."""
     if plan.planned_elsewhere or not plans:
         return  # planned for another machine: its RAM is unknown here (the dry run shows it)
     here = processes_here(plan.world_size)  # each rank on this machine needs as much
-    need = max(p.estimated_host_gib for p in plans) * here
     free = hostmem.host_memory().available / 2 ** 30
+    need = max(p.estimated_host_gib for p in plans) * here
     if need > free:
         worst = max(range(len(plans)), key=lambda i: plans[i].estimated_host_gib)
         each = f" ({here} processes here)" if here > 1 else ""
         raise PlanError(f"stage {worst + 1} needs {need:.1f} GiB of host memory{each} (parked "
                         f"skips, offloaded weights, images); this machine has {free:.1f} GiB free")
+    if not plan.device.startswith("cuda"):
+        needs = [(p.estimated_peak_gib + p.estimated_host_gib) * here for p in plans]
+        worst = max(range(len(plans)), key=lambda i: needs[i])
+        if needs[worst] > free:
+            asked = plan.budget is not None and plan.budget.asked and plan.budget.gib > free
+            why = f" ({plan.budget.source} {plan.budget.gib:g} is more than the RAM)" if asked else ""
+            each = f" ({here} processes here)" if here > 1 else ""
+            raise PlanError(f"on the CPU the device is this machine's RAM: stage {worst + 1} needs "
+                            f"~{needs[worst]:.1f} GiB{each}{why}, and {free:.1f} GiB is free; pass a "
+                            f"--max-vram of at most {free:.1f} for a tighter plan, or a smaller size")
 
 
 def _fixed_knobs(plan: GenerationPlan) -> dict:
@@ -436,9 +452,15 @@ def _gib_up(n: int) -> str:
     return f"{math.ceil(n / 2 ** 30 * 10 - 1e-9) / 10:.1f}"
 
 
-def _refusal(plan: GenerationPlan, short: list, kind: str, fixed: dict, source: str) -> str:
-    """One line: the smallest budget for the whole run, which memory, and what would work."""
+def _refusal(plan: GenerationPlan, short: list, kind: str, fixed: dict, source: str,
+             free_host: int | None = None) -> str:
+    """One line: the smallest budget for the whole run, which memory, and what would work (on
+    the CPU never a --max-vram beyond the RAM free)."""
     needed, stage = max(short, key=lambda s: s[0])
+    if kind == "cpu" and free_host is not None and needed * processes_here(plan.world_size) > free_host:
+        source = (f"{source.removesuffix('; pass --max-vram to allow more')}; this machine has "
+                  f"{free_host / GIB:.1f} GiB of RAM free, less than that: no --max-vram makes it "
+                  "fit on the CPU")
     forced = f" with {', '.join(f'{k}={v}' for k, v in fixed.items())}" if fixed else ""
     where = "GPU memory" if kind == "cuda" else "host memory (running on the CPU)"
     line = (f"this run needs at least {_gib_up(needed)} GiB of {where} with the tightest plan{forced} "

@@ -214,7 +214,7 @@ def test_ctrl_c_keeps_finished_stages_and_no_partial_file(cli_env, tmp_path, sig
                                                     "steps: 4\nstrengths: [1.0]\n")
     out = tmp_path / "out"
     final = out / "final.png"
-    stage1 = out / "final.stage1-64x64.png"
+    stage1 = out / "final.png.stage1-64x64.png"
     returncode, stdout, lines = signal_child(
         cli_env, tmp_path / "blocked", "run",
         ["generate", "a slow ladder", "--preset", str(preset), "--res", "256", "--seed", "1",

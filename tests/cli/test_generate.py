@@ -114,7 +114,7 @@ def test_user_preset_file_strengths_vae_tile_save_stages_verbose(cli, tmp_path):
     assert data["stages"][1]["steps"] == 1  # 2 nominal steps x 0.5
     assert "stage 1/2" in r.err and "stage 2/2" in r.err  # -v logs each stage on a pipe
     final = tmp_path / "out" / "final.png"
-    stage1 = tmp_path / "out" / "final.stage1-64x64.png"
+    stage1 = tmp_path / "out" / "final.png.stage1-64x64.png"
     assert final.is_file() and stage1.is_file()
     with Image.open(stage1) as im:
         assert im.size == (64, 64)

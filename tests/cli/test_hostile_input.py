@@ -299,7 +299,7 @@ def test_output_collisions_found_before_loading(cli, tmp_path, monkeypatch, kind
     elif kind == "fifo":
         os.mkfifo(target)
     else:
-        (out / "final.stage1-64x64.png").write_bytes(b"precious")
+        (out / "final.png.stage1-64x64.png").write_bytes(b"precious")
         args = ["--save-stages", "--preset", str(write_preset(tmp_path / "l.yaml", LADDER))]
     for extra in ([], ["--overwrite"]) if kind != "stage-file" else ([],):
         result = cli("generate", "x", *DEMO, "--res", "128", "-o", str(target), *args, *extra)
@@ -427,7 +427,7 @@ def test_nan_even_in_float32_keeps_the_previous_stage(cli, tmp_path, monkeypatch
     preset = write_preset(tmp_path / "l.yaml", LADDER)
     result = cli("generate", "x", "--preset", str(preset), "--res", "128", "-q", "-o", "out/x.png")
     one_error(result, 1, "stage 2", "UNET produced NaN/inf", "stage 1's image is kept")
-    kept = tmp_path / "out" / "x.stage1-64x64.png"
+    kept = tmp_path / "out" / "x.png.stage1-64x64.png"
     assert files_under(tmp_path / "out") == [kept]
     assert read_metadata(kept)["record"]["stages"][0]["width"] == 64
 

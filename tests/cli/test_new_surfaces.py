@@ -77,7 +77,7 @@ WRITTEN = {
     "entry-named-like-manifest": ('{"prompt": "a", "output": "linfusion-manifest.jsonl"}', ("--format", "png"),
                                   "is also the batch manifest"),
     "stage-file-is-another-output": ('{"prompt": "a", "output": "a.png"}\n'
-                                     '{"prompt": "b", "output": "a.stage1-64x64.png"}',
+                                     '{"prompt": "b", "output": "a.png.stage1-64x64.png"}',
                                      ("--save-stages",), "is also line 1"),
 }
 

@@ -89,7 +89,8 @@ def test_cpu_refusal_says_where_the_budget_came_from(cli, no_cuda, monkeypatch):
     monkeypatch.setattr(hostmem, "host_memory", lambda: hostmem.HostMemory(8 * GIB, 6 * GIB))
     r = cli("generate", "x", "--res", "8192", "--dry-run")
     assert r.code == 2 and len(r.err_lines) == 1
-    assert "no GPU found; on the CPU the budget is a quarter of RAM, 2.0 GiB; pass --max-vram" in r.err
+    assert "no GPU found; on the CPU the budget is a quarter of RAM, 2.0 GiB; this machine has 6.0 GiB" in r.err
+    assert "no --max-vram makes it fit on the CPU" in r.err  # never advice beyond the RAM
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "inf", "nan"])

@@ -124,7 +124,9 @@ def test_resume_after_a_signal_is_bit_identical(cli, cli_env, tmp_path, preset, 
     assert code == (-signal.SIGKILL if signum == signal.SIGKILL else 128 + signum), err
     out = tmp_path / "out"
     kept = files_under(out)
-    assert [p.name for p in kept if ".stage" not in p.name] == [], "no final image, no .part file"
+    assert [p.name for p in kept if ".stage" not in p.name and not p.name.endswith(".lock")] == [], \
+        "no final image, no .part file (a SIGKILL leaves its lock: stale, taken over by --resume)"
+    kept = [p for p in kept if not p.name.endswith(".lock")]
     assert sorted(int(p.name.split(".stage")[1].split("-")[0]) for p in kept) == list(range(1, stage + 1))
     assert tmp_path / written in kept
 
@@ -143,7 +145,7 @@ def test_resume_after_a_signal_is_bit_identical(cli, cli_env, tmp_path, preset, 
         assert final.name.startswith(f"0000-{record['seed']}-")
     assert hidden_files(out) == [], "hidden checkpoints removed on success"
     stage_files = sorted(p.name for p in files_under(out) if ".stage" in p.name)
-    assert stage_files == (["final.stage1-64x64.png", "final.stage2-128x128.png"]
+    assert stage_files == (["final.png.stage1-64x64.png", "final.png.stage2-128x128.png"]
                            if "--save-stages" in extra else [])
 
     ref = tmp_path / "ref"
@@ -163,8 +165,8 @@ def test_mismatch_dry_run_and_start_over(cli, tmp_path, preset, monkeypatch):
     args = ["generate", PROMPT, "--preset", preset, *ARGS, "--seed", "5", "-o", "out/x.png"]
     interrupt_in_process(monkeypatch, 2)
     assert cli(*args).code == 130
-    ckpt = tmp_path / "out" / ".x.stage2-128x128.png"
-    assert hidden_files(tmp_path / "out") == [tmp_path / "out" / ".x.stage1-64x64.png", ckpt]
+    ckpt = tmp_path / "out" / ".x.png.stage2-128x128.png"
+    assert hidden_files(tmp_path / "out") == [tmp_path / "out" / ".x.png.stage1-64x64.png", ckpt]
     mark = read_metadata(ckpt)["record"]["checkpoint"]
     assert mark["stage"] == 2 and mark["settings"]["seed"] == 5
 
@@ -190,7 +192,7 @@ def test_checkpoint_paths_follow_the_output_rules(cli, tmp_path, preset):
     (tmp_path / "out").mkdir()
     victim = tmp_path / "victim.png"
     victim.write_bytes(b"precious")
-    (tmp_path / "out" / ".x.stage1-64x64.png").symlink_to(victim)
+    (tmp_path / "out" / ".x.png.stage1-64x64.png").symlink_to(victim)
     for extra in ([], ["--resume"], ["--overwrite"]):
         r = cli("generate", PROMPT, "--preset", preset, *ARGS, "--seed", "1", "-o", "out/x.png", *extra)
         assert r.code == 2 and len(r.err_lines) == 1 and "symbolic link" in r.err, r.err
@@ -205,10 +207,10 @@ def test_batch_resume_goes_on_inside_a_half_finished_entry(cli, tmp_path, preset
     args = ["batch", str(prompts), "--preset", preset, *ARGS]
     interrupt_in_process(monkeypatch, 1)
     assert cli(*args, "-o", "out/").code == 130
-    assert [p.name for p in files_under(tmp_path / "out")] == [".0000-a-red-boat.stage1-64x64.png"]
+    assert [p.name for p in files_under(tmp_path / "out")] == [".0000-a-red-boat.png.stage1-64x64.png"]
     dry = cli(*args, "--resume", "--dry-run", "-o", "out/")
     assert [line for line in dry.out_lines if line.startswith("resume:")] == [
-        "resume: starts at stage 2 of 3 from out/.0000-a-red-boat.stage1-64x64.png",
+        "resume: starts at stage 2 of 3 from out/.0000-a-red-boat.png.stage1-64x64.png",
         "resume: no checkpoint; starts at stage 1 of 3"]
 
     resumed = cli(*args, "--resume", "--json", "-o", "out/")

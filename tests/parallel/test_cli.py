@@ -237,7 +237,8 @@ def test_host_memory_is_planned_per_rank_for_every_rank_on_the_machine(cli, monk
     small = ("generate", "a lighthouse", "--model", "demo", "--res", "1024", "--device", "cpu",
              "--world-size", "2", "--max-vram", "8", "--dry-run", "--json")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    need = max(s["memory"]["estimated_host_gib"] for s in json.loads(cli(*small).out)["stages"])
+    need = max(s["memory"]["estimated_host_gib"] + s["memory"]["estimated_peak_gib"]  # the device is RAM too
+               for s in json.loads(cli(*small).out)["stages"])
     monkeypatch.setattr(hostmem, "host_memory", lambda: hostmem.HostMemory(64 * gib, int(1.5 * need * gib)))
     assert cli(*small).code == 0
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")

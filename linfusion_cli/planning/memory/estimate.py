@@ -2,7 +2,7 @@
 
 The activation working sets come from walking the diffusers UNet and VAE structure (walk.py,
 where the assumptions are written down and checked against a trace of the real forward,
-trace.py); this module adds the weights resident under each offload mode, the margin, and
+tracing/unet.py); this module adds the weights resident under each offload mode, the margin, and
 their total per stage (stage_peak, the one place a total is formed).
 
 * Weights stay resident per offload mode: "none" = UNet + VAE + text encoders, "model" = the
