@@ -3,7 +3,7 @@
 Each cell plans the whole ladder (the family's preset: base at the trained short side, x2
 stages) for a CUDA GPU of that many GiB in fp16 with the VAE in bf16, and prints "fits (peak)"
 with the largest stage estimate, or "needs N" with the smallest budget the whole run fits
-(`planning.request.smallest_budget`, rounded up to 0.1 GiB as the refusals quote it).
+(`planning.memory.fit.smallest_budget`, rounded up to 0.1 GiB as the refusals quote it).
 Estimates, not measurements. A row is one entry of ROWS; tests/test_readme_tables.py fails
 when README.md's table differs from this output.
 
@@ -13,7 +13,8 @@ when README.md's table differs from this output.
 from __future__ import annotations
 
 from linfusion_cli.errors import PlanError
-from linfusion_cli.planning.request import Request, add_memory_plans, make_plan, smallest_budget
+from linfusion_cli.planning.memory.fit import add_memory_plans, smallest_budget
+from linfusion_cli.planning.request import Request, make_plan
 
 BUDGETS = (8, 12, 24, 80)
 FAMILY_NAMES = {"sd15": "SD1.5", "sd21": "SD2.1", "sdxl": "SD-XL"}

@@ -33,7 +33,7 @@ class Stage:
     seed: int
     guidance: float
     scheduler: str
-    memory: MemoryPlan | None = None  # filled in by the planner (request.add_memory_plans)
+    memory: MemoryPlan | None = None  # filled in by the planner (memory/fit.add_memory_plans)
     method: str | None = None  # img2img stages: "sdedit" or "demofusion" (method.py)
     demofusion: DemoFusion | None = None  # the settings when method is "demofusion"
     controlnets: tuple[str, ...] = ()  # the ControlNets this stage runs (AdapterSpecs fields): the planner's

@@ -9,7 +9,7 @@ from ..models.resolve import DTYPE_BYTES
 from .budget import GIB
 from .memory.planner import BudgetError, MemoryPlan, choose_knobs
 from .plan import GenerationPlan, Stage
-from .request import _held_bytes, _host_bytes, _knob_args, _vae_modes
+from .memory.fit import held_bytes, host_need, knob_args, vae_modes
 
 SHARE = 0.75  # a re-plan after out of memory aims this far below what ran out
 # the knobs that shape each part's peak (offload and in-place SiLU serve both)
@@ -30,7 +30,7 @@ def planned_budget(plan: GenerationPlan, stage: Stage, dtype: str | None = None)
     if plan.model_info is None or plan.budget is None or plan.budget.bytes is None:
         return None
     kind = "cuda" if plan.device.startswith("cuda") else "cpu"
-    return plan.budget.bytes - _held_bytes(plan, stage, kind, DTYPE_BYTES[dtype or plan.dtype])
+    return plan.budget.bytes - held_bytes(plan, stage, kind, DTYPE_BYTES[dtype or plan.dtype])
 
 
 def replan(plan: GenerationPlan, stage: Stage, part: str, budget_bytes: int | None, *,
@@ -47,12 +47,12 @@ def replan(plan: GenerationPlan, stage: Stage, part: str, budget_bytes: int | No
     fixed = {name: getattr(stage.memory, name) for name in held}
     widened = replace(plan, dtype=dtype or plan.dtype, vae_dtype=vae_dtype or plan.vae_dtype)
     try:
-        memory = choose_knobs(**_knob_args(widened, stage, kind, DTYPE_BYTES[widened.dtype],
+        memory = choose_knobs(**knob_args(widened, stage, kind, DTYPE_BYTES[widened.dtype],
                                            DTYPE_BYTES[widened.vae_dtype], fixed),
                               budget_bytes=budget_bytes)
     except BudgetError:
         return None
     cpu_budget = plan.budget.bytes if kind == "cpu" and plan.budget is not None else None
-    host = _host_bytes(widened, widened.model_info, stage, memory)
+    host = host_need(widened, widened.model_info, stage, memory)
     return replace(memory, estimated_host_gib=round(host / GIB, 2),
-                   **_vae_modes(widened, stage, memory, cpu_budget))
+                   **vae_modes(widened, stage, memory, cpu_budget))

@@ -243,7 +243,8 @@ def test_planner_counts_controlnets_on_the_stages_they_run(tiny_pipeline_dirs, c
     from linfusion_cli.adapters.controlnet import controlnet_config
     from linfusion_cli.planning.memory.adapters import controlnet_extra_bytes, controlnet_params, controlnet_unet_extra
     from linfusion_cli.planning.memory.walk import Knobs
-    from linfusion_cli.planning.request import add_memory_plans, make_plan
+    from linfusion_cli.planning.memory.fit import add_memory_plans
+    from linfusion_cli.planning.request import make_plan
 
     base = dict(prompt="x", model=str(tiny_pipeline_dirs["sd15"]), width=1024, height=1024, max_vram=8.0,
                 vae_tile=0, no_linfusion=True)
@@ -271,7 +272,8 @@ def test_16k_tile_controlnet_plans_within_a_12_gib_gpu(budget):
     """SD1.5 16384x8192 with a tile ControlNet: the last stage runs band-wise (the ControlNet
     too) and fits 24 GiB and 12 GiB GPUs by the estimate; at 12 GiB its residuals are parked as
     they are made (skips on the CPU)."""
-    from linfusion_cli.planning.request import add_memory_plans, make_plan
+    from linfusion_cli.planning.memory.fit import add_memory_plans
+    from linfusion_cli.planning.request import make_plan
 
     plan = add_memory_plans(make_plan(Request(prompt="x", preset="sd15", width=16384, height=8192,
                                          max_vram=budget, device="cuda", dry_run=True,

@@ -9,7 +9,8 @@ import pytest
 
 from linfusion_cli.errors import CheckpointMismatchError, ModelNotFoundError, PlanError
 from linfusion_cli.models.resolve import resolve_linfusion, resolve_model
-from linfusion_cli.planning.request import Request, make_plan, add_memory_plans
+from linfusion_cli.planning.memory.fit import add_memory_plans
+from linfusion_cli.planning.request import Request, make_plan
 
 
 def _fake_hf_cache(root, repo: str, unet: dict, vae: dict):

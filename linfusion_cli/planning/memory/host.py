@@ -4,7 +4,7 @@
   a ControlNet's parked residuals;
 * offload "model"/"sequential": every model's weights live on the host between uses;
 * the stage's images as uint8 RGB: the previous stage's, its resized copy and the new one.
-Compared with the machine's free RAM when the plan is made (request.add_memory_plans), so a
+Compared with the machine's free RAM when the plan is made (memory/fit.add_memory_plans), so a
 run never starts that would be killed for host memory after the model has loaded.
 """
 

@@ -50,7 +50,7 @@ class MemoryPlan(est.Knobs):
 
     estimated_peak_gib: float = 0.0
     estimated_host_gib: float = 0.0  # host RAM beside it (memory/host.py), set by the request
-    # The tiled VAE's GroupNorm statistics per pass, decided with the plan (request._vae_modes):
+    # The tiled VAE's GroupNorm statistics per pass, decided with the plan (memory/fit.vae_modes):
     # "exact" (tiles in lock step, parked in host RAM up to vae_host_gib), "estimated" (from a
     # downscaled pass, flat memory), "untiled"; "" where the stage has no such pass or no plan.
     vae_decode_mode: str = ""
