@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from ..io.manifest import same_settings
 from ..io.metadata import read_metadata
 from ..validate import SEED_MAX
 from ..models.taesd import describe as taesd_words
+from ..planning.memory.knob_table import words as knob_words
 from ..planning.preview import shrink_note
 from ..io.naming import DEFAULT_TEMPLATE, render_name, format_of, resolve_output
 from ..io.targets import check_directory, check_free_space, check_target
@@ -30,12 +31,7 @@ def memory_line(stage) -> str:
     m = stage.memory
     if m is None:
         return ""
-    knobs = [f"offload={m.offload}" if m.offload != "none" else "",
-             f"vae_tile={m.vae_tile_px}{_vae_modes(m)}" if m.vae_tile_px else "vae untiled",
-             "cfg_split" if m.cfg_split else "", f"ff_chunk={m.ff_chunk}" if m.ff_chunk else "",
-             f"attn_chunk={m.attn_chunk}" if m.attn_chunk else "", "inplace" if m.inplace else "",
-             "skips_on_cpu" if m.skips_on_cpu else "",
-             f"band_rows={m.band_rows}" if m.band_rows else ""]
+    knobs = [w + _vae_modes(m) if w.startswith("vae_tile=") else w for w in knob_words(asdict(m))]
     line = (f"~{m.estimated_peak_gib:.1f} GiB, host ~{m.estimated_host_gib:.1f} GiB "
             f"({', '.join(k for k in knobs if k)})")
     return line + (f", {cost_words(stage.cost)}" if stage.cost else "")

@@ -21,6 +21,7 @@ from ..bounds import check_yaml
 from ..errors import PlanError, ModelNotFoundError
 from ..inputs import expand, home, read_bounded
 from ..schema import preset_options
+from .memory.knob_table import KNOB
 from .method import DemoFusion
 from .preset_keys import read_option_keys
 
@@ -54,34 +55,15 @@ Preset.__module__ = __name__
 _TYPES = {"description": str, "family": str, "native": (int, type(None)), "memory": dict,
           "cosine_scale_1": (int, float), "cosine_scale_2": (int, float),
           "cosine_scale_3": (int, float), "gaussian_sigma": (int, float)}
-# What each forced memory knob may be (memory.planner.MemoryPlan's fields).
-_TOKENS_MAX = (validate.MAX_SIDE // 8) ** 2  # latent tokens of the largest image
-_KNOB_MAX = {"vae_tile_px": validate.MAX_SIDE, "ff_chunk": _TOKENS_MAX, "attn_chunk": _TOKENS_MAX,
-             "band_rows": 4096}
-_KNOB_RULES = {"offload": (str, "none, model or sequential"),
-               "vae_tile_px": (int, f"0 or a multiple of 8 from {validate.MIN_VAE_TILE} up to {validate.MAX_SIDE}"),
-               "ff_chunk": (int, f"tokens in [0, {_TOKENS_MAX}]"),
-               "attn_chunk": (int, f"tokens in [1, {_TOKENS_MAX}]"),
-               "cfg_split": (bool, "true or false"), "inplace": (bool, "true or false"),
-               "skips_on_cpu": (bool, "true or false"),
-               "band_rows": (int, "latent rows per band, 0 (off) .. 4096")}
-
-
 def _check_memory(knobs: dict, source: str) -> tuple:
-    """A preset's `memory:` mapping, checked knob by knob."""
+    """A preset's `memory:` mapping, checked knob by knob against the knob table's rules."""
     for name, value in knobs.items():
-        if name not in _KNOB_RULES:
-            raise PresetError(f"{source}: unknown memory knob {name!r} "
-                              f"(known: {', '.join(_KNOB_RULES)})")
-        kind, rule = _KNOB_RULES[name]
-        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-        if ok and name == "offload":
-            ok = value in ("none", "model", "sequential")
-        elif ok and kind is int:  # the flags' bounds: --vae-tile's rule, chunks up to 32768^2 / 64 tokens
-            ok = 0 <= value <= _KNOB_MAX.get(name, validate.MAX_SIDE) \
-                and not (name == "vae_tile_px" and (value % 8 or 0 < value < validate.MIN_VAE_TILE)) and not (name == "attn_chunk" and value == 0)
-        if not ok:
-            raise PresetError(f"{source}: memory knob {name!r} must be {rule}, got {shown(value)}")
+        knob = KNOB.get(name)
+        if knob is None:
+            raise PresetError(f"{source}: unknown memory knob {name!r} (known: {', '.join(KNOB)})")
+        ok = isinstance(value, knob.kind) and (knob.kind is bool or not isinstance(value, bool))
+        if not (ok and knob.allowed(value)):
+            raise PresetError(f"{source}: memory knob {name!r} must be {knob.rule}, got {shown(value)}")
     return tuple(sorted(knobs.items()))
 
 
@@ -123,8 +105,8 @@ def parse_preset(text: str, *, name: str, source: str) -> Preset:
             raise PresetError(f"{source}: unknown key {shown(key)} (known: {known})")
         if isinstance(value, bool) or not isinstance(value, _TYPES[key]):
             raise PresetError(f"{source}: key {key!r} has the wrong type ({type(value).__name__})")
-    if "memory" in data and len(data["memory"]) > len(_KNOB_RULES):
-        raise PresetError(f"{source}: key 'memory' has {len(data['memory'])} knobs; known: {', '.join(_KNOB_RULES)}")
+    if "memory" in data and len(data["memory"]) > len(KNOB):
+        raise PresetError(f"{source}: key 'memory' has {len(data['memory'])} knobs; known: {', '.join(KNOB)}")
     if "family" in data and data["family"] not in FAMILIES:
         raise PresetError(f"{source}: key 'family' must be one of {', '.join(FAMILIES)}")
     if data.get("native") is not None:

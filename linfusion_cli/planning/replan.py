@@ -10,11 +10,12 @@ from .budget import GIB
 from .memory.planner import BudgetError, MemoryPlan, choose_knobs
 from .plan import GenerationPlan, Stage
 from .memory.fit import held_bytes, host_need, knob_args, vae_modes
+from .memory.knob_table import part_knobs
 
 SHARE = 0.75  # a re-plan after out of memory aims this far below what ran out
 # the knobs that shape each part's peak (offload and in-place SiLU serve both)
-UNET_KNOBS = ("ff_chunk", "cfg_split", "attn_chunk", "skips_on_cpu", "band_rows")
-VAE_KNOBS = ("vae_tile_px",)
+UNET_KNOBS = part_knobs("unet")
+VAE_KNOBS = part_knobs("vae")
 
 
 def lower_budget(stage: Stage, reserved_peak_gib: float | None) -> int | None:

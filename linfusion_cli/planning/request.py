@@ -25,6 +25,7 @@ from ..models.resolve import TRAINED_SHORT_SIDE, choose_dtypes, resolve_linfusio
 from ..schema import check_request, plan_options
 from .budget import Budget
 from .memory.fit import add_memory_plans
+from .memory.knob_table import excluded
 from .method import DemoFusion, trained_px, with_method
 from .plan import GenerationPlan, build_plan, check_size, size_from_res
 from .preset_keys import merged_request, name_preset_key
@@ -147,8 +148,9 @@ def _with_parallel(plan: GenerationPlan, world_size: int) -> GenerationPlan:
     if plan.linfusion is None:
         raise PlanError(f"one image over {world_size} processes needs LinFusion (softmax "
                         "self-attention does not split into bands); drop --no-linfusion")
-    if plan.memory_fixed.get("offload") == "sequential":
-        raise PlanError("band parallelism does not combine with sequential offload")
+    conflict = excluded(plan.memory_fixed.get("offload", "none"), banded=True)
+    if conflict:
+        raise PlanError(conflict)
     levels = len(plan.model_info.unet_config["down_block_types"]) - 1
     for stage in plan.stages:
         try:

@@ -38,12 +38,13 @@ from ..pipeline.knobs import apply_knobs
 from .. import vae as tiled_vae
 from ..planning.budget import GIB, vae_device_budget
 from ..planning.cost import Cost
+from ..planning.memory.knob_table import part_knobs
 from ..tuning import VAE_ATTN_TOKEN_LIMIT
 from ..parallel.traffic import CountingGroup, ring_bytes
 from ..runtime import transfer
 from .unet import _inputs, meta_unet, meta_vae
 
-UNET_KNOBS = ("ff_chunk", "cfg_split", "attn_chunk", "band_rows", "skips_on_cpu")
+UNET_KNOBS = part_knobs("unet")  # the knobs that change a UNet call's count
 
 
 class _Ops(TorchDispatchMode):

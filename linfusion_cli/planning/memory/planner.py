@@ -8,24 +8,20 @@ cost model and picks one, or refuses with the smallest budget that would have wo
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 from ... import tuning
 from ...errors import PlanError
-from . import estimate as est
+from . import estimate as est, knob_table as table
 from ...models.resolve import bundled_config
 
 GIB = est.GIB
-OFFLOADS = est.OFFLOADS
-TILE_CHOICES = (0, 4096, 2048, 1024, 512)  # VAE tile px (0 = untiled), loosest first
-FF_CHOICES = (0, 16384, 4096)  # feed-forward chunk, tokens
-# LinFusion chunk, tokens, loosest first: always explicit, so the estimate models what runs
-# (the layer's own default is the first choice of each device kind).
-ATTN_CHOICES = {"cuda": (tuning.LINFUSION_DEFAULT_CHUNK["cuda"], 16384, 4096),
-                "cpu": (tuning.LINFUSION_DEFAULT_CHUNK["cpu"], 4096)}
-KNOB_NAMES = tuple(f.name for f in fields(est.Knobs))
-# band-wise UNet: latent rows per band at full resolution, 0 = off (loosest first)
-BAND_CHOICES = (0, 256, 128, 64, 32, 16)
+OFFLOADS = table.OFFLOADS
+TILE_CHOICES = table.KNOB["vae_tile_px"].choices["cuda"]  # VAE tile px (0 = untiled), loosest first
+FF_CHOICES = table.KNOB["ff_chunk"].choices["cuda"]  # feed-forward chunk, tokens
+ATTN_CHOICES = table.KNOB["attn_chunk"].choices  # LinFusion chunk per device kind
+KNOB_NAMES = table.NAMES
+BAND_CHOICES = table.KNOB["band_rows"].choices["cuda"]  # latent rows per band, 0 = off
 RETRY_TILE_FLOOR = 64  # px: an out-of-memory retry aimed at the VAE halves its tile down to this
 RETRY_TILES = (2048, 1024, 512, 256, 128, 64)  # an untiled VAE's first retry tile: below the image
 
@@ -36,13 +32,6 @@ class BudgetError(PlanError):
     def __init__(self, message: str, needed_bytes: int):
         super().__init__(message)
         self.needed_bytes = needed_bytes
-
-# Relative stage time of each knob setting (multiplied together); only the order matters.
-_OFFLOAD_COST = {"none": 1.0, "model": 1.12, "sequential": 3.0}  # PCIe traffic per step
-# more, smaller kernels (8192 is the CPU's cache-sized default, no slower there)
-_CHUNK_COST = {0: 1.0, 65536: 1.0, 16384: 1.01, 8192: 1.0, 4096: 1.03}
-_VAE_SHARE = 0.1  # share of a stage's time spent in the VAE
-
 
 @dataclass(frozen=True)
 class MemoryPlan(est.Knobs):
@@ -66,19 +55,9 @@ class MemoryPlan(est.Knobs):
         return asdict(self)
 
     def slowdown(self, width: int = 4096, height: int = 4096) -> float:
-        """Relative stage time against the plan with every knob off (cost model, not measured)."""
-        cost = _OFFLOAD_COST[self.offload] * _CHUNK_COST.get(self.ff_chunk, 1.05)
-        cost *= _CHUNK_COST.get(self.attn_chunk, 1.05) ** 0.5
-        if self.vae_tile_px and self.vae_tile_px < max(width, height):
-            pad = (self.vae_tile_px + 2 * est.DECODE_PAD_PX) ** 2 / self.vae_tile_px ** 2
-            cost *= 1 + _VAE_SHARE * (pad - 1)
-        cost *= 1.06 if self.cfg_split else 1.0  # two half batches use the GPU less well
-        cost *= 1.08 if self.skips_on_cpu else 1.0  # skips cross PCIe twice per step
-        cost *= 1.001 if self.inplace else 1.0  # free, but only used when needed
-        # band-wise: GroupNorm moments, halo rows, smaller kernels (with parked skips, the
-        # full-resolution upsampler's conv rerun per read)
-        cost *= 1.05 + 1 / self.band_rows if self.band_rows else 1.0
-        return cost
+        """Relative stage time against the plan with every knob off: the knob table's candidate
+        order (fixed factors, not measured; a priced plan is ranked by the ledger instead)."""
+        return table.order(asdict(self.knobs()), max(width, height))
 
     def tighter(self, device: str = "cuda", phase: str | None = None,
                 long_side: int | None = None, banded: bool = False) -> MemoryPlan | None:
@@ -110,7 +89,7 @@ class MemoryPlan(est.Knobs):
         smallest_chunk = ATTN_CHOICES[tuning.device_kind(device)][-1]
         if unet and self.attn_chunk and self.attn_chunk > smallest_chunk:
             steps.append({"attn_chunk": smallest_chunk})
-        if unet and self.attn_chunk and self.offload != "sequential":  # LinFusion on: bands possible
+        if unet and self.attn_chunk and not table.excluded(self.offload, banded=True):  # bands possible
             if not self.band_rows:
                 steps.append({"band_rows": 64})
             elif self.band_rows > BAND_CHOICES[-1]:
@@ -118,8 +97,8 @@ class MemoryPlan(est.Knobs):
         if device == "cuda":
             if unet and not self.skips_on_cpu:
                 steps.append({"skips_on_cpu": True})
-            if self.offload == "none" or (unet and self.offload == "model" and not self.band_rows
-                                          and not banded):
+            if self.offload == "none" or (unet and self.offload == "model" and not table.excluded(
+                    "sequential", banded=bool(self.band_rows) or banded)):
                 # the VAE's retry: the other models' weights off the device while it runs
                 steps.append({"offload": OFFLOADS[OFFLOADS.index(self.offload) + 1]})
         return replace(self, **steps[0]) if steps else None
@@ -157,22 +136,21 @@ def candidate_plans(width: int, height: int, *, guidance: bool = True, linfusion
     if unknown:
         raise PlanError(f"unknown memory knob(s) {', '.join(sorted(unknown))}; "
                         f"known: {', '.join(KNOB_NAMES)}")
-    choices = {
-        "offload": OFFLOADS if cuda else ("none",), "vae_tile_px": tiles, "ff_chunk": FF_CHOICES,
-        "cfg_split": (False, True) if guidance else (False,),
-        "attn_chunk": ATTN_CHOICES[tuning.device_kind(device)] if linfusion else (0,),
-        "inplace": (False, True), "skips_on_cpu": (False, True) if cuda else (False,),
-        "band_rows": (tuple(b for b in BAND_CHOICES if b < -(-height // 8))
-                      if linfusion else (0,))}
+    choices = {k.name: k.choices[tuning.device_kind(device)] for k in table.KNOBS}
+    choices["vae_tile_px"] = tiles  # tiles smaller than the image
+    if not guidance:
+        choices["cfg_split"] = (False,)
+    if not linfusion:
+        choices["attn_chunk"] = choices["band_rows"] = (0,)
+    choices["band_rows"] = tuple(b for b in choices["band_rows"] if b < -(-height // 8))
     if fixed.get("band_rows") and not linfusion:
         raise PlanError("band_rows needs LinFusion (softmax self-attention does not split into bands)")
-    if fixed.get("band_rows") and fixed.get("offload") == "sequential":
-        raise PlanError("band_rows does not combine with sequential offload (the bands read "
-                        "weights directly; use offload: model)")
+    if fixed.get("band_rows") and table.excluded(fixed.get("offload", "none"), banded=True):
+        raise PlanError(table.excluded(fixed["offload"], banded=True))
     for name, value in fixed.items():  # a forced knob has exactly one choice
         choices[name] = (value,)
     plans = [MemoryPlan(*c) for c in itertools.product(*(choices[n] for n in KNOB_NAMES))]
-    plans = [p for p in plans if not (p.band_rows and p.offload == "sequential")]
+    plans = [p for p in plans if not table.excluded(p.offload, banded=bool(p.band_rows))]
     return sorted(plans, key=lambda p: (round(p.slowdown(width, height), 9),
                                         OFFLOADS.index(p.offload), -p.vae_tile_px, p.ff_chunk,
                                         p.cfg_split, p.attn_chunk, p.inplace, p.skips_on_cpu,
@@ -228,22 +206,18 @@ class _Estimator:
 
 # Each knob's values, loosest (most memory, least work) first: a plan one step looser in any
 # knob needs at least as much memory and at most as much time (the frontier below rests on it).
-LOOSEST_FIRST = {"offload": OFFLOADS, "vae_tile_px": TILE_CHOICES + (tuning.CPU_VAE_TILE,),
-                 "ff_chunk": FF_CHOICES, "cfg_split": (False, True),
-                 "attn_chunk": (0,) + ATTN_CHOICES["cuda"] + ATTN_CHOICES["cpu"][-1:],
-                 "inplace": (False, True), "skips_on_cpu": (False, True), "band_rows": BAND_CHOICES}
+LOOSEST_FIRST = {k.name: k.loosest_first() for k in table.KNOBS}
 
 
 def _looser(plan: MemoryPlan):
-    """The plans one step looser than `plan` in one knob (as knob tuples)."""
+    """The plans looser than `plan` in one knob (as knob tuples), every looser value of it: the
+    table lists every device's values, so the nearest may not be a choice on this one."""
     k = plan.knobs()
     for name in KNOB_NAMES:
         order = LOOSEST_FIRST[name]
         value = getattr(k, name)
-        i = order.index(value) if value in order else 0
-        for looser in order[:i][::-1]:  # the nearest looser value that is a real choice
+        for looser in order[:order.index(value) if value in order else 0]:
             yield replace(k, **{name: looser})
-            break
 
 
 def frontier(fitting: list[MemoryPlan]) -> list[MemoryPlan]:
@@ -279,7 +253,7 @@ def choose_knobs(unet_config: dict, vae_config: dict, *, width: int, height: int
     smallest, fitting = None, []
     for plan in candidate_plans(width, height, guidance=guidance, linfusion=linfusion,
                                 device=device, fixed=fixed):
-        if world_size > 1 and plan.offload == "sequential":  # bands read the weights directly
+        if world_size > 1 and table.excluded(plan.offload, banded=True):  # a group runs band-wise
             continue
         peak = estimate(plan)
         if peak <= budget_bytes:
