@@ -36,7 +36,7 @@ def test_out_of_memory_on_every_attempt_is_exit_1_one_line_and_keeps_the_finishe
     assert line.startswith("error: stage 2 (128x128) ran out of device memory in the VAE encode"), line
     assert "smallest budget tried:" in line and "stage 1's image is kept as" in line
     kept = [p for p in files_under(tmp_path) if p.suffix == ".png"]
-    assert [p.name for p in kept] == ["cat.stage1-64x64.png"] and str(kept[0]) in line
+    assert [p.name for p in kept] == ["cat.png.stage1-64x64.png"] and str(kept[0]) in line
     assert not (tmp_path / "cat.png").exists() and result.out == ""
 
 
