@@ -60,6 +60,7 @@ def test_cpu_smoke_runs_every_case_and_writes_predictions(tmp_path):
     assert data["cases"]["sdxl_dilated"]["dilation"] == 2
 
 
+@pytest.mark.slow  # a full-size meta trace or several runs: not the quick tier
 def test_dry_smoke_plans_and_predicts_without_running(tmp_path):
     out = tmp_path / "dry.json"
     assert gpu_16k.main(["--cpu-smoke", "--dry", "--json", str(out)]) == 0

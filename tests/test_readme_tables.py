@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from .cli_helpers import ROOT
 
 README = (ROOT / "README.md").read_text()
@@ -21,6 +23,7 @@ def table_after(marker_text: str) -> str:
     return "\n".join(lines)
 
 
+@pytest.mark.slow  # a full-size meta trace or several runs: not the quick tier
 def test_memory_table_is_the_generators():
     from benchmarks.memory_table import table
 

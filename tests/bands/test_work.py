@@ -41,6 +41,7 @@ def test_parked_skips_recompute_only_the_full_resolution_upsampler(sd15):
 
 
 @pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.slow  # a full-size meta trace or several runs: not the quick tier
 def test_band_parallel_ranks_share_the_whole_forwards_work(sd15, ranks):
     """Over a group every rank computes its own rows once (halos are sent, not recomputed):
     the ranks' FLOPs add up to within 5% of one process's, convolutions included."""

@@ -152,6 +152,7 @@ def test_planner_rows_per_rank_follow_the_layout(height, levels, size):
 @pytest.mark.parametrize("family,rows,knobs,size", [
     ("sd15", 32, dict(cfg_split=True, skips_on_cpu=True, inplace=True), 4),
     ("sdxl", 0, {}, 4), ("sd15", 0, {}, 8)])
+@pytest.mark.slow  # a full-size meta trace or several runs: not the quick tier
 def test_per_rank_estimate_against_a_trace_of_one_rank(family, rows, knobs, size):
     """The planner's per-rank UNet bytes against a meta-device trace of rank 1's band-parallel
     forward (parallel.traffic's counting group: halo buffers and the gathered output are real

@@ -61,6 +61,7 @@ def test_untiled_pipeline_equals_diffusers_stage_by_stage(tiny_pipeline_dirs, fa
     assert [s["width"] for s in record["stages"]] == [64, 128, 256]
 
 
+@pytest.mark.slow  # a full-size meta trace or several runs: not the quick tier
 def test_three_stage_ladder_sizes_and_determinism(tiny_pipeline_dirs):
     folder = tiny_pipeline_dirs["sd15"]
     model = load_model(str(folder), linfusion="fresh")
@@ -86,6 +87,7 @@ def test_upscale_from_an_existing_image(tiny_pipeline_dirs):
     assert image.shape == (160, 224, 3) and record["init_image"] == "x.png"
 
 
+@pytest.mark.slow  # a full-size meta trace or several runs: not the quick tier
 def test_channels_last_default_on_cpu_changes_pixels_by_rounding_only(tiny_pipeline_dirs):
     folder = tiny_pipeline_dirs["sd15"]
     plan = make_plan(folder, "sd15", vae_tile_px=64)

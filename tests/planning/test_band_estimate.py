@@ -23,6 +23,7 @@ TRACE_CASES = [
 
 
 @pytest.mark.parametrize("family,rows,knobs", TRACE_CASES)
+@pytest.mark.slow  # a full-size meta trace or several runs: not the quick tier
 def test_banded_estimate_within_5_percent_of_the_trace(family, rows, knobs):
     unet_cfg, _ = load_family_configs(family)
     plan = MemoryPlan(offload="model", attn_chunk=65536, band_rows=rows, **knobs)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from linfusion_cli import hostmem
 from linfusion_cli.io.metadata import read_metadata
 from linfusion_cli.planning.budget import Budget
@@ -47,6 +49,7 @@ def test_vae_mode_follows_the_host_budget(cli, monkeypatch):
     assert "decode estimated, encode estimated" in text
 
 
+@pytest.mark.slow  # a full-size meta trace or several runs: not the quick tier
 def test_the_run_does_the_planned_vae_mode(cli, tmp_path):
     out = tmp_path / "a.png"
     r = cli("generate", "x", "--model", "demo", "--res", "1024", "--steps", "4", "--vae-tile", "256",

@@ -102,6 +102,7 @@ def test_sd15_16k_fits_24_gib_without_sequential_offload(configs):
 
 # ---------------------------------------------------------------- plan choice
 
+@pytest.mark.slow  # a full-size meta trace or several runs: not the quick tier
 def test_smaller_budget_never_gets_a_looser_plan(configs):
     for family in ("sd15", "sdxl"):
         for size in (2048, 8192):

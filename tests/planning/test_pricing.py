@@ -98,6 +98,7 @@ def test_stage_cost_sums_its_phases():
     assert d["compute_s"] == pytest.approx(11 * 10 ** 14 / gpu.sustained_flops, abs=1e-3)
 
 
+@pytest.mark.slow  # a full-size meta trace or several runs: not the quick tier
 def test_dry_run_prices_the_plan_for_the_named_gpu(cli):
     r = cli("generate", "a boat", "--res", "1024", "--gpu", "rtx3060", "--dry-run", "--json")
     assert r.code == 0, r.err
@@ -127,6 +128,7 @@ def test_a_rank_waits_for_its_peers_messages():
     assert GPUS["h100"].link_bps > 5 * GPUS["rtx4090"].link_bps  # NVLink against PCIe
 
 
+@pytest.mark.slow  # a full-size meta trace or several runs: not the quick tier
 def test_a_band_parallel_plan_is_priced_per_rank(cli):
     """--world-size 2: each stage is one rank's half of the UNet's work plus its messages."""
     base = ("generate", "a boat", "--res", "1024", "--gpu", "h100", "--dry-run", "--json")

@@ -62,6 +62,7 @@ def test_two_controlnets_step_estimate_within_5_percent_of_the_trace(family_mode
     assert abs(estimated / traced - 1) <= 0.05, (family_models[0], estimated, traced)
 
 
+@pytest.mark.slow  # a full-size meta trace or several runs: not the quick tier
 def test_controlnet_step_trace_and_estimate_at_512(family_models):
     """Fast check (512 px, tight knobs): the step with a ControlNet holds more than the UNet
     alone; the estimate follows the trace with and without parked skips."""
@@ -131,6 +132,7 @@ def test_image_encoder_forward_is_below_5_percent_of_the_stage(family):
 
 
 @pytest.mark.parametrize("parked", [False, True])
+@pytest.mark.slow  # a full-size meta trace or several runs: not the quick tier
 def test_banded_controlnet_step_estimate_within_5_percent_of_the_trace(family_models, parked):
     """Band-wise with the ControlNet (bands/controlnet.py): parked, each residual leaves the
     device as it is made, so the step is the larger of the band-wise walks and the embedding's

@@ -30,6 +30,7 @@ def tiny_ledger():
     ("sd15", MemoryPlan(attn_chunk=65536, band_rows=32, skips_on_cpu=True), 512),  # band-wise
     ("tiny", MemoryPlan(attn_chunk=64, ff_chunk=32, cfg_split=True), 64),  # whole map, chunked
 ], ids=["sd15-bands", "tiny-chunks"])
+@pytest.mark.slow  # a full-size meta trace or several runs: not the quick tier
 def test_extrapolated_count_equals_the_direct_count(sd15_ledger, tiny_ledger, family, knobs, width):
     ledger = sd15_ledger if family == "sd15" else tiny_ledger
     period = band_period(ledger.config, knobs, width)
@@ -58,6 +59,7 @@ def test_the_ledger_is_cached_on_disk(tmp_path, sd15_ledger):
     assert len(list(tmp_path.glob("*.json"))) == 1
 
 
+@pytest.mark.slow  # a full-size meta trace or several runs: not the quick tier
 def test_a_banded_step_costs_at_most_5_percent_more_flops_than_the_whole_map(sd15_ledger):
     whole = sd15_ledger(1024, 1024, MemoryPlan(attn_chunk=65536), 2)
     banded = sd15_ledger(1024, 1024, MemoryPlan(attn_chunk=65536, band_rows=32), 2)

@@ -51,6 +51,7 @@ def test_estimate_within_5_percent_of_the_trace(family_unet, knobs):
     assert abs(estimated / traced - 1) <= 0.05, (family, estimated, traced)
 
 
+@pytest.mark.slow  # a full-size meta trace or several runs: not the quick tier
 def test_skips_on_cpu_trace_counts_less_device_memory(family_unet):
     """The trace sees the knob: parked skips are host memory, so the device peak drops."""
     _, unet_config, unet = family_unet

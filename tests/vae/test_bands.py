@@ -134,6 +134,7 @@ def _sd_vae() -> dict:
     (16384, 16384, 64, False), (16384, 16384, 256, False),
     (16384, 8192, 16, True), (16384, 8192, 64, False), (16384, 8192, 256, True),
 ])
+@pytest.mark.slow  # a full-size meta trace or several runs: not the quick tier
 def test_banded_estimate_matches_meta_trace_at_full_size(width, height, rows, encode_):
     from linfusion_cli.tracing.unet import trace_vae_whole_bytes
     from linfusion_cli.planning.memory.walk import whole_latent_elements_banded
