@@ -131,7 +131,7 @@ def _digest(init_image) -> str | None:
 
 def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, overwrite: bool = False,
                   on_event=None, init_image=None, resume: bool = False, write: bool = True,
-                  faults=None, start=None) -> dict:
+                  faults=None, start=None, group=None) -> dict:
     """Run a plan and write its image atomically (stdout when path is None).
 
     Every finished stage but the last is checkpointed beside `path` (io/checkpoints.py: hidden,
@@ -140,6 +140,7 @@ def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, o
     is written. write=False: run, write nothing (a band-parallel rank other than 0).
     faults: testhooks.OomFaults, the test hook's out-of-memory faults (counted across calls).
     start: the resume_start() a caller announced (resume=True): the run starts exactly there.
+    group: the band-parallel group (parallel.BandGroup) this process makes the image with.
     """
     digest = _digest(init_image)
     if start is None and resume and path is not None:
@@ -165,7 +166,7 @@ def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, o
 
     try:
         image, record = run_plan(plan, model, on_event=handle, init_image=init_image, resume_from=start,
-                                 previews=write, faults=faults)
+                                 previews=write, faults=faults, group=group)
     except (NonFiniteError, OutOfMemoryError) as exc:  # a later stage failed: keep the last finished
         if not finished or not write:
             raise

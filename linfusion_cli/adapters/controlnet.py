@@ -256,7 +256,7 @@ def _pipeline(ctx, kind: str, nets: list):
     """diffusers' ControlNet pipeline of `kind` from the run's components (made once per run)."""
     from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
 
-    cache = ctx.notes.setdefault("controlnet_pipes", {})
+    cache = ctx.controlnet_pipes
     key = (kind, tuple(id(n) for n in nets))
     if key not in cache:
         auto = AutoPipelineForText2Image if kind == "txt2img" else AutoPipelineForImage2Image

@@ -106,7 +106,6 @@ def stage_kwargs(ctx) -> dict:
     if spec is None:
         return {}
 
-    image = ctx.notes.get("ip_image")
-    if image is None:
-        image = ctx.notes["ip_image"] = images.open_image(spec.image)
-    return {"ip_adapter_image": image}
+    if ctx.ip_image is None:
+        ctx.ip_image = images.open_image(spec.image)
+    return {"ip_adapter_image": ctx.ip_image}

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from .. import api, distributed, validate
+from .. import api, distributed, parallel, validate
 from ..errors import InputError, LinfusionError, OutputError
 from ..parallel import GroupError
 from ..io.manifest import Manifest, check_manifest_path, same_settings
@@ -305,7 +305,7 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
                 try:
                     result = api.generate_file(plan, loaded, path=path, fmt=fmt, overwrite=overwrite,
                                                on_event=view, resume=resume, write=lead,
-                                               faults=faults, start=start)
+                                               faults=faults, start=start, group=parallel.active())
                 except Exception as exc:  # noqa: BLE001 - reported below
                     view.run_finished(index=index, error=one_line_of(exc))
                     raise

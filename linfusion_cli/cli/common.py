@@ -190,7 +190,7 @@ def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_
         try:
             result = api.generate_file(plan, model, path=path, fmt=fmt, overwrite=overwrite,
                                        on_event=view, init_image=init_image, resume=resume, write=write,
-                                       faults=oom_faults(), start=start)
+                                       faults=oom_faults(), start=start, group=parallel.active())
         except BaseException as exc:
             view.run_finished(error="interrupted" if isinstance(exc, KeyboardInterrupt) else one_line_of(exc))
             raise

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .. import parallel, vae as tiled_vae
+from .. import vae as tiled_vae
 from ..hostmem import vae_park_budget
 from ..planning.budget import vae_device_budget
 from ..planning.plan import GenerationPlan, Stage
@@ -25,8 +25,11 @@ class StageContext:
     on_event: EventHandler
     txt2img: object = None  # diffusers pipelines sharing one set of components
     img2img: object = None
-    notes: dict = field(default_factory=dict)  # stage index -> {"decode"/"encode": vae.TileReport}
     preview: object = None  # preview.Previewer (--preview), or None
+    group: object = None  # parallel.BandGroup: the ranks this image is made over (None: alone)
+    vae_reports: dict = field(default_factory=dict)  # stage index -> {"decode"/"encode": vae.TileReport}
+    ip_image: object = None  # the IP-Adapter's image, read once per run (adapters/ip_adapter.py)
+    controlnet_pipes: dict = field(default_factory=dict)  # (kind, nets) -> diffusers pipeline, per run
     phases: Phases = field(default_factory=Phases)  # the phase running, test faults, rank agreement
 
     def __post_init__(self):
@@ -69,13 +72,13 @@ def vae_plan(ctx: StageContext, stage: Stage, part: str) -> dict:
         device = vae_device_budget(ctx.plan.budget.bytes, memory.estimated_peak_gib)
     return dict(tile_px=tile_px(ctx, stage), band_rows=band_rows(stage), mode=mode,
                 host_budget=budget, device_budget=device, on_report=report_to(ctx, stage, part),
-                group=parallel.active())  # band parallelism: the tiles shared out among the ranks
+                group=ctx.group)  # band parallelism: the tiles shared out among the ranks
 
 
 def report_to(ctx: StageContext, stage: Stage, part: str):
     """on_report for the VAE's `part` ("decode"/"encode") of a stage: keeps it for the run record."""
     def keep(report: tiled_vae.TileReport) -> None:
-        ctx.notes.setdefault(stage.index, {})[part] = report
+        ctx.vae_reports.setdefault(stage.index, {})[part] = report
     return keep
 
 

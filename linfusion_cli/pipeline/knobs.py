@@ -261,18 +261,19 @@ def vae_on_device(vae: nn.Module) -> None:
         hook.pre_forward(vae)
 
 
-def apply_knobs(unet: nn.Module, vae: nn.Module | None, plan) -> KnobHandle:
-    """Apply plan's module-level knobs to unet (and in-place SiLU to vae); call the result to undo."""
+def apply_knobs(unet: nn.Module, vae: nn.Module | None, plan, group=None) -> KnobHandle:
+    """Apply plan's module-level knobs to unet (and in-place SiLU to vae); call the result to undo.
+    group: the band-parallel group (parallel.BandGroup) the UNet computes with: always band-wise."""
     handle = KnobHandle()
     try:
-        _apply_knobs(unet, vae, plan, handle)
+        _apply_knobs(unet, vae, plan, handle, group)
     except BaseException:
         handle()  # a knob that could not go on: the ones before it come off again
         raise
     return handle
 
 
-def _apply_knobs(unet: nn.Module, vae: nn.Module | None, plan, handle: KnobHandle) -> None:
+def _apply_knobs(unet: nn.Module, vae: nn.Module | None, plan, handle: KnobHandle, group) -> None:
     if plan.ff_chunk:
         for module in unet.modules():
             ff = getattr(module, "ff", None)
@@ -284,24 +285,22 @@ def _apply_knobs(unet: nn.Module, vae: nn.Module | None, plan, handle: KnobHandl
         for model in (unet, vae):
             if model is not None:
                 _swap_silu(model, handle)
-    group = parallel.active()  # one image over several processes: always band-wise
-    if getattr(plan, "band_rows", 0) or group is not None:
-        _banded(unet, getattr(plan, "band_rows", 0) or parallel.WHOLE, plan.skips_on_cpu, handle,
-                group)
+    if plan.band_rows or group is not None:  # one image over several processes: always band-wise
+        _banded(unet, plan.band_rows or parallel.WHOLE, plan.skips_on_cpu, handle, group)
     elif plan.skips_on_cpu:
         _skips_to_cpu(unet, handle)
     if plan.cfg_split:
         handle.add(_patch_forward(unet, lambda forward: split_batch(forward, join_unet_outputs)))
 
 
-def apply_memory_plan(pipe, plan, device: str | torch.device) -> KnobHandle:
+def apply_memory_plan(pipe, plan, device: str | torch.device, group=None) -> KnobHandle:
     """Apply every model-side field of a MemoryPlan to a pipeline; call the result to undo.
 
     The VAE tile size is the one field not set on a module: stages pass it to the tiled VAE.
     """
     if plan.offload not in ("none", "model", "sequential"):
         raise ValueError(f"unknown offload mode {plan.offload!r}: none, model or sequential")
-    handle = apply_knobs(pipe.unet, pipe.vae, plan)
+    handle = apply_knobs(pipe.unet, pipe.vae, plan, group)
     try:
         if plan.offload != "none":
             _offload(pipe, plan.offload, torch.device(device), handle)

@@ -11,19 +11,20 @@ from .knobs import KnobHandle, apply_memory_plan, read_knobs
 
 
 @contextlib.contextmanager
-def memory_plan_applied(model, memory):
+def memory_plan_applied(model, memory, group=None):
     """Every model-side knob of `memory` on the shared components for one stage, then undone.
 
     Yields the knobs in effect, read back from the modules (pipeline.knobs.read_knobs), so the
     run record says what ran rather than what was asked. ControlNets get the same chunking,
-    in-place and guidance-split knobs (pipeline.controlnet_knobs).
+    in-place and guidance-split knobs (pipeline.controlnet_knobs). group: the band-parallel
+    group the UNet computes with (None: alone).
     """
     if memory is None:
         yield read_knobs(model.pipe)
         return
     handle = KnobHandle()  # every undo below runs, even where one fails or an apply does
     try:
-        handle.add(apply_memory_plan(model.pipe, memory, model.device))
+        handle.add(apply_memory_plan(model.pipe, memory, model.device, group))
         nets = list(getattr(model, "controlnets", {}).values())
         if nets:
             handle.add(controlnet_knobs(nets, memory))

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .. import __version__, parallel
+from .. import __version__
 from ..errors import NonFiniteError, OutOfMemoryError
 from . import finite
 from ..planning.plan import GenerationPlan, Stage
@@ -29,10 +29,10 @@ def dtype_name(dtype) -> str:
     return next((name for name, value in TORCH_DTYPES.items() if value == dtype), str(dtype).replace("torch.", ""))
 
 
-def run_record(plan: GenerationPlan, model, stages: list[dict]) -> dict:
-    """The machine-readable record of a run (metadata chunk, --json, --resume)."""
+def run_record(plan: GenerationPlan, model, stages: list[dict], group=None) -> dict:
+    """The machine-readable record of a run (metadata chunk, --json, --resume); group: the
+    band-parallel group that made it (None: one process)."""
     base = plan.stages[0]
-    group = parallel.active()
     return {
         "prompt": plan.prompt, "negative": plan.negative, "seed": plan.seed,
         "steps": base.steps, "sampler": model.sampler, "guidance": base.guidance,
@@ -74,7 +74,7 @@ def _attempt(ctx: StageContext, stage: Stage, previous: np.ndarray | None):
     rank = phases.group.rank if phases.group is not None else 0
     image, agreed = None, False
     phases.current = "unet"  # the text encoders and the first forwards: the denoising part
-    with torch.inference_mode(), memory_plan_applied(ctx.model, stage.memory) as knobs:
+    with torch.inference_mode(), memory_plan_applied(ctx.model, stage.memory, ctx.group) as knobs:
         hook = phases.unet_hook(ctx.model.pipe.unet)
         try:
             image, code = stage_function(stage)(ctx, stage, previous), recovery.OK
@@ -239,7 +239,7 @@ def _count(moved: dict, direction: str, n: int, blocking: bool) -> None:
 
 def run_plan(plan: GenerationPlan, model, *, on_event: EventHandler = ignore,
              init_image: np.ndarray | None = None, resume_from=None,
-             previews: bool = True, faults=None) -> tuple[np.ndarray, dict]:
+             previews: bool = True, faults=None, group=None) -> tuple[np.ndarray, dict]:
     """Every stage in order; returns the final uint8 (H, W, 3) image and the run record.
 
     Each finished stage is reported (with its image) through a StageFinished event, so the
@@ -247,13 +247,15 @@ def run_plan(plan: GenerationPlan, model, *, on_event: EventHandler = ignore,
     after its stage from its image, exactly the uint8 image that stage handed on.
     previews: write plan.preview's file (False: a band-parallel rank other than 0).
     faults: testhooks.OomFaults (LINFUSION_TEST_OOM), counted over every run the caller makes.
+    group: the band-parallel group (parallel.BandGroup) every rank of which runs this plan with
+    the same arguments; None: this process alone.
     """
     preview = None
     if previews and plan.preview is not None:
         preview = Previewer(plan.preview, family=plan.family, on_event=on_event,
                             decoder=getattr(model, "preview_decoder", None))
-    ctx = StageContext(plan=plan, model=model, on_event=on_event, preview=preview,
-                       phases=recovery.Phases(faults, parallel.active()))
+    ctx = StageContext(plan=plan, model=model, on_event=on_event, preview=preview, group=group,
+                       phases=recovery.Phases(faults, group))
     cap_allocator(model.device, plan.budget)  # --max-vram on CUDA: the allocator's limit
     image = init_image if resume_from is None else resume_from.image
     done: list[dict] = [] if resume_from is None else resume_from.stage_records
@@ -266,15 +268,15 @@ def run_plan(plan: GenerationPlan, model, *, on_event: EventHandler = ignore,
         seconds = time.perf_counter() - start
         if preview is not None:
             preview.finished(stage, image)
-        vae = _vae_notes(ctx.notes.get(stage.index, {}))
+        vae = _vae_notes(ctx.vae_reports.get(stage.index, {}))
         knobs["vae_tile_px"] = vae.get("decode", {}).get("tile_px", 0)
         stage_record = ran.to_dict() | {"seconds": round(seconds, 3), "peak_gib": _peak_gib(model.device),
                                         "vae": vae, "memory_in_effect": knobs, "pcie_moved": moved,
                                         "device_memory": measured, "attempts": attempts}
         done.append(stage_record)
         on_event(StageFinished(stage.index, len(plan.stages), seconds, stage_record["peak_gib"], image,
-                               run_record(plan, model, done)))
-    record = run_record(plan, model, done)
+                               run_record(plan, model, done, group)))
+    record = run_record(plan, model, done, group)
     if resume_from is not None:
         record["resumed"] = {"after_stage": resume_from.stage + 1}
     return image, record

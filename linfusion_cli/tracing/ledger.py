@@ -129,8 +129,7 @@ def unet_call_cost(unet, *, width: int, height: int, knobs, batch: int = 2,
         levels = len(unet.config.block_out_channels) - 1
         rank = busiest_rank(-(-height // 8), levels, world_size) if rank is None else rank
         group = CountingGroup(rank, world_size, "meta")
-    with parallel.activated(group):  # apply_knobs makes a group's UNet band-wise
-        undo = apply_knobs(unet, None, knobs)
+    undo = apply_knobs(unet, None, knobs, group)  # a group's UNet runs band-wise
     try:
         with counting() as tally:
             sample, t, context, kwargs = _inputs(unet, batch, -(-height // 8), -(-width // 8), dtype)

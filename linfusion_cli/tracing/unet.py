@@ -120,14 +120,15 @@ def _inputs(unet, batch: int, latent_h: int, latent_w: int, dtype: torch.dtype):
 
 def trace_unet_bytes(unet_config: dict, *, width: int, height: int, knobs, batch: int = 2,
                      linfusion: bool = True, dtype: torch.dtype = torch.float16,
-                     unet=None) -> int:
+                     unet=None, group=None) -> int:
     """Peak live activation bytes of one UNet forward at (width, height) under `knobs`.
 
-    knobs: a MemoryPlan (its model-side fields are applied with pipeline.knobs.apply_knobs).
+    knobs: a MemoryPlan (its model-side fields are applied with pipeline.knobs.apply_knobs);
+    group: a band-parallel group (parallel.traffic.CountingGroup on meta): one rank's forward.
     The inputs (latents, text context) count, as the estimate counts them.
     """
     unet = unet if unet is not None else meta_unet(unet_config, linfusion=linfusion, dtype=dtype)
-    undo = apply_knobs(unet, None, knobs)
+    undo = apply_knobs(unet, None, knobs, group)
     try:
         mode = LiveBytes()
         with torch.inference_mode(), mode, _host_parking(mode):

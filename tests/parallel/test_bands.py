@@ -157,7 +157,6 @@ def test_per_rank_estimate_against_a_trace_of_one_rank(family, rows, knobs, size
     """The planner's per-rank UNet bytes against a meta-device trace of rank 1's band-parallel
     forward (parallel.traffic's counting group: halo buffers and the gathered output are real
     tensors there): never under by more than 5%, over by at most 30% (the halo allowance)."""
-    from linfusion_cli import parallel
     from linfusion_cli.parallel.traffic import CountingGroup
     from linfusion_cli.planning.memory import estimate as est
     from linfusion_cli.planning.memory.planner import MemoryPlan, load_family_configs
@@ -165,9 +164,8 @@ def test_per_rank_estimate_against_a_trace_of_one_rank(family, rows, knobs, size
 
     unet_cfg, _ = load_family_configs(family)
     plan = MemoryPlan(offload="model", attn_chunk=65536, band_rows=rows, **knobs)
-    with parallel.activated(CountingGroup(1, size, "meta")):
-        traced = trace_unet_bytes(unet_cfg, width=2048, height=2048, knobs=plan,
-                                  unet=meta_unet(unet_cfg, linfusion=True))
+    traced = trace_unet_bytes(unet_cfg, width=2048, height=2048, knobs=plan,
+                              unet=meta_unet(unet_cfg, linfusion=True), group=CountingGroup(1, size, "meta"))
     estimated = est.unet_activation_bytes(
         unet_cfg, latent_h=est.rank_latent_rows(unet_cfg, 256, size), latent_w=256, batch=2,
         dtype_bytes=2, knobs=est.rank_knobs(plan, size)) + est.gathered_bytes(

@@ -76,8 +76,8 @@ def _nan_run(folder: str, rank: int | None, size: int, out: str) -> None:
     if rank is None:
         image, record = run_plan(plan, model, on_event=arm)
     else:
-        with parallel.band_parallel(rank, size, "cpu"):
-            image, record = run_plan(plan, model, on_event=arm, previews=False)
+        with parallel.band_parallel(rank, size, "cpu") as group:
+            image, record = run_plan(plan, model, on_event=arm, previews=False, group=group)
     np.save(f"{out}/{'single' if rank is None else rank}.npy", image)
     with open(f"{out}/{'single' if rank is None else rank}.json", "w") as f:
         json.dump([s["attempts"] for s in record["stages"]], f)

@@ -17,7 +17,7 @@ from linfusion_cli.planning.plan import build_plan
 def fake_model(monkeypatch):
     """No real components: the stage functions are replaced, the context needs no pipelines."""
     monkeypatch.setattr(orchestrator.StageContext, "__post_init__", lambda self: None)
-    monkeypatch.setattr(orchestrator, "memory_plan_applied", lambda model, memory: _nullcontext({}))
+    monkeypatch.setattr(orchestrator, "memory_plan_applied", lambda model, memory, group: _nullcontext({}))
     return SimpleNamespace(device=torch.device("cpu"), sampler="DDIM", family="sd15",
                            pipe=SimpleNamespace(unet=torch.nn.Identity()),
                            linfusion=None, dtype=torch.float32)

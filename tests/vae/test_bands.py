@@ -119,7 +119,7 @@ def test_stages_pass_the_plans_band_rows(monkeypatch):
     ctx = SimpleNamespace(model=SimpleNamespace(pipe=SimpleNamespace(vae=None), vae_dtype=torch.float32,
                                                 device=torch.device("cpu")),
                           plan=SimpleNamespace(vae_tile_px=None, budget=None),
-                          on_event=lambda e: None, notes={}, phases=stages.Phases())
+                          on_event=lambda e: None, vae_reports={}, group=None, phases=stages.Phases())
     stage = SimpleNamespace(index=0, memory=MemoryPlan(vae_tile_px=512, band_rows=16))
     stages.decode(ctx, stage, torch.zeros(1, 4, 8, 8))
     assert seen["band_rows"] == 16 and seen["tile_px"] == 512
