@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import threading
 import torch
 import torch.distributed as dist
 import contextlib
@@ -24,6 +25,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .errors import InputError, LinfusionError
+from .differences import digest as _digest, first_difference
 
 from .testhooks import AFTER_IMAGES as ENV_TEST_HOOK  # noqa: F401 (tests name it from here)
 from . import testhooks, interrupts
@@ -100,11 +102,14 @@ class World:
             raise InputError(problem)
         return io.StringIO(text)
 
-    def agree(self, failure: BaseException | None = None, keep: bool = False) -> None:
+    def agree(self, failure: BaseException | None = None, keep: bool = False, made=None) -> None:
         """Every rank reports its validation; if any failed, all raise the lowest failing rank's error.
 
         Only rank 0 prints it (the error's `echo` is False elsewhere), so one bad file gives one line.
         keep: the group stays for the run (band parallelism: one image over every rank).
+        made: what this rank is about to make (JSON-able: plans, entries); when every rank
+        validated, each compares its own with rank 0's and a difference is InputError on every
+        rank, naming the first differing field (rank 0 decides what is made, nothing else runs).
         """
         if self.agreed or not self.distributed:
             self.agreed = True
@@ -115,12 +120,14 @@ class World:
         self.agreed = True
         mine = None
         if failure is not None:
-            cls = type(failure) if isinstance(failure, LinfusionError) else LinfusionError
-            text = str(failure) if isinstance(failure, LinfusionError) else \
-                f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
-            mine = (cls, text)
+            mine = _report(failure)
+        digest = _digest(made) if failure is None else None
         reports = [None] * self.size
-        dist.all_gather_object(reports, mine)
+        dist.all_gather_object(reports, (mine, digest))
+        digests = [d for _, d in reports]
+        reports = [r for r, _ in reports]
+        if all(r is None for r in reports) and any(d != digests[0] for d in digests):
+            self._differs(made, digests)  # every rank takes part: all know a digest differs
         if self.owns_group and not keep:  # nothing crosses ranks after this: a rank that dies cannot block others,
             dist.destroy_process_group()  # and libraries see no group (transformers saves on rank 0 only)
         for rank, report in enumerate(reports):
@@ -134,6 +141,53 @@ class World:
                     exc.exit_code = cls.exit_code
                 exc.echo = self.rank == 0
                 raise exc from None
+
+    def _differs(self, made, digests) -> None:
+        """Rank 0's `made` to every rank; each names its first difference; all raise the first
+        differing rank's line (every rank prints it: each stops on its own terminal or log)."""
+        box = [made if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        mine = None if digests[self.rank] == digests[0] else \
+            first_difference(box[0], made, who=f"on rank {self.rank}")
+        lines = [None] * self.size
+        dist.all_gather_object(lines, mine)
+        rank, where = next((r, line or "the digest") for r, line in enumerate(lines)
+                           if digests[r] != digests[0])
+        raise InputError(f"rank {rank} would make something else than rank 0: {where}; start every "
+                         "rank with the same command, files and presets") from None
+
+    def decide(self, choose):
+        """choose() on rank 0 and its value on every rank (what rank 0's files say: a resume
+        start); its error, on every rank, as AgreedFailure (printed by rank 0 only)."""
+        if not self.distributed:
+            return choose()
+        value = report = None
+        if self.rank == 0:
+            try:
+                value = choose()
+            except Exception as exc:  # noqa: BLE001 -- every rank must reach the broadcast
+                report = _report(exc)
+        value, report = self.broadcast((value, report))
+        if report is not None:
+            raise _agreed(report, self.rank) from None
+        return value
+
+    def outcome(self, failure: Exception | None) -> None:
+        """Band parallelism, at a stage's or an entry's end: every rank says how it went, so all
+        fail together or go on together; a rank that failed alone never leaves the others waiting
+        in a collective. Any failure is AgreedFailure on every rank (the first failing rank's
+        line, printed by rank 0 only)."""
+        if not self.distributed:
+            if failure is not None:
+                raise failure
+            return
+        reports = [None] * self.size
+        dist.all_gather_object(reports, _report(failure) if failure is not None else None)
+        first = next((r for r, report in enumerate(reports) if report is not None), None)
+        if first is None:
+            return
+        cls, text = reports[first]
+        raise _agreed((cls, text if first == 0 else f"rank {first}: {text}"), self.rank) from failure
 
     # ------------------------------------------------------------ output
 
@@ -163,6 +217,34 @@ class World:
         testhooks.after_images(self.rank, count)
 
 
+class AgreedFailure(LinfusionError):
+    """Another rank failed at a point every rank passes (World.outcome): all ranks know already."""
+
+
+def _report(failure: BaseException) -> tuple:
+    """(error class, one line) of a failure, as it crosses ranks."""
+    cls = type(failure) if isinstance(failure, LinfusionError) else LinfusionError
+    text = str(failure) if isinstance(failure, LinfusionError) else \
+        f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
+    return cls, text
+
+
+def _agreed(report: tuple, rank: int) -> AgreedFailure:
+    """A failure every rank knows of, with its class's exit code; only rank 0 prints it."""
+    cls, text = report
+    exc = AgreedFailure(text)
+    exc.exit_code, exc.echo = cls.exit_code, rank == 0
+    return exc
+
+
+def launcher_env(environ=None) -> bool:
+    """A launcher started this process: WORLD_SIZE > 1 with RANK, MASTER_ADDR and MASTER_PORT
+    (torchrun and accelerate launch set them all; by hand, all must be set too)."""
+    environ = os.environ if environ is None else environ
+    return _env_int(environ, "WORLD_SIZE", 1) > 1 and all(
+        environ.get(name) for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"))
+
+
 def from_env(environ=None) -> World:
     """The launcher's RANK / WORLD_SIZE / LOCAL_RANK (torchrun and accelerate set all three)."""
     environ = os.environ if environ is None else environ
@@ -172,14 +254,22 @@ def from_env(environ=None) -> World:
     if size < 1 or not 0 <= rank < size or local < 0:
         raise InputError(f"RANK={rank}, WORLD_SIZE={size}, LOCAL_RANK={local} in the environment "
                          "do not describe a process group")
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not environ.get(name)]
+    if size > 1 and missing:  # left over from another shell: refused now, never a wait for peers
+        raise InputError(f"WORLD_SIZE={size} is set but {', '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} not: start the command with torchrun "
+                         "or accelerate launch, or unset WORLD_SIZE")
     return World(rank=rank, size=size, local_rank=local)
 
 
 def processes_here(world_size: int, environ=None) -> int:
     """Processes on this machine, which share its RAM: the launcher's LOCAL_WORLD_SIZE (torchrun
     sets it; a batch sharing out images counts too), else `world_size` (a dry run's
-    --world-size N plans N processes here)."""
+    --world-size N plans N processes here). A single-process plan outside a launcher is one
+    process whatever LOCAL_WORLD_SIZE says (a variable left over from another shell)."""
     environ = os.environ if environ is None else environ
+    if world_size <= 1 and not launcher_env(environ):
+        return 1
     return max(1, _env_int(environ, "LOCAL_WORLD_SIZE", world_size))
 
 
@@ -245,23 +335,41 @@ GROUP_TIMEOUT_S = 60.0
 
 
 def _start_group(world: World) -> None:
-    """init_process_group with a timeout; launcher variables left without a launcher, or peers
-    that never come, are one line (InputError / LinfusionError), never a hang or a traceback."""
-    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
-    if missing:
-        raise InputError(f"WORLD_SIZE={world.size} is set but {' and '.join(missing)} "
-                         f"{'is' if len(missing) == 1 else 'are'} not: start the batch with torchrun "
-                         "or accelerate launch, or unset WORLD_SIZE and RANK")
+    """init_process_group with a timeout; peers that never come are one line (LinfusionError)
+    within it, never a hang or a traceback. The wait runs in a helper thread so that the main
+    thread still takes Ctrl-C and SIGTERM (torch's store wait does not return to Python)."""
     timeout = env_seconds(GROUP_TIMEOUT_ENV, GROUP_TIMEOUT_S)
-    try:
-        dist.init_process_group("gloo", rank=world.rank, world_size=world.size,
-                                timeout=datetime.timedelta(seconds=timeout))
-    except Exception as exc:  # noqa: BLE001 -- DistStoreError, ValueError, RuntimeError: one line
+    outcome: list = []
+
+    def start():
+        try:
+            dist.init_process_group("gloo", rank=world.rank, world_size=world.size,
+                                    timeout=datetime.timedelta(seconds=timeout))
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 -- DistStoreError, ValueError, RuntimeError: one line
+            outcome.append(exc)
+
+    helper = threading.Thread(target=start, name="linfusion-group-start", daemon=True)
+    helper.start()
+    while helper.is_alive():
+        helper.join(0.25)  # a signal's handler runs between joins: Interrupted leaves at once
+    exc = outcome[0] if outcome else RuntimeError("the group's start-up thread stopped")
+    if exc is not None:
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LinfusionError(f"the process group of WORLD_SIZE={world.size} did not start within "
-                             f"{timeout:g} s ({why}); are the other ranks running? (a plain run: "
-                             "unset WORLD_SIZE and RANK)") from None
+        problem = LinfusionError(f"the process group of WORLD_SIZE={world.size} did not start "
+                                 f"within {timeout:g} s ({why[:160]}); are the other ranks running? "
+                                 "(a plain run: unset WORLD_SIZE and RANK)")
+        problem.echo = speaks(world.rank)
+        raise problem from None
     world.owns_group = True
+
+
+def speaks(rank: int, environ=None) -> bool:
+    """Whether this rank prints a line every rank would print alike (an interruption, a group
+    that did not start): under torchrun's agent (TORCHELASTIC_RUN_ID), rank 0 alone; the others
+    write it to torchrun's error file only. Ranks started by hand each have their own stderr."""
+    environ = os.environ if environ is None else environ
+    return rank == 0 or not environ.get("TORCHELASTIC_RUN_ID")
 
 
 def env_seconds(name: str, default: float) -> float:
