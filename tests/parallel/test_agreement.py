@@ -120,3 +120,29 @@ def test_a_group_that_cannot_start_answers_signals_and_its_timeout(cli_env, tmp_
                                capture_output=True, stdin=subprocess.DEVNULL, timeout=120)
         lines = short.stderr.decode().strip().splitlines()
         assert short.returncode == 1 and len(lines) == 1 and "did not start within 3 s" in lines[0], lines
+
+
+def test_rank_0_decides_where_a_resume_starts(cli_env, tmp_path):
+    """Rank 0's disk fills after stage 1 (its checkpoint is written); the resume runs each rank in
+    its own folder, rank 1's empty: both start at stage 2 from rank 0's checkpoint, and the image
+    is the uninterrupted one's."""
+    from ..cli_helpers import pixels
+
+    write_preset(tmp_path / "config" / "presets" / "tiny.yaml")
+    for name in ("r0", "r1", "one"):
+        (tmp_path / name).mkdir()
+    args = ["generate", "a lighthouse", "--model", "demo", "--preset", "tiny", "--res", "128", "--seed", "5",
+            "-o", "out.png"]
+    cwds = [tmp_path / "r0", tmp_path / "r1"]
+    hook = {"LINFUSION_TEST_HOOKS": "1", "LINFUSION_TEST_FAIL_STAGE": "0:1"}
+    failed = _ranks(cli_env, [args, args], cwds=cwds, extra_env=[hook, hook])
+    assert [r.returncode for r in failed] == [1, 1], failed[0].stderr.decode()[-2000:]
+    assert [p.name for p in files_under(tmp_path / "r0")] != [] and files_under(tmp_path / "r1") == []
+    resumed = _ranks(cli_env, [args + ["--resume"]] * 2, cwds=cwds)
+    assert [r.returncode for r in resumed] == [0, 0], resumed[0].stderr.decode()[-2000:]
+    assert "starts at stage 2 of 2" in resumed[0].stderr.decode()
+    assert [p.name for p in files_under(tmp_path / "r0")] == ["out.png"] and files_under(tmp_path / "r1") == []
+    one = subprocess.run([sys.executable, "-m", "linfusion_cli", *args], env=dict(cli_env, OMP_NUM_THREADS="1"),
+                         cwd=tmp_path / "one", capture_output=True, stdin=subprocess.DEVNULL, timeout=600)
+    assert one.returncode == 0, one.stderr.decode()[-2000:]
+    assert abs(pixels(tmp_path / "r0" / "out.png").astype(int) - pixels(tmp_path / "one" / "out.png")).max() <= 1
