@@ -30,8 +30,9 @@ def plan_made(plan, knobs: bool = True) -> dict:
 
 
 def made(plan, path, knobs: bool = True, **flags) -> dict:
-    """One image as ranks compare it: its output, the command's flags that change the run, its plan."""
-    return {"path": str(path) if path is not None else "-", **flags, "plan": plan_made(plan, knobs)}
+    """One image as ranks compare it: its plan (first, so a difference names the plan's field
+    rather than the file name it derives), its output, the command's flags that change the run."""
+    return {"plan": plan_made(plan, knobs), "path": str(path) if path is not None else "-", **flags}
 
 
 class StageSync:
