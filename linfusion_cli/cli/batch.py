@@ -139,6 +139,7 @@ def batch(
         check_free_space(mine[0][1], mine[0][2], mine[0][3], what=f"{len(mine)} images",
                          need=sum(run_bound(job[1], job[3]) for job in mine))
     compared = {"parallel": parallel, "resume": resume, "overwrite": overwrite,  # rank 0's on every rank
+                "dry_run": dry_run, "allow_pickle": allow_pickle, "config": config,
                 "entries": [ranks.made(plan, path, together, format=fmt) for _, plan, path, fmt, *_ in jobs]}
     world.agree(keep=together, made=compared)  # every rank checked the whole file alike: all go, or all stop
     if dry_run:

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from linfusion_cli import hostmem
-from linfusion_cli.distributed import from_env, processes_here
+from linfusion_cli.distributed import from_env, processes_here, speaks
 from linfusion_cli.errors import InputError
 
 GIB = 2 ** 30
@@ -49,3 +49,11 @@ def test_a_leftover_world_size_is_one_line_before_anything_waits(cli, monkeypatc
     with pytest.raises(InputError):
         from_env(given)
     assert from_env({**LAUNCHER, "RANK": "1"}).rank == 1
+
+
+def test_under_torchrun_rank_0_alone_prints_what_every_rank_would():
+    """An interruption or a group that did not start: one line from rank 0 under torchrun's agent;
+    ranks started by hand each have their own stderr and each print it."""
+    agent = {"TORCHELASTIC_RUN_ID": "abc"}
+    assert speaks(0, agent) and not speaks(1, agent)
+    assert speaks(0, {}) and speaks(1, {})
