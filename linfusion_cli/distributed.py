@@ -77,15 +77,50 @@ class World:
         return f"cuda:{self.local_rank % max(1, torch.cuda.device_count())}"
 
     # ------------------------------------------------------------ start-up agreement (collectives)
+    #
+    # Until the agreement every exchange is one all_gather_object of (step, failure, payload), so
+    # ranks at different steps (one failed early, one took another path) never reach mismatched
+    # collectives: any failure, or any rank at another step, stops every rank at once.
 
     def broadcast(self, value):
-        """Rank 0's value on every rank."""
+        """Rank 0's value on every rank (after the agreement: ranks run in step)."""
         if not self.distributed:
             return value
 
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def share(self, value):
+        """Rank 0's value on every rank during the start-up (before agree)."""
+        if not self.distributed:
+            return value
+        return self._exchange("share", None, value if self.rank == 0 else None)[0]
+
+    def _exchange(self, step: str, failure: BaseException | None, payload) -> list:
+        """Every rank's payload; raises on every rank the first failing rank's error (printed by
+        rank 0 only), or InputError when a rank is at another step than rank 0, both ending the
+        start-up agreement."""
+        got = [None] * self.size
+        dist.all_gather_object(got, (step, _report(failure) if failure is not None else None, payload))
+        first = next((r for r, (_, report, _) in enumerate(got) if report is not None), None)
+        if first is not None:
+            self.agreed = True
+            cls, text = got[first][1]
+            text = text if first == 0 else f"rank {first}: {text}"
+            try:
+                exc = cls(text)
+            except TypeError:  # an error class with another signature: keep its exit code
+                exc = LinfusionError(text)
+                exc.exit_code = cls.exit_code
+            exc.echo = self.rank == 0
+            raise exc from None
+        other = next((r for r, (at, _, _) in enumerate(got) if at != got[0][0]), None)
+        if other is not None:
+            self.agreed = True
+            raise InputError(f"rank {other} is at another step of the start-up than rank 0 ({got[other][0]}, "
+                             f"not {got[0][0]}): start every rank with the same command and arguments")
+        return [payload for _, _, payload in got]
 
     def stdin(self):
         """Rank 0 reads stdin and shares the text: the launcher gives every rank the same pipe."""
@@ -95,9 +130,9 @@ class World:
         if self.rank == 0:
             try:
                 text = sys.stdin.read()
-            except (OSError, UnicodeDecodeError) as exc:  # every rank must reach the broadcast
+            except (OSError, UnicodeDecodeError) as exc:  # every rank must reach the exchange
                 problem = f"cannot read the prompts from stdin: {exc}"
-        text, problem = self.broadcast((text, problem))
+        text, problem = self.share((text, problem))
         if problem is not None:
             raise InputError(problem)
         return io.StringIO(text)
@@ -118,29 +153,13 @@ class World:
             return
 
         self.agreed = True
-        mine = None
-        if failure is not None:
-            mine = _report(failure)
-        digest = _digest(made) if failure is None else None
-        reports = [None] * self.size
-        dist.all_gather_object(reports, (mine, digest))
-        digests = [d for _, d in reports]
-        reports = [r for r, _ in reports]
-        if all(r is None for r in reports) and any(d != digests[0] for d in digests):
-            self._differs(made, digests)  # every rank takes part: all know a digest differs
-        if self.owns_group and not keep:  # nothing crosses ranks after this: a rank that dies cannot block others,
-            dist.destroy_process_group()  # and libraries see no group (transformers saves on rank 0 only)
-        for rank, report in enumerate(reports):
-            if report is not None:
-                cls, text = report
-                text = text if rank == 0 else f"rank {rank}: {text}"
-                try:
-                    exc = cls(text)
-                except TypeError:  # an error class with another signature: keep its exit code
-                    exc = LinfusionError(text)
-                    exc.exit_code = cls.exit_code
-                exc.echo = self.rank == 0
-                raise exc from None
+        try:
+            digests = self._exchange("agree", failure, _digest(made) if failure is None else None)
+            if any(d != digests[0] for d in digests):
+                self._differs(made, digests)  # every rank takes part: all know a digest differs
+        finally:
+            if self.owns_group and not keep:  # nothing crosses ranks after this: a rank that dies cannot
+                dist.destroy_process_group()  # block others, and libraries see no group (transformers saves on rank 0 only)
 
     def _differs(self, made, digests) -> None:
         """Rank 0's `made` to every rank; each names its first difference; all raise the first
@@ -305,7 +324,7 @@ def joined(world: World):
     try:
         if not dist.is_initialized():
             _start_group(world)
-        world.seed = world.broadcast(world.seed)
+        world.seed = world.share(world.seed)
     except BaseException:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

@@ -329,7 +329,7 @@ def shared_prompt(prompt: str | None) -> str:
             text = read_prompt_argument(prompt)
         except InputError as exc:  # every rank must reach the broadcast
             problem = str(exc)
-    text, problem = world.broadcast((text, problem))
+    text, problem = world.share((text, problem))
     if problem is not None:
         raise InputError(problem)
     return text

@@ -146,3 +146,19 @@ def test_rank_0_decides_where_a_resume_starts(cli_env, tmp_path):
                          cwd=tmp_path / "one", capture_output=True, stdin=subprocess.DEVNULL, timeout=600)
     assert one.returncode == 0, one.stderr.decode()[-2000:]
     assert abs(pixels(tmp_path / "r0" / "out.png").astype(int) - pixels(tmp_path / "one" / "out.png")).max() <= 1
+
+
+def test_a_rank_that_fails_before_rank_0_shares_the_prompt_stops_both_at_once(cli_env, tmp_path):
+    """upscale opens its image before rank 0 shares the prompt: rank 1, whose folder lacks it,
+    fails there while rank 0 is at the next start-up step; both stop, one line (rank 0's)."""
+    from PIL import Image
+
+    for name in ("r0", "r1"):
+        (tmp_path / name).mkdir()
+    Image.new("RGB", (48, 48), (90, 120, 150)).save(tmp_path / "r0" / "in.png")
+    args = ["upscale", "in.png", "a lighthouse", "--model", "demo", "--res", "96", "-o", "out.png"]
+    results = _ranks(cli_env, [args, args], cwds=[tmp_path / "r0", tmp_path / "r1"])
+    assert [r.returncode for r in results] == [2, 2], results[0].stderr.decode()[-2000:]
+    lines = [r.stderr.decode().strip().splitlines() for r in results]
+    assert len(lines[0]) == 1 and lines[0][0].startswith("error: rank 1: ") and "in.png" in lines[0][0], lines
+    assert lines[1] == [] and results[0].stdout == results[1].stdout == b""
