@@ -8,7 +8,8 @@ import json
 import pytest
 
 from linfusion_cli import hostmem
-from linfusion_cli.distributed import from_env, processes_here, speaks
+from linfusion_cli.distributed import from_env
+from linfusion_cli.launcher import processes_here, speaks
 from linfusion_cli.errors import InputError
 
 GIB = 2 ** 30

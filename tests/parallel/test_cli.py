@@ -213,7 +213,7 @@ def test_host_memory_is_planned_per_rank_for_every_rank_on_the_machine(cli, monk
     """A rank parks only its rows' skips; every process on the machine (LOCAL_WORLD_SIZE, else
     all N) needs its own share of RAM and of the VAE's parking budget."""
     from linfusion_cli import hostmem
-    from linfusion_cli.distributed import processes_here
+    from linfusion_cli.launcher import processes_here
     from linfusion_cli.errors import InputError
 
     assert processes_here(8, {}) == 8 and processes_here(8, {"LOCAL_WORLD_SIZE": "2"}) == 2
