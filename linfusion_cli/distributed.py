@@ -168,7 +168,7 @@ class World:
 
     def decide(self, choose):
         """choose() on rank 0 and its value on every rank (what rank 0's files say: a resume
-        start); its error, on every rank, as AgreedFailure (printed by rank 0 only)."""
+        start); its error, on every rank, as AgreedFailure (printed as _agreed says)."""
         if not self.distributed:
             return choose()
         value = report = None
@@ -186,7 +186,7 @@ class World:
         """Band parallelism, at a stage's or an entry's end: every rank says how it went, so all
         fail together or go on together; a rank that failed alone never leaves the others waiting
         in a collective. Any failure is AgreedFailure on every rank (the first failing rank's
-        line, printed by rank 0 only)."""
+        line, printed as _agreed says)."""
         if not self.distributed:
             if failure is not None:
                 raise failure
@@ -240,10 +240,11 @@ def _report(failure: BaseException) -> tuple:
 
 
 def _agreed(report: tuple, rank: int) -> AgreedFailure:
-    """A failure every rank knows of, with its class's exit code; only rank 0 prints it."""
+    """A failure every rank knows of, with its class's exit code, printed where speaks(rank):
+    under torchrun by rank 0 alone, by hand by every rank (each has its own stderr)."""
     cls, text = report
     exc = AgreedFailure(text)
-    exc.exit_code, exc.echo = cls.exit_code, rank == 0
+    exc.exit_code, exc.echo = cls.exit_code, speaks(rank)
     return exc
 
 
