@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import threading
 import torch
 import torch.distributed as dist
 import contextlib
@@ -24,19 +25,11 @@ import sys
 from dataclasses import dataclass, field
 
 from .errors import InputError, LinfusionError
+from .differences import digest as _digest, first_difference
+from .launcher import env_seconds, launch_from, speaks
 
 from .testhooks import AFTER_IMAGES as ENV_TEST_HOOK  # noqa: F401 (tests name it from here)
 from . import testhooks, interrupts
-
-
-def _env_int(environ, name: str, default: int) -> int:
-    value = environ.get(name)
-    if value in (None, ""):
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise InputError(f"{name}={value!r} in the environment is not an integer") from None
 
 
 @dataclass
@@ -75,15 +68,50 @@ class World:
         return f"cuda:{self.local_rank % max(1, torch.cuda.device_count())}"
 
     # ------------------------------------------------------------ start-up agreement (collectives)
+    #
+    # Until the agreement every exchange is one all_gather_object of (step, failure, payload), so
+    # ranks at different steps (one failed early, one took another path) never reach mismatched
+    # collectives: any failure, or any rank at another step, stops every rank at once.
 
     def broadcast(self, value):
-        """Rank 0's value on every rank."""
+        """Rank 0's value on every rank (after the agreement: ranks run in step)."""
         if not self.distributed:
             return value
 
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def share(self, value):
+        """Rank 0's value on every rank during the start-up (before agree)."""
+        if not self.distributed:
+            return value
+        return self._exchange("share", None, value if self.rank == 0 else None)[0]
+
+    def _exchange(self, step: str, failure: BaseException | None, payload) -> list:
+        """Every rank's payload; raises on every rank the first failing rank's error (printed by
+        rank 0 only), or InputError when a rank is at another step than rank 0, both ending the
+        start-up agreement."""
+        got = [None] * self.size
+        dist.all_gather_object(got, (step, _report(failure) if failure is not None else None, payload))
+        first = next((r for r, (_, report, _) in enumerate(got) if report is not None), None)
+        if first is not None:
+            self.agreed = True
+            cls, text = got[first][1]
+            text = text if first == 0 else f"rank {first}: {text}"
+            try:
+                exc = cls(text)
+            except TypeError:  # an error class with another signature: keep its exit code
+                exc = LinfusionError(text)
+                exc.exit_code = cls.exit_code
+            exc.echo = self.rank == 0
+            raise exc from None
+        other = next((r for r, (at, _, _) in enumerate(got) if at != got[0][0]), None)
+        if other is not None:
+            self.agreed = True
+            raise InputError(f"rank {other} is at another step of the start-up than rank 0 ({got[other][0]}, "
+                             f"not {got[0][0]}): start every rank with the same command and arguments")
+        return [payload for _, _, payload in got]
 
     def stdin(self):
         """Rank 0 reads stdin and shares the text: the launcher gives every rank the same pipe."""
@@ -93,18 +121,21 @@ class World:
         if self.rank == 0:
             try:
                 text = sys.stdin.read()
-            except (OSError, UnicodeDecodeError) as exc:  # every rank must reach the broadcast
+            except (OSError, UnicodeDecodeError) as exc:  # every rank must reach the exchange
                 problem = f"cannot read the prompts from stdin: {exc}"
-        text, problem = self.broadcast((text, problem))
+        text, problem = self.share((text, problem))
         if problem is not None:
             raise InputError(problem)
         return io.StringIO(text)
 
-    def agree(self, failure: BaseException | None = None, keep: bool = False) -> None:
+    def agree(self, failure: BaseException | None = None, keep: bool = False, made=None) -> None:
         """Every rank reports its validation; if any failed, all raise the lowest failing rank's error.
 
         Only rank 0 prints it (the error's `echo` is False elsewhere), so one bad file gives one line.
         keep: the group stays for the run (band parallelism: one image over every rank).
+        made: what this rank is about to make (JSON-able: plans, entries); when every rank
+        validated, each compares its own with rank 0's and a difference is InputError on every
+        rank, naming the first differing field (rank 0 decides what is made, nothing else runs).
         """
         if self.agreed or not self.distributed:
             self.agreed = True
@@ -113,27 +144,60 @@ class World:
             return
 
         self.agreed = True
-        mine = None
-        if failure is not None:
-            cls = type(failure) if isinstance(failure, LinfusionError) else LinfusionError
-            text = str(failure) if isinstance(failure, LinfusionError) else \
-                f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
-            mine = (cls, text)
+        try:
+            digests = self._exchange("agree", failure, _digest(made) if failure is None else None)
+            if any(d != digests[0] for d in digests):
+                self._differs(made, digests)  # every rank takes part: all know a digest differs
+        finally:
+            if self.owns_group and not keep:  # nothing crosses ranks after this: a rank that dies cannot
+                dist.destroy_process_group()  # block others, and libraries see no group (transformers saves on rank 0 only)
+
+    def _differs(self, made, digests) -> None:
+        """Rank 0's `made` to every rank; each names its first difference; all raise the first
+        differing rank's line (every rank prints it: each stops on its own terminal or log)."""
+        box = [made if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        mine = None if digests[self.rank] == digests[0] else \
+            first_difference(box[0], made, who=f"on rank {self.rank}")
+        lines = [None] * self.size
+        dist.all_gather_object(lines, mine)
+        rank, where = next((r, line or "the digest") for r, line in enumerate(lines)
+                           if digests[r] != digests[0])
+        raise InputError(f"rank {rank} would make something else than rank 0: {where}; start every "
+                         "rank with the same command, files and presets") from None
+
+    def decide(self, choose):
+        """choose() on rank 0 and its value on every rank (what rank 0's files say: a resume
+        start); its error, on every rank, as AgreedFailure (printed as _agreed says)."""
+        if not self.distributed:
+            return choose()
+        value = report = None
+        if self.rank == 0:
+            try:
+                value = choose()
+            except Exception as exc:  # noqa: BLE001 -- every rank must reach the broadcast
+                report = _report(exc)
+        value, report = self.broadcast((value, report))
+        if report is not None:
+            raise _agreed(report, self.rank) from None
+        return value
+
+    def outcome(self, failure: Exception | None) -> None:
+        """Band parallelism, at a stage's or an entry's end: every rank says how it went, so all
+        fail together or go on together; a rank that failed alone never leaves the others waiting
+        in a collective. Any failure is AgreedFailure on every rank (the first failing rank's
+        line, printed as _agreed says)."""
+        if not self.distributed:
+            if failure is not None:
+                raise failure
+            return
         reports = [None] * self.size
-        dist.all_gather_object(reports, mine)
-        if self.owns_group and not keep:  # nothing crosses ranks after this: a rank that dies cannot block others,
-            dist.destroy_process_group()  # and libraries see no group (transformers saves on rank 0 only)
-        for rank, report in enumerate(reports):
-            if report is not None:
-                cls, text = report
-                text = text if rank == 0 else f"rank {rank}: {text}"
-                try:
-                    exc = cls(text)
-                except TypeError:  # an error class with another signature: keep its exit code
-                    exc = LinfusionError(text)
-                    exc.exit_code = cls.exit_code
-                exc.echo = self.rank == 0
-                raise exc from None
+        dist.all_gather_object(reports, _report(failure) if failure is not None else None)
+        first = next((r for r, report in enumerate(reports) if report is not None), None)
+        if first is None:
+            return
+        cls, text = reports[first]
+        raise _agreed((cls, text if first == 0 else f"rank {first}: {text}"), self.rank) from failure
 
     # ------------------------------------------------------------ output
 
@@ -163,24 +227,31 @@ class World:
         testhooks.after_images(self.rank, count)
 
 
+class AgreedFailure(LinfusionError):
+    """Another rank failed at a point every rank passes (World.outcome): all ranks know already."""
+
+
+def _report(failure: BaseException) -> tuple:
+    """(error class, one line) of a failure, as it crosses ranks."""
+    cls = type(failure) if isinstance(failure, LinfusionError) else LinfusionError
+    text = str(failure) if isinstance(failure, LinfusionError) else \
+        f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
+    return cls, text
+
+
+def _agreed(report: tuple, rank: int) -> AgreedFailure:
+    """A failure every rank knows of, with its class's exit code, printed where speaks(rank):
+    under torchrun by rank 0 alone, by hand by every rank (each has its own stderr)."""
+    cls, text = report
+    exc = AgreedFailure(text)
+    exc.exit_code, exc.echo = cls.exit_code, speaks(rank)
+    return exc
+
+
 def from_env(environ=None) -> World:
     """The launcher's RANK / WORLD_SIZE / LOCAL_RANK (torchrun and accelerate set all three)."""
-    environ = os.environ if environ is None else environ
-    size = _env_int(environ, "WORLD_SIZE", 1)
-    rank = _env_int(environ, "RANK", 0)
-    local = _env_int(environ, "LOCAL_RANK", rank)
-    if size < 1 or not 0 <= rank < size or local < 0:
-        raise InputError(f"RANK={rank}, WORLD_SIZE={size}, LOCAL_RANK={local} in the environment "
-                         "do not describe a process group")
+    rank, size, local = launch_from(environ)
     return World(rank=rank, size=size, local_rank=local)
-
-
-def processes_here(world_size: int, environ=None) -> int:
-    """Processes on this machine, which share its RAM: the launcher's LOCAL_WORLD_SIZE (torchrun
-    sets it; a batch sharing out images counts too), else `world_size` (a dry run's
-    --world-size N plans N processes here)."""
-    environ = os.environ if environ is None else environ
-    return max(1, _env_int(environ, "LOCAL_WORLD_SIZE", world_size))
 
 
 _current = World()
@@ -215,7 +286,7 @@ def joined(world: World):
     try:
         if not dist.is_initialized():
             _start_group(world)
-        world.seed = world.broadcast(world.seed)
+        world.seed = world.share(world.seed)
     except BaseException:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -245,37 +316,33 @@ GROUP_TIMEOUT_S = 60.0
 
 
 def _start_group(world: World) -> None:
-    """init_process_group with a timeout; launcher variables left without a launcher, or peers
-    that never come, are one line (InputError / LinfusionError), never a hang or a traceback."""
-    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
-    if missing:
-        raise InputError(f"WORLD_SIZE={world.size} is set but {' and '.join(missing)} "
-                         f"{'is' if len(missing) == 1 else 'are'} not: start the batch with torchrun "
-                         "or accelerate launch, or unset WORLD_SIZE and RANK")
+    """init_process_group with a timeout; peers that never come are one line (LinfusionError)
+    within it, never a hang or a traceback. The wait runs in a helper thread so that the main
+    thread still takes Ctrl-C and SIGTERM (torch's store wait does not return to Python)."""
     timeout = env_seconds(GROUP_TIMEOUT_ENV, GROUP_TIMEOUT_S)
-    try:
-        dist.init_process_group("gloo", rank=world.rank, world_size=world.size,
-                                timeout=datetime.timedelta(seconds=timeout))
-    except Exception as exc:  # noqa: BLE001 -- DistStoreError, ValueError, RuntimeError: one line
+    outcome: list = []
+
+    def start():
+        try:
+            dist.init_process_group("gloo", rank=world.rank, world_size=world.size,
+                                    timeout=datetime.timedelta(seconds=timeout))
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 -- DistStoreError, ValueError, RuntimeError: one line
+            outcome.append(exc)
+
+    helper = threading.Thread(target=start, name="linfusion-group-start", daemon=True)
+    helper.start()
+    while helper.is_alive():
+        helper.join(0.25)  # a signal's handler runs between joins: Interrupted leaves at once
+    exc = outcome[0] if outcome else RuntimeError("the group's start-up thread stopped")
+    if exc is not None:
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LinfusionError(f"the process group of WORLD_SIZE={world.size} did not start within "
-                             f"{timeout:g} s ({why}); are the other ranks running? (a plain run: "
-                             "unset WORLD_SIZE and RANK)") from None
+        problem = LinfusionError(f"the process group of WORLD_SIZE={world.size} did not start "
+                                 f"within {timeout:g} s ({why[:160]}); are the other ranks running? "
+                                 "(a plain run: unset WORLD_SIZE and RANK)")
+        problem.echo = speaks(world.rank)
+        raise problem from None
     world.owns_group = True
-
-
-def env_seconds(name: str, default: float) -> float:
-    """Seconds from an environment variable (default when unset); InputError unless in (0, 86400)."""
-    value = os.environ.get(name)
-    if value in (None, ""):
-        return default
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not 0 < seconds < 86400:
-        raise InputError(f"{name}={value!r} in the environment must be seconds in (0, 86400)")
-    return seconds
 
 
 def launched(command):

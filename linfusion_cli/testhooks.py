@@ -7,6 +7,7 @@ variable left in a user's environment cannot change a real run.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -18,6 +19,7 @@ from .errors import InputError
 ENABLE = "LINFUSION_TEST_HOOKS"  # must be "1" for any hook below to act
 AFTER_IMAGES = "LINFUSION_TEST_AFTER_IMAGES"  # "RANK:N" exit 3 after the N-th image; "RANK:N:hold"
 BAND_FORWARDS = "LINFUSION_TEST_BAND_FORWARDS"  # "RANK:N" exit 3 after N band-parallel UNet forwards; "RANK:N:hold"
+FAIL_STAGE = "LINFUSION_TEST_FAIL_STAGE"  # "RANK:N" the N-th finished stage's end fails like a full disk
 PAUSE_CLAIMED = "LINFUSION_TEST_PAUSE_CLAIMED"  # "INDEX:READY:GO": touch READY, wait for GO to exist
 
 
@@ -33,6 +35,14 @@ def after_images(rank: int, count: int) -> None:
 def band_forwards(rank: int, count: int) -> None:
     """A band-parallel rank that dies (exit 3) or holds (a hung peer) after its N-th UNet forward."""
     _die_or_hold(BAND_FORWARDS, rank, count)
+
+
+def stage_end(rank: int, count: int) -> None:
+    """A rank whose N-th finished stage (counted over a command's images) fails as a full disk
+    would (OSError ENOSPC) while the others go on."""
+    spec = _spec(FAIL_STAGE)
+    if spec and spec.split(":") == [str(rank), str(count)]:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def _die_or_hold(name: str, rank: int, count: int) -> None:

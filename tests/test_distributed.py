@@ -90,14 +90,14 @@ def launch_by_hand(env, size: int, *args: str, extra_env: dict | None = None) ->
 
 
 def test_world_from_env_and_shares():
-    world = from_env({"RANK": "1", "WORLD_SIZE": "3", "LOCAL_RANK": "1"})
+    world = from_env({"RANK": "1", "WORLD_SIZE": "3", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
     assert (world.rank, world.size, world.local_rank, world.distributed) == (1, 3, 1, True)
     assert [i for i in range(8) if world.owns(i)] == [1, 4, 7]
     alone = from_env({})
     assert (alone.rank, alone.size, alone.distributed) == (0, 1, False)
     assert all(alone.owns(i) for i in range(5))
     assert World(rank=1, size=2).device("cpu") == "cpu"  # an explicit device is kept
-    for bad in ({"RANK": "2", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "two"}):
+    for bad in ({"RANK": "2", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "two"}, {"RANK": "1", "WORLD_SIZE": "2"}):
         with pytest.raises(InputError):
             from_env(bad)
 
@@ -273,6 +273,6 @@ def test_ctrl_c_under_torchrun_stops_both_ranks_cleanly(cli_env, tmp_path):
     out, err = proc.communicate(timeout=600)
     assert proc.returncode != 0 and out == b""
     errors = [line for line in err.decode().splitlines() if line.startswith("error:")]
-    assert errors == ["error: interrupted", "error: interrupted"], err.decode()[-3000:]
+    assert errors == ["error: interrupted"], err.decode()[-3000:]  # rank 0 speaks for both
     folder = tmp_path / "out"
     assert sorted(p.name for p in files_under(folder)) == ["0000-prompt-0.png", "0001-prompt-1.png", MANIFEST_NAME]

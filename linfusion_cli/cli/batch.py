@@ -21,7 +21,7 @@ from ..io.targets import inside
 from ..planning.plan import stage_seed
 from ..schema import line_options
 from ..validate import SEED_MAX
-from . import common
+from . import common, ranks
 from .console import error, event, info, one_line_of, progress_view, terminal_safe
 from .options import GenerationOptions, Template, shared_options
 from .. import testhooks
@@ -138,7 +138,10 @@ def batch(
 
         check_free_space(mine[0][1], mine[0][2], mine[0][3], what=f"{len(mine)} images",
                          need=sum(run_bound(job[1], job[3]) for job in mine))
-    world.agree(keep=together)  # every rank checked the whole file: all go, or all stop with the same line
+    compared = {"parallel": parallel, "resume": resume, "overwrite": overwrite,  # rank 0's on every rank
+                "dry_run": dry_run, "allow_pickle": allow_pickle, "config": config,
+                "entries": [ranks.made(plan, path, together, format=fmt) for _, plan, path, fmt, *_ in jobs]}
+    world.agree(keep=together, made=compared)  # every rank checked the whole file alike: all go, or all stop
     if dry_run:
         if world.rank != 0:
             return
@@ -256,6 +259,13 @@ def _skip(world, manifest, index, plan, path, done, base_seed, together: bool):
     return world.broadcast(why) if together else why
 
 
+def _resume_start(plan, path):
+    """Where an entry's --resume starts (a checked io.checkpoints.Start, or None) and the
+    checkpoints passed over (said before it runs, and the start used is this one)."""
+    notes: list[str] = []
+    return api.resume_start(plan, path, notes=notes), notes
+
+
 def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, allow_pickle, config,
                resume=False, together=False, progress=None) -> int:
     """This rank's entries: skip what the manifest proves done, make the rest, record each at once.
@@ -269,6 +279,7 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
     quiet = quiet or not lead or (progress == "json" and world.rank != 0)  # JSON: rank 0 reports
     made = failures = 0
     faults = common.oom_faults(world.rank)  # LINFUSION_TEST_OOM counts across the entries
+    sync = ranks.StageSync(world)  # counts stages over the whole share (the test hook's N)
     for k, (index, plan, path, fmt, done, base_seed, entry) in enumerate(jobs, 1):
         why = _skip(world, manifest, index, plan, path, done, base_seed, together)
         if why is not None and progress == "json" and not quiet:
@@ -293,19 +304,26 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
                     progress=progress))
             if progress != "json":
                 info(f"{who}[{k}/{len(jobs)}] {plan.prompt[:60]}", quiet=quiet)
-            notes: list[str] = []  # checkpoints passed over: said, and the start used is this one
-            start = api.resume_start(plan, path, notes=notes) if resume else None
-            for note in notes if progress != "json" else ():
-                info(f"{who}[{k}/{len(jobs)}] resume: {note}", quiet=quiet)
             view = progress_view(progress, quiet=quiet, verbose=verbose)
             if progress != "json":
                 view.live = view.live and not world.distributed  # ranks sharing a terminal: no live bars
+            team = world if together else distributed.World()  # ranks that agree at each stage's end
             with view:
                 view.run_started(plan, path, index)
                 try:
-                    result = api.generate_file(plan, loaded, path=path, fmt=fmt, overwrite=overwrite,
-                                               on_event=view, resume=resume, write=lead,
-                                               faults=faults, start=start, group=parallel.active())
+                    try:
+                        start, notes = (team.decide(lambda: _resume_start(plan, path)) if resume
+                                        else (None, []))
+                        for note in notes if progress != "json" else ():
+                            info(f"{who}[{k}/{len(jobs)}] resume: {note}", quiet=quiet)
+                        result = api.generate_file(plan, loaded, path=path, fmt=fmt, overwrite=overwrite,
+                                                   on_event=sync.around(view) if together else view,
+                                                   resume=resume and (lead or start is not None),
+                                                   write=lead, faults=faults, start=start,
+                                                   group=parallel.active())
+                    except Exception as exc:  # noqa: BLE001 -- every rank learns of it, then all raise
+                        ranks.entry_end(team, exc)
+                    ranks.entry_end(team, None)
                 except Exception as exc:  # noqa: BLE001 - reported below
                     view.run_finished(index=index, error=one_line_of(exc))
                     raise

@@ -13,6 +13,7 @@ import torch
 
 from .. import api, distributed, parallel, testhooks
 from ..errors import InputError, OutputError, ResumeMismatchError
+from . import ranks
 from .console import info, one_line_of, progress_view, quiet_libraries, terminal_safe
 from ..adapters import describe
 from ..inputs import expand
@@ -182,15 +183,25 @@ def oom_faults(rank: int | None = None):
 
 
 def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_image=None,
-            resume: bool = False, write: bool = True, progress: str | None = None, start=None) -> dict:
+            resume: bool = False, write: bool = True, progress: str | None = None,
+            world=None, start=None) -> dict:
     """Generate one image, write it, print its path (or JSON) on stdout (write=False: a band-
-    parallel rank other than 0, which computes its share and writes and prints nothing)."""
+    parallel rank other than 0, which computes its share and writes and prints nothing).
+    world: the launcher's, whose ranks agree at each stage's end and at the image's; start:
+    rank 0's resume start."""
+    world = world if world is not None else distributed.World()
     with progress_view(progress, quiet=quiet or not write, verbose=verbose) as view:
         view.run_started(plan, path)
         try:
-            result = api.generate_file(plan, model, path=path, fmt=fmt, overwrite=overwrite,
-                                       on_event=view, init_image=init_image, resume=resume, write=write,
-                                       faults=oom_faults(), start=start, group=parallel.active())
+            try:
+                result = api.generate_file(plan, model, path=path, fmt=fmt, overwrite=overwrite,
+                                           on_event=ranks.StageSync(world).around(view),
+                                           init_image=init_image, resume=resume, write=write,
+                                           faults=oom_faults(), start=start,
+                                           group=parallel.active())
+            except Exception as exc:  # noqa: BLE001 -- every rank learns of it, then all raise
+                ranks.entry_end(world, exc)
+            ranks.entry_end(world, None)
         except BaseException as exc:
             view.run_finished(error="interrupted" if isinstance(exc, KeyboardInterrupt) else one_line_of(exc))
             raise
@@ -232,12 +243,17 @@ def plan_and_run(req, opts, *, output, init_image=None) -> None:
         if early:
             held.enter_context(locks.output_lock(path))
         resume, start = resume_plan(plan, path, init_image) if opts.resume else (None, None)
-        world.agree(keep=True)  # every rank planned alike: all go, or all stop with one line
+        made = ranks.made(plan, path, format=fmt, resume=opts.resume, overwrite=opts.overwrite,
+                          dry_run=opts.dry_run, allow_pickle=opts.allow_pickle, config=opts.config,
+                          init_pixels=checkpoints.pixels_digest(init_image) if init_image is not None else None)
+        world.agree(keep=True, made=made)  # every rank validated and plans rank 0's image, or all stop
         if opts.dry_run:
             if lead:
                 print_dry_run(plan, as_json=opts.json,
                               extra={"path": str(path) if path is not None else "-"}, resume=resume)
             return
+        found = start
+        start = world.decide(lambda: found)  # under a launcher rank 0's files decide, pixels and all
         with band_group(world, plan.device):
             loaded = rank0_first(lambda: load(plan, verbose=opts.verbose, quiet=opts.quiet or not lead,
                                               allow_pickle=opts.allow_pickle, config=opts.config,
@@ -251,8 +267,9 @@ def plan_and_run(req, opts, *, output, init_image=None) -> None:
                     info(f"resume: {note}", quiet=opts.quiet or not lead)
                 info(f"resume: {resume_text(resume)}", quiet=opts.quiet or not lead)
             run_one(plan, loaded, path=path, fmt=fmt, overwrite=opts.overwrite, as_json=opts.json,
-                    quiet=opts.quiet, verbose=opts.verbose, init_image=init_image, resume=opts.resume,
-                    write=lead, progress=opts.progress, start=start)
+                    quiet=opts.quiet, verbose=opts.verbose, init_image=init_image,
+                    resume=opts.resume and (lead or start is not None), write=lead,
+                    progress=opts.progress, world=world, start=start)
 
 
 def for_world(req, world):
@@ -309,7 +326,7 @@ def shared_prompt(prompt: str | None) -> str:
             text = read_prompt_argument(prompt)
         except InputError as exc:  # every rank must reach the broadcast
             problem = str(exc)
-    text, problem = world.broadcast((text, problem))
+    text, problem = world.share((text, problem))
     if problem is not None:
         raise InputError(problem)
     return text

@@ -9,7 +9,7 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from ..distributed import env_seconds
+from ..launcher import env_seconds
 from .comm import BandGroup
 
 TIMEOUT_ENV = "LINFUSION_GROUP_TIMEOUT"  # as at start-up (distributed.py): seconds a rank waits

@@ -213,11 +213,12 @@ def test_host_memory_is_planned_per_rank_for_every_rank_on_the_machine(cli, monk
     """A rank parks only its rows' skips; every process on the machine (LOCAL_WORLD_SIZE, else
     all N) needs its own share of RAM and of the VAE's parking budget."""
     from linfusion_cli import hostmem
-    from linfusion_cli.distributed import processes_here
+    from linfusion_cli.launcher import processes_here
     from linfusion_cli.errors import InputError
 
     assert processes_here(8, {}) == 8 and processes_here(8, {"LOCAL_WORLD_SIZE": "2"}) == 2
-    assert processes_here(1, {"LOCAL_WORLD_SIZE": "4"}) == 4  # a batch sharing out images
+    launcher = {"WORLD_SIZE": "4", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert processes_here(1, {**launcher, "LOCAL_WORLD_SIZE": "4"}) == 4  # a batch sharing out images
     with pytest.raises(InputError):
         processes_here(2, {"LOCAL_WORLD_SIZE": "two"})
     gib = 2 ** 30
