@@ -6,6 +6,7 @@ LINFUSION_CACHE) with HF_HUB_OFFLINE=1, so nothing is ever downloaded.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sysconfig
 from dataclasses import dataclass
@@ -96,3 +97,63 @@ def parameters_fields(parameters: str) -> dict[str, str]:
         key, _, value = part.strip().partition(": ")
         fields[key] = json.loads(value) if value.startswith('"') else value
     return fields
+
+
+# ---------------------------------------------------------------- what a refused command looks like
+
+DEMO = ("--model", "demo", "--steps", "2")  # the tiny demo pipeline, two steps
+LADDER = "description: two stages\nmodel: demo\nnative: 64\nsteps: 2\nstrengths: [0.5]\n"
+
+
+def one_error(result: Result, *needles: str, code: int = 2) -> str:
+    """The command failed with `code`, one line on stderr holding every needle, nothing on stdout."""
+    assert result.code == code, (result.code, result.err)
+    assert len(result.err_lines) == 1 and result.out == "", (result.err, result.out)
+    for needle in needles:
+        assert needle in result.err_lines[0], (needle, result.err_lines[0])
+    assert "unexpected" not in result.err_lines[0]
+    return result.err_lines[0]
+
+
+def no_load(monkeypatch) -> None:
+    """Fail the test if a model is loaded (the check had to come before)."""
+    from linfusion_cli.cli import common
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(common, "load", refuse)
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    """A file (and its folders) holding exactly `data`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def write_jsonl(path: Path, *rows: dict) -> Path:
+    """A JSON-lines prompt file, a row per line."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def ip_adapter_case(t: Path) -> list[str]:
+    """Flags for an IP-Adapter whose image encoder's config asks for 300000 layers (never built)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from linfusion_cli.models.tiny import DEMO_UNET_CONFIGS
+
+    cross = DEMO_UNET_CONFIGS["sd15"]["cross_attention_dim"]
+    save_file({"image_proj.proj.weight": torch.zeros(4 * cross, 32),
+               "ip_adapter.1.to_k_ip.weight": torch.zeros(8, cross)}, str(t / "ip.safetensors"))
+    (t / "image_encoder").mkdir()
+    (t / "image_encoder" / "config.json").write_text(json.dumps({"num_hidden_layers": 300000,
+                                                                 "projection_dim": 32}))
+    return ["--ip-adapter", str(t / "ip.safetensors"), "--ip-image", str(t / "i.png")]

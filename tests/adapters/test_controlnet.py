@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -19,8 +18,7 @@ from linfusion_cli.pipeline import StageFinished, run_plan
 from linfusion_cli.planning.plan import build_plan
 from linfusion_cli.planning.request import Request
 
-from ..cli_helpers import Result, write_preset
-
+from ..cli_helpers import one_error, write_preset
 
 
 @pytest.fixture(scope="module")
@@ -195,13 +193,6 @@ def test_without_linfusion_equals_diffusers_controlnet_pipelines(tiny_pipeline_d
     assert len(ours) == len(ref) == (1 if kind == "structure" else 2)
     for k, (a, b) in enumerate(zip(ours, ref)):
         close(a, b, f"stage {k}")
-
-
-def one_error(result: Result, *needles):
-    assert result.code == 2, (result.code, result.err)
-    assert len(result.err_lines) == 1 and result.out == "", result.err
-    for n in needles:
-        assert n in result.err_lines[0], result.err
 
 
 def test_cli_controlnet_dry_run_metadata_and_bad_input(cli, tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -17,7 +16,7 @@ from linfusion_cli.pipeline import StageFinished, run_plan
 from linfusion_cli.planning.plan import build_plan
 from linfusion_cli.planning.request import Request
 
-from ..cli_helpers import Result, write_preset
+from ..cli_helpers import one_error, write_preset
 from ..ldm_format import controlnet_to_ldm
 
 
@@ -93,13 +92,6 @@ def test_pickle_single_file_loads_only_when_allowed(tiny_pipeline_dirs, files):
            for k, v in net.state_dict().items()}  # the tiled embedding wraps the original
     assert set(got) == set(want)
     assert all(torch.equal(got[k], v) for k, v in want.items())
-
-
-def one_error(result: Result, *needles):
-    assert result.code == 2, (result.code, result.err)
-    assert len(result.err_lines) == 1 and result.out == "", result.err
-    for n in needles:
-        assert n in result.err_lines[0], result.err
 
 
 def demo_files(root):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -17,8 +16,7 @@ from linfusion_cli.pipeline import StageFinished, run_plan
 from linfusion_cli.planning.plan import build_plan
 from linfusion_cli.planning.request import Request
 
-from ..cli_helpers import Result, write_preset
-
+from ..cli_helpers import one_error, write_preset
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +84,6 @@ def test_one_stage_without_linfusion_equals_diffusers_ip_adapter(tiny_pipeline_d
                generator=torch.Generator().manual_seed(stage.seed))
     assert len(ours) == 1
     close(ours[0], (out.images[0] * 255).round().astype(np.uint8))
-
-
-def one_error(result: Result, *needles):
-    assert result.code == 2, (result.code, result.err)
-    assert len(result.err_lines) == 1 and result.out == "", result.err
-    for n in needles:
-        assert n in result.err_lines[0], result.err
 
 
 def test_cli_ip_adapter_dry_run_metadata_and_bad_input(cli, tmp_path):

@@ -15,8 +15,7 @@ from linfusion_cli.pipeline import StageFinished, run_plan
 from linfusion_cli.planning.plan import build_plan
 from linfusion_cli.planning.request import Request
 
-from ..cli_helpers import Result
-
+from ..cli_helpers import one_error
 
 
 @pytest.fixture(scope="module")
@@ -123,13 +122,6 @@ def test_parse_and_check(lora_files, tmp_path):
     junk.write_bytes(b"not a safetensors file")
     with pytest.raises(InputError, match="not a readable"):
         adapters_for("sd15", str(junk))
-
-
-def one_error(result: Result, *needles):
-    assert result.code == 2, (result.code, result.err)
-    assert len(result.err_lines) == 1 and result.out == "", result.err
-    for n in needles:
-        assert n in result.err_lines[0], result.err
 
 
 def test_cli_lora_dry_run_metadata_and_bad_input(cli, tmp_path):

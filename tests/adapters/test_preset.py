@@ -10,16 +10,10 @@ from linfusion_cli.models.tiny import save_tiny_lora
 from linfusion_cli.planning.preset_keys import adapter_keys
 from linfusion_cli.planning.presets import parse_preset
 
-from ..cli_helpers import TINY_PRESET, Result, pixels, write_preset
+from ..cli_helpers import one_error, pixels, TINY_PRESET, write_preset
+
 
 DEMO = ("--steps", "2", "--res", "64", "--seed", "1")
-
-
-def one_error(result: Result, *needles):
-    assert result.code == 2, (result.code, result.err)
-    assert len(result.err_lines) == 1 and result.out == "", result.err
-    for n in needles:
-        assert n in result.err_lines[0], result.err
 
 
 @pytest.fixture

@@ -13,21 +13,10 @@ from PIL import Image
 
 from linfusion_cli.io.metadata import read_metadata
 
-from ..cli_helpers import Result, files_under, run_subprocess, write_preset
+from ..cli_helpers import files_under, one_error, run_subprocess, write_preset
 
 
 DEMO = ("--model", "demo", "--steps", "2")
-
-
-def assert_one_error(result: Result, code: int, *needles: str) -> str:
-    """The exit code, one non-empty stderr line naming every needle, nothing on stdout."""
-    assert result.code == code, (result.code, result.err)
-    assert len(result.err_lines) == 1, result.err
-    line = result.err_lines[0]
-    for needle in needles:
-        assert needle in line, (needle, line)
-    assert result.out == "", result.out
-    return line
 
 
 def write(path: Path, text: str) -> Path:
@@ -116,7 +105,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(cli, tmp_path, case):
     args = setup(tmp_path)
     before = set(files_under(tmp_path))
     result = cli(*args)
-    assert_one_error(result, code, *needles)
+    one_error(result, *needles, code=code)
     assert set(files_under(tmp_path)) == before, "no file left behind"
     assert not [p for p in files_under(tmp_path) if p.name.endswith(".part")]
 
@@ -124,7 +113,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(cli, tmp_path, case):
 def test_existing_output_is_not_overwritten(cli, tmp_path):
     target = write(tmp_path / "out" / "keep.png", "precious bytes")
     result = cli("generate", "x", *DEMO, "--res", "64", "-o", str(target))
-    assert_one_error(result, 2, "keep.png", "--overwrite")
+    one_error(result, "keep.png", "--overwrite")
     assert target.read_text() == "precious bytes"
     assert files_under(tmp_path / "out") == [target]
 
@@ -132,7 +121,7 @@ def test_existing_output_is_not_overwritten(cli, tmp_path):
 def test_existing_output_in_batch_is_not_overwritten(cli, tmp_path):
     target = write(tmp_path / "out" / "0000-a-cat.png", "precious bytes")
     result = cli("batch", "-", *DEMO, "--res", "64", "-o", "out", stdin="a cat\na dog\n")
-    assert_one_error(result, 2, "0000-a-cat.png", "--overwrite")
+    one_error(result, "0000-a-cat.png", "--overwrite")
     assert target.read_text() == "precious bytes"
     assert files_under(tmp_path / "out") == [target]
 
@@ -145,7 +134,7 @@ def test_interrupt_in_process_is_exit_130(cli, tmp_path, monkeypatch):
 
     monkeypatch.setattr(api, "generate_file", interrupted)
     result = cli("generate", "x", *DEMO, "--res", "64", "-q", "-o", "out/")
-    assert_one_error(result, 130, "interrupted")
+    one_error(result, "interrupted", code=130)
     assert files_under(tmp_path / "out") == []
 
 

@@ -4,6 +4,7 @@ without the rest of a launcher's variables is one line at once, never a wait for
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -11,6 +12,8 @@ from linfusion_cli import hostmem
 from linfusion_cli.distributed import from_env
 from linfusion_cli.launcher import processes_here, speaks
 from linfusion_cli.errors import InputError
+
+from ..cli_helpers import DEMO, run_subprocess, write_jsonl
 
 GIB = 2 ** 30
 PLAN = ("generate", "a lighthouse", "--model", "runwayml/stable-diffusion-v1-5", "--res", "16384",
@@ -58,3 +61,24 @@ def test_under_torchrun_rank_0_alone_prints_what_every_rank_would():
     agent = {"TORCHELASTIC_RUN_ID": "abc"}
     assert speaks(0, agent) and not speaks(1, agent)
     assert speaks(0, {}) and speaks(1, {})
+
+
+@pytest.mark.parametrize("env,code,needle", [
+    ({"WORLD_SIZE": "2", "RANK": "0"}, 2, "MASTER_ADDR"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "LINFUSION_GROUP_TIMEOUT": "2"}, 1,
+     "did not start within 2 s"),
+], ids=["no-master", "no-peer"])
+@pytest.mark.slow
+def test_launcher_variables_left_behind_are_one_line(cli_env, tmp_path, env, code, needle):
+    import socket
+
+    with socket.socket() as s:  # a free port for the store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    prompts = write_jsonl(tmp_path / "p.jsonl", {"prompt": "a"})
+    proc = run_subprocess([sys.executable, "-m", "linfusion_cli", "batch", str(prompts), *DEMO, "--res", "64",
+                           "-o", "out", "--dry-run"], dict(cli_env, MASTER_PORT=str(port), **env),
+                          cwd=tmp_path, timeout=300)
+    err = [line for line in proc.stderr.decode().splitlines() if line.strip()]
+    assert proc.returncode == code, proc.stderr.decode()
+    assert len(err) == 1 and needle in err[0] and "unexpected" not in err[0], err

@@ -1,14 +1,12 @@
-"""The newcomer's path (issue 24): refusals name what works, the version, printed paths."""
+"""Refusals name what works: the budget of the whole run, host memory, the download command
+the installed hub has; the version."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pytest
-
-from ..cli_helpers import write_preset
 
 
 @pytest.fixture
@@ -21,8 +19,6 @@ def no_cuda(monkeypatch):
 def _needed(line: str) -> str:
     return re.search(r"needs at least (\d+\.\d) GiB", line).group(1)
 
-
-# ---------------------------------------------------------------- budget refusals: the whole run
 
 def test_gpu_refusal_names_the_budget_of_the_whole_run(cli, no_cuda):
     """--max-vram 10 fits stage 5 but not stage 6: the refusal names stage 6's figure at once,
@@ -57,8 +53,6 @@ def test_cpu_refusal_says_host_memory_and_what_a_gpu_needs(cli, no_cuda):
     assert cli("generate", "x", "--res", "16384", "--max-vram", gpu, "--dry-run").code == 0
     assert "loading" not in r.err  # refused before any model
 
-
-# ---------------------------------------------------------------- download refusals
 
 @pytest.mark.parametrize("scripts,start", [({"hf", "huggingface-cli"}, "hf download a/b"),
                                            ({"huggingface-cli"}, "huggingface-cli download a/b"),
@@ -96,58 +90,9 @@ def test_missing_model_offline_names_the_installed_command(cli):
     assert f"`{download_command('someone/not-cached-model')}`" in r.err_lines[-1]
 
 
-# ---------------------------------------------------------------- version
-
 def test_version_prints_the_package_version(cli):
     from importlib import metadata
 
     r = cli("--version")
     assert r.code == 0 and r.out.strip() == f"linfusion {metadata.version('linfusion-cli')}"
     assert r.err == ""
-
-
-# ---------------------------------------------------------------- printed paths: as given
-
-@pytest.mark.parametrize("output", [None, "out/", "out/x.png", "ABS"])
-def test_paths_are_printed_as_given(cli, tmp_path, output):
-    """Without -o the bare file name (in the cwd); with -o, -o joined with the name, as written."""
-    preset = write_preset(tmp_path / "tiny.yaml")
-    args = ["generate", "a cat", "--preset", str(preset), "--res", "64", "--seed", "3", "-q"]
-    if output == "ABS":
-        output = str(tmp_path / "abs") + "/"
-    if output is not None:
-        args += ["-o", output]
-    r = cli(*args)
-    assert r.code == 0, r.err
-    printed = r.out.strip()
-    if output is None:
-        assert "/" not in printed and Path(printed).is_file()
-    elif output.endswith("/"):
-        assert printed.startswith(output) and "/" not in printed[len(output):]
-    else:
-        assert printed == output
-    assert (Path.cwd() / printed).is_file()
-    j = cli(*args, "--json", "--overwrite")
-    assert json.loads(j.out)["path"] == printed
-
-
-def test_batch_paths_are_printed_as_given(cli, tmp_path):
-    preset = write_preset(tmp_path / "tiny.yaml")
-    (tmp_path / "p.txt").write_text('a cat\n{"prompt": "a dog", "output": "sub/dog.png"}\n')
-    r = cli("batch", "p.txt", "--preset", str(preset), "--res", "64", "--seed", "3", "-q",
-            "--name", "{slug}-{seed}.{ext}")
-    assert r.code == 0, r.err
-    assert r.out_lines == ["a-cat-3.png", "sub/dog.png"]
-
-
-# ---------------------------------------------------------------- torchrun's report
-
-def test_error_goes_to_the_launchers_error_file(cli, tmp_path, monkeypatch):
-    """Under torchrun (TORCHELASTIC_ERROR_FILE set) the one error line is what its report shows."""
-    error_file = tmp_path / "error.json"
-    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
-    r = cli("batch", "missing.txt", "--model", "demo")
-    assert r.code == 2 and len(r.err_lines) == 1
-    data = json.loads(error_file.read_text())
-    assert data["message"] == r.err_lines[0] and "missing.txt" in data["message"]
-    assert isinstance(data["timestamp"], int)
