@@ -105,7 +105,7 @@ def clean_stale_parts(path: Path) -> None:
         return
     for part in candidates:
         pid = part.name[len(path.name) + len(host) + 3:].split(".", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        if not pid.isdigit() or pid_alive(int(pid)):
             continue
         with contextlib.suppress(OSError):
             part.unlink()
@@ -115,7 +115,8 @@ def glob_escape(text: str) -> str:
     return glob.escape(text)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host holds `pid` (a stale .part or lock names a dead one)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import OutputError
 from ..inputs import kind_of
+from .images import pid_alive
 
 
 def lock_path(final: Path) -> Path:
@@ -42,16 +43,6 @@ def _holder(path: Path) -> tuple[int, str] | None:
         os.close(fd)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: alive
-    return True
-
-
 @contextlib.contextmanager
 def output_lock(final: Path | None):
     """Hold `final`'s lock for the block; OutputError at once when another live run holds it."""
@@ -67,7 +58,7 @@ def output_lock(final: Path | None):
         except FileExistsError:
             holder = _holder(path)
             if attempt == 1 and holder is not None and holder[1] == socket.gethostname() \
-                    and not _alive(holder[0]):
+                    and not pid_alive(holder[0]):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)  # stale: its run died without removing it
                 continue
