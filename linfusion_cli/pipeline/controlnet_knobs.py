@@ -19,16 +19,16 @@ def _join_residuals(first, second):
     return type(first)(down_block_res_samples=down, mid_block_res_sample=mid)
 
 
-def controlnet_knobs(nets, memory):
+def controlnet_knobs(nets, memory, group=None):
     """The stage's memory knobs on the ControlNets too (ff/attention chunks, in-place SiLU,
-    CFG split, band-wise forward); offload does not apply, skips on CPU only banded (residuals
-    parked as they are made). Returns the undo."""
+    CFG split, band-wise forward, over `group`'s ranks like the UNet); offload does not apply,
+    skips on CPU only banded (residuals parked as they are made). Returns the undo."""
     handle = KnobHandle()  # every undo runs even where one fails
     try:
         for net in nets:
             # banded, skips_on_cpu parks each residual as it is made; unbanded it does not apply
-            park = bool(getattr(memory, "band_rows", 0)) and memory.skips_on_cpu
-            handle.add(apply_knobs(net, None, replace(memory, cfg_split=False, skips_on_cpu=park)))
+            park = bool(memory.band_rows) and memory.skips_on_cpu
+            handle.add(apply_knobs(net, None, replace(memory, cfg_split=False, skips_on_cpu=park), group))
             if memory.cfg_split:
                 previous = net.__dict__.get("forward")
                 net.forward = split_batch(net.forward, _join_residuals)

@@ -27,7 +27,7 @@ def memory_plan_applied(model, memory, group=None):
         handle.add(apply_memory_plan(model.pipe, memory, model.device, group))
         nets = list(getattr(model, "controlnets", {}).values())
         if nets:
-            handle.add(controlnet_knobs(nets, memory))
+            handle.add(controlnet_knobs(nets, memory, group))
         yield read_knobs(model.pipe)
     finally:
         handle()

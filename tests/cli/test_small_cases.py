@@ -39,8 +39,8 @@ def test_smaller_cases(cli, tmp_path, monkeypatch):
         one_error(cli("generate", "x", "--preset", str(preset), "--res", "64", "--dry-run"), needle)
     # a newline in an output name
     prompts = write_jsonl(tmp_path / "p.jsonl", {"prompt": "a", "output": "a\nb.png"})
-    one_error(cli("batch", str(prompts), *DEMO, "--res", "64", "-o", "out", "--dry-run"), "line break")
-    one_error(cli("generate", "x", *DEMO, "--res", "64", "-o", "out/a\nb.png", "--dry-run"), "line break")
+    one_error(cli("batch", str(prompts), *DEMO, "--res", "64", "-o", "out", "--dry-run"), "control characters")
+    one_error(cli("generate", "x", *DEMO, "--res", "64", "-o", "out/a\nb.png", "--dry-run"), "control characters")
     # batch --dry-run --json lines carry index and path
     prompts = tmp_path / "two.txt"
     prompts.write_text("a\nb\n")
