@@ -161,6 +161,7 @@ class World:
             first_difference(box[0], made, who=f"on rank {self.rank}")
         lines = [None] * self.size
         dist.all_gather_object(lines, mine)
+        dist.barrier()  # every rank has its lines before any tears the group down (seen: an abort)
         rank, where = next((r, line or "the digest") for r, line in enumerate(lines)
                            if digests[r] != digests[0])
         raise InputError(f"rank {rank} would make something else than rank 0: {where}; start every "
