@@ -157,3 +157,13 @@ def ip_adapter_case(t: Path) -> list[str]:
     (t / "image_encoder" / "config.json").write_text(json.dumps({"num_hidden_layers": 300000,
                                                                  "projection_dim": 32}))
     return ["--ip-adapter", str(t / "ip.safetensors"), "--ip-image", str(t / "i.png")]
+
+
+def tiny_preset(tmp_path: Path) -> tuple[str, ...]:
+    """--preset with the tiny ladder (TINY_PRESET) written under tmp_path."""
+    return ("--preset", str(write_preset(tmp_path / "tiny.yaml")))
+
+
+def json_lines(err: str) -> list[dict]:
+    """Every non-empty stderr line as JSON (fails on the first that is not)."""
+    return [json.loads(line) for line in err.splitlines() if line.strip()]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 
@@ -52,3 +54,14 @@ def tiny_vae():
 
     torch.manual_seed(0)
     return AutoencoderKL(**VAE_CONFIG).eval()
+
+
+def save_taesd(folder: Path, **config) -> Path:
+    """A tiny AutoencoderTiny from a config dict, saved as a download is: save_pretrained."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    settings = dict(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                    num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4)
+    AutoencoderTiny(**{**settings, **config}).save_pretrained(folder, safe_serialization=True)
+    return folder

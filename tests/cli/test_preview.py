@@ -17,19 +17,11 @@ from PIL import Image
 
 from linfusion_cli.pipeline import PhaseProgress, PreviewWritten
 
-from ..cli_helpers import pixels, run_subprocess, write_preset
+from ..cli_helpers import json_lines, pixels, run_subprocess, tiny_preset
+from ..model_helpers import save_taesd
+
 
 MARK = "linfusion-preview"
-
-
-def _tiny(tmp_path) -> tuple[str, ...]:
-    return ("--preset", str(write_preset(tmp_path / "tiny.yaml")))
-
-
-def _events(err: str) -> list[dict]:
-    """Every stderr line as JSON (fails on the first that is not)."""
-    lines = [line for line in err.splitlines() if line.strip()]
-    return [json.loads(line) for line in lines]
 
 
 def _watch(monkeypatch, on_event):
@@ -72,28 +64,6 @@ def _complete_png(path: Path) -> tuple[int, int]:
         return im.size
 
 
-def _no_load(monkeypatch):
-    """The model must not load: a refusal has to come from the plan."""
-    from linfusion_cli import api
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(api, "load", refuse)
-
-
-def save_taesd(folder: Path, **config) -> Path:
-    """A tiny AutoencoderTiny from a config dict, saved as a download is: save_pretrained."""
-    import torch
-    from diffusers import AutoencoderTiny
-
-    torch.manual_seed(0)
-    settings = dict(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-                    num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4)
-    AutoencoderTiny(**{**settings, **config}).save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
 # ---------------------------------------------------------------- during the run, atomically
 
 
@@ -120,7 +90,7 @@ def test_preview_is_rewritten_atomically_during_every_stage(cli, tmp_path, monke
 
     monkeypatch.setattr(os, "replace", replace)
     _watch(monkeypatch, check)
-    r = cli("generate", "a boat", *_tiny(tmp_path), "--res", "128", "--steps", "4", "--seed", "3",
+    r = cli("generate", "a boat", *tiny_preset(tmp_path), "--res", "128", "--steps", "4", "--seed", "3",
             "-o", "out/a.png", "--preview", "live.png", "--preview-every", "1",
             "--preview-method", "latent2rgb")
     assert r.code == 0, r.err
@@ -145,14 +115,14 @@ def test_preview_is_rewritten_atomically_during_every_stage(cli, tmp_path, monke
 def test_json_progress_is_all_of_stderr_and_the_image_is_unchanged(cli, cli_env, tmp_path):
     """A real process with -v: every stderr line is one JSON object (libraries' notices too),
     every stage and step is there in order, stdout is the path; the pixels equal a plain run's."""
-    args = ["generate", "a boat", *_tiny(tmp_path), "--res", "128", "--steps", "4", "--seed", "5"]
+    args = ["generate", "a boat", *tiny_preset(tmp_path), "--res", "128", "--steps", "4", "--seed", "5"]
     plain = cli(*args, "-o", "plain.png")
     assert plain.code == 0, plain.err
     proc = run_subprocess(["linfusion", *args, "-o", "watched.png", "--preview", "live.png",
                            "--preview-every", "1", "--progress", "json", "-v"], cli_env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     assert proc.stdout == b"watched.png\n"
-    events = _events(proc.stderr.decode())
+    events = json_lines(proc.stderr.decode())
     assert all(isinstance(e.get("time"), float) for e in events)
     kinds = [e["event"] for e in events if e["event"] != "log"]
     assert kinds[:3] == ["load_start", "load_end", "run_start"] and kinds[-1] == "run_end"
@@ -177,13 +147,13 @@ def test_json_progress_is_all_of_stderr_and_the_image_is_unchanged(cli, cli_env,
                                    ("--method", "demofusion", "--preview-method", "latent2rgb")])
 def test_previews_change_no_pixel(cli, tmp_path, extra):
     """A scheduler that draws noise at every step, and DemoFusion's two passes per step."""
-    args = ["generate", "a boat", *_tiny(tmp_path), "--res", "128", "--steps", "4", "--seed", "9",
+    args = ["generate", "a boat", *tiny_preset(tmp_path), "--res", "128", "--steps", "4", "--seed", "9",
             *extra[:2]]
     assert cli(*args, "-o", "a.png").code == 0
     r = cli(*args, "-o", "b.png", "--preview", "p.png", "--preview-every", "1", *extra[2:],
             "--progress", "json")
     assert r.code == 0, r.err
-    assert sum(e["event"] == "preview" for e in _events(r.err)) == 4 + 2 + 2
+    assert sum(e["event"] == "preview" for e in json_lines(r.err)) == 4 + 2 + 2
     assert np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "b.png"))
 
 
@@ -197,11 +167,11 @@ def test_each_method_under_the_size_cap(cli, tmp_path, method, folder, expect):
     """A 128x64 stage at --preview-size 64 gives 64x32 previews by every method; auto takes the
     demo's TAESD; --preview-taesd DIR loads a saved AutoencoderTiny the way a download loads."""
     taesd = ("--preview-taesd", str(save_taesd(tmp_path / "taesd"))) if folder else ()
-    r = cli("generate", "a boat", *_tiny(tmp_path), "--width", "128", "--height", "64", "--steps", "2",
+    r = cli("generate", "a boat", *tiny_preset(tmp_path), "--width", "128", "--height", "64", "--steps", "2",
             "--seed", "1", "-o", "a.png", "--preview", "p.png", "--preview-size", "64",
             "--preview-method", method, *taesd, "--progress", "json")
     assert r.code == 0, r.err
-    events = _events(r.err)
+    events = json_lines(r.err)
     plan = next(e for e in events if e["event"] == "run_start")["preview"]
     assert plan["method"] == expect and plan["asked"] == method
     if folder:
@@ -278,7 +248,7 @@ def test_batch_previews_are_named_per_entry_and_reported_as_json(cli, tmp_path):
     assert r.code == 0, r.err
     assert _complete_png(tmp_path / "live-0000.png") == (64, 64)
     assert (tmp_path / "live-0001.png").is_file() and not (tmp_path / "live.png").exists()
-    events = _events(r.err)
+    events = json_lines(r.err)
     kinds = [(e["event"], e.get("index")) for e in events if e["event"] in ("run_start", "run_end")]
     assert kinds == [("run_start", 0), ("run_end", 0), ("run_start", 1), ("run_end", 1)]
     assert events[0]["event"] == "batch_start" and events[0]["entries"] == 2
@@ -292,105 +262,3 @@ def test_batch_previews_are_named_per_entry_and_reported_as_json(cli, tmp_path):
 
 
 # ---------------------------------------------------------------- refusals, before the model loads
-
-
-def _bad_path(kind: str, tmp_path, monkeypatch) -> tuple[str, ...]:
-    if kind == "a directory":
-        (tmp_path / "shots").mkdir()
-        return ("--preview", "shots")
-    if kind == "a missing parent":
-        return ("--preview", "nowhere/live.png")
-    if kind == "an unwritable folder":
-        (tmp_path / "ro").mkdir()
-        real = os.access
-        monkeypatch.setattr(os, "access", lambda p, m: False if Path(p) == Path("ro") else real(p, m))
-        return ("--preview", "ro/live.png")
-    if kind == "a file as its folder":
-        (tmp_path / "afile").write_text("x")
-        return ("--preview", "afile/live.png")
-    if kind == "a symbolic link":
-        (tmp_path / "live.png").symlink_to(tmp_path / "elsewhere.png")
-        return ("--preview", "live.png")
-    if kind == "another image":
-        Image.new("RGB", (8, 8)).save(tmp_path / "live.png")
-        return ("--preview", "live.png")
-    if kind == "the output":
-        return ("--preview", "a.png")
-    if kind == "no image suffix":
-        return ("--preview", "live.txt")
-    if kind == "no --preview":
-        return ("--preview-every", "2")
-    raise AssertionError(kind)
-
-
-@pytest.mark.parametrize("kind", ["a directory", "a missing parent", "an unwritable folder",
-                                  "a file as its folder", "a symbolic link", "another image", "the output",
-                                  "no image suffix", "no --preview"])
-def test_bad_preview_paths_are_refused_before_loading(cli, tmp_path, monkeypatch, kind):
-    flags = _bad_path(kind, tmp_path, monkeypatch)
-    _no_load(monkeypatch)
-    r = cli("generate", "a boat", "--model", "demo", "--res", "64", "--steps", "2", "-o", "a.png", *flags)
-    assert r.code == 2 and len(r.err_lines) == 1 and r.err.startswith("error:"), r.err
-    assert r.out == "" and not (tmp_path / "a.png").exists()
-
-
-def _bad_taesd(kind: str, tmp_path) -> str:
-    folder = save_taesd(tmp_path / "taesd")
-    weights = folder / "diffusion_pytorch_model.safetensors"
-    config = folder / "config.json"
-    if kind == "no weights":
-        weights.unlink()
-    elif kind == "truncated weights":
-        weights.write_bytes(weights.read_bytes()[:-100])
-    elif kind == "not a TAESD":
-        config.write_text(json.dumps({**json.loads(config.read_text()), "_class_name": "AutoencoderKL"}))
-    elif kind == "other shapes":
-        config.write_text(json.dumps({**json.loads(config.read_text()), "decoder_block_out_channels": [16] * 4}))
-    elif kind == "16 latent channels":
-        save_taesd(tmp_path / "taesd16", latent_channels=16)
-        return str(tmp_path / "taesd16")
-    elif kind == "a file":
-        return str(weights)
-    elif kind == "missing":
-        return str(tmp_path / "nothing-here")
-    return str(folder)
-
-
-@pytest.mark.parametrize("kind", ["no weights", "truncated weights", "not a TAESD", "other shapes",
-                                  "16 latent channels", "a file", "missing"])
-def test_bad_taesd_folders_are_refused_before_loading(cli, tmp_path, monkeypatch, kind):
-    source = _bad_taesd(kind, tmp_path)
-    _no_load(monkeypatch)
-    r = cli("generate", "a boat", "--model", "demo", "--res", "64", "--steps", "2", "-o", "a.png",
-            "--preview", "p.png", "--preview-taesd", source)
-    assert r.code == 2 and len(r.err_lines) == 1, r.err
-    assert "--preview-taesd" in r.err or "TAESD" in r.err
-
-
-def test_json_mode_errors_are_json_lines(cli, tmp_path, monkeypatch):
-    _no_load(monkeypatch)
-    r = cli("generate", "a boat", "--model", "demo", "--steps", "abc", "--progress", "json")
-    assert r.code == 2 and [e["event"] for e in _events(r.err)] == ["error"]
-    r = cli("generate", "a boat", "--model", "demo", "--res", "64", "--progress", "json", "--preview", "nowhere/p.png")
-    events = _events(r.err)
-    assert r.code == 2 and len(events) == 1 and "folder nowhere does not exist" in events[0]["message"]
-
-
-def test_a_failing_preview_stops_previews_not_the_run(cli, tmp_path, monkeypatch):
-    from linfusion_cli.errors import WriteError
-    from linfusion_cli.io import previews
-
-    calls = []
-
-    def full(image, path):
-        calls.append(path)
-        raise WriteError(f"cannot write the preview {path}: No space left on device")
-
-    monkeypatch.setattr(previews, "write", full)
-    r = cli("generate", "a boat", *_tiny(tmp_path), "--res", "128", "--steps", "4", "--seed", "3",
-            "-o", "a.png", "--preview", "p.png", "--preview-every", "1", "--progress", "json")
-    assert r.code == 0, r.err
-    events = _events(r.err)
-    assert [e["event"] for e in events].count("preview_error") == 1 and len(calls) == 1
-    assert events[-1]["event"] == "run_end" and events[-1]["ok"] is True
-    assert (tmp_path / "a.png").is_file()
