@@ -138,3 +138,23 @@ def test_a_band_parallel_plan_is_priced_per_rank(cli):
         assert a["link_bytes"] == 0 < r["link_bytes"] and r["messages"] > 0
         assert 0.45 < r["flops"] / a["flops"] < 0.56, (alone["width"], r["flops"] / a["flops"])
     assert two["stages"][-1]["cost"]["peer_bytes"] > 0
+
+
+def test_a_plan_on_the_gpu_here_is_priced_as_that_gpu(monkeypatch):
+    """The CUDA-only path of pricing_gpu, forced on the CPU: no --gpu, a GPU in this machine."""
+    import dataclasses
+    import types
+
+    import torch
+
+    from linfusion_cli.planning.memory.fit import pricing_gpu
+    from linfusion_cli.planning.request import Request, make_plan
+
+    seen = []
+    props = types.SimpleNamespace(name="NVIDIA GeForce RTX 4090", total_memory=24 * GIB)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: seen.append(d) or props)
+    plan = dataclasses.replace(make_plan(Request(prompt="x", model="demo", res=64)), device="cuda:1",
+                               planned_elsewhere=False, gpu=None)
+    assert pricing_gpu(plan) is GPUS["rtx4090"] and seen == [torch.device("cuda:1")]
+    assert pricing_gpu(dataclasses.replace(plan, gpu="h100")) is GPUS["h100"]  # --gpu wins
+    assert pricing_gpu(dataclasses.replace(plan, planned_elsewhere=True)) is None  # absent, unnamed

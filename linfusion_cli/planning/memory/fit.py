@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import torch
 
-from ... import hostmem
+from ... import hostmem, tuning
 from ...adapters.specs import CONTROLNET_KINDS
 from ...launcher import processes_here
 from ...errors import PlanError
@@ -80,7 +80,7 @@ def add_memory_plans(plan: GenerationPlan, ledger_for=None) -> GenerationPlan:
     """
     resolved = device_budget(plan)
     budget, source = resolved.bytes, resolved.too_small()
-    kind = "cuda" if plan.device.startswith("cuda") else "cpu"
+    kind = tuning.device_kind(plan.device)
     fixed = _fixed_knobs(plan)
     plans, short = [], []  # short: (bytes the stage needs at least, stage)
     free_host = None if plan.planned_elsewhere else hostmem.host_memory().available
@@ -225,7 +225,7 @@ def smallest_budget(plan: GenerationPlan, device: str | None = None, dtype: str 
                     vae_dtype: str | None = None) -> tuple[int, object]:
     """(bytes, stage): the smallest budget every stage of the run fits with its tightest plan,
     and the stage that sets it; for the plan's device and dtypes unless others are given."""
-    kind = device or ("cuda" if plan.device.startswith("cuda") else "cpu")
+    kind = device or tuning.device_kind(plan.device)
     db, vb = DTYPE_BYTES[dtype or plan.dtype], DTYPE_BYTES[vae_dtype or plan.vae_dtype]
     fixed, needed = _fixed_knobs(plan), (0, plan.stages[0])
     for stage in plan.stages:

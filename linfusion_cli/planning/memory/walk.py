@@ -43,19 +43,18 @@ from dataclasses import dataclass
 from ... import tuning
 from ...vae.tiles import rank_bands, tile_grid, window_halo
 from ...errors import PlanError
+from .knob_table import KNOBS, OFFLOADS
 
 DECODE_PAD_PX = tuning.DECODER_CONTEXT * 8  # context around a decoder tile, image px a side
 ENCODE_PAD_PX = tuning.ENCODER_CONTEXT * 8  # context around an encoder tile
 STATS_PX = tuning.STATS_PX  # long side, latent px, of the "estimated" mode's stats pass
 
 
-OFFLOADS = ("none", "model", "sequential")
-
-
 @dataclass(frozen=True)
 class Knobs:
-    """Settings that trade speed for memory but leave the image unchanged; the one list of them
-    (planner.MemoryPlan adds the estimate, pipeline/knobs.py applies and reads them back)."""
+    """Settings that trade speed for memory but leave the image unchanged, typed: the fields of
+    knob_table.KNOBS, in its order (planner.MemoryPlan adds the estimate, pipeline/knobs.py
+    applies and reads them back)."""
 
     offload: str = "none"  # "none" | "model" | "sequential" (accelerate CPU offload)
     vae_tile_px: int = 0  # VAE tile size in output pixels, 0 = untiled
@@ -69,9 +68,9 @@ class Knobs:
     def __post_init__(self) -> None:
         if self.offload not in OFFLOADS:
             raise PlanError(f"offload must be one of {', '.join(OFFLOADS)}, not {self.offload!r}")
-        for name in ("vae_tile_px", "ff_chunk", "attn_chunk", "band_rows"):
-            if getattr(self, name) < 0:
-                raise PlanError(f"{name} must be >= 0 (0 = off), not {getattr(self, name)}")
+        for knob in KNOBS:
+            if knob.kind is int and getattr(self, knob.name) < 0:
+                raise PlanError(f"{knob.name} must be >= 0 (0 = off), not {getattr(self, knob.name)}")
 
 
 # ---------------------------------------------------------------- working sets (channels/token)
