@@ -18,7 +18,7 @@ from .errors import InputError
 
 ENABLE = "LINFUSION_TEST_HOOKS"  # must be "1" for any hook below to act
 AFTER_IMAGES = "LINFUSION_TEST_AFTER_IMAGES"  # "RANK:N" exit 3 after the N-th image; "RANK:N:hold"
-BAND_FORWARDS = "LINFUSION_TEST_BAND_FORWARDS"  # "RANK:N" exit 3 after N band-parallel UNet forwards; "RANK:N:hold"
+BAND_FORWARDS = "LINFUSION_TEST_BAND_FORWARDS"  # "RANK:N" exit 3 after N band-parallel UNet forwards; "RANK:N:hold[:FILE]"
 FAIL_STAGE = "LINFUSION_TEST_FAIL_STAGE"  # "RANK:N" the N-th finished stage's end fails like a full disk
 PAUSE_CLAIMED = "LINFUSION_TEST_PAUSE_CLAIMED"  # "INDEX:READY:GO": touch READY, wait for GO to exist
 
@@ -49,10 +49,12 @@ def _die_or_hold(name: str, rank: int, count: int) -> None:
     spec = _spec(name)
     if not spec:
         return
-    who, n, *action = spec.split(":")
+    who, n, *action = spec.split(":", 3)
     if who in ("*", str(rank)) and count == int(n):
         sys.stdout.flush()
-        if action == ["hold"]:
+        if action[:1] == ["hold"]:
+            if action[1:]:
+                Path(action[1]).touch()  # the test knows this rank now holds (a file, not a clock)
             while True:
                 signal.pause()  # until a signal (Ctrl-C) raises KeyboardInterrupt here
         os._exit(3)

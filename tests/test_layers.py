@@ -7,8 +7,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "linfusion_cli"
-CORE = ("__init__", "errors", "validate", "bounds", "inputs", "tuning", "hostmem", "interrupts", "differences", "launcher",
-        "testhooks", "hub", "distributed", "schema", "gpus")
+CORE = ("__init__", "errors", "validate", "bounds", "inputs", "tuning", "hostmem", "interrupts", "differences",
+        "testhooks", "hub", "schema", "gpus")
 # top to bottom; a unit may import its own files, anything in a lower layer, never upward or sideways
 LAYERS = (("__main__",), ("cli",), ("api",), ("tracing",), ("pipeline",), ("planning",), ("models",),
           ("adapters",), ("attention", "vae", "parallel"), ("bands",), ("runtime",), ("io",), CORE)

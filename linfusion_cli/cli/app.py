@@ -26,7 +26,8 @@ try:  # typer >= 0.2x ships its own copy of click; its exceptions are the ones r
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click
 
-from .. import interrupts, launcher
+from .. import interrupts
+from ..parallel import launch
 from ..errors import LinfusionError
 from . import _imported, batch, generate, info, presets_cmd, upscale
 from .console import error, json_stderr
@@ -116,7 +117,7 @@ def _interrupted() -> int:
     """The one line and exit code for Ctrl-C (130), SIGTERM (143) or SIGHUP (129)."""
     signum = interrupts.received[0] if interrupts.received else signal.SIGINT
     line = "interrupted" if signum == signal.SIGINT else f"interrupted ({signal.Signals(signum).name})"
-    if launcher.speaks(_rank()):  # under torchrun every rank gets the signal: rank 0 says it
+    if launch.speaks(_rank()):  # under torchrun every rank gets the signal: rank 0 says it
         error(line)
     else:
         last_error[:] = [line]

@@ -11,7 +11,8 @@ from typing import Annotated
 
 import typer
 
-from .. import api, distributed, parallel, validate
+from .. import api, parallel, validate
+from ..parallel.world import World, current, launched
 from ..errors import InputError, LinfusionError, OutputError
 from ..parallel import GroupError
 from ..io.manifest import Manifest, check_manifest_path, same_settings
@@ -97,7 +98,7 @@ def _matches(path: Path, plan) -> bool:
     return same_settings(record, plan)
 
 
-@distributed.launched  # under torchrun / accelerate launch: this rank's share of the file
+@launched  # under torchrun / accelerate launch: this rank's share of the file
 @shared_options
 def batch(
     file: Annotated[str, typer.Argument(help="Prompt file (text, JSON Lines or A1111 lines), or - for stdin.")],
@@ -106,7 +107,7 @@ def batch(
     *, opts: GenerationOptions,
 ) -> None:
     """Generate every prompt of a file; the whole file is checked before anything runs."""
-    world = distributed.current()
+    world = current()
     parallel = validate.parallel(opts.parallel if opts.parallel is not None else "images")
     together = parallel == "bands" and world.distributed  # every image over every rank
 
@@ -160,7 +161,7 @@ def batch(
         for folder_path in dict.fromkeys([Path(folder)] + [job[2].parent for job in mine]):
             made += make_directory(folder_path)  # only once every check has passed
         device = jobs[0][1].device if jobs else "cpu"  # every entry plans the same device
-        with common.band_group(world if together else distributed.World(), device):
+        with common.band_group(world if together else World(), device):
             failures = _run_share(world, mine, manifest, as_json=json, quiet=quiet, verbose=verbose,
                                   progress=progress,
                                   overwrite=overwrite or resume, allow_pickle=allow_pickle,
@@ -307,7 +308,7 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
             view = progress_view(progress, quiet=quiet, verbose=verbose)
             if progress != "json":
                 view.live = view.live and not world.distributed  # ranks sharing a terminal: no live bars
-            team = world if together else distributed.World()  # ranks that agree at each stage's end
+            team = world if together else World()  # ranks that agree at each stage's end
             with view:
                 view.run_started(plan, path, index)
                 try:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .. import api, distributed, parallel, testhooks
+from .. import api, parallel, testhooks
+from ..parallel.world import World, current, launched
 from ..errors import InputError, OutputError, ResumeMismatchError
 from . import ranks
 from .console import info, one_line_of, progress_view, quiet_libraries, terminal_safe
@@ -189,7 +190,7 @@ def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_
     parallel rank other than 0, which computes its share and writes and prints nothing).
     world: the launcher's, whose ranks agree at each stage's end and at the image's; start:
     rank 0's resume start."""
-    world = world if world is not None else distributed.World()
+    world = world if world is not None else World()
     with progress_view(progress, quiet=quiet or not write, verbose=verbose) as view:
         view.run_started(plan, path)
         try:
@@ -218,7 +219,7 @@ def run_one(plan, model, *, path, fmt, overwrite, as_json, quiet, verbose, init_
 def plan_and_run(req, opts, *, output, init_image=None) -> None:
     """generate/upscale after parsing: plan, then print it (--dry-run) or run it to a file."""
     output = expand(output)
-    world = distributed.current()
+    world = current()
     drawn = req.seed is None  # a launcher's ranks share rank 0's draw (for_world)
     req = for_world(req, world)
     for flag, asked in (("--save-stages", req.save_stages), ("--resume", opts.resume)):
@@ -300,24 +301,16 @@ def band_group(world, device: str):
 
 
 def rank0_first(load_model):
-    """load_model() on rank 0 first, then on the other ranks of the active band group: a demo
-    model is built (transformers writes weights on rank 0 only while a group exists) and a
-    download made once, then read from the cache. The others wait within the group's timeout."""
-    group = parallel.active()
-    if group is None:
+    """load_model() on rank 0 first, then on the other ranks of the band group (World.in_turn):
+    a demo model is built and a download made once, then read from the cache."""
+    if parallel.active() is None:
         return load_model()
-    if group.rank != 0:
-        group.barrier()
-    try:
-        return load_model()
-    finally:
-        if group.rank == 0:
-            group.barrier()
+    return current().in_turn(load_model)
 
 
 def shared_prompt(prompt: str | None) -> str:
     """read_prompt_argument; under a launcher, rank 0 reads stdin and every rank gets its text."""
-    world = distributed.current()
+    world = current()
     if not world.distributed:
         return read_prompt_argument(prompt)
     text, problem = None, None

@@ -6,12 +6,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import distributed
+from ..parallel.world import launched
 from . import common
 from .options import GenerationOptions, Output, shared_options
 
 
-@distributed.launched  # under torchrun: one image over every rank (band parallelism)
+@launched  # under torchrun: one image over every rank (band parallelism)
 @shared_options
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt; - (or none, with piped stdin) reads stdin.")] = None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from .. import testhooks
-from ..distributed import AgreedFailure
+from ..parallel.world import AgreedFailure
 from ..parallel import GroupError
 from ..pipeline.events import StageFinished
 

@@ -8,13 +8,13 @@ import numpy as np
 import typer
 
 from ..io.images import open_image
-from .. import distributed
+from ..parallel.world import launched
 from . import common
 from .options import GenerationOptions, Output, shared_options
 from ..inputs import expand
 
 
-@distributed.launched  # under torchrun: one image over every rank (band parallelism)
+@launched  # under torchrun: one image over every rank (band parallelism)
 @shared_options
 def upscale(
     image: Annotated[str, typer.Argument(help="The image to upscale (PNG, JPEG, TIFF; 16K is fine).")],

@@ -30,7 +30,7 @@ class GroupError(LinfusionError):
 
 
 @contextlib.contextmanager
-def _peers():
+def one_line_failures():
     """torch.distributed's failures (a peer's socket closed, the group's timeout) as one line."""
     try:
         yield
@@ -89,7 +89,7 @@ class BandGroup:
             mine = local.new_zeros(most, *local.shape[1:])
             mine[:local.shape[0]] = local
         self.sent[kind] += mine.numel() * mine.element_size()
-        with _peers():
+        with one_line_failures():
             dist.all_gather(list(buf.split(most)), mine.contiguous(), group=self.pg)
         return _close_up(buf, most, parts)
 
@@ -101,13 +101,13 @@ class BandGroup:
 
     def barrier(self) -> None:
         """Every rank has come this far (within the group's timeout)."""
-        with _peers():
+        with one_line_failures():
             dist.barrier(group=self.pg)
 
     def all_reduce(self, flat: torch.Tensor, kind: str) -> torch.Tensor:
         """The sum over ranks of a 1-D buffer, in place."""
         self.sent[kind] += flat.numel() * flat.element_size()
-        with _peers():
+        with one_line_failures():
             dist.all_reduce(flat, group=self.pg)
         return flat
 
@@ -115,7 +115,7 @@ class BandGroup:
         """The highest of every rank's status code (pipeline/recovery.py): one int64, all-reduced
         with MAX, on this group's device (NCCL carries CUDA tensors only)."""
         flat = torch.tensor([code], dtype=torch.int64, device=self.device)
-        with _peers():
+        with one_line_failures():
             dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.pg)
         return int(flat.item())
 
@@ -133,7 +133,7 @@ class BandGroup:
         for t in sends.values():
             self.sent["halo"] += t.numel() * t.element_size()
         if ops:
-            with _peers():
+            with one_line_failures():
                 for work in dist.batch_isend_irecv(ops):
                     work.wait()
 

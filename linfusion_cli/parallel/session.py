@@ -9,11 +9,9 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from ..launcher import env_seconds
+from .launch import PEERS
 from .comm import BandGroup
 
-TIMEOUT_ENV = "LINFUSION_GROUP_TIMEOUT"  # as at start-up (distributed.py): seconds a rank waits
-TIMEOUT_S = 600.0  # a band's peers: a model load or a slow layer on another rank is waited for
 
 _active: BandGroup | None = None
 
@@ -26,7 +24,7 @@ def active() -> BandGroup | None:
 def timeout_s() -> float:
     """Seconds a rank waits for its peers at any message before the run stops (InputError if the
     variable is not seconds in (0, 86400))."""
-    return env_seconds(TIMEOUT_ENV, TIMEOUT_S)
+    return PEERS.seconds()
 
 
 def make_group(rank: int, size: int, device: torch.device | str) -> BandGroup:

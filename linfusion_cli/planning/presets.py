@@ -8,7 +8,6 @@ Bundled presets live in the repository's top-level `presets/` folder (shipped in
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, make_dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -23,38 +22,17 @@ from ..inputs import expand, home, read_bounded
 from ..schema import preset_options
 from .memory.knob_table import KNOB
 from .method import DemoFusion
+from .option_classes import Preset
 from .preset_keys import read_option_keys
 
 FAMILIES = ("sd15", "sd21", "sdxl")
 DEFAULT_PRESET = "sd15"
 
-
-@dataclass(frozen=True)
-class PresetOwnKeys:
-    """The keys only a preset has (no flag sets them); Preset adds one field per option key."""
-
-    name: str
-    source: str
-    description: str = ""
-    family: str = "sd15"
-    native: int | None = None  # short side of the base stage, px (None: the family's trained size)
-    memory: tuple = ()  # forced memory knobs as (name, value) pairs, e.g. (("offload", "model"),)
-    cosine_scale_1: float = 3.0  # demofusion settings (the official pipeline's defaults)
-    cosine_scale_2: float = 1.0
-    cosine_scale_3: float = 1.0
-    gaussian_sigma: float = 1.0
-
-
-# A validated preset: its own keys, and every option a preset may set (schema.OPTIONS' `preset`
-# keys), as a field named like the Request's, defaulting to the option's `preset_default`.
-Preset = make_dataclass("Preset", [(o.name, o.type, field(default=o.preset_default)) for o in preset_options()],
-                        bases=(PresetOwnKeys,), frozen=True,
-                        namespace={"__doc__": "A validated preset; a flag overrides any option key."})
-Preset.__module__ = __name__
-
 _TYPES = {"description": str, "family": str, "native": (int, type(None)), "memory": dict,
           "cosine_scale_1": (int, float), "cosine_scale_2": (int, float),
           "cosine_scale_3": (int, float), "gaussian_sigma": (int, float)}
+
+
 def _check_memory(knobs: dict, source: str) -> tuple:
     """A preset's `memory:` mapping, checked knob by knob against the knob table's rules."""
     for name, value in knobs.items():

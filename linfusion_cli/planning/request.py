@@ -9,7 +9,7 @@ Nothing here loads weights.
 from __future__ import annotations
 
 import secrets
-from dataclasses import field, make_dataclass, replace
+from dataclasses import replace
 
 import torch
 
@@ -29,17 +29,11 @@ from .memory.knob_table import excluded
 from .method import DemoFusion, trained_px, with_method
 from .plan import GenerationPlan, build_plan, check_size, size_from_res
 from .preset_keys import merged_request, name_preset_key
-from .presets import Preset, load_preset
+from .option_classes import Preset, Request
+from .presets import load_preset
 from .preview import plan_preview
 
 DEFAULT_RES = 4096
-
-
-# What the user asked for: one field per declared option (schema.OPTIONS with plan=True), each
-# None by default, meaning "the preset's value". api.plan's keywords are these fields.
-Request = make_dataclass("Request", [(o.name, o.type, field(default=o.default)) for o in plan_options()],
-                         frozen=True, namespace={"__doc__": "What the user asked for; None: the preset's value."})
-Request.__module__ = __name__
 
 
 def target_size(req: Request, preset: Preset) -> tuple[int, int]:

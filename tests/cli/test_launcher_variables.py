@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from linfusion_cli import hostmem
-from linfusion_cli.distributed import from_env
-from linfusion_cli.launcher import processes_here, speaks
+from linfusion_cli.parallel.world import from_env
+from linfusion_cli.parallel.launch import processes_here, speaks
 from linfusion_cli.errors import InputError
 
 from ..cli_helpers import DEMO, run_subprocess, write_jsonl
@@ -65,7 +65,7 @@ def test_under_torchrun_rank_0_alone_prints_what_every_rank_would():
 
 @pytest.mark.parametrize("env,code,needle", [
     ({"WORLD_SIZE": "2", "RANK": "0"}, 2, "MASTER_ADDR"),
-    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "LINFUSION_GROUP_TIMEOUT": "2"}, 1,
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "LINFUSION_START_TIMEOUT": "2"}, 1,
      "did not start within 2 s"),
 ], ids=["no-master", "no-peer"])
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from ..cli_helpers import files_under, write_preset
-from ..test_distributed import TORCHRUN, free_port, manifest_rows
+from .test_world import TORCHRUN, free_port, manifest_rows
 
 pytestmark = pytest.mark.slow  # several processes each
 
@@ -101,7 +101,7 @@ def test_a_group_that_cannot_start_answers_signals_and_its_timeout(cli_env, tmp_
     signal ends the wait at once (128 + signum, one line); with a short timeout, one line, exit 1."""
     port = free_port()
     env = dict(cli_env, WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-               LINFUSION_GROUP_TIMEOUT="600")
+               LINFUSION_START_TIMEOUT="600")
     args = [sys.executable, "-m", "linfusion_cli", "generate", "a boat", "--model", "demo", "--res", "64",
             "--dry-run"]
     proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -112,11 +112,11 @@ def test_a_group_that_cannot_start_answers_signals_and_its_timeout(cli_env, tmp_
         except OSError:
             assert proc.poll() is None, proc.stderr.read().decode()
     proc.send_signal(signum)
-    code = proc.wait(timeout=60)  # well before the group's 600 s
+    code = proc.wait(timeout=60)  # well before the start-up wait of 600 s
     err = proc.stderr.read().decode().strip().splitlines()
     assert code == 128 + signum and len(err) == 1 and err[0].startswith("error: interrupted"), (code, err)
     if signum == signal.SIGTERM:
-        short = subprocess.run(args, env=dict(env, MASTER_PORT=str(free_port()), LINFUSION_GROUP_TIMEOUT="3"),
+        short = subprocess.run(args, env=dict(env, MASTER_PORT=str(free_port()), LINFUSION_START_TIMEOUT="3"),
                                capture_output=True, stdin=subprocess.DEVNULL, timeout=120)
         lines = short.stderr.decode().strip().splitlines()
         assert short.returncode == 1 and len(lines) == 1 and "did not start within 3 s" in lines[0], lines

@@ -18,7 +18,7 @@ from PIL import Image
 from linfusion_cli.io.metadata import read_metadata
 
 from ..cli_helpers import files_under, run_subprocess
-from ..test_distributed import TORCHRUN, free_port
+from .test_world import TORCHRUN, free_port
 
 HOOKS = {"LINFUSION_TEST_HOOKS": "1"}
 
@@ -121,15 +121,18 @@ def test_upscale_over_2_ranks_equals_one_process(cli_env, tmp_path):
 @pytest.mark.slow
 def test_a_rank_that_dies_or_hangs_stops_the_other_with_one_line(cli_env, tmp_path, hook):
     """Rank 1 exits (3) or hangs after its first UNet forward: rank 0 stops with one line, exit 1,
-    and no image (a hung peer after LINFUSION_GROUP_TIMEOUT seconds: 30, room for a slow model
-    load on a busy machine, since rank 1 waits that long for rank 0's too)."""
-    spec = "1:1" if hook == "die" else "1:1:hold"
+    and no image. A hung peer is noticed after LINFUSION_GROUP_TIMEOUT seconds, which covers only
+    the run's messages (model loads wait under LINFUSION_LOAD_TIMEOUT), so 10 s is ample for a
+    64 px step; rank 1 is stopped once its hook's file says it holds and rank 0 has ended."""
+    holding = tmp_path / "holding"
+    spec = "1:1" if hook == "die" else f"1:1:hold:{holding}"
     procs = _by_hand(cli_env, 2, "generate", "a lighthouse", "--model", "demo", "--res", "64", "--steps", "3",
                      "--seed", "1", "-o", tmp_path / "out.png",
-                     extra_env={**HOOKS, "LINFUSION_TEST_BAND_FORWARDS": spec, "LINFUSION_GROUP_TIMEOUT": "30"})
+                     extra_env={**HOOKS, "LINFUSION_TEST_BAND_FORWARDS": spec, "LINFUSION_GROUP_TIMEOUT": "10"})
     code0 = procs[0].wait(timeout=300)
     err0 = procs[0].stderr.read().decode()
     if hook == "hang":
+        assert holding.exists(), err0[-2000:]  # rank 0 stopped because rank 1 held, not before
         procs[1].send_signal(signal.SIGINT)
     code1 = procs[1].wait(timeout=300)
     assert code0 == 1, err0[-2000:]
@@ -177,7 +180,7 @@ def test_dry_run_plans_per_rank(cli, tmp_path):
 def test_batch_parallel_bands_makes_each_image_over_both_ranks(cli_env, tmp_path):
     """--parallel bands: every entry over all ranks, rank 0 writes, records and prints; the images
     are the one-process batch's (the default still shares out whole images)."""
-    from ..test_distributed import manifest_rows
+    from .test_world import manifest_rows
 
     (tmp_path / "p.txt").write_text("a red boat\na blue boat\n")
     args = ["batch", "p.txt", "--model", "demo", "--res", "64", "--steps", "2", "--seed", "9", "--json"]
@@ -213,7 +216,7 @@ def test_host_memory_is_planned_per_rank_for_every_rank_on_the_machine(cli, monk
     """A rank parks only its rows' skips; every process on the machine (LOCAL_WORLD_SIZE, else
     all N) needs its own share of RAM and of the VAE's parking budget."""
     from linfusion_cli import hostmem
-    from linfusion_cli.launcher import processes_here
+    from linfusion_cli.parallel.launch import processes_here
     from linfusion_cli.errors import InputError
 
     assert processes_here(8, {}) == 8 and processes_here(8, {"LOCAL_WORLD_SIZE": "2"}) == 2

@@ -15,7 +15,7 @@ import torch
 
 from ... import hostmem, tuning
 from ...adapters.specs import CONTROLNET_KINDS
-from ...launcher import processes_here
+from ...parallel.launch import processes_here
 from ...errors import PlanError
 from ...gpus import GPUS, detected_gpu
 from ...hostmem import CPU_PLAN_SHARE_WORDS, cpu_plan_budget, vae_park_budget

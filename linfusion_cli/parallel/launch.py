@@ -1,11 +1,13 @@
 """The launcher's variables (torchrun, accelerate launch, or by hand): read, checked, and told
-apart from the same names left over in a plain shell."""
+apart from the same names left over in a plain shell; and how long ranks wait for each other."""
 
 from __future__ import annotations
 
 import os
 
-from .errors import InputError
+from dataclasses import dataclass
+
+from ..errors import InputError
 
 
 def _env_int(environ, name: str, default: int) -> int:
@@ -61,6 +63,23 @@ def speaks(rank: int, environ=None) -> bool:
     write it to torchrun's error file only. Ranks started by hand each have their own stderr."""
     environ = os.environ if environ is None else environ
     return rank == 0 or not environ.get("TORCHELASTIC_RUN_ID")
+
+
+@dataclass(frozen=True)
+class Timeout:
+    """One kind of wait between ranks: the variable that sets it and its default in seconds."""
+
+    env: str
+    default_s: float
+
+    def seconds(self) -> float:
+        return env_seconds(self.env, self.default_s)
+
+
+# One per purpose: each covers a different kind of work on the slowest rank.
+START = Timeout("LINFUSION_START_TIMEOUT", 60.0)  # every rank arrives at start-up (a missing one is a mistake)
+LOAD = Timeout("LINFUSION_LOAD_TIMEOUT", 3600.0)  # rank 0 loads (or downloads) the model, then the others
+PEERS = Timeout("LINFUSION_GROUP_TIMEOUT", 600.0)  # any message while running (rank 0 writes a 16K stage file)
 
 
 def env_seconds(name: str, default: float) -> float:

@@ -22,17 +22,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from linfusion_cli.distributed import ENV_TEST_HOOK, World, from_env
+from linfusion_cli.parallel.world import World, from_env
+from linfusion_cli.testhooks import AFTER_IMAGES as ENV_TEST_HOOK
 from linfusion_cli.errors import InputError
 from linfusion_cli.io.manifest import MANIFEST_NAME
 
-from .cli_helpers import ROOT, files_under, pixels, run_subprocess
+from ..cli_helpers import ROOT, files_under, pixels, run_subprocess
 
 pytestmark = pytest.mark.slow  # several processes each: minutes, not seconds
 
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-README_MARKER = "<!-- the torchrun line below is run by tests/test_distributed.py -->"
+README_MARKER = "<!-- the torchrun line below is run by tests/parallel/test_world.py -->"
 
 
 def readme_torchrun_line() -> str:

@@ -1,11 +1,13 @@
-"""Batches under torchrun / accelerate launch: the process group, each rank's share, one stdout.
+"""A command under torchrun / accelerate launch: the launcher's process group, what its ranks
+agree on before loading, each rank's share of a batch, one stdout.
 
 A launcher starts one process per GPU and tells each its place through RANK, WORLD_SIZE and
-LOCAL_RANK (plus MASTER_ADDR/MASTER_PORT). Every rank reads and validates the whole prompt file,
-then makes the entries whose index i has i % WORLD_SIZE == RANK; names and seeds come from the
-index, so they do not depend on the world size. Images never cross ranks: the group (gloo, so it
-works the same with or without GPUs) carries only the start-up agreement (stdin text, the batch
-seed, validation errors). After that ranks are independent, so one that dies cannot block the rest.
+LOCAL_RANK (plus MASTER_ADDR/MASTER_PORT). Every rank reads and validates the whole command (or
+prompt file) and the ranks agree on what they make before any loads a model. A batch sharing out
+images makes the entries whose index i has i % WORLD_SIZE == RANK (names and seeds come from the
+index, not the world size) and ends the group after the agreement, so a rank that dies cannot
+block the rest; one image over every rank (band parallelism, parallel/session.py) keeps it for the
+ranks' agreement at each stage's end. The waits are parallel/launch.py's START, LOAD and PEERS.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
-from .errors import InputError, LinfusionError
-from .differences import digest as _digest, first_difference
-from .launcher import env_seconds, launch_from, speaks
+from ..errors import InputError, LinfusionError
+from ..differences import digest as _digest, first_difference
+from .comm import one_line_failures
+from .launch import LOAD, PEERS, START, launch_from, speaks
 
-from .testhooks import AFTER_IMAGES as ENV_TEST_HOOK  # noqa: F401 (tests name it from here)
-from . import testhooks, interrupts
+from .. import testhooks, interrupts
 
 
 @dataclass
@@ -200,6 +202,27 @@ class World:
         cls, text = reports[first]
         raise _agreed((cls, text if first == 0 else f"rank {first}: {text}"), self.rank) from failure
 
+    def in_turn(self, load):
+        """load() on rank 0 first, then on every other rank (a demo model is built and a download
+        made once, then read from the cache), all waiting up to LOAD for each other; then every
+        rank has its model, so no message of the run waits on a peer's load (PEERS stays short).
+        Band parallelism only: the launcher's group is kept for the run (agree(keep=True))."""
+        if not self.distributed:
+            return load()
+        timeout = datetime.timedelta(seconds=LOAD.seconds())
+
+        def meet():  # gloo's barrier that takes its own timeout (the group's is PEERS)
+            with one_line_failures():
+                dist.monitored_barrier(timeout=timeout)
+        if self.rank != 0:
+            meet()
+        try:
+            return load()
+        finally:
+            if self.rank == 0:
+                meet()
+            meet()
+
     # ------------------------------------------------------------ output
 
     def emit(self, line: str) -> None:
@@ -312,15 +335,12 @@ def joined(world: World):
                 signal.signal(sig, handler)
 
 
-GROUP_TIMEOUT_ENV = "LINFUSION_GROUP_TIMEOUT"  # seconds the ranks wait for each other at start-up
-GROUP_TIMEOUT_S = 60.0
-
-
 def _start_group(world: World) -> None:
     """init_process_group with a timeout; peers that never come are one line (LinfusionError)
     within it, never a hang or a traceback. The wait runs in a helper thread so that the main
-    thread still takes Ctrl-C and SIGTERM (torch's store wait does not return to Python)."""
-    timeout = env_seconds(GROUP_TIMEOUT_ENV, GROUP_TIMEOUT_S)
+    thread still takes Ctrl-C and SIGTERM (torch's store wait does not return to Python).
+    Once started, the group waits PEERS for a message (rank 0 may be writing a stage file)."""
+    timeout, running, _ = START.seconds(), PEERS.seconds(), LOAD.seconds()  # bad values: refused now
     outcome: list = []
 
     def start():
@@ -343,6 +363,9 @@ def _start_group(world: World) -> None:
                                  "(a plain run: unset WORLD_SIZE and RANK)")
         problem.echo = speaks(world.rank)
         raise problem from None
+    # torch's public API sets a group's timeout only when it is made; the start-up's (a missing
+    # rank) is much shorter than a running rank's wait, so the default group's is changed here.
+    dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=running))
     world.owns_group = True
 
 
