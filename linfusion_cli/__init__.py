@@ -3,4 +3,4 @@
 Importing the library never imports the CLI (typer/rich).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.3.0.dev0"

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import InputError, ModelNotFoundError, PlanError
 from ..io.weight_files import single_file_family, single_file_keys
-from .resolve import DEMO_PREFIX, auto_linfusion, choose_dtypes, detect_family, is_demo  # noqa: F401 (re-exported)
+from .resolve import DEMO_PREFIX, auto_linfusion, choose_dtypes, detect_family, is_demo
 from ..adapters import mount_adapters
 from ..adapters.specs import AdapterSpecs
 from ..adapters.common import reason

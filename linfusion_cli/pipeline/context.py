@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from .. import vae as tiled_vae
-from ..hostmem import vae_park_budget
 from ..planning.budget import vae_device_budget
 from ..planning.plan import GenerationPlan, Stage
 from .events import EventHandler, PhaseProgress
@@ -58,15 +57,13 @@ def band_rows(stage: Stage) -> int:
 def vae_plan(ctx: StageContext, stage: Stage, part: str) -> dict:
     """tiled_vae.decode/encode's memory arguments for the stage's `part` ("decode"/"encode"), as
     the plan decided them: tile, bands, statistics mode and the host budget it was chosen for.
-    A stage without a memory plan (library callers) leaves the mode to the tiled VAE."""
+    A stage without a memory plan (library callers) leaves the mode and budget to the tiled VAE."""
     memory = stage.memory
     mode = getattr(memory, f"vae_{part}_mode", "") if memory is not None else ""
-    if mode in tiled_vae.MODES:
+    if mode in tiled_vae.MODES:  # the plan decided the host budget (planning/memory/fit.vae_modes)
         budget = int(memory.vae_host_gib * 2 ** 30)
-    else:
-        mode = None
-        planned = ctx.plan.budget.bytes if ctx.plan.budget is not None else None
-        budget = vae_park_budget(planned) if ctx.model.device.type == "cpu" and planned else None
+    else:  # no memory plan: the tiled VAE's own rule (hostmem.vae_park_budget of the free RAM)
+        mode, budget = None, None
     device = None
     if memory is not None and ctx.plan.budget is not None and ctx.model.device.type == "cuda":
         device = vae_device_budget(ctx.plan.budget.bytes, memory.estimated_peak_gib)

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from linfusion_cli.errors import InputError, PlanError
-from linfusion_cli.planning.memory import estimate as est
+from linfusion_cli.planning.memory import estimate as est, walk
 from linfusion_cli.models.resolve import bundled_config
 from linfusion_cli.planning.memory.planner import (
     GIB,
@@ -69,8 +69,8 @@ def test_chunked_linfusion_holds_only_its_input_and_output(configs):
     """With attn_chunk, LinFusion's working set is its output plus O(chunk), not q/k/v/o (6C)."""
     unet = configs["sd15"][0]
     kw = {"latent_h": 1024, "latent_w": 2048, "batch": 1, "dtype_bytes": 2}
-    full = est._transformer(320, 1024 * 2048, est.Knobs(ff_chunk=4096), True, 2, None)
-    chunked = est._transformer(320, 1024 * 2048, est.Knobs(ff_chunk=4096, attn_chunk=4096),
+    full = walk._transformer(320, 1024 * 2048, est.Knobs(ff_chunk=4096), True, 2, None)
+    chunked = walk._transformer(320, 1024 * 2048, est.Knobs(ff_chunk=4096, attn_chunk=4096),
                                True, 2, None)
     assert full >= 8 * 320 and chunked <= 7.05 * 320  # the cross-attention moment now sets it
     assert (est.unet_activation_bytes(unet, knobs=est.Knobs(ff_chunk=4096, attn_chunk=4096), **kw)

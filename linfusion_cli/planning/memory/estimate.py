@@ -21,10 +21,7 @@ from functools import lru_cache
 
 from ... import parallel
 from ...tuning import VAE_ATTN_TOKEN_LIMIT, device_kind
-from .walk import (  # noqa: F401 (the estimate's parts, re-exported for callers and tests)
-    DECODE_PAD_PX, ENCODE_PAD_PX, OFFLOADS, STATS_PX, Knobs, _transformer, _transformer_phases,
-    latent_tokens, vae_activation_bytes,
-    whole_latent_channels)
+from .walk import Knobs, vae_activation_bytes
 from .walk_bands import activation_bytes as unet_activation_bytes  # band-wise when band_rows
 from .walk_bands import breakdown as unet_breakdown  # band-wise when band_rows
 
