@@ -43,13 +43,6 @@ def step_weights(t: float, train_steps: int, cosine_scale_1: float, cosine_scale
     return StepWeights(c, c ** cosine_scale_1, c ** cosine_scale_2, 0.99 * c ** cosine_scale_3 + 1e-2)
 
 
-def schedule_weights(timesteps, train_steps: int, cosine_scale_1: float, cosine_scale_2: float,
-                     cosine_scale_3: float) -> list[StepWeights]:
-    """step_weights over a whole (truncated) schedule, in order."""
-    return [step_weights(t, train_steps, cosine_scale_1, cosine_scale_2, cosine_scale_3)
-            for t in timesteps]
-
-
 def dilation_scale(width: int, height: int, trained_px: int) -> int:
     """The stage's dilation: how many times the model's trained size fits its long side, rounded up."""
     return max(1, math.ceil(max(width, height) / trained_px))

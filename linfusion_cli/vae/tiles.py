@@ -116,11 +116,6 @@ def window_halo(windows: list[Tile], parts) -> tuple[int, int]:
     return top, bottom
 
 
-def single_tile(height: int, width: int) -> Tile:
-    """The whole map as one tile (core = window)."""
-    return Tile(Span(0, height, 0, height), Span(0, width, 0, width))
-
-
 def window_area_sum(tiles: list[Tile]) -> int:
     """Total window area in latent px^2 (what tiling costs, padding included)."""
     return sum(t.window_area for t in tiles)

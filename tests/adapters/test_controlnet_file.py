@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 from linfusion_cli.adapters import check_adapters
 from linfusion_cli.planning.request import with_adapters
 from linfusion_cli.models.loading import load_model
-from linfusion_cli.models.tiny import UNET_CONFIGS, save_tiny_controlnet
+from linfusion_cli.models.tiny import UNET_CONFIGS
+from ..adapter_helpers import save_tiny_controlnet
 from linfusion_cli.pipeline import StageFinished, run_plan
 from linfusion_cli.planning.plan import build_plan
 from linfusion_cli.planning.request import Request

@@ -11,7 +11,8 @@ from linfusion_cli.adapters import check_adapters
 from linfusion_cli.planning.request import with_adapters
 from linfusion_cli.attention.module import LinFusionAttention
 from linfusion_cli.models.loading import load_model
-from linfusion_cli.models.tiny import UNET_CONFIGS, save_tiny_ip_adapter
+from linfusion_cli.models.tiny import UNET_CONFIGS
+from ..adapter_helpers import save_tiny_ip_adapter
 from linfusion_cli.pipeline import StageFinished, run_plan
 from linfusion_cli.planning.plan import build_plan
 from linfusion_cli.planning.request import Request
@@ -91,7 +92,9 @@ def test_cli_ip_adapter_dry_run_metadata_and_bad_input(cli, tmp_path):
 
     from diffusers import UNet2DConditionModel
 
-    from linfusion_cli.models.tiny import DEMO_UNET_CONFIGS, save_tiny_lora
+    from linfusion_cli.models.tiny import DEMO_UNET_CONFIGS
+
+    from ..adapter_helpers import save_tiny_lora
     from linfusion_cli.io.metadata import read_metadata
 
     torch.manual_seed(0)

@@ -10,7 +10,8 @@ from linfusion_cli.adapters import check_adapters
 from linfusion_cli.adapters.specs import AdapterSpecs
 from linfusion_cli.attention.module import LinFusionAttention
 from linfusion_cli.models.loading import load_model
-from linfusion_cli.models.tiny import UNET_CONFIGS, save_tiny_lora
+from linfusion_cli.models.tiny import UNET_CONFIGS
+from ..adapter_helpers import save_tiny_lora
 from linfusion_cli.pipeline import StageFinished, run_plan
 from linfusion_cli.planning.plan import build_plan
 from linfusion_cli.planning.request import Request

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from linfusion_cli.errors import PresetError
-from linfusion_cli.models.tiny import save_tiny_lora
+from ..adapter_helpers import save_tiny_lora
 from linfusion_cli.planning.preset_keys import adapter_keys
 from linfusion_cli.planning.presets import parse_preset
 

@@ -15,7 +15,9 @@ def demo_controlnet(tmp_path_factory):
     """A ControlNet folder that fits the demo model."""
     from diffusers import UNet2DConditionModel
 
-    from linfusion_cli.models.tiny import DEMO_UNET_CONFIGS, save_tiny_controlnet
+    from linfusion_cli.models.tiny import DEMO_UNET_CONFIGS
+
+    from ..adapter_helpers import save_tiny_controlnet
 
     unet = UNet2DConditionModel.from_config(dict(DEMO_UNET_CONFIGS["sd15"]))
     return save_tiny_controlnet(tmp_path_factory.mktemp("cn") / "cn", unet)

@@ -187,7 +187,9 @@ def test_checkpoints_from_before_weights_were_recorded_still_resume(cli, tmp_pat
 def test_a_replaced_controlnet_refuses_the_resume(cli, tmp_path, monkeypatch):
     from diffusers import UNet2DConditionModel
 
-    from linfusion_cli.models.tiny import DEMO_UNET_CONFIGS, save_tiny_controlnet
+    from linfusion_cli.models.tiny import DEMO_UNET_CONFIGS
+
+    from ..adapter_helpers import save_tiny_controlnet
 
     cn = save_tiny_controlnet(tmp_path / "canny", UNet2DConditionModel(**DEMO_UNET_CONFIGS["sd15"]))
     control = tmp_path / "edges.png"

@@ -59,7 +59,9 @@ def controlnet(tmp_path):
     """A tiny SD1.5 ControlNet folder (demo-sized) and a control image."""
     from diffusers import UNet2DConditionModel
 
-    from linfusion_cli.models.tiny import DEMO_UNET_CONFIGS, save_tiny_controlnet
+    from linfusion_cli.models.tiny import DEMO_UNET_CONFIGS
+
+    from ..adapter_helpers import save_tiny_controlnet
 
     torch.manual_seed(0)
     folder = save_tiny_controlnet(tmp_path / "cn", UNet2DConditionModel(**DEMO_UNET_CONFIGS["sd15"]))

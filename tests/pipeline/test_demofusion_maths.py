@@ -25,7 +25,7 @@ def test_step_weights_over_an_euler_schedule_match_the_equations():
     sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     sched.set_timesteps(50)
     timesteps = sched.timesteps[34:]  # strength 0.32 of 50 steps
-    got = df.schedule_weights(timesteps, 1000, 3.0, 1.0, 1.0)
+    got = [df.step_weights(t, 1000, 3.0, 1.0, 1.0) for t in timesteps]
     assert len(got) == 16
     for t, w in zip(timesteps.tolist(), got):
         c, c1, c2, c3 = ref_weights(t, 1000, 3.0, 1.0, 1.0)

@@ -11,7 +11,7 @@ from linfusion_cli.vae import choose_tile_px, decode, encode, split_axis, tile_g
 from linfusion_cli.vae import attention as attn_mod
 from linfusion_cli.vae.norm import channel_moments, group_norm, pool, torch_group_stats
 from benchmarks.synthetic import structured_image, structured_latent
-from linfusion_cli.vae.tiles import downscaled_size, single_tile
+from linfusion_cli.vae.tiles import Span, Tile, downscaled_size
 from ..model_helpers import tiny_vae
 
 H, W = 73, 97  # odd latent size -> 584 x 776 image
@@ -54,7 +54,7 @@ def test_tile_grid_covers_once_and_slices_agree():
         assert wy.start + cy.start == ys.start and wx.start + cx.start == xs.start
     assert (cover == 1).all()
     assert sum(t.core_area for t in tiles) == H * W
-    one = single_tile(H, W)
+    one = Tile(Span(0, H, 0, H), Span(0, W, 0, W))  # the whole map as one tile
     assert one.core_area == one.window_area == H * W
 
 
