@@ -5,9 +5,12 @@
     image, record = api.generate("a lighthouse at dusk", res=8192, model="demo")
     image, record = api.generate("a lighthouse", res=4096, pipe=my_pipe)   # your own pipeline
     bigger, record = api.upscale(Image.open("in.png"), "a lighthouse", res=8192)
+    made = api.write_image(plan, api.load(plan), "out/")   # the CLI's checks, lock and resume
+    jobs, manifest = api.plan_batch(entries, api.Request(prompt=""), "out/")  # checked, nothing run
 
 Options are Request's fields (declared in schema.OPTIONS: the flags of `linfusion generate`,
-underscores for dashes). The CLI is a thin layer over plan_request + load + generate_file.
+underscores for dashes). The CLI is a thin layer over plan_request, check_image or plan_batch
+(jobs/: every output checked before the model loads), load and generate_file.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import numpy as np
 from .errors import NonFiniteError, OutOfMemoryError
 from .planning.plan import GenerationPlan
 from .planning.request import Request, plan_request as _plan_request
-from .io import checkpoints
+from .io import checkpoints, locks, outputs
+from .io.targets import check_directory
 from .io.checkpoints import stage_path, pixels_digest
 from .io import images
 from .io.images import to_rgb8
@@ -30,9 +34,12 @@ from .models.loading import prepare_model
 from .models import taesd
 from .models.resolve import info_of_pipeline
 from .pipeline import run_plan, StageFinished, finite
+from .jobs.entries import plan_batch
+from .jobs.job import Job, check_image
 from .tracing.ledger import ledger_for
 
-__all__ = ["Request", "generate", "generate_file", "load", "plan", "plan_request", "resume_start", "upscale"]
+__all__ = ["Job", "Request", "check_image", "generate", "generate_file", "load", "plan", "plan_batch",
+           "plan_request", "resume_start", "upscale", "write_image"]
 
 
 def plan_request(req: Request, model_info=None) -> GenerationPlan:
@@ -187,3 +194,22 @@ def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, o
     if path is not None:
         checkpoints.finish(plan, path, keep=plan.save_stages, init_digest=digest)
     return result_summary(written, record)
+
+
+def write_image(plan: GenerationPlan, model, output: str | None, *, fmt: str | None = None,
+                overwrite: bool = False, resume: bool = False, drawn: bool = False, init_image=None,
+                on_event=None) -> dict:
+    """generate_file behind the checks the CLI makes: the output, its stage files and preview
+    (check_image: OutputError before anything runs), one run per output (its lock), and with
+    resume the recorded seed (drawn: the plan's seed was drawn), a finished image left as it is
+    ({"path", "skipped": True}) or the start after the last matching checkpoint."""
+    job = check_image(plan, output, fmt=fmt, overwrite=overwrite, resume=resume, drawn=drawn,
+                      init_image=init_image)
+    if job.finished:
+        return {"path": str(job.path), "skipped": True}
+    if job.path is not None:
+        check_directory(job.path.parent, create=True)
+    with locks.output_lock(job.path):
+        start = outputs.resume_plan(job.plan, job.path, init_image)[1] if resume and job.path else None
+        return generate_file(job.plan, model, path=job.path, fmt=job.fmt, overwrite=overwrite,
+                             on_event=on_event, init_image=init_image, resume=resume, start=start)

@@ -6,6 +6,7 @@ that uses its value):
   planning/request.py Request: one field per option with `plan=True`
   planning/presets.py Preset: one field per `preset` key, read under `rule`
   io/prompts.py       PromptEntry: one field per option with `line` keys (JSON key, A1111 --key)
+  io/image_identity.py what defines an image: every option with `defines_image=True`
 The same `rule` (validate.py) checks the value on every path; callers put where it came from in
 front of the message.
 """
@@ -44,6 +45,9 @@ class Option:
     adapter: bool = False  # asks for an adapter (LoRA, ControlNet, IP-Adapter)
     label: str = ""  # the name messages use (default: the long flag)
     commands: tuple[str, ...] = COMMANDS  # the commands whose flags include it
+    defines_image: bool = False  # the plan's value of this name is part of what defines an image
+    # (io/image_identity.py: checkpoints, manifest lines and image records compare it); the options
+    # that shape the stages, adapters, seed or input image are recorded through those instead
 
     @property
     def named(self) -> str:
@@ -91,7 +95,8 @@ _ADAPTER = dict(path=True, relative=True, adapter=True, rule=validate.source)
 _SCALE = dict(type=Optional[float], adapter=True, rule=validate.finite)
 
 OPTIONS: tuple[Option, ...] = (
-    Option("prompt", str, default=MISSING, rule=validate.text, line=("prompt",), label="the prompt"),
+    Option("prompt", str, default=MISSING, rule=validate.text, line=("prompt",), label="the prompt",
+           defines_image=True),
     Option("res", Optional[int], "Long side of the final image in px (default 4096); with --aspect.",
            ("--res",), rule=validate.side, line=("res",)),
     Option("aspect", Optional[str], "Aspect W:H with --res (default: the preset's, 1:1).", ("--aspect",),
@@ -103,10 +108,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("model", Optional[str], "Hub id, local diffusers folder, single .safetensors file (.ckpt only "
            "with --allow-pickle; --config DIR gives it its configs offline), or demo, demo-sd21, demo-sdxl "
            "(tiny random models, no download).", ("--model",), preset="model",
-           preset_default="Lykon/dreamshaper-8", **_PATH),
+           preset_default="Lykon/dreamshaper-8", defines_image=True, **_PATH),
     Option("linfusion", Optional[str], "LinFusion weights: hub id or folder (default: matched to the model: "
            "known ids, else by UNet architecture).", ("--linfusion",), preset="linfusion",
-           preset_default="auto", preset_null=True, **_PATH),
+           preset_default="auto", preset_null=True, defines_image=True, **_PATH),
     Option("no_linfusion", bool, "Keep the UNet's own quadratic attention.", ("--no-linfusion",),
            default=False),
     Option("preset", Optional[str], "sd15, sd15-lowmem, sd21, sdxl, sdxl-lowmem, or a user preset name or "
@@ -118,7 +123,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("guidance", Optional[float], "Classifier-free guidance scale.", ("--guidance",),
            rule=validate.guidance, preset="guidance", preset_default=7.5, line=("guidance", "cfg_scale")),
     Option("negative", Optional[str], "Negative prompt.", ("--negative",), rule=validate.text,
-           preset="negative", preset_default="", line=("negative", "negative_prompt")),
+           preset="negative", preset_default="", line=("negative", "negative_prompt"), defines_image=True),
     Option("strengths", Optional[tuple[float, ...]], "img2img strength per x2 stage, e.g. 0.4,0.3,0.2,0.1 "
            "(the last repeats).", ("--strengths",), rule=validate.strengths, flag_type=Optional[str],
            parse=_strengths_text, preset="strengths", preset_default=(0.4, 0.3, 0.2, 0.1)),
@@ -151,7 +156,7 @@ OPTIONS: tuple[Option, ...] = (
            "rtx3060, t4 (default: the one detected); without a GPU here, --dry-run --gpu NAME plans for it, "
            "its memory the default --max-vram.", ("--gpu",), rule=validate.gpu),
     Option("dtype", Optional[str], "auto, fp16, bf16 or fp32.", ("--dtype",), rule=validate.text,
-           preset="dtype", preset_default="auto"),
+           preset="dtype", preset_default="auto", defines_image=True),
     Option("allow_pickle", bool, "Allow pickle checkpoints (.ckpt/.pt/.pth/.bin; loading one can run code).",
            ("--allow-pickle",), default=False),
     Option("config", Optional[str], "Local diffusers folder giving configs and tokenizer for a single-file "
@@ -226,6 +231,11 @@ def preset_options() -> tuple[Option, ...]:
 def line_options() -> tuple[Option, ...]:
     """The options a batch line may set."""
     return tuple(o for o in OPTIONS if o.line)
+
+
+def image_options(options: tuple[Option, ...] = OPTIONS) -> tuple[str, ...]:
+    """The names whose plan values define an image (io/image_identity.py)."""
+    return tuple(o.name for o in options if o.defines_image)
 
 
 def check_request(req) -> None:

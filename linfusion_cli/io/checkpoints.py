@@ -29,7 +29,9 @@ from . import checkpoint_records, images
 from .checkpoint_names import (NAME as _NAME, candidates as _candidates, checkpoint_path,  # noqa: F401
                                hidden_path, legacy_paths, paths_of, stage_path)
 from .metadata import read_metadata
-from .weights_id import changed, defining, same
+from ..schema import OPTIONS
+from .image_identity import defining
+from .weights_id import changed, same
 
 
 
@@ -62,13 +64,13 @@ def _adapters(adapters) -> dict:
     return out
 
 
-def settings(plan, index: int, init_digest: str | None = None) -> dict:
+def settings(plan, index: int, init_digest: str | None = None, options=OPTIONS) -> dict:
     """Everything that decides stage `index`'s image (see the module note for what is left out)."""
     stages = [{"width": s.width, "height": s.height, "strength": s.strength, "steps": s.steps,
                "guidance": s.guidance, "scheduler": s.scheduler, "seed": s.seed,
                "method": s.method, "demofusion": asdict(s.demofusion) if s.demofusion else None}
               for s in plan.stages[:index + 1]]
-    made = defining(plan) | {"vae_dtype": plan.vae_dtype, "seed": plan.seed, "init_image": init_digest,
+    made = defining(plan, options) | {"vae_dtype": plan.vae_dtype, "seed": plan.seed, "init_image": init_digest,
                              "adapters": _adapters(plan.adapters), "stages": stages}
     return json.loads(json.dumps(made))  # as it reads back from a file: lists, not tuples
 

@@ -15,7 +15,6 @@ closed, so one descriptor is held open for the whole run and every read and appe
 
 from __future__ import annotations
 
-from dataclasses import asdict
 import errno
 import fcntl
 import hashlib
@@ -25,49 +24,14 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from ..errors import OutputError
 from ..inputs import kind_of
-from .weights_id import defining, same
+from .image_identity import fingerprint
+from .weights_id import same
 
 MANIFEST_NAME = "linfusion-manifest.jsonl"
 DATA_SPAN = 1 << 40  # the append lock covers bytes [0, DATA_SPAN); claims live above it
 CLAIM_BASE = DATA_SPAN
-
-
-def _stage_key(width, height, strength, steps, guidance, scheduler, seed_offset, method,
-               demofusion) -> list:
-    """One stage's defining settings, the same from a plan and from an image's record."""
-    return [width, height, strength, steps, guidance, scheduler, seed_offset, method or "sdedit",
-            demofusion or None]
-
-
-def fingerprint(plan) -> dict[str, Any]:
-    """What defines an image besides its seed: memory knobs, device and budget are left out."""
-    return defining(plan) | {
-        "init_image": plan.init_image, "adapters": plan.adapters.to_dict(),
-        "stages": [_stage_key(s.width, s.height, s.strength, s.steps, s.guidance, s.scheduler,
-                              s.seed - plan.seed, s.method,
-                              asdict(s.demofusion) if s.demofusion is not None else None)
-                   for s in plan.stages],
-    }
-
-
-def same_settings(record: dict, plan) -> bool:
-    """An image's own metadata record shows the plan's settings and seed (files without a manifest line)."""
-    want = fingerprint(plan)
-    del want["dtype"]  # the record holds the resolved dtype, the plan may say "auto"
-    try:
-        got = {key: record[key] for key in want if key not in ("stages", "adapters", "weights")}
-        if "weights" in record:
-            got["weights"] = record["weights"]
-        got["adapters"] = record.get("adapters") or {}
-        got["stages"] = [_stage_key(s["width"], s["height"], s["strength"], s["steps"], s["guidance"],
-                                    s["scheduler"], s["seed"] - record["seed"], s.get("method"),
-                                    s.get("demofusion")) for s in record["stages"]]
-    except (KeyError, TypeError):
-        return False
-    return same(want, got) and record.get("seed") == plan.seed
 
 
 def file_digest(path: Path) -> tuple[int, str]:

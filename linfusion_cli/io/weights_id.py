@@ -20,15 +20,6 @@ ROLES = {"model": "model", "linfusion": "LinFusion", "controlnet": "ControlNet",
          "ip_adapter_encoder": "IP-Adapter image encoder"}
 
 
-def defining(plan) -> dict:
-    """The part of what defines an image that stage checkpoints (checkpoints.settings), manifest
-    lines and image records (manifest.fingerprint, same_settings) share: text, model and weights;
-    each adds its stage list, seed and input images in the form it has always recorded them."""
-    return {"prompt": plan.prompt, "negative": plan.negative, "model": plan.model,
-            "family": plan.family, "linfusion": plan.linfusion, "dtype": plan.dtype,
-            "weights": identity(plan)}
-
-
 def sources(plan) -> dict[str, str]:
     """{role: source as given} for every set of weights the plan loads but LoRAs (hashed already)."""
     out = {"model": plan.model}

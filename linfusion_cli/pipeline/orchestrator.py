@@ -21,7 +21,7 @@ from .preview import Previewer
 from .stages import StageContext, stage_function
 from ..models.loading import TORCH_DTYPES
 from ..runtime import transfer
-from ..io import weights_id
+from ..io import image_identity, weights_id
 
 
 def dtype_name(dtype) -> str:
@@ -33,7 +33,7 @@ def run_record(plan: GenerationPlan, model, stages: list[dict], group=None) -> d
     """The machine-readable record of a run (metadata chunk, --json, --resume); group: the
     band-parallel group that made it (None: one process)."""
     base = plan.stages[0]
-    return {
+    return image_identity.recorded(plan, {  # and any other option that defines the image
         "prompt": plan.prompt, "negative": plan.negative, "seed": plan.seed,
         "steps": base.steps, "sampler": model.sampler, "guidance": base.guidance,
         "width": plan.width, "height": plan.height, "model": plan.model, "family": model.family,
@@ -45,7 +45,7 @@ def run_record(plan: GenerationPlan, model, stages: list[dict], group=None) -> d
         "weights": weights_id.identity(plan),  # which files: resume and batch --resume compare them
         "version": f"linfusion-cli {__version__}",
         **({"parallel": {"mode": "bands", "world_size": group.size}} if group is not None else {}),
-    }
+    })
 
 
 def _peak_gib(device: torch.device) -> float | None:

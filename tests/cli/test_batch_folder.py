@@ -98,7 +98,7 @@ def test_batch_validation_decodes_a_shared_image_once_and_shows_progress(cli, tm
     from PIL import Image
 
     from linfusion_cli.adapters import common
-    from linfusion_cli.cli import batch
+    from linfusion_cli.jobs import entries
     from linfusion_cli.io import images
 
     Image.new("RGB", (64, 64)).save(tmp_path / "i.png")
@@ -109,7 +109,7 @@ def test_batch_validation_decodes_a_shared_image_once_and_shows_progress(cli, tm
     for _ in range(30):
         assert common.check_image(str(tmp_path / "i.png"), "--control-image")["image_size"] == [64, 64]
     assert len(calls) == 1
-    monkeypatch.setattr(batch, "PROGRESS_FROM", 10)
+    monkeypatch.setattr(entries, "PROGRESS_FROM", 10)
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"prompt {i}\n" for i in range(20)))
     result = cli("batch", str(prompts), *DEMO, "--res", "64", "-o", "out", "--dry-run")
