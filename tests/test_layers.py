@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "linfusion_cli"
 CORE = ("__init__", "errors", "validate", "bounds", "inputs", "tuning", "hostmem", "interrupts", "differences",
         "testhooks", "hub", "schema", "gpus")
 # top to bottom; a unit may import its own files, anything in a lower layer, never upward or sideways
-LAYERS = (("__main__",), ("cli",), ("api",), ("jobs",), ("tracing",), ("pipeline",), ("planning",), ("models",),
+LAYERS = (("__main__",), ("cli",), ("api",), ("jobs", "progress_json"), ("tracing",), ("pipeline",), ("planning",), ("models",),
           ("adapters",), ("attention", "vae", "parallel"), ("bands",), ("runtime",), ("io",), CORE)
 LAYER_OF = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}
 # Imported inside functions, on purpose: each takes seconds or is optional/platform-bound, and

@@ -30,7 +30,8 @@ from .. import interrupts
 from ..parallel import launch
 from ..errors import LinfusionError
 from . import _imported, batch, generate, info, presets_cmd, upscale
-from .console import error, json_stderr
+from .console import error
+from ..progress_json import json_stderr
 from .. import __version__
 from .console import last_error, one_line_of
 

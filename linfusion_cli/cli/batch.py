@@ -15,7 +15,8 @@ from ..io.prompts import read_prompt_file
 from ..jobs.claims import DONE, skip_reason
 from ..jobs.processes import band_group, rank0_first
 from . import common, ranks
-from .console import error, event, info, one_line_of, progress_view, terminal_safe
+from .console import error, info, one_line_of, progress_view, terminal_safe
+from ..progress_json import event
 from .options import GenerationOptions, Template, shared_options
 from ..inputs import expand
 from ..io.outputs import resume_plan

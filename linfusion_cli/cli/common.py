@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 
 from .. import api, parallel, testhooks
@@ -14,7 +13,7 @@ from . import ranks
 from .console import info, one_line_of, progress_view, quiet_libraries, terminal_safe
 from ..inputs import expand
 from ..io import locks
-from ..io.outputs import digest_of, resume_plan
+from ..io.outputs import check_stdout, digest_of, resume_plan
 from ..io.targets import check_directory
 from ..jobs.processes import band_group, for_world, rank0_first
 from ..planning.plan_text import plan_lines, resume_text
@@ -86,7 +85,7 @@ def plan_and_run(req, opts, *, output, init_image=None) -> None:
             raise InputError(f"{flag} works on files beside the image; it cannot be used with -o -")
     plan = api.plan_request(req)
     if not opts.dry_run:
-        not_both_json_and_stdout(output, opts.json)
+        check_stdout(output, sys.stdout)
     # the output is checked as for a run; nothing is created before the model has loaded
     job = api.check_image(plan, output, fmt=opts.format, overwrite=opts.overwrite, resume=opts.resume,
                           drawn=drawn, init_image=init_image)
@@ -134,64 +133,3 @@ def plan_and_run(req, opts, *, output, init_image=None) -> None:
                 print(json.dumps(result) if opts.json else result["path"], flush=True)
             elif lead and opts.json:
                 info(json.dumps(result), quiet=False)  # stdout carries the image itself
-
-
-def shared_prompt(prompt: str | None) -> str:
-    """read_prompt_argument; under a launcher, rank 0 reads stdin and every rank gets its text."""
-    world = current()
-    if not world.distributed:
-        return read_prompt_argument(prompt)
-    text, problem = None, None
-    if world.rank == 0:
-        try:
-            text = read_prompt_argument(prompt)
-        except InputError as exc:  # every rank must reach the broadcast
-            problem = str(exc)
-    text, problem = world.share((text, problem))
-    if problem is not None:
-        raise InputError(problem)
-    return text
-
-
-def read_prompt_argument(prompt: str | None) -> str:
-    """PROMPT, or stdin when PROMPT is '-' or absent and stdin is piped."""
-    stdin = sys.stdin
-    piped = stdin is not None and not _isatty(stdin)
-    if prompt == "-" or (prompt is None and piped):
-        if stdin is None:
-            raise InputError("no prompt on stdin (stdin is closed)")
-        try:
-            text = stdin.read().strip()
-        except UnicodeDecodeError:
-            raise InputError("the prompt on stdin is not UTF-8 text") from None
-        except (OSError, ValueError):  # a closed stdin
-            raise InputError("no prompt on stdin (stdin is closed)") from None
-        if not text:
-            raise InputError("no prompt on stdin")
-        return text
-    if prompt is None:
-        raise InputError("no prompt given (pass PROMPT, or - to read it from stdin)")
-    return prompt
-
-
-def _open_stream(stream) -> bool:
-    """The stream exists and its file descriptor is open."""
-    try:
-        os.fstat(stream.fileno())
-        return True
-    except (AttributeError, OSError, ValueError):
-        return False
-
-
-def _isatty(stream) -> bool:
-    try:
-        return stream.isatty()
-    except (OSError, ValueError):
-        return False
-
-
-def not_both_json_and_stdout(output, as_json) -> None:
-    if output == "-" and not _open_stream(sys.stdout):
-        raise InputError("stdout is closed; use -o FILE")
-    if output == "-" and _isatty(sys.stdout):
-        raise InputError("refusing to write image bytes to a terminal; redirect stdout or use -o FILE")

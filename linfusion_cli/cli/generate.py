@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Optional
 
 import typer
 
-from ..parallel.world import launched
+from ..parallel.world import current, launched
+from ..jobs.processes import shared_prompt
 from . import common
 from .options import GenerationOptions, Output, shared_options
 
@@ -18,5 +20,5 @@ def generate(
     output: Output = None, *, opts: GenerationOptions,
 ) -> None:
     """Generate an image: a base at the model's trained size, then x2 img2img stages to --res."""
-    text = common.shared_prompt(prompt)
+    text = shared_prompt(prompt, current(), sys.stdin)
     common.plan_and_run(opts.request(text), opts, output=output)

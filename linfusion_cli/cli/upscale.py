@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Optional
 
 import numpy as np
 import typer
 
 from ..io.images import open_image
-from ..parallel.world import launched
+from ..parallel.world import current, launched
+from ..jobs.processes import shared_prompt
 from . import common
 from .options import GenerationOptions, Output, shared_options
 from ..inputs import expand
@@ -24,6 +26,6 @@ def upscale(
     """Upscale an existing image by x2 img2img stages to --res (keeps its aspect by default)."""
     image = expand(image)
     picture = open_image(image)
-    text = common.shared_prompt(prompt) if prompt is not None else "high detail"
+    text = shared_prompt(prompt, current(), sys.stdin) if prompt is not None else "high detail"
     req = opts.request(text, init_image=str(image), init_size=picture.size)
     common.plan_and_run(req, opts, output=output, init_image=np.asarray(picture))

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import OutputError, ResumeMismatchError
+from ..errors import InputError, OutputError, ResumeMismatchError
 from ..validate import SEED_MAX
 from . import checkpoints, previews, weights_id
 from .image_identity import same_settings
 from .metadata import read_metadata
+from .prompts import isatty
 from .naming import DEFAULT_TEMPLATE, format_of, render_name, resolve_output
 from .targets import check_free_space, check_target
 
@@ -170,3 +171,15 @@ def what_differs(path: Path, plan) -> str:
         return "parameters"
     names = weights_id.changed(weights_id.identity(plan), recorded) if isinstance(recorded, dict) else []
     return f"weights ({', '.join(names)})" if names else "parameters"
+
+
+def check_stdout(output, stdout) -> None:
+    """-o -: the image's bytes go to `stdout`, which must be open and not a terminal."""
+    if output != "-":
+        return
+    try:
+        os.fstat(stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        raise InputError("stdout is closed; use -o FILE") from None
+    if isatty(stdout):
+        raise InputError("refusing to write image bytes to a terminal; redirect stdout or use -o FILE")

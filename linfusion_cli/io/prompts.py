@@ -190,3 +190,31 @@ def read_prompt_file(path_or_dash: str, stdin: TextIO | None = None) -> list[Pro
     if not entries:
         raise PromptFileError(f"{source}: no prompts (only blank lines or comments)")
     return entries
+
+
+def read_prompt_argument(prompt: str | None, stdin) -> str:
+    """PROMPT, or `stdin`'s text when PROMPT is '-' or absent and stdin is piped."""
+    piped = stdin is not None and not isatty(stdin)
+    if prompt == "-" or (prompt is None and piped):
+        if stdin is None:
+            raise InputError("no prompt on stdin (stdin is closed)")
+        try:
+            text = stdin.read().strip()
+        except UnicodeDecodeError:
+            raise InputError("the prompt on stdin is not UTF-8 text") from None
+        except (OSError, ValueError):  # a closed stdin
+            raise InputError("no prompt on stdin (stdin is closed)") from None
+        if not text:
+            raise InputError("no prompt on stdin")
+        return text
+    if prompt is None:
+        raise InputError("no prompt given (pass PROMPT, or - to read it from stdin)")
+    return prompt
+
+
+def isatty(stream) -> bool:
+    """The stream is a terminal (False for a closed or odd one)."""
+    try:
+        return stream.isatty()
+    except (OSError, ValueError):
+        return False

@@ -11,6 +11,7 @@ import torch
 from .. import parallel
 from ..parallel.world import current
 from ..errors import InputError
+from ..io.prompts import read_prompt_argument
 from ..planning.request import Request
 
 
@@ -66,3 +67,19 @@ def rank0_first(load_model):
     if parallel.active() is None:
         return load_model()
     return current().in_turn(load_model)
+
+
+def shared_prompt(prompt: str | None, world, stdin) -> str:
+    """read_prompt_argument; under a launcher, rank 0 reads stdin and every rank gets its text."""
+    if not world.distributed:
+        return read_prompt_argument(prompt, stdin)
+    text, problem = None, None
+    if world.rank == 0:
+        try:
+            text = read_prompt_argument(prompt, stdin)
+        except InputError as exc:  # every rank must reach the broadcast
+            problem = str(exc)
+    text, problem = world.share((text, problem))
+    if problem is not None:
+        raise InputError(problem)
+    return text
