@@ -16,7 +16,8 @@ def made_elsewhere(manifest: Manifest, job: Job) -> str | None:
     if not manifest.claim(job.index):
         return "is being made by another process; left to it"
     record = manifest.refresh().records.get(job.index)
-    if record is not None and record.matches(job.plan, manifest.relative(job.path), any_seed=job.base_seed is not None) \
+    drawn = job.base_seed is not None  # its seed was drawn: any seed made with these settings will do
+    if record is not None and record.matches(job.plan, manifest.relative(job.path), any_seed=drawn) \
             and record.intact(manifest.folder):
         manifest.release(job.index)
         return "was made by another process meanwhile"

@@ -116,8 +116,8 @@ def checked_jobs(entries, base: Request, base_seed: int, manifest: Manifest, fol
         record = manifest.records.get(index)
         done = record if record is not None and record.matches(plan, manifest.relative(path)) else None
         if path.exists() and not overwrite and done is None and not (resume and outputs.matches(path, plan)):
-            raise OutputError(f"{where}: {path} exists with other "
-                              f"{outputs.what_differs(path, plan) if resume else 'parameters'}; pass --overwrite")
+            differs = outputs.what_differs(path, plan) if resume else "parameters"
+            raise OutputError(f"{where}: {path} exists with other {differs}; pass --overwrite")
         jobs.append(Job(index=index, plan=plan, path=path, fmt=fmt_of, done=done,
                         base_seed=base_seed if drawn else None, entry=entry))
     return jobs

@@ -4,7 +4,7 @@ candidate order, and the one rule that excludes a combination.
 
 Everything else derives from this table: the Knobs dataclass (walk.py), the planner's choices,
 loosening order and candidate order (planner.py), the preset's `memory:` rules (presets.py),
-the dry run's memory line (cli/common.py), the knobs the ledger and the out-of-memory re-plan
+the dry run's memory line (planning/plan_text.py), the knobs the ledger and the out-of-memory re-plan
 key by part (tracing/ledger.py, planning/replan.py). A new knob is one entry here, its
 estimate (walk.py) and its code (pipeline/knobs.py).
 """
