@@ -89,13 +89,6 @@ def batch(
         raise typer.Exit(1)
 
 
-def _resume_start(plan, path):
-    """Where an entry's --resume starts (a checked io.checkpoints.Start, or None) and the
-    checkpoints passed over (said before it runs, and the start used is this one)."""
-    notes: list[str] = []
-    return api.resume_start(plan, path, notes=notes), notes
-
-
 def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, allow_pickle, config,
                resume=False, together=False, progress=None) -> int:
     """This rank's entries: skip what the manifest proves done, make the rest, record each at once.
@@ -143,9 +136,8 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
                 view.run_started(plan, path, index)
                 try:
                     try:
-                        start, notes = (team.decide(lambda: _resume_start(plan, path)) if resume
-                                        else (None, []))
-                        for note in notes if progress != "json" else ():
+                        said, start = team.decide(lambda: resume_plan(plan, path)) if resume else ({}, None)
+                        for note in said.get("notes", ()) if progress != "json" else ():
                             info(f"{who}[{k}/{len(jobs)}] resume: {note}", quiet=quiet)
                         result = api.generate_file(plan, loaded, path=path, fmt=fmt, overwrite=overwrite,
                                                    on_event=sync.around(view) if together else view,
