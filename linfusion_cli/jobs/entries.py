@@ -14,7 +14,8 @@ from ..io.checkpoints import any_in
 from ..io.manifest import Manifest, check_manifest_path
 from ..io.targets import inside
 from ..planning.plan import stage_seed
-from ..planning.request import Request, plan_request
+from ..planning.option_classes import Request
+from ..planning.request import plan_request
 from ..schema import line_options
 from ..tracing.ledger import ledger_for
 from ..validate import SEED_MAX

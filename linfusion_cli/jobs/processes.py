@@ -12,7 +12,7 @@ from .. import parallel
 from ..parallel.world import current
 from ..errors import InputError
 from ..io.prompts import read_prompt_argument
-from ..planning.request import Request
+from ..planning.option_classes import Request
 
 
 def for_world(req: Request, world) -> Request:
