@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..io import outputs
 from ..io.manifest import Record
+from ..io.naming import format_of
 from ..io.prompts import PromptEntry
 from ..planning.plan import GenerationPlan
 
@@ -33,17 +34,17 @@ class Job:
 
 def check_image(plan: GenerationPlan, output: str | None, *, fmt: str | None = None,
                 overwrite: bool = False, resume: bool = False, drawn: bool = False,
-                init_image=None, create: bool = False) -> Job:
+                init_image=None) -> Job:
     """The image's job, every path checked (finished=True: resume found it made already, its
     path in `path`, nothing to check or make): OutputError for an image, stage file or preview in
     the way (exists without overwrite, another run's checkpoint), ResumeMismatchError for
     checkpoints of other settings. drawn: the plan's seed was drawn, so resume takes the seed
-    an interrupted run of this output recorded. create: make the output's folder now."""
+    an interrupted run of this output recorded. Nothing is created."""
     if resume and drawn:
         plan = outputs.recorded_seed(plan, output, fmt=fmt, init_image=init_image)
     if resume and (done := outputs.finished(output, plan, fmt=fmt, drawn=drawn)) is not None:
-        return Job(index=0, plan=plan, path=done, fmt=fmt or "", finished=True)
+        return Job(index=0, plan=plan, path=done, fmt=format_of(done, fmt), finished=True)
     path, fmt = outputs.resolve_target(output, plan=plan, fmt=fmt, overwrite=overwrite, resume=resume,
-                                       create=create)
+                                       create=False)
     outputs.check_preview(plan, path, overwrite=overwrite)
     return Job(index=0, plan=plan, path=path, fmt=fmt)

@@ -50,7 +50,7 @@ def test_resume_leaves_a_finished_image_and_overwrite_remakes_it(plan, tmp_path)
     path = Path(made["path"])
     assert path.parent == Path("out") and path.is_file() and made["seed"] == 5
     job = api.check_image(plan, "out/", resume=True)
-    assert job.finished and job.path == path
+    assert job.finished and job.path == path and job.fmt == "png"
     before = path.stat().st_mtime_ns
     assert api.write_image(plan, model, "out/", resume=True) == {"path": str(path), "skipped": True}
     assert path.stat().st_mtime_ns == before
