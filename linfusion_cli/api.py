@@ -138,7 +138,7 @@ def _digest(init_image) -> str | None:
 
 def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, overwrite: bool = False,
                   on_event=None, init_image=None, resume: bool = False, write: bool = True,
-                  faults=None, start=None, group=None) -> dict:
+                  faults=None, start=None, group=None, sync=None) -> dict:
     """Run a plan and write its image atomically (stdout when path is None).
 
     Every finished stage but the last is checkpointed beside `path` (io/checkpoints.py: hidden,
@@ -148,7 +148,13 @@ def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, o
     faults: testhooks.OomFaults, the test hook's out-of-memory faults (counted across calls).
     start: the resume_start() a caller announced (resume=True): the run starts exactly there.
     group: the band-parallel group (parallel.BandGroup) this process makes the image with.
+    sync: a launcher's ranks making this image together (jobs.agreement.StageSync): every rank
+    says how each stage went and how the image went, so all fail together or go on together.
     """
+    if sync is not None:
+        return sync.image(lambda: generate_file(
+            plan, model, path=path, fmt=fmt, overwrite=overwrite, on_event=sync.around(on_event),
+            init_image=init_image, resume=resume, write=write, faults=faults, start=start, group=group))
     digest = _digest(init_image)
     if start is None and resume and path is not None:
         start = checkpoints.find_start(plan, path, digest)

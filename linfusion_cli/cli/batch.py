@@ -14,7 +14,8 @@ from ..parallel import GroupError
 from ..io.prompts import read_prompt_file
 from ..jobs.claims import DONE, skip_reason
 from ..jobs.processes import band_group, rank0_first
-from . import common, ranks
+from . import common
+from ..jobs import agreement
 from .console import error, info, one_line_of, progress_view, terminal_safe
 from ..progress_json import event
 from .options import GenerationOptions, Template, shared_options
@@ -51,7 +52,7 @@ def batch(
                          need=sum(run_bound(job.plan, job.fmt) for job in mine))
     compared = {"parallel": parallel, "resume": resume, "overwrite": overwrite,  # rank 0's on every rank
                 "dry_run": dry_run, "allow_pickle": allow_pickle, "config": config,
-                "entries": [ranks.made(job.plan, job.path, together, format=job.fmt) for job in jobs]}
+                "entries": [agreement.made(job.plan, job.path, together, format=job.fmt) for job in jobs]}
     world.agree(keep=together, made=compared)  # every rank checked the whole file alike: all go, or all stop
     if dry_run:
         if world.rank != 0:
@@ -102,7 +103,7 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
     quiet = quiet or not lead or (progress == "json" and world.rank != 0)  # JSON: rank 0 reports
     made = failures = 0
     faults = common.oom_faults(world.rank)  # LINFUSION_TEST_OOM counts across the entries
-    sync = ranks.StageSync(world)  # counts stages over the whole share (the test hook's N)
+    sync = agreement.StageSync(world)  # counts stages over the whole share (the test hook's N)
     for k, job in enumerate(jobs, 1):
         index, plan, path, fmt = job.index, job.plan, job.path, job.fmt
         why = skip_reason(world, manifest, job, together)
@@ -135,18 +136,13 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
             with view:
                 view.run_started(plan, path, index)
                 try:
-                    try:
-                        said, start = team.decide(lambda: resume_plan(plan, path)) if resume else ({}, None)
-                        for note in said.get("notes", ()) if progress != "json" else ():
-                            info(f"{who}[{k}/{len(jobs)}] resume: {note}", quiet=quiet)
-                        result = api.generate_file(plan, loaded, path=path, fmt=fmt, overwrite=overwrite,
-                                                   on_event=sync.around(view) if together else view,
-                                                   resume=resume and (lead or start is not None),
-                                                   write=lead, faults=faults, start=start,
-                                                   group=parallel.active())
-                    except Exception as exc:  # noqa: BLE001 -- every rank learns of it, then all raise
-                        ranks.entry_end(team, exc)
-                    ranks.entry_end(team, None)
+                    said, start = team.decide(lambda: resume_plan(plan, path)) if resume else ({}, None)
+                    for note in said.get("notes", ()) if progress != "json" else ():
+                        info(f"{who}[{k}/{len(jobs)}] resume: {note}", quiet=quiet)
+                    result = api.generate_file(plan, loaded, path=path, fmt=fmt, overwrite=overwrite,
+                                               on_event=view, resume=resume and (lead or start is not None),
+                                               write=lead, faults=faults, start=start,
+                                               group=parallel.active(), sync=sync if together else None)
                 except Exception as exc:  # noqa: BLE001 - reported below
                     view.run_finished(index=index, error=one_line_of(exc))
                     raise

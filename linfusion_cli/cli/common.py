@@ -9,12 +9,12 @@ import sys
 from .. import api, parallel, testhooks
 from ..parallel.world import current
 from ..errors import InputError
-from . import ranks
 from .console import info, one_line_of, progress_view, quiet_libraries, terminal_safe
 from ..inputs import expand
 from ..io import locks
 from ..io.outputs import check_stdout, digest_of, resume_plan
 from ..io.targets import check_directory
+from ..jobs import agreement
 from ..jobs.processes import band_group, for_world, rank0_first
 from ..planning.plan_text import plan_lines, resume_text
 
@@ -58,15 +58,9 @@ def run_one(plan, model, *, path, fmt, overwrite, quiet, verbose, init_image=Non
     with progress_view(progress, quiet=quiet or not write, verbose=verbose) as view:
         view.run_started(plan, path)
         try:
-            try:
-                result = api.generate_file(plan, model, path=path, fmt=fmt, overwrite=overwrite,
-                                           on_event=ranks.StageSync(world).around(view),
-                                           init_image=init_image, resume=resume, write=write,
-                                           faults=oom_faults(), start=start,
-                                           group=parallel.active())
-            except Exception as exc:  # noqa: BLE001 -- every rank learns of it, then all raise
-                ranks.entry_end(world, exc)
-            ranks.entry_end(world, None)
+            result = api.generate_file(plan, model, path=path, fmt=fmt, overwrite=overwrite, on_event=view,
+                                       init_image=init_image, resume=resume, write=write, faults=oom_faults(),
+                                       start=start, group=parallel.active(), sync=agreement.StageSync(world))
         except BaseException as exc:
             view.run_finished(error="interrupted" if isinstance(exc, KeyboardInterrupt) else one_line_of(exc))
             raise
@@ -103,7 +97,7 @@ def plan_and_run(req, opts, *, output, init_image=None) -> None:
         if early:
             held.enter_context(locks.output_lock(path))
         resume, start = resume_plan(plan, path, init_image) if opts.resume else (None, None)
-        made = ranks.made(plan, path, format=fmt, resume=opts.resume, overwrite=opts.overwrite,
+        made = agreement.made(plan, path, format=fmt, resume=opts.resume, overwrite=opts.overwrite,
                           dry_run=opts.dry_run, allow_pickle=opts.allow_pickle, config=opts.config,
                           init_pixels=digest_of(init_image))
         world.agree(keep=True, made=made)  # every rank validated and plans rank 0's image, or all stop

@@ -1,5 +1,6 @@
 """What a launcher's ranks make, in the form they compare before loading (World.agree's `made`),
-and the points where band-parallel ranks agree on how a run went (each stage's end, each entry's)."""
+and the points where band-parallel ranks agree on how a run went (each stage's end, each image's):
+api.generate_file takes a StageSync and agrees at both, so a caller under a launcher gets it too."""
 
 from __future__ import annotations
 
@@ -41,7 +42,16 @@ class StageSync:
     rank that failed alone never leaves the others in a collective."""
 
     def __init__(self, world):
-        self.world, self.stages = world, 0
+        self.world, self.stages = world, 0  # stages: counted over every image this process makes
+
+    def image(self, make):
+        """make() on every rank; then all raise the first rank's failure or none does."""
+        try:
+            result = make()
+        except Exception as exc:  # noqa: BLE001 -- every rank learns of it, then all raise
+            entry_end(self.world, exc)
+        entry_end(self.world, None)
+        return result
 
     def around(self, on_event):
         def handle(event):
