@@ -7,10 +7,11 @@
     bigger, record = api.upscale(Image.open("in.png"), "a lighthouse", res=8192)
     made = api.write_image(plan, api.load(plan), "out/")   # the CLI's checks, lock and resume
     jobs, manifest = api.plan_batch(entries, api.Request(prompt=""), "out/")  # checked, nothing run
+    failures = api.run_batch(jobs, manifest, api.load)   # skips what is done, records what it makes
 
 Options are Request's fields (declared in schema.OPTIONS: the flags of `linfusion generate`,
 underscores for dashes). The CLI is a thin layer over plan_request, check_image or plan_batch
-(jobs/: every output checked before the model loads), load and generate_file.
+(jobs/: every output checked before the model loads), load, generate_file and run_batch.
 """
 
 from __future__ import annotations
@@ -34,12 +35,16 @@ from .models.loading import prepare_model
 from .models import taesd
 from .models.resolve import info_of_pipeline
 from .pipeline import run_plan, StageFinished, finite
+from .jobs.claims import skip_reason
 from .jobs.entries import plan_batch
 from .jobs.job import Job, check_image
+from .jobs.report import BatchReport
+from .parallel import GroupError
+from .parallel.world import World
 from .tracing.ledger import ledger_for
 
-__all__ = ["Job", "Request", "check_image", "generate", "generate_file", "load", "plan", "plan_batch",
-           "plan_request", "resume_start", "upscale", "write_image"]
+__all__ = ["BatchReport", "Job", "Request", "check_image", "generate", "generate_file", "load", "plan",
+           "plan_batch", "plan_request", "resume_start", "run_batch", "upscale", "write_image"]
 
 
 def plan_request(req: Request, model_info=None) -> GenerationPlan:
@@ -219,3 +224,66 @@ def write_image(plan: GenerationPlan, model, output: str | None, *, fmt: str | N
         start = outputs.resume_plan(job.plan, job.path, init_image)[1] if resume and job.path else None
         return generate_file(job.plan, model, path=job.path, fmt=job.fmt, overwrite=overwrite,
                              on_event=on_event, init_image=init_image, resume=resume, start=start)
+
+
+def run_batch(jobs: list[Job], manifest, load_model, *, world: World | None = None, together: bool = False,
+              resume: bool = False, overwrite: bool = False, faults=None, group=None,
+              sync=None, report: BatchReport | None = None) -> int:
+    """Make this process's jobs (plan_batch's, this rank's share, their folders made): skip what the manifest proves
+    done or another process holds, load the model once (load_model(plan)), make each and record it
+    in the manifest at once. together: every job over every rank of `world` (band parallelism,
+    `group` and `sync`: jobs.agreement.StageSync), rank 0 alone writing. A job that fails is
+    reported and the others still run; returns how many failed."""
+    world, report = world if world is not None else World(), report if report is not None else BatchReport()
+    lead = world.rank == 0 or not together  # the rank that writes files and records them
+    for folder in dict.fromkeys([manifest.folder] + [job.path.parent for job in jobs]):
+        check_directory(folder, create=True)  # checked by plan_batch; made only now
+    loaded, made, failures = None, 0, 0
+    for k, job in enumerate(jobs, 1):
+        why = skip_reason(world, manifest, job, together)
+        if why is not None:
+            report.skipped(job, k, why)
+            continue
+        try:
+            if loaded is None:  # one model load serves every job
+                report.loading(job)
+                loaded = load_model(job.plan)
+            result = _made_in_batch(job, k, loaded, world if together else World(), report, resume=resume,
+                                    overwrite=overwrite, write=lead, faults=faults, group=group,
+                                    sync=sync if together else None)
+        except Exception as exc:  # noqa: BLE001 - reported; the other jobs still run
+            if lead:
+                manifest.release(job.index)
+            if loaded is None or (together and isinstance(exc, GroupError)):  # no job can run
+                raise
+            failures += 1
+            if lead:
+                report.failed(job, exc)
+            continue
+        made += 1
+        if lead:
+            manifest.append(index=job.index, path=job.path, plan=job.plan, base_seed=job.base_seed,
+                            rank=world.rank, world_size=world.size)
+            manifest.release(job.index)
+            report.made(job, result)
+            world.finished(made)  # the test hook's count of images made
+    return failures
+
+
+def _made_in_batch(job: Job, k: int, model, team: World, report: BatchReport, *, resume: bool, write: bool,
+                   **run) -> dict:
+    """One job of run_batch: its resume start (rank 0's files decide for `team`), then its image."""
+    result = error = None
+    on_event = report.started(job, k)
+    try:
+        notes, start = team.decide(lambda: outputs.resume_plan(job.plan, job.path)) if resume else ({}, None)
+        for note in notes.get("notes", ()):
+            report.note(job, k, f"resume: {note}")
+        result = generate_file(job.plan, model, path=job.path, fmt=job.fmt, on_event=on_event,
+                               resume=resume and (write or start is not None), write=write, start=start, **run)
+        return result
+    except Exception as exc:
+        error = exc
+        raise
+    finally:
+        report.ended(job, k, result, error)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json as jsonlib
 import sys
 from typing import Annotated
@@ -10,13 +11,12 @@ import typer
 
 from .. import api, parallel, validate
 from ..parallel.world import World, current, launched
-from ..parallel import GroupError
 from ..io.prompts import read_prompt_file
-from ..jobs.claims import DONE, skip_reason
+from ..jobs.claims import DONE
 from ..jobs.processes import band_group, rank0_first
 from . import common
 from ..jobs import agreement
-from .console import error, info, one_line_of, progress_view, terminal_safe
+from .console import error as error_line, info, one_line_of, progress_view, terminal_safe
 from ..progress_json import event
 from .options import GenerationOptions, Template, shared_options
 from ..inputs import expand
@@ -92,78 +92,60 @@ def batch(
 
 def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, allow_pickle, config,
                resume=False, together=False, progress=None) -> int:
-    """This rank's entries: skip what the manifest proves done, make the rest, record each at once.
-    together: every entry over every rank (band parallelism); rank 0 alone writes and prints.
+    """This rank's entries made by api.run_batch, drawn and printed by _Lines; returns the failures.
+    together: every entry over every rank (band parallelism); rank 0 alone writes and prints."""
+    quiet = quiet or not (world.rank == 0 or not together) or (progress == "json" and world.rank != 0)
+    load = lambda plan: rank0_first(lambda: common.load(  # noqa: E731 - one line
+        plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle, config=config, progress=progress))
+    return api.run_batch(jobs, manifest, load, world=world, together=together, resume=resume,
+                         overwrite=overwrite, faults=common.oom_faults(world.rank),  # counted over the entries
+                         group=parallel.active(), sync=agreement.StageSync(world),  # stages counted over them too
+                         report=_Lines(world, len(jobs), as_json=as_json, quiet=quiet, verbose=verbose,
+                                       progress=progress, lead=world.rank == 0 or not together,
+                                       who=f"rank {world.rank}: " if world.distributed and not together else ""))
 
-    One entry's failure is one line on stderr and the others still run; returns the failures.
-    """
-    loaded = None
-    who = f"rank {world.rank}: " if world.distributed and not together else ""
-    lead = world.rank == 0 or not together
-    quiet = quiet or not lead or (progress == "json" and world.rank != 0)  # JSON: rank 0 reports
-    made = failures = 0
-    faults = common.oom_faults(world.rank)  # LINFUSION_TEST_OOM counts across the entries
-    sync = agreement.StageSync(world)  # counts stages over the whole share (the test hook's N)
-    for k, job in enumerate(jobs, 1):
-        index, plan, path, fmt = job.index, job.plan, job.path, job.fmt
-        why = skip_reason(world, manifest, job, together)
-        if why is not None and progress == "json" and not quiet:
-            event("skip", index=index, path=str(path), reason=why)
-        elif why == DONE:
-            info(f"{who}[{k}/{len(jobs)}] {path} already done", quiet=quiet)
-            if lead:
-                world.emit(jsonlib.dumps({"path": str(path), "index": index, "skipped": True})
-                           if as_json else str(path))
-            continue
-        if why is not None:
-            if progress != "json":
-                info(f"{who}[{k}/{len(jobs)}] {path} {why}", quiet=quiet)
-            if lead:
-                world.emit(jsonlib.dumps({"path": str(path), "index": index, "skipped": True,
-                                          "by": "another process"}) if as_json else str(path))
-            continue
-        try:
-            if loaded is None:  # one model load serves every entry
-                loaded = rank0_first(lambda: common.load(
-                    plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle, config=config,
-                    progress=progress))
-            if progress != "json":
-                info(f"{who}[{k}/{len(jobs)}] {plan.prompt[:60]}", quiet=quiet)
-            view = progress_view(progress, quiet=quiet, verbose=verbose)
-            if progress != "json":
-                view.live = view.live and not world.distributed  # ranks sharing a terminal: no live bars
-            team = world if together else World()  # ranks that agree at each stage's end
-            with view:
-                view.run_started(plan, path, index)
-                try:
-                    said, start = team.decide(lambda: resume_plan(plan, path)) if resume else ({}, None)
-                    for note in said.get("notes", ()) if progress != "json" else ():
-                        info(f"{who}[{k}/{len(jobs)}] resume: {note}", quiet=quiet)
-                    result = api.generate_file(plan, loaded, path=path, fmt=fmt, overwrite=overwrite,
-                                               on_event=view, resume=resume and (lead or start is not None),
-                                               write=lead, faults=faults, start=start,
-                                               group=parallel.active(), sync=sync if together else None)
-                except Exception as exc:  # noqa: BLE001 - reported below
-                    view.run_finished(index=index, error=one_line_of(exc))
-                    raise
-                view.run_finished(result, index=index)
-        except Exception as exc:  # noqa: BLE001 - every failure is one line; the exit code says it
-            if lead:
-                manifest.release(index)
-            if loaded is None:  # the model itself did not load: nothing else can run
-                raise
-            if together and isinstance(exc, GroupError):  # the group is gone: no entry can run
-                raise
-            failures += 1
-            if lead:
-                error(f"{job.where}: {one_line_of(exc)}")
-            continue
-        made += 1
-        if not lead:
-            continue
-        manifest.append(index=index, path=path, plan=plan, base_seed=job.base_seed, rank=world.rank,
-                        world_size=world.size)
-        manifest.release(index)
-        world.emit(jsonlib.dumps({**result, "index": index}) if as_json else result["path"])
-        world.finished(made)
-    return failures
+
+class _Lines(api.BatchReport):
+    """A batch's lines: progress on stderr (bars, JSON events or messages), a path or JSON per image on
+    stdout from the writing rank, one error line per failed entry."""
+
+    def __init__(self, world, count, *, as_json, quiet, verbose, progress, lead, who):
+        self.world, self.count, self.as_json, self.quiet, self.verbose = world, count, as_json, quiet, verbose
+        self.progress, self.lead, self.who, self.view = progress, lead, who, None
+        self.drawing = contextlib.ExitStack()  # the view of the job under way, closed when it ends
+
+    def _say(self, k, text):
+        if self.progress != "json":
+            info(f"{self.who}[{k}/{self.count}] {text}", quiet=self.quiet)
+
+    def skipped(self, job, k, why):
+        if self.progress == "json" and not self.quiet:
+            event("skip", index=job.index, path=str(job.path), reason=why)
+        self._say(k, f"{job.path} {'already done' if why == DONE else why}")
+        if self.lead:
+            line = {"path": str(job.path), "index": job.index, "skipped": True}
+            self.world.emit(jsonlib.dumps(line if why == DONE else {**line, "by": "another process"})
+                            if self.as_json else str(job.path))
+
+    def started(self, job, k):
+        self._say(k, job.plan.prompt[:60])
+        self.view = progress_view(self.progress, quiet=self.quiet, verbose=self.verbose)
+        if self.progress != "json":
+            self.view.live = self.view.live and not self.world.distributed  # ranks sharing a terminal
+        self.drawing.enter_context(self.view)
+        self.view.run_started(job.plan, job.path, job.index)
+        return self.view
+
+    def note(self, job, k, line):
+        self._say(k, line)
+
+    def ended(self, job, k, result, error):
+        failed = "interrupted" if result is None and error is None else one_line_of(error) if error else None
+        self.view.run_finished(result, index=job.index, error=failed)
+        self.drawing.close()
+
+    def made(self, job, result):
+        self.world.emit(jsonlib.dumps({**result, "index": job.index}) if self.as_json else result["path"])
+
+    def failed(self, job, error):
+        error_line(f"{job.where}: {one_line_of(error)}")

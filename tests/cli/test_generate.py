@@ -252,6 +252,9 @@ def test_batch_resume_skips_identical_and_overwrite_regenerates(cli, tmp_path, m
     assert [json.loads(line) for line in again.out_lines] == [
         {"path": str(p.relative_to(tmp_path)), "index": i, "skipped": True} for i, p in enumerate(paths)]
     assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in paths] == stamps
+    events = cli(*args[:-1], "--resume", "--progress", "json", stdin="one\ntwo\n")  # the same lines
+    assert events.out_lines == again.out_lines, events.out  # (a done entry was once "by another process")
+    assert [json.loads(line)["reason"] for line in events.err_lines if '"skip"' in line] == ["done", "done"]
 
     # different parameters: refused even with --resume, regenerated with --overwrite
     changed = cli(*args, "--steps", "3", "--resume", stdin="one\ntwo\n")
