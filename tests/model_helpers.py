@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+
+
+@dataclass
+class Pipe:
+    """The components pipeline/knobs.py's apply_memory_plan and read_knobs take (a diffusers
+    pipeline has more; the text encoders are optional there)."""
+
+    unet: nn.Module
+    vae: nn.Module
+    scheduler: object = None
 
 
 def tiny_unet(family: str = "sd15", seed: int = 0):
@@ -65,3 +77,40 @@ def save_taesd(folder: Path, **config) -> Path:
                     num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4)
     AutoencoderTiny(**{**settings, **config}).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def module_state(model) -> dict:
+    """What could carry state on each submodule of model, by name: its public attribute names
+    (torch's and accelerate's own are underscored; a patched forward is left out), the public
+    attributes of a patched forward function, and how many forward hooks it has. The class's own
+    forward bound on the instance (what accelerate's hook removal leaves) counts as no patch."""
+    state = {}
+    for name, module in model.named_modules():
+        forward = module.__dict__.get("forward")
+        if getattr(forward, "__func__", None) is type(module).forward:  # a bound method, or not
+            forward = None
+        state[name] = {"public": sorted(k for k in vars(module) if not k.startswith("_") and k != "forward"),
+                       "forward": None if forward is None else sorted(
+                           k for k in getattr(forward, "__dict__", {}) if not k.startswith("_")),
+                       "hooks": (len(module._forward_hooks), len(module._forward_pre_hooks))}
+    return state
+
+
+def bare_model(*, device: str = "cpu", dtype=torch.float32, vae_dtype=None, family: str = "sd15"):
+    """A models.loading.LoadedModel with no real components (an Identity UNet and VAE, DDIM), for
+    tests of the code around the stages."""
+    from diffusers import DDIMScheduler
+
+    from linfusion_cli.models.loading import LoadedModel
+
+    pipe = Pipe(nn.Identity(), nn.Identity(), DDIMScheduler())
+    return LoadedModel(pipe=pipe, model="m", family=family, device=torch.device(device), dtype=dtype,
+                       vae_dtype=dtype if vae_dtype is None else vae_dtype)
+
+
+def bare_context(monkeypatch, plan, model, **fields):
+    """A pipeline.context.StageContext over `model` that makes no diffusers pipelines."""
+    from linfusion_cli.pipeline.context import StageContext
+
+    monkeypatch.setattr(StageContext, "__post_init__", lambda self: None)
+    return StageContext(plan=plan, model=model, on_event=lambda event: None, **fields)

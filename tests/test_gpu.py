@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from linfusion_cli.pipeline.knobs import read_knobs
+from linfusion_cli.runtime.applied import KnobsInEffect
 from linfusion_cli.planning.memory.planner import MemoryPlan
 from linfusion_cli.models.loading import load_model
 from linfusion_cli.pipeline import run_plan
@@ -40,6 +41,6 @@ def test_offload_on_cuda_keeps_the_image_and_is_removed_after(loaded, offload):
                              loaded)
     assert all(s["memory_in_effect"]["offload"] == offload for s in record["stages"])
     assert all(s["peak_gib"] is not None and s["peak_gib"] > 0 for s in record["stages"])
-    assert read_knobs(loaded.pipe)["offload"] == "none"
+    assert read_knobs(loaded.pipe, KnobsInEffect())["offload"] == "none"
     assert all(p.device.type == "cuda" for p in loaded.pipe.unet.parameters())
     assert np.abs(image.astype(int) - reference.astype(int)).max() <= 2

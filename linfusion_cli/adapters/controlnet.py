@@ -30,6 +30,7 @@ from ..attention.module import LinFusionAttention
 from ..bounds import check_config
 from ..inputs import read_bounded
 from ..io import images  # images.open_image: a seam tests watch
+from ..runtime.applied import KnobsInEffect
 from .common import reason
 from .controlnet_file import file_format, from_unet_config, is_single_file, single_file_config, load_single_file
 from .specs import ControlNetSpec
@@ -269,7 +270,7 @@ def _pipeline(ctx, kind: str, nets: list):
 def _stage_controlnets(ctx, stage, upscaled: Image.Image | None):
     """(nets, control images, scales) of the ControlNets the plan gives this stage (the planner
     decides which: Stage.controlnets); the tile ControlNet's control image is the stage's input."""
-    loaded = getattr(ctx.model, "controlnets", {})
+    loaded = ctx.model.controlnets
     nets, control_images, scales = [], [], []
     for kind, spec in zip(stage.controlnets, ctx.plan.adapters.controlnets(stage.controlnets)):
         nets.append(loaded[kind])
@@ -279,30 +280,32 @@ def _stage_controlnets(ctx, stage, upscaled: Image.Image | None):
     return nets, control_images, scales
 
 
-def text_to_image_call(ctx, stage):
-    """(pipeline, extra kwargs, done) for the base stage: its ControlNet, if any."""
+def text_to_image_call(ctx, stage, knobs: KnobsInEffect):
+    """(pipeline, extra kwargs, done) for the base stage: its ControlNet, if any (`knobs`: what
+    the stage's memory plan put on the UNet, for the residuals)."""
     nets, control_images, scales = _stage_controlnets(ctx, stage, None)
     if not nets:
         return ctx.txt2img, {}, lambda: None
     extra = {"image": control_images[0], "controlnet_conditioning_scale": scales[0]}
-    return _installed(_pipeline(ctx, "txt2img", nets), nets, extra)
+    return _installed(_pipeline(ctx, "txt2img", nets), nets, extra, knobs)
 
 
-def image_to_image_call(ctx, stage, upscaled: Image.Image):
-    """(pipeline, extra kwargs, done) for an img2img stage: structure and/or tile ControlNet."""
+def image_to_image_call(ctx, stage, upscaled: Image.Image, knobs: KnobsInEffect):
+    """(pipeline, extra kwargs, done) for an img2img stage: structure and/or tile ControlNet
+    (`knobs` as text_to_image_call)."""
     nets, control_images, scales = _stage_controlnets(ctx, stage, upscaled)
     if not nets:
         return ctx.img2img, {}, lambda: None
     one = len(nets) == 1
     extra = {"control_image": control_images[0] if one else control_images,
              "controlnet_conditioning_scale": scales[0] if one else scales}
-    return _installed(_pipeline(ctx, "img2img", nets), nets, extra)
+    return _installed(_pipeline(ctx, "img2img", nets), nets, extra, knobs)
 
 
-def _installed(pipe, nets, extra):
+def _installed(pipe, nets, extra, knobs: KnobsInEffect):
     """(pipe, extra, done): residuals made per UNet forward and added in place
     (adapters.residuals) for this call; done takes that off and forgets the cached embeddings."""
-    undo = residuals.residuals_in_place(pipe.controlnet, pipe.unet) if residuals.ENABLED else None
+    undo = residuals.residuals_in_place(pipe.controlnet, pipe.unet, knobs) if residuals.ENABLED else None
 
     def done():
         if undo is not None:

@@ -13,7 +13,8 @@ them, and after the middle block add each residual to its skip in place (the val
 `skip + residual` gives: the same elementwise add), add the middle residual to the middle block's
 output (as diffusers does) and drop the residuals. With skips_on_cpu (pipeline/knobs.py parks the
 skips on the host) the residuals are parked as the ControlNet returns them and each is added to
-its skip's device copy when the up block brings that skip back (`unet.on_skip_fetch`). The images
+its skip's device copy when the up block brings that skip back (a call registered on the
+applied knobs' `skip_fetch`, runtime/applied.py: the UNet's knobs are an argument). The images
 are bit-identical (tests/adapters/test_controlnet.py); the step's peak has one half's residuals,
 during the down path only (none with skips_on_cpu), and no second set of skips
 (planning/memory/adapters.py, checked by tracing/adapters.py).
@@ -25,6 +26,7 @@ from torch import nn
 
 from ..runtime import parking  # parking.* is swapped by the memory trace: looked up per call
 from ..runtime import transfer
+from ..runtime.applied import KnobsInEffect
 from ..runtime.batching import batch_rows
 
 ENABLED = True  # tests switch it off to compare with diffusers' own order
@@ -42,14 +44,14 @@ class Deferred:
         return self.forward(*rows(self.args), **rows(self.kwargs))
 
 
-def residuals_in_place(control: nn.Module, unet: nn.Module):
+def residuals_in_place(control: nn.Module, unet: nn.Module, knobs: KnobsInEffect):
     """Defer `control`'s forward (a ControlNetModel or MultiControlNetModel, as the pipeline calls
-    it) and run it inside each UNet forward, residuals added in place. Returns the undo."""
+    it) and run it inside each UNet forward, residuals added in place; `knobs`: what the memory
+    plan put on the UNet (pipeline/knobs.py's handle). Returns the undo."""
     state: dict = {"deferred": None, "offset": 0, "down": None, "mid": None, "skips": [],
                    "pairs": {}}
-    parked = any(getattr(h, "skips_on_cpu", False) for h in unet.conv_in._forward_hooks.values())
-    banded = bool(getattr(unet, "band_rows", 0))  # bands/unet.py calls `control` itself
-    parked = parked or (banded and unet.band_park_skips)
+    banded = knobs.bands is not None  # bands/unet.py calls `control` itself
+    parked = knobs.skips_on_cpu
     inner_control = control.forward
 
     def deferred_forward(sample, *args, **kwargs):
@@ -121,7 +123,7 @@ def residuals_in_place(control: nn.Module, unet: nn.Module):
 
     control.forward = deferred_forward
     unet.forward = unet_forward
-    unet.on_skip_fetch = on_skip_fetch
+    unregister = knobs.skip_fetch.register(on_skip_fetch) if knobs.skip_fetch is not None else None
     hooks = []
     if not banded:  # the band-wise forward adds the residuals to its skips itself
         hooks = [unet.conv_in.register_forward_pre_hook(before_conv_in),
@@ -132,7 +134,8 @@ def residuals_in_place(control: nn.Module, unet: nn.Module):
     def undo():
         for h in hooks:
             h.remove()
-        del unet.on_skip_fetch
+        if unregister is not None:
+            unregister()
         for module, previous in ((unet, inner_unet), (control, inner_control)):
             if getattr(previous, "__self__", None) is module and previous.__func__ is type(module).forward:
                 module.__dict__.pop("forward", None)  # it was the class's own forward

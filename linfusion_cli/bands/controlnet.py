@@ -10,7 +10,7 @@ from torch import nn
 
 from ..runtime.staging import Staging
 from . import blocks
-from .rows import Full, band_ranges, conv_rows
+from .rows import Full, band_ranges, conv_rows, whole_levels
 from .unet import comms, down_and_mid
 
 
@@ -53,7 +53,7 @@ def _embedding(net, sample, timestep, timestep_cond, class_labels, added_cond_kw
     return emb
 
 
-def banded_controlnet_forward(net: nn.Module, band_rows: int, park: bool, sample: torch.Tensor,
+def banded_controlnet_forward(net: nn.Module, band_rows: int | None, park: bool, sample: torch.Tensor,
                               timestep, encoder_hidden_states: torch.Tensor,
                               controlnet_cond: torch.Tensor, conditioning_scale: float = 1.0,
                               class_labels=None, timestep_cond=None, attention_mask=None,
@@ -61,7 +61,8 @@ def banded_controlnet_forward(net: nn.Module, band_rows: int, park: bool, sample
                               guess_mode: bool = False, return_dict: bool = True, group=None,
                               staging: Staging | None = None):
     """ControlNetModel.forward's arguments and result; residuals parked on the host if `park`
-    (into `staging`'s buffers, which must not be pooled: the residuals leave this forward).
+    (into `staging`'s buffers, which must not be pooled: the residuals leave this forward);
+    band_rows as for bands.unet.banded_forward (None: one band per level).
 
     group (linfusion_cli/parallel.BandGroup): this rank's rows of every residual, for the UNet
     run over the same group (the conditioning embedding runs whole on every rank, then sliced).
@@ -101,7 +102,7 @@ def banded_controlnet_forward(net: nn.Module, band_rows: int, park: bool, sample
         return conv_rows(net.conv_in, Full(sample), r0, r1) + cond
 
     attn = (encoder_hidden_states, None, cross_attention_kwargs or {})
-    h, _ = down_and_mid(net, stem, emb, attn, band_rows, on_skip, comm)
+    h, _ = down_and_mid(net, stem, emb, attn, whole_levels(band_rows, sample.shape[2]), on_skip, comm)
     mid = net.controlnet_mid_block(h) * scales[-1]
     del h
     staging.settle()  # the caller may read the residuals on the host

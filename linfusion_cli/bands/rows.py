@@ -21,6 +21,12 @@ def band_ranges(height: int, rows: int) -> list[tuple[int, int]]:
     return [(a, min(a + rows, height)) for a in range(0, height, rows)]
 
 
+def whole_levels(band_rows: int | None, height: int) -> int:
+    """Rows per band at full resolution: band_rows, or (None: one band per level) the latent's
+    `height`, which level_rows halves to each level's height, so every level is one band."""
+    return height if band_rows is None else band_rows
+
+
 def level_rows(band_rows: int, level: int) -> int:
     """Rows per band at a UNet level (each level halves the height): ceil(band_rows / 2^level)."""
     return max(1, -(-band_rows // (1 << level)))

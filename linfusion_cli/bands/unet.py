@@ -16,7 +16,7 @@ from torch import nn
 
 from ..runtime.staging import Staging
 from . import blocks
-from .rows import Cat, Full, Host, Rows, Upsampled, conv_rows, level_rows, low_halo, park
+from .rows import Cat, Full, Host, Rows, Upsampled, conv_rows, level_rows, low_halo, park, whole_levels
 
 
 def levels(model: nn.Module) -> int:
@@ -68,7 +68,7 @@ def _embeddings(unet, sample, timestep, encoder_hidden_states, class_labels, tim
     return emb, context
 
 
-def banded_forward(unet: nn.Module, band_rows: int, park_skips: bool, sample: torch.Tensor,
+def banded_forward(unet: nn.Module, band_rows: int | None, park_skips: bool, sample: torch.Tensor,
                    timestep, encoder_hidden_states: torch.Tensor, class_labels=None,
                    timestep_cond=None, attention_mask=None, cross_attention_kwargs=None,
                    added_cond_kwargs=None, down_block_additional_residuals=None,
@@ -77,7 +77,8 @@ def banded_forward(unet: nn.Module, band_rows: int, park_skips: bool, sample: to
                    group=None, staging: Staging | None = None):
     """UNet2DConditionModel.forward's arguments and result; sample (B, 4, H, W).
 
-    band_rows: latent rows per band at full resolution (halved per level, rounded up).
+    band_rows: latent rows per band at full resolution (halved per level, rounded up); None:
+    one band per level (band parallelism with no band_rows: each rank's rows in one band).
     park_skips: skips (each with its ControlNet residual added) wait in host memory
     (skips_on_cpu), in `staging`'s buffers (runtime/staging.py: kept by the caller, reused by
     every forward; None: fresh ones for this forward).
@@ -97,6 +98,7 @@ def banded_forward(unet: nn.Module, band_rows: int, park_skips: bool, sample: to
         sample = 2 * sample - 1.0
     emb, context = _embeddings(unet, sample, timestep, encoder_hidden_states, class_labels,
                                timestep_cond, added_cond_kwargs)
+    band_rows = whole_levels(band_rows, sample.shape[2])
     device = sample.device
     up_factor = 2 ** unet.num_upsamplers
     odd_size = any(d % up_factor for d in sample.shape[-2:])

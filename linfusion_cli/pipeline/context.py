@@ -51,7 +51,7 @@ def tile_px(ctx: StageContext, stage: Stage) -> int | None:
 
 def band_rows(stage: Stage) -> int:
     """The stage's planned band rows for the tiled VAE's whole-latent part (0: whole maps)."""
-    return getattr(stage.memory, "band_rows", 0) or 0
+    return stage.memory.band_rows if stage.memory is not None else 0
 
 
 def vae_plan(ctx: StageContext, stage: Stage, part: str) -> dict:
@@ -59,7 +59,7 @@ def vae_plan(ctx: StageContext, stage: Stage, part: str) -> dict:
     the plan decided them: tile, bands, statistics mode and the host budget it was chosen for.
     A stage without a memory plan (library callers) leaves the mode and budget to the tiled VAE."""
     memory = stage.memory
-    mode = getattr(memory, f"vae_{part}_mode", "") if memory is not None else ""
+    mode = getattr(memory, f"vae_{part}_mode") if memory is not None else ""  # the part's field
     if mode in tiled_vae.MODES:  # the plan decided the host budget (planning/memory/fit.vae_modes)
         budget = int(memory.vae_host_gib * 2 ** 30)
     else:  # no memory plan: the tiled VAE's own rule (hostmem.vae_park_budget of the free RAM)

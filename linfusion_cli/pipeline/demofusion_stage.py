@@ -21,6 +21,7 @@ from PIL import Image
 
 from .. import vae as tiled_vae
 from ..planning.plan import Stage
+from ..runtime.applied import KnobsInEffect
 from .demofusion import blurred_input, dilated_convs, match_stats, step_weights
 from .events import PhaseProgress
 from .context import StageContext, cpu_generator, decode, vae_plan
@@ -132,8 +133,10 @@ def resize(image: np.ndarray, width: int, height: int) -> Image.Image:
     return Image.fromarray(image).resize((width, height), Image.BICUBIC)
 
 
-def demofusion_image_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None) -> np.ndarray:
-    """Resize, tiled encode, DemoFusion denoising from `strength`, tiled decode."""
+def demofusion_image_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None,
+                              knobs: KnobsInEffect) -> np.ndarray:
+    """Resize, tiled encode, DemoFusion denoising from `strength`, tiled decode (`knobs`, the
+    stage function's fourth argument, is for ControlNets, which DemoFusion stages do not take)."""
     pipe, plan = ctx.model.pipe, ctx.plan
     device = pipe._execution_device
     upscaled = resize(previous, stage.width, stage.height)

@@ -49,6 +49,5 @@ def widen(model, part: str, dtype: torch.dtype = WIDE) -> bool:
 
 def widened(model, plan) -> list[str]:
     """The parts a NaN retry moved to float32 so far (a checkpoint records them for --resume)."""
-    moved = [("unet", getattr(model, "dtype", None), plan.dtype),
-             ("vae", getattr(model, "vae_dtype", None), plan.vae_dtype)]
+    moved = [("unet", model.dtype, plan.dtype), ("vae", model.vae_dtype, plan.vae_dtype)]
     return [part for part, now, planned in moved if now == WIDE and planned != "fp32"]

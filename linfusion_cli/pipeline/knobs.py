@@ -16,14 +16,16 @@ GPUs); they trade speed for peak memory:
   to the CPU as they are produced; a pre-hook on each up block hands it a tuple that copies a
   skip back to the device when the block indexes it, so one skip at a time is on the device.
   ControlNet residuals are parked too and added as each skip comes back
-  (adapters/residuals.py, through `unet.on_skip_fetch`).
+  (adapters/residuals.py registers that on the record's `skip_fetch`).
 * band_rows: the UNet's forward runs band by band (linfusion_cli/bands): every layer holds its
   input, its output and one band of `band_rows` latent rows (halved per level); skips_on_cpu
   is then done by the band-wise forward itself, whose skips come back one band at a time.
 * attn_chunk: sets `chunk_size` on every LinFusion layer (modules with a `chunk_size` attribute).
 * offload: accelerate CPU offload of the text encoders and UNet (model or per layer) and of
   the VAE (whole), see _offload.
-Undo in the reverse order of application (the handle returned by apply_knobs does).
+Undo in the reverse order of application (the handle returned by apply_knobs does). What went on
+is in the handle's `in_effect` (runtime/applied.py), filled here as each knob is applied; nothing is
+set on modules or functions to say so.
 """
 
 from __future__ import annotations
@@ -34,20 +36,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import parallel
 from ..models.loading import OFFLOADABLE
 from ..runtime import parking
+from ..runtime.applied import Bands, KnobsInEffect, SkipFetch
 from ..runtime.batching import join_unet_outputs, split_batch
 from ..runtime.staging import Staging
 from ..bands import controlnet as banded_controlnet, unet as banded_unet
 
 
 class KnobHandle:
-    """Undo callable for apply_knobs; `stats` counts skips parked and brought back (tests, logs)."""
+    """Undo callable for apply_knobs; `in_effect`: what it applied (runtime/applied.py); `stats`
+    counts skips parked and brought back (tests, logs)."""
 
     def __init__(self) -> None:
         self._undo: list[Callable[[], None]] = []
         self.stats = {"skips_to_cpu": 0, "skips_to_device": 0}
+        self.in_effect = KnobsInEffect()  # nothing yet
 
     def add(self, undo: Callable[[], None]) -> None:
         self._undo.append(undo)
@@ -97,7 +101,6 @@ def _chunked(chunk: int):
                 return forward(hidden_states, *args, **kwargs)
             parts = [forward(h, *args, **kwargs) for h in hidden_states.split(chunk, dim=1)]
             return torch.cat(parts, dim=1)  # (B, N, C)
-        chunked_forward.ff_chunk = chunk  # read back by read_knobs
         return chunked_forward
     return wrap
 
@@ -133,9 +136,11 @@ class _FetchOnIndex(tuple):
         return (self._fetch(t) for t in tuple.__iter__(self))
 
 
-def _skips_to_cpu(unet: nn.Module, handle: KnobHandle) -> None:
-    """Hooks that park skip tensors on the CPU and bring each up block's back before it runs."""
+def _skips_to_cpu(unet: nn.Module, handle: KnobHandle) -> SkipFetch:
+    """Hooks that park skip tensors on the CPU and bring each up block's back before it runs;
+    returns the calls each fetched skip goes through (ControlNet residuals register there)."""
     state = {"device": None, "fetched": set()}  # ids of the skips brought back this forward
+    fetched = SkipFetch()
     def to_cpu(t):
         handle.stats["skips_to_cpu"] += 1
         return parking.park(t)
@@ -144,9 +149,7 @@ def _skips_to_cpu(unet: nn.Module, handle: KnobHandle) -> None:
         if id(t) not in state["fetched"]:
             state["fetched"].add(id(t))
             handle.stats["skips_to_device"] += 1
-        out = parking.fetch(t, state["device"])
-        more = getattr(unet, "on_skip_fetch", None)  # ControlNet residuals (adapters/residuals.py)
-        return out if more is None else more(t, out)
+        return fetched(t, parking.fetch(t, state["device"]))
 
     def conv_in_hook(module, args, output):  # the first skip: conv_in's output (B, C0, h, w)
         state["device"] = output.device
@@ -170,23 +173,21 @@ def _skips_to_cpu(unet: nn.Module, handle: KnobHandle) -> None:
             kwargs = {**kwargs, "res_hidden_states_tuple": res}
         return args, kwargs
 
-    conv_in_hook.skips_on_cpu = True  # read back by read_knobs
     hooks = [unet.conv_in.register_forward_hook(conv_in_hook),
              unet.down_blocks[0].register_forward_pre_hook(first_down_pre, with_kwargs=True)]
     hooks += [b.register_forward_hook(down_hook, with_kwargs=True) for b in unet.down_blocks]
     hooks += [b.register_forward_pre_hook(up_pre, with_kwargs=True) for b in unet.up_blocks]
     for h in hooks:
         handle.add(h.remove)
+    return fetched
 
 
-def _banded(model: nn.Module, band_rows: int, park_skips: bool, handle: KnobHandle,
-            group=None) -> None:
+def _banded(model: nn.Module, bands: Bands, handle: KnobHandle) -> None:
     """model.forward replaced by the band-wise forward (linfusion_cli/bands) of a UNet or a
-    ControlNet (whose residuals are parked as they are made when park_skips), over `group`'s
-    ranks when there is one (parallel.BandGroup); read back by read_knobs from the attributes
-    set here. Parked maps go into host buffers (runtime/staging.py) that live as long as this
-    apply: a UNet's skips reuse theirs every forward; a ControlNet's residuals, which leave its
-    forward, get fresh ones."""
+    ControlNet (whose residuals are parked as they are made when bands.park_skips), over
+    bands.group's ranks when there is one (parallel.BandGroup). Parked maps go into host buffers
+    (runtime/staging.py) that live as long as this apply: a UNet's skips reuse theirs every
+    forward; a ControlNet's residuals, which leave its forward, get fresh ones."""
     controlnet = hasattr(model, "controlnet_down_blocks")
     if controlnet:
         banded_controlnet.check_controlnet(model)
@@ -198,15 +199,10 @@ def _banded(model: nn.Module, band_rows: int, park_skips: bool, handle: KnobHand
 
     def wrap(previous):
         def banded(*args, **kwargs):
-            return forward(model, band_rows, park_skips, *args, group=group, staging=staging,
-                           **kwargs)
+            return forward(model, bands.rows, bands.park_skips, *args, group=bands.group,
+                           staging=staging, **kwargs)
         return banded
     handle.add(_patch_forward(model, wrap))
-    model.band_rows, model.band_park_skips, model.band_group = band_rows, park_skips, group
-
-    def undo():
-        del model.band_rows, model.band_park_skips, model.band_group
-    handle.add(undo)
 
 
 def _set_chunk_size(model: nn.Module, chunk: int, handle: KnobHandle) -> None:
@@ -266,35 +262,44 @@ def apply_knobs(unet: nn.Module, vae: nn.Module | None, plan, group=None) -> Kno
     group: the band-parallel group (parallel.BandGroup) the UNet computes with: always band-wise."""
     handle = KnobHandle()
     try:
-        _apply_knobs(unet, vae, plan, handle, group)
+        handle.in_effect = _apply_knobs(unet, vae, plan, handle, group)
     except BaseException:
         handle()  # a knob that could not go on: the ones before it come off again
         raise
     return handle
 
 
-def _apply_knobs(unet: nn.Module, vae: nn.Module | None, plan, handle: KnobHandle, group) -> None:
+def _apply_knobs(unet: nn.Module, vae: nn.Module | None, plan, handle: KnobHandle,
+                 group) -> KnobsInEffect:
+    """Each knob on; the record of what went on, as it went on."""
+    ff_chunk = 0
     if plan.ff_chunk:
         for module in unet.modules():
-            ff = getattr(module, "ff", None)
+            ff = getattr(module, "ff", None)  # transformer blocks have one, other modules not
             if isinstance(ff, nn.Module) and type(ff).__name__ == "FeedForward":
                 handle.add(_patch_forward(ff, _chunked(plan.ff_chunk)))
+                ff_chunk = plan.ff_chunk
     if plan.attn_chunk:
         _set_chunk_size(unet, plan.attn_chunk, handle)
     if plan.inplace:
         for model in (unet, vae):
             if model is not None:
                 _swap_silu(model, handle)
+    bands = skip_fetch = None
     if plan.band_rows or group is not None:  # one image over several processes: always band-wise
-        _banded(unet, plan.band_rows or parallel.WHOLE, plan.skips_on_cpu, handle, group)
+        bands = Bands(plan.band_rows or None, plan.skips_on_cpu, group)  # None: a band per level
+        _banded(unet, bands, handle)
     elif plan.skips_on_cpu:
-        _skips_to_cpu(unet, handle)
+        skip_fetch = _skips_to_cpu(unet, handle)
     if plan.cfg_split:
         handle.add(_patch_forward(unet, lambda forward: split_batch(forward, join_unet_outputs)))
+    return KnobsInEffect(ff_chunk=ff_chunk, cfg_split=bool(plan.cfg_split), bands=bands,
+                         skip_fetch=skip_fetch)
 
 
 def apply_memory_plan(pipe, plan, device: str | torch.device, group=None) -> KnobHandle:
-    """Apply every model-side field of a MemoryPlan to a pipeline; call the result to undo.
+    """Apply every model-side field of a MemoryPlan to a pipeline; call the result to undo (its
+    `in_effect`: what went on the UNet).
 
     The VAE tile size is the one field not set on a module: stages pass it to the tiled VAE.
     """
@@ -336,30 +341,22 @@ def _on(module: nn.Module, device: torch.device) -> bool:
     return at.type == device.type and (device.index is None or at.index == device.index)
 
 
-def read_knobs(pipe) -> dict:
-    """The knobs in effect on a pipeline's modules now, read from the modules themselves."""
+def read_knobs(pipe, in_effect: KnobsInEffect) -> dict:
+    """The knobs in effect on a pipeline now: offload, attention chunks and in-place SiLU read
+    from its modules (they are module state), the others from the record of what was applied."""
     from accelerate.hooks import AlignDevicesHook, CpuOffload
 
     unet = pipe.unet
-    hooks = [getattr(m, "_hf_hook", None) for m in unet.modules()]
+    hooks = [getattr(m, "_hf_hook", None) for m in unet.modules()]  # accelerate's, where offloaded
     if isinstance(getattr(unet, "_hf_hook", None), CpuOffload):
         offload = "model"
     elif any(isinstance(h, AlignDevicesHook) and h.offload for h in hooks if h is not None):
         offload = "sequential"
     else:
         offload = "none"
-    ff_chunk = 0
-    for module in unet.modules():
-        if type(module).__name__ == "FeedForward":
-            ff_chunk = getattr(module.forward, "ff_chunk", 0)
-            break
     chunks = {m.chunk_size for m in unet.modules() if hasattr(m, "chunk_size")}
     silu = [m for model in (unet, pipe.vae) for m in model.modules() if isinstance(m, nn.SiLU)]
-    skips = any(getattr(h, "skips_on_cpu", False) for h in unet.conv_in._forward_hooks.values())
-    skips = skips or getattr(unet, "band_park_skips", False)
-    return {"offload": offload, "ff_chunk": ff_chunk,
-            "cfg_split": bool(getattr(unet.forward, "cfg_split", False)),
+    return {"offload": offload, "ff_chunk": in_effect.ff_chunk, "cfg_split": in_effect.cfg_split,
             "attn_chunk": chunks.pop() if len(chunks) == 1 else (sorted(chunks) if chunks else 0),
             "inplace": bool(silu) and all(isinstance(m, SpatialInplaceSiLU) for m in silu),
-            "skips_on_cpu": skips,
-            "band_rows": getattr(unet, "band_rows", 0) % parallel.WHOLE}  # WHOLE: no bands asked
+            "skips_on_cpu": in_effect.skips_on_cpu, "band_rows": in_effect.band_rows}

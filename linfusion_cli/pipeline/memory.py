@@ -3,32 +3,45 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
+from ..runtime.applied import KnobsInEffect
 from .controlnet_knobs import controlnet_knobs
 from .knobs import KnobHandle, apply_memory_plan, read_knobs
+
+
+@dataclass(frozen=True)
+class PlanInEffect:
+    """A stage's memory plan as it went on: the UNet's record (stages hand it to the ControlNet
+    residuals) and every knob read back for the run record."""
+
+    unet: KnobsInEffect
+    read_back: dict
 
 
 @contextlib.contextmanager
 def memory_plan_applied(model, memory, group=None):
     """Every model-side knob of `memory` on the shared components for one stage, then undone.
 
-    Yields the knobs in effect, read back from the modules (pipeline.knobs.read_knobs), so the
-    run record says what ran rather than what was asked. ControlNets get the same chunking,
-    in-place and guidance-split knobs (pipeline.controlnet_knobs). group: the band-parallel
-    group the UNet computes with (None: alone).
+    Yields a PlanInEffect: what the apply put on the UNet and the knobs read back
+    (pipeline.knobs.read_knobs), so the run record says what ran rather than what was asked.
+    ControlNets get the same chunking, in-place and guidance-split knobs
+    (pipeline.controlnet_knobs). group: the band-parallel group the UNet computes with (None:
+    alone).
     """
     if memory is None:
-        yield read_knobs(model.pipe)
+        yield PlanInEffect(KnobsInEffect(), read_knobs(model.pipe, KnobsInEffect()))
         return
     handle = KnobHandle()  # every undo below runs, even where one fails or an apply does
     try:
-        handle.add(apply_memory_plan(model.pipe, memory, model.device, group))
-        nets = list(getattr(model, "controlnets", {}).values())
+        unet = apply_memory_plan(model.pipe, memory, model.device, group)
+        handle.add(unet)
+        nets = list(model.controlnets.values())
         if nets:
             handle.add(controlnet_knobs(nets, memory, group))
-        yield read_knobs(model.pipe)
+        yield PlanInEffect(unet.in_effect, read_knobs(model.pipe, unet.in_effect))
     finally:
         handle()
 

@@ -38,10 +38,10 @@ def run_record(plan: GenerationPlan, model, stages: list[dict], group=None) -> d
         "steps": base.steps, "sampler": model.sampler, "guidance": base.guidance,
         "width": plan.width, "height": plan.height, "model": plan.model, "family": model.family,
         "linfusion": model.linfusion, "dtype": dtype_name(model.dtype),
-        "vae_dtype": dtype_name(getattr(model, "vae_dtype", model.dtype)),
+        "vae_dtype": dtype_name(model.vae_dtype),
         "device": str(model.device), "init_image": plan.init_image,
         "budget": plan.budget.to_dict() if plan.budget is not None else None, "stages": stages,
-        "adapters": (getattr(model, "adapters", None) or plan.adapters).to_dict(),  # what was mounted
+        "adapters": (model.adapters or plan.adapters).to_dict(),  # what was mounted
         "weights": weights_id.identity(plan),  # which files: resume and batch --resume compare them
         "version": f"linfusion-cli {__version__}",
         **({"parallel": {"mode": "bands", "world_size": group.size}} if group is not None else {}),
@@ -74,10 +74,10 @@ def _attempt(ctx: StageContext, stage: Stage, previous: np.ndarray | None):
     rank = phases.group.rank if phases.group is not None else 0
     image, agreed = None, False
     phases.current = "unet"  # the text encoders and the first forwards: the denoising part
-    with torch.inference_mode(), memory_plan_applied(ctx.model, stage.memory, ctx.group) as knobs:
+    with torch.inference_mode(), memory_plan_applied(ctx.model, stage.memory, ctx.group) as applied:
         hook = phases.unet_hook(ctx.model.pipe.unet)
         try:
-            image, code = stage_function(stage)(ctx, stage, previous), recovery.OK
+            image, code = stage_function(stage)(ctx, stage, previous, applied.unet), recovery.OK
         except recovery.Agreed as exc:  # a rank failed at a phase entry: every rank knows it
             code, agreed = exc.code, True
         except NonFiniteError as exc:
@@ -95,7 +95,7 @@ def _attempt(ctx: StageContext, stage: Stage, previous: np.ndarray | None):
     if code != recovery.OK:
         image = None
         recovery.release(device)  # and what the undo took off the device
-    return code, image, knobs
+    return code, image, applied.read_back
 
 
 def _oom_plan(ctx: StageContext, stage: Stage, phase: str, tries: int,
@@ -118,7 +118,7 @@ def _oom_plan(ctx: StageContext, stage: Stage, phase: str, tries: int,
 def _dtypes(model) -> dict:
     """The parts' dtypes now (a NaN/inf retry may have widened one), as the planner names them."""
     return {"dtype": dtype_name(model.dtype),
-            "vae_dtype": dtype_name(getattr(model, "vae_dtype", model.dtype))}
+            "vae_dtype": dtype_name(model.vae_dtype)}
 
 
 def _ladder(ctx: StageContext, stage: Stage, phase: str, most: int | None):
@@ -253,7 +253,7 @@ def run_plan(plan: GenerationPlan, model, *, on_event: EventHandler = ignore,
     preview = None
     if previews and plan.preview is not None:
         preview = Previewer(plan.preview, family=plan.family, on_event=on_event,
-                            decoder=getattr(model, "preview_decoder", None))
+                            decoder=model.preview_decoder)
     ctx = StageContext(plan=plan, model=model, on_event=on_event, preview=preview, group=group,
                        phases=recovery.Phases(faults, group))
     cap_allocator(model.device, plan.budget)  # --max-vram on CUDA: the allocator's limit

@@ -1,4 +1,5 @@
-"""The two kinds of stage, one signature: (ctx, stage, previous image) -> image uint8 (H, W, 3)."""
+"""The two kinds of stage, one signature: (ctx, stage, previous image, the knobs the stage's memory
+plan put on the UNet) -> image uint8 (H, W, 3)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from .. import vae as tiled_vae
 from ..adapters import controlnet as control
 from ..adapters import ip_adapter
 from ..planning.plan import Stage
+from ..runtime.applied import KnobsInEffect
 from . import finite
 from .context import StageContext, cpu_generator, decode, vae_plan
 from .demofusion_stage import demofusion_image_to_image
@@ -32,9 +34,10 @@ def _denoise_kwargs(ctx: StageContext, stage: Stage, watch) -> dict:
                 output_type="latent", callback_on_step_end=on_step)
 
 
-def text_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None) -> np.ndarray:
+def text_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None,
+                  knobs: KnobsInEffect) -> np.ndarray:
     """The base stage at the model's native size."""
-    pipe, extra, done = control.text_to_image_call(ctx, stage)  # plain txt2img without ControlNet
+    pipe, extra, done = control.text_to_image_call(ctx, stage, knobs)  # plain txt2img without ControlNet
     try:
         with watching(ctx.preview, stage, pipe.scheduler) as watch:
             out = pipe(height=stage.height, width=stage.width, generator=cpu_generator(stage.seed),
@@ -49,7 +52,8 @@ def resize(image: np.ndarray, width: int, height: int) -> Image.Image:
     return Image.fromarray(image).resize((width, height), Image.LANCZOS)
 
 
-def image_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None) -> np.ndarray:
+def image_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None,
+                   knobs: KnobsInEffect) -> np.ndarray:
     """Resize, tiled encode, SDEdit denoising from `strength`, tiled decode."""
     upscaled = resize(previous, stage.width, stage.height)
     generator = cpu_generator(stage.seed)  # one generator: VAE sample first, then the noise
@@ -58,7 +62,7 @@ def image_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None)
     vae_on_device(ctx.model.pipe.vae)
     latents = tiled_vae.encode(ctx.model.pipe.vae, upscaled, generator=generator, on_tile=progress,
                                **vae_plan(ctx, stage, "encode"))
-    pipe, extra, done = control.image_to_image_call(ctx, stage, upscaled)  # plain without ControlNet
+    pipe, extra, done = control.image_to_image_call(ctx, stage, upscaled, knobs)  # plain without ControlNet
     del upscaled
     latents = finite.check(latents, "vae").to(device=ctx.model.device, dtype=ctx.model.dtype)
     try:
@@ -70,7 +74,7 @@ def image_to_image(ctx: StageContext, stage: Stage, previous: np.ndarray | None)
     return decode(ctx, stage, finite.check(out.images, "unet"))
 
 
-StageFn = Callable[[StageContext, Stage, "np.ndarray | None"], np.ndarray]
+StageFn = Callable[[StageContext, Stage, "np.ndarray | None", KnobsInEffect], np.ndarray]
 
 
 def stage_function(stage: Stage) -> StageFn:

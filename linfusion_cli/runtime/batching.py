@@ -34,7 +34,6 @@ def split_batch(forward, join):
             return forward(sample, *args, **kwargs)
         return join(*(forward(*batch_half((sample, *args), i, batch), **batch_half(kwargs, i, batch))
                       for i in (0, 1)))
-    split_forward.cfg_split = True  # read back by read_knobs
     return split_forward
 
 

@@ -56,7 +56,8 @@ def trace_controlnet_step(unet_config: dict, controlnet_configs: list[dict], *, 
     undo_unet = apply_knobs(unet, None, knobs)
     undo_nets = controlnet_knobs(nets, knobs)
     control = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
-    undo_residuals = residuals.residuals_in_place(control, unet) if residuals.ENABLED else None
+    undo_residuals = (residuals.residuals_in_place(control, unet, undo_unet.in_effect)
+                      if residuals.ENABLED else None)
     try:
         mode = LiveBytes()
         with torch.inference_mode(), mode, _host_parking(mode), _rows_repeat():

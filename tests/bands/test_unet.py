@@ -14,7 +14,7 @@ from linfusion_cli.bands.unet import banded_forward
 from linfusion_cli.pipeline.knobs import apply_knobs, read_knobs
 from linfusion_cli.planning.memory.planner import MemoryPlan
 
-from ..model_helpers import linfusion_unet, tiny_unet, unet_inputs
+from ..model_helpers import Pipe, linfusion_unet, module_state, tiny_unet, unet_inputs
 
 TOL = 1e-5
 
@@ -66,9 +66,11 @@ def test_group_norm_from_band_moments_equals_torch():
 
 # ---------------------------------------------------------------- the UNet
 
-CASES = [  # a covering set: each family, dividing and non-dividing bands, parked or not
+CASES = [  # a covering set: each family, dividing and non-dividing bands, parked or not, and
+    # None: one band per level (band parallelism without band_rows)
     ("sd15", 16, 16, 1, False), ("sd15", 23, 17, 5, True), ("sd21", 16, 24, 3, True),
     ("sd21", 19, 16, 64, False), ("sdxl", 16, 16, 2, True), ("sdxl", 23, 17, 3, False),
+    ("sd15", 23, 17, None, True),
 ]
 
 
@@ -92,24 +94,21 @@ def test_knob_applies_the_banded_forward_with_the_other_knobs(unets):
         reference = unet(sample, t, encoder_hidden_states=context).sample
         plan = MemoryPlan(band_rows=4, cfg_split=True, ff_chunk=16, attn_chunk=32, inplace=True,
                           skips_on_cpu=True)
+        before = module_state(unet)
         undo = apply_knobs(unet, None, plan)
         try:
             calls = []
             hook = unet.down_blocks[0].register_forward_hook(lambda *a: calls.append(1))
             out = unet(sample, t, encoder_hidden_states=context).sample
 
-            class _Pipe:
-                pass
-            pipe = _Pipe()
-            pipe.unet, pipe.vae = unet, nn.Identity()
-            knobs = read_knobs(pipe)
+            knobs = read_knobs(Pipe(unet, nn.Identity()), undo.in_effect)
         finally:
             hook.remove()
             undo()
     assert calls == []  # the blocks' own forwards never ran: the bands did the work
     assert knobs["band_rows"] == 4 and knobs["skips_on_cpu"] and knobs["cfg_split"]
     assert _rel(out, reference) < TOL
-    assert not hasattr(unet, "band_rows") and "forward" not in unet.__dict__
+    assert module_state(unet) == before
 
 
 def test_dilated_pass_widens_the_halo(unets):

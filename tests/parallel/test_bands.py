@@ -168,7 +168,7 @@ def test_per_rank_estimate_against_a_trace_of_one_rank(family, rows, knobs, size
                               unet=meta_unet(unet_cfg, linfusion=True), group=CountingGroup(1, size, "meta"))
     estimated = est.unet_activation_bytes(
         unet_cfg, latent_h=est.rank_latent_rows(unet_cfg, 256, size), latent_w=256, batch=2,
-        dtype_bytes=2, knobs=est.rank_knobs(plan, size)) + est.gathered_bytes(
+        dtype_bytes=2, knobs=plan, banded=True) + est.gathered_bytes(
             unet_cfg, latent_h=256, latent_w=256, dtype_bytes=2, batch=2)
     assert 0.95 <= estimated / traced <= 1.3, (estimated, traced)
 

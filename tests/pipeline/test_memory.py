@@ -1,7 +1,7 @@
 """Every field of a stage's memory plan is in effect while the stage runs and gone after it.
 
-The knobs are read back from the modules (memory.knobs.read_knobs) inside the stage, which is
-what the run record reports; offload runs accelerate's hooks with the CPU as the execution
+The knobs are read back inside the stage (pipeline.knobs.read_knobs: from the modules, and from
+the record of what the apply put on them), which is what the run record reports; offload runs accelerate's hooks with the CPU as the execution
 device, the same code path a GPU takes, and must leave the image unchanged.
 """
 
@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 
 from linfusion_cli.pipeline.knobs import read_knobs
+from linfusion_cli.runtime.applied import KnobsInEffect
 from linfusion_cli.planning.memory.planner import MemoryPlan
 from linfusion_cli.models.loading import load_model
 from linfusion_cli.pipeline import run_plan
 from linfusion_cli.planning.plan import build_plan
+
+from ..model_helpers import module_state
 
 OFF = {"offload": "none", "ff_chunk": 0, "cfg_split": False, "inplace": False,
        "skips_on_cpu": False, "band_rows": 0}
@@ -55,13 +58,14 @@ def _expected(memory: MemoryPlan) -> dict:
 @pytest.mark.parametrize("case", list(CASES))
 def test_knob_in_effect_during_the_stage_and_removed_after(loaded, case):
     memory = CASES[case]
-    before = read_knobs(loaded.pipe)
+    before, modules = read_knobs(loaded.pipe, KnobsInEffect()), module_state(loaded.pipe.unet)
     reference, _ = run_plan(_plan(loaded, MemoryPlan(attn_chunk=64)), loaded)
     image, record = run_plan(_plan(loaded, memory), loaded)
     for stage in record["stages"]:
         assert stage["memory_in_effect"] == _expected(memory), case
-    after = read_knobs(loaded.pipe)
+    after = read_knobs(loaded.pipe, KnobsInEffect())
     assert after == before and {k: after[k] for k in OFF} == OFF
+    assert module_state(loaded.pipe.unet) == modules  # no patch, hook or attribute left behind
     assert all(p.device.type == "cpu" for p in loaded.pipe.unet.parameters())
     diff = np.abs(image.astype(int) - reference.astype(int))
     if case.startswith("offload"):  # the same kernels on the same device: bit for bit

@@ -1,8 +1,6 @@
 """Out-of-memory in a stage (a stand-in stage): a retry with a tighter plan, then a clear error
 (tests/pipeline/test_recovery.py runs the real stages)."""
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -11,16 +9,19 @@ from linfusion_cli.errors import OutOfMemoryError
 from linfusion_cli.planning.memory.planner import MemoryPlan
 from linfusion_cli.pipeline import Retrying, StageFinished, orchestrator
 from linfusion_cli.planning.plan import build_plan
+from linfusion_cli.pipeline.memory import PlanInEffect
+from linfusion_cli.runtime.applied import KnobsInEffect
+
+from ..model_helpers import bare_model
 
 
 @pytest.fixture
 def fake_model(monkeypatch):
     """No real components: the stage functions are replaced, the context needs no pipelines."""
     monkeypatch.setattr(orchestrator.StageContext, "__post_init__", lambda self: None)
-    monkeypatch.setattr(orchestrator, "memory_plan_applied", lambda model, memory, group: _nullcontext({}))
-    return SimpleNamespace(device=torch.device("cpu"), sampler="DDIM", family="sd15",
-                           pipe=SimpleNamespace(unet=torch.nn.Identity()),
-                           linfusion=None, dtype=torch.float32)
+    monkeypatch.setattr(orchestrator, "memory_plan_applied",
+                        lambda model, memory, group: _nullcontext(PlanInEffect(KnobsInEffect(), {})))
+    return bare_model()
 
 
 class _nullcontext:
@@ -43,7 +44,7 @@ def plan_with_memory():
 def test_stage_retried_once_with_a_tighter_plan(monkeypatch, fake_model):
     calls = []
 
-    def flaky(ctx, stage, previous):
+    def flaky(ctx, stage, previous, knobs):
         calls.append(stage.memory)
         if stage.index == 1 and len(calls) == 2:
             raise torch.OutOfMemoryError("CUDA out of memory")
@@ -60,7 +61,7 @@ def test_stage_retried_once_with_a_tighter_plan(monkeypatch, fake_model):
 
 
 def test_second_out_of_memory_stops_with_one_clear_error_and_keeps_finished_stages(monkeypatch, fake_model):
-    def always_oom_after_base(ctx, stage, previous):
+    def always_oom_after_base(ctx, stage, previous, knobs):
         if stage.index == 1:
             raise torch.OutOfMemoryError("CUDA out of memory")
         return np.zeros((stage.height, stage.width, 3), np.uint8)

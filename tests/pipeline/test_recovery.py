@@ -39,7 +39,7 @@ def fingerprint(pipe) -> list:
         for name, m in getattr(pipe, part).named_modules():
             out.append((part, name, type(m).__name__, "forward" in m.__dict__, len(m._forward_hooks),
                         len(m._forward_pre_hooks), getattr(m, "chunk_size", None),
-                        hasattr(m, "band_rows"), hasattr(m, "_hf_hook"),
+                        sorted(k for k in vars(m) if not k.startswith("_")), hasattr(m, "_hf_hook"),
                         next(m.parameters(), torch.empty(0)).device.type))
     return out
 
@@ -134,11 +134,11 @@ def test_the_hook_is_inert_without_the_switch_and_refuses_a_bad_spec(monkeypatch
 
 
 def test_nan_is_retried_in_native_bf16_else_in_float32_else_not_at_all(monkeypatch):
-    from types import SimpleNamespace
-
     from linfusion_cli.pipeline import finite
 
-    model = SimpleNamespace(dtype=torch.float16, vae_dtype=torch.bfloat16, device=torch.device("cuda"))
+    from ..model_helpers import bare_model
+
+    model = bare_model(device="cuda", dtype=torch.float16, vae_dtype=torch.bfloat16)
     monkeypatch.setattr(finite, "native_bf16", lambda device: True)  # an Ampere or later GPU
     assert finite.retry_dtype(model, "unet") == torch.bfloat16  # fp16's bytes, fp32's range
     assert finite.retry_dtype(model, "vae") == torch.float32

@@ -3,14 +3,14 @@ ran out with only the failed part's knobs free; after a float32 retry, for four-
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from linfusion_cli import api
 from linfusion_cli.pipeline import orchestrator, recovery
 from linfusion_cli.planning import replan
+
+from ..model_helpers import bare_context, bare_model
 
 GIB = 2 ** 30
 
@@ -47,11 +47,10 @@ def test_a_float32_part_is_replanned_for_four_bytes_at_the_stages_budget(plan):
     assert _knobs(memory, replan.VAE_KNOBS) == _knobs(stage.memory, replan.VAE_KNOBS)
 
 
-def test_the_run_replans_with_the_planner_where_the_plan_has_its_configs(plan):
+def test_the_run_replans_with_the_planner_where_the_plan_has_its_configs(plan, monkeypatch):
     stage = plan.stages[-1]
-    ctx = SimpleNamespace(plan=plan, phases=recovery.Phases(),
-                          model=SimpleNamespace(dtype=torch.float16, vae_dtype=torch.float16,
-                                                device=torch.device("cuda")))
+    ctx = bare_context(monkeypatch, plan, bare_model(device="cuda", dtype=torch.float16),
+                       phases=recovery.Phases())
     retried, how = orchestrator._oom_plan(ctx, stage, "unet", 1, None)
     assert how == {"planned_for_gib": round(replan.lower_budget(stage, None) / GIB, 2)}
     assert retried.memory == replan.replan(plan, stage, "unet", replan.lower_budget(stage, None))

@@ -6,8 +6,6 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -105,22 +103,27 @@ def test_tiled_decode_and_encode_take_band_rows(vae):
 
 
 def test_stages_pass_the_plans_band_rows(monkeypatch):
+    from dataclasses import replace
+
     from linfusion_cli.pipeline import context as stages
     from linfusion_cli.planning.memory import MemoryPlan, candidate_plans
+    from linfusion_cli.planning.plan import build_plan
 
-    assert stages.band_rows(SimpleNamespace(memory=MemoryPlan(band_rows=32))) == 32
-    assert stages.band_rows(SimpleNamespace(memory=MemoryPlan())) == 0
-    assert stages.band_rows(SimpleNamespace(memory=None)) == 0
+    from ..model_helpers import bare_context, bare_model
+
+    plan = build_plan(prompt="p", width=128, height=128, native=64, strengths=[0.5], steps=2,
+                      guidance=5.0, seed=1, scheduler="ddim", model="m", family="sd15", linfusion=None)
+    base = plan.stages[0]
+    assert stages.band_rows(replace(base, memory=MemoryPlan(band_rows=32))) == 32
+    assert stages.band_rows(replace(base, memory=MemoryPlan())) == 0
+    assert stages.band_rows(replace(base, memory=None)) == 0
     plans = candidate_plans(4096, 4096, fixed={"band_rows": 64})
     assert plans and {p.band_rows for p in plans} == {64}
     seen = {}
     monkeypatch.setattr(stages, "vae_on_device", lambda v: None)
     monkeypatch.setattr(stages.tiled_vae, "decode", lambda *a, **kw: seen.update(kw))
-    ctx = SimpleNamespace(model=SimpleNamespace(pipe=SimpleNamespace(vae=None), vae_dtype=torch.float32,
-                                                device=torch.device("cpu")),
-                          plan=SimpleNamespace(vae_tile_px=None, budget=None),
-                          on_event=lambda e: None, vae_reports={}, group=None, phases=stages.Phases())
-    stage = SimpleNamespace(index=0, memory=MemoryPlan(vae_tile_px=512, band_rows=16))
+    ctx = bare_context(monkeypatch, plan, bare_model())
+    stage = replace(base, memory=MemoryPlan(vae_tile_px=512, band_rows=16))
     stages.decode(ctx, stage, torch.zeros(1, 4, 8, 8))
     assert seen["band_rows"] == 16 and seen["tile_px"] == 512
 

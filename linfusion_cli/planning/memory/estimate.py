@@ -14,7 +14,6 @@ their total per stage (stage_peak, the one place a total is formed).
 from __future__ import annotations
 
 import torch
-import dataclasses
 import hashlib
 import json
 from functools import lru_cache
@@ -123,15 +122,6 @@ def rank_latent_rows(unet_config: dict, latent_h: int, world_size: int) -> int:
     levels = len(unet_config["down_block_types"]) - 1
     largest = max(b - a for a, b in parallel.bands(latent_h, levels, world_size)[0])
     return min(latent_h, largest + HALO_ROWS)
-
-
-def rank_knobs(knobs: Knobs, world_size: int) -> Knobs:
-    """The knobs one rank's UNet runs with: over several ranks it is always band-wise, one band
-    per rank and level when the plan has no band_rows (pipeline.knobs applies parallel.WHOLE),
-    so its estimate is the band-wise walk's (an upsampled map made whole, not diffusers')."""
-    if world_size > 1 and not knobs.band_rows:
-        return dataclasses.replace(knobs, band_rows=parallel.WHOLE)
-    return knobs
 
 
 def gathered_bytes(unet_config: dict, *, latent_h: int, latent_w: int, dtype_bytes: int,

@@ -22,8 +22,9 @@ from .walk import Knobs, _Peak, _levels, _transformer_phases, unet_activation_by
 
 
 def _band_rows(band_rows: int, level: int, height: int) -> int:
-    """bands.rows.level_rows, capped by the level's height."""
-    return min(height, max(1, -(-band_rows // (1 << level))))
+    """bands.rows.level_rows, capped by the level's height (band_rows 0: the level whole, as
+    bands.rows.whole_levels makes it under band parallelism without band_rows)."""
+    return min(height, max(1, -(-band_rows // (1 << level)))) if band_rows else height
 
 
 def walk_banded(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfusion: bool,
@@ -127,9 +128,10 @@ def walk_banded(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfus
 
 def activation_bytes(cfg: dict, *, latent_h: int, latent_w: int, batch: int, dtype_bytes: int,
                      knobs: Knobs, linfusion: bool = True, mid_dim: int | None = None,
-                     through_mid: bool = False) -> int:
-    """walk.unet_activation_bytes, band-wise when knobs.band_rows (one entry for both)."""
-    if not getattr(knobs, "band_rows", 0):
+                     through_mid: bool = False, banded: bool = False) -> int:
+    """walk.unet_activation_bytes, band-wise when knobs.band_rows or `banded` (band parallelism:
+    band-wise whatever band_rows says, one band per level without it); one entry for both."""
+    if not (knobs.band_rows or banded):
         return unet_activation_bytes(cfg, latent_h=latent_h, latent_w=latent_w, batch=batch,
                                      dtype_bytes=dtype_bytes, knobs=knobs, linfusion=linfusion,
                                      mid_dim=mid_dim, through_mid=through_mid)
@@ -141,11 +143,11 @@ def activation_bytes(cfg: dict, *, latent_h: int, latent_w: int, batch: int, dty
 
 
 def breakdown(cfg: dict, *, latent_h: int, latent_w: int, batch: int, dtype_bytes: int,
-              knobs: Knobs, linfusion: bool = True,
-              mid_dim: int | None = None) -> tuple[str, dict[str, int]]:
-    """walk.unet_breakdown, band-wise when knobs.band_rows: where the forward peaks and the
-    bytes of each term there."""
-    if not getattr(knobs, "band_rows", 0):
+              knobs: Knobs, linfusion: bool = True, mid_dim: int | None = None,
+              banded: bool = False) -> tuple[str, dict[str, int]]:
+    """walk.unet_breakdown, band-wise when knobs.band_rows or `banded` (as activation_bytes):
+    where the forward peaks and the bytes of each term there."""
+    if not (knobs.band_rows or banded):
         return unet_breakdown(cfg, latent_h=latent_h, latent_w=latent_w, batch=batch,
                               dtype_bytes=dtype_bytes, knobs=knobs, linfusion=linfusion,
                               mid_dim=mid_dim)
