@@ -77,7 +77,8 @@ def _cases(models, group):
         for family, h, w, rows, park, dilation, control in (
                 ("sd15", 24, 16, 4, False, 1, False), ("sd15", 40, 8, 64, True, 2, False),
                 ("sdxl", 24, 24, 3, True, 3, False), ("sd15", 24, 16, 5, False, 1, True),
-                ("sdxl", 16, 16, 64, True, 1, True)):
+                ("sdxl", 16, 16, 64, True, 1, True),
+                ("sd15", 24, 16, None, True, 1, True)):  # None: one band per level (no band_rows)
             unet, net = models[family]
             sample, t, context, kwargs = unet_inputs(unet, h, w)
             ctl = None
@@ -88,7 +89,7 @@ def _cases(models, group):
                     group=group)
             dilated = dilated_convs(unet, dilation) if dilation > 1 else contextlib.nullcontext()
             with dilated:
-                out[f"{family}-{h}x{w}-d{dilation}-c{int(control)}"] = banded_forward(
+                out[f"{family}-{h}x{w}-r{rows}-d{dilation}-c{int(control)}"] = banded_forward(
                     unet, rows, park, sample, t, context, **kwargs, control=ctl, group=group).sample
     return out
 
