@@ -190,7 +190,7 @@ class _Estimator:
             self._unet[ukey] = est.unet_activation_bytes(
                 self.u, latent_h=self.unet_h, latent_w=-(-self.w // 8), batch=self.batch,
                 dtype_bytes=self.db, knobs=k, linfusion=self.linfusion,
-                banded=self.ranks > 1)  # over several ranks the UNet is always band-wise + self.extra + self.gathered
+                banded=self.ranks > 1) + self.extra + self.gathered  # over ranks: always band-wise
             if self.unet_extra is not None:
                 self._unet[ukey] += self.unet_extra(k)
         vkey = (k.vae_tile_px, k.band_rows)
