@@ -184,8 +184,8 @@ def _skips_to_cpu(unet: nn.Module, handle: KnobHandle) -> SkipFetch:
 
 def _banded(model: nn.Module, bands: Bands, handle: KnobHandle) -> None:
     """model.forward replaced by the band-wise forward (linfusion_cli/bands) of a UNet or a
-    ControlNet (whose residuals are parked as they are made when bands.park_skips), over
-    bands.group's ranks when there is one (parallel.BandGroup). Parked maps go into host buffers
+    ControlNet (whose residuals are parked as they are made when the record's park_skips), over
+    its group's ranks when there is one (parallel.BandGroup). Parked maps go into host buffers
     (runtime/staging.py) that live as long as this apply: a UNet's skips reuse theirs every
     forward; a ControlNet's residuals, which leave its forward, get fresh ones."""
     controlnet = hasattr(model, "controlnet_down_blocks")
