@@ -14,32 +14,33 @@ from .specs import CONTROLNET_KINDS, AdapterSpecs, IpAdapterSpec
 
 
 def check_adapters(req, unet_config: dict, plan=None) -> AdapterSpecs:
-    """The adapters a request asks for, each checked against the model's UNet config."""
-    pickle = bool(getattr(req, "allow_pickle", False))
+    """The adapters a request (planning.request.Request) asks for, each checked against the
+    model's UNet config."""
+    pickle = bool(req.allow_pickle)
     cross = unet_config.get("cross_attention_dim")
-    loras = [check_lora(parse_lora(text), cross, unet_config) for text in (getattr(req, "loras", None) or ())]
+    loras = [check_lora(parse_lora(text), cross, unet_config) for text in req.loras or ()]
     specs = AdapterSpecs(loras=tuple(unique_names(loras)))
-    controlnet, image = getattr(req, "controlnet", None), getattr(req, "control_image", None)
+    controlnet, image = req.controlnet, req.control_image
     if (controlnet is None) != (image is None):
         raise PlanError("--controlnet and --control-image go together")
-    if controlnet is None and getattr(req, "control_scale", None) is not None:
+    if controlnet is None and req.control_scale is not None:
         raise PlanError("--control-scale needs --controlnet")
     if controlnet is not None:
         spec = check_controlnet(controlnet, "--controlnet", unet_config, pickle)
         shown = check_image(image, "--control-image")
         specs = replace(specs, controlnet=replace(spec, image=shown["image"], image_size=tuple(shown["image_size"]),
                                                   scale=check_scale(req.control_scale, "--control-scale")))
-    tile = getattr(req, "tile_controlnet", None)
-    if tile is None and getattr(req, "tile_scale", None) is not None:
+    tile = req.tile_controlnet
+    if tile is None and req.tile_scale is not None:
         raise PlanError("--tile-scale needs --tile-controlnet")
     if tile is not None:
         specs = replace(specs, tile_controlnet=replace(
             check_controlnet(tile, "--tile-controlnet", unet_config, pickle),
             scale=check_scale(req.tile_scale, "--tile-scale")))
-    ip, ip_image = getattr(req, "ip_adapter", None), getattr(req, "ip_image", None)
+    ip, ip_image = req.ip_adapter, req.ip_image
     if (ip is None) != (ip_image is None):
         raise PlanError("--ip-adapter and --ip-image go together")
-    if ip is None and (getattr(req, "ip_scale", None) is not None or getattr(req, "ip_encoder", None)):
+    if ip is None and (req.ip_scale is not None or req.ip_encoder):
         raise PlanError("--ip-scale and --ip-encoder need --ip-adapter")
     if ip is not None:
 
