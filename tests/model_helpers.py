@@ -114,3 +114,12 @@ def bare_context(monkeypatch, plan, model, **fields):
 
     monkeypatch.setattr(StageContext, "__post_init__", lambda self: None)
     return StageContext(plan=plan, model=model, on_event=lambda event: None, **fields)
+
+
+@dataclass(frozen=True)
+class CudaProperties:
+    """What torch.cuda.get_device_properties returns that the package reads, for tests that
+    stand in for a GPU on the CPU."""
+
+    name: str = "NVIDIA H100 80GB HBM3"
+    total_memory: int = 80 * 2 ** 30

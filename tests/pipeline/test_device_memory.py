@@ -3,12 +3,12 @@ becomes the allocator's limit, and each stage's record holds the device's memory
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 
 from linfusion_cli.pipeline import memory
 from linfusion_cli.planning.budget import Budget
+
+from ..model_helpers import CudaProperties
 
 GIB = 2 ** 30
 CUDA = torch.device("cuda", 0)
@@ -16,7 +16,7 @@ CUDA = torch.device("cuda", 0)
 
 def test_max_vram_caps_the_allocator_at_its_share_of_the_gpu(monkeypatch):
     calls = []
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * GIB))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: CudaProperties(total_memory=80 * GIB))
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
     memory.cap_allocator(CUDA, Budget.given(20.0, "--max-vram"))
     assert calls == [(0.25, CUDA)]

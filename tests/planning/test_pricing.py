@@ -143,15 +143,16 @@ def test_a_band_parallel_plan_is_priced_per_rank(cli):
 def test_a_plan_on_the_gpu_here_is_priced_as_that_gpu(monkeypatch):
     """The CUDA-only path of pricing_gpu, forced on the CPU: no --gpu, a GPU in this machine."""
     import dataclasses
-    import types
 
     import torch
 
     from linfusion_cli.planning.memory.fit import pricing_gpu
+
+    from ..model_helpers import CudaProperties
     from linfusion_cli.planning.request import Request, make_plan
 
     seen = []
-    props = types.SimpleNamespace(name="NVIDIA GeForce RTX 4090", total_memory=24 * GIB)
+    props = CudaProperties(name="NVIDIA GeForce RTX 4090", total_memory=24 * GIB)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: seen.append(d) or props)
     plan = dataclasses.replace(make_plan(Request(prompt="x", model="demo", res=64)), device="cuda:1",
                                planned_elsewhere=False, gpu=None)
