@@ -211,7 +211,7 @@ class VaeLedger:
         self.store = _Store(cache)
 
     def __call__(self, width: int, height: int, plan, *, decoder: bool) -> Cost:
-        mode = getattr(plan, f"vae_{'decode' if decoder else 'encode'}_mode", "") or "estimated"
+        mode = getattr(plan, f"vae_{'decode' if decoder else 'encode'}_mode") or "estimated"  # a MemoryPlan's
         device = None if mode != "exact" else vae_device_budget(self.budget_bytes, plan.estimated_peak_gib)
         args = {"tile_px": plan.vae_tile_px, "band_rows": plan.band_rows,
                 "mode": mode if plan.vae_tile_px else None, "device_budget": device,
