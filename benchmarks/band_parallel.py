@@ -44,7 +44,7 @@ def _inputs(size: int):
 
 def _setup(rank: int, nprocs: int, args):
     """This rank's step: the same random UNet and inputs on every rank; counts what it sent."""
-    from linfusion_cli.bands.unet import banded_forward
+    from linfusion_cli.bands.unet_forward import banded_forward
     from linfusion_cli.parallel import BandGroup
 
     unet = _unet(args.width_div)

@@ -21,7 +21,7 @@ def main() -> None:
     from diffusers import UNet2DConditionModel
 
     from linfusion_cli.attention import apply_linfusion
-    from linfusion_cli.bands.unet import banded_forward
+    from linfusion_cli.bands.unet_forward import banded_forward
     from linfusion_cli.planning.memory.planner import load_family_configs
 
     torch.manual_seed(0)

@@ -53,14 +53,14 @@ def main() -> None:
 
     from linfusion_cli.io import images
     from linfusion_cli import api
-    from linfusion_cli.cli.common import load
+    from linfusion_cli.cli.runs import load
     from linfusion_cli.pipeline import StageFinished, StageStarted, stages
 
     timers, meter = Timers(), PeakRSS(interval=0.05)  # reset at each stage
     timers.wrap(stages.tiled_vae, "encode", "vae_encode")
     timers.wrap(stages.tiled_vae, "decode", "vae_decode")
     timers.wrap(stages, "resize", "resize")
-    timers.wrap(output, "save_image", "file")
+    timers.wrap(images, "save_image", "file")
     t0 = time.perf_counter()
     plan = api.plan_request(api.Request(
         prompt="a lighthouse at dusk", model="demo", width=args.width, height=args.height,

@@ -411,9 +411,9 @@ def time_unet(bench: Bench, unet, plan, px, repeats: int) -> tuple[dict, object]
 
 def default_chunk(bench: Bench) -> int:
     """The LinFusion chunk the planner's loosest plan sets on this device."""
-    from linfusion_cli import tuning
+    from linfusion_cli import figures
 
-    return tuning.LINFUSION_DEFAULT_CHUNK[bench.sizes.device]
+    return figures.LINFUSION_DEFAULT_CHUNK[bench.sizes.device]
 
 
 # ---------------------------------------------------------------- preflight

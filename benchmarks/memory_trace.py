@@ -9,7 +9,7 @@ and the planner's whole-stage estimate (weights, VAE phase, margin) for context.
 With --controlnet, one denoising step of an img2img stage with a tile ControlNet (built from
 the UNet's config, as ControlNetModel.from_unet makes it) is traced instead
 (linfusion_cli.tracing.adapters: controlnet(...) then unet(..., residuals)), against the step
-estimate (planning.memory.adapters.controlnet_step_bytes); the plan is the one the runner would choose
+estimate (planning.memory.adapter_estimate.controlnet_step_bytes); the plan is the one the runner would choose
 beside it (the ControlNet's weights out of the budget, its step in the UNet's activations), or,
 when none fits, the tightest plan. "stage est" then includes the ControlNet's weights.
 
@@ -89,7 +89,7 @@ def _controlnet_row(net, unet_config, vae_config, unet, width, height, budget):
     from dataclasses import replace
 
     from linfusion_cli.adapters.controlnet import controlnet_config
-    from linfusion_cli.planning.memory.adapters import controlnet_extra_bytes, controlnet_step_bytes, controlnet_unet_extra
+    from linfusion_cli.planning.memory.adapter_estimate import controlnet_extra_bytes, controlnet_step_bytes, controlnet_unet_extra
     from linfusion_cli.tracing.adapters import trace_controlnet_step
 
     configs = [controlnet_config(TILE_SOURCE, unet_config)]  # the img2img stage runs the tile ControlNet

@@ -21,7 +21,7 @@ import torch
 from benchmarks._measure import shipped_config
 from linfusion_cli.runtime import transfer
 from linfusion_cli.tracing.unet import meta_vae
-from linfusion_cli.tuning import DECODER_CONTEXT, ENCODER_CONTEXT
+from linfusion_cli.figures import DECODER_CONTEXT, ENCODER_CONTEXT
 from linfusion_cli.vae.blocks import TileCtx, decoder_split, decoder_tile, encoder_tile
 from linfusion_cli.vae.drive import run_recording, run_tiles
 from linfusion_cli.vae.parking import Lot

@@ -117,12 +117,12 @@ def one_error(result: Result, *needles: str, code: int = 2) -> str:
 
 def no_load(monkeypatch) -> None:
     """Fail the test if a model is loaded (the check had to come before)."""
-    from linfusion_cli.cli import common
+    from linfusion_cli.cli import runs
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(common, "load", refuse)
+    monkeypatch.setattr(runs, "load", refuse)
 
 
 def write_bytes(path: Path, data: bytes) -> Path:

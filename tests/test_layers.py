@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "linfusion_cli"
-CORE = ("__init__", "errors", "validate", "bounds", "inputs", "tuning", "hostmem", "interrupts", "differences",
+CORE = ("__init__", "errors", "validate", "bounds", "inputs", "figures", "hostmem", "interrupts", "differences",
         "testhooks", "hub", "schema", "gpus")
 # top to bottom; a unit may import its own files, anything in a lower layer, never upward or sideways
 LAYERS = (("__main__",), ("cli",), ("api",), ("jobs", "progress_json"), ("tracing",), ("pipeline",), ("planning",), ("models",),

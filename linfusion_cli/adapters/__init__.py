@@ -5,7 +5,7 @@ by `mount_adapters` after LinFusion, so LoRA also reaches the LinFusion layers' 
 """
 
 from .lora import LoraSpec, check_lora, load_loras, parse_lora
-from .plan import check_adapters, describe, mount_adapters
+from .attach import check_adapters, describe, mount_adapters
 
 __all__ = ["LoraSpec", "parse_lora", "check_lora", "load_loras", "check_adapters", "describe",
            "mount_adapters"]

@@ -24,14 +24,14 @@ from PIL import Image
 from torch import nn
 
 from ..errors import CheckpointMismatchError, InputError, ModelNotFoundError
-from .common import family_of_cross_dim, is_local, require_file
+from .file_checks import family_of_cross_dim, is_local, require_file
 from . import residuals
 from ..attention.module import LinFusionAttention
 from ..bounds import check_config
 from ..inputs import read_bounded
 from ..io import images  # images.open_image: a seam tests watch
 from ..runtime.applied import KnobsInEffect
-from .common import reason
+from .file_checks import reason
 from .controlnet_file import file_format, from_unet_config, is_single_file, single_file_config, load_single_file
 from .specs import ControlNetSpec
 from .folder_weights import check_folder_weights

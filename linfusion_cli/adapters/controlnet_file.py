@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import CheckpointMismatchError, InputError
-from .common import family_of_cross_dim
+from .file_checks import family_of_cross_dim
 from ..io.weight_files import single_file_keys
 
 PICKLE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import CheckpointMismatchError, InputError, ModelNotFoundError
 from ..inputs import read_bounded, regular_file
-from .common import safetensors_shapes
+from .file_checks import safetensors_shapes
 
 STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 

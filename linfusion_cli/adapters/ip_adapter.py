@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ..errors import CheckpointMismatchError, InputError, ModelNotFoundError
-from .common import family_of_cross_dim, is_local, loading_errors, require_file, safetensors_shapes
+from .file_checks import family_of_cross_dim, is_local, loading_errors, require_file, safetensors_shapes
 from ..bounds import check_config
 from ..inputs import read_bounded
 from ..io import images  # images.open_image: a seam tests watch

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import CheckpointMismatchError, InputError
-from .common import (family_of_cross_dim, is_local, loading_errors, require_file, safetensors_shapes,
+from .file_checks import (family_of_cross_dim, is_local, loading_errors, require_file, safetensors_shapes,
                      short_hash)
 from .lora_shapes import check_lora_tensors
 

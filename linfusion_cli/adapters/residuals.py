@@ -17,14 +17,14 @@ its skip's device copy when the up block brings that skip back (a call registere
 applied knobs' `skip_fetch`, runtime/applied.py: the UNet's knobs are an argument). The images
 are bit-identical (tests/adapters/test_controlnet.py); the step's peak has one half's residuals,
 during the down path only (none with skips_on_cpu), and no second set of skips
-(planning/memory/adapters.py, checked by tracing/adapters.py).
+(planning/memory/adapter_estimate.py, checked by tracing/adapters.py).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from ..runtime import parking  # parking.* is swapped by the memory trace: looked up per call
+from ..runtime import skip_parking  # skip_parking.* is swapped by the memory trace: looked up per call
 from ..runtime import transfer
 from ..runtime.applied import KnobsInEffect
 from ..runtime.batching import batch_rows
@@ -50,7 +50,7 @@ def residuals_in_place(control: nn.Module, unet: nn.Module, knobs: KnobsInEffect
     plan put on the UNet (pipeline/knobs.py's handle). Returns the undo."""
     state: dict = {"deferred": None, "offset": 0, "down": None, "mid": None, "skips": [],
                    "pairs": {}}
-    banded = knobs.bands is not None  # bands/unet.py calls `control` itself
+    banded = knobs.bands is not None  # bands/unet_forward.py calls `control` itself
     parked = knobs.skips_on_cpu
     inner_control = control.forward
 
@@ -82,7 +82,7 @@ def residuals_in_place(control: nn.Module, unet: nn.Module, knobs: KnobsInEffect
         if parked:  # one by one, so each device residual is freed as its host copy is made
             for i, residual in enumerate(down):
                 if not transfer.is_host(residual):  # a banded ControlNet parked its own
-                    down[i] = parking.park(residual)
+                    down[i] = skip_parking.park(residual)
             del residual
         return down, mid
 
@@ -118,7 +118,7 @@ def residuals_in_place(control: nn.Module, unet: nn.Module, knobs: KnobsInEffect
         residual = state["pairs"].get(id(host))
         if residual is None:
             return out
-        residual = parking.fetch(residual, out.device)
+        residual = skip_parking.fetch(residual, out.device)
         return out.add_(residual) if out.data_ptr() != host.data_ptr() else out + residual
 
     control.forward = deferred_forward

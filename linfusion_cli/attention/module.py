@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..tuning import LINFUSION_DEFAULT_CHUNK, device_kind
+from ..figures import LINFUSION_DEFAULT_CHUNK, device_kind
 from .ops import EPS, read_out, feature_map, linear_attention, merge_heads, split_heads
 
 
@@ -21,7 +21,7 @@ class KeyState:
 
 
 def _default_chunk(x: torch.Tensor) -> int:
-    """Tokens per chunk when none is set (per device kind, tuning.LINFUSION_DEFAULT_CHUNK)."""
+    """Tokens per chunk when none is set (per device kind, figures.LINFUSION_DEFAULT_CHUNK)."""
     return LINFUSION_DEFAULT_CHUNK[device_kind(x.device)]
 
 

@@ -14,7 +14,7 @@ from ..parallel.world import World, current, launched
 from ..io.prompts import read_prompt_file
 from ..jobs.claims import DONE
 from ..jobs.processes import band_group, rank0_first
-from . import common
+from . import runs
 from ..jobs import agreement
 from .console import error as error_line, info, one_line_of, progress_view, terminal_safe
 from ..progress_json import event
@@ -61,7 +61,7 @@ def batch(
             if not json:
                 print(terminal_safe(f"{job.path}:"))
             start = resume_plan(job.plan, job.path)[0] if resume and job.done is None else None
-            common.print_dry_run(job.plan, as_json=json, extra={"index": job.index, "path": str(job.path)},
+            runs.print_dry_run(job.plan, as_json=json, extra={"index": job.index, "path": str(job.path)},
                                  resume=start)
         return
 
@@ -95,10 +95,10 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
     """This rank's entries made by api.run_batch, drawn and printed by _Lines; returns the failures.
     together: every entry over every rank (band parallelism); rank 0 alone writes and prints."""
     quiet = quiet or not (world.rank == 0 or not together) or (progress == "json" and world.rank != 0)
-    load = lambda plan: rank0_first(lambda: common.load(  # noqa: E731 - one line
+    load = lambda plan: rank0_first(lambda: runs.load(  # noqa: E731 - one line
         plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle, config=config, progress=progress))
     return api.run_batch(jobs, manifest, load, world=world, together=together, resume=resume,
-                         overwrite=overwrite, faults=common.oom_faults(world.rank),  # counted over the entries
+                         overwrite=overwrite, faults=runs.oom_faults(world.rank),  # counted over the entries
                          group=parallel.active(), sync=agreement.StageSync(world),  # stages counted over them too
                          report=_Lines(world, len(jobs), as_json=as_json, quiet=quiet, verbose=verbose,
                                        progress=progress, lead=world.rank == 0 or not together,

@@ -15,7 +15,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 
 from ..pipeline.events import (PhaseProgress, PreviewFailed, PreviewWritten, Retrying, StageFinished,
                                StageStarted)
-from ..adapters.common import reason
+from ..adapters.file_checks import reason
 from ..errors import LinfusionError
 from ..progress_json import JsonLogHandler, JsonProgress, JsonStderr
 

@@ -9,7 +9,7 @@ import typer
 
 from ..parallel.world import current, launched
 from ..jobs.processes import shared_prompt
-from . import common
+from . import runs
 from .options import GenerationOptions, Output, shared_options
 
 
@@ -21,4 +21,4 @@ def generate(
 ) -> None:
     """Generate an image: a base at the model's trained size, then x2 img2img stages to --res."""
     text = shared_prompt(prompt, current(), sys.stdin)
-    common.plan_and_run(opts.request(text), opts, output=output)
+    runs.plan_and_run(opts.request(text), opts, output=output)

@@ -11,7 +11,7 @@ import typer
 from ..io.images import open_image
 from ..parallel.world import current, launched
 from ..jobs.processes import shared_prompt
-from . import common
+from . import runs
 from .options import GenerationOptions, Output, shared_options
 from ..inputs import expand
 
@@ -28,4 +28,4 @@ def upscale(
     picture = open_image(image)
     text = shared_prompt(prompt, current(), sys.stdin) if prompt is not None else "high detail"
     req = opts.request(text, init_image=str(image), init_size=picture.size)
-    common.plan_and_run(req, opts, output=output, init_image=np.asarray(picture))
+    runs.plan_and_run(req, opts, output=output, init_image=np.asarray(picture))

@@ -4,7 +4,7 @@ A local file or folder is identified by the size and modification time (ns) of e
 in it, not by a digest of the bytes: hashing a multi-GB model on every run and every resume
 would take longer than some stages, and replacing or rewriting a file in place changes its
 mtime. A hub id is identified by the commit of the snapshot the cache resolves it to. LoRAs are
-already recorded with their content hash (adapters.common.short_hash).
+already recorded with their content hash (adapters.file_checks.short_hash).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from ..io.weight_files import single_file_family, single_file_keys
 from .resolve import DEMO_PREFIX, auto_linfusion, choose_dtypes, detect_family, is_demo
 from ..adapters import mount_adapters
 from ..adapters.specs import AdapterSpecs
-from ..adapters.common import reason
+from ..adapters.file_checks import reason
 from ..attention import apply_linfusion
 from ..hub import download_command
 from ..inputs import expand, home

@@ -55,7 +55,7 @@ class BandGroup:
     """N processes that compute one image together, each owning a band of rows of every map.
 
     `pg`: the torch.distributed group (None: the default one). Handed to the band-wise forwards
-    (bands/unet.py's `group` argument), which never import this package.
+    (bands/unet_forward.py's `group` argument), which never import this package.
     """
 
     def __init__(self, rank: int, size: int, device: torch.device | str = "cpu", pg=None):
@@ -163,7 +163,7 @@ class GroupLayout:
 
 
 class Level:
-    """One UNet level's bands: what bands/blocks.py calls as `comm`."""
+    """One UNet level's bands: what bands/layers.py calls as `comm`."""
 
     def __init__(self, group: BandGroup, parts):
         self.group, self.parts = group, parts

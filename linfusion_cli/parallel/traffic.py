@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..bands.unet import banded_forward
+from ..bands.unet_forward import banded_forward
 from .comm import BandGroup
 
 
@@ -49,7 +49,7 @@ def ring_bytes(sent: dict, size: int) -> dict:
 def step_traffic(unet, sample: torch.Tensor, timestep, context: torch.Tensor, *, size: int,
                  rank: int, band_rows: int | None = None, **kwargs) -> dict:
     """Payload bytes rank `rank` of `size` sends during one UNet forward of `sample` (B, 4, H, W),
-    by kind (halo, moments, key_state, gather); band_rows as bands.unet.banded_forward takes it
+    by kind (halo, moments, key_state, gather); band_rows as bands.unet_forward.banded_forward takes it
     (None: one band per level, as a plan without band_rows runs)."""
     group = CountingGroup(rank, size, sample.device)
     with torch.no_grad():

@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.loading import OFFLOADABLE
-from ..runtime import parking
+from ..runtime import skip_parking
 from ..runtime.applied import Bands, KnobsInEffect, SkipFetch
 from ..runtime.batching import join_unet_outputs, split_batch
 from ..runtime.staging import Staging
-from ..bands import controlnet as banded_controlnet, unet as banded_unet
+from ..bands import controlnet_forward as banded_controlnet, unet_forward as banded_unet
 
 
 class KnobHandle:
@@ -143,13 +143,13 @@ def _skips_to_cpu(unet: nn.Module, handle: KnobHandle) -> SkipFetch:
     fetched = SkipFetch()
     def to_cpu(t):
         handle.stats["skips_to_cpu"] += 1
-        return parking.park(t)
+        return skip_parking.park(t)
 
     def to_device(t):  # counts each skip once, however often a hook reads the lazy tuple
         if id(t) not in state["fetched"]:
             state["fetched"].add(id(t))
             handle.stats["skips_to_device"] += 1
-        return fetched(t, parking.fetch(t, state["device"]))
+        return fetched(t, skip_parking.fetch(t, state["device"]))
 
     def conv_in_hook(module, args, output):  # the first skip: conv_in's output (B, C0, h, w)
         state["device"] = output.device

@@ -16,7 +16,7 @@ from .events import EventHandler, StageFinished, StageStarted, Retrying, ignore
 from . import recovery
 from ..planning import replan
 from ..planning.budget import GIB
-from .memory import cap_allocator, device_memory, memory_plan_applied, reset_peaks
+from .applied_memory import cap_allocator, device_memory, memory_plan_applied, reset_peaks
 from .preview import Previewer
 from .stages import StageContext, stage_function
 from ..models.loading import TORCH_DTYPES

@@ -108,7 +108,7 @@ class Previewer:
     """A run's previews: one file, the planned StagePreview per stage, events on `on_event`."""
 
     def __init__(self, plan, *, family: str, decoder, on_event: EventHandler):
-        self.plan = plan  # planning.preview.PreviewPlan
+        self.plan = plan  # planning.preview_plan.PreviewPlan
         self.family = family
         self.decoder = decoder  # TAESD decoder (models.taesd.load_decoder) or None
         self.on_event = on_event

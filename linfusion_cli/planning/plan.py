@@ -15,7 +15,7 @@ from ..errors import PlanError
 from ..models.resolve import ModelInfo
 from .memory.planner import MemoryPlan
 from .method import DemoFusion, denoise_steps
-from .preview import PreviewPlan
+from .preview_plan import PreviewPlan
 
 MULTIPLE = 8  # the VAE scale factor: image sizes must be multiples of it
 MAX_SIDE = 32768
@@ -81,7 +81,7 @@ class GenerationPlan:
     group_timeout_s: float | None = None  # band parallelism: a rank waits this long for a peer
     gpu: str | None = None  # the GPU the plan is priced for (gpus.GPUS name, or a detected one)
     predicted_s: float | None = None  # the whole run on that GPU, from the stages' costs
-    preview: PreviewPlan | None = None  # --preview: method, file, size and bytes per stage (preview.py)
+    preview: PreviewPlan | None = None  # --preview: method, file, size and bytes per stage (preview_plan.py)
 
     @property
     def width(self) -> int:

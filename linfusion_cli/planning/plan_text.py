@@ -9,7 +9,7 @@ from dataclasses import asdict
 from ..adapters import describe
 from ..models.taesd import describe as taesd_words
 from .memory.knob_table import words as knob_words
-from .preview import shrink_note
+from .preview_plan import shrink_note
 
 
 def plan_lines(plan, resume: dict | None = None) -> list[str]:

@@ -2,7 +2,7 @@
 paths taken from the preset's folder, and merged under the flags when the plan is made.
 
 Types and rules are checked when the preset is read; the rest (files exist and fit the model,
-images open) by adapters.plan.check_adapters when the plan is made, as for the flags. A flag
+images open) by adapters.attach.check_adapters when the plan is made, as for the flags. A flag
 overrides the preset's key of the same option.
 """
 

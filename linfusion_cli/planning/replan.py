@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .. import tuning
+from .. import figures
 from ..models.resolve import DTYPE_BYTES
 from .budget import GIB
 from .memory.planner import BudgetError, MemoryPlan, choose_knobs
@@ -31,7 +31,7 @@ def planned_budget(plan: GenerationPlan, stage: Stage, dtype: str | None = None)
     """Bytes the stage's plan was chosen for (the budget less what the stage holds beside it)."""
     if plan.model_info is None or plan.budget is None or plan.budget.bytes is None:
         return None
-    kind = tuning.device_kind(plan.device)
+    kind = figures.device_kind(plan.device)
     return plan.budget.bytes - held_bytes(plan, stage, kind, DTYPE_BYTES[dtype or plan.dtype])
 
 
@@ -44,7 +44,7 @@ def replan(plan: GenerationPlan, stage: Stage, part: str, budget_bytes: int | No
     dtype / vae_dtype: the parts' dtypes now, when a NaN/inf retry widened one."""
     if plan.model_info is None or stage.memory is None or not budget_bytes or budget_bytes <= 0:
         return None
-    kind = tuning.device_kind(plan.device)
+    kind = figures.device_kind(plan.device)
     held = VAE_KNOBS if part == "unet" else UNET_KNOBS
     fixed = {name: getattr(stage.memory, name) for name in held}
     widened = replace(plan, dtype=dtype or plan.dtype, vae_dtype=vae_dtype or plan.vae_dtype)

@@ -31,7 +31,7 @@ from .plan import GenerationPlan, build_plan, check_size, size_from_res
 from .preset_keys import merged_request, name_preset_key
 from .option_classes import Preset, Request
 from .presets import load_preset
-from .preview import plan_preview
+from .preview_plan import plan_preview
 
 DEFAULT_RES = 4096
 

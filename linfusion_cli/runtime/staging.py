@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from . import parking, transfer  # parking.host_buffer is swapped by the memory trace: per call
+from . import skip_parking, transfer  # skip_parking.host_buffer is swapped by the memory trace: per call
 
 _ALIGN = 512  # bytes: each buffer carved out of a chunk starts on this boundary
 CHUNK_BYTES = 1 << 28  # pinned chunks the pool carves (a power of two: not rounded up)
@@ -208,7 +208,7 @@ class _Arena:
             room = (self.chunks[-1].numel() - self.used) // row if self.chunks else 0
             if room <= 0:  # a new chunk: a power of two, at least one row
                 size = max(self.chunk_bytes, 1 << (row - 1).bit_length())
-                self.chunks.append(parking.host_buffer((size,), torch.uint8, like=like))
+                self.chunks.append(skip_parking.host_buffer((size,), torch.uint8, like=like))
                 self.used = 0
                 continue
             n = min(height - r, room)
@@ -263,7 +263,7 @@ class Staging:
         lanes = self.lanes(device)
         like = like if like is not None and like.is_meta else None
         if not self.pooled:
-            buf = parking.host_buffer((h, b, c, w), dtype, like=like, pinned=False)
+            buf = skip_parking.host_buffer((h, b, c, w), dtype, like=like, pinned=False)
             parked = Parked([(0, h, buf)], lanes, [], self.log)
         else:
             key = ((h, b, c, w), dtype, like is not None)

@@ -39,7 +39,7 @@ from .. import vae as tiled_vae
 from ..planning.budget import GIB, vae_device_budget
 from ..planning.cost import Cost
 from ..planning.memory.knob_table import part_knobs
-from ..tuning import VAE_ATTN_TOKEN_LIMIT
+from ..figures import VAE_ATTN_TOKEN_LIMIT
 from ..parallel.traffic import CountingGroup, ring_bytes
 from ..runtime import transfer
 from .unet import _inputs, meta_unet, meta_vae

@@ -21,11 +21,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ..runtime import parking
+from ..runtime import skip_parking
 from ..attention import apply_linfusion
 from ..pipeline.knobs import apply_knobs
 from ..vae import attention
-from ..tuning import DECODER_CONTEXT, ENCODER_CONTEXT
+from ..figures import DECODER_CONTEXT, ENCODER_CONTEXT
 from ..vae.blocks import decoder_whole, encoder_whole
 from ..vae.tiles import rank_bands
 
@@ -81,14 +81,14 @@ class LiveBytes(TorchDispatchMode):
 def _host_parking(mode: LiveBytes):
     """skips_on_cpu's park/fetch as host copies and counted device copies, its staged buffers
     as host memory (meta has no host)."""
-    park, fetch, buffer = parking.park, parking.fetch, parking.host_buffer
-    parking.park = mode.to_host
-    parking.fetch = lambda t, device: t.clone()
-    parking.host_buffer = mode.host_buffer
+    park, fetch, buffer = skip_parking.park, skip_parking.fetch, skip_parking.host_buffer
+    skip_parking.park = mode.to_host
+    skip_parking.fetch = lambda t, device: t.clone()
+    skip_parking.host_buffer = mode.host_buffer
     try:
         yield
     finally:
-        parking.park, parking.fetch, parking.host_buffer = park, fetch, buffer
+        skip_parking.park, skip_parking.fetch, skip_parking.host_buffer = park, fetch, buffer
 
 
 def meta_unet(unet_config: dict, *, linfusion: bool, dtype: torch.dtype = torch.float16,

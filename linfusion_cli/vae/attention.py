@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from ..bands.rows import Full, band_ranges, group_norm_affine, normed
-from ..tuning import ATTENTION_OVERLAP, ATTENTION_WINDOW, VAE_ATTN_SCORE_BYTES, \
+from ..figures import ATTENTION_OVERLAP, ATTENTION_WINDOW, VAE_ATTN_SCORE_BYTES, \
     VAE_ATTN_TOKEN_LIMIT, device_kind
 from .tiles import tile_grid, window_halo
 
 
 def default_token_limit(device: torch.device) -> int:
-    """Exact global attention up to this many tokens (tuning.VAE_ATTN_TOKEN_LIMIT)."""
+    """Exact global attention up to this many tokens (figures.VAE_ATTN_TOKEN_LIMIT)."""
     return VAE_ATTN_TOKEN_LIMIT[device_kind(torch.device(device))]
 
 
@@ -21,7 +21,7 @@ def query_chunk(kind: str, n_q: int, n_k: int, heads: int, fused: bool,
     """Queries per SDPA call on a `kind` ("cuda"/"cpu") device: all of them where a fused
     kernel never holds the scores (CUDA's flash / memory-efficient: one launch, K and V read
     once per query block, not once per chunk), else as many as keep one call's fp32 scores
-    (heads x chunk x n_k) under score_bytes (tuning.VAE_ATTN_SCORE_BYTES: the math path)."""
+    (heads x chunk x n_k) under score_bytes (figures.VAE_ATTN_SCORE_BYTES: the math path)."""
     if kind == "cuda" and fused:
         return max(1, n_q)
     budget = VAE_ATTN_SCORE_BYTES[kind] if score_bytes is None else score_bytes

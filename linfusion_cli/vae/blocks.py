@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..bands import blocks as bands
+from ..bands import layers as bands
 from ..bands.rows import Full, conv_rows
 from .attention import mid_attention
 from .norm import GroupStats, Moments, channel_moments, group_norm

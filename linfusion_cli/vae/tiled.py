@@ -21,7 +21,7 @@ Modes (`mode=`):
   whole image plus padding); the tiles that do not fit park in host buffers, one per tile,
   allocated once per pass and reused every round, pinned within the host budget (pageable
   beyond), through runtime.transfer with non-blocking copies (vae/parking.py). device_budget None: on CUDA half the GPU memory free when
-  the tiles start (tuning.VAE_DEVICE_PARK_SHARE), elsewhere no limit (a CPU's tiles are in host
+  the tiles start (figures.VAE_DEVICE_PARK_SHARE), elsewhere no limit (a CPU's tiles are in host
   memory already); 0 parks every tile at every GroupNorm (tests force it on the CPU). The
   report says what moved (TileReport.parked, parked_bytes: each way, counted as copied).
   Measured (benchmarks/vae_tiling.py, SD VAE architecture, random weights, fp32 CPU, 384 and
@@ -76,8 +76,8 @@ from ..bands.rows import Full
 from ..errors import NonFiniteError
 from ..hostmem import vae_park_budget
 from ..runtime import transfer
-from ..tuning import DECODER_CONTEXT, ENCODER_CONTEXT, STATS_PX  # shared with the planner
-from ..tuning import VAE_DEVICE_PARK_SHARE
+from ..figures import DECODER_CONTEXT, ENCODER_CONTEXT, STATS_PX  # shared with the planner
+from ..figures import VAE_DEVICE_PARK_SHARE
 from .attention import default_token_limit
 from .blocks import TileCtx, decoder_split, decoder_tile, decoder_whole, encoder_split, \
     encoder_tile, encoder_whole
@@ -125,7 +125,7 @@ def _where(vae) -> tuple[torch.device, torch.dtype]:
 
 def _device_budget(device: torch.device, given: int | None) -> int | None:
     """Bytes of paused tiles the device may hold: as given; else on CUDA a share
-    (tuning.VAE_DEVICE_PARK_SHARE) of its memory free now, the running tile needing the rest;
+    (figures.VAE_DEVICE_PARK_SHARE) of its memory free now, the running tile needing the rest;
     elsewhere None, no limit (a CPU's tiles are in host memory already: parking moves nothing)."""
     if given is not None or device.type != "cuda":
         return given

@@ -5,7 +5,7 @@ tiles leave the device?); tests hold it equal to the modules'."""
 
 from __future__ import annotations
 
-from ..tuning import DECODER_CONTEXT, ENCODER_CONTEXT
+from ..figures import DECODER_CONTEXT, ENCODER_CONTEXT
 from .tiles import rank_tiles, window_area_sum
 
 

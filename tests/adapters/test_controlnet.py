@@ -233,7 +233,7 @@ def test_cli_controlnet_dry_run_metadata_and_bad_input(cli, tmp_path):
 
 def test_planner_counts_controlnets_on_the_stages_they_run(tiny_pipeline_dirs, cn_files):
     from linfusion_cli.adapters.controlnet import controlnet_config
-    from linfusion_cli.planning.memory.adapters import controlnet_extra_bytes, controlnet_params, controlnet_unet_extra
+    from linfusion_cli.planning.memory.adapter_estimate import controlnet_extra_bytes, controlnet_params, controlnet_unet_extra
     from linfusion_cli.planning.memory.walk import Knobs
     from linfusion_cli.planning.memory.fit import add_memory_plans
     from linfusion_cli.planning.request import make_plan

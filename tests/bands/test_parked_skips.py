@@ -2,7 +2,7 @@
 stand-in streams and events: the band-wise UNet still equals diffusers' forward; each skip
 crosses to the host once and back once per resnet that reads it (its conv1 halo rows included,
 its GroupNorm moments never fetched; the one read right after the full-resolution upsampler
-comes back once more, for the shortcut: see bands.unet.upsampled); the pool hands the same buffers to the next forward and
+comes back once more, for the shortcut: see bands.unet_forward.upsampled); the pool hands the same buffers to the next forward and
 never writes or reads one before the copies it waits on; ControlNet residuals are folded in
 before the moments are taken."""
 
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from linfusion_cli.bands.rows import Moments
-from linfusion_cli.bands.unet import banded_forward
+from linfusion_cli.bands.unet_forward import banded_forward
 from linfusion_cli.runtime import transfer
 from linfusion_cli.runtime.staging import Staging
 
@@ -163,7 +163,7 @@ def test_controlnet_residuals_are_in_the_parked_skips_and_their_moments(unet):
     from diffusers import ControlNetModel
 
     from linfusion_cli.adapters.controlnet import prepare_controlnet
-    from linfusion_cli.bands.controlnet import banded_controlnet_forward
+    from linfusion_cli.bands.controlnet_forward import banded_controlnet_forward
 
     torch.manual_seed(3)
     net = ControlNetModel.from_unet(type(unet).from_config(unet.config)).eval()

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from linfusion_cli.bands.rows import Full, Moments, band_ranges, conv_rows, normed
-from linfusion_cli.bands.unet import banded_forward
+from linfusion_cli.bands.unet_forward import banded_forward
 from linfusion_cli.pipeline.knobs import apply_knobs, read_knobs
 from linfusion_cli.planning.memory.planner import MemoryPlan
 
@@ -159,7 +159,7 @@ def test_controlnet_banded_equals_diffusers(unets):
     from diffusers import ControlNetModel
 
     from linfusion_cli.adapters.controlnet import prepare_controlnet
-    from linfusion_cli.bands.controlnet import banded_controlnet_forward
+    from linfusion_cli.bands.controlnet_forward import banded_controlnet_forward
 
     for family in ("sd15", "sdxl"):
         unet = unets[family]

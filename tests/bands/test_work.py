@@ -29,7 +29,7 @@ def test_banded_flops_within_5_percent_of_the_whole_forward(sd15, rows):
 
 
 def test_parked_skips_recompute_only_the_full_resolution_upsampler(sd15):
-    """With parked skips the last upsampler's output is not made whole (bands.unet.upsampled):
+    """With parked skips the last upsampler's output is not made whole (bands.unet_forward.upsampled):
     its conv runs for GroupNorm-1's moments, conv1 and the shortcut; the others' once."""
     unet, whole = sd15
     banded = unet_work(unet, width=PX, height=PX, knobs=MemoryPlan(band_rows=32, skips_on_cpu=True))

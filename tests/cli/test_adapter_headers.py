@@ -100,7 +100,7 @@ def test_adapter_misfits_are_found_from_headers_at_plan_time(cli, tmp_path, monk
 def test_no_message_advises_the_unsafe_load():
     import pickle
 
-    from linfusion_cli.adapters.common import reason
+    from linfusion_cli.adapters.file_checks import reason
     from linfusion_cli.cli.console import one_line_of
 
     exc = pickle.UnpicklingError("Weights only load failed. Re-running `torch.load` with `weights_only` "

@@ -97,7 +97,7 @@ def test_prompt_files_and_manifest_split_on_newlines_only(cli, tmp_path):
 def test_batch_validation_decodes_a_shared_image_once_and_shows_progress(cli, tmp_path, monkeypatch):
     from PIL import Image
 
-    from linfusion_cli.adapters import common
+    from linfusion_cli.adapters import file_checks
     from linfusion_cli.jobs import entries
     from linfusion_cli.io import images
 
@@ -105,9 +105,9 @@ def test_batch_validation_decodes_a_shared_image_once_and_shows_progress(cli, tm
     calls = []
     real = images.open_image
     monkeypatch.setattr(images, "open_image", lambda p: calls.append(p) or real(p))
-    common._image_size.cache_clear()
+    file_checks._image_size.cache_clear()
     for _ in range(30):
-        assert common.check_image(str(tmp_path / "i.png"), "--control-image")["image_size"] == [64, 64]
+        assert file_checks.check_image(str(tmp_path / "i.png"), "--control-image")["image_size"] == [64, 64]
     assert len(calls) == 1
     monkeypatch.setattr(entries, "PROGRESS_FROM", 10)
     prompts = tmp_path / "p.txt"

@@ -11,9 +11,9 @@ from ..cli_helpers import DEMO, LADDER, files_under, one_error, write_preset
 
 def _poison(monkeypatch, part: str, when):
     """Make `part`'s last layer return NaN whenever when(layer, output) holds."""
-    from linfusion_cli.cli import common
+    from linfusion_cli.cli import runs
 
-    real = common.load
+    real = runs.load
 
     def load(*args, **kwargs):
         model = real(*args, **kwargs)
@@ -21,7 +21,7 @@ def _poison(monkeypatch, part: str, when):
         layer.register_forward_hook(lambda m, i, o: o * float("nan") if when(m, o) else o)
         return model
 
-    monkeypatch.setattr(common, "load", load)
+    monkeypatch.setattr(runs, "load", load)
 
 
 def test_nan_from_the_vae_is_retried_in_float32(cli, tmp_path, monkeypatch):

@@ -26,9 +26,9 @@ MARK = "linfusion-preview"
 
 def _watch(monkeypatch, on_event):
     """Hand every pipeline event of the CLI's runs to on_event (before the CLI's own view)."""
-    from linfusion_cli.cli import common
+    from linfusion_cli.cli import runs
 
-    real = common.progress_view
+    real = runs.progress_view
 
     class Spy:
         def __init__(self, inner):
@@ -48,7 +48,7 @@ def _watch(monkeypatch, on_event):
             on_event(event)
             self.inner(event)
 
-    monkeypatch.setattr(common, "progress_view", lambda *a, **kw: Spy(real(*a, **kw)))
+    monkeypatch.setattr(runs, "progress_view", lambda *a, **kw: Spy(real(*a, **kw)))
 
 
 def _complete_png(path: Path) -> tuple[int, int]:

@@ -58,13 +58,13 @@ def test_smaller_cases(cli, tmp_path, monkeypatch):
     assert planned["dtype"] == read_metadata(tmp_path / "out" / "x.png")["record"]["dtype"] == "fp32"
     assert not stale.exists()
     # no empty output folder when loading fails (generate and batch)
-    from linfusion_cli.cli import common
+    from linfusion_cli.cli import runs
     from linfusion_cli.errors import ModelNotFoundError
 
     def fail(*a, **k):
         raise ModelNotFoundError("no such model")
 
-    monkeypatch.setattr(common, "load", fail)
+    monkeypatch.setattr(runs, "load", fail)
     one_error(cli("generate", "x", *DEMO, "--res", "64", "-o", "new1/x.png"), "no such model")
     one_error(cli("batch", str(prompts), *DEMO, "--res", "64", "-o", "new2/deeper"), "no such model")
     assert not (tmp_path / "new1").exists() and not (tmp_path / "new2").exists()

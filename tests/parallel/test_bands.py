@@ -66,8 +66,8 @@ def _cases(models, group):
     """name -> the UNet output (B, 4, H, W) with `group` (None: one process)."""
     import contextlib
 
-    from linfusion_cli.bands.controlnet import banded_controlnet_forward
-    from linfusion_cli.bands.unet import banded_forward
+    from linfusion_cli.bands.controlnet_forward import banded_controlnet_forward
+    from linfusion_cli.bands.unet_forward import banded_forward
     from linfusion_cli.pipeline.demofusion import dilated_convs
 
     from ..model_helpers import unet_inputs
@@ -96,7 +96,7 @@ def _cases(models, group):
 
 def _traffic(models, rank: int, size: int) -> tuple[dict, dict]:
     """(bytes sent in one real forward, bytes parallel.traffic predicts without sending any)."""
-    from linfusion_cli.bands.unet import banded_forward
+    from linfusion_cli.bands.unet_forward import banded_forward
     from linfusion_cli.parallel import BandGroup
     from linfusion_cli.parallel.traffic import step_traffic
 

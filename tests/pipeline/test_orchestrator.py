@@ -9,7 +9,7 @@ from linfusion_cli.errors import OutOfMemoryError
 from linfusion_cli.planning.memory.planner import MemoryPlan
 from linfusion_cli.pipeline import Retrying, StageFinished, orchestrator
 from linfusion_cli.planning.plan import build_plan
-from linfusion_cli.pipeline.memory import PlanInEffect
+from linfusion_cli.pipeline.applied_memory import PlanInEffect
 from linfusion_cli.runtime.applied import KnobsInEffect
 
 from ..model_helpers import bare_model

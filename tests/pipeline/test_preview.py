@@ -11,7 +11,7 @@ import torch
 
 from linfusion_cli.models.taesd import TaesdInfo
 from linfusion_cli.pipeline import preview as pv
-from linfusion_cli.planning import preview as planned
+from linfusion_cli.planning import preview_plan as planned
 
 REAL_TAESD = TaesdInfo(source="madebyollin/taesd", folder="x", decoder_params=1_222_531, decoder_width=64)
 

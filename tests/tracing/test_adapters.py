@@ -3,7 +3,7 @@
 One denoising step as diffusers' ControlNet pipelines run it with our ControlNet preparation
 (LinFusion on its attn1, the tiled cached conditioning embedding, the plan's knobs, residuals
 made per UNet forward and added in place): controlnet(...) then unet(...,
-down_block_additional_residuals=...). The estimate (planning.memory.adapters.controlnet_step_bytes) must be
+down_block_additional_residuals=...). The estimate (planning.memory.adapter_estimate.controlnet_step_bytes) must be
 within 5% for every knob combination the planner can choose (offload and VAE tiles aside), at
 1024 px for SD1.5 and SD-XL, with one ControlNet, and with two for a few.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 
 from linfusion_cli.adapters.controlnet import controlnet_config
-from linfusion_cli.planning.memory.adapters import controlnet_step_bytes, ip_adapter_params
+from linfusion_cli.planning.memory.adapter_estimate import controlnet_step_bytes, ip_adapter_params
 from linfusion_cli.tracing.adapters import (h94_meta_state_dict, meta_controlnet, meta_ip_unet, trace_controlnet_step, trace_image_encoder_bytes, trace_ip_unet_bytes)
 from linfusion_cli.planning.memory import estimate as est
 from linfusion_cli.planning.memory.planner import MemoryPlan, load_family_configs
@@ -134,7 +134,7 @@ def test_image_encoder_forward_is_below_5_percent_of_the_stage(family):
 @pytest.mark.parametrize("parked", [False, True])
 @pytest.mark.slow  # a full-size meta trace or several runs: not the quick tier
 def test_banded_controlnet_step_estimate_within_5_percent_of_the_trace(family_models, parked):
-    """Band-wise with the ControlNet (bands/controlnet.py): parked, each residual leaves the
+    """Band-wise with the ControlNet (bands/controlnet_forward.py): parked, each residual leaves the
     device as it is made, so the step is the larger of the band-wise walks and the embedding's
     tile, plus the held inputs."""
     knobs = MemoryPlan(attn_chunk=4096, cfg_split=True, band_rows=8, skips_on_cpu=parked)

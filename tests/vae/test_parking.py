@@ -10,7 +10,7 @@ import torch
 
 from benchmarks.synthetic import structured_image, structured_latent
 from linfusion_cli.runtime import transfer
-from linfusion_cli.tuning import DECODER_CONTEXT, ENCODER_CONTEXT
+from linfusion_cli.figures import DECODER_CONTEXT, ENCODER_CONTEXT
 from linfusion_cli.vae import attention as attn_mod
 from linfusion_cli.vae import decode, encode, tile_grid
 from linfusion_cli.vae.drive import shared_pool

@@ -8,7 +8,7 @@ import torch
 
 from linfusion_cli.models.tiny import DEMO_VAE_CONFIG
 from linfusion_cli.planning.memory.planner import load_family_configs
-from linfusion_cli.tuning import DECODER_CONTEXT, ENCODER_CONTEXT
+from linfusion_cli.figures import DECODER_CONTEXT, ENCODER_CONTEXT
 from linfusion_cli.vae.blocks import decoder_split, encoder_split
 from linfusion_cli.vae.tiles import tile_grid, window_area_sum
 from linfusion_cli.vae.working_set import exact_working_set

@@ -19,7 +19,7 @@ import json
 from functools import lru_cache
 
 from ... import parallel
-from ...tuning import VAE_ATTN_TOKEN_LIMIT, device_kind
+from ...figures import VAE_ATTN_TOKEN_LIMIT, device_kind
 from .walk import Knobs, vae_activation_bytes
 from .walk_bands import activation_bytes as unet_activation_bytes  # band-wise when band_rows
 from .walk_bands import breakdown as unet_breakdown  # band-wise when band_rows

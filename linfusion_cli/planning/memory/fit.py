@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import torch
 
-from ... import hostmem, tuning
+from ... import hostmem, figures
 from ...adapters.specs import CONTROLNET_KINDS
 from ...parallel.launch import processes_here
 from ...errors import PlanError
@@ -24,8 +24,8 @@ from ...vae.working_set import exact_working_set
 from ..budget import GIB, Budget
 from ..cost import stage_cost
 from ..plan import GenerationPlan
-from ..preview import fit as fit_preview
-from .adapters import controlnet_extra_bytes, controlnet_unet_extra, ip_adapter_extra_bytes
+from ..preview_plan import fit as fit_preview
+from .adapter_estimate import controlnet_extra_bytes, controlnet_unet_extra, ip_adapter_extra_bytes
 from .estimate import rank_latent_rows, weight_bytes
 from .host import host_bytes
 from .planner import BudgetError, choose_knobs
@@ -80,7 +80,7 @@ def add_memory_plans(plan: GenerationPlan, ledger_for=None) -> GenerationPlan:
     """
     resolved = device_budget(plan)
     budget, source = resolved.bytes, resolved.too_small()
-    kind = tuning.device_kind(plan.device)
+    kind = figures.device_kind(plan.device)
     fixed = _fixed_knobs(plan)
     plans, short = [], []  # short: (bytes the stage needs at least, stage)
     free_host = None if plan.planned_elsewhere else hostmem.host_memory().available
@@ -225,7 +225,7 @@ def smallest_budget(plan: GenerationPlan, device: str | None = None, dtype: str 
                     vae_dtype: str | None = None) -> tuple[int, object]:
     """(bytes, stage): the smallest budget every stage of the run fits with its tightest plan,
     and the stage that sets it; for the plan's device and dtypes unless others are given."""
-    kind = device or tuning.device_kind(plan.device)
+    kind = device or figures.device_kind(plan.device)
     db, vb = DTYPE_BYTES[dtype or plan.dtype], DTYPE_BYTES[vae_dtype or plan.vae_dtype]
     fixed, needed = _fixed_knobs(plan), (0, plan.stages[0])
     for stage in plan.stages:
@@ -272,7 +272,7 @@ def _controlnet_configs(plan: GenerationPlan, stage) -> list[dict]:
 
 
 def _adapter_bytes(plan: GenerationPlan, unet_cfg: dict, stage, dtype_bytes: int) -> int:
-    """Weights of the stage's ControlNets and of the IP-Adapter (planning.memory.adapters)."""
+    """Weights of the stage's ControlNets and of the IP-Adapter (planning.memory.adapter_estimate)."""
     return controlnet_extra_bytes(_controlnet_configs(plan, stage), dtype_bytes) \
         + ip_adapter_extra_bytes(plan.adapters.ip_adapter, plan.family, dtype_bytes, unet_cfg)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ... import tuning, validate
+from ... import figures, validate
 
 OFFLOADS = ("none", "model", "sequential")
 TOKENS_MAX = (validate.MAX_SIDE // 8) ** 2  # latent tokens of the largest image
@@ -52,7 +52,7 @@ class Knob:
 def _tile_order(tile: int, long_side: int) -> float:
     if not tile or tile >= long_side:
         return 1.0
-    pad = (tile + 2 * tuning.DECODER_CONTEXT * 8) ** 2 / tile ** 2  # context recomputed per tile
+    pad = (tile + 2 * figures.DECODER_CONTEXT * 8) ** 2 / tile ** 2  # context recomputed per tile
     return 1 + _VAE_SHARE * (pad - 1)
 
 
@@ -77,8 +77,8 @@ KNOBS: tuple[Knob, ...] = (
     _flag("cfg_split", "unet", 1.06),  # two half batches use the GPU less well
     # LinFusion chunk, tokens: always explicit, so the estimate models what runs (the layer's
     # own default first); 0 only without LinFusion
-    Knob("attn_chunk", int, 0, {"cuda": (tuning.LINFUSION_DEFAULT_CHUNK["cuda"], 16384, 4096),
-                                "cpu": (tuning.LINFUSION_DEFAULT_CHUNK["cpu"], 4096)}, "unet",
+    Knob("attn_chunk", int, 0, {"cuda": (figures.LINFUSION_DEFAULT_CHUNK["cuda"], 16384, 4096),
+                                "cpu": (figures.LINFUSION_DEFAULT_CHUNK["cpu"], 4096)}, "unet",
          f"tokens in [1, {TOKENS_MAX}]", lambda v: 1 <= v <= TOKENS_MAX,
          lambda v: f"attn_chunk={v}" if v else "", lambda v, side: _CHUNK_ORDER.get(v, 1.05) ** 0.5),
     _flag("inplace", "both", 1.001),  # in-place SiLU: free, but only used when needed

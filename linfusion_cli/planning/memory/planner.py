@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass, replace
 
-from ... import tuning
+from ... import figures
 from ...errors import PlanError
 from . import estimate as est, knob_table as table
 from ...models.resolve import bundled_config
@@ -86,7 +86,7 @@ class MemoryPlan(est.Knobs):
                 steps.insert(0, {"vae_tile_px": tile})
         if unet and not self.cfg_split:
             steps.append({"cfg_split": True})
-        smallest_chunk = ATTN_CHOICES[tuning.device_kind(device)][-1]
+        smallest_chunk = ATTN_CHOICES[figures.device_kind(device)][-1]
         if unet and self.attn_chunk and self.attn_chunk > smallest_chunk:
             steps.append({"attn_chunk": smallest_chunk})
         if unet and self.attn_chunk and not table.excluded(self.offload, banded=True):  # bands possible
@@ -124,19 +124,19 @@ def candidate_plans(width: int, height: int, *, guidance: bool = True, linfusion
 
     `fixed` holds knobs the user or the preset forced ({"vae_tile_px": 0, ...}): only plans
     with those values are candidates, so the estimate printed is the one of the plan that runs.
-    On the CPU, VAE tiles are at most tuning.CPU_VAE_TILE and offload/skips_on_cpu are moot.
+    On the CPU, VAE tiles are at most figures.CPU_VAE_TILE and offload/skips_on_cpu are moot.
     """
     cuda = device == "cuda"
     long_side = max(width, height)
     tiles = [t for t in TILE_CHOICES if t == 0 or t < long_side]
     if not cuda:
-        tiles = [t for t in tiles if (t or long_side) <= tuning.CPU_VAE_TILE] or [tuning.CPU_VAE_TILE]
+        tiles = [t for t in tiles if (t or long_side) <= figures.CPU_VAE_TILE] or [figures.CPU_VAE_TILE]
     fixed = fixed or {}
     unknown = set(fixed) - set(KNOB_NAMES)
     if unknown:
         raise PlanError(f"unknown memory knob(s) {', '.join(sorted(unknown))}; "
                         f"known: {', '.join(KNOB_NAMES)}")
-    choices = {k.name: k.choices[tuning.device_kind(device)] for k in table.KNOBS}
+    choices = {k.name: k.choices[figures.device_kind(device)] for k in table.KNOBS}
     choices["vae_tile_px"] = tiles  # tiles smaller than the image
     if not guidance:
         choices["cfg_split"] = (False,)
@@ -198,7 +198,7 @@ class _Estimator:
             self._vae[vkey] = est.vae_activation_bytes(
                 self.v, height=self.h, width=self.w, tile_px=k.vae_tile_px,
                 dtype_bytes=self.vae_bytes, band_rows=k.band_rows,
-                token_limit=tuning.VAE_ATTN_TOKEN_LIMIT[tuning.device_kind(self.device)],
+                token_limit=figures.VAE_ATTN_TOKEN_LIMIT[figures.device_kind(self.device)],
                 ranks=self.ranks)
         return est.stage_peak(self.weights, self._unet[ukey], self._vae[vkey],
                               offload=k.offload, device=self.device, layer_bytes=self.layer)

@@ -26,7 +26,7 @@ the block input its caller keeps referenced, and the op's own temporaries. Count
   _forward_chunked) only its output spans all tokens (1C + O(chunk)), and the cross-attention
   moment (7C) sets the block's peak. Quadratic self-attention is SDPA memory-efficient (5C).
 * The VAE decoder (and encoder) is walked the same way on one tile with its context padding
-  (tuning.DECODER_CONTEXT and ENCODER_CONTEXT latent px a side) or on the whole image when untiled; its mid-block
+  (figures.DECODER_CONTEXT and ENCODER_CONTEXT latent px a side) or on the whole image when untiled; its mid-block
   attention is SDPA memory-efficient (O(N)). Tiled (linfusion_cli.vae), the latent-resolution
   layers (conv_in, mid block, first up block's resnets) still run once on the WHOLE latent:
   6 x 512 channels per latent pixel (whole_latent_channels), 12 GiB in bf16 at 16384x8192; band
@@ -40,14 +40,14 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from ... import tuning
+from ... import figures
 from ...vae.tiles import rank_bands, tile_grid, window_halo
 from ...errors import PlanError
 from .knob_table import KNOBS, OFFLOADS
 
-DECODE_PAD_PX = tuning.DECODER_CONTEXT * 8  # context around a decoder tile, image px a side
-ENCODE_PAD_PX = tuning.ENCODER_CONTEXT * 8  # context around an encoder tile
-STATS_PX = tuning.STATS_PX  # long side, latent px, of the "estimated" mode's stats pass
+DECODE_PAD_PX = figures.DECODER_CONTEXT * 8  # context around a decoder tile, image px a side
+ENCODE_PAD_PX = figures.ENCODER_CONTEXT * 8  # context around an encoder tile
+STATS_PX = figures.STATS_PX  # long side, latent px, of the "estimated" mode's stats pass
 
 
 @dataclass(frozen=True)
@@ -312,12 +312,12 @@ def _stats_pixels(cfg: dict, height: int, width: int) -> int:
 
 def vae_activation_bytes(cfg: dict, *, height: int, width: int, tile_px: int, dtype_bytes: int,
                          encode: bool = True, band_rows: int = 0,
-                         token_limit: int = tuning.VAE_ATTN_TOKEN_LIMIT["cuda"],
+                         token_limit: int = figures.VAE_ATTN_TOKEN_LIMIT["cuda"],
                          ranks: int = 1) -> int:
     """Peak activation bytes of a VAE decode (and encode): untiled at tile_px 0, else the largest
     of one padded tile, the stats pass and the whole-latent part (linfusion_cli.vae), that last
     one band by band with band_rows > 0 (whole_latent_elements_banded; token_limit: the mid
-    attention's exact limit, the device's tuning.VAE_ATTN_TOKEN_LIMIT). ranks > 1: one rank's
+    attention's exact limit, the device's figures.VAE_ATTN_TOKEN_LIMIT). ranks > 1: one rank's
     share of a tiled pass under band parallelism (its band of the latent part; a tile is as
     large or thinner)."""
     chans = list(cfg["block_out_channels"])
@@ -332,7 +332,7 @@ def vae_activation_bytes(cfg: dict, *, height: int, width: int, tile_px: int, dt
     lh, lw = -(-height // f), -(-width // f)
     parts = None  # the ranks' bands when they share the tiled pass (cores: the same for encode)
     if tile_px and ranks > 1:
-        parts = rank_bands(lh, lw, max(1, tile_px // f), tuning.DECODER_CONTEXT, ranks)
+        parts = rank_bands(lh, lw, max(1, tile_px // f), figures.DECODER_CONTEXT, ranks)
         parts = parts if len(parts) > 1 else None
     banded = tile_px and (band_rows > 0 or parts)
     if banded:  # the whole-latent part band by band
@@ -367,8 +367,8 @@ def whole_latent_channels(cfg: dict) -> int:
     return 6 * max(cfg["block_out_channels"])
 
 
-def _attention_window(length: int, window: int = tuning.ATTENTION_WINDOW,
-                      overlap: int = tuning.ATTENTION_OVERLAP) -> int:
+def _attention_window(length: int, window: int = figures.ATTENTION_WINDOW,
+                      overlap: int = figures.ATTENTION_OVERLAP) -> int:
     """The longest attention window along an axis (vae/attention.py mid_attention's defaults
     through vae/tiles.py split_axis: near-equal cores of <= window - overlap, overlap/2 context)."""
     tile, ctx = window - overlap, overlap // 2
@@ -383,7 +383,7 @@ def whole_latent_elements_banded(cfg: dict, *, latent_h: int, latent_w: int, ban
     (vae/blocks.py decoder_whole/encoder_whole with band_rows > 0), C = the widest level.
 
     Two whole maps (a layer's input and output) plus the largest band working set:
-    * a resnet band (bands/blocks.py resnet), R rows and a 1-row halo either side: conv2's input
+    * a resnet band (bands/layers.py resnet), R rows and a 1-row halo either side: conv2's input
       rows (carry + out, R + 2), `normed`'s float32 addcmul and its cast back (R + 2 each;
       in float32 one tensor), later conv2's output, the residual sum and its quotient (3R + 2);
     * an attention window (vae/attention.py _windowed_banded, T <= 128^2 tokens, _attention_window): its input,
@@ -411,8 +411,8 @@ def whole_latent_elements_banded(cfg: dict, *, latent_h: int, latent_w: int, ban
     window = max(5 * t + (step if t > step else 0), (2 + f32) * t) * c
     exact = latent_h * latent_w <= token_limit
     if parts and not exact:
-        windows = tile_grid(latent_h, latent_w, tuning.ATTENTION_WINDOW - tuning.ATTENTION_OVERLAP,
-                            tuning.ATTENTION_OVERLAP // 2)
+        windows = tile_grid(latent_h, latent_w, figures.ATTENTION_WINDOW - figures.ATTENTION_OVERLAP,
+                            figures.ATTENTION_OVERLAP // 2)
         window += 2 * sum(window_halo(windows, parts)) * latent_w * c
     peak = 2 * c * n + max(band, window)
     if exact and parts:

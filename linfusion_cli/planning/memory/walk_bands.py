@@ -1,6 +1,6 @@
 """The band-wise UNet forward's working set (linfusion_cli/bands), walked from the config.
 
-What bands/unet.py keeps alive, layer by layer (channels x tokens of a level; batch and bytes
+What bands/unet_forward.py keeps alive, layer by layer (channels x tokens of a level; batch and bytes
 are applied by the caller, as in walk.py):
 
 * every layer holds its whole input and its whole output map, nothing else whole: a resnet
@@ -116,7 +116,7 @@ def walk_banded(cfg: dict, *, latent_h: int, latent_w: int, knobs: Knobs, linfus
             if "CrossAttn" in btype:
                 transformer(f"up{j}.attn{r}", held_skips(False), rchans[j], lvl)
         h_ch = rchans[j]
-        virtual = parked and lvl == 1  # bands.unet.upsampled: not made whole
+        virtual = parked and lvl == 1  # bands.unet_forward.upsampled: not made whole
         if lvl > 0 and not virtual:  # blocks.upsample: its input, its output, a band's rows
             peak.at(f"up{j}.upsample", {**held_skips(False), "input": h_ch * n_tok[lvl],
                                          "output": h_ch * n_tok[lvl - 1],

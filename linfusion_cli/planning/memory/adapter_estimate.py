@@ -28,7 +28,7 @@ import json
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
-from ...adapters.common import safetensors_shapes
+from ...adapters.file_checks import safetensors_shapes
 from ...adapters.controlnet import EMBED_TILE_PX
 from ...adapters.ip_adapter import _encoder_config
 from .host import skip_elements
@@ -108,7 +108,7 @@ def controlnet_step_bytes(configs: list[dict], unet_config: dict, *, width: int,
     embedding = max(_embedding_tile_bytes(c, width, height, db) for c in configs)
     if knobs.band_rows and knobs.skips_on_cpu:
         # band-wise and parked: each residual goes to the host as its skip is made
-        # (bands/controlnet.py) and comes back band by band with that skip: no whole set on the device
+        # (bands/controlnet_forward.py) and comes back band by band with that skip: no whole set on the device
         return max(plain, down, embedding) + held
     first = sets if len(configs) > 1 else 0  # MultiControlNet: the first net's set
     moments = [

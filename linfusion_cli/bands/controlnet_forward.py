@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from ..runtime.staging import Staging
-from . import blocks
+from . import layers
 from .rows import Full, band_ranges, conv_rows, whole_levels
-from .unet import comms, down_and_mid
+from .unet_forward import comms, down_and_mid
 
 
 def check_controlnet(net: nn.Module) -> None:
@@ -20,9 +20,9 @@ def check_controlnet(net: nn.Module) -> None:
         raise ValueError("band-wise ControlNet: global_pool_conditions is not supported")
     for blk in list(net.down_blocks) + [net.mid_block]:
         for r in blk.resnets:
-            blocks.check_resnet(r)
+            layers.check_resnet(r)
         for tr in getattr(blk, "attentions", None) or ():
-            blocks.check_transformer(tr)
+            layers.check_transformer(tr)
 
 
 def _embedding(net, sample, timestep, timestep_cond, class_labels, added_cond_kwargs,
@@ -62,7 +62,7 @@ def banded_controlnet_forward(net: nn.Module, band_rows: int | None, park: bool,
                               staging: Staging | None = None):
     """ControlNetModel.forward's arguments and result; residuals parked on the host if `park`
     (into `staging`'s buffers, which must not be pooled: the residuals leave this forward);
-    band_rows as for bands.unet.banded_forward (None: one band per level).
+    band_rows as for bands.unet_forward.banded_forward (None: one band per level).
 
     group (linfusion_cli/parallel.BandGroup): this rank's rows of every residual, for the UNet
     run over the same group (the conditioning embedding runs whole on every rank, then sliced).

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from ..errors import PlanError
 from .lora import check_lora, parse_lora, unique_names
-from .common import check_image
+from .file_checks import check_image
 from .controlnet import check_controlnet, check_scale, load_controlnet
 from .ip_adapter import check_ip_adapter, load_ip_adapter
 from .lora import load_loras

@@ -1,11 +1,11 @@
 """UNet2DConditionModel.forward band by band (the `band_rows` memory knob).
 
 The same computation as diffusers' forward (equal up to float summation order, see
-tests/bands/), with every layer run band by band (blocks.py): at any moment the device holds
+tests/bands/), with every layer run band by band (layers.py): at any moment the device holds
 the layer's input, its output, a band's working set and the skips (or none of them, parked on
 the host with skips_on_cpu, coming back one band of rows at a time). An up block's input is
 never concatenated whole: `Cat` hands its resnet the rows it asks. The upsampler's output is
-made whole, band by band (blocks.upsample), so that its conv runs once per row, except at full
+made whole, band by band (layers.upsample), so that its conv runs once per row, except at full
 resolution with parked skips (`upsampled`).
 """
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..runtime.staging import Staging
-from . import blocks
+from . import layers
 from .rows import Cat, Full, Host, Rows, Upsampled, conv_rows, level_rows, low_halo, park, whole_levels
 
 
@@ -42,9 +42,9 @@ def check_unet(unet: nn.Module) -> None:
         raise ValueError("band-wise UNet: image-hint and GLIGEN UNets are not supported")
     for blk in list(unet.down_blocks) + [unet.mid_block] + list(unet.up_blocks):
         for r in blk.resnets:
-            blocks.check_resnet(r)
+            layers.check_resnet(r)
         for tr in getattr(blk, "attentions", None) or ():
-            blocks.check_transformer(tr)
+            layers.check_transformer(tr)
         if getattr(blk, "b1", None) is not None:
             raise ValueError("band-wise UNet: FreeU is not supported")
 
@@ -142,10 +142,10 @@ def banded_forward(unet: nn.Module, band_rows: int | None, park_skips: bool, sam
             # a parked skip crosses once: the resnet keeps its shortcut in h, read by x alone
             spare = src.t if park_skips and isinstance(src, Full) else None
             del src  # held by x until the resnet is done with it
-            h = blocks.resnet(r, x, emb, rows, comm(level), spare)
+            h = layers.resnet(r, x, emb, rows, comm(level), spare)
             del x, spare
             if getattr(blk, "attentions", None):
-                h = blocks.transformer(blk.attentions[j], h, rows, *attn, comm(level))
+                h = layers.transformer(blk.attentions[j], h, rows, *attn, comm(level))
             src = Full(h)
             del h
         if blk.upsamplers:
@@ -157,7 +157,7 @@ def banded_forward(unet: nn.Module, band_rows: int | None, park_skips: bool, sam
             src = upsampled(up, low, size, min(level_rows(band_rows, level), UPSAMPLE_ROWS),
                             whole=not (park_skips and level == 0))
             del low
-    out = blocks.head(unet.conv_norm_out, unet.conv_act, unet.conv_out, src.t,
+    out = layers.head(unet.conv_norm_out, unet.conv_act, unet.conv_out, src.t,
                       level_rows(band_rows, 0), comm(0))
     if group is not None:  # (B, 4, H, W) on every rank: the scheduler and the caller see one map
         out = group.gather(out, comm(0))
@@ -174,7 +174,7 @@ def upsampled(up: nn.Module, low: "torch.Tensor | Rows", size, rows: int, whole:
     """The upsampler's output as the next up block's first resnet reads it (three times: for
     GroupNorm-1's moments, conv1 with its halo, the shortcut).
 
-    whole: made whole band by band (blocks.upsample), its conv run once per row; the resnet
+    whole: made whole band by band (layers.upsample), its conv run once per row; the resnet
     then holds it beside its output. Otherwise its rows are computed on every read
     (rows.Upsampled): the conv runs three times, but only the low-resolution map (a quarter)
     is held. The caller asks for that with parked skips at full resolution only: there the
@@ -182,7 +182,7 @@ def upsampled(up: nn.Module, low: "torch.Tensor | Rows", size, rows: int, whole:
     maps of the forward, above the two C0 maps every other full-resolution layer holds, and
     parked skips are the plan for a device that cannot take more (SD1.5 at 16384^2 in 12 GiB).
     """
-    return Full(blocks.upsample(up, low, rows, size)) if whole else Upsampled(low, up, size)
+    return Full(layers.upsample(up, low, rows, size)) if whole else Upsampled(low, up, size)
 
 
 def down_and_mid(model: nn.Module, stem, emb, attn, band_rows: int, on_skip,
@@ -199,22 +199,22 @@ def down_and_mid(model: nn.Module, stem, emb, attn, band_rows: int, on_skip,
     for blk in model.down_blocks:
         rows = level_rows(band_rows, level)
         for i, r in enumerate(blk.resnets):
-            h = blocks.resnet(r, Full(h), emb, rows, comm(level))
+            h = layers.resnet(r, Full(h), emb, rows, comm(level))
             if getattr(blk, "attentions", None):
-                h = blocks.transformer(blk.attentions[i], h, rows, *attn, comm(level))
+                h = layers.transformer(blk.attentions[i], h, rows, *attn, comm(level))
             on_skip(h, rows)
         for down in blk.downsamplers or ():
             level += 1
-            h = blocks.downsample(down, h, level_rows(band_rows, level), comm(level - 1))
+            h = layers.downsample(down, h, level_rows(band_rows, level), comm(level - 1))
             on_skip(h, level_rows(band_rows, level))
     rows = level_rows(band_rows, level)
     mid, c = model.mid_block, comm(level)
-    h = blocks.resnet(mid.resnets[0], Full(h), emb, rows, c)
+    h = layers.resnet(mid.resnets[0], Full(h), emb, rows, c)
     for tr, r in zip(getattr(mid, "attentions", None) or [None] * (len(mid.resnets) - 1),
                      mid.resnets[1:]):
         if tr is not None:
-            h = blocks.transformer(tr, h, rows, *attn, c)
-        h = blocks.resnet(r, Full(h), emb, rows, c)
+            h = layers.transformer(tr, h, rows, *attn, c)
+        h = layers.resnet(r, Full(h), emb, rows, c)
     return h, level
 
 
