@@ -27,7 +27,8 @@ from .planning.plan import GenerationPlan
 from .planning.request import Request, plan_request as _plan_request
 from .io import checkpoints, locks, outputs
 from .io.targets import check_directory
-from .io.checkpoints import stage_path, pixels_digest
+from .io.checkpoint_names import checkpoint_path, stage_path
+from .io.checkpoints import pixels_digest
 from .io import images
 from .io.images import to_rgb8
 from .models import loading
@@ -173,7 +174,7 @@ def generate_file(plan: GenerationPlan, model, *, path: Path | None, fmt: str, o
             if write and event.stage < event.stages - 1 and (path is not None or plan.save_stages):
                 stage = plan.stages[event.stage]
                 mark = checkpoints.mark(plan, event.stage, event.image, digest, finite.widened(model, plan))
-                kept = checkpoints.checkpoint_path(path, stage, plan.save_stages)
+                kept = checkpoint_path(path, stage, plan.save_stages)
                 images.save_image(event.image, kept,
                            record=event.record | {"checkpoint": mark}, fmt="png",
                            overwrite=overwrite or resume)

@@ -26,7 +26,7 @@ import numpy as np
 from ..errors import InputError, ResumeMismatchError
 from .. import interrupts
 from . import checkpoint_records, images
-from .checkpoint_names import (NAME as _NAME, candidates as _candidates, checkpoint_path,  # noqa: F401
+from .checkpoint_names import (NAME as _NAME, candidates as _candidates,
                                hidden_path, legacy_paths, paths_of, stage_path)
 from .metadata import read_metadata
 from ..schema import OPTIONS
