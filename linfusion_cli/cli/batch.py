@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .. import api, parallel, validate
+from .. import api, parallel, testhooks, validate
 from ..parallel.world import World, current, launched
 from ..io.prompts import read_prompt_file
 from ..jobs.claims import DONE
@@ -98,7 +98,7 @@ def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, all
     load = lambda plan: rank0_first(lambda: runs.load(  # noqa: E731 - one line
         plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle, config=config, progress=progress))
     return api.run_batch(jobs, manifest, load, world=world, together=together, resume=resume,
-                         overwrite=overwrite, faults=runs.oom_faults(world.rank),  # counted over the entries
+                         overwrite=overwrite, faults=testhooks.oom_faults(world.rank),  # counted over the entries
                          group=parallel.active(), sync=agreement.StageSync(world),  # stages counted over them too
                          report=_Lines(world, len(jobs), as_json=as_json, quiet=quiet, verbose=verbose,
                                        progress=progress, lead=world.rank == 0 or not together,

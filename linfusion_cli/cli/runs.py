@@ -41,15 +41,6 @@ def load(plan, *, verbose: bool, quiet: bool, allow_pickle: bool = False, config
     return model
 
 
-def oom_faults(rank: int | None = None):
-    """LINFUSION_TEST_OOM's faults for this process (None unless LINFUSION_TEST_HOOKS=1): `rank`,
-    else the band-parallel group's rank, else 0."""
-    if rank is None:
-        group = parallel.active()
-        rank = group.rank if group is not None else 0
-    return testhooks.oom_faults(rank)
-
-
 def run_one(plan, model, *, path, fmt, overwrite, quiet, verbose, init_image=None, resume: bool = False,
             write: bool = True, progress: str | None = None, world, start=None) -> dict:
     """Generate one image and write it, its progress drawn (write=False: a band-parallel rank
@@ -59,7 +50,7 @@ def run_one(plan, model, *, path, fmt, overwrite, quiet, verbose, init_image=Non
         view.run_started(plan, path)
         try:
             result = api.generate_file(plan, model, path=path, fmt=fmt, overwrite=overwrite, on_event=view,
-                                       init_image=init_image, resume=resume, write=write, faults=oom_faults(),
+                                       init_image=init_image, resume=resume, write=write, faults=testhooks.oom_faults(world.rank),
                                        start=start, group=parallel.active(), sync=agreement.StageSync(world))
         except BaseException as exc:
             view.run_finished(error="interrupted" if isinstance(exc, KeyboardInterrupt) else one_line_of(exc))
