@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .. import api, parallel, testhooks, validate
+from .. import api, testhooks, validate
 from ..parallel.world import World, current, launched
 from ..io.prompts import read_prompt_file
 from ..jobs.claims import DONE
@@ -73,8 +73,8 @@ def batch(
         for folder_path in dict.fromkeys([manifest.folder] + [job.path.parent for job in mine]):
             made += make_directory(folder_path)  # only once every check has passed
         device = jobs[0].plan.device if jobs else "cpu"  # every entry plans the same device
-        with band_group(world if together else World(), device):
-            failures = _run_share(world, mine, manifest, as_json=json, quiet=quiet, verbose=verbose,
+        with band_group(world if together else World(), device) as group:
+            failures = _run_share(world, group, mine, manifest, as_json=json, quiet=quiet, verbose=verbose,
                                   progress=progress,
                                   overwrite=overwrite or resume, allow_pickle=allow_pickle,
                                   config=config, resume=resume, together=together)
@@ -90,16 +90,17 @@ def batch(
         raise typer.Exit(1)
 
 
-def _run_share(world, jobs, manifest, *, as_json, quiet, verbose, overwrite, allow_pickle, config,
+def _run_share(world, group, jobs, manifest, *, as_json, quiet, verbose, overwrite, allow_pickle, config,
                resume=False, together=False, progress=None) -> int:
     """This rank's entries made by api.run_batch, drawn and printed by _Lines; returns the failures.
     together: every entry over every rank (band parallelism); rank 0 alone writes and prints."""
     quiet = quiet or not (world.rank == 0 or not together) or (progress == "json" and world.rank != 0)
     load = lambda plan: rank0_first(lambda: runs.load(  # noqa: E731 - one line
-        plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle, config=config, progress=progress))
+        plan, verbose=verbose, quiet=quiet, allow_pickle=allow_pickle, config=config, progress=progress),
+        world, group)
     return api.run_batch(jobs, manifest, load, world=world, together=together, resume=resume,
                          overwrite=overwrite, faults=testhooks.oom_faults(world.rank),  # counted over the entries
-                         group=parallel.active(), sync=agreement.StageSync(world),  # stages counted over them too
+                         group=group, sync=agreement.StageSync(world),  # stages counted over them too
                          report=_Lines(world, len(jobs), as_json=as_json, quiet=quiet, verbose=verbose,
                                        progress=progress, lead=world.rank == 0 or not together,
                                        who=f"rank {world.rank}: " if world.distributed and not together else ""))

@@ -6,7 +6,7 @@ import contextlib
 import json
 import sys
 
-from .. import api, parallel, testhooks
+from .. import api, testhooks
 from ..parallel.world import current
 from ..errors import InputError
 from .console import info, one_line_of, progress_view, quiet_libraries, terminal_safe
@@ -42,16 +42,17 @@ def load(plan, *, verbose: bool, quiet: bool, allow_pickle: bool = False, config
 
 
 def run_one(plan, model, *, path, fmt, overwrite, quiet, verbose, init_image=None, resume: bool = False,
-            write: bool = True, progress: str | None = None, world, start=None) -> dict:
+            write: bool = True, progress: str | None = None, world, group=None, start=None) -> dict:
     """Generate one image and write it, its progress drawn (write=False: a band-parallel rank
     other than 0, which computes its share and writes nothing). world: the launcher's, whose
-    ranks agree at each stage's end and at the image's; start: rank 0's resume start."""
+    ranks agree at each stage's end and at the image's; group: their band group; start: rank 0's
+    resume start."""
     with progress_view(progress, quiet=quiet or not write, verbose=verbose) as view:
         view.run_started(plan, path)
         try:
             result = api.generate_file(plan, model, path=path, fmt=fmt, overwrite=overwrite, on_event=view,
                                        init_image=init_image, resume=resume, write=write, faults=testhooks.oom_faults(world.rank),
-                                       start=start, group=parallel.active(), sync=agreement.StageSync(world))
+                                       start=start, group=group, sync=agreement.StageSync(world))
         except BaseException as exc:
             view.run_finished(error="interrupted" if isinstance(exc, KeyboardInterrupt) else one_line_of(exc))
             raise
@@ -99,10 +100,10 @@ def plan_and_run(req, opts, *, output, init_image=None) -> None:
             return
         found = start
         start = world.decide(lambda: found)  # under a launcher rank 0's files decide, pixels and all
-        with band_group(world, plan.device):
+        with band_group(world, plan.device) as group:
             loaded = rank0_first(lambda: load(plan, verbose=opts.verbose, quiet=opts.quiet or not lead,
                                               allow_pickle=opts.allow_pickle, config=opts.config,
-                                              progress=opts.progress))
+                                              progress=opts.progress), world, group)
             if path is not None and lead:  # made only now: a model that fails to load leaves no folder
                 check_directory(path.parent, create=True)
                 if not early:
@@ -113,7 +114,7 @@ def plan_and_run(req, opts, *, output, init_image=None) -> None:
             result = run_one(plan, loaded, path=path, fmt=fmt, overwrite=opts.overwrite, quiet=opts.quiet,
                              verbose=opts.verbose, init_image=init_image,
                              resume=opts.resume and (lead or start is not None), write=lead,
-                             progress=opts.progress, world=world, start=start)
+                             progress=opts.progress, world=world, group=group, start=start)
             if lead and path is not None:
                 print(json.dumps(result) if opts.json else result["path"], flush=True)
             elif lead and opts.json:

@@ -9,7 +9,6 @@ from dataclasses import replace
 import torch
 
 from .. import parallel
-from ..parallel.world import current
 from ..errors import InputError
 from ..io.prompts import read_prompt_argument
 from ..planning.option_classes import Request
@@ -61,12 +60,13 @@ def band_group(world, device: str):
         yield group
 
 
-def rank0_first(load_model):
-    """load_model() on rank 0 first, then on the other ranks of the band group (World.in_turn):
-    a demo model is built and a download made once, then read from the cache."""
-    if parallel.active() is None:
+def rank0_first(load_model, world, group):
+    """load_model() on rank 0 first, then on the other ranks of `world` when they compute images
+    together (`group`, the band group; World.in_turn): a demo model is built and a download made
+    once, then read from the cache."""
+    if group is None:
         return load_model()
-    return current().in_turn(load_model)
+    return world.in_turn(load_model)
 
 
 def shared_prompt(prompt: str | None, world, stdin) -> str:

@@ -1,5 +1,5 @@
-"""The band-parallel group a command runs under: made once from the launcher's world, found by
-the layers that hand it to the band-wise code (pipeline knobs, the tiled VAE, the run record)."""
+"""The band-parallel group a command runs under: made once from the launcher's world and passed
+as an argument to what computes with it (pipeline knobs, the tiled VAE, the run record)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,6 @@ import torch.distributed as dist
 
 from .launch import PEERS
 from .comm import BandGroup
-
-
-_active: BandGroup | None = None
-
-
-def active() -> BandGroup | None:
-    """The group this process computes images with (None: alone)."""
-    return _active
 
 
 def timeout_s() -> float:
@@ -38,24 +30,12 @@ def make_group(rank: int, size: int, device: torch.device | str) -> BandGroup:
 
 @contextlib.contextmanager
 def band_parallel(rank: int, size: int, device: torch.device | str):
-    """make_group's group, active inside the block and then ended in step: after a run every rank
+    """make_group's group for the block, then ended in step: after a run every rank
     waits for the others (rank 0 may still be writing the file) before any tears its sockets down,
     so none is left reading from a peer that has gone; after a failure, at once."""
     group = make_group(rank, size, device)
     try:
-        with activated(group):
-            yield group
+        yield group
         group.barrier()
     finally:
         group.close()
-
-
-@contextlib.contextmanager
-def activated(group: BandGroup | None):
-    """`group` is active() inside the block."""
-    global _active
-    previous, _active = _active, group
-    try:
-        yield group
-    finally:
-        _active = previous
