@@ -177,7 +177,20 @@ def _run(argv: list[str] | None) -> int:
 
 
 def main() -> None:
-    sys.exit(run())
+    code = run()
+    if _a_rank():  # every line is out; skip the interpreter's teardown, where torch.distributed's
+        sys.stdout.flush()  # store threads were seen to abort a rank (SIGABRT, "terminate called
+        sys.stderr.flush()  # without an active exception") after its last line, its exit code lost
+        os._exit(code)
+    sys.exit(code)
+
+
+def _a_rank() -> bool:
+    """A launcher started this process as one of several (its variables are all there)."""
+    try:
+        return launch.launcher_env()
+    except LinfusionError:  # not integers: run() has said so already
+        return False
 
 
 _imported()
