@@ -26,7 +26,7 @@ from .errors import NonFiniteError, OutOfMemoryError
 from .planning.plan import GenerationPlan
 from .planning.request import Request, plan_request as _plan_request
 from .io import checkpoints, locks, outputs
-from .io.targets import check_directory
+from .io.targets import check_directory, make_directory, remove_if_empty
 from .io.checkpoint_names import checkpoint_path, stage_path
 from .io.checkpoints import pixels_digest
 from .io import images
@@ -230,15 +230,29 @@ def write_image(plan: GenerationPlan, model, output: str | None, *, fmt: str | N
 def run_batch(jobs: list[Job], manifest, load_model, *, world: World | None = None, together: bool = False,
               resume: bool = False, overwrite: bool = False, faults=None, group=None,
               sync=None, report: BatchReport | None = None) -> int:
-    """Make this process's jobs (plan_batch's, this rank's share, their folders made): skip what the manifest proves
-    done or another process holds, load the model once (load_model(plan)), make each and record it
-    in the manifest at once. together: every job over every rank of `world` (band parallelism,
-    `group` and `sync`: jobs.agreement.StageSync), rank 0 alone writing. A job that fails is
-    reported and the others still run; returns how many failed."""
-    world, report = world if world is not None else World(), report if report is not None else BatchReport()
+    """Make this process's jobs (plan_batch's; this rank's share): make their folders, skip what
+    the manifest proves done or another process holds, load the model once (load_model(plan)),
+    make each and record it in the manifest at once. together: every job over every rank of
+    `world` (band parallelism, `group` and `sync`: jobs.agreement.StageSync), rank 0 alone
+    writing. A job that fails is reported and the others still run; returns how many failed.
+    A run that stops (the model did not load, an interruption) takes away the folders it made
+    while they are empty."""
+    made = []
+    try:
+        for folder in dict.fromkeys([manifest.folder] + [job.path.parent for job in jobs]):
+            made += make_directory(folder)  # checked by plan_batch; made only now
+        return _run_jobs(jobs, manifest, load_model, world if world is not None else World(), together,
+                         report if report is not None else BatchReport(), resume=resume, overwrite=overwrite,
+                         faults=faults, group=group, sync=sync)
+    except BaseException:
+        remove_if_empty(made, manifest.path)  # a model that did not load leaves no empty folder
+        raise
+
+
+def _run_jobs(jobs: list[Job], manifest, load_model, world: World, together: bool, report: BatchReport,
+              *, sync, **run) -> int:
+    """run_batch's loop over the jobs, once their folders exist; returns how many failed."""
     lead = world.rank == 0 or not together  # the rank that writes files and records them
-    for folder in dict.fromkeys([manifest.folder] + [job.path.parent for job in jobs]):
-        check_directory(folder, create=True)  # checked by plan_batch; made only now
     loaded, made, failures = None, 0, 0
     for k, job in enumerate(jobs, 1):
         why = skip_reason(world, manifest, job, together)
@@ -249,9 +263,8 @@ def run_batch(jobs: list[Job], manifest, load_model, *, world: World | None = No
             if loaded is None:  # one model load serves every job
                 report.loading(job)
                 loaded = load_model(job.plan)
-            result = _made_in_batch(job, k, loaded, world if together else World(), report, resume=resume,
-                                    overwrite=overwrite, write=lead, faults=faults, group=group,
-                                    sync=sync if together else None)
+            result = _made_in_batch(job, k, loaded, world if together else World(), report, write=lead,
+                                    sync=sync if together else None, **run)
         except Exception as exc:  # noqa: BLE001 - reported; the other jobs still run
             if lead:
                 manifest.release(job.index)
@@ -277,8 +290,8 @@ def _made_in_batch(job: Job, k: int, model, team: World, report: BatchReport, *,
     result = error = None
     on_event = report.started(job, k)
     try:
-        notes, start = team.decide(lambda: outputs.resume_plan(job.plan, job.path)) if resume else ({}, None)
-        for note in notes.get("notes", ()):
+        said, start = team.decide(lambda: outputs.resume_plan(job.plan, job.path)) if resume else ({}, None)
+        for note in said.get("notes", ()):
             report.note(job, k, f"resume: {note}")
         result = generate_file(job.plan, model, path=job.path, fmt=job.fmt, on_event=on_event,
                                resume=resume and (write or start is not None), write=write, start=start, **run)

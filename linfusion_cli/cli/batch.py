@@ -21,7 +21,7 @@ from ..progress_json import event
 from .options import GenerationOptions, Template, shared_options
 from ..inputs import expand
 from ..io.outputs import resume_plan
-from ..io.targets import check_free_space, run_bound, make_directory, remove_if_empty
+from ..io.targets import check_free_space, run_bound
 
 
 @launched  # under torchrun / accelerate launch: this rank's share of the file
@@ -65,23 +65,16 @@ def batch(
                                  resume=start)
         return
 
-    made = []
     progress = opts.progress
     if progress == "json" and world.rank == 0 and not quiet:
         event("batch_start", entries=len(jobs), here=len(mine) if not together else len(jobs))
     try:
-        for folder_path in dict.fromkeys([manifest.folder] + [job.path.parent for job in mine]):
-            made += make_directory(folder_path)  # only once every check has passed
         device = jobs[0].plan.device if jobs else "cpu"  # every entry plans the same device
         with band_group(world if together else World(), device) as group:
             failures = _run_share(world, group, mine, manifest, as_json=json, quiet=quiet, verbose=verbose,
                                   progress=progress,
                                   overwrite=overwrite or resume, allow_pickle=allow_pickle,
                                   config=config, resume=resume, together=together)
-    except BaseException:
-        manifest.close()
-        remove_if_empty(made, manifest.path)  # a model that did not load leaves no empty folder
-        raise
     finally:
         manifest.close()
     if progress == "json" and world.rank == 0 and not quiet:

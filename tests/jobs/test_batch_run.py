@@ -77,3 +77,15 @@ def test_one_failing_image_is_reported_and_released_and_the_next_is_made(batch, 
     assert seen.calls == [("failed", 0, "disk full"), ("made", 1, "out/0001-two.png")]
     assert [row["index"] for row in _manifest_lines(tmp_path / "out")] == [1]
     assert not (tmp_path / "out" / "0000-one.png").exists()
+
+
+def test_a_model_that_does_not_load_leaves_no_folder_it_made(batch, tmp_path):
+    entries, base = batch
+    jobs, manifest = api.plan_batch(entries, base, "out/deep")
+
+    def fails(plan):
+        raise OSError("no such model")
+    with pytest.raises(OSError, match="no such model"):
+        api.run_batch(jobs, manifest, fails)
+    manifest.close()
+    assert not (tmp_path / "out").exists()
